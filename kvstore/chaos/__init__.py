@@ -1,0 +1,1 @@
+"""Chaos drills: real node processes under faults (kill, pause, partitions, disk damage)."""

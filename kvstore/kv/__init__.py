@@ -1,0 +1,1 @@
+"""The replicated key-value state machine: commands, apply, snapshots, exactly-once sessions."""

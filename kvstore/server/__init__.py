@@ -1,0 +1,1 @@
+"""The node server: the asyncio driver, peer transport, HTTP API and the CLI to run it."""

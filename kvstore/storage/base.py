@@ -1,0 +1,41 @@
+"""The write side of storage: what a driver (server or simulator) needs to persist a Ready.
+
+`DurableStorage` extends the core's read-only `Storage` Protocol. Implementations:
+`kvstore.storage.memory.MemoryStorage` (the reference, used by the simulator and tests) and
+`kvstore.storage.disk.DiskStorage` (the write-ahead log and snapshot files, used by the server).
+
+Rules every implementation keeps:
+- `save()` is all-or-nothing durable when it returns: hard state, entries and snapshot of one
+  Ready are made durable with a single fsync (group commit). Entries that conflict with ones
+  already stored (same index) replace them and everything after them (Raft §5.3).
+- `create_snapshot()` and `compact()` never discard anything before the new snapshot is durable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from kvstore.raft.storage import Storage
+from kvstore.raft.types import ConfState, Entry, HardState, Snapshot
+
+
+class DurableStorage(Storage, Protocol):
+    def save(
+        self,
+        hard_state: HardState | None,
+        entries: Sequence[Entry],
+        snapshot: Snapshot | None,
+    ) -> None:
+        """Durably store one Ready's hard state, entries and snapshot (one fsync)."""
+        ...
+
+    def create_snapshot(self, index: int, conf_state: ConfState, data: bytes) -> Snapshot:
+        """Durably record the state machine's snapshot as of applied `index`."""
+        ...
+
+    def compact(self, index: int) -> None:
+        """Discard log entries up to and including `index` (which a durable snapshot covers)."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,1 @@
+"""History format and checkers: linearizability, lost writes, exactly-once, cluster invariants."""
