@@ -14,7 +14,7 @@
     │   ├── NoLeaderError               no leader known right now (503)
     │   ├── UnavailableError            the cluster cannot answer now (503)
     │   ├── OverloadedError             too many pending proposals: back off (429)
-    │   └── TimeoutError_               a deadline passed; for a write the outcome is unknown
+    │   └── DeadlineExceededError       a deadline passed; for a write the outcome is unknown (504)
     ├── RequestError                    the caller's fault; retrying cannot help
     │   ├── BadRequestError             malformed input (400)
     │   ├── PayloadTooLargeError        body, key or value over its limit (413)
