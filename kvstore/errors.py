@@ -210,6 +210,11 @@ class PreconditionFailedError(RequestError):
     http_status = 412
     code = "precondition_failed"
 
+    def __init__(self, message: str = "", *, current_revision: int | None = None) -> None:
+        super().__init__(message)
+        # The key's mod_revision when the condition was checked (0: absent), when known.
+        self.current_revision = current_revision
+
 
 class ProtocolError(KVStoreError):
     """A peer sent a malformed frame or belongs to another cluster."""
