@@ -1,0 +1,134 @@
+"""Reading deploy/ the way its consumers do, for the deployment tests.
+
+Kubernetes: the documents of deploy/kubernetes/*.yaml, and the environment a StatefulSet pod
+gets (ConfigMap `envFrom`, then `env` with downward-API fields and `$(VAR)` references
+expanded as the kubelet expands them). Compose: the services with their merged environment.
+The names of the variables `kvstore serve` reads come from kvstore.config and
+kvstore.server.discovery, so renaming one there breaks these tests instead of the deployment.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+KUBERNETES = DEPLOY / "kubernetes"
+# The oldest Kubernetes the manifests promise to work on, and the newest schemas shipped.
+KUBERNETES_VERSIONS = ("1.30", "1.37")
+
+Document = dict[str, Any]
+
+
+def kubernetes_documents() -> Iterator[tuple[Path, Document]]:
+    for path in sorted(KUBERNETES.glob("*.yaml")):
+        with path.open() as file:
+            for document in yaml.safe_load_all(file):
+                if document:
+                    yield path, document
+
+
+def kubernetes_object(kind: str, name: str | None = None) -> Document:
+    found = [
+        document
+        for _, document in kubernetes_documents()
+        if document["kind"] == kind and (name is None or document["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def statefulset_container(statefulset: Document) -> Document:
+    containers = statefulset["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    container: Document = containers[0]
+    return container
+
+
+# The kubelet's $(VAR) expansion: $$ escapes a dollar, unknown references stay as written.
+_REFERENCE = re.compile(r"\$\$|\$\(([-._a-zA-Z][-._a-zA-Z0-9]*)\)")
+
+
+def expand(value: str, defined: Mapping[str, str]) -> str:
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return defined.get(match.group(1), match.group(0))
+
+    return _REFERENCE.sub(replace, value)
+
+
+def references(value: str) -> set[str]:
+    return {m.group(1) for m in _REFERENCE.finditer(value) if m.group(1)}
+
+
+def pod_environment(ordinal: int, namespace: str = "default") -> dict[str, str]:
+    """The environment the StatefulSet's container gets in pod `<set>-<ordinal>`."""
+    statefulset = kubernetes_object("StatefulSet")
+    pod_fields = {
+        "metadata.name": f"{statefulset['metadata']['name']}-{ordinal}",
+        "metadata.namespace": namespace,
+    }
+    container = statefulset_container(statefulset)
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        config_map = kubernetes_object("ConfigMap", source["configMapRef"]["name"])
+        env.update({str(k): str(v) for k, v in config_map["data"].items()})
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = expand(str(item["value"]), env)
+        else:
+            field_path = item["valueFrom"]["fieldRef"]["fieldPath"]
+            env[item["name"]] = pod_fields[field_path]
+    return env
+
+
+def compose_file() -> Document:
+    with (DEPLOY / "compose.yaml").open() as file:
+        document: Document = yaml.safe_load(file)
+    return document
+
+
+def compose_environment(service: Document) -> dict[str, str]:
+    environment = service.get("environment", {})
+    if isinstance(environment, list):
+        environment = dict(item.split("=", 1) for item in environment)
+    return {str(k): str(v) for k, v in environment.items()}
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """A systemd EnvironmentFile: KEY=value lines, # comments, no expansion."""
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";")):
+            key, sep, value = line.partition("=")
+            assert sep, f"{path}: {line!r} is not KEY=value"
+            values[key.strip()] = value.strip()
+    return values
+
+
+def serve_environment_names() -> set[str]:
+    """Every KVSTORE_* variable `kvstore serve` reads."""
+    from kvstore.server import discovery
+
+    names = {"KVSTORE_" + name.upper() for name in _config_module().option_names()}
+    names |= {"KVSTORE_CONFIG", discovery.RESOLVE_ENV, discovery.HOSTNAME_ENV}
+    names |= {discovery.REPLICAS_ENV, discovery.PEER_SERVICE_ENV, discovery.PEER_PORT_ENV}
+    return names
+
+
+def load_serve_config(environ: Mapping[str, str]) -> Any:
+    """The ServeConfig `kvstore serve` would build from this environment alone."""
+    return _config_module().load_config(None, environ=dict(environ))
+
+
+def _config_module() -> Any:
+    # TODO(deploy): a hard import once the server's kvstore/config.py is committed.
+    return pytest.importorskip("kvstore.config")
