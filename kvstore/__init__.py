@@ -8,4 +8,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["Client", "SyncClient", "__version__"]
+
+# The client (aiohttp, asyncio, threads) is imported on first use, not here, so importing
+# the I/O-free core (kvstore.raft, kvstore.kv, ...) does not drag it in.
+_LAZY = {"Client": "kvstore.client", "SyncClient": "kvstore.client"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kvstore' has no attribute {name!r}")

@@ -1,0 +1,72 @@
+"""The client library's knobs: one frozen dataclass, every field with a default and a name.
+
+`ClientConfig` is what `Client` and `SyncClient` are tuned with. It is validated in
+`__post_init__` (a ValueError names the offending field), so a bad value fails at
+construction, not on the first call in production. The names carry their units last
+(`timeout_s`, `backoff_cap_s`), as design.md §6 asks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from enum import StrEnum
+
+
+class Consistency(StrEnum):
+    """How fresh a read must be."""
+
+    # The leader confirms it is still the leader (ReadIndex) before answering; works on any node.
+    LINEARIZABLE = "linearizable"
+    # Whatever the answering node has applied; may lag behind acknowledged writes.
+    STALE = "stale"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientConfig:
+    """Tuning of one client; every knob has a default suitable for a LAN cluster."""
+
+    # The per-call deadline: every call (all its attempts, back-offs and redirects) returns or
+    # raises within this many seconds.
+    timeout_s: float = 5.0
+    # The most HTTP attempts one call makes (redirects to the leader count as attempts).
+    max_attempts: int = 20
+    # The longest single attempt; a hung node (SIGSTOP, partition) costs at most this much
+    # before the call moves on to another replica. Always clipped to the time left.
+    attempt_timeout_s: float = 1.0
+    # Establishing a TCP connection; refused connections fail at once anyway.
+    connect_timeout_s: float = 0.5
+    # Capped exponential back-off with full jitter: before retry n (n = 0, 1, ...) the client
+    # sleeps uniform(0, min(backoff_cap_s, backoff_base_s * 2**n)).
+    backoff_base_s: float = 0.02
+    backoff_cap_s: float = 0.5
+    # A server's Retry-After is honoured (slept at least that long) up to this many seconds;
+    # anything longer is clipped so a call can still finish within its deadline.
+    retry_after_max_s: float = 2.0
+    # How many not-leader hints in a row are followed at once, without back-off, before the
+    # client assumes the hints are stale and backs off like for any transient failure.
+    immediate_redirects_max: int = 3
+    # Circuit breaker per endpoint: after this many consecutive transport failures the endpoint
+    # is skipped for breaker_cooldown_s, then one probe call is let through.
+    breaker_failure_threshold: int = 3
+    breaker_cooldown_s: float = 1.0
+    # Reads default to this consistency.
+    read_consistency: Consistency = Consistency.LINEARIZABLE
+    # Pooled HTTP connections in total (aiohttp's TCPConnector limit).
+    max_connections: int = 100
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if value <= 0 and field.name != "immediate_redirects_max":
+                raise ValueError(f"ClientConfig.{field.name} must be > 0, got {value!r}")
+            if value < 0:
+                raise ValueError(f"ClientConfig.{field.name} must be >= 0, got {value!r}")
+        if self.backoff_cap_s < self.backoff_base_s:
+            raise ValueError(
+                f"ClientConfig.backoff_cap_s ({self.backoff_cap_s}) must be >= "
+                f"backoff_base_s ({self.backoff_base_s})"
+            )
+        if not isinstance(self.read_consistency, Consistency):
+            object.__setattr__(self, "read_consistency", Consistency(self.read_consistency))

@@ -1,0 +1,548 @@
+"""`Client`: the asyncio client library, one pooled HTTP session per instance.
+
+One call (get, put, ...) is a loop of attempts, each a single HTTP exchange through the
+injected `Transport`, governed by the pure `RetryPolicy` (kvstore.client.retry):
+
+- **Leader discovery.** Every answer carries `Kvstore-Leader`; a write on a follower answers
+  307 / not_leader with the leader's URL. The client remembers the leader and sends every
+  call straight there; a hint is followed at once, without back-off, and is trusted over the
+  hinted endpoint's circuit breaker (it is fresh news from a live node).
+- **Retries** of transient failures across replicas, with capped exponential back-off and
+  full jitter, honouring Retry-After, inside the call's deadline and attempt budget.
+- **Exactly-once writes.** Every write carries `Kvstore-Request-Id: <client_id>:<seq>`;
+  all attempts of one write reuse it, so the cluster's session table answers a retry of an
+  applied write with the first answer instead of applying it twice. `Kvstore-Acked-Below`
+  is the lowest seq still awaiting its answer, so the cluster may forget older answers.
+- **Circuit breakers** per endpoint skip a replica that keeps failing at the transport level.
+
+Errors are the types of kvstore.errors. A write that gives up after an attempt that may have
+reached the cluster raises `DeadlineExceededError(outcome_unknown=True)`; one whose every
+attempt was certainly rejected (refused connection, 503, 429) raises with
+`outcome_unknown=False` (deadline) or `UnavailableError` (attempts used up).
+
+Rules that hold here: the client only runs on the event loop that first used it; time comes
+from the injected clock and sleeping from the injected sleep (tests use fakes); no call takes
+longer than its deadline (attempt timeouts and sleeps are clipped to the time left).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import random
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from urllib.parse import quote
+
+from kvstore.client.config import ClientConfig, Consistency
+from kvstore.client.responses import FailedAttempt, classify_failure, parse_node_status
+from kvstore.client.results import (
+    ClientStats,
+    DeleteResult,
+    KeyValue,
+    ListResult,
+    NodeStatus,
+    PutResult,
+)
+from kvstore.client.retry import (
+    CallBudget,
+    CircuitBreaker,
+    Clock,
+    Decision,
+    Failure,
+    FailureKind,
+    RetryPolicy,
+    Verdict,
+)
+from kvstore.client.transport import AiohttpTransport, HttpResponse, Transport, TransportError
+from kvstore.errors import (
+    BadRequestError,
+    DeadlineExceededError,
+    KVStoreError,
+    ProtocolError,
+    UnavailableError,
+)
+
+log = logging.getLogger("kvstore.client")
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One logical operation, as every attempt of it sends it."""
+
+    name: str
+    method: str
+    path: str
+    key: str | None = None
+    query: Mapping[str, str] | None = None
+    headers: Mapping[str, str] | None = None
+    body: bytes | None = None
+    # Writes carry a request id and may leave their outcome unknown.
+    is_write: bool = False
+    # Send every attempt to this endpoint only (status of one node).
+    pinned_endpoint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """A successful attempt: who answered, and the answer."""
+
+    endpoint: str
+    response: HttpResponse
+
+
+class _Counters:
+    __slots__ = (
+        "attempts",
+        "calls",
+        "deadline_exceeded",
+        "failures",
+        "leader_changes",
+        "redirects",
+        "retries",
+    )
+
+    def __init__(self) -> None:
+        self.calls = self.attempts = self.retries = self.redirects = 0
+        self.leader_changes = self.failures = self.deadline_exceeded = 0
+
+
+def _normalize_url(url: str) -> str:
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    return url
+
+
+def _key_path(key: str) -> str:
+    if not isinstance(key, str) or not key:
+        raise BadRequestError("a key must be a non-empty string")
+    return "/v1/kv/" + quote(key, safe="")
+
+
+def _as_bytes(value: bytes | bytearray | memoryview | str) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return bytes(value)
+
+
+class Client:
+    """The asyncio client: `async with Client(["http://127.0.0.1:7001", ...]) as kv: ...`.
+
+    `endpoints` are client URLs of some or all nodes (the leader may also be learned from
+    answers). Keyword arguments: `config` (a ClientConfig), `timeout_s` (overrides
+    config.timeout_s), and for tests `transport`, `clock` (monotonic seconds), `sleep`,
+    `rng` and `client_id`.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str] | str,
+        *,
+        config: ClientConfig | None = None,
+        timeout_s: float | None = None,
+        transport: Transport | None = None,
+        clock: Clock | None = None,
+        sleep: Sleep | None = None,
+        rng: random.Random | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        if isinstance(endpoints, str):
+            endpoints = [part for part in endpoints.split(",") if part.strip()]
+        if not endpoints:
+            raise ValueError("Client needs at least one endpoint")
+        config = config or ClientConfig()
+        if timeout_s is not None:
+            config = replace(config, timeout_s=timeout_s)
+        self.config = config
+        self.endpoints: tuple[str, ...] = tuple(dict.fromkeys(map(_normalize_url, endpoints)))
+        # The session table on the servers is keyed by this; random per instance.
+        self.client_id = client_id or secrets.token_hex(8)
+        self._clock: Clock = clock or time.monotonic
+        self._sleep: Sleep = sleep or asyncio.sleep
+        self._rng = rng or random.Random()
+        self._policy = RetryPolicy(config, clock=self._clock, rng=self._rng)
+        self._transport: Transport = transport or AiohttpTransport(
+            connect_timeout_s=config.connect_timeout_s, max_connections=config.max_connections
+        )
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._round_robin = self._rng.randrange(len(self.endpoints))
+        # Invariant: the URL the latest answer named as leader, or None while unknown.
+        self._leader_url: str | None = None
+        self._last_leader_seen: str | None = None
+        # Invariant: seqs are handed out once, in order; _inflight holds those whose call
+        # has not finished, so min(_inflight) is the lowest seq still awaiting an answer.
+        self._next_seq = 1
+        self._inflight: set[int] = set()
+        self._counters = _Counters()
+        self._closed = False
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the pooled HTTP session. Calls after close raise RuntimeError."""
+        self._closed = True
+        await self._transport.close()
+
+    # --- observability --------------------------------------------------------------------
+
+    @property
+    def stats(self) -> ClientStats:
+        """A snapshot of the counters (attempts, retries, leader changes, ...)."""
+        counters = self._counters
+        return ClientStats(
+            calls=counters.calls,
+            attempts=counters.attempts,
+            retries=counters.retries,
+            redirects=counters.redirects,
+            leader_changes=counters.leader_changes,
+            failures=counters.failures,
+            deadline_exceeded=counters.deadline_exceeded,
+            breaker_opens=sum(breaker.opens for breaker in self._breakers.values()),
+        )
+
+    @property
+    def leader_url(self) -> str | None:
+        """The leader the client currently believes in, if any."""
+        return self._leader_url
+
+    # --- operations -----------------------------------------------------------------------
+
+    async def get(
+        self,
+        key: str,
+        *,
+        consistency: Consistency | str | None = None,
+        timeout_s: float | None = None,
+    ) -> KeyValue:
+        """The value and revisions of `key`; NotFoundError if it does not exist."""
+        level = Consistency(consistency or self.config.read_consistency)
+        call = _Call("get", "GET", _key_path(key), key=key, query={"consistency": level.value})
+        response = (await self._run(call, timeout_s)).response
+        headers = response.headers
+        return KeyValue(
+            key=key,
+            value=response.body,
+            create_revision=_int_header(headers, "kvstore-create-revision"),
+            mod_revision=_int_header(headers, "kvstore-mod-revision"),
+            version=_int_header(headers, "kvstore-version"),
+            revision=_int_header(headers, "kvstore-revision"),
+        )
+
+    async def put(
+        self,
+        key: str,
+        value: bytes | str,
+        *,
+        if_revision: int | None = None,
+        create_only: bool = False,
+        timeout_s: float | None = None,
+    ) -> PutResult:
+        """Write `value` under `key`, exactly once even across retries and failovers.
+
+        `if_revision`: write only if the key's mod_revision equals it (0: only if absent);
+        `create_only`: write only if the key does not exist. A failed condition raises
+        PreconditionFailedError (its `current_revision` says what the key is at).
+        """
+        headers: dict[str, str] = {}
+        if if_revision is not None:
+            if isinstance(if_revision, bool) or if_revision < 0:
+                raise BadRequestError(f"if_revision must be an int >= 0, got {if_revision!r}")
+            headers["If-Match"] = str(if_revision)
+        if create_only:
+            headers["If-None-Match"] = "*"
+        call = _Call(
+            "put", "PUT", _key_path(key), key=key, headers=headers,
+            body=_as_bytes(value), is_write=True,
+        )  # fmt: skip
+        answer = _json_object((await self._run(call, timeout_s)).response)
+        return PutResult(
+            key=str(answer.get("key", key)),
+            revision=_int_field(answer, "revision"),
+            create_revision=_int_field(answer, "create_revision"),
+            mod_revision=_int_field(answer, "mod_revision"),
+            version=_int_field(answer, "version"),
+        )
+
+    async def cas(
+        self,
+        key: str,
+        value: bytes | str,
+        *,
+        mod_revision: int | None = None,
+        create_only: bool = False,
+        timeout_s: float | None = None,
+    ) -> PutResult:
+        """Compare-and-set: write only if the key's mod_revision is `mod_revision` (0: absent),
+        or, with `create_only=True`, only if the key does not exist. Exactly one of the two.
+        Raises PreconditionFailedError when the comparison fails."""
+        if (mod_revision is None) == (not create_only):
+            raise BadRequestError("cas needs exactly one of mod_revision=N or create_only=True")
+        return await self.put(
+            key, value, if_revision=mod_revision, create_only=create_only, timeout_s=timeout_s
+        )
+
+    async def delete(
+        self, key: str, *, if_revision: int | None = None, timeout_s: float | None = None
+    ) -> DeleteResult:
+        """Delete `key`; NotFoundError if absent, PreconditionFailedError on a failed If-Match."""
+        headers = {} if if_revision is None else {"If-Match": str(if_revision)}
+        call = _Call("delete", "DELETE", _key_path(key), key=key, headers=headers, is_write=True)
+        answer = _json_object((await self._run(call, timeout_s)).response)
+        return DeleteResult(
+            key=str(answer.get("key", key)), revision=_int_field(answer, "revision")
+        )
+
+    async def list(
+        self,
+        prefix: str = "",
+        *,
+        limit: int | None = None,
+        consistency: Consistency | str | None = None,
+        timeout_s: float | None = None,
+    ) -> ListResult:
+        """The keys starting with `prefix`, in order, at most `limit` (server default if None)."""
+        level = Consistency(consistency or self.config.read_consistency)
+        query = {"prefix": prefix, "consistency": level.value}
+        if limit is not None:
+            query["limit"] = str(limit)
+        call = _Call("list", "GET", "/v1/kv", query=query)
+        answer = _json_object((await self._run(call, timeout_s)).response)
+        revision = _int_field(answer, "revision")
+        raw_items = answer.get("items")
+        if not isinstance(raw_items, list):
+            raise ProtocolError("list answer without an items array")
+        items = tuple(_list_item(item, revision) for item in raw_items)
+        return ListResult(revision=revision, items=items, more=bool(answer.get("more", False)))
+
+    async def status(
+        self, endpoint: str | None = None, *, timeout_s: float | None = None
+    ) -> NodeStatus:
+        """`GET /v1/status` of `endpoint`, or of whichever node answers (the leader first)."""
+        pinned = None if endpoint is None else _normalize_url(endpoint)
+        call = _Call("status", "GET", "/v1/status", pinned_endpoint=pinned)
+        answer = await self._run(call, timeout_s)
+        return parse_node_status(answer.endpoint, _json_object(answer.response))
+
+    async def cluster_status(self, *, timeout_s: float = 1.0) -> dict[str, NodeStatus | None]:
+        """The status of every configured endpoint, concurrently; None for one that is down."""
+
+        async def one(endpoint: str) -> NodeStatus | None:
+            try:
+                return await self.status(endpoint, timeout_s=timeout_s)
+            except KVStoreError:
+                return None
+
+        answers = await asyncio.gather(*(one(endpoint) for endpoint in self.endpoints))
+        return dict(zip(self.endpoints, answers))
+
+    # --- the retry loop -------------------------------------------------------------------
+
+    async def _run(self, call: _Call, timeout_s: float | None) -> _Answer:
+        if self._closed:
+            raise RuntimeError("this Client is closed")
+        self._counters.calls += 1
+        seq = 0
+        if call.is_write:
+            seq = self._next_seq
+            self._next_seq += 1
+            self._inflight.add(seq)
+        try:
+            return await self._attempts(call, seq, self._policy.begin(timeout_s))
+        except KVStoreError as exc:
+            self._counters.failures += 1
+            if isinstance(exc, DeadlineExceededError):
+                self._counters.deadline_exceeded += 1
+            raise
+        finally:
+            self._inflight.discard(seq)
+
+    async def _attempts(self, call: _Call, seq: int, budget: CallBudget) -> _Answer:
+        hint: str | None = None
+        maybe_applied = False
+        while True:
+            endpoint = call.pinned_endpoint or hint or self._choose_endpoint()
+            attempt_timeout_s = budget.start_attempt()
+            self._counters.attempts += 1
+            outcome = await self._attempt(call, seq, endpoint, attempt_timeout_s)
+            if isinstance(outcome, _Answer):
+                return outcome
+            maybe_applied = maybe_applied or outcome.maybe_applied
+            decision = budget.decide(outcome.failure)
+            if not decision.retry:
+                error = self._give_up(call, budget, decision, outcome.error, maybe_applied)
+                raise error from (None if error is outcome.error else outcome.error)
+            failure = outcome.failure
+            hint = failure.leader_url if failure.kind is FailureKind.NOT_LEADER else None
+            self._note_retry(call, endpoint, budget, failure, decision)
+            if decision.delay_s > 0:
+                await self._sleep(decision.delay_s)
+
+    async def _attempt(
+        self, call: _Call, seq: int, endpoint: str, timeout_s: float
+    ) -> _Answer | FailedAttempt:
+        """One HTTP exchange, its answer or why it failed."""
+        breaker = self._breaker(endpoint)
+        breaker.before_call()
+        try:
+            response = await self._transport.request(
+                endpoint, call.method, call.path, query=call.query,
+                headers=self._headers(call, seq), body=call.body, timeout_s=timeout_s,
+            )  # fmt: skip
+        except TransportError as exc:
+            breaker.record_failure()
+            if self._leader_url == endpoint:
+                self._set_leader(None)
+            reason = "timeout" if exc.timed_out else "transport"
+            failure = Failure(FailureKind.TRANSIENT, reason)
+            return FailedAttempt(failure, exc, maybe_applied=call.is_write and exc.maybe_sent)
+        breaker.record_success()
+        self._learn_leader(response)
+        if response.status < 300:
+            return _Answer(endpoint, response)
+        failed = classify_failure(endpoint, response)
+        if not call.is_write:
+            failed = replace(failed, maybe_applied=False)
+        return failed
+
+    def _headers(self, call: _Call, seq: int) -> Mapping[str, str] | None:
+        if not call.is_write:
+            return call.headers
+        headers = dict(call.headers or {})
+        headers["Kvstore-Request-Id"] = f"{self.client_id}:{seq}"
+        headers["Kvstore-Acked-Below"] = str(min(self._inflight, default=self._next_seq))
+        return headers
+
+    def _give_up(
+        self,
+        call: _Call,
+        budget: CallBudget,
+        decision: Decision,
+        error: KVStoreError,
+        maybe_applied: bool,
+    ) -> KVStoreError:
+        if decision.verdict is Verdict.GIVE_UP_PERMANENT:
+            return error
+        what = f"{call.name} {call.key or call.path}"
+        reason = (
+            "deadline passed"
+            if decision.verdict is Verdict.GIVE_UP_DEADLINE
+            else "attempts used up"
+        )
+        message = f"{what}: {reason} after {budget.attempts} attempts; last error: {error}"
+        if call.is_write and maybe_applied:
+            return DeadlineExceededError(
+                message + " (outcome unknown: the write may have been applied)",
+                attempts=budget.attempts, outcome_unknown=True,
+            )  # fmt: skip
+        if decision.verdict is Verdict.GIVE_UP_DEADLINE:
+            return DeadlineExceededError(message, attempts=budget.attempts, outcome_unknown=False)
+        return UnavailableError(message)
+
+    def _note_retry(
+        self, call: _Call, endpoint: str, budget: CallBudget, failure: Failure, decision: Decision
+    ) -> None:
+        self._counters.retries += 1
+        if failure.kind is FailureKind.NOT_LEADER and decision.delay_s == 0:
+            self._counters.redirects += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "retry call=%s key=%s attempt=%d endpoint=%s reason=%s delay_s=%.4f "
+                "remaining_s=%.3f leader=%s",
+                call.name, call.key, budget.attempts, endpoint, failure.reason,
+                decision.delay_s, budget.remaining_s(), failure.leader_url or self._leader_url,
+            )  # fmt: skip
+
+    # --- endpoints, leader, breakers ------------------------------------------------------
+
+    def _breaker(self, endpoint: str) -> CircuitBreaker:
+        breaker = self._breakers.get(endpoint)
+        if breaker is None:
+            breaker = self._breakers[endpoint] = CircuitBreaker(self.config, clock=self._clock)
+        return breaker
+
+    def _choose_endpoint(self) -> str:
+        """The leader if known and not broken, else the next endpoint whose breaker allows."""
+        leader = self._leader_url
+        if leader is not None and self._breaker(leader).allows():
+            return leader
+        count = len(self.endpoints)
+        for step in range(count):
+            index = (self._round_robin + step) % count
+            endpoint = self.endpoints[index]
+            if endpoint != leader and self._breaker(endpoint).allows():
+                self._round_robin = (index + 1) % count
+                return endpoint
+        # Every breaker is open: probe the one whose cool-down ends first.
+        return min(self.endpoints, key=lambda endpoint: self._breaker(endpoint).reopens_at())
+
+    def _learn_leader(self, response: HttpResponse) -> None:
+        if "kvstore-leader" not in response.headers:
+            return
+        named = response.headers["kvstore-leader"].strip()
+        self._set_leader(_normalize_url(named) if named else None)
+
+    def _set_leader(self, url: str | None) -> None:
+        if url == self._leader_url:
+            return
+        self._leader_url = url
+        if url is not None and url != self._last_leader_seen:
+            self._last_leader_seen = url
+            self._counters.leader_changes += 1
+            log.debug("leader url=%s", url)
+
+
+def _int_header(headers: Mapping[str, str], name: str) -> int:
+    raw = headers.get(name)
+    if raw is None:
+        return 0
+    try:
+        return int(raw.strip().strip('"'))
+    except ValueError as exc:
+        raise ProtocolError(f"header {name} is not an integer: {raw!r}") from exc
+
+
+def _json_object(response: HttpResponse) -> dict[str, object]:
+    try:
+        answer = json.loads(response.body)
+    except ValueError as exc:
+        raise ProtocolError(f"answer is not JSON: {response.body[:200]!r}") from exc
+    if not isinstance(answer, dict):
+        raise ProtocolError(f"answer is not a JSON object: {response.body[:200]!r}")
+    return answer
+
+
+def _int_field(answer: Mapping[str, object], name: str) -> int:
+    value = answer.get(name, 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"field {name} is not an integer: {value!r}")
+    return value
+
+
+def _list_item(item: object, revision: int) -> KeyValue:
+    if not isinstance(item, dict):
+        raise ProtocolError(f"list item is not an object: {item!r}")
+    try:
+        value = base64.b64decode(str(item.get("value", "")), validate=True)
+    except ValueError as exc:
+        raise ProtocolError(f"list item value is not base64: {item!r}") from exc
+    return KeyValue(
+        key=str(item.get("key", "")),
+        value=value,
+        create_revision=_int_field(item, "create_revision"),
+        mod_revision=_int_field(item, "mod_revision"),
+        version=_int_field(item, "version"),
+        revision=revision,
+    )
