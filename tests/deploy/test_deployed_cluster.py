@@ -1,0 +1,284 @@
+"""Three real `kvstore serve` processes per deployment layout, each configured exactly as the
+deployment configures it, on 127.0.0.1: they must find each other and elect a leader.
+
+Layouts: the Kubernetes StatefulSet (the environment of pod kvstore-N read from
+deploy/kubernetes/: ConfigMap, env, downward-API fields, $(VAR) references; no KVSTORE_ID, no
+KVSTORE_PEERS), the Compose services, and the systemd unit (its ExecStart arguments with the
+instance id, and the example environment file). Only what cannot be the same on one machine is
+changed: the listen addresses (free 127.0.0.1 ports instead of 0.0.0.0:7001/7101), the data
+directory, and KVSTORE_RESOLVE, which maps each node's peer address (kvstore-N.kvstore-peer:7101,
+kvstore-N:7101, kvN.example.internal:7101) to its 127.0.0.1 peer port, the way DNS maps it to
+the pod's or host's IP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvstore.server.discovery import derive_statefulset_identity
+from tests.deploy.deployfiles import (
+    DEPLOY,
+    REPO,
+    compose_environment,
+    compose_file,
+    env_file,
+    kubernetes_object,
+    pod_environment,
+)
+
+REPLICAS = 3
+STARTUP_DEADLINE_S = 30.0
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One node as a deployment starts it, before the changes one machine forces."""
+
+    name: str
+    node_id: int
+    peer_address: str  # what the other nodes dial for this one
+    advertised_url: str
+    env: dict[str, str]
+    serve_args: tuple[str, ...] = ()  # after `kvstore serve`
+
+
+@dataclass
+class Node:
+    launch: Launch
+    client_port: int
+    peer_port: int
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def client_url(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+
+def statefulset_layout(tmp_path: Path) -> list[Launch]:
+    replicas = kubernetes_object("StatefulSet")["spec"]["replicas"]
+    assert replicas == REPLICAS
+    launches = []
+    for ordinal in range(replicas):
+        env = pod_environment(ordinal)
+        node_id, peers = derive_statefulset_identity(
+            env["KVSTORE_HOSTNAME"],
+            int(env["KVSTORE_STATEFULSET_REPLICAS"]),
+            env["KVSTORE_PEER_SERVICE"],
+            int(env["KVSTORE_PEER_PORT"]),
+        )
+        url = env["KVSTORE_ADVERTISE_CLIENT_URL"]
+        launches.append(Launch(env["KVSTORE_HOSTNAME"], node_id, peers[node_id], url, env))
+    return launches
+
+
+def compose_layout(tmp_path: Path) -> list[Launch]:
+    launches = []
+    for name, service in sorted(compose_file()["services"].items()):
+        env = compose_environment(service)
+        node_id = int(env["KVSTORE_ID"])
+        peer_port = env["KVSTORE_LISTEN_PEER"].rpartition(":")[2]
+        url = env["KVSTORE_ADVERTISE_CLIENT_URL"]
+        launches.append(Launch(name, node_id, f"{name}:{peer_port}", url, env))
+    return launches
+
+
+def systemd_layout(tmp_path: Path) -> list[Launch]:
+    unit = (DEPLOY / "systemd" / "kvstore@.service").read_text()
+    (exec_start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    shared = env_file(DEPLOY / "systemd" / "kvstore.env.example")
+    peers = dict(item.split("=", 1) for item in shared["KVSTORE_PEERS"].split(","))
+    launches = []
+    for node_id in range(1, REPLICAS + 1):
+        argv = exec_start.removeprefix("ExecStart=").split()
+        assert argv[1] == "serve"
+        args = [a.replace("%i", str(node_id)).replace("%S", str(tmp_path)) for a in argv[2:]]
+        # deploy/README.md: each host's file names that host in the advertised URL.
+        host = peers[str(node_id)].rpartition(":")[0]
+        url = f"http://{host}:{shared['KVSTORE_LISTEN_CLIENT'].rpartition(':')[2]}"
+        env = {**shared, "KVSTORE_ADVERTISE_CLIENT_URL": url}
+        launches.append(
+            Launch(f"kvstore@{node_id}", node_id, peers[str(node_id)], url, env, tuple(args))
+        )
+    return launches
+
+
+LAYOUTS = {"statefulset": statefulset_layout, "compose": compose_layout, "systemd": systemd_layout}
+
+
+def _serve_available() -> bool:
+    from kvstore import cli
+
+    try:
+        parser = cli.build_parser()
+    except ImportError:
+        return False
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    has_serve = any("serve" in action.choices for action in actions)
+    return has_serve and (REPO / "kvstore" / "__main__.py").exists()
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def process_environment(node: Node, nodes: list[Node], data_dir: Path) -> dict[str, str]:
+    resolve = ",".join(f"{n.launch.peer_address}=127.0.0.1:{n.peer_port}" for n in nodes)
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    return {
+        **inherited,
+        **node.launch.env,
+        "KVSTORE_LISTEN_CLIENT": f"127.0.0.1:{node.client_port}",
+        "KVSTORE_LISTEN_PEER": f"127.0.0.1:{node.peer_port}",
+        "KVSTORE_DATA_DIR": str(data_dir),
+        "KVSTORE_RESOLVE": resolve,
+    }
+
+
+def _get_json(url: str) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:
+            document: dict[str, Any] = json.load(response)
+            return document
+    except (OSError, ValueError):
+        return None
+
+
+def _http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return None
+
+
+def _stop(node: Node) -> None:
+    """SIGTERM (a leader hands over leadership), then SIGKILL if it does not exit in time."""
+    process = node.process
+    if process is None or process.poll() is not None:
+        return
+    os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def _logs(nodes: list[Node]) -> str:
+    parts = []
+    for node in nodes:
+        if node.log_path is not None and node.log_path.exists():
+            tail = node.log_path.read_text(errors="replace")[-3000:]
+            parts.append(f"--- {node.launch.name} ---\n{tail}")
+    return "\n".join(parts)
+
+
+def _start(node: Node, nodes: list[Node], workdir: Path) -> None:
+    data_dir = workdir / f"data-{node.launch.name}"
+    env = process_environment(node, nodes, data_dir)
+    node.log_path = workdir / f"{node.launch.name}.log"
+    with node.log_path.open("ab") as log:
+        node.process = subprocess.Popen(
+            [sys.executable, "-m", "kvstore", "serve", *node.launch.serve_args],
+            cwd=workdir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+@pytest.fixture(params=sorted(LAYOUTS))
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list[Node]]:
+    if not _serve_available():
+        pytest.skip("`python -m kvstore serve` is not available yet")
+    launches = LAYOUTS[request.param](tmp_path)
+    ports = _free_ports(2 * len(launches))
+    nodes = [Node(launch, ports[2 * i], ports[2 * i + 1]) for i, launch in enumerate(launches)]
+    try:
+        for node in nodes:
+            _start(node, nodes, tmp_path)
+        yield nodes
+    finally:
+        for node in nodes:
+            with contextlib.suppress(Exception):
+                _stop(node)
+        for node in nodes:  # nothing may outlive the test, whatever happened above
+            if node.process is not None and node.process.poll() is None:
+                os.kill(node.process.pid, signal.SIGKILL)
+                node.process.wait(timeout=10)
+
+
+def _agreed(nodes: list[Node], statuses: dict[int, dict[str, Any] | None]) -> bool:
+    """Every node names the same leader, by id and by the URL that leader advertises."""
+    if any(s is None for s in statuses.values()):
+        return False
+    leaders = {(s["leader_id"], s.get("leader_url")) for s in statuses.values() if s}
+    if len(leaders) != 1:
+        return False
+    leader_id, leader_url = leaders.pop()
+    urls = {n.launch.node_id: n.launch.advertised_url for n in nodes}
+    return leader_id in urls and leader_url == urls[leader_id]
+
+
+def _wait_for_agreed_leader(nodes: list[Node], deadline: float) -> dict[int, dict[str, Any]]:
+    """Poll /v1/status until every node names the same leader, or fail at the deadline."""
+    statuses: dict[int, dict[str, Any] | None] = {}
+    while time.monotonic() < deadline:
+        for node in nodes:
+            assert node.process is not None
+            if node.process.poll() is not None:
+                code = node.process.returncode
+                pytest.fail(f"{node.launch.name} exited with {code}\n{_logs(nodes)}")
+        statuses = {n.launch.node_id: _get_json(n.client_url + "/v1/status") for n in nodes}
+        if _agreed(nodes, statuses):
+            return {k: v for k, v in statuses.items() if v is not None}
+        time.sleep(0.05)
+    pytest.fail(f"no agreed leader before the deadline: {statuses}\n{_logs(nodes)}")
+
+
+def _wait_ready(node: Node, deadline: float) -> None:
+    while _http_status(node.client_url + "/readyz") != 200:
+        assert time.monotonic() < deadline, f"{node.launch.name} never ready"
+        time.sleep(0.05)
+
+
+def test_configured_nodes_elect_a_leader(cluster: list[Node]) -> None:
+    deadline = time.monotonic() + STARTUP_DEADLINE_S
+    statuses = _wait_for_agreed_leader(cluster, deadline)
+    # Each node has the id its deployment gives it (the pod's ordinal + 1 in StatefulSet mode).
+    assert {node_id: s["id"] for node_id, s in statuses.items()} == {1: 1, 2: 2, 3: 3}
+    roles = {node_id: str(s["role"]).lower() for node_id, s in statuses.items()}
+    leader_id = statuses[1]["leader_id"]
+    assert roles[leader_id].endswith("leader"), roles
+    assert [r.endswith("leader") for r in roles.values()].count(True) == 1, roles
+    # The probes the deployments use answer 200 on every node once a leader is known.
+    for node in cluster:
+        assert _http_status(node.client_url + "/healthz") == 200
+        _wait_ready(node, deadline)
