@@ -282,3 +282,87 @@ def test_configured_nodes_elect_a_leader(cluster: list[Node]) -> None:
     for node in cluster:
         assert _http_status(node.client_url + "/healthz") == 200
         _wait_ready(node, deadline)
+
+
+def _put(nodes: list[Node], key: str, value: bytes, deadline: float) -> None:
+    """PUT through any live node, following a follower's 307, retrying until the deadline."""
+    while time.monotonic() < deadline:
+        for node in nodes:
+            if node.process is None or node.process.poll() is not None:
+                continue
+            request = urllib.request.Request(
+                f"{node.client_url}/v1/kv/{key}", data=value, method="PUT"
+            )
+            status = _send(request)
+            if status == 200:
+                return
+        time.sleep(0.05)
+    pytest.fail(f"PUT {key} did not succeed before the deadline\n{_logs(nodes)}")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _send(request: urllib.request.Request) -> int | None:
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(request, timeout=2.0) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        location = error.headers.get("Location", "")
+        if error.code == 307 and location.startswith("http://127.0.0.1:"):
+            redirected = urllib.request.Request(
+                location, data=request.data, method=request.get_method()
+            )
+            return _send(redirected)
+        return error.code
+    except OSError:
+        return None
+
+
+def _get_value(node: Node, key: str) -> bytes | None:
+    try:
+        with urllib.request.urlopen(f"{node.client_url}/v1/kv/{key}", timeout=2.0) as response:
+            body: bytes = response.read()
+            return body
+    except OSError:
+        return None
+
+
+def _wait_caught_up(node: Node, nodes: list[Node], deadline: float) -> None:
+    """deploy/README.md's rule: ready, and applied what the leader had committed."""
+    _wait_ready(node, deadline)
+    statuses = _wait_for_agreed_leader([n for n in nodes if n.process is not None], deadline)
+    leader_commit = statuses[statuses[node.launch.node_id]["leader_id"]]["commit_index"]
+    while True:
+        status = _get_json(node.client_url + "/v1/status") or {}
+        if status.get("applied_index", -1) >= leader_commit:
+            return
+        assert time.monotonic() < deadline, f"{node.launch.name} did not catch up: {status}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cluster", ["statefulset"], indirect=True)
+def test_rolling_restart_keeps_the_cluster_writable(cluster: list[Node], tmp_path: Path) -> None:
+    """The rolling restart of deploy/README.md: one node at a time, the leader last; every
+    write during it succeeds and every earlier write survives."""
+    deadline = time.monotonic() + STARTUP_DEADLINE_S
+    statuses = _wait_for_agreed_leader(cluster, deadline)
+    leader_id = statuses[1]["leader_id"]
+    order = sorted(cluster, key=lambda n: n.launch.node_id == leader_id)
+    _put(cluster, "before", b"0", deadline)
+    for step, node in enumerate(order, start=1):
+        deadline = time.monotonic() + STARTUP_DEADLINE_S
+        assert node.process is not None
+        _stop(node)  # SIGTERM: a leader hands over leadership first
+        assert node.process.returncode == 0, f"{node.launch.name}: {node.process.returncode}"
+        others = [n for n in cluster if n is not node]
+        _put(others, f"during-{step}", str(step).encode(), time.monotonic() + 5.0)
+        _start(node, cluster, tmp_path)
+        _wait_caught_up(node, cluster, deadline)
+    for node in cluster:
+        assert _get_value(node, "before") == b"0"
+        assert [_get_value(node, f"during-{s}") for s in (1, 2, 3)] == [b"1", b"2", b"3"]
