@@ -95,6 +95,8 @@ class _Answer:
 
     endpoint: str
     response: HttpResponse
+    # The write's seq (0 for a read).
+    seq: int = 0
 
 
 class _Counters:
@@ -267,13 +269,15 @@ class Client:
             "put", "PUT", _key_path(key), key=key, headers=headers,
             body=_as_bytes(value), is_write=True,
         )  # fmt: skip
-        answer = _json_object((await self._run(call, timeout_s)).response)
+        answered = await self._run(call, timeout_s)
+        answer = _json_object(answered.response)
         return PutResult(
             key=str(answer.get("key", key)),
             revision=_int_field(answer, "revision"),
             create_revision=_int_field(answer, "create_revision"),
             mod_revision=_int_field(answer, "mod_revision"),
             version=_int_field(answer, "version"),
+            request_id=f"{self.client_id}:{answered.seq}",
         )
 
     async def cas(
@@ -300,9 +304,12 @@ class Client:
         """Delete `key`; NotFoundError if absent, PreconditionFailedError on a failed If-Match."""
         headers = {} if if_revision is None else {"If-Match": str(if_revision)}
         call = _Call("delete", "DELETE", _key_path(key), key=key, headers=headers, is_write=True)
-        answer = _json_object((await self._run(call, timeout_s)).response)
+        answered = await self._run(call, timeout_s)
+        answer = _json_object(answered.response)
         return DeleteResult(
-            key=str(answer.get("key", key)), revision=_int_field(answer, "revision")
+            key=str(answer.get("key", key)),
+            revision=_int_field(answer, "revision"),
+            request_id=f"{self.client_id}:{answered.seq}",
         )
 
     async def list(
@@ -360,7 +367,8 @@ class Client:
             self._next_seq += 1
             self._inflight.add(seq)
         try:
-            return await self._attempts(call, seq, self._policy.begin(timeout_s))
+            answer = await self._attempts(call, seq, self._policy.begin(timeout_s))
+            return replace(answer, seq=seq) if seq else answer
         except KVStoreError as exc:
             self._counters.failures += 1
             if isinstance(exc, DeadlineExceededError):

@@ -40,6 +40,8 @@ class PutResult:
     create_revision: int
     mod_revision: int
     version: int
+    # The Kvstore-Request-Id every attempt of this write carried ("<client_id>:<seq>").
+    request_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,7 @@ class DeleteResult:
 
     key: str
     revision: int
+    request_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

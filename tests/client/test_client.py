@@ -105,11 +105,13 @@ async def test_every_attempt_of_a_write_reuses_its_request_id() -> None:
         return put_ok("k", 9)
 
     client, transport, _ = make_client(handler)
-    await client.put("k", b"v")
+    result = await client.put("k", b"v")
+    assert result.request_id == "testclient:1"
     ids = [r.headers["Kvstore-Request-Id"] for r in transport.sent]
     assert ids == ["testclient:1"] * 3
     assert [r.endpoint for r in transport.sent] == [A, B, C], "retries go across replicas"
-    await client.delete("k")
+    deleted = await client.delete("k")
+    assert deleted.request_id == "testclient:2"
     assert transport.sent[-1].headers["Kvstore-Request-Id"] == "testclient:2"
     assert transport.sent[-1].headers["Kvstore-Acked-Below"] == "2"
     assert client.stats.retries == 2 and client.stats.attempts == 4
