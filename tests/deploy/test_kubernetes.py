@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import kubernetes_validate
 import pytest
@@ -66,7 +66,8 @@ def test_statefulset_starts_all_nodes_and_keeps_their_data() -> None:
         m["name"]: m["mountPath"]
         for m in statefulset_container(kubernetes_object("StatefulSet"))["volumeMounts"]
     }
-    assert mounts[claim["metadata"]["name"]] == pod_environment(0)["KVSTORE_DATA_DIR"]
+    data_dir = PurePosixPath(pod_environment(0)["KVSTORE_DATA_DIR"])
+    assert PurePosixPath(mounts[claim["metadata"]["name"]]) in data_dir.parents
 
 
 def test_services_select_the_pods_and_name_their_ports() -> None:
@@ -162,5 +163,5 @@ def test_kvstore_serve_derives_identity_from_the_pod(ordinal: int) -> None:
     assert config.id == ordinal + 1
     assert config.peer_addresses == {i + 1: f"kvstore-{i}.kvstore-peer:7101" for i in range(3)}
     assert config.client_url == f"http://kvstore-{ordinal}.kvstore-peer.default.svc:7001"
-    assert str(config.data_dir) == "/var/lib/kvstore"
+    assert str(config.data_dir) == "/var/lib/kvstore/data"
     assert config.listen_client == "0.0.0.0:7001"
