@@ -1,0 +1,83 @@
+"""`kvstore get|put|cas|delete|list|status` with a scripted transport: output and exit codes."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+
+import pytest
+
+from kvstore import cli, client_cli
+from kvstore.client import Client
+from kvstore.client.transport import HttpResponse
+
+from .fakes import ScriptedTransport, SentRequest, error_response, json_response, put_ok
+
+
+def handler(request: SentRequest) -> HttpResponse:
+    if request.path == "/v1/kv/missing":
+        return error_response(404, "not_found")
+    if request.method == "PUT" and request.headers.get("If-Match") == "1":
+        return error_response(412, "precondition_failed", extra={"current_revision": 7})
+    if request.method == "PUT":
+        assert request.body == b"hello"
+        return put_ok(request.path.rsplit("/", 1)[1], 8)
+    if request.method == "DELETE":
+        return json_response(200, {"key": "k", "revision": 9, "deleted": True})
+    if request.path == "/v1/kv":
+        items = [{"key": "p/a", "value": base64.b64encode(b"1").decode(), "create_revision": 1,
+                  "mod_revision": 1, "version": 1}]  # fmt: skip
+        return json_response(200, {"revision": 9, "items": items, "more": False})
+    if request.path == "/v1/status":
+        return json_response(200, {"id": 1, "role": "leader", "term": 2, "leader_id": 1})
+    return HttpResponse(200, {"kvstore-mod-revision": "8", "kvstore-revision": "9"}, b"hello")
+
+
+@pytest.fixture(autouse=True)
+def scripted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        client_cli, "Client", functools.partial(Client, transport=ScriptedTransport(handler))
+    )
+
+
+def run(*argv: str) -> int:
+    return cli.main([*argv, "--endpoints", "http://127.0.0.1:7001"])
+
+
+def test_put_then_get(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("put", "k", "hello") == 0
+    assert capsys.readouterr().out == "OK revision=8 mod_revision=8 version=1\n"
+    assert run("get", "k") == 0
+    assert capsys.readouterr().out == "hello\n"
+    assert run("get", "k", "--json") == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["value"] == "hello" and answer["mod_revision"] == 8
+
+
+def test_exit_statuses(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("get", "missing") == client_cli.EXIT_NOT_FOUND
+    assert "not_found" in capsys.readouterr().err
+    assert run("cas", "k", "hello", "--mod-revision", "1") == client_cli.EXIT_PRECONDITION_FAILED
+    assert run("cas", "k", "hello", "--mod-revision", "1", "--json") == 3
+    assert json.loads(capsys.readouterr().out)["current_revision"] == 7
+    assert run("cas", "k", "hello", "--create") == 0
+    with pytest.raises(SystemExit):
+        run("cas", "k", "hello")  # neither --mod-revision nor --create
+
+
+def test_delete_list_status(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("delete", "k") == 0
+    assert capsys.readouterr().out == "OK revision=9\n"
+    assert run("list", "p/") == 0
+    assert capsys.readouterr().out == "p/a\t1\n"
+    assert run("status") == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["ENDPOINT", "ID", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED"]
+    assert table[1].split()[:3] == ["http://127.0.0.1:7001", "1", "leader"]
+
+
+def test_default_endpoints_are_the_local_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(client_cli.ENDPOINTS_ENV, raising=False)
+    parser = cli.build_parser()
+    assert parser.parse_args(["get", "k"]).endpoints == client_cli.DEFAULT_ENDPOINTS
