@@ -6,6 +6,11 @@ tree in `kvstore.errors`. The server runs with `kvstore serve`; see README.md.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # type checkers see the real classes; at run time they load on first use
+    from kvstore.client import Client, SyncClient
+
 __version__ = "0.1.0"
 
 __all__ = ["Client", "SyncClient", "__version__"]

@@ -7,6 +7,7 @@ import base64
 import logging
 import random
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -123,9 +124,9 @@ async def test_acked_below_is_the_lowest_seq_still_waiting() -> None:
 
     class SlowFirst(ScriptedTransport):
         async def request(
-            self, endpoint: str, method: str, path: str, **kwargs: object
-        ) -> HttpResponse:  # type: ignore[override]
-            headers = dict(kwargs["headers"])  # type: ignore[call-overload]
+            self, endpoint: str, method: str, path: str, **kwargs: Any
+        ) -> HttpResponse:
+            headers = dict(kwargs["headers"])
             sent_headers.append(headers)
             if headers["Kvstore-Request-Id"].endswith(":1"):
                 await release.wait()
@@ -309,10 +310,19 @@ async def test_get_list_and_status_results_are_typed() -> None:
             }
             return HttpResponse(200, headers, b"value")
         if request.path == "/v1/kv":
-            item = {"key": "p/1", "value": base64.b64encode(b"\x00\xff").decode()}
+            item: dict[str, object] = {
+                "key": "p/1",
+                "value": base64.b64encode(b"\x00\xff").decode(),
+            }
             item |= {"create_revision": 1, "mod_revision": 4, "version": 2}
             return json_response(200, {"revision": 12, "items": [item], "more": True})
-        status = {"id": 2, "cluster_id": "kv", "role": "leader", "term": 3, "leader_id": 2}
+        status: dict[str, object] = {
+            "id": 2,
+            "cluster_id": "kv",
+            "role": "leader",
+            "term": 3,
+            "leader_id": 2,
+        }
         status |= {"leader_url": B, "commit_index": 9, "applied_index": 9, "last_index": 9}
         status["peers"] = {
             "1": {"match_index": 9, "next_index": 10, "lag": 0, "state": "replicate"}
