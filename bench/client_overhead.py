@@ -1,0 +1,298 @@
+"""What the client library costs per call, and how it rides through a killed leader.
+
+Two measurements, printed as figures (medians and percentiles), optionally saved as JSON:
+
+1. **Overhead per call**: a loop of GETs of one key against the leader, through `kvstore.Client`
+   versus a bare `aiohttp` request of the same URL and query on one pooled session, in
+   interleaved blocks within the same run (so drift in the machine's load hits both alike).
+   overhead = median(client) - median(bare).
+2. **Failover** (`--kills N`): several workers run compare-and-set increment loops on a few
+   counters through one Client while the leader is SIGKILLed and restarted N times; reports
+   the longest call, the retries per failover, the longest gap between successful
+   increments, and checks each counter equals the increments that returned success.
+
+By default it starts its own three-node `LocalCluster` in a temporary directory; `--endpoints`
+measures the overhead against a running cluster instead (failover needs its own cluster).
+
+    python bench/client_overhead.py                      # overhead, 2000 gets each way
+    python bench/client_overhead.py --kills 3 --json out.json
+    python bench/client_overhead.py --quick              # what tests run: small and fast
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yarl
+
+from kvstore import Client
+from kvstore.client import ClientConfig
+from kvstore.errors import DeadlineExceededError, KVStoreError, PreconditionFailedError
+
+OVERHEAD_KEY = "bench/client-overhead"
+
+
+def _percentile(samples: Sequence[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def _summary_us(samples: Sequence[float]) -> dict[str, float]:
+    return {
+        "median_us": round(statistics.median(samples) * 1e6, 1),
+        "p90_us": round(_percentile(samples, 0.90) * 1e6, 1),
+        "p99_us": round(_percentile(samples, 0.99) * 1e6, 1),
+    }
+
+
+async def measure_overhead(
+    endpoints: Sequence[str], *, iterations: int = 2000, block: int = 100
+) -> dict[str, Any]:
+    """Median latency of a GET through Client vs bare aiohttp, same leader, same run."""
+    async with Client(endpoints) as client:
+        await client.put(OVERHEAD_KEY, b"x" * 64)
+        await client.get(OVERHEAD_KEY)
+        leader = client.leader_url or client.endpoints[0]
+        url = f"{leader}/v1/kv/{OVERHEAD_KEY.replace('/', '%2F')}"
+        query = {"consistency": "linearizable"}
+        client_samples: list[float] = []
+        bare_samples: list[float] = []
+        async with aiohttp.ClientSession() as session:
+            for _ in range(max(1, iterations // block)):
+                for _ in range(block):
+                    start = time.perf_counter()
+                    async with session.get(yarl.URL(url, encoded=True), params=query) as response:
+                        await response.read()
+                        assert response.status == 200, response.status
+                    bare_samples.append(time.perf_counter() - start)
+                for _ in range(block):
+                    start = time.perf_counter()
+                    await client.get(OVERHEAD_KEY)
+                    client_samples.append(time.perf_counter() - start)
+        stats = client.stats
+    client_summary = _summary_us(client_samples)
+    bare_summary = _summary_us(bare_samples)
+    return {
+        "iterations": len(client_samples),
+        "endpoint": leader,
+        "client": client_summary,
+        "bare_aiohttp": bare_summary,
+        "overhead_median_us": round(client_summary["median_us"] - bare_summary["median_us"], 1),
+        "ratio_median": round(client_summary["median_us"] / bare_summary["median_us"], 3),
+        "client_retries": stats.retries,
+    }
+
+
+@dataclass
+class FailoverReport:
+    """What the increment loops saw while the leader was killed and restarted."""
+
+    kills: int
+    successes: int = 0
+    # cas calls that raised DeadlineExceededError with outcome_unknown=True.
+    unknown_outcomes: int = 0
+    # cas comparisons lost to another worker (a normal part of the loop).
+    conflicts: int = 0
+    other_errors: list[str] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+    expected: dict[str, int] = field(default_factory=dict)
+    longest_call_s: float = 0.0
+    longest_gap_s: float = 0.0
+    calls: int = 0
+    retries: int = 0
+    retries_per_failover: float = 0.0
+    leader_changes: int = 0
+    deadline_s: float = 0.0
+    failover_s: list[float] = field(default_factory=list)
+
+    @property
+    def consistent(self) -> bool:
+        """Every counter equals the increments that returned success (no loss, no double)."""
+        return self.unknown_outcomes == 0 and self.counters == self.expected
+
+
+async def _increment_loop(
+    client: Client, key: str, report: FailoverReport, stop: asyncio.Event, timeline: list[float]
+) -> None:
+    """Read-modify-write increments of `key` until `stop`, timing every call."""
+
+    async def timed(coroutine: Any) -> Any:
+        start = time.monotonic()
+        try:
+            return await coroutine
+        finally:
+            elapsed = time.monotonic() - start
+            report.calls += 1
+            report.longest_call_s = max(report.longest_call_s, elapsed)
+
+    while not stop.is_set():
+        try:
+            current = await timed(client.get(key))
+            value, revision = int(current.value), current.mod_revision
+            await timed(client.cas(key, str(value + 1).encode(), mod_revision=revision))
+        except PreconditionFailedError:
+            report.conflicts += 1
+            continue
+        except DeadlineExceededError as exc:
+            if exc.outcome_unknown:
+                report.unknown_outcomes += 1
+            else:
+                report.other_errors.append(repr(exc))
+            continue
+        except KVStoreError as exc:
+            report.other_errors.append(repr(exc))
+            continue
+        report.successes += 1
+        report.expected[key] = report.expected.get(key, 0) + 1
+        timeline.append(time.monotonic())
+
+
+def _kill_and_restart(cluster: Any, kills: int, pause_s: float) -> list[float]:
+    """SIGKILL the leader `kills` times, restarting it each time; returns each failover time."""
+    failovers: list[float] = []
+    for _ in range(kills):
+        time.sleep(pause_s)  # pacing only: let the workload run against a settled leader
+        leader = cluster.wait_for_leader(timeout_s=15.0)
+        killed_at = time.monotonic()
+        cluster.kill(leader)
+        cluster.wait_for_leader(timeout_s=15.0, exclude=(leader,))
+        failovers.append(time.monotonic() - killed_at)
+        cluster.start_node(leader)
+        deadline = time.monotonic() + 15.0
+        while cluster.status(leader) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    time.sleep(pause_s)
+    return failovers
+
+
+async def measure_failover(
+    cluster: Any,
+    *,
+    kills: int = 3,
+    workers: int = 4,
+    keys: int = 2,
+    timeout_s: float = 5.0,
+    pause_s: float = 1.0,
+    prefix: str = "bench/failover",
+) -> FailoverReport:
+    """Increment loops through one Client while `cluster`'s leader is killed `kills` times."""
+    report = FailoverReport(kills=kills, deadline_s=timeout_s)
+    names = [f"{prefix}/{index}" for index in range(keys)]
+    stop = asyncio.Event()
+    timeline: list[float] = []
+    config = ClientConfig(timeout_s=timeout_s)
+    async with Client(cluster.client_urls, config=config) as client:
+        for name in names:
+            await client.put(name, b"0")
+        start = time.monotonic()
+        async with asyncio.TaskGroup() as group:
+            for index in range(workers):
+                group.create_task(
+                    _increment_loop(client, names[index % keys], report, stop, timeline),
+                    name=f"increment-{index}",
+                )
+            try:
+                report.failover_s = await asyncio.to_thread(
+                    _kill_and_restart, cluster, kills, pause_s
+                )
+            finally:
+                stop.set()
+        end = time.monotonic()
+        for name in names:
+            report.counters[name] = int((await client.get(name)).value)
+            report.expected.setdefault(name, 0)
+        stats = client.stats
+    points = [start, *sorted(timeline), end]
+    report.longest_gap_s = max(later - earlier for earlier, later in itertools.pairwise(points))
+    report.retries = stats.retries
+    report.leader_changes = stats.leader_changes
+    report.retries_per_failover = stats.retries / kills if kills else 0.0
+    return report
+
+
+def _format_overhead(result: dict[str, Any]) -> str:
+    return (
+        f"GET x{result['iterations']} against {result['endpoint']} (medians, same run):\n"
+        f"  bare aiohttp   {result['bare_aiohttp']['median_us']:8.1f} us "
+        f"(p99 {result['bare_aiohttp']['p99_us']:.1f})\n"
+        f"  kvstore.Client {result['client']['median_us']:8.1f} us "
+        f"(p99 {result['client']['p99_us']:.1f})\n"
+        f"  overhead       {result['overhead_median_us']:8.1f} us per call "
+        f"(x{result['ratio_median']})"
+    )
+
+
+def _format_failover(report: FailoverReport) -> str:
+    verdict = "OK" if report.consistent else "MISMATCH"
+    return (
+        f"failover: {report.kills} leader kills, {report.successes} increments ok, "
+        f"{report.unknown_outcomes} unknown, {report.conflicts} cas conflicts, "
+        f"{len(report.other_errors)} other errors\n"
+        f"  counters {report.counters} expected {report.expected}: {verdict}\n"
+        f"  longest call {report.longest_call_s * 1000:.0f} ms (deadline {report.deadline_s:.1f} s), "
+        f"longest gap between increments {report.longest_gap_s * 1000:.0f} ms\n"
+        f"  retries {report.retries} = {report.retries_per_failover:.1f} per failover; "
+        f"new leader elected in {', '.join(f'{s * 1000:.0f}' for s in report.failover_s)} ms"
+    )
+
+
+async def _main_async(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    if args.endpoints:
+        results["overhead"] = await measure_overhead(
+            args.endpoints.split(","), iterations=args.iterations
+        )
+        print(_format_overhead(results["overhead"]))
+        return results
+    from kvstore.server.localcluster import LocalCluster
+
+    with tempfile.TemporaryDirectory(prefix="kvstore-bench-") as directory:
+        cluster = LocalCluster(Path(directory), size=3)
+        try:
+            cluster.start()
+            cluster.wait_for_leader(timeout_s=30.0)
+            results["overhead"] = await measure_overhead(
+                cluster.client_urls, iterations=args.iterations
+            )
+            print(_format_overhead(results["overhead"]))
+            if args.kills:
+                report = await measure_failover(cluster, kills=args.kills)
+                results["failover"] = {**asdict(report), "consistent": report.consistent}
+                print(_format_failover(report))
+        finally:
+            cluster.stop()
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--endpoints", help="measure overhead against this running cluster")
+    parser.add_argument("--iterations", type=int, default=2000, help="gets each way")
+    parser.add_argument("--kills", type=int, default=0, help="leader kills for the failover run")
+    parser.add_argument("--quick", action="store_true", help="200 gets, 1 kill (for tests)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.iterations = min(args.iterations, 200)
+        args.kills = min(args.kills, 1) if args.endpoints is None else 0
+    results = asyncio.run(_main_async(args))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    failover = results.get("failover")
+    return 0 if failover is None or failover["consistent"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
