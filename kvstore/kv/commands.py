@@ -1,0 +1,287 @@
+"""The commands of the key-value state machine, their results, and their log encoding.
+
+A command is what a leader proposes: `Put` or `Delete`, each optionally conditional
+(compare-and-set on the key's `mod_revision`, where 0 means "the key is absent"; `Put` may
+also be create-only) and optionally tagged with a `RequestId` for exactly-once application
+(Raft dissertation §6.3, see `kvstore.kv.sessions`).
+
+Encoding: one version byte (`COMMAND_FORMAT_VERSION`) followed by a msgpack array whose first
+element is the `CommandKind`. Decoding is strict and raises `ProtocolError` on anything
+malformed, because these bytes come from the replicated log: a leader running other code, a
+damaged disk or a bug must be loud, never silently applied as something else.
+
+Rules that hold here:
+- Values are frozen, slotted dataclasses and validate themselves in `__post_init__`
+  (`ValueError` for a caller's mistake); the decoder turns such failures into `ProtocolError`.
+- Nothing here depends on configuration, so every node decodes the same bytes the same way.
+- Results (`WriteResult`) never carry key values: they are kept in the replicated session
+  table, whose memory must stay bounded, and no API answer to a write echoes a value.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from kvstore.errors import BadRequestError, ProtocolError
+
+COMMAND_FORMAT_VERSION = 1
+"""The first byte of every encoded command. Bump it when the array layout changes."""
+
+_CLIENT_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+class CommandKind(enum.IntEnum):
+    """The command tags of the log encoding. Values are part of the format: never renumber."""
+
+    PUT = 1
+    DELETE = 2
+
+
+class WriteError(enum.StrEnum):
+    """Why a write did not take effect (`WriteResult.error`)."""
+
+    # The If-Match revision or the create-only condition did not hold (HTTP 412).
+    PRECONDITION_FAILED = "precondition_failed"
+    # A delete of a key that does not exist (HTTP 404).
+    NOT_FOUND = "not_found"
+    # The request's seq is below what the client's session still remembers: it was either
+    # applied long ago (its answer was discarded) or never; it is not applied now. To the
+    # client the outcome of that request is unknown.
+    SESSION_EXPIRED = "session_expired"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestId:
+    """Identifies one client request for exactly-once application (dissertation §6.3)."""
+
+    client_id: str
+    seq: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.client_id, str) or not _CLIENT_ID.fullmatch(self.client_id):
+            raise ValueError(f"client_id must match [A-Za-z0-9_.-]{{1,64}}: {self.client_id!r}")
+        if not _is_int(self.seq) or self.seq < 1:
+            raise ValueError(f"seq must be an integer >= 1: {self.seq!r}")
+
+    def __str__(self) -> str:
+        return f"{self.client_id}:{self.seq}"
+
+
+def parse_request_id(text: str) -> RequestId:
+    """Parse the `Kvstore-Request-Id` header (`<client_id>:<seq>`); BadRequestError if bad."""
+    client_id, sep, seq_text = text.strip().rpartition(":")
+    if not sep or not seq_text.isascii() or not seq_text.isdigit() or len(seq_text) > 19:
+        raise BadRequestError(f"request id must be <client_id>:<seq>, got {text!r}")
+    try:
+        return RequestId(client_id, int(seq_text))
+    except ValueError as exc:
+        raise BadRequestError(f"bad request id {text!r}: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    """Set `key` to `value`. `if_revision`: only if the key's mod_revision equals it (0 =
+    the key is absent); `create_only`: only if the key is absent. `acked_below`: the client
+    has its answers for every seq below this (only with a request id)."""
+
+    key: str
+    value: bytes
+    request: RequestId | None
+    time_ms: int
+    if_revision: int | None = None
+    create_only: bool = False
+    acked_below: int = 0
+
+    def __post_init__(self) -> None:
+        _check_common(self.key, self.request, self.time_ms, self.if_revision, self.acked_below)
+        if not isinstance(self.value, bytes):
+            raise ValueError("value must be bytes")
+        if not isinstance(self.create_only, bool):
+            raise ValueError("create_only must be a bool")
+        if self.create_only and self.if_revision is not None:
+            raise ValueError("create_only and if_revision are exclusive (create_only = 0)")
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """Delete `key`; `if_revision` and `acked_below` as for `Put`."""
+
+    key: str
+    request: RequestId | None
+    time_ms: int
+    if_revision: int | None = None
+    acked_below: int = 0
+
+    def __post_init__(self) -> None:
+        _check_common(self.key, self.request, self.time_ms, self.if_revision, self.acked_below)
+
+
+Command = Put | Delete
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    """A key and its revisions, etcd style: `create_revision` is the store revision that
+    created the key (since its last deletion), `mod_revision` the one that last wrote it,
+    `version` the number of writes since creation (1 after the first put)."""
+
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """The answer to one write, identical on every replica and for every retry of it.
+
+    - `ok`: the write took effect; `revision` is then the store revision it created.
+      Otherwise `revision` is the store revision at the time of the refusal.
+    - `key_value`: after a successful put, the key's new revisions (value omitted, b"").
+    - `prev`: the key as it was before (value omitted): for a put or delete that succeeded the
+      overwritten or deleted key, for a failed precondition the key's current state (None if
+      absent), so `prev.mod_revision` is the "current_revision" of a 412.
+    - `error`: a `WriteError` value, or None when ok.
+    """
+
+    ok: bool
+    revision: int
+    key_value: KeyValue | None
+    prev: KeyValue | None
+    error: str | None
+
+    @property
+    def current_revision(self) -> int:
+        """For a failed precondition: the key's mod_revision then (0 if it was absent)."""
+        return 0 if self.prev is None else self.prev.mod_revision
+
+
+# --- encoding ------------------------------------------------------------------------------
+
+
+def encode_command(command: Command) -> bytes:
+    """Encode a command for the log: version byte + msgpack array."""
+    request = None if command.request is None else [command.request.client_id, command.request.seq]
+    obj: list[Any]
+    if isinstance(command, Put):
+        obj = [
+            int(CommandKind.PUT),
+            command.key,
+            command.value,
+            request,
+            command.time_ms,
+            command.if_revision,
+            command.create_only,
+            command.acked_below,
+        ]
+    else:
+        obj = [
+            int(CommandKind.DELETE),
+            command.key,
+            request,
+            command.time_ms,
+            command.if_revision,
+            command.acked_below,
+        ]
+    return bytes((COMMAND_FORMAT_VERSION,)) + msgpack.packb(obj, use_bin_type=True)
+
+
+def decode_command(data: bytes) -> Command:
+    """Decode bytes made by `encode_command`; ProtocolError on anything else."""
+    obj = unpack_versioned(data, COMMAND_FORMAT_VERSION, "command")
+    if not isinstance(obj, list) or not obj:
+        raise ProtocolError("command: expected a non-empty array")
+    kind = obj[0]
+    try:
+        if kind == CommandKind.PUT and _is_int(kind):
+            return _put_from_obj(obj)
+        if kind == CommandKind.DELETE and _is_int(kind):
+            return _delete_from_obj(obj)
+    except ValueError as exc:
+        raise ProtocolError(f"invalid command: {exc}") from exc
+    raise ProtocolError(f"unknown command kind {kind!r}")
+
+
+def _put_from_obj(obj: list[Any]) -> Put:
+    if len(obj) != 8:
+        raise ProtocolError("put: expected an array of 8")
+    _, key, value, request, time_ms, if_revision, create_only, acked_below = obj
+    return Put(
+        key=key,
+        value=value,
+        request=_request_from_obj(request),
+        time_ms=time_ms,
+        if_revision=if_revision,
+        create_only=create_only,
+        acked_below=acked_below,
+    )
+
+
+def _delete_from_obj(obj: list[Any]) -> Delete:
+    if len(obj) != 6:
+        raise ProtocolError("delete: expected an array of 6")
+    _, key, request, time_ms, if_revision, acked_below = obj
+    return Delete(
+        key=key,
+        request=_request_from_obj(request),
+        time_ms=time_ms,
+        if_revision=if_revision,
+        acked_below=acked_below,
+    )
+
+
+def _request_from_obj(obj: Any) -> RequestId | None:
+    if obj is None:
+        return None
+    if not isinstance(obj, list) or len(obj) != 2:
+        raise ProtocolError("request id: expected an array of 2")
+    return RequestId(obj[0], obj[1])
+
+
+def unpack_versioned(data: bytes, version: int, what: str) -> Any:
+    """msgpack-decode `data` behind its version byte; ProtocolError if anything is off."""
+    if not isinstance(data, bytes) or not data:
+        raise ProtocolError(f"{what}: empty payload")
+    if data[0] != version:
+        raise ProtocolError(f"{what}: unsupported format version {data[0]}")
+    try:
+        return msgpack.unpackb(data[1:], raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, TypeError, msgpack.UnpackException, msgpack.StackError) as exc:
+        raise ProtocolError(f"{what}: malformed msgpack: {exc}") from exc
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_count(value: object) -> bool:
+    """A non-negative integer (bools excluded: msgpack keeps them apart, so do we)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_common(
+    key: object, request: object, time_ms: object, if_revision: object, acked_below: object
+) -> None:
+    if not isinstance(key, str) or not key:
+        raise ValueError("key must be a non-empty string")
+    if request is not None and not isinstance(request, RequestId):
+        raise ValueError("request must be a RequestId or None")
+    if not _is_count(time_ms):
+        raise ValueError(f"time_ms must be an integer >= 0: {time_ms!r}")
+    if if_revision is not None and not _is_count(if_revision):
+        raise ValueError(f"if_revision must be None or an integer >= 0: {if_revision!r}")
+    if not isinstance(acked_below, int) or not _is_count(acked_below):
+        raise ValueError(f"acked_below must be an integer >= 0: {acked_below!r}")
+    if request is None and acked_below != 0:
+        raise ValueError("acked_below needs a request id")
+    if isinstance(request, RequestId) and acked_below > request.seq:
+        raise ValueError("acked_below cannot exceed the request's own seq")

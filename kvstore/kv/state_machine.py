@@ -1,0 +1,272 @@
+"""The replicated key-value state machine: deterministic apply, reads, snapshots, digest.
+
+Every replica applies the same committed log entries in the same order and so reaches the
+same state (Raft §5.3, state machine safety). Hence `apply` depends on nothing but the entry
+and the current state: no local clock, no randomness, no configuration that may differ
+between replicas (the session bounds in `SessionConfig` must be identical cluster-wide).
+
+The model follows etcd's MVCC metadata without keeping history: a store-wide `revision`
+grows by one with each successful write; each key carries `create_revision`, `mod_revision`
+and `version`. Failed writes (a failed precondition, a delete of a missing key) change no key
+and no revision, but their answer is still recorded in the client's session, so a retried
+compare-and-set that failed answers the same failure.
+
+Time: `clock_ms` is the largest `time_ms` of any command applied so far (the proposing
+leader's wall clock, carried in the entry); session expiry uses it and nothing else.
+
+Entries that carry no command (a new leader's empty entry, CONF_CHANGE) advance
+`applied_index` only. A committed entry whose bytes do not decode raises `ProtocolError`
+and leaves the state untouched: it means a bug, a foreign leader or damage, and must stop
+the node loudly rather than be applied differently on different replicas.
+
+Invariants:
+- `_keys` holds exactly the keys of `_data`, sorted (bisect keeps listing O(log n + limit));
+- every key's `mod_revision` <= `revision`; `applied_index` only grows, by one per entry,
+  except through `restore`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from kvstore.errors import ProtocolError
+from kvstore.kv.commands import (
+    Command,
+    Delete,
+    KeyValue,
+    Put,
+    RequestId,
+    WriteError,
+    WriteResult,
+    decode_command,
+    unpack_versioned,
+)
+from kvstore.kv.sessions import (
+    SessionConfig,
+    SessionTable,
+    key_value_from_obj,
+    key_value_to_obj,
+)
+from kvstore.raft.types import Entry, EntryType
+
+SNAPSHOT_FORMAT_VERSION = 1
+"""The first byte of `StateMachine.snapshot()`'s encoding."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KvConfig:
+    """Configuration of the state machine; identical on every replica (see module doc)."""
+
+    sessions: SessionConfig = field(default_factory=SessionConfig)
+
+
+class StateMachine:
+    """The key-value store a replica applies committed entries to."""
+
+    def __init__(self, config: KvConfig | None = None) -> None:
+        self.config = config or KvConfig()
+        self.applied_index = 0
+        self.revision = 0
+        self.clock_ms = 0
+        self._data: dict[str, KeyValue] = {}
+        # Invariant: sorted(self._data).
+        self._keys: list[str] = []
+        self._sessions = SessionTable(self.config.sessions)
+
+    # --- apply ---------------------------------------------------------------------------
+
+    def apply(self, entry: Entry) -> WriteResult | None:
+        """Apply the committed entry `applied_index + 1`; None when it carries no command."""
+        assert entry.index == self.applied_index + 1, (
+            f"apply out of order: entry {entry.index} after applied {self.applied_index}"
+        )
+        if entry.type != EntryType.NORMAL or not entry.data:
+            self.applied_index = entry.index
+            return None
+        command = decode_command(entry.data)
+        result = self.apply_command(command)
+        self.applied_index = entry.index
+        return result
+
+    def apply_command(self, command: Command) -> WriteResult:
+        """Apply one decoded command (the body of `apply`; public for tests and tools)."""
+        if command.time_ms > self.clock_ms:
+            self.clock_ms = command.time_ms
+            self._sessions.expire(self.clock_ms)
+        request = command.request
+        if request is not None:
+            earlier = self._sessions.begin(request, command.acked_below, self.clock_ms)
+            if isinstance(earlier, WriteResult):
+                return earlier
+            if earlier is WriteError.SESSION_EXPIRED:
+                return self._refusal(WriteError.SESSION_EXPIRED, None)
+        if isinstance(command, Put):
+            result = self._put(command)
+        else:
+            result = self._delete(command)
+        if request is not None:
+            self._sessions.record(request, result)
+        return result
+
+    def _put(self, command: Put) -> WriteResult:
+        current = self._data.get(command.key)
+        if (command.create_only and current is not None) or not _matches(
+            current, command.if_revision
+        ):
+            return self._refusal(WriteError.PRECONDITION_FAILED, current)
+        self.revision += 1
+        if current is None:
+            new = KeyValue(command.key, command.value, self.revision, self.revision, 1)
+            bisect.insort(self._keys, command.key)
+        else:
+            new = KeyValue(
+                command.key,
+                command.value,
+                current.create_revision,
+                self.revision,
+                current.version + 1,
+            )
+        self._data[command.key] = new
+        return WriteResult(
+            ok=True,
+            revision=self.revision,
+            key_value=_without_value(new),
+            prev=None if current is None else _without_value(current),
+            error=None,
+        )
+
+    def _delete(self, command: Delete) -> WriteResult:
+        current = self._data.get(command.key)
+        if not _matches(current, command.if_revision):
+            return self._refusal(WriteError.PRECONDITION_FAILED, current)
+        if current is None:
+            return self._refusal(WriteError.NOT_FOUND, None)
+        self.revision += 1
+        del self._data[command.key]
+        position = bisect.bisect_left(self._keys, command.key)
+        assert self._keys[position] == command.key
+        del self._keys[position]
+        return WriteResult(
+            ok=True,
+            revision=self.revision,
+            key_value=None,
+            prev=_without_value(current),
+            error=None,
+        )
+
+    def _refusal(self, error: WriteError, current: KeyValue | None) -> WriteResult:
+        return WriteResult(
+            ok=False,
+            revision=self.revision,
+            key_value=None,
+            prev=None if current is None else _without_value(current),
+            error=error.value,
+        )
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def get(self, key: str) -> KeyValue | None:
+        return self._data.get(key)
+
+    def list(self, prefix: str, limit: int) -> tuple[list[KeyValue], bool]:
+        """Keys starting with `prefix`, sorted, at most `limit` (0 = no limit); `more` says
+        whether further keys match."""
+        if limit < 0:
+            raise ValueError("limit must be >= 0")
+        keys = self._keys
+        position = bisect.bisect_left(keys, prefix)
+        items: list[KeyValue] = []
+        while position < len(keys) and keys[position].startswith(prefix):
+            if limit and len(items) == limit:
+                return items, True
+            items.append(self._data[keys[position]])
+            position += 1
+        return items, False
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def duplicate_result(self, request: RequestId) -> WriteResult | None:
+        """The recorded answer if `request` was already applied, a SESSION_EXPIRED refusal if
+        its seq is below what its session remembers, None otherwise. Read-only: a server may
+        answer a retry with it without proposing (the answer is committed state)."""
+        earlier = self._sessions.lookup(request)
+        if isinstance(earlier, WriteResult):
+            return earlier
+        if earlier is WriteError.SESSION_EXPIRED:
+            return self._refusal(WriteError.SESSION_EXPIRED, None)
+        return None
+
+    @property
+    def sessions(self) -> SessionTable:
+        """The session table (read it; only `apply` may change it)."""
+        return self._sessions
+
+    # --- snapshots -----------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """The whole state as of `applied_index`, canonically encoded (equal states give
+        equal bytes): version byte + msgpack."""
+        obj = [
+            self.applied_index,
+            self.revision,
+            self.clock_ms,
+            [key_value_to_obj(self._data[key]) for key in self._keys],
+            self._sessions.to_obj(),
+        ]
+        return bytes((SNAPSHOT_FORMAT_VERSION,)) + msgpack.packb(obj, use_bin_type=True)
+
+    def restore(self, data: bytes, index: int) -> None:
+        """Replace the whole state by a snapshot taken at applied `index`; ProtocolError if
+        the bytes are malformed (the state is then unchanged)."""
+        obj = unpack_versioned(data, SNAPSHOT_FORMAT_VERSION, "state machine snapshot")
+        if not isinstance(obj, list) or len(obj) != 5:
+            raise ProtocolError("state machine snapshot: expected an array of 5")
+        applied_index, revision, clock_ms, items, sessions_obj = obj
+        for value, name in ((applied_index, "applied_index"), (revision, "revision")):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ProtocolError(f"state machine snapshot: bad {name} {value!r}")
+        if not isinstance(clock_ms, int) or isinstance(clock_ms, bool) or clock_ms < 0:
+            raise ProtocolError(f"state machine snapshot: bad clock {clock_ms!r}")
+        if applied_index != index:
+            raise ProtocolError(f"snapshot of index {applied_index} restored as {index}")
+        if not isinstance(items, list):
+            raise ProtocolError("state machine snapshot: items is not an array")
+        data_map = _data_from_items(items, revision)
+        sessions = SessionTable(self.config.sessions)
+        sessions.load_obj(sessions_obj)
+        self.applied_index, self.revision, self.clock_ms = applied_index, revision, clock_ms
+        self._data, self._keys, self._sessions = data_map, list(data_map), sessions
+
+    def digest(self) -> str:
+        """sha256 (hex) of the canonical encoding: equal states give equal digests."""
+        return hashlib.sha256(self.snapshot()).hexdigest()
+
+
+def _data_from_items(items: list[Any], revision: int) -> dict[str, KeyValue]:
+    data: dict[str, KeyValue] = {}
+    previous: str | None = None
+    for item in items:
+        kv = key_value_from_obj(item)
+        if previous is not None and kv.key <= previous:
+            raise ProtocolError("state machine snapshot: keys not strictly sorted")
+        if kv.mod_revision > revision or kv.create_revision > kv.mod_revision or kv.version < 1:
+            raise ProtocolError(f"state machine snapshot: bad revisions for {kv.key!r}")
+        data[kv.key] = kv
+        previous = kv.key
+    return data
+
+
+def _matches(current: KeyValue | None, if_revision: int | None) -> bool:
+    if if_revision is None:
+        return True
+    return (0 if current is None else current.mod_revision) == if_revision
+
+
+def _without_value(kv: KeyValue) -> KeyValue:
+    return KeyValue(kv.key, b"", kv.create_revision, kv.mod_revision, kv.version)

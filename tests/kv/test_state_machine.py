@@ -1,0 +1,206 @@
+"""The state machine against a naive dict model (Hypothesis), plus snapshots and digests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from kvstore.errors import ProtocolError
+from kvstore.kv.commands import Command, Delete, KeyValue, Put, WriteResult, encode_command
+from kvstore.kv.state_machine import StateMachine
+from kvstore.raft.types import Entry, EntryType
+
+keys = st.text(alphabet="abc", min_size=1, max_size=3)
+prefixes = st.text(alphabet="abc", max_size=2)
+values = st.binary(max_size=4)
+
+
+def apply(machine: StateMachine, command: Command) -> WriteResult:
+    result = machine.apply(
+        Entry(term=1, index=machine.applied_index + 1, data=encode_command(command))
+    )
+    assert result is not None
+    return result
+
+
+@dataclass
+class ModelKey:
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+
+
+class StateMachineVsModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.machine = StateMachine()
+        self.model: dict[str, ModelKey] = {}
+        self.revision = 0
+        self.time_ms = 0
+
+    def _tick(self) -> int:
+        self.time_ms += 7
+        return self.time_ms
+
+    def _model_put(self, key: str, value: bytes) -> None:
+        self.revision += 1
+        old = self.model.get(key)
+        if old is None:
+            self.model[key] = ModelKey(value, self.revision, self.revision, 1)
+        else:
+            self.model[key] = ModelKey(value, old.create_revision, self.revision, old.version + 1)
+
+    def _current_revision(self, key: str) -> int:
+        old = self.model.get(key)
+        return 0 if old is None else old.mod_revision
+
+    @rule(key=keys, value=values)
+    def put(self, key: str, value: bytes) -> None:
+        result = apply(self.machine, Put(key, value, None, self._tick()))
+        self._model_put(key, value)
+        assert result.ok and result.revision == self.revision
+        assert result.key_value is not None
+        assert result.key_value.mod_revision == self.revision
+
+    @rule(key=keys, value=values, guess=st.integers(min_value=0, max_value=30), exact=st.booleans())
+    def cas(self, key: str, value: bytes, guess: int, exact: bool) -> None:
+        expected = self._current_revision(key) if exact else guess
+        result = apply(self.machine, Put(key, value, None, self._tick(), if_revision=expected))
+        if expected == self._current_revision(key):
+            self._model_put(key, value)
+            assert result.ok and result.revision == self.revision
+        else:
+            assert not result.ok and result.error == "precondition_failed"
+            assert result.revision == self.revision
+            assert result.current_revision == self._current_revision(key)
+
+    @rule(key=keys, value=values)
+    def create_only(self, key: str, value: bytes) -> None:
+        result = apply(self.machine, Put(key, value, None, self._tick(), create_only=True))
+        if key in self.model:
+            assert not result.ok and result.error == "precondition_failed"
+        else:
+            self._model_put(key, value)
+            assert result.ok and result.prev is None
+
+    @rule(key=keys, conditional=st.booleans(), guess=st.integers(min_value=0, max_value=30))
+    def delete(self, key: str, conditional: bool, guess: int) -> None:
+        if_revision = guess if conditional else None
+        result = apply(self.machine, Delete(key, None, self._tick(), if_revision=if_revision))
+        if if_revision is not None and if_revision != self._current_revision(key):
+            assert result.error == "precondition_failed"
+        elif key not in self.model:
+            assert result.error == "not_found"
+        else:
+            old = self.model.pop(key)
+            self.revision += 1
+            assert result.ok and result.revision == self.revision
+            assert result.prev is not None and result.prev.mod_revision == old.mod_revision
+
+    @rule(prefix=prefixes, limit=st.integers(min_value=0, max_value=5))
+    def list_prefix(self, prefix: str, limit: int) -> None:
+        items, more = self.machine.list(prefix, limit)
+        expected = sorted(k for k in self.model if k.startswith(prefix))
+        shown = expected if limit == 0 else expected[:limit]
+        assert [kv.key for kv in items] == shown
+        assert more == (len(shown) < len(expected))
+        for kv in items:
+            assert kv == self._model_kv(kv.key)
+
+    @rule()
+    def empty_entry(self) -> None:
+        index = self.machine.applied_index + 1
+        assert self.machine.apply(Entry(term=2, index=index)) is None
+        assert self.machine.applied_index == index
+
+    @precondition(lambda self: self.machine.applied_index > 0)
+    @rule()
+    def snapshot_round_trip(self) -> None:
+        restored = StateMachine()
+        restored.restore(self.machine.snapshot(), self.machine.applied_index)
+        assert restored.digest() == self.machine.digest()
+        self.machine = restored
+
+    def _model_kv(self, key: str) -> KeyValue:
+        m = self.model[key]
+        return KeyValue(key, m.value, m.create_revision, m.mod_revision, m.version)
+
+    @invariant()
+    def same_contents(self) -> None:
+        assert self.machine.revision == self.revision
+        assert len(self.machine) == len(self.model)
+        for key in self.model:
+            assert self.machine.get(key) == self._model_kv(key)
+        assert self.machine.get("zzz") is None
+
+
+StateMachineVsModel.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None
+)
+TestStateMachineVsModel = StateMachineVsModel.TestCase
+
+
+def test_conf_change_entries_only_advance_the_applied_index() -> None:
+    machine = StateMachine()
+    before = machine.digest()
+    assert machine.apply(Entry(term=1, index=1, type=EntryType.CONF_CHANGE, data=b"xx")) is None
+    assert machine.applied_index == 1
+    machine.restore(machine.snapshot(), 1)
+    after_empty = StateMachine()
+    after_empty.apply(Entry(term=1, index=1))
+    assert machine.digest() == after_empty.digest() != before
+
+
+def test_malformed_entry_raises_and_changes_nothing() -> None:
+    machine = StateMachine()
+    apply(machine, Put("a", b"1", None, 5))
+    digest = machine.digest()
+    with pytest.raises(ProtocolError):
+        machine.apply(Entry(term=1, index=2, data=b"\x01\x93garbage"))
+    assert machine.digest() == digest and machine.applied_index == 1
+
+
+def test_equal_histories_give_equal_digests_and_different_ones_differ() -> None:
+    def build(value: bytes) -> StateMachine:
+        machine = StateMachine()
+        for i, key in enumerate(["b", "a", "c", "a"]):
+            apply(machine, Put(key, value, None, 10 * i))
+        apply(machine, Delete("c", None, 50))
+        return machine
+
+    assert build(b"x").digest() == build(b"x").digest()
+    assert build(b"x").digest() != build(b"y").digest()
+
+
+def test_restore_rejects_a_wrong_index_and_garbage() -> None:
+    machine = StateMachine()
+    apply(machine, Put("a", b"1", None, 5))
+    data = machine.snapshot()
+    other = StateMachine()
+    with pytest.raises(ProtocolError):
+        other.restore(data, 2)
+    for bad in (b"", b"\x02" + data[1:], data[:-3], b"\x01\xc0"):
+        with pytest.raises(ProtocolError):
+            other.restore(bad, 1)
+    assert other.applied_index == 0 and other.get("a") is None
+    other.restore(data, 1)
+    assert other.get("a") == machine.get("a")
+
+
+def test_list_handles_high_code_points_and_limits() -> None:
+    machine = StateMachine()
+    for key in ["a", "a\U0010ffff", "a\U0010ffffz", "b", "\U0010ffff"]:
+        apply(machine, Put(key, b"", None, 0))
+    items, more = machine.list("a\U0010ffff", 0)
+    assert [kv.key for kv in items] == ["a\U0010ffff", "a\U0010ffffz"] and not more
+    items, more = machine.list("", 2)
+    assert [kv.key for kv in items] == ["a", "a\U0010ffff"] and more
+    items, more = machine.list("", 5)
+    assert len(items) == 5 and not more
+    with pytest.raises(ValueError):
+        machine.list("", -1)
