@@ -1,0 +1,117 @@
+"""The simulated clients against a fake cluster: acknowledgements, refusals, unknown
+outcomes after crashes and timeouts, ReadIndex reads served once applied."""
+
+from __future__ import annotations
+
+import random
+
+from kvstore.raft.types import Entry, ReadState
+from kvstore.sim.machine import SimStateMachine, decode_put, encode_put
+from kvstore.sim.workload import Workload, WorkloadConfig
+from kvstore.verify.history import OpKind
+
+
+class FakeCluster:
+    """Node 1 leads and accepts everything; node 2 refuses; node 3 is down."""
+
+    def __init__(self) -> None:
+        self.proposed: list[tuple[int, bytes]] = []
+        self.reads: list[tuple[int, bytes]] = []
+        self.machine = SimStateMachine()
+
+    def is_up(self, node: int) -> bool:
+        return node != 3
+
+    def leader_of(self, node: int) -> int:
+        return 1
+
+    def propose(self, node: int, data: bytes) -> bool:
+        if node != 1:
+            return False
+        self.proposed.append((node, data))
+        return True
+
+    def read_index(self, node: int, context: bytes) -> bool:
+        if node != 1:
+            return False
+        self.reads.append((node, context))
+        return True
+
+    def applied_index(self, node: int) -> int:
+        return self.machine.applied_index
+
+    def read_value(self, node: int, key: str) -> str | None:
+        return self.machine.get(key)
+
+    def encode_put(self, client: int, seq: int, key: str, value: str) -> bytes:
+        return encode_put(key, value)
+
+    def decode_put(self, data: bytes) -> tuple[str, str] | None:
+        return decode_put(data)
+
+
+def make(read_fraction: float, **kw: int) -> Workload:
+    config = WorkloadConfig(clients=1, keys=1, read_fraction=read_fraction, **kw)
+    return Workload(config, [1], random.Random(4))
+
+
+def test_a_write_is_acknowledged_when_its_node_applies_it() -> None:
+    cluster = FakeCluster()
+    workload = make(0.0)
+    workload.act(workload.next_time() or 0, cluster)
+    [(node, data)] = cluster.proposed
+    entry = Entry(term=1, index=1, data=data)
+    cluster.machine.apply(entry)
+    workload.on_applied(node, entry, 100, cluster)
+    [op] = workload.history
+    assert op.op is OpKind.PUT and op.ok and op.return_ == 100 and op.key == "k0"
+    assert workload.stats.writes_acked == 1
+    [record] = workload.write_records()
+    assert record.index == 1 and record.acked_at == 100
+
+
+def test_a_write_whose_node_crashes_has_an_unknown_outcome_and_a_new_process() -> None:
+    cluster = FakeCluster()
+    workload = make(0.0)
+    workload.act(workload.next_time() or 0, cluster)
+    workload.on_crash(1, 50)
+    [op] = workload.history
+    assert op.return_ is None and not op.ok
+    assert workload.stats.writes_unknown == 1
+    workload.act(10_000, cluster)
+    workload.finish(10_001)
+    assert workload.history[1].process != op.process
+
+
+def test_a_read_is_served_once_the_node_applied_up_to_the_read_index() -> None:
+    cluster = FakeCluster()
+    workload = make(1.0)
+    workload.act(workload.next_time() or 0, cluster)
+    [(node, context)] = cluster.reads
+    workload.on_read_state(node, ReadState(index=1, context=context))
+    workload.serve_reads(node, 20, cluster)
+    assert workload.history == []  # applied 0 < read index 1
+    cluster.machine.apply(Entry(term=1, index=1, data=encode_put("k0", "c9-1")))
+    workload.serve_reads(node, 30, cluster)
+    [op] = workload.history
+    assert op.op is OpKind.GET and op.ok and op.output == "c9-1" and op.return_ == 30
+
+
+def test_a_timed_out_read_is_a_definite_failure() -> None:
+    cluster = FakeCluster()
+    workload = make(1.0, timeout=10)
+    start = workload.next_time() or 0
+    workload.act(start, cluster)
+    workload.act(start + 10, cluster)
+    assert workload.history[0].op is OpKind.GET
+    assert workload.history[0].return_ == start + 10 and not workload.history[0].ok
+
+
+def test_the_state_machine_snapshot_round_trips_its_digest() -> None:
+    machine = SimStateMachine()
+    for index in range(1, 6):
+        machine.apply(Entry(term=1, index=index, data=encode_put(f"k{index % 2}", f"v{index}")))
+    copy = SimStateMachine()
+    copy.restore(machine.snapshot(), 5)
+    assert copy.digest() == machine.digest() and copy.get("k1") == "v5"
+    assert decode_put(b"") is None
