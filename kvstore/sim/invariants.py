@@ -64,6 +64,10 @@ class LogView(Protocol):
         """Entries in [max(low, snapshot_index + 1), last_index]."""
         ...
 
+    def entry_at(self, index: int) -> Entry | None:
+        """The entry at `index`; None when compacted away or beyond the end."""
+        ...
+
 
 class StorageLogView:
     """A `LogView` over the core's read-only `Storage` (what a node has persisted)."""
@@ -90,6 +94,15 @@ class StorageLogView:
         except (CompactedError, UnavailableIndexError):
             return []
 
+    def entry_at(self, index: int) -> Entry | None:
+        storage = self._storage
+        if not storage.first_index() <= index <= storage.last_index():
+            return None
+        try:
+            return storage.entries(index, index + 1, 1 << 62)[0]
+        except (CompactedError, UnavailableIndexError):
+            return None
+
 
 class ListLogView:
     """A `LogView` over a plain list of entries (hand-made states in tests)."""
@@ -108,6 +121,10 @@ class ListLogView:
 
     def entries_from(self, low: int) -> Sequence[Entry]:
         return [entry for entry in self._entries if entry.index >= low]
+
+    def entry_at(self, index: int) -> Entry | None:
+        found = self.entries_from(index)
+        return found[0] if found and found[0].index == index else None
 
 
 @dataclass(slots=True)
@@ -251,10 +268,8 @@ class SafetyChecker:
             return
         for leader, (leader_term, leader_log) in sorted(self._leaders.items()):
             if leader_term > known.commit_term and entry.index > leader_log.snapshot_index():
-                found = leader_log.entries_from(entry.index)
-                self._check_contains(
-                    leader, leader_term, entry.index, known, found[0] if found else None
-                )
+                found = leader_log.entry_at(entry.index)
+                self._check_contains(leader, leader_term, entry.index, known, found)
 
     # --- application ---------------------------------------------------------------------
 

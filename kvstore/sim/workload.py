@@ -120,6 +120,7 @@ class Workload:
         self._write_acked: dict[str, int] = {}
         self._read_records: list[tuple[str, int, int, str | None]] = []
         self.enabled = True
+        self.duplicate_applies: list[tuple[str, int, int]] = []
 
     # --- driving -------------------------------------------------------------------------
 
@@ -236,7 +237,11 @@ class Workload:
         if decoded is None:
             return
         _, value = decoded
-        self._write_index.setdefault(value, entry.index)
+        first = self._write_index.setdefault(value, entry.index)
+        if first != entry.index:
+            # Each value is proposed once, so applying it at two indexes means the core
+            # duplicated a proposal.
+            self.duplicate_applies.append((value, first, entry.index))
         pending = self._writes.get(value)
         if pending is not None and pending.node == node:
             del self._writes[value]
