@@ -82,16 +82,22 @@ class StateMachine:
 
     def apply(self, entry: Entry) -> WriteResult | None:
         """Apply the committed entry `applied_index + 1`; None when it carries no command."""
+        return self.apply_entry(entry)[1]
+
+    def apply_entry(self, entry: Entry) -> tuple[Command | None, WriteResult | None]:
+        """`apply`, also returning the decoded command (None for empty and CONF_CHANGE
+        entries), so a driver can match results to its pending proposals without decoding
+        the entry a second time."""
         assert entry.index == self.applied_index + 1, (
             f"apply out of order: entry {entry.index} after applied {self.applied_index}"
         )
         if entry.type != EntryType.NORMAL or not entry.data:
             self.applied_index = entry.index
-            return None
+            return None, None
         command = decode_command(entry.data)
         result = self.apply_command(command)
         self.applied_index = entry.index
-        return result
+        return command, result
 
     def apply_command(self, command: Command) -> WriteResult:
         """Apply one decoded command (the body of `apply`; public for tests and tools)."""
