@@ -1,0 +1,433 @@
+"""The driver: the one asyncio task that owns the Replica (Raft core + storage + state machine).
+
+Everything that touches Raft state happens on this task, in this order, turn after turn:
+
+1. take up to `inbox_batch_max` items from the inbox (peer messages, proposals, reads,
+   control requests) and step them into the core; all reads of one turn share one ReadIndex;
+2. tick the core when the tick timer has fired;
+3. while the core has a Ready: persist it (the only step run off the event loop, on a
+   single-thread executor, so heartbeats and HTTP stay on time while the disk syncs), send
+   its messages, apply its committed entries, serve its read states, then advance.
+
+HTTP handlers never touch the core: they call `write()` / `read_barrier()`, which enqueue an
+item and await a future with a deadline. Proposal futures are resolved by request id from the
+applied results, so a write is answered exactly when its entry is applied here.
+
+Rules that hold here:
+- Persist before send (Raft §5): a Ready's messages leave only after its save returned.
+- A `DiskFullError` from save refuses new writes (507) and retries the same save until it
+  succeeds; a `FatalDiskError` ends the process (a retried fsync may silently lose data).
+- Ticks never catch up in a burst after a stall: a late timer fires one tick, so CPU pressure
+  delays elections rather than starting them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvstore.config import ServeConfig
+from kvstore.errors import (
+    DiskFullError,
+    KVStoreError,
+    NoLeaderError,
+    NotLeaderError,
+    OverloadedError,
+    ProposalDroppedError,
+    UnavailableError,
+)
+from kvstore.kv.commands import RequestId, encode_command
+from kvstore.raft.types import NONE, Message, Ready, Role
+from kvstore.server.metrics import NodeMetrics
+
+logger = logging.getLogger("kvstore.server")
+
+_DISK_FULL_RETRY_S = 0.1
+
+
+@dataclass(slots=True)
+class _Proposal:
+    key: str  # "client_id:seq": how the applied result finds its futures
+    data: bytes
+    future: asyncio.Future[Any]
+
+
+@dataclass(slots=True)
+class _Read:
+    future: asyncio.Future[None]
+
+
+@dataclass(slots=True)
+class _PendingRead:
+    index: int
+    futures: list[asyncio.Future[None]] = field(default_factory=list)
+
+
+class Driver:
+    """Owns the Replica; see the module docstring."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        replica: Any,
+        metrics: NodeMetrics,
+        send: Callable[[Message], None],
+        peer_url: Callable[[int], str | None],
+    ) -> None:
+        self.config = config
+        self.replica = replica
+        self.node = replica.node
+        self.metrics = metrics
+        self._send = send
+        self._peer_url = peer_url
+        self._inbox: collections.deque[object] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._tick_due = False
+        self._tick_interval_s = config.tick_interval_ms / 1000
+        self._next_tick_at = 0.0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-fsync")
+        self._proposals: dict[str, list[asyncio.Future[Any]]] = {}
+        self._pending_count = 0
+        self._read_contexts: dict[bytes, list[asyncio.Future[None]]] = {}
+        self._waiting_reads: list[_PendingRead] = []
+        self._read_counter = itertools.count(1)
+        self._stopping = False
+        self.disk_full = False
+        # Set during a graceful shutdown's leadership transfer: writes in flight then stay
+        # pending, since the new leader commits them and this node still applies them.
+        self.handing_over = False
+        status = self.node.status()
+        self.leader_id: int = status.leader_id
+        self.role: Role = status.role
+        self.term: int = status.term
+        # Server-generated request ids for clients that send none (curl).
+        self._client_id = f"srv{config.id}-{secrets.token_hex(6)}"
+        self._seq = itertools.count(1)
+        self._outstanding_seqs: set[int] = set()
+
+    # --- inbox (called from other tasks: HTTP handlers, the transport) ---------------------
+
+    def _put(self, item: object) -> None:
+        self._inbox.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def on_message(self, message: Message) -> None:
+        self._put(message)
+
+    def on_peer_down(self, peer: int) -> None:
+        self._put(("peer_down", peer))
+
+    def leader_url(self) -> str | None:
+        if self.leader_id == NONE:
+            return None
+        if self.leader_id == self.config.id:
+            return self.config.client_url
+        return self._peer_url(self.leader_id)
+
+    def is_leader(self) -> bool:
+        return self.role is Role.LEADER
+
+    def new_request_id(self) -> tuple[RequestId, int]:
+        """A server-made request id and the acked_below that goes with it."""
+        seq = next(self._seq)
+        self._outstanding_seqs.add(seq)
+        return RequestId(client_id=self._client_id, seq=seq), min(self._outstanding_seqs)
+
+    def release_request_id(self, request: RequestId) -> None:
+        if request.client_id == self._client_id:
+            self._outstanding_seqs.discard(request.seq)
+
+    def check_writable(self) -> None:
+        """Raise the error a write would get right now, before any work is done for it."""
+        if self.disk_full:
+            raise DiskFullError("the disk is full: writes are refused until space is free")
+        if self.role is not Role.LEADER:
+            raise self._not_leader_error()
+        if self._pending_count >= self.config.max_pending_proposals:
+            raise OverloadedError(f"{self._pending_count} writes pending", retry_after_s=0.05)
+
+    def _not_leader_error(self) -> KVStoreError:
+        url = self.leader_url()
+        if url is None or self.leader_id == self.config.id:
+            return NoLeaderError("no leader is known right now", retry_after_s=0.1)
+        return NotLeaderError(
+            f"node {self.config.id} is not the leader", leader_id=self.leader_id, leader_url=url
+        )
+
+    async def write(self, command: Any, request: RequestId) -> Any:
+        """Propose a command and wait for its applied result (a WriteResult)."""
+        self.check_writable()
+        duplicate = self.replica.state_machine.duplicate_result(request)
+        if duplicate is not None:
+            return duplicate
+        key = f"{request.client_id}:{request.seq}"
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._proposals.setdefault(key, []).append(future)
+        self._pending_count += 1
+        self.metrics.pending_proposals.set(self._pending_count)
+        try:
+            self._put(_Proposal(key, encode_command(command), future))
+            async with asyncio.timeout(self.config.request_timeout_ms / 1000):
+                return await future
+        finally:
+            self._pending_count -= 1
+            futures = self._proposals.get(key)
+            if futures is not None:
+                if future in futures:
+                    futures.remove(future)
+                if not futures:
+                    del self._proposals[key]
+
+    async def read_barrier(self) -> None:
+        """Wait until a linearizable read may be served from the local state machine."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._put(_Read(future))
+        async with asyncio.timeout(self.config.request_timeout_ms / 1000):
+            await future
+
+    # --- the loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._next_tick_at = loop.time() + self._tick_interval_s
+        timer = loop.call_at(self._next_tick_at, self._on_tick_timer)
+        try:
+            while not self._stopping:
+                if not self._inbox and not self._tick_due:
+                    self._waiter = loop.create_future()
+                    await self._waiter
+                    self._waiter = None
+                if self._tick_due:
+                    self._tick_due = False
+                    now = loop.time()
+                    self.metrics.loop_lag_seconds.observe(max(0.0, now - self._next_tick_at))
+                    self._next_tick_at = now + self._tick_interval_s
+                    timer = loop.call_at(self._next_tick_at, self._on_tick_timer)
+                    self.node.tick()
+                self._drain_inbox()
+                await self._process_ready()
+        finally:
+            timer.cancel()
+
+    def _on_tick_timer(self) -> None:
+        self._tick_due = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._on_tick_timer()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    def _drain_inbox(self) -> None:
+        node = self.node
+        reads: list[asyncio.Future[None]] = []
+        inbox = self._inbox
+        for _ in range(min(len(inbox), self.config.inbox_batch_max)):
+            item = inbox.popleft()
+            if isinstance(item, Message):
+                try:
+                    node.step(item)
+                except KVStoreError as exc:
+                    logger.debug("event=step_rejected from=%s error=%r", item.from_, exc)
+            elif isinstance(item, _Proposal):
+                self._propose(item)
+            elif isinstance(item, _Read):
+                if not item.future.done():
+                    reads.append(item.future)
+            elif isinstance(item, tuple) and item[0] == "peer_down":
+                node.report_peer_down(item[1])
+            elif callable(item):
+                item()
+        if reads:
+            self._start_read_index(reads)
+
+    def _propose(self, proposal: _Proposal) -> None:
+        if proposal.future.done():
+            return
+        try:
+            self.node.propose(proposal.data)
+        except ProposalDroppedError:
+            self.metrics.proposals_failed.labels(reason="dropped").inc()
+            proposal.future.set_exception(self._not_leader_error())
+            return
+        self.metrics.proposals.inc()
+
+    def _start_read_index(self, futures: list[asyncio.Future[None]]) -> None:
+        context = next(self._read_counter).to_bytes(8, "big")
+        try:
+            self.node.read_index(context)
+        except ProposalDroppedError:
+            error = NoLeaderError("no leader is known right now", retry_after_s=0.1)
+            for future in futures:
+                future.set_exception(error)
+            return
+        self.metrics.read_index_calls.inc()
+        self._read_contexts[context] = futures
+
+    # --- Ready processing --------------------------------------------------------------
+
+    async def _process_ready(self) -> None:
+        replica = self.replica
+        while (ready := replica.prepare()) is not None:
+            if ready.soft_state is not None:
+                self._on_soft_state(ready.soft_state.leader_id, ready.soft_state.role)
+            if ready.hard_state is not None or ready.entries or ready.snapshot is not None:
+                await self._persist(ready)
+            send = self._send
+            for message in ready.messages:
+                send(message)
+            if ready.committed_entries or ready.snapshot is not None:
+                self._apply(ready)
+            if ready.read_states:
+                self._on_read_states(ready)
+            started = time.perf_counter()
+            if replica.advance(ready):
+                self.metrics.snapshots.inc()
+                logger.info(
+                    "event=snapshot_taken index=%s seconds=%.3f",
+                    replica.snapshot_index,
+                    time.perf_counter() - started,
+                )
+            if ready.hard_state is not None:
+                self.term = ready.hard_state.term
+                self.metrics.term.set(self.term)
+
+    async def _persist(self, ready: Ready) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = time.perf_counter()
+            try:
+                await loop.run_in_executor(self._executor, self.replica.persist, ready)
+            except DiskFullError as exc:
+                if not self.disk_full:
+                    logger.error(
+                        "event=disk_full error=%r: refusing writes until a save succeeds", exc
+                    )
+                self.disk_full = True
+                await asyncio.sleep(_DISK_FULL_RETRY_S)
+                continue
+            self.metrics.fsync_seconds.observe(time.perf_counter() - started)
+            if ready.entries:
+                self.metrics.ready_entries.observe(len(ready.entries))
+            if self.disk_full:
+                logger.warning("event=disk_recovered: a save succeeded, accepting writes again")
+                self.disk_full = False
+            return
+
+    def _apply(self, ready: Ready) -> None:
+        applied = self.replica.apply(ready)
+        self.metrics.commits.inc(len(ready.committed_entries))
+        self.metrics.applies.inc(len(applied))
+        proposals = self._proposals
+        if proposals:
+            for item in applied:
+                command = item.command
+                if command is None or command.request is None or item.result is None:
+                    continue
+                request = command.request
+                futures = proposals.get(f"{request.client_id}:{request.seq}")
+                if futures:
+                    for future in futures:
+                        if not future.done():
+                            future.set_result(item.result)
+        if self._waiting_reads:
+            self._serve_waiting_reads()
+
+    def _on_read_states(self, ready: Ready) -> None:
+        applied = self.replica.state_machine.applied_index
+        for read_state in ready.read_states:
+            futures = self._read_contexts.pop(read_state.context, None)
+            if not futures:
+                continue
+            if read_state.index <= applied:
+                _resolve_all(futures)
+            else:
+                self._waiting_reads.append(_PendingRead(read_state.index, futures))
+
+    def _serve_waiting_reads(self) -> None:
+        applied = self.replica.state_machine.applied_index
+        still: list[_PendingRead] = []
+        for pending in self._waiting_reads:
+            if pending.index <= applied:
+                _resolve_all(pending.futures)
+            else:
+                still.append(pending)
+        self._waiting_reads = still
+
+    def _on_soft_state(self, leader_id: int, role: Role) -> None:
+        if leader_id != self.leader_id:
+            self.metrics.leader_changes.inc()
+            logger.info(
+                "event=leader_changed node=%s leader=%s role=%s",
+                self.config.id,
+                leader_id,
+                role.value,
+            )
+        if role is Role.PRE_CANDIDATE and self.role is not Role.PRE_CANDIDATE:
+            self.metrics.elections.inc()
+        was_leader = self.role is Role.LEADER
+        self.leader_id, self.role = leader_id, role
+        self.metrics.is_leader.set(1 if role is Role.LEADER else 0)
+        if was_leader and role is not Role.LEADER and not self.handing_over:
+            self._fail_pending("leadership was lost before the write was applied; outcome unknown")
+        if leader_id == NONE or was_leader != (role is Role.LEADER):
+            self._fail_reads("the leader changed while the read waited; retry")
+
+    def _fail_pending(self, message: str) -> None:
+        error = UnavailableError(message, retry_after_s=0.05)
+        for futures in self._proposals.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
+
+    def _fail_reads(self, message: str) -> None:
+        error = UnavailableError(message, retry_after_s=0.05)
+        for futures in self._read_contexts.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
+        self._read_contexts.clear()
+
+    # --- control (run on the driver task) ----------------------------------------------
+
+    async def call(self, function: Callable[[], Any]) -> Any:
+        """Run `function` on the driver task between turns and return its result."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def run() -> None:
+            try:
+                future.set_result(function())
+            except Exception as exc:
+                future.set_exception(exc)
+
+        self._put(run)
+        return await future
+
+    def pending_writes(self) -> int:
+        return self._pending_count
+
+    def status(self) -> Any:
+        return self.node.status()
+
+    def applied_index(self) -> int:
+        return int(self.replica.state_machine.applied_index)
+
+
+def _resolve_all(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)

@@ -1,0 +1,374 @@
+"""The HTTP API (aiohttp): validation, the mapping of errors to HTTP, and nothing else.
+
+Handlers never touch Raft state. A write is validated, turned into a command, and handed to
+the driver (`Driver.write`), which proposes it and resolves a future when the entry is applied;
+a linearizable read waits on `Driver.read_barrier()` (one ReadIndex for all reads of a turn)
+and then reads the local state machine. This is the only module that turns `kvstore.errors`
+into HTTP statuses (via each error's `http_status` and `code`), in `_error_middleware`.
+
+The API is described in README.md ("The HTTP API") and served as OpenAPI at /v1/openapi.json.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from kvstore.errors import (
+    BadRequestError,
+    ClusterError,
+    DeadlineExceededError,
+    KVStoreError,
+    NotFoundError,
+    NotLeaderError,
+    PayloadTooLargeError,
+    PreconditionFailedError,
+)
+from kvstore.kv.commands import Delete, Put, RequestId
+from kvstore.server.driver import Driver
+from kvstore.server.openapi import openapi_document
+
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_LIST_LIMIT_MAX = 10_000
+_JSON = "application/json"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=json.dumps(body).encode(), status=status, content_type=_JSON, headers=headers
+    )
+
+
+class HttpApi:
+    """The aiohttp application of one node."""
+
+    def __init__(self, driver: Driver, cluster_id: str) -> None:
+        self.driver = driver
+        self.config = driver.config
+        self.cluster_id = cluster_id
+        self.metrics = driver.metrics
+        self._node_header = str(self.config.id)
+
+    def build_app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[self._error_middleware], client_max_size=self.config.max_body_bytes
+        )
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/v1/status", self.status)
+        app.router.add_get("/metrics", self.metrics_text)
+        app.router.add_get("/v1/openapi.json", self.openapi)
+        app.router.add_get("/v1/kv", self.list_keys)
+        app.router.add_get("/v1/kv/{key:.+}", self.get_key)
+        app.router.add_put("/v1/kv/{key:.+}", self.put_key)
+        app.router.add_delete("/v1/kv/{key:.+}", self.delete_key)
+        return app
+
+    # --- cross-cutting: errors, node headers, latency ---------------------------------
+
+    @web.middleware
+    async def _error_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        try:
+            response = await handler(request)
+        except KVStoreError as exc:
+            response = self._error_response(request, exc)
+        except TimeoutError:
+            response = self._error_response(
+                request,
+                DeadlineExceededError(
+                    "the deadline passed before an answer; a write's outcome is unknown",
+                    outcome_unknown=True,
+                ),
+            )
+        except web.HTTPRequestEntityTooLarge:
+            response = self._error_response(
+                request, PayloadTooLargeError("the request body is over the limit")
+            )
+        except web.HTTPException as exc:
+            response = _json(
+                {
+                    "error": {
+                        "code": "bad_request" if exc.status < 500 else "internal",
+                        "message": exc.reason,
+                        "leader": self.driver.leader_url(),
+                    }
+                },
+                status=exc.status,
+            )
+        response.headers["Kvstore-Node"] = self._node_header
+        response.headers["Kvstore-Leader"] = self.driver.leader_url() or ""
+        route = request.match_info.route.resource
+        self.metrics.request_seconds.labels(
+            route=route.canonical if route is not None else "unmatched", method=request.method
+        ).observe(time.perf_counter() - started)
+        return response
+
+    def _error_response(self, request: web.Request, error: KVStoreError) -> web.Response:
+        body = error.to_json()
+        detail = body["error"]
+        assert isinstance(detail, dict)
+        detail.setdefault("leader", self.driver.leader_url())
+        headers: dict[str, str] = {}
+        status = error.http_status
+        if isinstance(error, NotLeaderError) and error.leader_url:
+            # Writes on a follower: 307 to the leader's same URL, so `curl -L` works.
+            status = 307
+            headers["Location"] = error.leader_url.rstrip("/") + request.path_qs
+        if isinstance(error, ClusterError) and error.retry_after_s is not None:
+            headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+        extra = getattr(error, "current_revision", None)
+        if extra is not None:
+            detail["current_revision"] = extra
+        return _json(body, status=status, headers=headers)
+
+    # --- validation ---------------------------------------------------------------------
+
+    def _key(self, request: web.Request) -> str:
+        key: str = request.match_info["key"]
+        if len(key) > self.config.max_key_bytes or len(key.encode()) > self.config.max_key_bytes:
+            raise BadRequestError(f"key is over {self.config.max_key_bytes} bytes")
+        if _CONTROL.search(key):
+            raise BadRequestError("key contains control characters")
+        return key
+
+    def _request_id(self, request: web.Request) -> tuple[RequestId, int, bool]:
+        """(request id, acked_below, server_made) for a write."""
+        header = request.headers.get("Kvstore-Request-Id")
+        if header is None:
+            request_id, acked_below = self.driver.new_request_id()
+            return request_id, acked_below, True
+        client_id, sep, seq_text = header.rpartition(":")
+        if (
+            not sep
+            or not _CLIENT_ID.match(client_id)
+            or not seq_text.isdigit()
+            or int(seq_text) < 1
+        ):
+            raise BadRequestError("Kvstore-Request-Id must be <client_id>:<seq>, seq >= 1")
+        acked_text = request.headers.get("Kvstore-Acked-Below", "0")
+        if not acked_text.isdigit():
+            raise BadRequestError("Kvstore-Acked-Below must be a non-negative integer")
+        return RequestId(client_id=client_id, seq=int(seq_text)), int(acked_text), False
+
+    @staticmethod
+    def _conditions(request: web.Request) -> tuple[int | None, bool]:
+        if_match = request.headers.get("If-Match")
+        if_none_match = request.headers.get("If-None-Match")
+        if if_match is not None and if_none_match is not None:
+            raise BadRequestError("use either If-Match or If-None-Match, not both")
+        if if_none_match is not None:
+            if if_none_match.strip() != "*":
+                raise BadRequestError('If-None-Match supports only "*" (create only)')
+            return None, True
+        if if_match is None:
+            return None, False
+        text = if_match.strip().removeprefix("W/").strip('"')
+        if not text.isdigit():
+            raise BadRequestError("If-Match must be a revision number (0 = the key is absent)")
+        return int(text), False
+
+    async def _body(self, request: web.Request) -> bytes:
+        limit = self.config.max_value_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLargeError(f"value is over {limit} bytes")
+        body = await request.read()
+        if len(body) > limit:
+            raise PayloadTooLargeError(f"value is over {limit} bytes")
+        return body
+
+    # --- key-value ----------------------------------------------------------------------
+
+    async def put_key(self, request: web.Request) -> web.Response:
+        key = self._key(request)
+        if_revision, create_only = self._conditions(request)
+        self.driver.check_writable()
+        value = await self._body(request)
+        request_id, acked_below, server_made = self._request_id(request)
+        command = Put(
+            key=key,
+            value=value,
+            request=request_id,
+            time_ms=int(time.time() * 1000),
+            if_revision=if_revision,
+            create_only=create_only,
+            acked_below=acked_below,
+        )
+        try:
+            result = await self.driver.write(command, request_id)
+        finally:
+            if server_made:
+                self.driver.release_request_id(request_id)
+        self._raise_for_result(result)
+        kv = result.key_value
+        return _json(
+            {
+                "key": key,
+                "revision": result.revision,
+                "create_revision": kv.create_revision,
+                "mod_revision": kv.mod_revision,
+                "version": kv.version,
+            }
+        )
+
+    async def delete_key(self, request: web.Request) -> web.Response:
+        key = self._key(request)
+        if_revision, create_only = self._conditions(request)
+        if create_only:
+            raise BadRequestError("If-None-Match makes no sense on DELETE")
+        self.driver.check_writable()
+        request_id, acked_below, server_made = self._request_id(request)
+        command = Delete(
+            key=key,
+            request=request_id,
+            time_ms=int(time.time() * 1000),
+            if_revision=if_revision,
+            acked_below=acked_below,
+        )
+        try:
+            result = await self.driver.write(command, request_id)
+        finally:
+            if server_made:
+                self.driver.release_request_id(request_id)
+        self._raise_for_result(result)
+        return _json({"key": key, "revision": result.revision, "deleted": True})
+
+    @staticmethod
+    def _raise_for_result(result: Any) -> None:
+        if result.ok:
+            return
+        if result.error == "session_expired":
+            raise BadRequestError(
+                "the request id is older than the client's session remembers; outcome unknown"
+            )
+        if result.error == "not_found":
+            raise NotFoundError("no such key")
+        if result.error == "precondition_failed":
+            raise PreconditionFailedError(
+                "the condition on the key's revision did not hold",
+                current_revision=result.current_revision,
+            )
+        raise BadRequestError(f"the write failed: {result.error}")
+
+    async def _barrier(self, request: web.Request) -> str:
+        consistency = request.query.get("consistency", "linearizable")
+        if consistency == "linearizable":
+            if not self.config.unsafe_local_reads:
+                await self.driver.read_barrier()
+        elif consistency != "stale":
+            raise BadRequestError("consistency must be linearizable or stale")
+        self.metrics.reads.labels(consistency=consistency).inc()
+        return consistency
+
+    async def get_key(self, request: web.Request) -> web.Response:
+        key = self._key(request)
+        await self._barrier(request)
+        state_machine = self.driver.replica.state_machine
+        kv = state_machine.get(key)
+        if kv is None:
+            raise NotFoundError("no such key")
+        return web.Response(
+            body=kv.value,
+            content_type="application/octet-stream",
+            headers={
+                "Kvstore-Revision": str(state_machine.revision),
+                "Kvstore-Create-Revision": str(kv.create_revision),
+                "Kvstore-Mod-Revision": str(kv.mod_revision),
+                "Kvstore-Version": str(kv.version),
+                "ETag": f'"{kv.mod_revision}"',
+            },
+        )
+
+    async def list_keys(self, request: web.Request) -> web.Response:
+        prefix = request.query.get("prefix", "")
+        if _CONTROL.search(prefix) or len(prefix.encode()) > self.config.max_key_bytes:
+            raise BadRequestError("prefix is not a valid key prefix")
+        limit_text = request.query.get("limit", "1000")
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= _LIST_LIMIT_MAX:
+            raise BadRequestError(f"limit must be an integer in 1..{_LIST_LIMIT_MAX}")
+        await self._barrier(request)
+        state_machine = self.driver.replica.state_machine
+        items, more = state_machine.list(prefix, int(limit_text))
+        return _json(
+            {
+                "revision": state_machine.revision,
+                "items": [
+                    {
+                        "key": kv.key,
+                        "value": base64.b64encode(kv.value).decode("ascii"),
+                        "create_revision": kv.create_revision,
+                        "mod_revision": kv.mod_revision,
+                        "version": kv.version,
+                    }
+                    for kv in items
+                ],
+                "more": more,
+            }
+        )
+
+    # --- operations ---------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json({"ok": True, "id": self.config.id})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        status = self.driver.status()
+        applied = self.driver.applied_index()
+        ready = status.leader_id != 0 and applied >= status.commit_index
+        body = {
+            "ready": ready,
+            "leader_id": status.leader_id,
+            "applied_index": applied,
+            "commit_index": status.commit_index,
+        }
+        return _json(body, status=200 if ready else 503)
+
+    async def status(self, request: web.Request) -> web.Response:
+        return _json(self.status_document())
+
+    def status_document(self) -> dict[str, Any]:
+        status = self.driver.status()
+        document: dict[str, Any] = {
+            "id": self.config.id,
+            "cluster_id": self.cluster_id,
+            "role": status.role.value,
+            "term": status.term,
+            "leader_id": status.leader_id,
+            "leader_url": self.driver.leader_url(),
+            "commit_index": status.commit_index,
+            "applied_index": self.driver.applied_index(),
+            "last_index": status.last_index,
+            "disk_full": self.driver.disk_full,
+        }
+        if self.config.unsafe_local_reads:
+            document["unsafe_local_reads"] = True
+        if status.progress:
+            document["peers"] = {
+                str(peer): {
+                    "match_index": progress.match_index,
+                    "next_index": progress.next_index,
+                    "lag": max(0, status.last_index - progress.match_index),
+                    "state": getattr(progress.state, "value", str(progress.state)),
+                }
+                for peer, progress in status.progress.items()
+                if peer != self.config.id
+            }
+        return document
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.metrics.render(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return _json(openapi_document())

@@ -1,0 +1,288 @@
+"""LocalCluster: real `python -m kvstore serve` processes on 127.0.0.1, for tests, benchmarks,
+chaos drills and `kvstore cluster`.
+
+Every process is started by this class and stopped by its PID (never by name). Ports are free
+ports found by binding port 0, unless the caller fixes them (`kvstore cluster` uses
+7001-7003 and 7101-7103). Each node logs to `<base_dir>/node<id>.log` and keeps its data in
+`<base_dir>/node<id>`.
+
+`peer_addresses` lets chaos tooling put proxies between peers: either one map {peer id:
+"host:port"} used by every node, or one map per source node {node id: {peer id: "host:port"}}
+(the address node i dials for peer j). A node's own entry is always its real listen address.
+
+Waiting is done by polling a condition with a deadline; nothing here sleeps to decide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _peer_maps(
+    ids: Sequence[int],
+    listen: Mapping[int, str],
+    peer_addresses: Mapping[int, Any] | None,
+) -> dict[int, dict[int, str]]:
+    maps: dict[int, dict[int, str]] = {}
+    for node in ids:
+        if peer_addresses is None:
+            chosen: Mapping[int, str] = listen
+        elif all(isinstance(value, str) for value in peer_addresses.values()):
+            chosen = peer_addresses
+        else:
+            chosen = peer_addresses.get(node, listen)
+        maps[node] = {peer: chosen.get(peer, listen[peer]) for peer in ids}
+        maps[node][node] = listen[node]
+    return maps
+
+
+class LocalCluster:
+    """A cluster of node processes on this machine; a context manager (start/stop)."""
+
+    def __init__(
+        self,
+        base_dir: Path,
+        size: int = 3,
+        *,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        peer_addresses: Mapping[int, Any] | None = None,
+        client_ports: Sequence[int] | None = None,
+        peer_ports: Sequence[int] | None = None,
+        cluster_id: str = "kvstore",
+        python: str = sys.executable,
+    ) -> None:
+        if size < 1:
+            raise ValueError("size must be >= 1")
+        self.base_dir = Path(base_dir)
+        self.size = size
+        self.ids = list(range(1, size + 1))
+        self.extra_args = list(extra_args)
+        self.env = dict(env or {})
+        self.cluster_id = cluster_id
+        self.python = python
+        client = list(client_ports) if client_ports else [free_port() for _ in self.ids]
+        peer = list(peer_ports) if peer_ports else [free_port() for _ in self.ids]
+        self.client_ports = dict(zip(self.ids, client))
+        self.peer_ports = dict(zip(self.ids, peer))
+        listen = {i: f"127.0.0.1:{self.peer_ports[i]}" for i in self.ids}
+        self.peer_listen = listen
+        self.peer_maps = _peer_maps(self.ids, listen, peer_addresses)
+        self.client_urls = [self.client_url(i) for i in self.ids]
+        self._processes: dict[int, subprocess.Popen[bytes]] = {}
+        self._logs: dict[int, Any] = {}
+
+    # --- context manager ------------------------------------------------------------
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # --- addresses ------------------------------------------------------------------
+
+    def client_url(self, node_id: int) -> str:
+        return f"http://127.0.0.1:{self.client_ports[node_id]}"
+
+    def data_dir(self, node_id: int) -> Path:
+        return self.base_dir / f"node{node_id}"
+
+    def log_path(self, node_id: int) -> Path:
+        return self.base_dir / f"node{node_id}.log"
+
+    def command(self, node_id: int) -> list[str]:
+        peers = ",".join(f"{p}={a}" for p, a in sorted(self.peer_maps[node_id].items()))
+        return [
+            self.python,
+            "-m",
+            "kvstore",
+            "serve",
+            "--id",
+            str(node_id),
+            "--cluster-id",
+            self.cluster_id,
+            "--listen-client",
+            f"127.0.0.1:{self.client_ports[node_id]}",
+            "--listen-peer",
+            self.peer_listen[node_id],
+            "--peers",
+            peers,
+            "--data-dir",
+            str(self.data_dir(node_id)),
+            *self.extra_args,
+        ]
+
+    # --- processes ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        for node_id in self.ids:
+            self.start_node(node_id)
+
+    def start_node(self, node_id: int) -> None:
+        if self.pid(node_id) is not None:
+            raise RuntimeError(f"node {node_id} is already running")
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.update(self.env)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH")]))
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        old = self._logs.pop(node_id, None)
+        if old is not None:
+            old.close()
+        log = open(self.log_path(node_id), "ab")  # noqa: SIM115 - closed in stop()/restart
+        self._logs[node_id] = log
+        self._processes[node_id] = subprocess.Popen(
+            self.command(node_id),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+    def pid(self, node_id: int) -> int | None:
+        process = self._processes.get(node_id)
+        if process is None or process.poll() is not None:
+            return None
+        return process.pid
+
+    def returncode(self, node_id: int) -> int | None:
+        process = self._processes.get(node_id)
+        return None if process is None else process.poll()
+
+    def running(self) -> list[int]:
+        return [i for i in self.ids if self.pid(i) is not None]
+
+    def kill(self, node_id: int) -> None:
+        """SIGKILL the node and wait for it to exit."""
+        process = self._processes.get(node_id)
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGCONT)
+        process.kill()
+        process.wait()
+
+    def terminate(self, node_id: int, timeout_s: float = 10.0) -> int:
+        """SIGTERM (graceful: a leader hands over first), wait; SIGKILL after timeout_s."""
+        process = self._processes.get(node_id)
+        if process is None:
+            raise RuntimeError(f"node {node_id} was never started")
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+            process.terminate()
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return int(process.returncode)
+
+    def pause(self, node_id: int) -> None:
+        process = self._processes[node_id]
+        if process.poll() is None:
+            process.send_signal(signal.SIGSTOP)
+
+    def resume(self, node_id: int) -> None:
+        process = self._processes[node_id]
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        """Stop every process this cluster started, by PID: SIGTERM, then SIGKILL."""
+        for process in self._processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.terminate()
+        deadline = time.monotonic() + 5.0
+        for process in self._processes.values():
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for log in self._logs.values():
+            log.close()
+        self._logs.clear()
+
+    # --- observing ------------------------------------------------------------------
+
+    def status(self, node_id: int, timeout_s: float = 1.0) -> dict[str, Any] | None:
+        """GET /v1/status of a node, or None when it does not answer."""
+        if self.pid(node_id) is None:
+            return None
+        try:
+            url = self.client_url(node_id) + "/v1/status"
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                document: dict[str, Any] = json.loads(response.read())
+                return document
+        except (OSError, urllib.error.URLError, ValueError):
+            return None
+
+    def leader(self, exclude: Iterable[int] = ()) -> int | None:
+        """The leader that a majority of the answering nodes agree on, or None."""
+        excluded = set(exclude)
+        statuses = {i: self.status(i, timeout_s=0.5) for i in self.running()}
+        answers = {i: s for i, s in statuses.items() if s is not None}
+        for node_id, status in answers.items():
+            if status["role"] != "leader" or node_id in excluded:
+                continue
+            agreeing = sum(
+                1
+                for other in answers.values()
+                if other["leader_id"] == node_id and other["term"] == status["term"]
+            )
+            if agreeing * 2 > self.size:
+                return node_id
+        return None
+
+    def wait_for_leader(self, timeout_s: float = 10.0, exclude: Iterable[int] = ()) -> int:
+        """Poll until a leader (not in `exclude`) is agreed on; TimeoutError otherwise."""
+        excluded = tuple(exclude)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            leader = self.leader(excluded)
+            if leader is not None:
+                return leader
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no leader within {timeout_s} s; logs in {self.base_dir}")
+            time.sleep(0.02)
+
+    def wait_until(self, condition: Any, timeout_s: float = 10.0, what: str = "condition") -> Any:
+        """Poll `condition()` until it returns a truthy value; TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = condition()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} not reached within {timeout_s} s")
+            time.sleep(0.01)

@@ -1,0 +1,201 @@
+"""The OpenAPI 3.1 document of the HTTP API, served at GET /v1/openapi.json.
+
+Kept beside the handlers (kvstore/server/http.py) and written by hand: it is the contract the
+client library and curl users read, so it says what the API promises, not what a generator
+inferred. tests/server check that every route of the app is described here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_KEY = {
+    "name": "key",
+    "in": "path",
+    "required": True,
+    "description": "UTF-8, at most 1024 bytes, no control characters; may contain '/'",
+    "schema": {"type": "string"},
+}
+_CONSISTENCY = {
+    "name": "consistency",
+    "in": "query",
+    "required": False,
+    "description": "linearizable (default, ReadIndex) or stale (local state, any node)",
+    "schema": {"type": "string", "enum": ["linearizable", "stale"]},
+}
+_WRITE_HEADERS = [
+    {
+        "name": "Kvstore-Request-Id",
+        "in": "header",
+        "description": "<client_id>:<seq>; a retry with the same id applies once and "
+        "returns the first answer. The server makes one up when absent.",
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}:[1-9][0-9]*$"},
+    },
+    {
+        "name": "Kvstore-Acked-Below",
+        "in": "header",
+        "description": "the client holds the answers of every seq below this",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+    {
+        "name": "If-Match",
+        "in": "header",
+        "description": "compare-and-set on the key's mod_revision (0 = the key is absent)",
+        "schema": {"type": "string"},
+    },
+]
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+_WRITE_ERRORS = {
+    "307": _error("not the leader: Location is the leader's same URL (curl -L follows)"),
+    "400": _error("bad_request: invalid key or header"),
+    "412": _error("precondition_failed: includes current_revision"),
+    "413": _error("too_large: body or value over the limit"),
+    "429": _error("overloaded: too many pending writes; Retry-After"),
+    "503": _error("no_leader or unavailable; Retry-After"),
+    "504": _error("timeout: the outcome of the write is unknown; retry with the same id"),
+    "507": _error("disk_full: writes refused until space is free"),
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI document (a fresh dict each call)."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "kvstore",
+            "version": "1",
+            "description": "Raft-replicated key-value store",
+        },
+        "paths": {
+            "/v1/kv/{key}": {
+                "get": {
+                    "summary": "Read a key (raw bytes); revision headers and ETag",
+                    "parameters": [_KEY, _CONSISTENCY],
+                    "responses": {
+                        "200": {
+                            "description": "the value",
+                            "content": {"application/octet-stream": {}},
+                        },
+                        "404": _error("not_found"),
+                        "503": _error("no_leader"),
+                    },
+                },
+                "put": {
+                    "summary": "Write a key; If-None-Match: * creates only",
+                    "parameters": [
+                        _KEY,
+                        *_WRITE_HEADERS,
+                        {"name": "If-None-Match", "in": "header", "schema": {"const": "*"}},
+                    ],
+                    "requestBody": {"content": {"application/octet-stream": {}}},
+                    "responses": {
+                        "200": {
+                            "description": "written",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/PutResult"}
+                                }
+                            },
+                        },
+                        **_WRITE_ERRORS,
+                    },
+                },
+                "delete": {
+                    "summary": "Delete a key",
+                    "parameters": [_KEY, *_WRITE_HEADERS],
+                    "responses": {
+                        "200": {"description": "deleted", "content": {"application/json": {}}},
+                        "404": _error("not_found"),
+                        **_WRITE_ERRORS,
+                    },
+                },
+            },
+            "/v1/kv": {
+                "get": {
+                    "summary": "List keys by prefix",
+                    "parameters": [
+                        {"name": "prefix", "in": "query", "schema": {"type": "string"}},
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
+                        },
+                        _CONSISTENCY,
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "items (values base64) and more",
+                            "content": {"application/json": {}},
+                        }
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "The process is alive",
+                    "responses": {"200": {"description": "ok"}},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "A leader is known and this node applied what it knows is committed",
+                    "responses": {
+                        "200": {"description": "ready"},
+                        "503": {"description": "not ready"},
+                    },
+                }
+            },
+            "/v1/status": {
+                "get": {
+                    "summary": "Role, term, leader, indexes; peers on the leader",
+                    "responses": {"200": {"description": "status"}},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus text format",
+                    "responses": {"200": {"description": "metrics"}},
+                }
+            },
+            "/v1/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {"200": {"description": "OpenAPI"}},
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "properties": {
+                                "code": {"type": "string"},
+                                "message": {"type": "string"},
+                                "leader": {"type": ["string", "null"]},
+                            },
+                            "required": ["code", "message"],
+                        }
+                    },
+                },
+                "PutResult": {
+                    "type": "object",
+                    "properties": {
+                        name: {"type": "integer"}
+                        for name in ("revision", "create_revision", "mod_revision", "version")
+                    }
+                    | {"key": {"type": "string"}},
+                },
+            }
+        },
+    }

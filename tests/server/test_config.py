@@ -1,0 +1,81 @@
+"""ServeConfig: precedence flags > environment > TOML > defaults, validation, StatefulSet mode."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from kvstore.config import add_arguments, load_config, parse_peers
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_defaults_and_single_node() -> None:
+    config = load_config(_args("--id", "1"), environ={})
+    assert config.cluster_id == "kvstore"
+    assert config.tick_interval_ms == 10 and config.election_ticks == 20
+    assert config.heartbeat_ticks == 5
+    assert config.client_url == "http://127.0.0.1:7001"
+    assert config.peer_addresses == {1: "127.0.0.1:7101"}
+
+
+def test_flags_beat_environment_beat_toml(tmp_path: Path) -> None:
+    toml = tmp_path / "kv.toml"
+    toml.write_text(
+        'id = 2\npeers = "1=a:1,2=b:2,3=c:3"\ntick-interval-ms = 7\nelection_ticks = 30\n'
+        'cluster-id = "from-toml"\n'
+    )
+    env = {"KVSTORE_CONFIG": str(toml), "KVSTORE_TICK_INTERVAL_MS": "8", "KVSTORE_ID": "2"}
+    config = load_config(_args("--tick-interval-ms", "9"), environ=env)
+    assert config.tick_interval_ms == 9
+    assert config.election_ticks == 30
+    assert config.cluster_id == "from-toml"
+    assert config.peer_addresses == {1: "a:1", 2: "b:2", 3: "c:3"}
+    assert load_config(_args(), environ=env).tick_interval_ms == 8
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--id", "0"),
+        ("--id", "4", "--peers", "1=a:1,2=b:2"),
+        ("--id", "1", "--tick-interval-ms", "0"),
+        ("--id", "1", "--heartbeat-ticks", "30"),
+        ("--id", "1", "--listen-client", "nope"),
+        ("--id", "x"),
+        ("--id", "1", "--log-level", "loud"),
+    ],
+)
+def test_bad_values_are_refused_with_the_field_named(argv: tuple[str, ...]) -> None:
+    with pytest.raises(ValueError):
+        load_config(_args(*argv), environ={})
+
+
+def test_unknown_toml_key_is_refused(tmp_path: Path) -> None:
+    toml = tmp_path / "kv.toml"
+    toml.write_text("id = 1\nbogus = 3\n")
+    with pytest.raises(ValueError, match="bogus"):
+        load_config(_args("--config", str(toml)), environ={})
+
+
+def test_statefulset_mode_derives_id_and_peers() -> None:
+    env = {
+        "KVSTORE_STATEFULSET_REPLICAS": "3",
+        "KVSTORE_PEER_SERVICE": "kvstore-peer",
+        "KVSTORE_HOSTNAME": "kvstore-2",
+    }
+    config = load_config(_args(), environ=env)
+    assert config.id == 3
+    assert config.peer_addresses[1] == "kvstore-0.kvstore-peer:7101"
+
+
+def test_parse_peers() -> None:
+    assert parse_peers("1=127.0.0.1:1, 2=h:2") == {1: "127.0.0.1:1", 2: "h:2"}
+    with pytest.raises(ValueError):
+        parse_peers("a=b")
