@@ -330,6 +330,13 @@ class Driver:
 
     def _apply(self, ready: Ready) -> None:
         applied = self.replica.apply(ready)
+        if ready.snapshot is not None and not ready.snapshot.is_empty():
+            logger.info(
+                "event=snapshot_restored index=%s term=%s bytes=%s",
+                ready.snapshot.metadata.index,
+                ready.snapshot.metadata.term,
+                len(ready.snapshot.data),
+            )
         self.metrics.commits.inc(len(ready.committed_entries))
         self.metrics.applies.inc(len(applied))
         proposals = self._proposals
