@@ -29,6 +29,9 @@ from kvstore import Client, SyncClient
 from kvstore.errors import NotFoundError, PreconditionFailedError
 
 localcluster = pytest.importorskip("kvstore.server.localcluster")
+# A node process needs the whole stack; until every part is in, these tests wait (skip).
+for _module in ("kvstore.raft.node", "kvstore.replica", "kvstore.storage.disk"):
+    pytest.importorskip(_module, reason=f"{_module} not there yet: no node can run")
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "client_overhead.py"
