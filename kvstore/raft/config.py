@@ -1,0 +1,52 @@
+"""The Raft core's configuration: one frozen, keyword-only dataclass validated on creation.
+
+Time is counted in ticks (the driver decides how long a tick is). The election timeout of a
+node is randomized in [election_ticks, 2 * election_ticks) each time it resets (Raft §5.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RaftConfig:
+    id: int
+    # All voters including `id`; used only when storage holds no membership yet.
+    peers: tuple[int, ...]
+    election_ticks: int = 20
+    heartbeat_ticks: int = 5
+    check_quorum: bool = True
+    pre_vote: bool = True
+    max_size_per_message_bytes: int = 1 << 20
+    max_inflight_messages: int = 256
+    max_inflight_bytes: int = 32 << 20
+    max_uncommitted_entries_bytes: int = 64 << 20
+    # The state machine's applied index on restart: committed entries up to it are not
+    # handed out again.
+    applied: int = 0
+
+    def __post_init__(self) -> None:
+        if self.id < 1:
+            raise ValueError(f"id must be >= 1, got {self.id}")
+        if any(peer < 1 for peer in self.peers):
+            raise ValueError(f"peers must be ids >= 1, got {self.peers}")
+        if len(set(self.peers)) != len(self.peers):
+            raise ValueError(f"peers must not repeat, got {self.peers}")
+        if self.heartbeat_ticks < 1:
+            raise ValueError(f"heartbeat_ticks must be >= 1, got {self.heartbeat_ticks}")
+        if self.election_ticks <= self.heartbeat_ticks:
+            raise ValueError(
+                f"election_ticks ({self.election_ticks}) must be > heartbeat_ticks "
+                f"({self.heartbeat_ticks})"
+            )
+        if self.max_size_per_message_bytes < 1:
+            raise ValueError("max_size_per_message_bytes must be >= 1")
+        if self.max_inflight_messages < 1:
+            raise ValueError("max_inflight_messages must be >= 1")
+        if self.max_inflight_bytes < 1:
+            raise ValueError("max_inflight_bytes must be >= 1")
+        if self.max_uncommitted_entries_bytes < 1:
+            raise ValueError("max_uncommitted_entries_bytes must be >= 1")
+        if self.applied < 0:
+            raise ValueError(f"applied must be >= 0, got {self.applied}")

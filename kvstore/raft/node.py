@@ -1,0 +1,938 @@
+"""RawNode: the Raft core as a pure state machine (etcd-io/raft's RawNode, h11's sans-I/O).
+
+The driver feeds it ticks (`tick()`), network messages (`step()`) and client requests
+(`propose()`, `read_index()`, `transfer_leadership()`), and collects its output with
+`ready()`: hard state and entries to persist, messages to send, committed entries to apply,
+ReadIndex answers. It then calls `advance(ready)`. Nothing here does I/O, reads a clock or
+uses module-level randomness; time is a count of ticks and randomness is an injected
+`random.Random`.
+
+Rules that hold in this module:
+- Raft §5.1: a message with a newer term makes us a follower of that term first; one with an
+  older term is ignored, or answered so that its sender learns our term.
+- Raft §5.2 / dissertation §9.6: elections use randomized timeouts and, when enabled, a
+  pre-vote round that changes no term; check-quorum makes a leader step down when it has not
+  heard from a quorum for an election timeout, and makes a node that has heard from a live
+  leader within an election timeout ignore (pre-)vote requests (except a forced campaign of a
+  leadership transfer, marked by CAMPAIGN_TRANSFER in Message.context).
+- Raft §5.3: replication per follower with Progress (probe / replicate / snapshot), bounded
+  in flight by count and bytes; rejections carry a hint for fast backtracking.
+- Raft §5.4.2: a leader counts replicas only for entries of its own term, and appends an empty
+  entry when it takes office so that earlier entries commit through it.
+- Persistence: every message produced is handed out in a Ready together with (or after) the
+  hard state and entries it depends on, and the driver persists before sending.
+- Membership lives in `_voters` (from the ConfState), never in a hard-coded count.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+from kvstore.errors import CompactedError, ProposalDroppedError, UnavailableIndexError
+from kvstore.raft import quorum
+from kvstore.raft.config import RaftConfig
+from kvstore.raft.log import RaftLog
+from kvstore.raft.progress import Inflights, Progress, ProgressState
+from kvstore.raft.read_only import ReadOnly
+from kvstore.raft.storage import Storage
+from kvstore.raft.types import (
+    NONE,
+    ConfState,
+    Entry,
+    HardState,
+    Message,
+    MessageType,
+    ReadState,
+    Ready,
+    Role,
+    Snapshot,
+    SoftState,
+)
+
+logger = logging.getLogger("kvstore.raft")
+
+CAMPAIGN_TRANSFER = b"kvstore:campaign-transfer"
+"""Message.context of a VOTE sent by a candidate that campaigns because of TIMEOUT_NOW:
+receivers grant it even while they still hear from the old leader (dissertation §3.10)."""
+
+_EMPTY_READY = Ready()
+
+_RESPONSE_TYPES = frozenset(
+    {
+        MessageType.VOTE_RESPONSE,
+        MessageType.PRE_VOTE_RESPONSE,
+        MessageType.APPEND_RESPONSE,
+        MessageType.HEARTBEAT_RESPONSE,
+        MessageType.READ_INDEX_RESPONSE,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressStatus:
+    match_index: int
+    next_index: int
+    state: ProgressState
+    recent_active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    id: int
+    term: int
+    vote: int
+    role: Role
+    leader_id: int
+    commit_index: int
+    applied_index: int
+    last_index: int
+    lead_transferee: int
+    progress: dict[int, ProgressStatus] = field(default_factory=dict)
+
+
+class RawNode:
+    """One Raft peer. Not thread-safe: one driver owns it."""
+
+    def __init__(self, config: RaftConfig, storage: Storage, rng: random.Random) -> None:
+        self.id = config.id
+        self._config = config
+        self._storage = storage
+        self._rng = rng
+        self._log = RaftLog(storage)
+        hard_state, conf_state = storage.initial_state()
+        voters = conf_state.voters or config.peers
+        if self.id not in voters and not conf_state.voters:
+            raise ValueError(f"config.peers {config.peers} must include id {self.id}")
+        self._voters: tuple[int, ...] = tuple(sorted(voters))
+        self._learners: tuple[int, ...] = tuple(sorted(conf_state.learners))
+        self.term = hard_state.term
+        self.vote = hard_state.vote
+        if not hard_state.is_empty():
+            assert self._log.committed <= hard_state.commit <= self._log.last_index(), (
+                f"hard state commit {hard_state.commit} out of the log's range"
+            )
+            self._log.committed = max(self._log.committed, hard_state.commit)
+        if config.applied > 0:
+            self._log.applied_to(min(config.applied, self._log.committed))
+        self.role = Role.FOLLOWER
+        self.leader_id = NONE
+        self._progress: dict[int, Progress] = {}
+        self._votes: dict[int, bool] = {}
+        self._messages: list[Message] = []
+        self._read_states: list[ReadState] = []
+        self._read_only = ReadOnly()
+        # Reads that arrived before this leader committed an entry of its term (§6.4).
+        self._pending_read_index: list[Message] = []
+        self._election_elapsed = 0
+        self._heartbeat_elapsed = 0
+        self._randomized_election_timeout = config.election_ticks
+        self.lead_transferee = NONE
+        self._uncommitted_size_bytes = 0
+        self._prev_hard_state = HardState(self.term, self.vote, self._log.committed)
+        self._prev_soft_state = SoftState(NONE, Role.FOLLOWER)
+        self._ready_outstanding = False
+        self._become_follower(self.term, NONE)
+
+    # === public API ===========================================================================
+
+    def tick(self) -> None:
+        """Advance logical time by one tick."""
+        if self.role is Role.LEADER:
+            self._tick_heartbeat()
+        else:
+            self._tick_election()
+
+    def step(self, message: Message) -> None:
+        """Handle a message from the network."""
+        if message.to != self.id:
+            logger.debug("ignoring message for %d", message.to)
+            return
+        if message.type in _RESPONSE_TYPES and message.from_ not in self._progress_ids():
+            logger.debug("ignoring %s from unknown node %d", message.type.name, message.from_)
+            return
+        self._step(message)
+
+    def propose(self, data: bytes) -> None:
+        """Append `data` as a new entry; raises ProposalDroppedError unless leader."""
+        if self.role is not Role.LEADER:
+            raise ProposalDroppedError(f"node {self.id} is not the leader")
+        if self.lead_transferee != NONE:
+            raise ProposalDroppedError(f"leadership transfer to {self.lead_transferee} under way")
+        entry = Entry(self.term, self._log.last_index() + 1, data=data)
+        if not self._increase_uncommitted_size(entry.size_bytes()):
+            raise ProposalDroppedError("too many uncommitted bytes")
+        self._append_entries([entry])
+        self._broadcast_append()
+
+    def read_index(self, context: bytes) -> None:
+        """Ask for a linearizable read point; the answer is a ReadState with `context`."""
+        if not context:
+            raise ValueError("read_index context must not be empty")
+        if self.role is Role.LEADER:
+            self._leader_read_index(self.id, context)
+            return
+        if self.leader_id == NONE:
+            raise ProposalDroppedError(f"node {self.id} knows no leader")
+        self._send(
+            Message(MessageType.READ_INDEX, self.leader_id, self.id, self.term, context=context)
+        )
+
+    def transfer_leadership(self, to: int) -> None:
+        """Hand leadership to `to` (dissertation §3.10); a follower forwards to the leader."""
+        if self.role is Role.LEADER:
+            self._leader_transfer(to)
+        elif self.leader_id != NONE:
+            self._send(
+                Message(MessageType.TRANSFER_LEADER, self.leader_id, self.id, self.term, index=to)
+            )
+
+    def campaign(self) -> None:
+        """Start an election now (with a pre-vote round when enabled)."""
+        self._hup(transfer=False)
+
+    def report_peer_down(self, peer: int) -> None:
+        """The transport saw the connection to `peer` close (see CONTRACTS.md)."""
+        if self.role is Role.LEADER:
+            progress = self._progress.get(peer)
+            if progress is not None and progress.state is ProgressState.REPLICATE:
+                progress.become_probe()
+            return
+        if self.role is Role.FOLLOWER and peer != NONE and peer == self.leader_id:
+            # The leader's lease is void: grant pre-votes now, campaign after a short
+            # randomized delay. Pre-vote still decides, so a blip cannot depose a live leader.
+            logger.info("raft node=%d leader=%d reported down", self.id, peer)
+            self.leader_id = NONE
+            self._election_elapsed = 0
+            self._randomized_election_timeout = self._rng.randint(0, self._config.heartbeat_ticks)
+
+    def report_snapshot(self, peer: int, ok: bool) -> None:
+        """The driver finished (ok) or failed to send the snapshot to `peer`."""
+        if self.role is not Role.LEADER:
+            return
+        progress = self._progress.get(peer)
+        if progress is None or progress.state is not ProgressState.SNAPSHOT:
+            return
+        if not ok:
+            progress.pending_snapshot = 0
+        progress.become_probe()
+        # Wait for the follower's answer (or a heartbeat round) before the next append.
+        progress.probe_sent = True
+
+    def has_ready(self) -> bool:
+        log = self._log
+        if self._messages or self._read_states:
+            return True
+        if log.has_unstable_entries() or log.unstable_snapshot() is not None:
+            return True
+        if log.committed > log.applied:
+            return True
+        previous = self._prev_hard_state
+        if (
+            previous.term != self.term
+            or previous.vote != self.vote
+            or previous.commit != log.committed
+        ):
+            return True
+        soft = self._prev_soft_state
+        return soft.leader_id != self.leader_id or soft.role is not self.role
+
+    def ready(self) -> Ready:
+        """Collect the pending work; the caller must process it and call advance() before
+        asking for the next Ready."""
+        assert not self._ready_outstanding, "ready() called again before advance()"
+        if not self.has_ready():
+            return _EMPTY_READY
+        log = self._log
+        hard_state: HardState | None = HardState(self.term, self.vote, log.committed)
+        if hard_state == self._prev_hard_state:
+            hard_state = None
+        soft_state: SoftState | None = SoftState(self.leader_id, self.role)
+        if soft_state == self._prev_soft_state:
+            soft_state = None
+        entries = log.unstable_entries()
+        snapshot = log.unstable_snapshot()
+        committed = tuple(log.next_committed_entries())
+        if committed and self.role is Role.LEADER:
+            self._reduce_uncommitted_size(committed)
+        messages = tuple(self._messages)
+        self._messages.clear()
+        read_states = tuple(self._read_states)
+        self._read_states.clear()
+        must_sync = (
+            bool(entries)
+            or snapshot is not None
+            or (
+                hard_state is not None
+                and (
+                    hard_state.term != self._prev_hard_state.term
+                    or hard_state.vote != self._prev_hard_state.vote
+                )
+            )
+        )
+        self._ready_outstanding = True
+        return Ready(
+            soft_state=soft_state,
+            hard_state=hard_state,
+            entries=entries,
+            snapshot=snapshot,
+            committed_entries=committed,
+            messages=messages,
+            read_states=read_states,
+            must_sync=must_sync,
+        )
+
+    def advance(self, ready: Ready) -> None:
+        """The driver persisted, sent and applied `ready`."""
+        if ready is _EMPTY_READY:
+            return
+        self._ready_outstanding = False
+        if ready.soft_state is not None:
+            self._prev_soft_state = ready.soft_state
+        if ready.hard_state is not None:
+            self._prev_hard_state = ready.hard_state
+        log = self._log
+        if ready.snapshot is not None:
+            log.stable_snapshot_to(ready.snapshot.metadata.index)
+            log.applied_to(ready.snapshot.metadata.index)
+        if ready.entries:
+            last = ready.entries[-1]
+            log.stable_to(last.index, last.term)
+        if ready.committed_entries:
+            log.applied_to(ready.committed_entries[-1].index)
+
+    def status(self) -> Status:
+        progress: dict[int, ProgressStatus] = {}
+        if self.role is Role.LEADER:
+            progress = {
+                peer: ProgressStatus(pr.match_index, pr.next_index, pr.state, pr.recent_active)
+                for peer, pr in self._progress.items()
+            }
+        return Status(
+            id=self.id,
+            term=self.term,
+            vote=self.vote,
+            role=self.role,
+            leader_id=self.leader_id,
+            commit_index=self._log.committed,
+            applied_index=self._log.applied,
+            last_index=self._log.last_index(),
+            lead_transferee=self.lead_transferee,
+            progress=progress,
+        )
+
+    @property
+    def voters(self) -> tuple[int, ...]:
+        return self._voters
+
+    @property
+    def raft_log(self) -> RaftLog:
+        """The in-memory log view (read it, never change it: tests and checkers)."""
+        return self._log
+
+    # === role changes =========================================================================
+
+    def _progress_ids(self) -> tuple[int, ...]:
+        return self._voters + self._learners
+
+    def _reset(self, term: int) -> None:
+        if term != self.term:
+            self.term = term
+            self.vote = NONE
+        self.leader_id = NONE
+        self._election_elapsed = 0
+        self._heartbeat_elapsed = 0
+        self._reset_randomized_election_timeout()
+        self.lead_transferee = NONE
+        self._votes = {}
+        self._uncommitted_size_bytes = 0
+        self._read_only.reset()
+        self._pending_read_index.clear()
+        self._progress = {}
+
+    def _reset_randomized_election_timeout(self) -> None:
+        ticks = self._config.election_ticks
+        self._randomized_election_timeout = ticks + self._rng.randrange(ticks)
+
+    def _become_follower(self, term: int, leader_id: int) -> None:
+        self._reset(term)
+        self.leader_id = leader_id
+        if self.role is not Role.FOLLOWER:
+            logger.info("raft node=%d became follower term=%d", self.id, term)
+        self.role = Role.FOLLOWER
+
+    def _become_pre_candidate(self) -> None:
+        assert self.role is not Role.LEADER, "leader cannot become pre-candidate"
+        # Dissertation §9.6: a pre-vote round changes neither term nor vote.
+        self._votes = {}
+        self.leader_id = NONE
+        self.role = Role.PRE_CANDIDATE
+        logger.info("raft node=%d became pre-candidate term=%d", self.id, self.term)
+
+    def _become_candidate(self) -> None:
+        assert self.role is not Role.LEADER, "leader cannot become candidate"
+        self._reset(self.term + 1)
+        self.vote = self.id
+        self.role = Role.CANDIDATE
+        logger.info("raft node=%d became candidate term=%d", self.id, self.term)
+
+    def _become_leader(self) -> None:
+        assert self.role is not Role.FOLLOWER, "follower cannot become leader directly"
+        self._reset(self.term)
+        self.leader_id = self.id
+        self.role = Role.LEADER
+        last_index = self._log.last_index()
+        config = self._config
+        for peer in self._progress_ids():
+            inflights = Inflights(config.max_inflight_messages, config.max_inflight_bytes)
+            self._progress[peer] = Progress(last_index + 1, inflights)
+        own = self._progress.get(self.id)
+        if own is not None:
+            own.match_index = last_index
+            own.become_replicate()
+            own.recent_active = True
+        # Raft §5.4.2: an empty entry of the new term lets earlier entries commit.
+        self._append_entries([Entry(self.term, last_index + 1)])
+        logger.info("raft node=%d became leader term=%d", self.id, self.term)
+
+    # === elections ============================================================================
+
+    def _promotable(self) -> bool:
+        return self.id in self._voters
+
+    def _tick_election(self) -> None:
+        self._election_elapsed += 1
+        if self._promotable() and self._election_elapsed >= self._randomized_election_timeout:
+            self._election_elapsed = 0
+            self._hup(transfer=False)
+
+    def _tick_heartbeat(self) -> None:
+        self._heartbeat_elapsed += 1
+        self._election_elapsed += 1
+        if self._election_elapsed >= self._config.election_ticks:
+            self._election_elapsed = 0
+            if self._config.check_quorum:
+                self._check_quorum()
+            if self.role is Role.LEADER and self.lead_transferee != NONE:
+                logger.info("raft node=%d aborts transfer to %d", self.id, self.lead_transferee)
+                self.lead_transferee = NONE
+        if self.role is not Role.LEADER:
+            return
+        if self._heartbeat_elapsed >= self._config.heartbeat_ticks:
+            self._heartbeat_elapsed = 0
+            self._broadcast_heartbeat(self._read_only.last_pending_context())
+
+    def _check_quorum(self) -> None:
+        """Raft dissertation §6.2: step down without contact from a quorum for a timeout."""
+        active = [peer for peer, pr in self._progress.items() if pr.recent_active]
+        if self.id not in active:
+            active.append(self.id)
+        if not quorum.quorum_active(self._voters, active):
+            logger.info("raft node=%d leader lost quorum, stepping down", self.id)
+            self._become_follower(self.term, NONE)
+            return
+        for peer, pr in self._progress.items():
+            if peer != self.id:
+                pr.recent_active = False
+
+    def _hup(self, transfer: bool) -> None:
+        if self.role is Role.LEADER or not self._promotable():
+            return
+        if self._config.pre_vote and not transfer:
+            self._campaign(pre_vote=True, transfer=False)
+        else:
+            self._campaign(pre_vote=False, transfer=transfer)
+
+    def _campaign(self, pre_vote: bool, transfer: bool) -> None:
+        if pre_vote:
+            self._become_pre_candidate()
+            vote_type = MessageType.PRE_VOTE
+            # Ask for votes for the term we would use, without moving to it.
+            term = self.term + 1
+        else:
+            self._become_candidate()
+            vote_type = MessageType.VOTE
+            term = self.term
+        if self._poll(self.id, True) is quorum.VoteResult.WON:
+            # A single-voter cluster wins at once.
+            if pre_vote:
+                self._campaign(pre_vote=False, transfer=False)
+            else:
+                self._become_leader()
+            return
+        last_index = self._log.last_index()
+        last_term = self._log.last_term()
+        context = CAMPAIGN_TRANSFER if transfer else b""
+        for peer in self._voters:
+            if peer != self.id:
+                self._send(
+                    Message(
+                        vote_type,
+                        peer,
+                        self.id,
+                        term,
+                        log_term=last_term,
+                        index=last_index,
+                        context=context,
+                    )
+                )
+
+    def _poll(self, voter: int, granted: bool) -> quorum.VoteResult:
+        self._votes.setdefault(voter, granted)
+        return quorum.vote_result(self._voters, self._votes)
+
+    # === stepping =============================================================================
+
+    def _step(self, m: Message) -> None:
+        if m.term > self.term:
+            if not self._accept_higher_term(m):
+                return
+        elif m.term < self.term:
+            self._answer_stale(m)
+            return
+        if m.type is MessageType.VOTE or m.type is MessageType.PRE_VOTE:
+            self._handle_vote_request(m)
+        elif self.role is Role.LEADER:
+            self._step_leader(m)
+        elif self.role is Role.FOLLOWER:
+            self._step_follower(m)
+        else:
+            self._step_candidate(m)
+
+    def _accept_higher_term(self, m: Message) -> bool:
+        """Raft §5.1 for a message of a newer term; False when it must be ignored."""
+        if m.type is MessageType.VOTE or m.type is MessageType.PRE_VOTE:
+            forced = m.context == CAMPAIGN_TRANSFER
+            in_lease = (
+                self._config.check_quorum
+                and self.leader_id != NONE
+                and self._election_elapsed < self._config.election_ticks
+            )
+            if in_lease and not forced:
+                # We heard from a live leader recently: do not let this node disrupt it.
+                return False
+        if m.type is MessageType.PRE_VOTE:
+            return True  # a pre-vote never changes our term
+        if m.type is MessageType.PRE_VOTE_RESPONSE and not m.reject:
+            return True  # the term moves only when the pre-candidate wins
+        if m.type in (MessageType.APPEND, MessageType.HEARTBEAT, MessageType.SNAPSHOT):
+            self._become_follower(m.term, m.from_)
+        else:
+            self._become_follower(m.term, NONE)
+        return True
+
+    def _answer_stale(self, m: Message) -> None:
+        """A message from an older term: tell the sender our term where that helps."""
+        config = self._config
+        if (config.check_quorum or config.pre_vote) and m.type in (
+            MessageType.HEARTBEAT,
+            MessageType.APPEND,
+        ):
+            # A leader cut off by a partition learns the new term and steps down; without
+            # this, it could keep a follower from ever campaigning under check-quorum.
+            self._send(Message(MessageType.APPEND_RESPONSE, m.from_, self.id, self.term))
+        elif m.type is MessageType.PRE_VOTE:
+            self._send(
+                Message(MessageType.PRE_VOTE_RESPONSE, m.from_, self.id, self.term, reject=True)
+            )
+
+    def _handle_vote_request(self, m: Message) -> None:
+        """Raft §5.2, §5.4.1: one vote per term, only for an up-to-date log."""
+        is_pre_vote = m.type is MessageType.PRE_VOTE
+        can_vote = (
+            self.vote == m.from_
+            or (self.vote == NONE and self.leader_id == NONE)
+            or (is_pre_vote and m.term > self.term)
+        )
+        response_type = MessageType.PRE_VOTE_RESPONSE if is_pre_vote else MessageType.VOTE_RESPONSE
+        if can_vote and self._log.is_up_to_date(m.index, m.log_term):
+            # The response carries the asked-for term so that the candidate counts it.
+            self._send(Message(response_type, m.from_, self.id, m.term))
+            if not is_pre_vote:
+                self._election_elapsed = 0
+                self.vote = m.from_
+        else:
+            self._send(Message(response_type, m.from_, self.id, self.term, reject=True))
+
+    def _step_candidate(self, m: Message) -> None:
+        own_response = (
+            MessageType.PRE_VOTE_RESPONSE
+            if self.role is Role.PRE_CANDIDATE
+            else MessageType.VOTE_RESPONSE
+        )
+        mtype = m.type
+        if mtype is MessageType.APPEND:
+            self._become_follower(m.term, m.from_)
+            self._handle_append(m)
+        elif mtype is MessageType.HEARTBEAT:
+            self._become_follower(m.term, m.from_)
+            self._handle_heartbeat(m)
+        elif mtype is MessageType.SNAPSHOT:
+            self._become_follower(m.term, m.from_)
+            self._handle_snapshot(m)
+        elif mtype is own_response:
+            result = self._poll(m.from_, not m.reject)
+            if result is quorum.VoteResult.WON:
+                if self.role is Role.PRE_CANDIDATE:
+                    self._campaign(pre_vote=False, transfer=False)
+                else:
+                    self._become_leader()
+                    self._broadcast_append()
+            elif result is quorum.VoteResult.LOST:
+                self._become_follower(self.term, NONE)
+
+    def _step_follower(self, m: Message) -> None:
+        mtype = m.type
+        if mtype is MessageType.APPEND:
+            self._heard_from_leader(m.from_)
+            self._handle_append(m)
+        elif mtype is MessageType.HEARTBEAT:
+            self._heard_from_leader(m.from_)
+            self._handle_heartbeat(m)
+        elif mtype is MessageType.SNAPSHOT:
+            self._heard_from_leader(m.from_)
+            self._handle_snapshot(m)
+        elif mtype is MessageType.TIMEOUT_NOW:
+            logger.info("raft node=%d campaigns on TIMEOUT_NOW from %d", self.id, m.from_)
+            self._hup(transfer=True)
+        elif mtype is MessageType.READ_INDEX_RESPONSE:
+            self._read_states.append(ReadState(m.index, m.context))
+        elif (
+            mtype is MessageType.TRANSFER_LEADER
+            and self.leader_id != NONE
+            and self.leader_id != m.from_
+        ):
+            # Forward to the leader we know. (A READ_INDEX reaching a non-leader is dropped:
+            # forwarding it would route the answer to the wrong node; the reader retries.)
+            self._send(Message(mtype, self.leader_id, self.id, self.term, index=m.index))
+
+    def _heard_from_leader(self, leader: int) -> None:
+        self._election_elapsed = 0
+        self.leader_id = leader
+        if self._randomized_election_timeout < self._config.election_ticks:
+            # report_peer_down shortened the timeout, but the leader is alive after all.
+            self._reset_randomized_election_timeout()
+
+    # === follower side of replication =========================================================
+
+    def _handle_append(self, m: Message) -> None:
+        log = self._log
+        if m.index < log.committed:
+            self._send(
+                Message(
+                    MessageType.APPEND_RESPONSE, m.from_, self.id, self.term, index=log.committed
+                )
+            )
+            return
+        last_new_index = log.maybe_append(m.index, m.log_term, m.commit, m.entries)
+        if last_new_index is not None:
+            self._send(
+                Message(
+                    MessageType.APPEND_RESPONSE, m.from_, self.id, self.term, index=last_new_index
+                )
+            )
+            return
+        # Raft §5.3 with fast backtracking: hint the last index whose term is <= the leader's
+        # log_term at m.index, and that term, so the leader skips whole terms per round trip.
+        hint_index = min(m.index, log.last_index())
+        hint_index, hint_term = log.find_conflict_by_term(hint_index, m.log_term)
+        self._send(
+            Message(
+                MessageType.APPEND_RESPONSE,
+                m.from_,
+                self.id,
+                self.term,
+                index=m.index,
+                reject=True,
+                reject_hint=hint_index,
+                log_term=hint_term,
+            )
+        )
+
+    def _handle_heartbeat(self, m: Message) -> None:
+        self._log.commit_to(min(m.commit, self._log.last_index()))
+        self._send(
+            Message(MessageType.HEARTBEAT_RESPONSE, m.from_, self.id, self.term, context=m.context)
+        )
+
+    def _handle_snapshot(self, m: Message) -> None:
+        snapshot = m.snapshot
+        if snapshot is None or snapshot.is_empty():
+            logger.warning("raft node=%d ignoring empty snapshot from %d", self.id, m.from_)
+            return
+        if self._restore(snapshot):
+            index = self._log.last_index()
+        else:
+            index = self._log.committed
+        self._send(Message(MessageType.APPEND_RESPONSE, m.from_, self.id, self.term, index=index))
+
+    def _restore(self, snapshot: Snapshot) -> bool:
+        """Raft §7 InstallSnapshot receiver; False when the snapshot brings nothing new."""
+        metadata = snapshot.metadata
+        log = self._log
+        if metadata.index <= log.committed:
+            return False
+        if log.match_term(metadata.index, metadata.term):
+            # We already have the snapshot's last entry: just fast-forward the commit.
+            log.commit_to(metadata.index)
+            return False
+        logger.info(
+            "raft node=%d restores snapshot index=%d term=%d",
+            self.id,
+            metadata.index,
+            metadata.term,
+        )
+        log.restore(snapshot)
+        self._apply_conf_state(metadata.conf_state)
+        return True
+
+    def _apply_conf_state(self, conf_state: ConfState) -> None:
+        if conf_state.voters:
+            self._voters = tuple(sorted(conf_state.voters))
+            self._learners = tuple(sorted(conf_state.learners))
+
+    # === leader ===============================================================================
+
+    def _step_leader(self, m: Message) -> None:
+        mtype = m.type
+        if mtype is MessageType.READ_INDEX:
+            self._leader_read_index(m.from_, m.context)
+            return
+        if mtype is MessageType.TRANSFER_LEADER:
+            self._leader_transfer(m.index)
+            return
+        progress = self._progress.get(m.from_)
+        if progress is None:
+            return
+        if mtype is MessageType.APPEND_RESPONSE:
+            progress.recent_active = True
+            if m.reject:
+                self._handle_append_rejection(m, progress)
+            else:
+                self._handle_append_success(m, progress)
+        elif mtype is MessageType.HEARTBEAT_RESPONSE:
+            self._handle_heartbeat_response(m, progress)
+
+    def _handle_append_rejection(self, m: Message, progress: Progress) -> None:
+        next_probe_index = m.reject_hint
+        if m.log_term > 0:
+            # Skip every entry of ours whose term is above the follower's term at the hint.
+            next_probe_index, _ = self._log.find_conflict_by_term(m.reject_hint, m.log_term)
+        if progress.maybe_decrease_to(m.index, next_probe_index):
+            if progress.state is ProgressState.REPLICATE:
+                progress.become_probe()
+            self._send_append(m.from_, progress)
+
+    def _handle_append_success(self, m: Message, progress: Progress) -> None:
+        was_paused = progress.is_paused()
+        updated = progress.maybe_update(m.index)
+        if not updated and not (
+            progress.match_index == m.index and progress.state is ProgressState.PROBE
+        ):
+            return
+        if progress.state is ProgressState.PROBE:
+            progress.become_replicate()
+        elif progress.state is ProgressState.SNAPSHOT:
+            if progress.match_index + 1 >= self._log.first_index():
+                progress.become_probe()
+                progress.become_replicate()
+        else:
+            progress.inflights.free_le(m.index)
+        if self._maybe_commit():
+            self._release_pending_read_index()
+            self._broadcast_append()
+        elif was_paused:
+            self._send_append(m.from_, progress)
+        while self._send_append(m.from_, progress, send_if_empty=False):
+            pass
+        if m.from_ == self.lead_transferee and progress.match_index == self._log.last_index():
+            self._send_timeout_now(m.from_)
+
+    def _handle_heartbeat_response(self, m: Message, progress: Progress) -> None:
+        progress.recent_active = True
+        progress.probe_sent = False
+        if progress.match_index < self._log.last_index():
+            self._send_append(m.from_, progress)
+        if not m.context:
+            return
+        acks = self._read_only.receive_ack(m.from_, m.context)
+        if acks is None:
+            return
+        if quorum.vote_result(self._voters, dict.fromkeys(acks, True)) is not (
+            quorum.VoteResult.WON
+        ):
+            return
+        for status in self._read_only.advance(m.context):
+            self._answer_read(status.requester, status.index, status.context)
+
+    def _maybe_commit(self) -> bool:
+        match = {peer: pr.match_index for peer, pr in self._progress.items()}
+        index = quorum.committed_index(self._voters, match)
+        # Raft §5.4.2: only an entry of the current term commits by counting replicas.
+        return self._log.maybe_commit(index, self.term)
+
+    def _append_entries(self, entries: list[Entry]) -> None:
+        last_index = self._log.append(entries)
+        own = self._progress.get(self.id)
+        if own is not None:
+            own.maybe_update(last_index)
+        # A single-voter cluster commits at once.
+        self._maybe_commit()
+
+    def _increase_uncommitted_size(self, size_bytes: int) -> bool:
+        limit = self._config.max_uncommitted_entries_bytes
+        if self._uncommitted_size_bytes > 0 and self._uncommitted_size_bytes + size_bytes > limit:
+            return False
+        self._uncommitted_size_bytes += size_bytes
+        return True
+
+    def _reduce_uncommitted_size(self, entries: tuple[Entry, ...]) -> None:
+        size = sum(len(entry.data) + 16 for entry in entries if entry.data)
+        self._uncommitted_size_bytes = max(0, self._uncommitted_size_bytes - size)
+
+    def _broadcast_append(self) -> None:
+        for peer, progress in self._progress.items():
+            if peer != self.id:
+                self._send_append(peer, progress)
+
+    def _send_append(self, to: int, progress: Progress, send_if_empty: bool = True) -> bool:
+        """Send the next append to `to` when its progress allows; True if one was sent."""
+        if progress.is_paused():
+            return False
+        log = self._log
+        previous_index = progress.next_index - 1
+        try:
+            previous_term = log.term(previous_index)
+            entries = log.entries(progress.next_index, self._config.max_size_per_message_bytes)
+        except CompactedError:
+            return self._send_snapshot(to, progress)
+        except UnavailableIndexError:
+            raise AssertionError(
+                f"next index {progress.next_index} of {to} beyond last {log.last_index()}"
+            ) from None
+        if not entries and not send_if_empty:
+            return False
+        self._send(
+            Message(
+                MessageType.APPEND,
+                to,
+                self.id,
+                self.term,
+                log_term=previous_term,
+                index=previous_index,
+                entries=tuple(entries),
+                commit=log.committed,
+            )
+        )
+        if entries:
+            progress.sent_entries(len(entries), sum(entry.size_bytes() for entry in entries))
+        else:
+            progress.sent_entries(0, 0)
+        return True
+
+    def _send_snapshot(self, to: int, progress: Progress) -> bool:
+        """Raft §7: the follower needs entries we compacted; send the latest snapshot."""
+        if not progress.recent_active:
+            return False
+        snapshot = self._storage.snapshot()
+        if snapshot.is_empty():
+            logger.warning("raft node=%d has no snapshot to send to %d", self.id, to)
+            return False
+        progress.become_snapshot(snapshot.metadata.index)
+        logger.info(
+            "raft node=%d sends snapshot index=%d to %d", self.id, snapshot.metadata.index, to
+        )
+        self._send(Message(MessageType.SNAPSHOT, to, self.id, self.term, snapshot=snapshot))
+        return True
+
+    def _broadcast_heartbeat(self, context: bytes) -> None:
+        committed = self._log.committed
+        for peer, progress in self._progress.items():
+            if peer != self.id:
+                # Never tell a follower to commit beyond what it is known to hold.
+                commit = min(progress.match_index, committed)
+                self._send(
+                    Message(
+                        MessageType.HEARTBEAT,
+                        peer,
+                        self.id,
+                        self.term,
+                        commit=commit,
+                        context=context,
+                    )
+                )
+
+    def _send_timeout_now(self, to: int) -> None:
+        self._send(Message(MessageType.TIMEOUT_NOW, to, self.id, self.term))
+
+    def _send(self, message: Message) -> None:
+        self._messages.append(message)
+
+    # === ReadIndex (dissertation §6.4) ========================================================
+
+    def _committed_entry_in_current_term(self) -> bool:
+        return self._log.term_or_zero(self._log.committed) == self.term
+
+    def _leader_read_index(self, requester: int, context: bytes) -> None:
+        if len(self._voters) == 1:
+            self._answer_read(requester, self._log.committed, context)
+            return
+        if not self._committed_entry_in_current_term():
+            # The commit index is not known to be current until an entry of our term commits.
+            self._pending_read_index.append(
+                Message(MessageType.READ_INDEX, self.id, requester, self.term, context=context)
+            )
+            return
+        self._start_read(requester, context)
+
+    def _start_read(self, requester: int, context: bytes) -> None:
+        if not self._read_only.add_request(self._log.committed, context, requester):
+            return
+        self._read_only.receive_ack(self.id, context)
+        self._broadcast_heartbeat(context)
+
+    def _release_pending_read_index(self) -> None:
+        if not self._pending_read_index or not self._committed_entry_in_current_term():
+            return
+        pending = self._pending_read_index
+        self._pending_read_index = []
+        for request in pending:
+            self._start_read(request.from_, request.context)
+
+    def _answer_read(self, requester: int, index: int, context: bytes) -> None:
+        if requester == self.id:
+            self._read_states.append(ReadState(index, context))
+        else:
+            self._send(
+                Message(
+                    MessageType.READ_INDEX_RESPONSE,
+                    requester,
+                    self.id,
+                    self.term,
+                    index=index,
+                    context=context,
+                )
+            )
+
+    # === leadership transfer (dissertation §3.10) =============================================
+
+    def _leader_transfer(self, transferee: int) -> None:
+        if transferee not in self._voters:
+            logger.info("raft node=%d ignores transfer to non-voter %d", self.id, transferee)
+            return
+        if self.lead_transferee != NONE:
+            if self.lead_transferee == transferee:
+                return
+            self.lead_transferee = NONE
+        if transferee == self.id:
+            return
+        # The transfer must finish within an election timeout, or it is aborted.
+        self._election_elapsed = 0
+        self.lead_transferee = transferee
+        logger.info("raft node=%d transfers leadership to %d", self.id, transferee)
+        progress = self._progress[transferee]
+        if progress.match_index == self._log.last_index():
+            self._send_timeout_now(transferee)
+        else:
+            self._send_append(transferee, progress)
