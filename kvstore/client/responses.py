@@ -9,7 +9,8 @@ Status by status:
 - 307/308/421 or code not_leader: NOT_LEADER, with the leader's URL from the body, the
   Location header or Kvstore-Leader; without a usable URL it is a transient no_leader.
 - 503 (no_leader, unavailable, proposal_dropped) and 429 (overloaded): TRANSIENT, never
-  applied; Retry-After is honoured.
+  applied; the server's wait is honoured: `retry_after_ms` from the error body if present
+  (precise), else the Retry-After header (whole seconds, or an HTTP-date).
 - 504 (the server's own proposal deadline) and other 5xx: TRANSIENT, may have been applied.
 - 400, 404, 412, 413, 507 and other 4xx: PERMANENT, the typed error is raised as is.
 """
@@ -123,7 +124,7 @@ def classify_failure(endpoint: str, response: HttpResponse) -> FailedAttempt:
     """What a non-2xx answer from `endpoint` means for the retry loop."""
     status = response.status
     body = error_body(response)
-    retry_after_s = parse_retry_after(response.headers.get("retry-after"))
+    retry_after_s = _retry_after_s(response, body)
     message = f"{endpoint}: {body.code or status}: {body.message}"
     if status in _REDIRECT_STATUSES or body.code == "not_leader":
         hint = _leader_hint(endpoint, response, body)
@@ -153,6 +154,15 @@ def classify_failure(endpoint: str, response: HttpResponse) -> FailedAttempt:
         _permanent_error(status, body, message),
         False,
     )
+
+
+def _retry_after_s(response: HttpResponse, body: ErrorBody) -> float | None:
+    """The server's wish: `retry_after_ms` in the error body when present (HTTP's Retry-After
+    is whole seconds, far coarser than an election), else the Retry-After header."""
+    precise = body.fields.get("retry_after_ms")
+    if isinstance(precise, int | float) and not isinstance(precise, bool) and precise >= 0:
+        return float(precise) / 1000.0
+    return parse_retry_after(response.headers.get("retry-after"))
 
 
 def _transient(reason: str, retry_after_s: float | None) -> Failure:

@@ -211,6 +211,23 @@ async def test_retry_after_is_honoured() -> None:
     assert clock.sleeps and clock.sleeps[0] >= 0.3
 
 
+async def test_a_precise_retry_after_in_the_body_wins_over_the_header() -> None:
+    answers = iter(
+        [
+            error_response(
+                503, "no_leader", headers={"retry-after": "1"}, extra={"retry_after_ms": 100}
+            )
+        ]
+    )
+
+    def handler(request: SentRequest) -> HttpResponse:
+        return next(answers, None) or put_ok("k", 1)
+
+    client, _, clock = make_client(handler, backoff_base_s=0.001, backoff_cap_s=0.001)
+    await client.put("k", b"v")
+    assert clock.sleeps == [pytest.approx(0.1)]
+
+
 async def test_a_write_that_may_have_applied_times_out_with_outcome_unknown() -> None:
     def handler(request: SentRequest) -> HttpResponse:
         raise TransportError("hung", maybe_sent=True, timed_out=True)
