@@ -305,6 +305,10 @@ class PeerTransport:
             )
         except (asyncio.IncompleteReadError, ConnectionError, OSError, TimeoutError):
             pass
+        except asyncio.CancelledError:
+            # Closing the transport cancels this task; end it normally, because asyncio's
+            # stream callback logs a cancelled connection handler as an error.
+            pass
         finally:
             writer.close()
             self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
