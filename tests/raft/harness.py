@@ -73,13 +73,20 @@ class Cluster:
 
     def deliver(self, message: Message) -> None:
         self.sent.append(message)
+        delivered = self._deliver(message)
+        if message.type is MessageType.SNAPSHOT and message.from_ in self.nodes:
+            # The transport reports the outcome of a snapshot send, as the server's does.
+            self.nodes[message.from_].report_snapshot(message.to, delivered)
+
+    def _deliver(self, message: Message) -> bool:
         if message.to in self.down or message.from_ in self.down:
-            return
+            return False
         if (message.from_, message.to) in self.cut:
-            return
+            return False
         if any(not keep(message) for keep in self.filters):
-            return
+            return False
         self.nodes[message.to].step(message)
+        return True
 
     def stabilize(self, max_rounds: int = 10_000) -> None:
         for _ in range(max_rounds):

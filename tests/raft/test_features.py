@@ -1,0 +1,184 @@
+"""Scenario tests of ReadIndex, leadership transfer, report_peer_down and snapshots."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvstore.errors import ProposalDroppedError
+from kvstore.raft.progress import ProgressState
+from kvstore.raft.types import ConfState, MessageType, ReadState, Role
+from tests.raft.harness import Cluster
+
+
+def test_read_index_on_leader_confirms_with_heartbeat_round() -> None:
+    """Reference: Raft dissertation §6.4"""
+    cluster = Cluster()
+    cluster.elect(1)
+    cluster.propose(1, b"a")
+    commit = cluster.nodes[1].status().commit_index
+    cluster.sent.clear()
+    cluster.nodes[1].read_index(b"r1")
+    cluster.stabilize()
+    assert cluster.read_states[1] == [ReadState(commit, b"r1")]
+    heartbeats = [m for m in cluster.sent if m.type is MessageType.HEARTBEAT]
+    assert heartbeats and all(m.context == b"r1" for m in heartbeats)
+
+
+def test_read_index_on_leader_waits_without_quorum() -> None:
+    """Reference: Raft dissertation §6.4"""
+    cluster = Cluster()
+    cluster.elect(1)
+    cluster.isolate(1)
+    cluster.nodes[1].read_index(b"r1")
+    cluster.stabilize()
+    assert cluster.read_states[1] == []
+    cluster.heal()
+    cluster.tick(5)
+    assert [rs.context for rs in cluster.read_states[1]] == [b"r1"]
+
+
+def test_read_index_forwarded_from_follower() -> None:
+    """Reference: Raft dissertation §6.4"""
+    cluster = Cluster()
+    cluster.elect(1)
+    cluster.propose(1, b"a")
+    cluster.nodes[2].read_index(b"f1")
+    cluster.stabilize()
+    assert cluster.read_states[2] == [ReadState(cluster.nodes[1].status().commit_index, b"f1")]
+    assert cluster.read_states[1] == []
+
+
+def test_read_index_without_leader_is_dropped() -> None:
+    cluster = Cluster()
+    with pytest.raises(ProposalDroppedError):
+        cluster.nodes[2].read_index(b"x")
+
+
+def test_single_node_read_index_answers_at_once() -> None:
+    """Reference: Raft dissertation §6.4"""
+    cluster = Cluster(ids=(1,))
+    cluster.elect(1)
+    cluster.nodes[1].read_index(b"s")
+    cluster.stabilize()
+    assert cluster.read_states[1] == [ReadState(1, b"s")]
+
+
+def test_leader_read_index_waits_for_commit_in_its_term() -> None:
+    """Reference: Raft dissertation §6.4"""
+    cluster = Cluster()
+    cluster.elect(1)
+    cluster.crash(1)
+    cluster.nodes[3].report_peer_down(1)
+    # Elect 2 but hold back the answers to its appends so nothing of its term commits yet.
+    cluster.drop_types(MessageType.APPEND_RESPONSE)
+    cluster.elect(2)
+    cluster.nodes[2].read_index(b"early")
+    cluster.tick(5)
+    assert cluster.read_states[2] == []
+    cluster.heal()
+    cluster.tick(5)
+    assert [rs.context for rs in cluster.read_states[2]] == [b"early"]
+    # The read index is the leader's first commit of its own term, not the older one.
+    assert cluster.read_states[2][0].index == 2
+
+
+def test_transfer_leadership_to_caught_up_follower() -> None:
+    """Reference: Raft dissertation §3.10"""
+    cluster = Cluster()
+    cluster.elect(1)
+    cluster.propose(1, b"a")
+    cluster.nodes[1].transfer_leadership(3)
+    cluster.stabilize()
+    assert cluster.leaders() == [3]
+    cluster.propose(3, b"b")
+    assert cluster.data_applied(1) == [b"a", b"b"]
+
+
+def test_transfer_catches_up_lagging_target_and_drops_proposals() -> None:
+    """Reference: Raft dissertation §3.10"""
+    cluster = Cluster()
+    cluster.elect(1)
+    cluster.isolate(3)
+    for i in range(5):
+        cluster.propose(1, f"v{i}".encode())
+    cluster.nodes[1].transfer_leadership(3)
+    cluster.stabilize()
+    with pytest.raises(ProposalDroppedError):
+        cluster.nodes[1].propose(b"during")
+    cluster.heal()
+    cluster.tick(6)
+    assert cluster.leaders() == [3]
+    assert len(cluster.data_applied(3)) == 5
+
+
+def test_transfer_aborts_after_election_timeout() -> None:
+    """Reference: Raft dissertation §3.10"""
+    cluster = Cluster()
+    cluster.elect(1)
+    cluster.isolate(3)
+    cluster.nodes[1].transfer_leadership(3)
+    cluster.stabilize()
+    assert cluster.nodes[1].status().lead_transferee == 3
+    cluster.tick(21, ids=[1])
+    assert cluster.nodes[1].status().lead_transferee == 0
+    cluster.nodes[1].propose(b"ok again")
+
+
+def test_follower_forwards_transfer_request() -> None:
+    cluster = Cluster()
+    cluster.elect(1)
+    cluster.nodes[2].transfer_leadership(2)
+    cluster.stabilize()
+    assert cluster.leaders() == [2]
+
+
+def test_report_peer_down_on_follower_fails_over_fast() -> None:
+    cluster = Cluster()
+    cluster.elect(1)
+    cluster.crash(1)
+    for node_id in (2, 3):
+        cluster.nodes[node_id].report_peer_down(1)
+    cluster.tick(7, ids=[2, 3])
+    assert len(cluster.leaders()) == 1
+
+
+def test_report_peer_down_blip_does_not_depose_live_leader() -> None:
+    cluster = Cluster()
+    cluster.elect(1)
+    term = cluster.nodes[1].term
+    cluster.nodes[2].report_peer_down(1)
+    cluster.tick(20)
+    assert cluster.leaders() == [1]
+    assert cluster.nodes[1].term == term
+
+
+def test_report_peer_down_on_leader_probes() -> None:
+    cluster = Cluster()
+    cluster.elect(1)
+    cluster.propose(1, b"x")
+    assert cluster.nodes[1].status().progress[2].state is ProgressState.REPLICATE
+    cluster.nodes[1].report_peer_down(2)
+    assert cluster.nodes[1].status().progress[2].state is ProgressState.PROBE
+
+
+def test_snapshot_sent_to_lagging_follower() -> None:
+    """Reference: Raft §7"""
+    cluster = Cluster()
+    cluster.elect(1)
+    cluster.isolate(3)
+    for i in range(20):
+        cluster.propose(1, f"v{i}".encode())
+    storage = cluster.storages[1]
+    applied = cluster.nodes[1].status().applied_index
+    storage.create_snapshot(applied, ConfState(voters=(1, 2, 3)), b"state")
+    storage.compact(applied)
+    cluster.heal()
+    cluster.sent.clear()
+    cluster.tick(30)
+    assert any(m.type is MessageType.SNAPSHOT for m in cluster.sent)
+    assert cluster.storages[3].snapshot().metadata.index == applied
+    cluster.propose(1, b"after")
+    assert cluster.data_applied(3)[-1] == b"after"
+    assert cluster.nodes[3].status().applied_index == cluster.nodes[1].status().applied_index
+    assert cluster.nodes[1].status().progress[3].state is ProgressState.REPLICATE
+    assert cluster.nodes[3].role is Role.FOLLOWER
