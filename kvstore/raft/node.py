@@ -753,6 +753,11 @@ class RawNode:
         progress.recent_active = True
         progress.probe_sent = False
         if progress.match_index < self._log.last_index():
+            if progress.state is ProgressState.REPLICATE and progress.inflights.full():
+                # Appends can be lost without the transport noticing. Free one slot so that
+                # the next append goes out; if the follower lacks the entries before it, it
+                # rejects and we fall back to probing from its real match index.
+                progress.inflights.free_first_one()
             self._send_append(m.from_, progress)
         if not m.context:
             return

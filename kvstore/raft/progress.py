@@ -49,6 +49,10 @@ class Inflights:
         while queue and queue[0][0] <= index:
             self.bytes_in_flight -= queue.popleft()[1]
 
+    def free_first_one(self) -> None:
+        if self._queue:
+            self.bytes_in_flight -= self._queue.popleft()[1]
+
     def full(self) -> bool:
         return len(self._queue) >= self.capacity or self.bytes_in_flight >= self.bytes_max
 

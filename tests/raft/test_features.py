@@ -182,3 +182,32 @@ def test_snapshot_sent_to_lagging_follower() -> None:
     assert cluster.nodes[3].status().applied_index == cluster.nodes[1].status().applied_index
     assert cluster.nodes[1].status().progress[3].state is ProgressState.REPLICATE
     assert cluster.nodes[3].role is Role.FOLLOWER
+
+
+def test_lost_appends_in_replicate_state_are_resent_after_heartbeat() -> None:
+    """Regression (sim seed 203): appends dropped silently while the inflight window is full
+    must be retransmitted once heartbeats show the follower is alive."""
+    cluster = Cluster(max_inflight_messages=2)
+    cluster.elect(1)
+    cluster.propose(1, b"a")
+    cluster.drop_types(MessageType.APPEND)
+    for i in range(4):
+        cluster.nodes[1].propose(f"v{i}".encode())
+        cluster.stabilize()
+    cluster.heal()
+    cluster.tick(15)
+    expected = [b"a"] + [f"v{i}".encode() for i in range(4)]
+    for node_id in cluster.ids:
+        assert cluster.data_applied(node_id) == expected
+
+
+def test_lost_last_append_with_window_not_full_is_resent() -> None:
+    cluster = Cluster(max_inflight_messages=8)
+    cluster.elect(1)
+    cluster.drop_types(MessageType.APPEND)
+    cluster.nodes[1].propose(b"lost")
+    cluster.stabilize()
+    cluster.heal()
+    cluster.tick(15)
+    for node_id in cluster.ids:
+        assert cluster.data_applied(node_id) == [b"lost"]
