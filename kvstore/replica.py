@@ -1,0 +1,245 @@
+"""A replica: the Raft core (`RawNode`), its durable storage and the key-value state machine.
+
+Both drivers, the simulator and the asyncio server, run a replica through the same code, so
+the simulator exercises exactly the ordering production uses (design.md §1). One Ready is
+handled in four steps, strictly in this order (Raft §5: persistence before replies):
+
+1. `prepare()`          takes the next Ready from the core (None when there is nothing to do);
+2. `persist(ready)`     stores its hard state, entries and snapshot with one `storage.save()`
+                        (the fsync). It touches nothing but the storage, so the server may run
+                        it in a worker thread as long as nothing else touches the node or the
+                        storage meanwhile;
+3. `finish(ready, send)` sends the messages, restores the snapshot if any and applies the
+                        committed entries (`apply`), calls `RawNode.advance(ready)` and takes a snapshot
+                        of the state machine (and compacts the log) every `snapshot_entries`.
+
+`process_ready(send)` is the three steps in one call (the simulator and simple drivers);
+`finish` is itself `send`, `apply` and `advance`, which are public too.
+
+Restart: the state machine lives in memory only, so a replica starts from the storage's
+snapshot (if any) and the core re-delivers the committed entries after it: `RaftConfig.applied`
+is set to the snapshot's index whatever the caller passed.
+
+This module does no I/O of its own, imports no asyncio, time, socket or threading, and takes
+its randomness from the `random.Random` it is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kvstore.kv.commands import Command, WriteResult, encode_command
+from kvstore.kv.state_machine import KvConfig, StateMachine
+from kvstore.raft.config import RaftConfig
+from kvstore.raft.node import RawNode
+from kvstore.raft.types import (
+    ConfState,
+    HardState,
+    Message,
+    ReadState,
+    Ready,
+    SoftState,
+)
+from kvstore.storage.base import DurableStorage
+
+SendFunction = Callable[[Sequence[Message]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """One committed entry as applied: `command` is None for empty and CONF_CHANGE entries,
+    `result` the answer to give the client that proposed it (the same on every replica)."""
+
+    index: int
+    command: Command | None
+    result: WriteResult | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyOutcome:
+    """What one Ready did, for the driver: leadership changes (`soft_state`), answers to
+    complete (`applied`), ReadIndex answers to serve once `Replica.applied_index` reaches
+    theirs (`read_states`; always true right after the Ready that carried them, unless the
+    driver reads before `finish`), and figures for metrics."""
+
+    soft_state: SoftState | None
+    applied: tuple[Applied, ...]
+    read_states: tuple[ReadState, ...]
+    hard_state: HardState | None
+    entries_persisted: int
+    messages: tuple[Message, ...]
+    # The index of the snapshot restored into the state machine by this Ready, else 0.
+    snapshot_restored: int = 0
+    # The index of the local snapshot taken after this Ready, else 0.
+    snapshot_taken: int = 0
+
+
+class Replica:
+    """RawNode + DurableStorage + StateMachine, driven one Ready at a time."""
+
+    def __init__(
+        self,
+        config: RaftConfig,
+        storage: DurableStorage,
+        rng: random.Random,
+        *,
+        snapshot_entries: int = 10_000,
+        snapshot_catch_up_entries: int = 1_000,
+        kv_config: KvConfig | None = None,
+    ) -> None:
+        """`snapshot_entries`: take a snapshot once this many entries were applied since the
+        last one. `snapshot_catch_up_entries`: keep this many entries before the snapshot in
+        the log, so a slightly lagging follower catches up by appends rather than a snapshot
+        (etcd's SnapshotCatchUpEntries). `kv_config` must be the same on every replica."""
+        if snapshot_entries < 1 or snapshot_catch_up_entries < 0:
+            raise ValueError("snapshot_entries must be >= 1, snapshot_catch_up_entries >= 0")
+        self.storage = storage
+        self.snapshot_entries = snapshot_entries
+        self.snapshot_catch_up_entries = snapshot_catch_up_entries
+        self.state_machine = StateMachine(kv_config)
+        snapshot = storage.snapshot()
+        if snapshot.is_empty():
+            conf_state = storage.initial_state()[1]
+        else:
+            self.state_machine.restore(snapshot.data, snapshot.metadata.index)
+            conf_state = snapshot.metadata.conf_state
+        if not conf_state.voters:
+            conf_state = ConfState(voters=tuple(sorted(config.peers)))
+        # The membership recorded in the snapshots we take (static membership today).
+        self._conf_state = conf_state
+        # Invariant: the index of the newest snapshot in storage (0 if none).
+        self._snapshot_index = snapshot.metadata.index
+        self.node = RawNode(
+            dataclasses.replace(config, applied=snapshot.metadata.index), storage, rng
+        )
+        # The Ready between prepare() and advance(); the core hands out one at a time.
+        self._pending: Ready | None = None
+
+    # --- queries ---------------------------------------------------------------------------
+
+    @property
+    def id(self) -> int:
+        return self.node.id
+
+    @property
+    def applied_index(self) -> int:
+        return self.state_machine.applied_index
+
+    @property
+    def snapshot_index(self) -> int:
+        return self._snapshot_index
+
+    def propose(self, command: Command) -> None:
+        """Encode and propose a command; ProposalDroppedError if not the leader."""
+        self.node.propose(encode_command(command))
+
+    # --- one Ready, step by step -----------------------------------------------------------
+
+    def has_ready(self) -> bool:
+        return self._pending is None and self.node.has_ready()
+
+    def prepare(self) -> Ready | None:
+        """Take the next Ready, or None when there is none (or one is still in progress)."""
+        if not self.has_ready():
+            return None
+        self._pending = self.node.ready()
+        return self._pending
+
+    def persist(self, ready: Ready) -> None:
+        """storage.save() of the Ready's hard state, entries and snapshot: one fsync. Touches
+        nothing but the storage. Raises the storage's errors (DiskFullError: nothing of this
+        Ready is durable, retry later; FatalDiskError: the process must end)."""
+        assert ready is self._pending, "persist() of a Ready that prepare() did not return"
+        if ready.hard_state is None and not ready.entries and ready.snapshot is None:
+            return
+        self.storage.save(ready.hard_state, ready.entries, ready.snapshot)
+
+    def finish(self, ready: Ready, send: SendFunction) -> ReadyOutcome:
+        """After `persist(ready)` returned: send, apply, advance (and maybe snapshot)."""
+        self.send(ready, send)
+        applied = self.apply(ready)
+        taken = self.advance(ready)
+        restored = 0 if ready.snapshot is None else ready.snapshot.metadata.index
+        return ReadyOutcome(
+            soft_state=ready.soft_state,
+            applied=applied,
+            read_states=ready.read_states,
+            hard_state=ready.hard_state,
+            entries_persisted=len(ready.entries),
+            messages=ready.messages,
+            snapshot_restored=restored,
+            snapshot_taken=taken,
+        )
+
+    def process_ready(self, send: SendFunction) -> ReadyOutcome | None:
+        """prepare, persist, finish: the whole cycle for one Ready (None if there is none)."""
+        ready = self.prepare()
+        if ready is None:
+            return None
+        self.persist(ready)
+        return self.finish(ready, send)
+
+    def send(self, ready: Ready, send: SendFunction) -> None:
+        """Hand the Ready's messages to the transport (only after `persist` returned)."""
+        if ready.messages:
+            send(ready.messages)
+
+    def apply(self, ready: Ready) -> tuple[Applied, ...]:
+        """Restore the Ready's snapshot if it has one, then apply its committed entries in
+        log order (only after `persist` returned)."""
+        self._restore_snapshot(ready)
+        applied: list[Applied] = []
+        for entry in ready.committed_entries:
+            if entry.index <= self.state_machine.applied_index:
+                # Covered by a snapshot restored in this same Ready.
+                continue
+            command, result = self.state_machine.apply_entry(entry)
+            applied.append(Applied(entry.index, command, result))
+        return tuple(applied)
+
+    def advance(self, ready: Ready) -> int:
+        """Tell the core the Ready is done, then snapshot if due; returns the index of the
+        snapshot taken (0 if none)."""
+        assert ready is self._pending, "advance() of a Ready that prepare() did not return"
+        self.node.advance(ready)
+        self._pending = None
+        return self.maybe_snapshot()
+
+    # --- snapshots -------------------------------------------------------------------------
+
+    def snapshot_due(self) -> bool:
+        return self.applied_index - self._snapshot_index >= self.snapshot_entries
+
+    def maybe_snapshot(self) -> int:
+        """Snapshot the state machine and compact the log when `snapshot_entries` entries
+        were applied since the last snapshot; returns the snapshot's index, 0 if none."""
+        if not self.snapshot_due():
+            return 0
+        return self.take_snapshot()
+
+    def take_snapshot(self) -> int:
+        """Snapshot the state machine at its applied index now, then compact the log to
+        `snapshot_catch_up_entries` before it (storage compacts only what the durable
+        snapshot covers)."""
+        index = self.applied_index
+        if index <= self._snapshot_index:
+            return 0
+        self.storage.create_snapshot(index, self._conf_state, self.state_machine.snapshot())
+        self._snapshot_index = index
+        compact_to = index - self.snapshot_catch_up_entries
+        if compact_to >= self.storage.first_index():
+            self.storage.compact(compact_to)
+        return index
+
+    def _restore_snapshot(self, ready: Ready) -> None:
+        """A snapshot from the leader (Raft §7) replaces the whole state machine."""
+        snapshot = ready.snapshot
+        if snapshot is None or snapshot.is_empty():
+            return
+        self.state_machine.restore(snapshot.data, snapshot.metadata.index)
+        if snapshot.metadata.conf_state.voters:
+            self._conf_state = snapshot.metadata.conf_state
+        self._snapshot_index = max(self._snapshot_index, snapshot.metadata.index)

@@ -1,0 +1,265 @@
+"""The Replica: three of them over MemoryStorage, with messages delivered by hand.
+
+No network and no clock: the test decides which messages arrive and when the nodes tick, so
+every scenario is exact (elections, snapshots, duplicate proposals across a leader change).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import pytest
+
+from kvstore.errors import ProposalDroppedError
+from kvstore.kv.commands import Command, Delete, Put, RequestId, WriteResult
+from kvstore.raft.config import RaftConfig
+from kvstore.raft.types import HardState, Message, MessageType, Role
+from kvstore.replica import Applied, Replica
+from kvstore.storage.memory import MemoryStorage
+
+PEERS = (1, 2, 3)
+
+
+class Cluster:
+    """Three replicas; `isolated` nodes neither send nor receive."""
+
+    def __init__(self, *, seed: int = 1, snapshot_entries: int = 10_000, catch_up: int = 0) -> None:
+        self.seed = seed
+        self.snapshot_entries = snapshot_entries
+        self.catch_up = catch_up
+        self.storages = {i: MemoryStorage() for i in PEERS}
+        self.replicas = {i: self._start(i) for i in PEERS}
+        self.in_flight: list[Message] = []
+        self.isolated: set[int] = set()
+        self.applied: dict[int, list[Applied]] = {i: [] for i in PEERS}
+        self.snapshots_restored: dict[int, list[int]] = {i: [] for i in PEERS}
+
+    def _start(self, node_id: int) -> Replica:
+        return Replica(
+            RaftConfig(id=node_id, peers=PEERS, election_ticks=10, heartbeat_ticks=2),
+            self.storages[node_id],
+            random.Random(self.seed * 100 + node_id),
+            snapshot_entries=self.snapshot_entries,
+            snapshot_catch_up_entries=self.catch_up,
+        )
+
+    def restart(self, node_id: int) -> None:
+        """A crash and restart: volatile state is lost, MemoryStorage keeps what was saved."""
+        self.replicas[node_id] = self._start(node_id)
+        self.in_flight = [m for m in self.in_flight if node_id not in (m.to, m.from_)]
+
+    def send(self, messages: Sequence[Message]) -> None:
+        self.in_flight.extend(messages)
+
+    def process(self) -> bool:
+        """Run every replica's pending Ready; True if any had one."""
+        progressed = False
+        for node_id, replica in self.replicas.items():
+            while (outcome := replica.process_ready(self.send)) is not None:
+                progressed = True
+                self.applied[node_id].extend(outcome.applied)
+                if outcome.snapshot_restored:
+                    self.snapshots_restored[node_id].append(outcome.snapshot_restored)
+        return progressed
+
+    def deliver(self, keep: set[int] | None = None) -> bool:
+        """Deliver the messages in flight (from `keep` only, if given; the rest are lost)."""
+        messages, self.in_flight = self.in_flight, []
+        for message in messages:
+            if message.to in self.isolated or message.from_ in self.isolated:
+                continue
+            if keep is not None and message.from_ not in keep:
+                continue
+            self.replicas[message.to].node.step(message)
+            if message.type == MessageType.SNAPSHOT:
+                self.replicas[message.from_].node.report_snapshot(message.to, True)
+        return bool(messages)
+
+    def stabilize(self, rounds: int = 200) -> None:
+        for _ in range(rounds):
+            progressed = self.process()
+            if not self.deliver() and not progressed:
+                return
+        raise AssertionError("the cluster did not settle")
+
+    def tick(self, times: int) -> None:
+        for _ in range(times):
+            for node_id, replica in self.replicas.items():
+                if node_id not in self.isolated:
+                    replica.node.tick()
+            self.stabilize()
+
+    def elect(self, node_id: int) -> Replica:
+        """Make `node_id` leader now: the others are told their leader is down (as the
+        transport would on a closed connection), which voids its lease, then it campaigns."""
+        for other, replica in self.replicas.items():
+            leader_id = replica.node.status().leader_id
+            if other != node_id and leader_id not in (0, node_id):
+                replica.node.report_peer_down(leader_id)
+        self.replicas[node_id].node.campaign()
+        self.stabilize()
+        leader = self.replicas[node_id]
+        assert leader.node.status().role == Role.LEADER
+        return leader
+
+    def write(self, leader: int, command: Command) -> WriteResult:
+        self.replicas[leader].propose(command)
+        self.stabilize()
+        for applied in reversed(self.applied[leader]):
+            if applied.command == command:
+                assert applied.result is not None
+                return applied.result
+        raise AssertionError(f"{command} was not applied on {leader}")
+
+    def digests(self, nodes: Sequence[int] = PEERS) -> set[str]:
+        return {self.replicas[i].state_machine.digest() for i in nodes}
+
+
+def test_elects_commits_a_put_and_all_state_machines_agree() -> None:
+    cluster = Cluster()
+    cluster.elect(1)
+    result = cluster.write(1, Put("greeting", b"hello", RequestId("c1", 1), 1_000))
+    assert result.ok and result.revision == 1
+    for replica in cluster.replicas.values():
+        kv = replica.state_machine.get("greeting")
+        assert kv is not None and kv.value == b"hello" and kv.mod_revision == 1
+    assert len(cluster.digests()) == 1
+    applied_indexes = {r.applied_index for r in cluster.replicas.values()}
+    assert len(applied_indexes) == 1
+    # The leader's empty entry was applied too, as nothing but an index.
+    assert cluster.applied[1][0].command is None and cluster.applied[1][0].result is None
+
+
+def test_follower_refuses_proposals() -> None:
+    cluster = Cluster()
+    cluster.elect(1)
+    with pytest.raises(ProposalDroppedError):
+        cluster.replicas[2].propose(Put("k", b"v", None, 0))
+
+
+def test_messages_leave_only_after_their_ready_was_saved() -> None:
+    """Raft §5: term, vote and entries are durable before any message that depends on them
+    leaves the node (MemoryStorage is what was saved, so check against it at send time)."""
+    cluster = Cluster()
+    checked = 0
+
+    def send_checked(messages: Sequence[Message]) -> None:
+        nonlocal checked
+        for message in messages:
+            storage = cluster.storages[message.from_]
+            if message.type not in (MessageType.PRE_VOTE, MessageType.PRE_VOTE_RESPONSE):
+                assert storage.initial_state()[0].term >= message.term
+            if message.entries:
+                assert storage.last_index() >= message.entries[-1].index
+                checked += 1
+        cluster.in_flight.extend(messages)
+
+    cluster.send = send_checked  # type: ignore[method-assign]
+    cluster.elect(1)
+    for seq in range(1, 4):
+        cluster.write(1, Put("k", b"v", RequestId("c", seq), seq))
+    assert checked > 0
+
+
+def test_one_ready_at_a_time() -> None:
+    cluster = Cluster()
+    replica = cluster.replicas[1]
+    replica.node.campaign()
+    ready = replica.prepare()
+    assert ready is not None and ready.messages
+    assert replica.prepare() is None and not replica.has_ready()
+    replica.persist(ready)
+    sent: list[Message] = []
+    outcome = replica.finish(ready, sent.extend)
+    assert sent == list(ready.messages) and outcome.messages == ready.messages
+    assert replica.prepare() is None  # nothing new until the peers answer
+
+
+def test_snapshots_trigger_and_a_lagging_replica_catches_up_through_one() -> None:
+    cluster = Cluster(snapshot_entries=5, catch_up=0)
+    cluster.elect(1)
+    cluster.isolated.add(3)
+    results = [
+        cluster.write(1, Put(f"key{i % 7}", str(i).encode(), RequestId("writer", i + 1), 10 * i))
+        for i in range(23)
+    ]
+    cluster.write(1, Delete("key0", None, 1_000))
+    leader = cluster.replicas[1]
+    assert leader.snapshot_index >= 20
+    assert leader.storage.first_index() > cluster.replicas[3].applied_index + 1  # compacted
+    cluster.isolated.clear()
+    cluster.tick(10)  # heartbeats find the follower behind the compacted log
+    assert cluster.snapshots_restored[3], "the lagging follower got no snapshot"
+    assert len(cluster.digests()) == 1
+    lagging = cluster.replicas[3].state_machine
+    assert lagging.get("key0") is None and lagging.revision == leader.state_machine.revision
+    # The session table travelled inside the snapshot: a retry is still answered once.
+    cluster.elect(3)
+    first = results[-1]
+    retried = cluster.write(3, Put("key1", b"22", RequestId("writer", 23), 5_000))
+    assert retried == first
+    assert len(cluster.digests()) == 1
+
+
+def test_restart_restores_from_the_snapshot_and_replays_the_log() -> None:
+    cluster = Cluster(snapshot_entries=4, catch_up=2)
+    cluster.elect(1)
+    for i in range(10):
+        cluster.write(1, Put(f"k{i}", b"v", RequestId("c", i + 1), i))
+    before = cluster.replicas[2].state_machine.digest()
+    assert cluster.replicas[2].snapshot_index > 0
+    commit = cluster.storages[2].initial_state()[0].commit
+    cluster.restart(2)
+    restarted = cluster.replicas[2]
+    assert 0 < restarted.applied_index == restarted.snapshot_index < commit
+    cluster.process()  # replays the committed entries after the snapshot, no peer needed
+    assert restarted.applied_index == commit
+    assert restarted.state_machine.digest() == before
+    cluster.write(1, Put("after", b"restart", RequestId("c", 11), 11))
+    assert len(cluster.digests()) == 1
+
+
+def test_duplicate_request_applies_once_across_a_leader_change() -> None:
+    """The client's first attempt reaches the followers' logs but its answer is lost with
+    the leader; the retry goes to the new leader. Both copies commit; one applies."""
+    cluster = Cluster()
+    cluster.elect(1)
+    cluster.write(1, Put("counter", b"0", RequestId("c", 1), 100))
+    command = Put("counter", b"1", RequestId("c", 2), 200, if_revision=1)
+    cluster.replicas[1].propose(command)
+    cluster.process()
+    cluster.deliver(keep={1})  # the appends reach 2 and 3 ...
+    cluster.process()
+    cluster.in_flight.clear()  # ... but their acknowledgements are lost
+    cluster.isolated.add(1)
+    cluster.elect(2)
+    cluster.replicas[2].propose(command)  # the client's retry, same request id
+    cluster.stabilize()
+    cluster.isolated.clear()
+    cluster.tick(10)
+    copies = [a for a in cluster.applied[2] if a.command == command]
+    assert len(copies) == 2, "both copies should be in the log"
+    assert copies[0].result == copies[1].result and copies[0].result is not None
+    assert copies[0].result.ok and copies[0].result.revision == 2
+    assert cluster.replicas[2].state_machine.revision == 2
+    kv = cluster.replicas[2].state_machine.get("counter")
+    assert kv is not None and kv.version == 2
+    assert len(cluster.digests()) == 1
+
+
+def test_replica_validates_its_options() -> None:
+    with pytest.raises(ValueError):
+        Replica(
+            RaftConfig(id=1, peers=PEERS), MemoryStorage(), random.Random(1), snapshot_entries=0
+        )
+
+
+def test_hard_state_is_kept_across_restart() -> None:
+    cluster = Cluster()
+    cluster.elect(1)
+    term = cluster.replicas[1].node.status().term
+    cluster.restart(1)
+    hard_state, _ = cluster.storages[1].initial_state()
+    assert isinstance(hard_state, HardState) and hard_state.term == term
+    assert cluster.replicas[1].node.status().term == term
