@@ -133,6 +133,8 @@ class RawNode:
         self._prev_hard_state = HardState(self.term, self.vote, self._log.committed)
         self._prev_soft_state = SoftState(NONE, Role.FOLLOWER)
         self._ready_outstanding = False
+        self._broadcast_pending = False
+        self._known_ids = frozenset(self._progress_ids())
         self._become_follower(self.term, NONE)
 
     # === public API ===========================================================================
@@ -149,7 +151,7 @@ class RawNode:
         if message.to != self.id:
             logger.debug("ignoring message for %d", message.to)
             return
-        if message.type in _RESPONSE_TYPES and message.from_ not in self._progress_ids():
+        if message.type in _RESPONSE_TYPES and message.from_ not in self._known_ids:
             logger.debug("ignoring %s from unknown node %d", message.type.name, message.from_)
             return
         self._step(message)
@@ -164,7 +166,9 @@ class RawNode:
         if not self._increase_uncommitted_size(entry.size_bytes()):
             raise ProposalDroppedError("too many uncommitted bytes")
         self._append_entries([entry])
-        self._broadcast_append()
+        # Appends go out when the driver asks for the next Ready, so that every proposal
+        # made in between travels in one message per follower.
+        self._broadcast_pending = True
 
     def read_index(self, context: bytes) -> None:
         """Ask for a linearizable read point; the answer is a ReadState with `context`."""
@@ -222,7 +226,7 @@ class RawNode:
 
     def has_ready(self) -> bool:
         log = self._log
-        if self._messages or self._read_states:
+        if self._messages or self._read_states or self._broadcast_pending:
             return True
         if log.has_unstable_entries() or log.unstable_snapshot() is not None:
             return True
@@ -242,6 +246,10 @@ class RawNode:
         """Collect the pending work; the caller must process it and call advance() before
         asking for the next Ready."""
         assert not self._ready_outstanding, "ready() called again before advance()"
+        if self._broadcast_pending:
+            self._broadcast_pending = False
+            if self.role is Role.LEADER:
+                self._broadcast_append()
         if not self.has_ready():
             return _EMPTY_READY
         log = self._log
@@ -350,6 +358,7 @@ class RawNode:
         self._read_only.reset()
         self._pending_read_index.clear()
         self._progress = {}
+        self._broadcast_pending = False
 
     def _reset_randomized_election_timeout(self) -> None:
         ticks = self._config.election_ticks
@@ -691,6 +700,7 @@ class RawNode:
         if conf_state.voters:
             self._voters = tuple(sorted(conf_state.voters))
             self._learners = tuple(sorted(conf_state.learners))
+            self._known_ids = frozenset(self._progress_ids())
 
     # === leader ===============================================================================
 
@@ -741,7 +751,8 @@ class RawNode:
             progress.inflights.free_le(m.index)
         if self._maybe_commit():
             self._release_pending_read_index()
-            self._broadcast_append()
+            # The new commit index reaches followers with the next Ready's appends.
+            self._broadcast_pending = True
         elif was_paused:
             self._send_append(m.from_, progress)
         while self._send_append(m.from_, progress, send_if_empty=False):
