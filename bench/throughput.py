@@ -50,6 +50,7 @@ async def _status(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
 async def _worker(
     session: aiohttp.ClientSession,
     url: str,
+    concurrency: int,
     worker: int,
     stop_at: float,
     record_from: float,
@@ -57,27 +58,27 @@ async def _worker(
     errors: dict[str, int],
 ) -> None:
     value = b"v" * VALUE_BYTES
-    client_id = f"bench-{os.getpid()}-{worker}"
+    client_id = f"bench-{os.getpid()}-{concurrency}-{worker}"
     seq = 0
-    loop = asyncio.get_running_loop()
     while True:
-        now = loop.time()
+        now = time.perf_counter()
         if now >= stop_at:
             return
         seq += 1
         key = f"{worker:05d}-{seq:010d}"[:KEY_BYTES].ljust(KEY_BYTES, "k")
         headers = {"Kvstore-Request-Id": f"{client_id}:{seq}", "Kvstore-Acked-Below": str(seq)}
-        started = loop.time()
+        started = time.perf_counter()
         try:
             async with session.put(f"{url}/v1/kv/{key}", data=value, headers=headers) as response:
-                await response.read()
+                body = await response.read()
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
             errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
             continue
-        finished = loop.time()
+        finished = time.perf_counter()
         if status != 200:
             errors[str(status)] = errors.get(str(status), 0) + 1
+            errors.setdefault(f"first_{status}", body[:200].decode("utf-8", "replace"))
         elif started >= record_from:
             latencies.append(finished - started)
 
@@ -89,14 +90,13 @@ async def run_level(
     timeout = aiohttp.ClientTimeout(total=10)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         before = await _status(session, url)
-        loop = asyncio.get_running_loop()
-        record_from = loop.time() + warmup_s
+        record_from = time.perf_counter() + warmup_s
         stop_at = record_from + duration_s
         latencies: list[float] = []
         errors: dict[str, int] = {}
         await asyncio.gather(
             *(
-                _worker(session, url, w, stop_at, record_from, latencies, errors)
+                _worker(session, url, concurrency, w, stop_at, record_from, latencies, errors)
                 for w in range(concurrency)
             )
         )

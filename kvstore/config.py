@@ -64,6 +64,7 @@ class ServeConfig:
     peer_queue_frames: int = 8192
     inbox_batch_max: int = 4096
     shutdown_transfer_ms: int = 1000
+    inline_save_entries_max: int = 0
     # Chaos drills only: answer "linearizable" reads from local state without ReadIndex.
     unsafe_local_reads: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
@@ -106,7 +107,9 @@ class ServeConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.shutdown_transfer_ms < 0 or self.snapshot_catch_up_entries < 0:
+        if min(self.shutdown_transfer_ms, self.snapshot_catch_up_entries) < 0 or (
+            self.inline_save_entries_max < 0
+        ):
             raise ValueError("shutdown_transfer_ms and snapshot_catch_up_entries must be >= 0")
 
     @property
@@ -150,6 +153,11 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("peer_queue_frames", int, "frames queued per peer before dropping"),
     ("inbox_batch_max", int, "items the driver takes from its inbox per turn"),
     ("shutdown_transfer_ms", int, "how long a leader waits to hand over on SIGTERM"),
+    (
+        "inline_save_entries_max",
+        int,
+        "fsync on the event loop (no thread hop) for Readies of at most N entries",
+    ),
     ("unsafe_local_reads", _parse_bool, "UNSAFE, for chaos drills: skip ReadIndex on reads"),
 )
 

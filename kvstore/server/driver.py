@@ -93,6 +93,7 @@ class Driver:
         self._tick_due = False
         self._tick_interval_s = config.tick_interval_ms / 1000
         self._next_tick_at = 0.0
+        self._inline_entries_max = config.inline_save_entries_max
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-fsync")
         self._proposals: dict[str, list[asyncio.Future[Any]]] = {}
         self._pending_count = 0
@@ -126,6 +127,9 @@ class Driver:
 
     def on_peer_down(self, peer: int) -> None:
         self._put(("peer_down", peer))
+
+    def on_snapshot_status(self, peer: int, ok: bool) -> None:
+        self._put(("snapshot", peer, ok))
 
     def leader_url(self) -> str | None:
         if self.leader_id == NONE:
@@ -250,6 +254,8 @@ class Driver:
                     reads.append(item.future)
             elif isinstance(item, tuple) and item[0] == "peer_down":
                 node.report_peer_down(item[1])
+            elif isinstance(item, tuple) and item[0] == "snapshot":
+                node.report_snapshot(item[1], item[2])
             elif callable(item):
                 item()
         if reads:
@@ -286,7 +292,13 @@ class Driver:
             if ready.soft_state is not None:
                 self._on_soft_state(ready.soft_state.leader_id, ready.soft_state.role)
             if ready.hard_state is not None or ready.entries or ready.snapshot is not None:
-                await self._persist(ready)
+                # Only a save that must fsync goes to the worker thread, and only when it is
+                # big enough that the fsync, not the thread hop, dominates; a commit-only
+                # hard state needs no fsync and is written inline.
+                inline = not ready.must_sync or (
+                    ready.snapshot is None and len(ready.entries) <= self._inline_entries_max
+                )
+                await self._persist(ready, inline=inline)
             send = self._send
             for message in ready.messages:
                 send(message)
@@ -306,12 +318,15 @@ class Driver:
                 self.term = ready.hard_state.term
                 self.metrics.term.set(self.term)
 
-    async def _persist(self, ready: Ready) -> None:
+    async def _persist(self, ready: Ready, *, inline: bool) -> None:
         loop = asyncio.get_running_loop()
         while True:
             started = time.perf_counter()
             try:
-                await loop.run_in_executor(self._executor, self.replica.persist, ready)
+                if inline:
+                    self.replica.persist(ready)
+                else:
+                    await loop.run_in_executor(self._executor, self.replica.persist, ready)
             except DiskFullError as exc:
                 if not self.disk_full:
                     logger.error(

@@ -125,7 +125,9 @@ class HttpApi:
             status = 307
             headers["Location"] = error.leader_url.rstrip("/") + request.path_qs
         if isinstance(error, ClusterError) and error.retry_after_s is not None:
+            # The header has whole seconds only (for curl); the body has the precise value.
             headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+            detail["retry_after_ms"] = round(error.retry_after_s * 1000)
         extra = getattr(error, "current_revision", None)
         if extra is not None:
             detail["current_revision"] = extra

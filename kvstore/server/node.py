@@ -88,6 +88,7 @@ class Node:
             peers=config.peer_addresses,
             on_message=self.driver.on_message,
             on_peer_down=self.driver.on_peer_down,
+            on_snapshot_status=self.driver.on_snapshot_status,
             queue_frames_max=config.peer_queue_frames,
         )
         self.http = HttpApi(self.driver, config.cluster_id)

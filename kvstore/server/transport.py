@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from kvstore.codec import encode_message, message_from_obj, pack, unpack
 from kvstore.errors import ProtocolError
-from kvstore.raft.types import Message
+from kvstore.raft.types import Message, MessageType
 from kvstore.server.discovery import resolve_address, split_host_port
 
 logger = logging.getLogger("kvstore.server")
@@ -145,6 +145,7 @@ class PeerTransport:
         on_message: Callable[[Message], None],
         on_peer_down: Callable[[int], None],
         on_peer_url: Callable[[int, str], None] | None = None,
+        on_snapshot_status: Callable[[int, bool], None] | None = None,
         queue_frames_max: int = 8192,
         backoff_initial_s: float = 0.02,
         backoff_max_s: float = 1.0,
@@ -162,6 +163,7 @@ class PeerTransport:
         self._on_message = on_message
         self._on_peer_down = on_peer_down
         self._on_peer_url = on_peer_url
+        self._on_snapshot_status = on_snapshot_status
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         self._rng = rng or random.Random()
@@ -211,6 +213,8 @@ class PeerTransport:
             return
         if len(peer.queue) >= peer.queue_frames_max:
             peer.dropped += 1
+            if message.type is MessageType.SNAPSHOT:
+                self._snapshot_status(peer.id, [message], ok=False)
             return
         peer.queue.append(message)
         peer.wakeup.set()
@@ -275,11 +279,24 @@ class PeerTransport:
                     continue
                 batch, peer.queue = peer.queue, []
                 writer.writelines([encode_frame(encode_message(m)) for m in batch])
-                await writer.drain()
+                try:
+                    await writer.drain()
+                except BaseException:
+                    self._snapshot_status(peer.id, batch, ok=False)
+                    raise
+                self._snapshot_status(peer.id, batch, ok=True)
         except (OSError, ConnectionError) as exc:
             logger.debug("event=peer_write_failed peer=%s error=%r", peer.id, exc)
         finally:
             eof.cancel()
+
+    def _snapshot_status(self, peer_id: int, batch: list[Message], *, ok: bool) -> None:
+        """Tell the core whether a snapshot left (RawNode.report_snapshot)."""
+        if self._on_snapshot_status is None:
+            return
+        for message in batch:
+            if message.type is MessageType.SNAPSHOT:
+                self._on_snapshot_status(peer_id, ok)
 
     # --- receiving ---------------------------------------------------------------------
 
