@@ -18,6 +18,7 @@ from kvstore.raft.types import Entry, Message, MessageType, ReadState, Role
 from kvstore.storage.memory import MemoryStorage
 
 MessageFilter = Callable[[Message], bool]
+MessageTransform = Callable[[Message], Message]
 
 
 class Cluster:
@@ -33,6 +34,7 @@ class Cluster:
         self.cut: set[tuple[int, int]] = set()
         self.down: set[int] = set()
         self.filters: list[MessageFilter] = []
+        self.transforms: list[MessageTransform] = []
         self.sent: list[Message] = []
         for node_id in self.ids:
             self.storages[node_id] = MemoryStorage()
@@ -85,6 +87,8 @@ class Cluster:
             return False
         if any(not keep(message) for keep in self.filters):
             return False
+        for transform in self.transforms:
+            message = transform(message)
         self.nodes[message.to].step(message)
         return True
 
@@ -137,6 +141,7 @@ class Cluster:
     def heal(self) -> None:
         self.cut.clear()
         self.filters.clear()
+        self.transforms.clear()
 
     def drop_types(self, *types: MessageType) -> None:
         dropped = set(types)
