@@ -131,7 +131,9 @@ def _serve_available() -> bool:
         return False
     actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     has_serve = any("serve" in action.choices for action in actions)
-    return has_serve and (REPO / "kvstore" / "__main__.py").exists()
+    # `kvstore serve` keeps its log on disk: without DiskStorage it cannot start.
+    has_disk = (REPO / "kvstore" / "storage" / "disk.py").exists()
+    return has_serve and has_disk and (REPO / "kvstore" / "__main__.py").exists()
 
 
 def _free_ports(count: int) -> list[int]:
@@ -217,7 +219,7 @@ def _start(node: Node, nodes: list[Node], workdir: Path) -> None:
 @pytest.fixture(params=sorted(LAYOUTS))
 def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list[Node]]:
     if not _serve_available():
-        pytest.skip("`python -m kvstore serve` is not available yet")
+        pytest.skip("`python -m kvstore serve` (with DiskStorage) is not available yet")
     launches = LAYOUTS[request.param](tmp_path)
     ports = _free_ports(2 * len(launches))
     nodes = [Node(launch, ports[2 * i], ports[2 * i + 1]) for i, launch in enumerate(launches)]
