@@ -89,6 +89,10 @@ class Driver:
         self._send = send
         self._peer_url = peer_url
         self._inbox: collections.deque[object] = collections.deque()
+        self._loop = asyncio.get_running_loop()
+        self._request_timeout_s = config.request_timeout_ms / 1000
+        # (deadline, future) of every waiting request, in deadline order.
+        self._deadlines: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._tick_due = False
         self._tick_interval_s = config.tick_interval_ms / 1000
@@ -97,6 +101,7 @@ class Driver:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-fsync")
         self._proposals: dict[str, list[asyncio.Future[Any]]] = {}
         self._pending_count = 0
+        metrics.pending_proposals.set_function(lambda: self._pending_count)
         self._read_contexts: dict[bytes, list[asyncio.Future[None]]] = {}
         self._waiting_reads: list[_PendingRead] = []
         self._read_counter = itertools.count(1)
@@ -169,20 +174,20 @@ class Driver:
         )
 
     async def write(self, command: Any, request: RequestId) -> Any:
-        """Propose a command and wait for its applied result (a WriteResult)."""
+        """Propose a command and wait for its applied result (a WriteResult); TimeoutError
+        when the request deadline passes first (the outcome is then unknown)."""
         self.check_writable()
         duplicate = self.replica.state_machine.duplicate_result(request)
         if duplicate is not None:
             return duplicate
         key = f"{request.client_id}:{request.seq}"
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = self._loop.create_future()
         self._proposals.setdefault(key, []).append(future)
         self._pending_count += 1
-        self.metrics.pending_proposals.set(self._pending_count)
+        self._deadlines.append((self._loop.time() + self._request_timeout_s, future))
         try:
             self._put(_Proposal(key, encode_command(command), future))
-            async with asyncio.timeout(self.config.request_timeout_ms / 1000):
-                return await future
+            return await future
         finally:
             self._pending_count -= 1
             futures = self._proposals.get(key)
@@ -194,10 +199,19 @@ class Driver:
 
     async def read_barrier(self) -> None:
         """Wait until a linearizable read may be served from the local state machine."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._deadlines.append((self._loop.time() + self._request_timeout_s, future))
         self._put(_Read(future))
-        async with asyncio.timeout(self.config.request_timeout_ms / 1000):
-            await future
+        await future
+
+    def _expire_deadlines(self, now: float) -> None:
+        """Fail requests whose deadline passed. One deadline for all requests, so the deque
+        is in deadline order and only its head needs looking at (cheaper than a timer each)."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, future = deadlines.popleft()
+            if not future.done():
+                future.set_exception(TimeoutError())
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -218,6 +232,7 @@ class Driver:
                     self._next_tick_at = now + self._tick_interval_s
                     timer = loop.call_at(self._next_tick_at, self._on_tick_timer)
                     self.node.tick()
+                    self._expire_deadlines(now)
                 self._drain_inbox()
                 await self._process_ready()
         finally:
@@ -240,7 +255,10 @@ class Driver:
         node = self.node
         reads: list[asyncio.Future[None]] = []
         inbox = self._inbox
-        for _ in range(min(len(inbox), self.config.inbox_batch_max)):
+        count = min(len(inbox), self.config.inbox_batch_max)
+        if count:
+            self.metrics.inbox_items.observe(count)
+        for _ in range(count):
             item = inbox.popleft()
             if isinstance(item, Message):
                 try:

@@ -57,6 +57,7 @@ class HttpApi:
         self.cluster_id = cluster_id
         self.metrics = driver.metrics
         self._node_header = str(self.config.id)
+        self._latency: dict[tuple[str, str], Any] = {}
 
     def build_app(self) -> web.Application:
         app = web.Application(
@@ -107,10 +108,13 @@ class HttpApi:
             )
         response.headers["Kvstore-Node"] = self._node_header
         response.headers["Kvstore-Leader"] = self.driver.leader_url() or ""
-        route = request.match_info.route.resource
-        self.metrics.request_seconds.labels(
-            route=route.canonical if route is not None else "unmatched", method=request.method
-        ).observe(time.perf_counter() - started)
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        histogram = self._latency.get((route, request.method))
+        if histogram is None:
+            histogram = self.metrics.request_seconds.labels(route=route, method=request.method)
+            self._latency[(route, request.method)] = histogram
+        histogram.observe(time.perf_counter() - started)
         return response
 
     def _error_response(self, request: web.Request, error: KVStoreError) -> web.Response:

@@ -85,6 +85,12 @@ class NodeMetrics:
         self.pending_proposals = Gauge(
             "kvstore_pending_proposals", "Writes waiting for their answer", registry=r
         )
+        self.inbox_items = Histogram(
+            "kvstore_driver_inbox_items",
+            "Items the driver took from its inbox per turn",
+            buckets=(1, 4, 16, 64, 256, 1024, 4096),
+            registry=r,
+        )
         self.peer_dropped = Counter(
             "kvstore_peer_messages_dropped_total",
             "Messages dropped on full peer queues",

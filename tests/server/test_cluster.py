@@ -138,7 +138,14 @@ def all_running(cluster: LocalCluster) -> None:
 
 def test_three_nodes_elect_one_leader(cluster: LocalCluster) -> None:
     leader = cluster.wait_for_leader(timeout_s=15)
-    statuses = [wait_until(lambda i=i: cluster.status(i), 10, f"status {i}") for i in cluster.ids]
+
+    def agreed() -> list[dict[str, Any]] | None:
+        statuses = [cluster.status(i) for i in cluster.ids]
+        if all(s is not None and s["leader_id"] == leader for s in statuses):
+            return statuses  # type: ignore[return-value]
+        return None
+
+    statuses = wait_until(agreed, 10, "every node knows the leader")
     assert sum(1 for s in statuses if s["role"] == "leader") == 1
     assert {s["leader_id"] for s in statuses} == {leader}
     assert all(s["leader_url"] == cluster.client_url(leader) for s in statuses)
