@@ -6,16 +6,20 @@ table is part of the replicated state: it changes only through `apply` of log en
 carried in snapshots, so every replica holds the same table at the same applied index.
 
 Bounds (all deterministic: they depend only on the applied log, never on a local clock):
-- per client, results below the client's `acked_below` are dropped (the client said it has
-  those answers), and at most `max_results_per_session` are kept (the lowest seqs go first);
-- at most `max_sessions` clients and `max_results_total` results overall; beyond that the
-  least recently active client is evicted;
+- per client, everything below the client's `acked_below` is dropped (the client said it has
+  those answers); at most `max_results_per_session` results are kept (the newest seqs). The
+  seqs of dropped results are remembered compactly as ranges ("forgotten": applied, answer
+  gone), at most `max_results_per_session` ranges, beyond which the oldest ranges go too;
+- at most `max_sessions` clients and `max_results_total` results + ranges overall; beyond
+  that the least recently active client is evicted;
 - a client idle longer than `session_ttl_ms` is expired. Time is the largest `time_ms`
   applied so far (the proposing leader's clock carried in each command), never a node's own.
 
 Each session keeps a floor, `discarded_below`: every seq below it is either answered-and-
-forgotten or will never be applied. A request with such a seq is refused with
-`WriteError.SESSION_EXPIRED` instead of being applied a second time.
+forgotten or will never be applied. A request with such a seq, or one in a forgotten range,
+is refused with `WriteError.SESSION_EXPIRED` instead of being applied a second time. A seq
+above the floor that is neither answered nor forgotten was never applied and applies now, so a
+request that stalled (its leader died) while newer ones filled the window still applies once.
 
 Known limitation: a request from a client whose whole session was expired or evicted cannot
 be told apart from one of a new client, and would be applied again. The TTL is generous (an
@@ -23,7 +27,8 @@ hour by default) and the client count bounded so memory stays finite; a client t
 for longer than the TTL loses exactly-once for that request.
 
 Invariants:
-- every seq >= discarded_below that was applied has its result in `results`;
+- every seq >= discarded_below that was applied has its result in `results` or lies in a
+  forgotten range, never both;
 - `seqs` is `results`' keys in ascending order;
 - the session dict is ordered by `last_active_ms` (least recently active first), because a
   session is moved to the end whenever it is touched, at the current (monotone) clock.
@@ -59,8 +64,9 @@ class SessionConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.max_results_total < self.max_results_per_session:
-            raise ValueError("max_results_total must be >= max_results_per_session")
+        if self.max_results_total < 2 * self.max_results_per_session:
+            # A session holds up to max_results_per_session results and as many ranges.
+            raise ValueError("max_results_total must be >= 2 * max_results_per_session")
 
 
 @dataclass(slots=True)
@@ -72,27 +78,74 @@ class Session:
     # Invariant: seqs below this are never applied (again); see the module docstring.
     discarded_below: int = 0
     results: dict[int, WriteResult] = field(default_factory=dict)
-    # Invariant: sorted(results).
+    # Invariant: sorted(results), all >= discarded_below.
     seqs: list[int] = field(default_factory=list)
+    # Seqs that were applied but whose results were dropped to respect the per-session
+    # bound, as half-open ranges [starts[i], ends[i]): sorted, disjoint, never adjacent
+    # (merged), all >= discarded_below, disjoint from `results`. A client's seqs are mostly
+    # consecutive, so this stays a few ranges even when thousands of results were dropped,
+    # and a slow request far below the newest ones is not refused just because newer ones
+    # pushed its neighbours' answers out.
+    forgotten_starts: list[int] = field(default_factory=list)
+    forgotten_ends: list[int] = field(default_factory=list)
 
-    def drop_below(self, seq: int) -> int:
-        """Forget results of seqs below `seq`; returns how many were dropped."""
+    def size(self) -> int:
+        """What this session counts against the table's bounds: results + ranges."""
+        return len(self.results) + len(self.forgotten_starts)
+
+    def is_forgotten(self, seq: int) -> bool:
+        position = bisect.bisect_right(self.forgotten_starts, seq) - 1
+        return position >= 0 and seq < self.forgotten_ends[position]
+
+    def drop_below(self, seq: int) -> None:
+        """Forget everything about seqs below `seq`: they will be refused from now on."""
         if seq <= self.discarded_below:
-            return 0
+            return
         self.discarded_below = seq
         cut = bisect.bisect_left(self.seqs, seq)
         for old in self.seqs[:cut]:
             del self.results[old]
         del self.seqs[:cut]
-        return cut
+        starts, ends = self.forgotten_starts, self.forgotten_ends
+        cut = bisect.bisect_right(ends, seq)
+        del starts[:cut], ends[:cut]
+        if starts and starts[0] < seq:
+            starts[0] = seq
 
     def add(self, seq: int, result: WriteResult) -> None:
         assert seq >= self.discarded_below and seq not in self.results
+        assert not self.is_forgotten(seq)
         self.results[seq] = result
         if not self.seqs or seq > self.seqs[-1]:
             self.seqs.append(seq)
         else:
             bisect.insort(self.seqs, seq)
+
+    def trim(self, max_entries: int) -> None:
+        """Keep at most `max_entries` results (the newest seqs) and as many ranges."""
+        while len(self.seqs) > max_entries:
+            oldest = self.seqs.pop(0)
+            del self.results[oldest]
+            self._forget(oldest)
+        if len(self.forgotten_starts) > max_entries:
+            # A client that leaves many holes: give up remembering the oldest ranges.
+            self.drop_below(self.forgotten_ends[-max_entries - 1])
+
+    def _forget(self, seq: int) -> None:
+        starts, ends = self.forgotten_starts, self.forgotten_ends
+        position = bisect.bisect_right(starts, seq)
+        merge_left = position > 0 and ends[position - 1] == seq
+        merge_right = position < len(starts) and starts[position] == seq + 1
+        if merge_left and merge_right:
+            ends[position - 1] = ends[position]
+            del starts[position], ends[position]
+        elif merge_left:
+            ends[position - 1] = seq + 1
+        elif merge_right:
+            starts[position] = seq
+        else:
+            starts.insert(position, seq)
+            ends.insert(position, seq + 1)
 
 
 class SessionTable:
@@ -102,14 +155,17 @@ class SessionTable:
         self.config = config
         # Ordered least recently active first (see the module invariant).
         self._sessions: dict[str, Session] = {}
-        self._result_count = 0
+        # Invariant: the sum of session.size() over all sessions.
+        self._entry_count = 0
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     @property
-    def result_count(self) -> int:
-        return self._result_count
+    def entry_count(self) -> int:
+        """Results and forgotten ranges held, over all sessions (bounded by
+        `max_results_total`)."""
+        return self._entry_count
 
     def get(self, client_id: str) -> Session | None:
         return self._sessions.get(client_id)
@@ -132,7 +188,7 @@ class SessionTable:
         result = session.results.get(request.seq)
         if result is not None:
             return result
-        if request.seq < session.discarded_below:
+        if request.seq < session.discarded_below or session.is_forgotten(request.seq):
             return WriteError.SESSION_EXPIRED
         return None
 
@@ -146,32 +202,33 @@ class SessionTable:
             session = Session(client_id=request.client_id, last_active_ms=clock_ms)
         session.last_active_ms = clock_ms
         self._sessions[request.client_id] = session  # now the most recently active
-        self._result_count -= session.drop_below(acked_below)
+        size = session.size()
+        session.drop_below(acked_below)
+        self._entry_count += session.size() - size
         self._evict_over_bounds(keep=request.client_id)
         return self.lookup(request)
 
     def record(self, request: RequestId, result: WriteResult) -> None:
         """Remember the answer of a request that `begin` let through."""
         session = self._sessions[request.client_id]
+        size = session.size()
         session.add(request.seq, result)
-        self._result_count += 1
-        overflow = len(session.seqs) - self.config.max_results_per_session
-        if overflow > 0:
-            self._result_count -= session.drop_below(session.seqs[overflow - 1] + 1)
+        session.trim(self.config.max_results_per_session)
+        self._entry_count += session.size() - size
         self._evict_over_bounds(keep=request.client_id)
 
     def _evict_over_bounds(self, keep: str) -> None:
         while (
             len(self._sessions) > self.config.max_sessions
-            or self._result_count > self.config.max_results_total
+            or self._entry_count > self.config.max_results_total
         ):
             oldest = next(iter(self._sessions))
-            assert oldest != keep, "max_results_total >= max_results_per_session"
+            assert oldest != keep, "max_results_total >= 2 * max_results_per_session"
             self._evict(oldest)
 
     def _evict(self, client_id: str) -> None:
         session = self._sessions.pop(client_id)
-        self._result_count -= len(session.results)
+        self._entry_count -= session.size()
 
     # --- snapshot encoding -------------------------------------------------------------
 
@@ -183,6 +240,11 @@ class SessionTable:
                 session.last_active_ms,
                 session.discarded_below,
                 [[seq, result_to_obj(session.results[seq])] for seq in session.seqs],
+                [
+                    bound
+                    for pair in zip(session.forgotten_starts, session.forgotten_ends)
+                    for bound in pair
+                ],
             ]
             for session in self._sessions.values()
         ]
@@ -198,15 +260,15 @@ class SessionTable:
             if session.client_id in sessions:
                 raise ProtocolError(f"sessions: duplicate client {session.client_id!r}")
             sessions[session.client_id] = session
-            count += len(session.results)
+            count += session.size()
         self._sessions = sessions
-        self._result_count = count
+        self._entry_count = count
 
 
 def _session_from_obj(obj: Any) -> Session:
-    if not isinstance(obj, list) or len(obj) != 4:
-        raise ProtocolError("session: expected an array of 4")
-    client_id, last_active_ms, discarded_below, results = obj
+    if not isinstance(obj, list) or len(obj) != 5:
+        raise ProtocolError("session: expected an array of 5")
+    client_id, last_active_ms, discarded_below, results, forgotten = obj
     if not isinstance(client_id, str):
         raise ProtocolError("session: client id is not a string")
     _expect_count(last_active_ms, "session.last_active_ms")
@@ -224,7 +286,25 @@ def _session_from_obj(obj: Any) -> Session:
         if seq < discarded_below or (session.seqs and seq <= session.seqs[-1]):
             raise ProtocolError("session: result seqs out of order or below the floor")
         session.add(seq, result_from_obj(result))
+    _load_forgotten(session, forgotten)
     return session
+
+
+def _load_forgotten(session: Session, flat: Any) -> None:
+    if not isinstance(flat, list) or len(flat) % 2:
+        raise ProtocolError("session: forgotten ranges must be a flat array of pairs")
+    previous_end = session.discarded_below - 1  # so the first range may start at the floor
+    for position in range(0, len(flat), 2):
+        start, end = flat[position], flat[position + 1]
+        _expect_count(start, "session.forgotten")
+        _expect_count(end, "session.forgotten")
+        if not previous_end < start < end:
+            raise ProtocolError("session: forgotten ranges unsorted, empty or adjacent")
+        session.forgotten_starts.append(start)
+        session.forgotten_ends.append(end)
+        previous_end = end
+    if any(session.is_forgotten(seq) for seq in session.seqs):
+        raise ProtocolError("session: a seq is both answered and forgotten")
 
 
 # --- result encoding (shared with the state machine's snapshot) ---------------------------

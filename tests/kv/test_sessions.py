@@ -116,14 +116,47 @@ def test_least_recently_active_client_is_evicted() -> None:
     assert len(machine.sessions) == 2
 
 
-def test_total_results_bound_evicts_whole_sessions() -> None:
-    machine = machine_with(max_results_per_session=4, max_results_total=6)
+def test_total_bound_evicts_whole_sessions() -> None:
+    machine = machine_with(max_results_per_session=3, max_results_total=6)
     for seq in range(1, 5):
-        apply(machine, put("k", b"", "a", seq))
+        apply(machine, put("k", b"", "a", seq))  # 3 results + 1 forgotten range
     for seq in range(1, 4):
         apply(machine, put("k", b"", "b", seq))
     assert machine.sessions.get("a") is None
-    assert machine.sessions.result_count == 3
+    assert machine.sessions.entry_count == 3
+
+
+def test_a_slow_request_is_not_refused_because_newer_ones_filled_the_window() -> None:
+    """Seq 2 stalls (its leader died) while 3..6 apply and push 1 and 3 out of the kept
+    results: 2 still applies once when it arrives, while retries of 1 and 3 are refused."""
+    machine = machine_with(max_results_per_session=3)
+    for seq in (1, 3, 4, 5, 6):
+        apply(machine, put(f"k{seq}", b"", "c", seq))
+    session = machine.sessions.get("c")
+    assert session is not None and session.seqs == [4, 5, 6]
+    assert (session.forgotten_starts, session.forgotten_ends) == ([1, 3], [2, 4])
+    late = apply(machine, put("k2", b"", "c", 2))
+    assert late.ok and machine.revision == 6
+    assert (session.forgotten_starts, session.forgotten_ends) == ([1], [4])  # merged
+    for seq in (1, 3):
+        assert apply(machine, put(f"k{seq}", b"", "c", seq)).error == "session_expired"
+    assert machine.revision == 6
+
+
+def test_forgotten_ranges_are_bounded_too() -> None:
+    machine = machine_with(max_results_per_session=2)
+    for seq in range(1, 16, 2):  # a client that leaves a hole after every request
+        apply(machine, put(f"k{seq}", b"", "c", seq))
+    session = machine.sessions.get("c")
+    assert session is not None and session.seqs == [13, 15]
+    assert (session.forgotten_starts, session.forgotten_ends) == ([9, 11], [10, 12])
+    assert session.discarded_below == 8
+    assert machine.sessions.entry_count == 4
+    assert apply(machine, put("k6", b"", "c", 6)).error == "session_expired"  # below the floor
+    assert apply(machine, put("k10", b"", "c", 10)).ok  # a hole above it still applies
+    restored = machine_with(max_results_per_session=2)
+    restored.restore(machine.snapshot(), machine.applied_index)
+    assert restored.digest() == machine.digest()
 
 
 def test_sessions_expire_by_log_time_only() -> None:
@@ -187,7 +220,7 @@ def test_bounded_table_is_deterministic_and_never_applies_twice(
             # Applied again only if the whole session went away in between.
             assert applied.get((client, seq)) is not session
             applied[(client, seq)] = session
-        assert len(replica_a.sessions) <= 3 and replica_a.sessions.result_count <= 8
+        assert len(replica_a.sessions) <= 3 and replica_a.sessions.entry_count <= 8
         assert replica_a.digest() == replica_b.digest()
     restored = machine_with(**config)
     restored.restore(replica_a.snapshot(), replica_a.applied_index)
@@ -198,4 +231,4 @@ def test_session_config_validates() -> None:
     with pytest.raises(ValueError):
         SessionConfig(session_ttl_ms=0)
     with pytest.raises(ValueError):
-        SessionConfig(max_results_per_session=10, max_results_total=5)
+        SessionConfig(max_results_per_session=10, max_results_total=19)
