@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -179,7 +181,7 @@ def test_sessions_expire_by_log_time_only() -> None:
     assert again.ok and again.revision > first.revision
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     st.lists(
         st.tuples(
@@ -195,8 +197,10 @@ def test_sessions_expire_by_log_time_only() -> None:
 def test_bounded_table_is_deterministic_and_never_applies_twice(
     ops: list[tuple[str, int, int, int]], seed: int
 ) -> None:
-    """Two replicas applying the same log agree, and no request is applied twice while its
-    client's session is alive; the bounds hold after every entry."""
+    """Two replicas applying the same log agree (one of them restarting from its own
+    snapshot now and then), no request is applied twice while its client's session is alive,
+    and the bounds hold after every entry."""
+    rng = random.Random(seed)
     config = {
         "session_ttl_ms": 1_000,
         "max_sessions": 3,
@@ -222,6 +226,11 @@ def test_bounded_table_is_deterministic_and_never_applies_twice(
             applied[(client, seq)] = session
         assert len(replica_a.sessions) <= 3 and replica_a.sessions.entry_count <= 8
         assert replica_a.digest() == replica_b.digest()
+        if rng.random() < 0.2:
+            restarted = machine_with(**config)
+            restarted.restore(replica_b.snapshot(), replica_b.applied_index)
+            assert restarted.sessions.entry_count == replica_b.sessions.entry_count
+            replica_b = restarted
     restored = machine_with(**config)
     restored.restore(replica_a.snapshot(), replica_a.applied_index)
     assert restored.digest() == replica_a.digest()
