@@ -51,6 +51,7 @@ from kvstore.server.metrics import NodeMetrics
 logger = logging.getLogger("kvstore.server")
 
 _DISK_FULL_RETRY_S = 0.1
+_DEADLINE_SWEEP_S = 0.01
 
 
 @dataclass(slots=True)
@@ -168,7 +169,7 @@ class Driver:
     def _not_leader_error(self) -> KVStoreError:
         url = self.leader_url()
         if url is None or self.leader_id == self.config.id:
-            return NoLeaderError("no leader is known right now", retry_after_s=0.1)
+            return NoLeaderError("no leader is known right now", retry_after_s=0.05)
         return NotLeaderError(
             f"node {self.config.id} is not the leader", leader_id=self.leader_id, leader_url=url
         )
@@ -204,14 +205,18 @@ class Driver:
         self._put(_Read(future))
         await future
 
-    def _expire_deadlines(self, now: float) -> None:
+    def _expire_deadlines(self) -> None:
         """Fail requests whose deadline passed. One deadline for all requests, so the deque
-        is in deadline order and only its head needs looking at (cheaper than a timer each)."""
+        is in deadline order and only its head needs looking at (cheaper than a timer each).
+        Runs on its own timer, so deadlines hold even while the driver waits for a save."""
+        now = self._loop.time()
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
             _, future = deadlines.popleft()
             if not future.done():
                 future.set_exception(TimeoutError())
+        if not self._stopping:
+            self._deadline_timer = self._loop.call_later(_DEADLINE_SWEEP_S, self._expire_deadlines)
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -219,6 +224,7 @@ class Driver:
         loop = asyncio.get_running_loop()
         self._next_tick_at = loop.time() + self._tick_interval_s
         timer = loop.call_at(self._next_tick_at, self._on_tick_timer)
+        self._deadline_timer = loop.call_later(_DEADLINE_SWEEP_S, self._expire_deadlines)
         try:
             while not self._stopping:
                 if not self._inbox and not self._tick_due:
@@ -232,11 +238,11 @@ class Driver:
                     self._next_tick_at = now + self._tick_interval_s
                     timer = loop.call_at(self._next_tick_at, self._on_tick_timer)
                     self.node.tick()
-                    self._expire_deadlines(now)
                 self._drain_inbox()
                 await self._process_ready()
         finally:
             timer.cancel()
+            self._deadline_timer.cancel()
 
     def _on_tick_timer(self) -> None:
         self._tick_due = True
@@ -286,7 +292,14 @@ class Driver:
             self.node.propose(proposal.data)
         except ProposalDroppedError:
             self.metrics.proposals_failed.labels(reason="dropped").inc()
-            proposal.future.set_exception(self._not_leader_error())
+            if self.role is Role.LEADER:
+                # A leadership transfer is under way: the new leader is milliseconds away.
+                error: KVStoreError = UnavailableError(
+                    "leadership is being transferred; retry", retry_after_s=0.01
+                )
+            else:
+                error = self._not_leader_error()
+            proposal.future.set_exception(error)
             return
         self.metrics.proposals.inc()
 
@@ -295,7 +308,7 @@ class Driver:
         try:
             self.node.read_index(context)
         except ProposalDroppedError:
-            error = NoLeaderError("no leader is known right now", retry_after_s=0.1)
+            error = NoLeaderError("no leader is known right now", retry_after_s=0.05)
             for future in futures:
                 future.set_exception(error)
             return

@@ -1,0 +1,165 @@
+"""The HTTP layer and the driver in one process: a single-node replica on MemoryStorage behind
+a storage wrapper that can fail (disk full) or hold a save (to build a backlog). Covers what
+real processes cannot provoke on demand: 507 and recovery, 429 backpressure, 504 deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from kvstore.config import ServeConfig
+from kvstore.errors import DiskFullError
+from kvstore.raft.config import RaftConfig
+from kvstore.raft.types import Entry, HardState, Snapshot
+from kvstore.replica import Replica
+from kvstore.server.driver import Driver
+from kvstore.server.http import HttpApi
+from kvstore.server.metrics import NodeMetrics
+from kvstore.storage.memory import MemoryStorage
+
+
+class FaultyStorage(MemoryStorage):
+    """MemoryStorage whose save can fail with DiskFullError or wait for a gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.disk_full = False
+        self.gate = threading.Event()
+        self.gate.set()
+        self.saves = 0
+
+    def save(
+        self, hard_state: HardState | None, entries: Sequence[Entry], snapshot: Snapshot | None
+    ) -> None:
+        self.gate.wait(10)
+        if self.disk_full and entries:
+            raise DiskFullError("no space left on device (test)")
+        self.saves += 1
+        super().save(hard_state, entries, snapshot)
+
+
+async def _until(condition: Any, timeout_s: float = 5.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.002)
+
+
+class Harness:
+    def __init__(self, client: TestClient, driver: Driver, storage: FaultyStorage) -> None:
+        self.client, self.driver, self.storage = client, driver, storage
+
+
+@pytest.fixture
+async def harness(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    overrides: dict[str, Any] = getattr(request, "param", {})
+    config = ServeConfig(
+        id=1,
+        peers=((1, "127.0.0.1:1"),),
+        data_dir=tmp_path,
+        tick_interval_ms=1,
+        **overrides,
+    )
+    storage = FaultyStorage()
+    replica = Replica(RaftConfig(id=1, peers=(1,)), storage, random.Random(7))
+    driver = Driver(config, replica, NodeMetrics(1), lambda message: None, lambda peer: None)
+    task = asyncio.get_running_loop().create_task(driver.run())
+    client = TestClient(TestServer(HttpApi(driver, "test").build_app()))
+    await client.start_server()
+    try:
+        await _until(driver.is_leader)
+        await _until(lambda: driver.applied_index() >= 1)
+        yield Harness(client, driver, storage)
+    finally:
+        storage.gate.set()
+        await client.close()
+        driver.stop()
+        await asyncio.wait_for(task, 5)
+        driver.close()
+
+
+async def test_put_get_list_delete_and_headers(harness: Harness) -> None:
+    client = harness.client
+    response = await client.put("/v1/kv/a/b", data=b"v1")
+    assert response.status == 200
+    assert response.headers["Kvstore-Node"] == "1"
+    body = await response.json()
+    assert body["key"] == "a/b" and body["version"] == 1
+    got = await client.get("/v1/kv/a/b")
+    assert await got.read() == b"v1" and got.headers["ETag"] == f'"{body["mod_revision"]}"'
+    listing = await (await client.get("/v1/kv?prefix=a/")).json()
+    assert listing["items"][0]["value"] == "djE="
+    assert (await client.delete("/v1/kv/a/b")).status == 200
+    missing = await client.get("/v1/kv/a/b?consistency=stale")
+    assert missing.status == 404
+    assert (await missing.json())["error"]["code"] == "not_found"
+    status = await (await client.get("/v1/status")).json()
+    assert status["role"] == "leader" and status["id"] == 1
+
+
+async def test_disk_full_answers_507_keeps_reads_and_recovers(harness: Harness) -> None:
+    client, storage = harness.client, harness.storage
+    assert (await client.put("/v1/kv/k", data=b"before")).status == 200
+    storage.disk_full = True
+    first = asyncio.ensure_future(client.put("/v1/kv/k", data=b"during"))
+    await _until(lambda: harness.driver.disk_full)
+    refused = await client.put("/v1/kv/other", data=b"x")
+    assert refused.status == 507
+    assert (await refused.json())["error"]["code"] == "disk_full"
+    stale = await client.get("/v1/kv/k?consistency=stale")
+    assert await stale.read() == b"before"
+    storage.disk_full = False
+    assert (await first).status == 200
+    await _until(lambda: not harness.driver.disk_full)
+    assert (await client.put("/v1/kv/other", data=b"x")).status == 200
+    assert await (await client.get("/v1/kv/k")).read() == b"during"
+
+
+@pytest.mark.parametrize(
+    "harness", [{"max_pending_proposals": 2, "request_timeout_ms": 300}], indirect=True
+)
+async def test_backlog_gives_429_and_deadline_gives_504(harness: Harness) -> None:
+    client, storage = harness.client, harness.storage
+    storage.gate.clear()  # the next save waits: writes pile up
+    writes = [asyncio.ensure_future(client.put(f"/v1/kv/w{i}", data=b"x")) for i in range(2)]
+    await _until(lambda: harness.driver.pending_writes() == 2)
+    overloaded = await client.put("/v1/kv/w9", data=b"x")
+    assert overloaded.status == 429
+    assert "Retry-After" in overloaded.headers
+    assert (await overloaded.json())["error"]["retry_after_ms"] == 50
+    statuses = sorted([(await w).status for w in writes])
+    assert statuses == [504, 504]
+    storage.gate.set()
+    await _until(lambda: harness.driver.pending_writes() == 0)
+    assert (await client.put("/v1/kv/w10", data=b"x")).status == 200
+
+
+async def test_validation_errors(harness: Harness) -> None:
+    client = harness.client
+    assert (await client.put("/v1/kv/" + "x" * 1025, data=b"v")).status == 400
+    assert (await client.put("/v1/kv/a%00", data=b"v")).status == 400
+    too_large = await client.put("/v1/kv/big", data=b"v" * ((1 << 20) + 1))
+    assert too_large.status == 413
+    assert (await client.put("/v1/kv/c", data=b"v", headers={"If-Match": "x"})).status == 400
+    both = {"If-Match": "1", "If-None-Match": "*"}
+    assert (await client.put("/v1/kv/c", data=b"v", headers=both)).status == 400
+    bad_id = {"Kvstore-Request-Id": "bad id:1"}
+    assert (await client.put("/v1/kv/c", data=b"v", headers=bad_id)).status == 400
+    assert (await client.get("/v1/kv?limit=0")).status == 400
+    assert (await client.get("/nope")).status == 404
+    assert (await client.get("/v1/kv/big?consistency=stale")).status == 404
+
+
+async def test_openapi_describes_every_route(harness: Harness) -> None:
+    document = await (await harness.client.get("/v1/openapi.json")).json()
+    for route in ("/v1/kv/{key}", "/v1/kv", "/healthz", "/readyz", "/v1/status", "/metrics"):
+        assert route in document["paths"]
+    metrics = await (await harness.client.get("/metrics")).text()
+    assert "kvstore_fsync_seconds_bucket" in metrics
