@@ -1,0 +1,61 @@
+"""The filesystem calls storage makes, behind one small injectable object.
+
+`DiskStorage`, the write-ahead log and the snapshot writer never call `os` directly: they go
+through a `FileSystem`, so tests can fail any single call (EIO on fsync, ENOSPC half-way
+through a write, a "crash" after the N-th operation) without a real broken disk. The default
+implementation is a thin wrapper over `os`; it adds no buffering and no retries.
+
+Rule: a subclass that simulates a fault raises `OSError` with the errno the kernel would use,
+so the callers' error mapping (ENOSPC -> DiskFullError, anything else -> FatalDiskError) is
+exercised exactly as in production.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class FileSystem:
+    """Plain `os` calls; subclass and override a method to inject faults."""
+
+    def open(self, path: str, flags: int, mode: int = 0o644) -> int:
+        return os.open(path, flags, mode)
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        os.ftruncate(fd, length)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def rename(self, source: str, target: str) -> None:
+        os.rename(source, target)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
+
+    def makedirs(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def read_file(self, path: str) -> bytes:
+        with open(path, "rb") as file:
+            return file.read()
+
+    def fsync_directory(self, path: str) -> None:
+        """Make a rename, create or unlink inside `path` durable."""
+        fd = self.open(path, os.O_RDONLY)
+        try:
+            self.fsync(fd)
+        finally:
+            self.close(fd)

@@ -1,0 +1,128 @@
+"""Snapshot files: the state machine's state as of a log index, written atomically.
+
+File `snap-<index:020d>-<term:020d>.snap`:
+
+    magic    8 bytes  b"KVSNAP01"
+    checksum u32      zlib.crc32 of the body
+    length   u64      body length
+    body              kvstore.codec.pack(snapshot_to_obj(snapshot))
+
+Writing follows the only sequence that survives a crash at any point: write a temporary file,
+fsync it, rename it over its final name, fsync the directory. A snapshot is only *used* once
+the write-ahead log names it (a SNAPSHOT record or a segment base), so a file that became
+durable just before a crash but was never recorded in the log is ignored and removed on
+recovery. Loading verifies magic, length, checksum and that the metadata matches the name.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import zlib
+
+from kvstore import codec
+from kvstore.errors import (
+    CorruptionError,
+    DiskFullError,
+    FatalDiskError,
+    ProtocolError,
+    StorageError,
+)
+from kvstore.raft.types import Snapshot
+from kvstore.storage.fs import FileSystem
+
+MAGIC = b"KVSNAP01"
+_HEADER = struct.Struct("<8sIQ")
+SUFFIX = ".snap"
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def snapshot_name(index: int, term: int) -> str:
+    return f"snap-{index:020d}-{term:020d}{SUFFIX}"
+
+
+def parse_snapshot_name(name: str) -> tuple[int, int] | None:
+    """(index, term) of a snapshot file name, or None for any other name."""
+    if not (name.startswith("snap-") and name.endswith(SUFFIX)):
+        return None
+    parts = name[len("snap-") : -len(SUFFIX)].split("-")
+    if len(parts) != 2 or not all(len(p) == 20 and p.isdigit() for p in parts):
+        return None
+    return int(parts[0]), int(parts[1])
+
+
+def encode_snapshot_file(snapshot: Snapshot) -> bytes:
+    body = codec.pack(codec.snapshot_to_obj(snapshot))
+    return _HEADER.pack(MAGIC, zlib.crc32(body), len(body)) + body
+
+
+def write_snapshot(fs: FileSystem, directory: str, snapshot: Snapshot) -> tuple[str, int]:
+    """Durably write `snapshot`; returns its path and the number of fsyncs made.
+    Raises DiskFullError on ENOSPC (the temporary file is removed) and FatalDiskError on
+    any other failure."""
+    metadata = snapshot.metadata
+    path = os.path.join(directory, snapshot_name(metadata.index, metadata.term))
+    temporary = path + TEMPORARY_SUFFIX
+    content = encode_snapshot_file(snapshot)
+    try:
+        fd = fs.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    except OSError as exc:
+        raise _map_error(exc, f"create {temporary}") from exc
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[fs.write(fd, view) :]
+    except OSError as exc:
+        fs.close(fd)
+        _remove_quietly(fs, temporary)
+        raise _map_error(exc, f"write {temporary}") from exc
+    try:
+        fs.fsync(fd)
+    except OSError as exc:
+        raise FatalDiskError(f"fsync of {temporary} failed: {exc}") from exc
+    finally:
+        fs.close(fd)
+    try:
+        fs.rename(temporary, path)
+        fs.fsync_directory(directory)
+    except OSError as exc:
+        raise FatalDiskError(f"rename/fsync of {path} failed: {exc}") from exc
+    return path, 2
+
+
+def load_snapshot(fs: FileSystem, path: str) -> Snapshot:
+    """Read and verify a snapshot file; CorruptionError(path, offset, reason) on damage."""
+    data = fs.read_file(path)
+    if len(data) < _HEADER.size:
+        raise CorruptionError(path, 0, "snapshot file shorter than its header")
+    magic, crc, length = _HEADER.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise CorruptionError(path, 0, "bad snapshot magic")
+    body = data[_HEADER.size :]
+    if len(body) != length:
+        raise CorruptionError(path, 12, f"snapshot body is {len(body)} bytes, header says {length}")
+    if zlib.crc32(body) != crc:
+        raise CorruptionError(path, _HEADER.size, "snapshot checksum mismatch")
+    try:
+        snapshot = codec.snapshot_from_obj(codec.unpack(body))
+    except ProtocolError as exc:
+        raise CorruptionError(path, _HEADER.size, f"snapshot does not decode: {exc}") from exc
+    named = parse_snapshot_name(os.path.basename(path))
+    metadata = snapshot.metadata
+    if named is not None and named != (metadata.index, metadata.term):
+        raise CorruptionError(path, _HEADER.size, "snapshot metadata does not match its name")
+    return snapshot
+
+
+def _map_error(exc: OSError, what: str) -> StorageError:
+    if exc.errno == errno.ENOSPC:
+        return DiskFullError(f"disk full: {what}")
+    return FatalDiskError(f"{what}: {exc}")
+
+
+def _remove_quietly(fs: FileSystem, path: str) -> None:
+    try:
+        fs.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,135 @@
+"""DiskStorage: round trips through close and reopen, conflicts, snapshots, compaction."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from kvstore.errors import CompactedError, StorageError, UnavailableIndexError
+from kvstore.raft.types import ConfState, Entry, HardState, Snapshot, SnapshotMetadata
+from kvstore.storage.disk import DiskStorage
+
+VOTERS = ConfState(voters=(1, 2, 3))
+
+
+def entries(first: int, last: int, term: int = 1, size: int = 10) -> list[Entry]:
+    return [Entry(term=term, index=i, data=bytes([i % 256]) * size) for i in range(first, last + 1)]
+
+
+def reopen(storage: DiskStorage, **kwargs: object) -> DiskStorage:
+    storage.close()
+    return DiskStorage(storage.directory, **kwargs)  # type: ignore[arg-type]
+
+
+def test_fresh_directory_records_initial_voters(tmp_path: Path) -> None:
+    storage = DiskStorage(tmp_path / "d", initial_conf_state=VOTERS)
+    assert storage.initial_state() == (HardState(), VOTERS)
+    assert (storage.first_index(), storage.last_index(), storage.term(0)) == (1, 0, 0)
+    storage = reopen(storage, initial_conf_state=ConfState(voters=(9,)))
+    assert storage.initial_state() == (HardState(), VOTERS)
+    storage.close()
+
+
+def test_save_and_recover_entries_and_hard_state(tmp_path: Path) -> None:
+    storage = DiskStorage(tmp_path, initial_conf_state=VOTERS)
+    storage.save(HardState(term=1, vote=2, commit=0), entries(1, 10), None)
+    storage.save(HardState(term=1, vote=2, commit=7), [], None)
+    storage = reopen(storage)
+    assert storage.initial_state()[0] == HardState(term=1, vote=2, commit=7)
+    assert storage.entries(1, 11, 1 << 20) == entries(1, 10)
+    assert storage.entries(3, 11, 1) == entries(3, 3)  # at least one entry
+    with pytest.raises(CompactedError):
+        storage.entries(0, 2, 100)
+    with pytest.raises(UnavailableIndexError):
+        storage.term(11)
+    assert storage.metrics.fsync_count == 0
+    storage.save(None, entries(11, 11), None)
+    assert storage.metrics.fsync_count == 1
+    assert storage.metrics.bytes_written > 0
+    storage.close()
+
+
+def test_conflicting_entries_truncate_durably(tmp_path: Path) -> None:
+    """Raft §5.3: a conflicting entry replaces ours and everything after it."""
+    storage = DiskStorage(tmp_path)
+    storage.save(HardState(term=1), entries(1, 10), None)
+    storage.save(HardState(term=2), entries(6, 7, term=2), None)
+    assert storage.last_index() == 7
+    storage = reopen(storage)
+    assert storage.entries(1, 8, 1 << 20) == entries(1, 5) + entries(6, 7, term=2)
+    storage.save(None, entries(8, 9, term=2), None)
+    storage = reopen(storage)
+    assert storage.last_index() == 9
+    storage.close()
+
+
+def test_segments_rotate_and_recover(tmp_path: Path) -> None:
+    storage = DiskStorage(tmp_path, segment_size_bytes=2048)
+    for index in range(1, 301):
+        storage.save(HardState(term=1, commit=index - 1), entries(index, index, size=50), None)
+    assert len(list(tmp_path.glob("*.wal"))) > 5
+    storage = reopen(storage, segment_size_bytes=2048)
+    assert storage.entries(1, 301, 1 << 30) == entries(1, 300, size=50)
+    storage.close()
+
+
+def test_snapshot_and_compaction_survive_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    storage = DiskStorage(tmp_path, compact_after_entries=50, segment_size_bytes=4096)
+    storage.save(HardState(term=1, commit=200), entries(1, 200, size=40), None)
+    snap = storage.create_snapshot(150, VOTERS, b"state@150")
+    assert snap.metadata == SnapshotMetadata(index=150, term=1, conf_state=VOTERS)
+    with caplog.at_level(logging.INFO, logger="kvstore.storage"):
+        storage.compact(140)
+    assert "compacted" in caplog.text
+    assert storage.first_index() == 141
+    assert len(list(tmp_path.glob("*.wal"))) == 1
+    storage = reopen(storage)
+    assert storage.first_index() == 141
+    assert storage.term(140) == 1
+    assert storage.snapshot() == snap
+    assert storage.initial_state()[1] == VOTERS
+    assert storage.entries(141, 201, 1 << 30) == entries(141, 200, size=40)
+    with pytest.raises(CompactedError):
+        storage.create_snapshot(150, VOTERS, b"again")
+    storage.close()
+
+
+def test_trailing_entries_compacts_automatically(tmp_path: Path) -> None:
+    storage = DiskStorage(tmp_path, trailing_entries=10, compact_after_entries=1)
+    storage.save(HardState(term=1, commit=100), entries(1, 100), None)
+    storage.create_snapshot(80, VOTERS, b"s80")
+    assert storage.first_index() == 71
+    storage.create_snapshot(100, VOTERS, b"s100")
+    assert storage.first_index() == 91
+    assert [p.name for p in tmp_path.glob("*.snap")] == [
+        "snap-00000000000000000100-00000000000000000001.snap"
+    ]
+    storage = reopen(storage)
+    assert (storage.first_index(), storage.last_index()) == (91, 100)
+    assert storage.snapshot().data == b"s100"
+    storage.close()
+
+
+def test_install_snapshot_replaces_log(tmp_path: Path) -> None:
+    """Raft §7: a snapshot from the leader replaces the whole log."""
+    storage = DiskStorage(tmp_path, initial_conf_state=VOTERS)
+    storage.save(HardState(term=1), entries(1, 20), None)
+    snap = Snapshot(SnapshotMetadata(index=50, term=3, conf_state=VOTERS), b"leader state")
+    storage.save(HardState(term=3, commit=50), entries(51, 52, term=3), snap)
+    assert (storage.first_index(), storage.last_index(), storage.term(50)) == (51, 52, 3)
+    storage = reopen(storage)
+    assert (storage.first_index(), storage.last_index(), storage.term(50)) == (51, 52, 3)
+    assert storage.snapshot() == snap
+    assert storage.initial_state() == (HardState(term=3, commit=50), VOTERS)
+    storage.close()
+
+
+def test_directory_is_locked(tmp_path: Path) -> None:
+    storage = DiskStorage(tmp_path)
+    with pytest.raises(StorageError, match="in use"):
+        DiskStorage(tmp_path)
+    storage.close()
