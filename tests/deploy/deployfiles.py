@@ -14,7 +14,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -130,5 +129,6 @@ def load_serve_config(environ: Mapping[str, str]) -> Any:
 
 
 def _config_module() -> Any:
-    # TODO(deploy): a hard import once the server's kvstore/config.py is committed.
-    return pytest.importorskip("kvstore.config")
+    import kvstore.config
+
+    return kvstore.config
