@@ -307,7 +307,7 @@ def _load_forgotten(session: Session, flat: Any) -> None:
         raise ProtocolError("session: a seq is both answered and forgotten")
 
 
-# --- result encoding (shared with the state machine's snapshot) ---------------------------
+# --- result encoding --------------------------------------------------------------------
 
 
 def key_value_to_obj(kv: KeyValue) -> list[Any]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -49,13 +49,24 @@ from kvstore.kv.commands import (
 from kvstore.kv.sessions import (
     SessionConfig,
     SessionTable,
-    key_value_from_obj,
-    key_value_to_obj,
 )
 from kvstore.raft.types import Entry, EntryType
 
 SNAPSHOT_FORMAT_VERSION = 1
 """The first byte of `StateMachine.snapshot()`'s encoding."""
+
+
+class _Record(NamedTuple):
+    """One key's state inside the store (the key itself is the dict key)."""
+
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+
+
+# tuple.__new__ without the generated keyword-handling __new__: the restore() hot loop.
+_make_record = _Record._make
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,7 +84,9 @@ class StateMachine:
         self.applied_index = 0
         self.revision = 0
         self.clock_ms = 0
-        self._data: dict[str, KeyValue] = {}
+        # Plain records rather than KeyValue objects: building a frozen dataclass per key
+        # would dominate restore() and snapshot() of a large store.
+        self._data: dict[str, _Record] = {}
         # Invariant: sorted(self._data).
         self._keys: list[str] = []
         self._sessions = SessionTable(self.config.sessions)
@@ -110,7 +123,7 @@ class StateMachine:
             if isinstance(earlier, WriteResult):
                 return earlier
             if earlier is WriteError.SESSION_EXPIRED:
-                return self._refusal(WriteError.SESSION_EXPIRED, None)
+                return self._refusal(WriteError.SESSION_EXPIRED)
         if isinstance(command, Put):
             result = self._put(command)
         else:
@@ -120,38 +133,35 @@ class StateMachine:
         return result
 
     def _put(self, command: Put) -> WriteResult:
-        current = self._data.get(command.key)
+        key = command.key
+        current = self._data.get(key)
         if (command.create_only and current is not None) or not _matches(
             current, command.if_revision
         ):
-            return self._refusal(WriteError.PRECONDITION_FAILED, current)
+            return self._refusal(WriteError.PRECONDITION_FAILED, key, current)
         self.revision += 1
         if current is None:
-            new = KeyValue(command.key, command.value, self.revision, self.revision, 1)
-            bisect.insort(self._keys, command.key)
+            new = _Record(command.value, self.revision, self.revision, 1)
+            bisect.insort(self._keys, key)
         else:
-            new = KeyValue(
-                command.key,
-                command.value,
-                current.create_revision,
-                self.revision,
-                current.version + 1,
+            new = _Record(
+                command.value, current.create_revision, self.revision, current.version + 1
             )
-        self._data[command.key] = new
+        self._data[key] = new
         return WriteResult(
             ok=True,
             revision=self.revision,
-            key_value=_without_value(new),
-            prev=None if current is None else _without_value(current),
+            key_value=_metadata(key, new),
+            prev=None if current is None else _metadata(key, current),
             error=None,
         )
 
     def _delete(self, command: Delete) -> WriteResult:
         current = self._data.get(command.key)
         if not _matches(current, command.if_revision):
-            return self._refusal(WriteError.PRECONDITION_FAILED, current)
+            return self._refusal(WriteError.PRECONDITION_FAILED, command.key, current)
         if current is None:
-            return self._refusal(WriteError.NOT_FOUND, None)
+            return self._refusal(WriteError.NOT_FOUND, command.key, None)
         self.revision += 1
         del self._data[command.key]
         position = bisect.bisect_left(self._keys, command.key)
@@ -161,23 +171,26 @@ class StateMachine:
             ok=True,
             revision=self.revision,
             key_value=None,
-            prev=_without_value(current),
+            prev=_metadata(command.key, current),
             error=None,
         )
 
-    def _refusal(self, error: WriteError, current: KeyValue | None) -> WriteResult:
+    def _refusal(
+        self, error: WriteError, key: str = "", current: _Record | None = None
+    ) -> WriteResult:
         return WriteResult(
             ok=False,
             revision=self.revision,
             key_value=None,
-            prev=None if current is None else _without_value(current),
+            prev=None if current is None else _metadata(key, current),
             error=error.value,
         )
 
     # --- reads ---------------------------------------------------------------------------
 
     def get(self, key: str) -> KeyValue | None:
-        return self._data.get(key)
+        record = self._data.get(key)
+        return None if record is None else KeyValue(key, *record)
 
     def list(self, prefix: str, limit: int) -> tuple[list[KeyValue], bool]:
         """Keys starting with `prefix`, sorted, at most `limit` (0 = no limit); `more` says
@@ -190,7 +203,8 @@ class StateMachine:
         while position < len(keys) and keys[position].startswith(prefix):
             if limit and len(items) == limit:
                 return items, True
-            items.append(self._data[keys[position]])
+            key = keys[position]
+            items.append(KeyValue(key, *self._data[key]))
             position += 1
         return items, False
 
@@ -205,7 +219,7 @@ class StateMachine:
         if isinstance(earlier, WriteResult):
             return earlier
         if earlier is WriteError.SESSION_EXPIRED:
-            return self._refusal(WriteError.SESSION_EXPIRED, None)
+            return self._refusal(WriteError.SESSION_EXPIRED)
         return None
 
     @property
@@ -218,13 +232,13 @@ class StateMachine:
     def snapshot(self) -> bytes:
         """The whole state as of `applied_index`, canonically encoded (equal states give
         equal bytes): version byte + msgpack."""
-        obj = [
-            self.applied_index,
-            self.revision,
-            self.clock_ms,
-            [key_value_to_obj(self._data[key]) for key in self._keys],
-            self._sessions.to_obj(),
-        ]
+        # Keys as one flat array (key, value, create, mod, version, key, ...): no per-key
+        # arrays to build or to decode, which is most of the cost for a large store.
+        flat: list[Any] = []
+        extend, data = flat.extend, self._data
+        for key in self._keys:
+            extend((key, *data[key]))
+        obj = [self.applied_index, self.revision, self.clock_ms, flat, self._sessions.to_obj()]
         return bytes((SNAPSHOT_FORMAT_VERSION,)) + msgpack.packb(obj, use_bin_type=True)
 
     def restore(self, data: bytes, index: int) -> None:
@@ -254,25 +268,40 @@ class StateMachine:
         return hashlib.sha256(self.snapshot()).hexdigest()
 
 
-def _data_from_items(items: list[Any], revision: int) -> dict[str, KeyValue]:
-    data: dict[str, KeyValue] = {}
-    previous: str | None = None
-    for item in items:
-        kv = key_value_from_obj(item)
-        if previous is not None and kv.key <= previous:
-            raise ProtocolError("state machine snapshot: keys not strictly sorted")
-        if kv.mod_revision > revision or kv.create_revision > kv.mod_revision or kv.version < 1:
-            raise ProtocolError(f"state machine snapshot: bad revisions for {kv.key!r}")
-        data[kv.key] = kv
-        previous = kv.key
+def _data_from_items(flat: list[Any], revision: int) -> dict[str, _Record]:
+    """Decode and validate the flat key array of a snapshot (see `snapshot`)."""
+    if len(flat) % 5:
+        raise ProtocolError("state machine snapshot: key array length not a multiple of 5")
+    data: dict[str, _Record] = {}
+    previous = ""
+    fields = iter(flat)
+    for key, value, create_revision, mod_revision, version in zip(
+        fields, fields, fields, fields, fields
+    ):
+        # Exact type checks (bool is not an int here; msgpack never yields subclasses).
+        if (
+            type(key) is not str
+            or type(value) is not bytes
+            or type(create_revision) is not int
+            or type(mod_revision) is not int
+            or type(version) is not int
+        ):
+            raise ProtocolError(f"state machine snapshot: bad key entry after {previous!r}")
+        if key <= previous:
+            raise ProtocolError("state machine snapshot: keys empty or not strictly sorted")
+        if not 0 < create_revision <= mod_revision <= revision or version < 1:
+            raise ProtocolError(f"state machine snapshot: bad revisions for {key!r}")
+        data[key] = _make_record((value, create_revision, mod_revision, version))
+        previous = key
     return data
 
 
-def _matches(current: KeyValue | None, if_revision: int | None) -> bool:
+def _matches(current: _Record | None, if_revision: int | None) -> bool:
     if if_revision is None:
         return True
     return (0 if current is None else current.mod_revision) == if_revision
 
 
-def _without_value(kv: KeyValue) -> KeyValue:
-    return KeyValue(kv.key, b"", kv.create_revision, kv.mod_revision, kv.version)
+def _metadata(key: str, record: _Record) -> KeyValue:
+    """The key's revisions without its value (what write results carry)."""
+    return KeyValue(key, b"", record.create_revision, record.mod_revision, record.version)
