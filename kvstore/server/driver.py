@@ -45,13 +45,15 @@ from kvstore.errors import (
     UnavailableError,
 )
 from kvstore.kv.commands import RequestId, encode_command
-from kvstore.raft.types import NONE, Message, Ready, Role
+from kvstore.raft.types import NONE, Message, MessageType, Ready, Role
 from kvstore.server.metrics import NodeMetrics
 
 logger = logging.getLogger("kvstore.server")
 
 _DISK_FULL_RETRY_S = 0.1
 _DEADLINE_SWEEP_S = 0.01
+# Leader messages that may be sent before the leader's own save of the same Ready.
+_EARLY_TYPES = frozenset({MessageType.APPEND, MessageType.HEARTBEAT})
 
 
 @dataclass(slots=True)
@@ -115,6 +117,9 @@ class Driver:
         self.leader_id: int = status.leader_id
         self.role: Role = status.role
         self.term: int = status.term
+        # (term, vote) as last made durable: a leader's early appends need them unchanged.
+        hard_state = replica.storage.initial_state()[0]
+        self._durable_term_vote = (hard_state.term, hard_state.vote)
         # Server-generated request ids for clients that send none (curl).
         self._client_id = f"srv{config.id}-{secrets.token_hex(6)}"
         self._seq = itertools.count(1)
@@ -319,9 +324,13 @@ class Driver:
 
     async def _process_ready(self) -> None:
         replica = self.replica
+        send = self._send
         while (ready := replica.prepare()) is not None:
             if ready.soft_state is not None:
                 self._on_soft_state(ready.soft_state.leader_id, ready.soft_state.role)
+            early = self._early_messages(ready)
+            for message in early:
+                send(message)
             if ready.hard_state is not None or ready.entries or ready.snapshot is not None:
                 # Only a save that must fsync goes to the worker thread, and only when it is
                 # big enough that the fsync, not the thread hop, dominates; a commit-only
@@ -330,24 +339,43 @@ class Driver:
                     ready.snapshot is None and len(ready.entries) <= self._inline_entries_max
                 )
                 await self._persist(ready, inline=inline)
-            send = self._send
+            if ready.hard_state is not None:
+                self._durable_term_vote = (ready.hard_state.term, ready.hard_state.vote)
             for message in ready.messages:
-                send(message)
+                if message.type not in _EARLY_TYPES or not early:
+                    send(message)
             if ready.committed_entries or ready.snapshot is not None:
                 self._apply(ready)
             if ready.read_states:
                 self._on_read_states(ready)
-            started = time.perf_counter()
-            if replica.advance(ready):
-                self.metrics.snapshots.inc()
-                logger.info(
-                    "event=snapshot_taken index=%s seconds=%.3f",
-                    replica.snapshot_index,
-                    time.perf_counter() - started,
-                )
-            if ready.hard_state is not None:
-                self.term = ready.hard_state.term
-                self.metrics.term.set(self.term)
+            self._advance(ready)
+
+    def _early_messages(self, ready: Ready) -> list[Message]:
+        """A leader's appends may leave before its own save of the same entries (Raft
+        dissertation §10.2.1: the leader writes to its disk in parallel with replicating).
+        Safe here because acknowledgements are stepped only on the driver's next turn, after
+        this save returned, so the leader never counts its own entries before they are durable.
+        Never when the Ready changes term or vote: those must be durable before anything that
+        depends on them leaves (Raft §5)."""
+        if self.role is not Role.LEADER or not ready.messages:
+            return []
+        hard_state = ready.hard_state
+        if hard_state is not None and (hard_state.term, hard_state.vote) != self._durable_term_vote:
+            return []
+        return [m for m in ready.messages if m.type in _EARLY_TYPES]
+
+    def _advance(self, ready: Ready) -> None:
+        started = time.perf_counter()
+        if self.replica.advance(ready):
+            self.metrics.snapshots.inc()
+            logger.info(
+                "event=snapshot_taken index=%s seconds=%.3f",
+                self.replica.snapshot_index,
+                time.perf_counter() - started,
+            )
+        if ready.hard_state is not None:
+            self.term = ready.hard_state.term
+            self.metrics.term.set(self.term)
 
     async def _persist(self, ready: Ready, *, inline: bool) -> None:
         loop = asyncio.get_running_loop()
