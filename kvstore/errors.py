@@ -19,7 +19,8 @@
     │   ├── BadRequestError             malformed input (400)
     │   ├── PayloadTooLargeError        body, key or value over its limit (413)
     │   ├── NotFoundError               no such key (404)
-    │   └── PreconditionFailedError     a compare-and-set did not match (412)
+    │   ├── PreconditionFailedError     a compare-and-set did not match (412)
+    │   └── SessionExpiredError         request id older than the session remembers (409)
     └── ProtocolError                   a malformed frame, or a message from another cluster
 
 Only `kvstore.server.http` turns these into HTTP responses (via `http_status` and `code`);
@@ -214,6 +215,14 @@ class PreconditionFailedError(RequestError):
         super().__init__(message)
         # The key's mod_revision when the condition was checked (0: absent), when known.
         self.current_revision = current_revision
+
+
+class SessionExpiredError(RequestError):
+    """The request id is older than the client's session remembers: not applied now, and
+    whether an earlier attempt of it applied is unknown."""
+
+    http_status = 409
+    code = "session_expired"
 
 
 class ProtocolError(KVStoreError):

@@ -29,6 +29,7 @@ from kvstore.errors import (
     NotLeaderError,
     PayloadTooLargeError,
     PreconditionFailedError,
+    SessionExpiredError,
 )
 from kvstore.kv.commands import Delete, Put, RequestId
 from kvstore.server.driver import Driver
@@ -253,8 +254,9 @@ class HttpApi:
         if result.ok:
             return
         if result.error == "session_expired":
-            raise BadRequestError(
-                "the request id is older than the client's session remembers; outcome unknown"
+            raise SessionExpiredError(
+                "the request id is older than the client's session remembers; not applied "
+                "now, and whether an earlier attempt applied is unknown"
             )
         if result.error == "not_found":
             raise NotFoundError("no such key")
