@@ -37,6 +37,7 @@ Invariants:
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,6 +230,29 @@ class SessionTable:
     def _evict(self, client_id: str) -> None:
         session = self._sessions.pop(client_id)
         self._entry_count -= session.size()
+
+    def check_invariants(self) -> None:
+        """Assert the module's invariants (tests and the simulator; O(size))."""
+        count = 0
+        last_active = -1
+        for client_id, session in self._sessions.items():
+            assert client_id == session.client_id
+            assert session.last_active_ms >= last_active, "sessions out of activity order"
+            last_active = session.last_active_ms
+            assert session.seqs == sorted(session.results)
+            assert all(seq >= session.discarded_below for seq in session.seqs)
+            starts, ends = session.forgotten_starts, session.forgotten_ends
+            assert len(starts) == len(ends)
+            bounds = [bound for pair in zip(starts, ends) for bound in pair]
+            assert all(a < b for a, b in itertools.pairwise(bounds)), "ranges overlap or touch"
+            assert not starts or starts[0] >= session.discarded_below
+            assert not any(session.is_forgotten(seq) for seq in session.seqs)
+            assert len(session.seqs) <= self.config.max_results_per_session
+            assert len(starts) <= self.config.max_results_per_session
+            count += session.size()
+        assert count == self._entry_count
+        assert len(self._sessions) <= self.config.max_sessions
+        assert count <= self.config.max_results_total
 
     # --- snapshot encoding -------------------------------------------------------------
 

@@ -227,6 +227,14 @@ class StateMachine:
         """The session table (read it; only `apply` may change it)."""
         return self._sessions
 
+    def check_invariants(self) -> None:
+        """Assert the module's invariants (tests and the simulator; O(size))."""
+        assert self._keys == sorted(self._data), "key index out of step with the data"
+        for record in self._data.values():
+            assert 0 < record.create_revision <= record.mod_revision <= self.revision
+            assert record.version >= 1
+        self._sessions.check_invariants()
+
     # --- snapshots -----------------------------------------------------------------------
 
     def snapshot(self) -> bytes:

@@ -226,6 +226,8 @@ def test_bounded_table_is_deterministic_and_never_applies_twice(
             applied[(client, seq)] = session
         assert len(replica_a.sessions) <= 3 and replica_a.sessions.entry_count <= 8
         assert replica_a.digest() == replica_b.digest()
+        replica_a.check_invariants()
+        replica_b.check_invariants()
         if rng.random() < 0.2:
             restarted = machine_with(**config)
             restarted.restore(replica_b.snapshot(), replica_b.applied_index)

@@ -137,6 +137,7 @@ class StateMachineVsModel(RuleBasedStateMachine):
         for key in self.model:
             assert self.machine.get(key) == self._model_kv(key)
         assert self.machine.get("zzz") is None
+        self.machine.check_invariants()
 
 
 StateMachineVsModel.TestCase.settings = settings(
