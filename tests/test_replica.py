@@ -346,6 +346,7 @@ def _random_run(seed: int) -> None:
     cluster.tick(5)
     assert len(cluster.digests()) == 1, f"seed {seed}: state machines differ"
     machine = cluster.replicas[1].state_machine
+    machine.check_invariants()
     items, _ = machine.list("k", 0)
     assert all(kv.version == 1 for kv in items), f"seed {seed}: a request applied twice"
     assert machine.revision == len(items) == len(answered) == next_seq - 1
