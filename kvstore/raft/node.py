@@ -253,12 +253,15 @@ class RawNode:
         if not self.has_ready():
             return _EMPTY_READY
         log = self._log
-        hard_state: HardState | None = HardState(self.term, self.vote, log.committed)
-        if hard_state == self._prev_hard_state:
-            hard_state = None
-        soft_state: SoftState | None = SoftState(self.leader_id, self.role)
-        if soft_state == self._prev_soft_state:
-            soft_state = None
+        previous = self._prev_hard_state
+        term_or_vote_changed = previous.term != self.term or previous.vote != self.vote
+        hard_state: HardState | None = None
+        if term_or_vote_changed or previous.commit != log.committed:
+            hard_state = HardState(self.term, self.vote, log.committed)
+        soft_state: SoftState | None = None
+        previous_soft = self._prev_soft_state
+        if previous_soft.leader_id != self.leader_id or previous_soft.role is not self.role:
+            soft_state = SoftState(self.leader_id, self.role)
         entries = log.unstable_entries()
         snapshot = log.unstable_snapshot()
         committed = tuple(log.next_committed_entries())
@@ -268,17 +271,8 @@ class RawNode:
         self._messages.clear()
         read_states = tuple(self._read_states)
         self._read_states.clear()
-        must_sync = (
-            bool(entries)
-            or snapshot is not None
-            or (
-                hard_state is not None
-                and (
-                    hard_state.term != self._prev_hard_state.term
-                    or hard_state.vote != self._prev_hard_state.vote
-                )
-            )
-        )
+        # A commit index alone needs no fsync: it can be relearned from the leader.
+        must_sync = bool(entries) or snapshot is not None or term_or_vote_changed
         self._ready_outstanding = True
         return Ready(
             soft_state=soft_state,

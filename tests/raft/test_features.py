@@ -211,3 +211,52 @@ def test_lost_last_append_with_window_not_full_is_resent() -> None:
     cluster.tick(15)
     for node_id in cluster.ids:
         assert cluster.data_applied(node_id) == [b"lost"]
+
+
+def test_config_validation_names_the_field() -> None:
+    from kvstore.raft.config import RaftConfig
+
+    with pytest.raises(ValueError, match="election_ticks"):
+        RaftConfig(id=1, peers=(1,), election_ticks=5, heartbeat_ticks=5)
+    with pytest.raises(ValueError, match="id"):
+        RaftConfig(id=0, peers=(1,))
+    with pytest.raises(ValueError, match="max_inflight_messages"):
+        RaftConfig(id=1, peers=(1,), max_inflight_messages=0)
+
+
+def test_propose_on_follower_and_during_transfer_is_dropped() -> None:
+    cluster = Cluster()
+    cluster.elect(1)
+    with pytest.raises(ProposalDroppedError):
+        cluster.nodes[2].propose(b"x")
+
+
+def test_uncommitted_bytes_are_bounded() -> None:
+    cluster = Cluster(max_uncommitted_entries_bytes=1000)
+    cluster.elect(1)
+    cluster.isolate(1)
+    cluster.nodes[1].propose(bytes(600))
+    with pytest.raises(ProposalDroppedError):
+        cluster.nodes[1].propose(bytes(600))
+    cluster.heal()
+    cluster.tick(6)
+    cluster.nodes[1].propose(bytes(600))
+
+
+def test_responses_from_unknown_nodes_are_ignored() -> None:
+    from kvstore.raft.types import Message
+
+    cluster = Cluster()
+    cluster.elect(1)
+    before = cluster.nodes[1].status()
+    cluster.nodes[1].step(Message(MessageType.APPEND_RESPONSE, 1, 9, 99, index=50))
+    assert cluster.nodes[1].status() == before
+
+
+def test_idle_node_has_no_ready() -> None:
+    cluster = Cluster()
+    cluster.elect(1)
+    cluster.tick(1)
+    for node in cluster.nodes.values():
+        assert not node.has_ready()
+        assert node.ready() == node.ready()
