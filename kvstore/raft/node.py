@@ -370,6 +370,8 @@ class RawNode:
         # Dissertation §9.6: a pre-vote round changes neither term nor vote.
         self._votes = {}
         self.leader_id = NONE
+        # A shortened timeout (report_peer_down) is good for one quick attempt only.
+        self._reset_randomized_election_timeout()
         self.role = Role.PRE_CANDIDATE
         logger.info("raft node=%d became pre-candidate term=%d", self.id, self.term)
 

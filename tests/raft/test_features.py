@@ -260,3 +260,16 @@ def test_idle_node_has_no_ready() -> None:
     for node in cluster.nodes.values():
         assert not node.has_ready()
         assert node.ready() == node.ready()
+
+
+def test_report_peer_down_with_one_way_link_failure_does_not_spam_campaigns() -> None:
+    """After the quick first pre-vote attempt, retries use normal election timeouts."""
+    cluster = Cluster()
+    cluster.elect(1)
+    cluster.cut.add((1, 2))
+    cluster.nodes[2].report_peer_down(1)
+    cluster.sent.clear()
+    cluster.tick(30)
+    pre_votes = [m for m in cluster.sent if m.type is MessageType.PRE_VOTE and m.from_ == 2]
+    assert 1 <= len(pre_votes) <= 4
+    assert cluster.leaders() == [1]
