@@ -32,6 +32,9 @@ from kvstore.errors import BadRequestError, ProtocolError
 COMMAND_FORMAT_VERSION = 1
 """The first byte of every encoded command. Bump it when the array layout changes."""
 
+UINT64_MAX = (1 << 64) - 1
+"""The largest integer msgpack encodes: seqs, revisions and times must fit."""
+
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
@@ -65,8 +68,8 @@ class RequestId:
     def __post_init__(self) -> None:
         if not isinstance(self.client_id, str) or not _CLIENT_ID.fullmatch(self.client_id):
             raise ValueError(f"client_id must match [A-Za-z0-9_.-]{{1,64}}: {self.client_id!r}")
-        if not _is_int(self.seq) or self.seq < 1:
-            raise ValueError(f"seq must be an integer >= 1: {self.seq!r}")
+        if not _is_count(self.seq) or self.seq < 1:
+            raise ValueError(f"seq must be an integer in 1..2**64-1: {self.seq!r}")
 
     def __str__(self) -> str:
         return f"{self.client_id}:{self.seq}"
@@ -75,7 +78,7 @@ class RequestId:
 def parse_request_id(text: str) -> RequestId:
     """Parse the `Kvstore-Request-Id` header (`<client_id>:<seq>`); BadRequestError if bad."""
     client_id, sep, seq_text = text.strip().rpartition(":")
-    if not sep or not seq_text.isascii() or not seq_text.isdigit() or len(seq_text) > 19:
+    if not sep or not seq_text.isascii() or not seq_text.isdigit() or len(seq_text) > 20:
         raise BadRequestError(f"request id must be <client_id>:<seq>, got {text!r}")
     try:
         return RequestId(client_id, int(seq_text))
@@ -264,8 +267,9 @@ def _is_int(value: object) -> bool:
 
 
 def _is_count(value: object) -> bool:
-    """A non-negative integer (bools excluded: msgpack keeps them apart, so do we)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A non-negative integer that msgpack can carry (bools excluded: msgpack keeps them
+    apart, so do we)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= UINT64_MAX
 
 
 def _check_common(

@@ -135,11 +135,19 @@ def test_constructors_validate() -> None:
         Put("k", b"v", None, 0, if_revision=1, create_only=True)
     with pytest.raises(ValueError):
         Delete("k", RequestId("c", 1), 0, acked_below=2)
+    with pytest.raises(ValueError):  # msgpack could not encode it
+        Put("k", b"", None, 0, if_revision=1 << 64)
+    with pytest.raises(ValueError):
+        RequestId("c", 1 << 64)
+    top = Put("k", b"", RequestId("c", (1 << 64) - 1), (1 << 64) - 1, if_revision=(1 << 64) - 1)
+    assert decode_command(encode_command(top)) == top
 
 
 def test_parse_request_id() -> None:
     assert parse_request_id("abc-1.2_x:17") == RequestId("abc-1.2_x", 17)
     assert str(RequestId("c", 3)) == "c:3"
-    for bad in ("", "abc", "abc:", ":5", "abc:0", "abc:-1", "a b:1", "abc:1x", "abc:٣"):
+    assert parse_request_id(f"c:{(1 << 64) - 1}").seq == (1 << 64) - 1
+    bad_ids = ("", "abc", "abc:", ":5", "abc:0", "abc:-1", "a b:1", "abc:1x", "abc:٣")
+    for bad in (*bad_ids, f"c:{1 << 64}", "c:" + "9" * 5000):
         with pytest.raises(BadRequestError):
             parse_request_id(bad)
