@@ -426,7 +426,7 @@ class RawNode:
             return
         if self._heartbeat_elapsed >= self._config.heartbeat_ticks:
             self._heartbeat_elapsed = 0
-            self._broadcast_heartbeat(self._read_only.last_pending_context())
+            self._broadcast_heartbeat(self._read_only.last_pending_key())
 
     def _check_quorum(self) -> None:
         """Raft dissertation §6.2: step down without contact from a quorum for a timeout."""
@@ -899,10 +899,9 @@ class RawNode:
         self._start_read(requester, context)
 
     def _start_read(self, requester: int, context: bytes) -> None:
-        if not self._read_only.add_request(self._log.committed, context, requester):
-            return
-        self._read_only.receive_ack(self.id, context)
-        self._broadcast_heartbeat(context)
+        key = self._read_only.add_request(self._log.committed, context, requester)
+        self._read_only.receive_ack(self.id, key)
+        self._broadcast_heartbeat(key)
 
     def _release_pending_read_index(self) -> None:
         if not self._pending_read_index or not self._committed_entry_in_current_term():

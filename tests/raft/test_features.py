@@ -21,7 +21,21 @@ def test_read_index_on_leader_confirms_with_heartbeat_round() -> None:
     cluster.stabilize()
     assert cluster.read_states[1] == [ReadState(commit, b"r1")]
     heartbeats = [m for m in cluster.sent if m.type is MessageType.HEARTBEAT]
-    assert heartbeats and all(m.context == b"r1" for m in heartbeats)
+    assert heartbeats and len({m.context for m in heartbeats}) == 1
+    assert heartbeats[0].context  # the round carries the read's key
+
+
+def test_reads_with_equal_contexts_from_different_nodes_are_all_answered() -> None:
+    """Regression: contexts are chosen by each requester (a counter per server process), so
+    they collide across nodes; every read must still be answered."""
+    cluster = Cluster()
+    cluster.elect(1)
+    cluster.propose(1, b"a")
+    for node_id in cluster.ids:
+        cluster.nodes[node_id].read_index(b"\x00\x01")
+    cluster.nodes[2].read_index(b"\x00\x01")
+    cluster.stabilize()
+    assert [len(cluster.read_states[i]) for i in cluster.ids] == [1, 2, 1]
 
 
 def test_read_index_on_leader_waits_without_quorum() -> None:
