@@ -9,6 +9,7 @@ kvstore.server.discovery, so renaming one there breaks these tests instead of th
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -88,6 +89,35 @@ def pod_environment(ordinal: int, namespace: str = "default") -> dict[str, str]:
     return env
 
 
+Instruction = tuple[str, str]
+
+
+def dockerfile_instructions(path: Path = DEPLOY / "Dockerfile") -> list[Instruction]:
+    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
+    instructions: list[Instruction] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        keyword, _, arguments = line.partition(" ")
+        instructions.append((keyword.upper(), arguments.strip()))
+    assert not pending, "dangling line continuation"
+    return instructions
+
+
+def dockerfile_healthcheck() -> tuple[str, list[str]]:
+    """The HEALTHCHECK's options and its CMD argv (exec form)."""
+    (healthcheck,) = [args for kw, args in dockerfile_instructions() if kw == "HEALTHCHECK"]
+    options, _, command = healthcheck.partition("CMD ")
+    argv: list[str] = json.loads(command)
+    return options, argv
+
+
 def compose_file() -> Document:
     with (DEPLOY / "compose.yaml").open() as file:
         document: Document = yaml.safe_load(file)
@@ -121,6 +151,13 @@ def serve_environment_names() -> set[str]:
     names |= {"KVSTORE_CONFIG", discovery.RESOLVE_ENV, discovery.HOSTNAME_ENV}
     names |= {discovery.REPLICAS_ENV, discovery.PEER_SERVICE_ENV, discovery.PEER_PORT_ENV}
     return names
+
+
+def cli_environment_names() -> set[str]:
+    """KVSTORE_* variables the `kvstore` client commands read (set for `kubectl exec`)."""
+    from kvstore import client_cli
+
+    return {client_cli.ENDPOINTS_ENV}
 
 
 def load_serve_config(environ: Mapping[str, str]) -> Any:

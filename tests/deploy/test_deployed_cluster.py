@@ -37,6 +37,7 @@ from tests.deploy.deployfiles import (
     REPO,
     compose_environment,
     compose_file,
+    dockerfile_healthcheck,
     env_file,
     kubernetes_object,
     pod_environment,
@@ -280,10 +281,24 @@ def test_configured_nodes_elect_a_leader(cluster: list[Node]) -> None:
     leader_id = statuses[1]["leader_id"]
     assert roles[leader_id].endswith("leader"), roles
     assert [r.endswith("leader") for r in roles.values()].count(True) == 1, roles
-    # The probes the deployments use answer 200 on every node once a leader is known.
+    # The probes the deployments use answer 200 on every node once a leader is known, and
+    # the image's HEALTHCHECK command passes against a real node.
     for node in cluster:
         assert _http_status(node.client_url + "/healthz") == 200
         _wait_ready(node, deadline)
+    healthcheck = [sys.executable, *dockerfile_healthcheck()[1][1:]]
+    check_env = {"KVSTORE_LISTEN_CLIENT": f"0.0.0.0:{cluster[0].client_port}"}
+    assert subprocess.run(healthcheck, env=check_env, timeout=20).returncode == 0
+    # deploy/README.md's "checking the cluster": `kvstore status` shows the leader.
+    endpoints = ",".join(node.client_url for node in cluster)
+    done = subprocess.run(
+        [sys.executable, "-m", "kvstore", "status", "--json", "--endpoints", endpoints],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert str(statuses[leader_id]["id"]) in done.stdout and "leader" in done.stdout
 
 
 def _put(nodes: list[Node], key: str, value: bytes, deadline: float) -> None:

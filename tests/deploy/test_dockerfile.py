@@ -11,34 +11,20 @@ import sys
 import threading
 import tomllib
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import pytest
 
-from tests.deploy.deployfiles import DEPLOY, REPO, serve_environment_names
+from tests.deploy.deployfiles import (
+    DEPLOY,
+    REPO,
+    Instruction,
+    dockerfile_healthcheck,
+    dockerfile_instructions,
+    serve_environment_names,
+)
 
-Instruction = tuple[str, str]
-
-
-def _instructions(path: Path) -> list[Instruction]:
-    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
-    instructions: list[Instruction] = []
-    pending = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        line, pending = pending + line, ""
-        keyword, _, arguments = line.partition(" ")
-        instructions.append((keyword.upper(), arguments.strip()))
-    assert not pending, "dangling line continuation"
-    return instructions
-
-
-INSTRUCTIONS = _instructions(DEPLOY / "Dockerfile")
+INSTRUCTIONS = dockerfile_instructions()
 
 
 def _stages() -> list[list[Instruction]]:
@@ -113,13 +99,14 @@ def test_no_curl_or_wget_in_the_image() -> None:
         assert "curl" not in arguments and "wget" not in arguments
 
 
-def _healthcheck_command() -> list[str]:
-    (healthcheck,) = _final("HEALTHCHECK")
-    options, _, command = healthcheck.partition("CMD ")
+def test_healthcheck_uses_python_urllib_on_healthz() -> None:
+    options, argv = dockerfile_healthcheck()
     assert "--interval=" in options and "--timeout=" in options
-    argv: list[str] = json.loads(command)
     assert argv[:2] == ["python", "-c"] and "urllib" in argv[2] and "/healthz" in argv[2]
-    return [sys.executable, *argv[1:]]
+
+
+def _healthcheck_command() -> list[str]:
+    return [sys.executable, *dockerfile_healthcheck()[1][1:]]
 
 
 class _Health(http.server.BaseHTTPRequestHandler):

@@ -13,6 +13,7 @@ import pytest
 from tests.deploy.deployfiles import (
     KUBERNETES_VERSIONS,
     Document,
+    cli_environment_names,
     kubernetes_documents,
     kubernetes_object,
     load_serve_config,
@@ -146,8 +147,9 @@ def test_statefulset_mode_settings_match_the_manifest() -> None:
     assert env["KVSTORE_ADVERTISE_CLIENT_URL"] == "http://kvstore-1.kvstore-peer.prod.svc:7001"
 
 
-def test_every_variable_is_one_kvstore_serve_reads() -> None:
-    known = serve_environment_names()
+def test_every_variable_is_one_kvstore_reads() -> None:
+    # `kvstore serve` reads the settings; the CLI in the same container reads its endpoints.
+    known = serve_environment_names() | cli_environment_names()
     container = statefulset_container(kubernetes_object("StatefulSet"))
     set_names = set(pod_environment(0))
     assert {n for n in set_names if n.startswith("KVSTORE_")} <= known
@@ -155,6 +157,17 @@ def test_every_variable_is_one_kvstore_serve_reads() -> None:
     referenced = set().union(*(references(str(e.get("value", ""))) for e in container["env"]))
     assert {n for n in set_names if not n.startswith("KVSTORE_")} <= referenced
     assert not re.search(r"\$\(", "".join(pod_environment(0).values()))
+
+
+def test_cli_endpoints_are_every_pod_on_the_client_port() -> None:
+    env = pod_environment(0)
+    config = load_serve_config(env)
+    client_port = env["KVSTORE_LISTEN_CLIENT"].rpartition(":")[2]
+    expected = [
+        f"http://{address.rpartition(':')[0]}:{client_port}"
+        for _, address in sorted(config.peer_addresses.items())
+    ]
+    assert env["KVSTORE_ENDPOINTS"].split(",") == expected
 
 
 @pytest.mark.parametrize("ordinal", [0, 1, 2])
