@@ -1,1 +1,39 @@
-"""The Raft consensus core: a pure state machine with no I/O (see `kvstore.raft.node`)."""
+"""The Raft consensus core: a pure state machine with no I/O (see `kvstore.raft.node`).
+
+Modules: `config` (RaftConfig), `node` (RawNode, Status), `log` (RaftLog: stable storage plus
+the unstable tail), `progress` (Progress, Inflights), `quorum` (pure majority arithmetic),
+`read_only` (ReadIndex bookkeeping), `types` (values), `storage` (the read-only Protocol).
+
+How a driver uses it (the simulator and the server do exactly this):
+
+    node = RawNode(config, storage, random.Random(seed))
+    loop:
+        node.tick() every tick; node.step(message) for each message from a peer;
+        node.propose(data) / node.read_index(context) for clients
+        if node.has_ready():
+            ready = node.ready()
+            storage.save(ready.hard_state, ready.entries, ready.snapshot)   # fsync if must_sync
+            send(ready.messages)                      # only after save returned
+            apply ready.snapshot, then ready.committed_entries; serve ready.read_states once
+            the applied index reaches each one's index
+            node.advance(ready)                       # before the next ready()
+
+What a user of the core must know:
+- The applied index is tracked by the core: entries handed out in `committed_entries` count
+  as applied at `advance()`. On restart pass `RaftConfig.applied` = the state machine's
+  applied index (at least the storage snapshot's index), and restore the state machine from
+  `storage.snapshot()` first; committed entries after it are handed out again.
+- Between `ready()` and `advance()` the driver may keep stepping messages and ticking, but
+  must not call `ready()` again.
+- Snapshots are the driver's decision: after applying, call
+  `storage.create_snapshot(applied, ConfState(voters=node.voters), data)` and then
+  `storage.compact(index)` (keep some entries for slow followers). A follower whose next
+  entry was compacted gets `storage.snapshot()` in a SNAPSHOT message; the transport must
+  call `report_snapshot(peer, ok)` once it has sent (or failed to send) it. A follower that
+  receives one gets it in `Ready.snapshot`: persist it, restore the state machine from it.
+- Proposals, appends and commit updates go out batched at the next `ready()`; call
+  `propose()` many times between two Readies for throughput.
+- `read_index(context)`: the answer is a `ReadState(index, context)` on the asking node; it
+  is lost (never answered) if leadership changes meanwhile, so callers need a deadline.
+- `report_peer_down(peer)`: the transport saw the connection to `peer` close.
+"""

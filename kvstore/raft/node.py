@@ -329,6 +329,11 @@ class RawNode:
         return self._voters
 
     @property
+    def conf_state(self) -> ConfState:
+        """The membership, as a snapshot must record it."""
+        return ConfState(voters=self._voters, learners=self._learners)
+
+    @property
     def raft_log(self) -> RaftLog:
         """The in-memory log view (read it, never change it: tests and checkers)."""
         return self._log
