@@ -115,7 +115,9 @@ def test_probes_and_graceful_shutdown() -> None:
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     # Room for the preStop pause, a leadership transfer and draining in-flight requests.
-    assert pod["terminationGracePeriodSeconds"] >= int(pre_stop[1]) + 20
+    config = load_serve_config(pod_environment(0))
+    transfer_s = config.shutdown_transfer_ms / 1000 + config.request_timeout_ms / 1000
+    assert pod["terminationGracePeriodSeconds"] >= int(pre_stop[1]) + transfer_s + 10
 
 
 def test_pod_hardening_and_placement() -> None:
