@@ -127,6 +127,7 @@ class _Peer:
         self.queue: list[Message] = []
         self.queue_frames_max = queue_frames_max
         self.wakeup = asyncio.Event()
+        self.redial = asyncio.Event()
         self.connected = False
         self.dropped = 0
 
@@ -148,7 +149,7 @@ class PeerTransport:
         on_snapshot_status: Callable[[int, bool], None] | None = None,
         queue_frames_max: int = 8192,
         backoff_initial_s: float = 0.02,
-        backoff_max_s: float = 1.0,
+        backoff_max_s: float = 0.5,
         rng: random.Random | None = None,
     ) -> None:
         self.node_id = node_id
@@ -234,7 +235,11 @@ class PeerTransport:
                 reader, writer = await self._dial(peer)
             except (OSError, ProtocolError, asyncio.IncompleteReadError, TimeoutError) as exc:
                 logger.debug("event=dial_failed peer=%s error=%r", peer.id, exc)
-                await asyncio.sleep(backoff * (0.5 + self._rng.random()))
+                # Back off, but dial at once when the peer dials us: it has just come up.
+                peer.redial.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(backoff * (0.5 + self._rng.random())):
+                        await peer.redial.wait()
                 backoff = min(backoff * 2, self._backoff_max_s)
                 continue
             backoff = self._backoff_initial_s
@@ -312,6 +317,7 @@ class PeerTransport:
             self._check_handshake(hello, expected_id=None)
             peer_id = hello.node_id
             writer.write(encode_handshake(self._handshake()))
+            self._peers[peer_id].redial.set()
             self._learn_url(hello)
             logger.info("event=peer_connected peer=%s direction=in", peer_id)
             await self._read_messages(peer_id, reader)
