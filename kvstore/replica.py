@@ -2,19 +2,24 @@
 
 Both drivers, the simulator and the asyncio server, run a replica through the same code, so
 the simulator exercises exactly the ordering production uses (design.md §1). One Ready is
-handled in four steps, strictly in this order (Raft §5: persistence before replies):
+handled in three steps, strictly in this order (Raft §5: persistence before replies):
 
-1. `prepare()`          takes the next Ready from the core (None when there is nothing to do);
-2. `persist(ready)`     stores its hard state, entries and snapshot with one `storage.save()`
-                        (the fsync). It touches nothing but the storage, so the server may run
-                        it in a worker thread as long as nothing else touches the node or the
-                        storage meanwhile;
-3. `finish(ready, send)` sends the messages, restores the snapshot if any and applies the
-                        committed entries (`apply`), calls `RawNode.advance(ready)` and takes a snapshot
-                        of the state machine (and compacts the log) every `snapshot_entries`.
+1. `prepare()`           takes the next Ready from the core (None when there is nothing to
+                         do, or while the previous Ready is not finished);
+2. `persist(ready)`      stores its hard state, entries and snapshot with one `storage.save()`
+                         (the fsync). It touches nothing but the storage, so the server may
+                         run it in a worker thread as long as nothing else touches the node or
+                         the storage meanwhile. After DiskFullError, call it again later;
+3. `finish(ready, send)` = `send(ready, send)` (the messages), `apply(ready)` (restore the
+                         snapshot if any, then apply the committed entries) and
+                         `advance(ready)` (`RawNode.advance`, then a snapshot of the state
+                         machine and log compaction every `snapshot_entries` entries).
 
-`process_ready(send)` is the three steps in one call (the simulator and simple drivers);
-`finish` is itself `send`, `apply` and `advance`, which are public too.
+`process_ready(send)` is the three steps in one call (the simulator and simple drivers).
+
+Errors: a committed entry or a snapshot that does not decode raises `ProtocolError` out of
+`apply` (the entries before it are applied, the node is not advanced); the process must stop,
+as for a corrupt disk: every replica would meet the same bytes.
 
 Restart: the state machine lives in memory only, so a replica starts from the storage's
 snapshot (if any) and the core re-delivers the committed entries after it: `RaftConfig.applied`
