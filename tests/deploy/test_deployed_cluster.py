@@ -377,7 +377,7 @@ def test_rolling_restart_keeps_the_cluster_writable(cluster: list[Node], tmp_pat
         _stop(node)  # SIGTERM: a leader hands over leadership first
         assert node.process.returncode == 0, f"{node.launch.name}: {node.process.returncode}"
         others = [n for n in cluster if n is not node]
-        _put(others, f"during-{step}", str(step).encode(), time.monotonic() + 5.0)
+        _put(others, f"during-{step}", str(step).encode(), time.monotonic() + 10.0)
         _start(node, cluster, tmp_path)
         _wait_caught_up(node, cluster, deadline)
     for node in cluster:
