@@ -383,3 +383,28 @@ def test_rolling_restart_keeps_the_cluster_writable(cluster: list[Node], tmp_pat
     for node in cluster:
         assert _get_value(node, "before") == b"0"
         assert [_get_value(node, f"during-{s}") for s in (1, 2, 3)] == [b"1", b"2", b"3"]
+
+
+@pytest.mark.parametrize(
+    ("hostname", "message"),
+    [("kvstore-3", "outside a set of 3"), ("kvstore", "<statefulset>-<ordinal>")],
+)
+def test_pod_outside_the_set_refuses_to_start(tmp_path: Path, hostname: str, message: str) -> None:
+    """A pod whose name gives no valid id (scaled up, or renamed) must not join under a
+    guessed id: `kvstore serve` exits with status 2 and says why."""
+    if not _serve_available():
+        pytest.skip("`python -m kvstore serve` (with DiskStorage) is not available yet")
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    env = {**inherited, **pod_environment(0), "KVSTORE_HOSTNAME": hostname}
+    env["KVSTORE_DATA_DIR"] = str(tmp_path / "data")
+    done = subprocess.run(
+        [sys.executable, "-m", "kvstore", "serve"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert not (tmp_path / "data").exists()
