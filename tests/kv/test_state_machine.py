@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -10,13 +11,22 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvstore.errors import ProtocolError
-from kvstore.kv.commands import Command, Delete, KeyValue, Put, WriteResult, encode_command
+from kvstore.kv.commands import (
+    Command,
+    Delete,
+    KeyValue,
+    Put,
+    RequestId,
+    WriteResult,
+    encode_command,
+)
 from kvstore.kv.state_machine import StateMachine
 from kvstore.raft.types import Entry, EntryType
 
 keys = st.text(alphabet="abc", min_size=1, max_size=3)
 prefixes = st.text(alphabet="abc", max_size=2)
 values = st.binary(max_size=4)
+clients = st.sampled_from([None, "a", "b"])
 
 
 def apply(machine: StateMachine, command: Command) -> WriteResult:
@@ -42,6 +52,22 @@ class StateMachineVsModel(RuleBasedStateMachine):
         self.model: dict[str, ModelKey] = {}
         self.revision = 0
         self.time_ms = 0
+        # Tagged writes already applied, with their answers: retries must get the same.
+        self.history: list[tuple[Command, WriteResult]] = []
+        self.next_seq = {"a": 1, "b": 1}
+
+    def _request(self, client: str | None) -> RequestId | None:
+        if client is None:
+            return None
+        seq = self.next_seq[client]
+        self.next_seq[client] = seq + 1
+        return RequestId(client, seq)
+
+    def _apply(self, command: Command) -> WriteResult:
+        result = apply(self.machine, command)
+        if command.request is not None:
+            self.history.append((command, result))
+        return result
 
     def _tick(self) -> int:
         self.time_ms += 7
@@ -59,18 +85,25 @@ class StateMachineVsModel(RuleBasedStateMachine):
         old = self.model.get(key)
         return 0 if old is None else old.mod_revision
 
-    @rule(key=keys, value=values)
-    def put(self, key: str, value: bytes) -> None:
-        result = apply(self.machine, Put(key, value, None, self._tick()))
+    @rule(key=keys, value=values, client=clients)
+    def put(self, key: str, value: bytes, client: str | None) -> None:
+        result = self._apply(Put(key, value, self._request(client), self._tick()))
         self._model_put(key, value)
         assert result.ok and result.revision == self.revision
         assert result.key_value is not None
         assert result.key_value.mod_revision == self.revision
 
-    @rule(key=keys, value=values, guess=st.integers(min_value=0, max_value=30), exact=st.booleans())
-    def cas(self, key: str, value: bytes, guess: int, exact: bool) -> None:
+    @rule(
+        key=keys,
+        value=values,
+        guess=st.integers(min_value=0, max_value=30),
+        exact=st.booleans(),
+        client=clients,
+    )
+    def cas(self, key: str, value: bytes, guess: int, exact: bool, client: str | None) -> None:
         expected = self._current_revision(key) if exact else guess
-        result = apply(self.machine, Put(key, value, None, self._tick(), if_revision=expected))
+        command = Put(key, value, self._request(client), self._tick(), if_revision=expected)
+        result = self._apply(command)
         if expected == self._current_revision(key):
             self._model_put(key, value)
             assert result.ok and result.revision == self.revision
@@ -79,19 +112,26 @@ class StateMachineVsModel(RuleBasedStateMachine):
             assert result.revision == self.revision
             assert result.current_revision == self._current_revision(key)
 
-    @rule(key=keys, value=values)
-    def create_only(self, key: str, value: bytes) -> None:
-        result = apply(self.machine, Put(key, value, None, self._tick(), create_only=True))
+    @rule(key=keys, value=values, client=clients)
+    def create_only(self, key: str, value: bytes, client: str | None) -> None:
+        command = Put(key, value, self._request(client), self._tick(), create_only=True)
+        result = self._apply(command)
         if key in self.model:
             assert not result.ok and result.error == "precondition_failed"
         else:
             self._model_put(key, value)
             assert result.ok and result.prev is None
 
-    @rule(key=keys, conditional=st.booleans(), guess=st.integers(min_value=0, max_value=30))
-    def delete(self, key: str, conditional: bool, guess: int) -> None:
+    @rule(
+        key=keys,
+        conditional=st.booleans(),
+        guess=st.integers(min_value=0, max_value=30),
+        client=clients,
+    )
+    def delete(self, key: str, conditional: bool, guess: int, client: str | None) -> None:
         if_revision = guess if conditional else None
-        result = apply(self.machine, Delete(key, None, self._tick(), if_revision=if_revision))
+        command = Delete(key, self._request(client), self._tick(), if_revision=if_revision)
+        result = self._apply(command)
         if if_revision is not None and if_revision != self._current_revision(key):
             assert result.error == "precondition_failed"
         elif key not in self.model:
@@ -111,6 +151,15 @@ class StateMachineVsModel(RuleBasedStateMachine):
         assert more == (len(shown) < len(expected))
         for kv in items:
             assert kv == self._model_kv(kv.key)
+
+    @precondition(lambda self: self.history)
+    @rule(data=st.data())
+    def retry(self, data: st.DataObject) -> None:
+        """A client retries a tagged write: the first answer comes back, nothing changes
+        (the model is not touched, so the invariant checks that)."""
+        command, first = self.history[data.draw(st.integers(0, len(self.history) - 1))]
+        retried = dataclasses.replace(command, time_ms=self._tick())
+        assert apply(self.machine, retried) == first
 
     @rule()
     def empty_entry(self) -> None:
