@@ -331,13 +331,13 @@ class Driver:
             early = self._early_messages(ready)
             for message in early:
                 send(message)
-            if ready.hard_state is not None or ready.entries or ready.snapshot is not None:
-                # Only a save that must fsync goes to the worker thread, and only when it is
-                # big enough that the fsync, not the thread hop, dominates; a commit-only
-                # hard state needs no fsync and is written inline.
-                inline = not ready.must_sync or (
-                    ready.snapshot is None and len(ready.entries) <= self._inline_entries_max
-                )
+            needs_save = (
+                ready.hard_state is not None or bool(ready.entries) or ready.snapshot is not None
+            )
+            if needs_save and ready.must_sync:
+                # Only a big save goes to the worker thread: for a few entries the thread hop
+                # costs more than the fsync it would hide.
+                inline = ready.snapshot is None and len(ready.entries) <= self._inline_entries_max
                 await self._persist(ready, inline=inline)
             if ready.hard_state is not None:
                 self._durable_term_vote = (ready.hard_state.term, ready.hard_state.vote)
@@ -348,6 +348,11 @@ class Driver:
                 self._apply(ready)
             if ready.read_states:
                 self._on_read_states(ready)
+            if needs_save and not ready.must_sync:
+                # Only the commit index changed: it need not be durable for safety (a node
+                # relearns it from the leader), so it is saved after the answers went out,
+                # on the worker thread while the loop writes the HTTP responses.
+                await self._persist(ready, inline=False)
             self._advance(ready)
 
     def _early_messages(self, ready: Ready) -> list[Message]:
