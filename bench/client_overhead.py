@@ -2,8 +2,9 @@
 
 Two measurements, printed as figures (medians and percentiles), optionally saved as JSON:
 
-1. **Overhead per call**: a loop of GETs of one key against the leader, through `kvstore.Client`
-   versus a bare `aiohttp` request of the same URL and query on one pooled session, in
+1. **Overhead per call**: loops of GETs of one key (linearizable, then stale) against the
+   leader, through `kvstore.Client` versus a bare `aiohttp` request of the same URL and
+   query on one pooled session, in
    interleaved blocks within the same run (so drift in the machine's load hits both alike).
    overhead = median(client) - median(bare).
 2. **Failover** (`--kills N`): several workers run compare-and-set increment loops on a few
@@ -38,7 +39,7 @@ import aiohttp
 import yarl
 
 from kvstore import Client
-from kvstore.client import ClientConfig
+from kvstore.client import ClientConfig, Consistency
 from kvstore.errors import DeadlineExceededError, KVStoreError, PreconditionFailedError
 
 OVERHEAD_KEY = "bench/client-overhead"
@@ -58,15 +59,20 @@ def _summary_us(samples: Sequence[float]) -> dict[str, float]:
 
 
 async def measure_overhead(
-    endpoints: Sequence[str], *, iterations: int = 2000, block: int = 100
+    endpoints: Sequence[str],
+    *,
+    iterations: int = 2000,
+    block: int = 100,
+    consistency: str = "linearizable",
 ) -> dict[str, Any]:
     """Median latency of a GET through Client vs bare aiohttp, same leader, same run."""
-    async with Client(endpoints) as client:
+    config = ClientConfig(read_consistency=Consistency(consistency))
+    async with Client(endpoints, config=config) as client:
         await client.put(OVERHEAD_KEY, b"x" * 64)
         await client.get(OVERHEAD_KEY)
         leader = client.leader_url or client.endpoints[0]
         url = f"{leader}/v1/kv/{OVERHEAD_KEY.replace('/', '%2F')}"
-        query = {"consistency": "linearizable"}
+        query = {"consistency": consistency}
         client_samples: list[float] = []
         bare_samples: list[float] = []
         async with aiohttp.ClientSession() as session:
@@ -86,6 +92,7 @@ async def measure_overhead(
     bare_summary = _summary_us(bare_samples)
     return {
         "iterations": len(client_samples),
+        "consistency": consistency,
         "endpoint": leader,
         "client": client_summary,
         "bare_aiohttp": bare_summary,
@@ -224,7 +231,8 @@ async def measure_failover(
 
 def _format_overhead(result: dict[str, Any]) -> str:
     return (
-        f"GET x{result['iterations']} against {result['endpoint']} (medians, same run):\n"
+        f"GET x{result['iterations']} ({result['consistency']}) against {result['endpoint']} "
+        "(medians, same run):\n"
         f"  bare aiohttp   {result['bare_aiohttp']['median_us']:8.1f} us "
         f"(p99 {result['bare_aiohttp']['p99_us']:.1f})\n"
         f"  kvstore.Client {result['client']['median_us']:8.1f} us "
@@ -248,13 +256,18 @@ def _format_failover(report: FailoverReport) -> str:
     )
 
 
+async def _overheads(endpoints: Sequence[str], iterations: int, results: dict[str, Any]) -> None:
+    for consistency, name in (("linearizable", "overhead"), ("stale", "overhead_stale")):
+        results[name] = await measure_overhead(
+            endpoints, iterations=iterations, consistency=consistency
+        )
+        print(_format_overhead(results[name]))
+
+
 async def _main_async(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     if args.endpoints:
-        results["overhead"] = await measure_overhead(
-            args.endpoints.split(","), iterations=args.iterations
-        )
-        print(_format_overhead(results["overhead"]))
+        await _overheads(args.endpoints.split(","), args.iterations, results)
         return results
     from kvstore.server.localcluster import LocalCluster
 
@@ -263,10 +276,7 @@ async def _main_async(args: argparse.Namespace) -> dict[str, Any]:
         try:
             cluster.start()
             cluster.wait_for_leader(timeout_s=30.0)
-            results["overhead"] = await measure_overhead(
-                cluster.client_urls, iterations=args.iterations
-            )
-            print(_format_overhead(results["overhead"]))
+            await _overheads(cluster.client_urls, args.iterations, results)
             if args.kills:
                 report = await measure_failover(cluster, kills=args.kills)
                 results["failover"] = {**asdict(report), "consistent": report.consistent}
