@@ -20,19 +20,21 @@ and leaves the state untouched: it means a bug, a foreign leader or damage, and 
 the node loudly rather than be applied differently on different replicas.
 
 Invariants:
-- `_keys` holds exactly the keys of `_data`, sorted (bisect keeps listing O(log n + limit));
+- `_keys` holds exactly the keys of `_data`, sorted: a `SortedList` (sortedcontainers), so a
+  new key costs O(log n) instead of the O(n) memmove of one flat sorted list (500 us per new
+  key at a million keys), and listing a prefix costs O(log n + limit);
 - every key's `mod_revision` <= `revision`; `applied_index` only grows, by one per entry,
   except through `restore`.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import msgpack
+from sortedcontainers import SortedList
 
 from kvstore.errors import ProtocolError
 from kvstore.kv.commands import (
@@ -88,7 +90,7 @@ class StateMachine:
         # would dominate restore() and snapshot() of a large store.
         self._data: dict[str, _Record] = {}
         # Invariant: sorted(self._data).
-        self._keys: list[str] = []
+        self._keys: SortedList = SortedList()
         self._sessions = SessionTable(self.config.sessions)
 
     # --- apply ---------------------------------------------------------------------------
@@ -142,7 +144,7 @@ class StateMachine:
         self.revision += 1
         if current is None:
             new = _Record(command.value, self.revision, self.revision, 1)
-            bisect.insort(self._keys, key)
+            self._keys.add(key)
         else:
             new = _Record(
                 command.value, current.create_revision, self.revision, current.version + 1
@@ -164,9 +166,7 @@ class StateMachine:
             return self._refusal(WriteError.NOT_FOUND, command.key, None)
         self.revision += 1
         del self._data[command.key]
-        position = bisect.bisect_left(self._keys, command.key)
-        assert self._keys[position] == command.key
-        del self._keys[position]
+        self._keys.remove(command.key)
         return WriteResult(
             ok=True,
             revision=self.revision,
@@ -197,15 +197,14 @@ class StateMachine:
         whether further keys match."""
         if limit < 0:
             raise ValueError("limit must be >= 0")
-        keys = self._keys
-        position = bisect.bisect_left(keys, prefix)
         items: list[KeyValue] = []
-        while position < len(keys) and keys[position].startswith(prefix):
+        data = self._data
+        for key in self._keys.irange(minimum=prefix):
+            if not key.startswith(prefix):
+                break
             if limit and len(items) == limit:
                 return items, True
-            key = keys[position]
-            items.append(KeyValue(key, *self._data[key]))
-            position += 1
+            items.append(KeyValue(key, *data[key]))
         return items, False
 
     def __len__(self) -> int:
@@ -229,7 +228,7 @@ class StateMachine:
 
     def check_invariants(self) -> None:
         """Assert the module's invariants (tests and the simulator; O(size))."""
-        assert self._keys == sorted(self._data), "key index out of step with the data"
+        assert list(self._keys) == sorted(self._data), "key index out of step with the data"
         for record in self._data.values():
             assert 0 < record.create_revision <= record.mod_revision <= self.revision
             assert record.version >= 1
@@ -269,7 +268,7 @@ class StateMachine:
         sessions = SessionTable(self.config.sessions)
         sessions.load_obj(sessions_obj)
         self.applied_index, self.revision, self.clock_ms = applied_index, revision, clock_ms
-        self._data, self._keys, self._sessions = data_map, list(data_map), sessions
+        self._data, self._keys, self._sessions = data_map, SortedList(data_map), sessions
 
     def digest(self) -> str:
         """sha256 (hex) of the canonical encoding: equal states give equal digests."""
