@@ -17,6 +17,7 @@ import json
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +27,7 @@ import aiohttp
 import pytest
 
 from kvstore import Client, SyncClient
+from kvstore.client import ClientConfig
 from kvstore.errors import NotFoundError, PreconditionFailedError
 
 localcluster = pytest.importorskip("kvstore.server.localcluster")
@@ -172,6 +174,33 @@ def test_overhead_bench_runs_in_quick_mode(cluster: Any, tmp_path: Path) -> None
     assert figures["iterations"] == 200
     assert figures["client"]["median_us"] > 0 and figures["bare_aiohttp"]["median_us"] > 0
     print(result.stdout)
+
+
+@pytest.mark.slow
+async def test_a_paused_leader_costs_at_most_one_attempt_timeout(cluster: Any) -> None:
+    """SIGSTOP keeps the leader's sockets open, so nothing is refused: the client must give
+    up on the silent node after attempt_timeout_s and find the new leader elsewhere."""
+    config = ClientConfig(timeout_s=5.0, attempt_timeout_s=0.5)
+    key = unique("paused")
+    async with Client(cluster.client_urls, config=config) as kv:
+        await kv.put(key, b"0")
+        leader = cluster.wait_for_leader(timeout_s=10.0)
+        assert kv.leader_url == cluster.client_url(leader)
+        cluster.pause(leader)
+        try:
+            durations = []
+            for value in range(1, 6):
+                start = time.monotonic()
+                await kv.put(key, str(value).encode())
+                durations.append(time.monotonic() - start)
+            assert kv.leader_url != cluster.client_url(leader)
+            assert max(durations) <= config.timeout_s
+            # Once the new leader is known, calls skip the silent node entirely.
+            assert max(durations[1:]) < config.attempt_timeout_s
+        finally:
+            cluster.resume(leader)
+        assert (await kv.get(key)).value == b"5"
+        assert kv.stats.deadline_exceeded == 0
 
 
 @pytest.mark.slow
