@@ -4,9 +4,9 @@ Two measurements, printed as figures (medians and percentiles), optionally saved
 
 1. **Overhead per call**: loops of GETs of one key (linearizable, then stale) against the
    leader, through `kvstore.Client` versus a bare `aiohttp` request of the same URL and
-   query on one pooled session, in
-   interleaved blocks within the same run (so drift in the machine's load hits both alike).
-   overhead = median(client) - median(bare).
+   query on one pooled session, alternating call by call within the same run (so drift in
+   the machine's load hits both alike). overhead = median(client) - median(bare), and the
+   median of the paired differences.
 2. **Failover** (`--kills N`): several workers run compare-and-set increment loops on a few
    counters through one Client while the leader is SIGKILLed and restarted N times; reports
    the longest call, the retries per failover, the longest gap between successful
@@ -59,37 +59,37 @@ def _summary_us(samples: Sequence[float]) -> dict[str, float]:
 
 
 async def measure_overhead(
-    endpoints: Sequence[str],
-    *,
-    iterations: int = 2000,
-    block: int = 100,
-    consistency: str = "linearizable",
+    endpoints: Sequence[str], *, iterations: int = 2000, consistency: str = "linearizable"
 ) -> dict[str, Any]:
-    """Median latency of a GET through Client vs bare aiohttp, same leader, same run."""
+    """Latency of a GET through Client vs bare aiohttp, same leader, same run.
+
+    The two alternate call by call (bare, client, bare, client, ...), so both see the same
+    load on a shared machine; besides each side's median, the median of the paired
+    differences (client - the bare call just before it) is reported.
+    """
     config = ClientConfig(read_consistency=Consistency(consistency))
     async with Client(endpoints, config=config) as client:
         await client.put(OVERHEAD_KEY, b"x" * 64)
         await client.get(OVERHEAD_KEY)
         leader = client.leader_url or client.endpoints[0]
-        url = f"{leader}/v1/kv/{OVERHEAD_KEY.replace('/', '%2F')}"
+        url = yarl.URL(f"{leader}/v1/kv/{OVERHEAD_KEY.replace('/', '%2F')}", encoded=True)
         query = {"consistency": consistency}
         client_samples: list[float] = []
         bare_samples: list[float] = []
         async with aiohttp.ClientSession() as session:
-            for _ in range(max(1, iterations // block)):
-                for _ in range(block):
-                    start = time.perf_counter()
-                    async with session.get(yarl.URL(url, encoded=True), params=query) as response:
-                        await response.read()
-                        assert response.status == 200, response.status
-                    bare_samples.append(time.perf_counter() - start)
-                for _ in range(block):
-                    start = time.perf_counter()
-                    await client.get(OVERHEAD_KEY)
-                    client_samples.append(time.perf_counter() - start)
+            for _ in range(iterations):
+                start = time.perf_counter()
+                async with session.get(url, params=query) as response:
+                    await response.read()
+                    assert response.status == 200, response.status
+                bare_samples.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                await client.get(OVERHEAD_KEY)
+                client_samples.append(time.perf_counter() - start)
         stats = client.stats
     client_summary = _summary_us(client_samples)
     bare_summary = _summary_us(bare_samples)
+    paired = [ours - bare for ours, bare in zip(client_samples, bare_samples)]
     return {
         "iterations": len(client_samples),
         "consistency": consistency,
@@ -97,6 +97,7 @@ async def measure_overhead(
         "client": client_summary,
         "bare_aiohttp": bare_summary,
         "overhead_median_us": round(client_summary["median_us"] - bare_summary["median_us"], 1),
+        "overhead_paired_median_us": round(statistics.median(paired) * 1e6, 1),
         "ratio_median": round(client_summary["median_us"] / bare_summary["median_us"], 3),
         "client_retries": stats.retries,
     }
@@ -238,7 +239,8 @@ def _format_overhead(result: dict[str, Any]) -> str:
         f"  kvstore.Client {result['client']['median_us']:8.1f} us "
         f"(p99 {result['client']['p99_us']:.1f})\n"
         f"  overhead       {result['overhead_median_us']:8.1f} us per call "
-        f"(x{result['ratio_median']})"
+        f"(x{result['ratio_median']}; median of paired differences "
+        f"{result['overhead_paired_median_us']:.1f} us)"
     )
 
 
