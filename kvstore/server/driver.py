@@ -52,6 +52,8 @@ logger = logging.getLogger("kvstore.server")
 
 _DISK_FULL_RETRY_S = 0.1
 _DEADLINE_SWEEP_S = 0.01
+# A save or a tick this late is logged: it is how elections under load are explained.
+_SLOW_S = 0.1
 # Leader messages that may be sent before the leader's own save of the same Ready.
 _EARLY_TYPES = frozenset({MessageType.APPEND, MessageType.HEARTBEAT})
 
@@ -99,6 +101,8 @@ class Driver:
         self._waiter: asyncio.Future[None] | None = None
         self._tick_due = False
         self._tick_interval_s = config.tick_interval_ms / 1000
+        self._heartbeat_interval_s = config.heartbeat_ticks * self._tick_interval_s
+        self._peer_ids = [peer for peer in config.peer_addresses if peer != config.id]
         self._next_tick_at = 0.0
         self._inline_entries_max = config.inline_save_entries_max
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-fsync")
@@ -239,7 +243,10 @@ class Driver:
                 if self._tick_due:
                     self._tick_due = False
                     now = loop.time()
-                    self.metrics.loop_lag_seconds.observe(max(0.0, now - self._next_tick_at))
+                    lag = now - self._next_tick_at
+                    self.metrics.loop_lag_seconds.observe(max(0.0, lag))
+                    if lag > _SLOW_S:
+                        logger.warning("event=late_tick seconds=%.3f", lag)
                     self._next_tick_at = now + self._tick_interval_s
                     timer = loop.call_at(self._next_tick_at, self._on_tick_timer)
                     self.node.tick()
@@ -390,7 +397,12 @@ class Driver:
                 if inline:
                     self.replica.persist(ready)
                 else:
-                    await loop.run_in_executor(self._executor, self.replica.persist, ready)
+                    save = loop.run_in_executor(self._executor, self.replica.persist, ready)
+                    while not save.done():
+                        await asyncio.wait((save,), timeout=self._heartbeat_interval_s)
+                        if not save.done():
+                            self._send_keepalives()
+                    save.result()
             except DiskFullError as exc:
                 if not self.disk_full:
                     logger.error(
@@ -399,13 +411,37 @@ class Driver:
                 self.disk_full = True
                 await asyncio.sleep(_DISK_FULL_RETRY_S)
                 continue
-            self.metrics.fsync_seconds.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.metrics.fsync_seconds.observe(elapsed)
+            if elapsed > _SLOW_S:
+                logger.warning(
+                    "event=slow_save seconds=%.3f entries=%s inline=%s",
+                    elapsed,
+                    len(ready.entries),
+                    inline,
+                )
             if ready.entries:
                 self.metrics.ready_entries.observe(len(ready.entries))
             if self.disk_full:
                 logger.warning("event=disk_recovered: a save succeeded, accepting writes again")
                 self.disk_full = False
             return
+
+    def _send_keepalives(self) -> None:
+        """A leader whose save is slow (a busy disk can take hundreds of milliseconds) still
+        tells its followers it is alive, so a slow disk does not start elections. The
+        heartbeat carries commit 0, which moves nothing; it is sent only in a term that is
+        already durable, and the core's state cannot change while the driver waits."""
+        if self.role is not Role.LEADER:
+            return
+        term = self.node.status().term
+        if self._durable_term_vote[0] != term:
+            return
+        for peer in self._peer_ids:
+            self._send(
+                Message(type=MessageType.HEARTBEAT, to=peer, from_=self.config.id, term=term)
+            )
+        self.metrics.keepalives.inc()
 
     def _apply(self, ready: Ready) -> None:
         applied = self.replica.apply(ready)

@@ -56,6 +56,11 @@ class NodeMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
             registry=r,
         )
+        self.keepalives = Counter(
+            "kvstore_keepalive_heartbeats_total",
+            "Heartbeat rounds a leader sent while waiting for a slow save",
+            registry=r,
+        )
         self.snapshots = Counter(
             "kvstore_snapshots_total", "Snapshots of the state machine taken", registry=r
         )
