@@ -31,11 +31,10 @@ from kvstore.errors import (
     PreconditionFailedError,
     SessionExpiredError,
 )
-from kvstore.kv.commands import Delete, Put, RequestId
+from kvstore.kv.commands import Delete, Put, RequestId, parse_request_id
 from kvstore.server.driver import Driver
 from kvstore.server.openapi import openapi_document
 
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LIST_LIMIT_MAX = 10_000
 _JSON = "application/json"
@@ -47,6 +46,14 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return web.Response(
         body=json.dumps(body).encode(), status=status, content_type=_JSON, headers=headers
     )
+
+
+def _command(factory: Any, **fields: Any) -> Any:
+    """Build a Put or Delete; the command validates itself (ValueError -> 400)."""
+    try:
+        return factory(**fields)
+    except ValueError as exc:
+        raise BadRequestError(str(exc)) from exc
 
 
 class HttpApi:
@@ -154,18 +161,11 @@ class HttpApi:
         if header is None:
             request_id, acked_below = self.driver.new_request_id()
             return request_id, acked_below, True
-        client_id, sep, seq_text = header.rpartition(":")
-        if (
-            not sep
-            or not _CLIENT_ID.match(client_id)
-            or not seq_text.isdigit()
-            or int(seq_text) < 1
-        ):
-            raise BadRequestError("Kvstore-Request-Id must be <client_id>:<seq>, seq >= 1")
+        request_id = parse_request_id(header)
         acked_text = request.headers.get("Kvstore-Acked-Below", "0")
-        if not acked_text.isdigit():
+        if not (acked_text.isascii() and acked_text.isdigit()):
             raise BadRequestError("Kvstore-Acked-Below must be a non-negative integer")
-        return RequestId(client_id=client_id, seq=int(seq_text)), int(acked_text), False
+        return request_id, int(acked_text), False
 
     @staticmethod
     def _conditions(request: web.Request) -> tuple[int | None, bool]:
@@ -180,7 +180,7 @@ class HttpApi:
         if if_match is None:
             return None, False
         text = if_match.strip().removeprefix("W/").strip('"')
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise BadRequestError("If-Match must be a revision number (0 = the key is absent)")
         return int(text), False
 
@@ -201,16 +201,17 @@ class HttpApi:
         self.driver.check_writable()
         value = await self._body(request)
         request_id, acked_below, server_made = self._request_id(request)
-        command = Put(
-            key=key,
-            value=value,
-            request=request_id,
-            time_ms=int(time.time() * 1000),
-            if_revision=if_revision,
-            create_only=create_only,
-            acked_below=acked_below,
-        )
         try:
+            command = _command(
+                Put,
+                key=key,
+                value=value,
+                request=request_id,
+                time_ms=int(time.time() * 1000),
+                if_revision=if_revision,
+                create_only=create_only,
+                acked_below=acked_below,
+            )
             result = await self.driver.write(command, request_id)
         finally:
             if server_made:
@@ -234,14 +235,15 @@ class HttpApi:
             raise BadRequestError("If-None-Match makes no sense on DELETE")
         self.driver.check_writable()
         request_id, acked_below, server_made = self._request_id(request)
-        command = Delete(
-            key=key,
-            request=request_id,
-            time_ms=int(time.time() * 1000),
-            if_revision=if_revision,
-            acked_below=acked_below,
-        )
         try:
+            command = _command(
+                Delete,
+                key=key,
+                request=request_id,
+                time_ms=int(time.time() * 1000),
+                if_revision=if_revision,
+                acked_below=acked_below,
+            )
             result = await self.driver.write(command, request_id)
         finally:
             if server_made:
@@ -301,7 +303,10 @@ class HttpApi:
         if _CONTROL.search(prefix) or len(prefix.encode()) > self.config.max_key_bytes:
             raise BadRequestError("prefix is not a valid key prefix")
         limit_text = request.query.get("limit", "1000")
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= _LIST_LIMIT_MAX:
+        if (
+            not (limit_text.isascii() and limit_text.isdigit())
+            or not 1 <= int(limit_text) <= _LIST_LIMIT_MAX
+        ):
             raise BadRequestError(f"limit must be an integer in 1..{_LIST_LIMIT_MAX}")
         await self._barrier(request)
         state_machine = self.driver.replica.state_machine

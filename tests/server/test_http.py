@@ -153,6 +153,14 @@ async def test_validation_errors(harness: Harness) -> None:
     bad_id = {"Kvstore-Request-Id": "bad id:1"}
     assert (await client.put("/v1/kv/c", data=b"v", headers=bad_id)).status == 400
     assert (await client.get("/v1/kv?limit=0")).status == 400
+    for headers in (
+        {"Kvstore-Request-Id": "c:5", "Kvstore-Acked-Below": "9"},
+        {"Kvstore-Request-Id": "c:99999999999999999999999"},
+        {"If-Match": "99999999999999999999999"},
+        {"If-Match": "\u00b2"},
+    ):
+        response = await client.put("/v1/kv/c", data=b"v", headers=headers)
+        assert response.status == 400, headers
     assert (await client.get("/nope")).status == 404
     assert (await client.get("/v1/kv/big?consistency=stale")).status == 404
 
