@@ -764,6 +764,15 @@ class RawNode:
     def _handle_heartbeat_response(self, m: Message, progress: Progress) -> None:
         progress.recent_active = True
         progress.probe_sent = False
+        if progress.state is ProgressState.SNAPSHOT:
+            # The follower is alive but neither the snapshot's outcome nor its answer came
+            # back (a lost message the transport did not notice): after about two election
+            # timeouts, probe again, which sends a fresh snapshot if still needed.
+            progress.snapshot_heartbeats += 1
+            limit = 2 * self._config.election_ticks // self._config.heartbeat_ticks
+            if progress.snapshot_heartbeats > limit:
+                progress.pending_snapshot = 0
+                progress.become_probe()
         if progress.match_index < self._log.last_index():
             if progress.state is ProgressState.REPLICATE and progress.inflights.full():
                 # Appends can be lost without the transport noticing. Free one slot so that

@@ -74,6 +74,7 @@ class Progress:
         "pending_snapshot",
         "probe_sent",
         "recent_active",
+        "snapshot_heartbeats",
         "state",
     )
 
@@ -86,11 +87,14 @@ class Progress:
         # election timeout.
         self.recent_active = False
         self.pending_snapshot = 0
+        # Heartbeat answers seen while in SNAPSHOT: bounds the wait for report_snapshot().
+        self.snapshot_heartbeats = 0
         self.inflights = inflights
 
     def _reset_state(self, state: ProgressState) -> None:
         self.probe_sent = False
         self.pending_snapshot = 0
+        self.snapshot_heartbeats = 0
         self.state = state
         self.inflights.reset()
 

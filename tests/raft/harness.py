@@ -36,6 +36,7 @@ class Cluster:
         self.filters: list[MessageFilter] = []
         self.transforms: list[MessageTransform] = []
         self.sent: list[Message] = []
+        self.snapshots_installed: list[tuple[int, int]] = []
         for node_id in self.ids:
             self.storages[node_id] = MemoryStorage()
             self.applied[node_id] = []
@@ -67,7 +68,7 @@ class Cluster:
         storage.save(ready.hard_state, ready.entries, ready.snapshot)
         self.queue.extend(ready.messages)
         if ready.snapshot is not None:
-            self.applied[node_id] = [Entry(ready.snapshot.metadata.term, 0, data=b"snapshot")]
+            self.snapshots_installed.append((node_id, ready.snapshot.metadata.index))
         self.applied[node_id].extend(ready.committed_entries)
         self.read_states[node_id].extend(ready.read_states)
         node.advance(ready)

@@ -6,7 +6,7 @@ import pytest
 
 from kvstore.errors import ProposalDroppedError
 from kvstore.raft.progress import ProgressState
-from kvstore.raft.types import ConfState, MessageType, ReadState, Role
+from kvstore.raft.types import ConfState, Message, MessageType, ReadState, Role
 from tests.raft.harness import Cluster
 
 
@@ -287,3 +287,31 @@ def test_report_peer_down_with_one_way_link_failure_does_not_spam_campaigns() ->
     pre_votes = [m for m in cluster.sent if m.type is MessageType.PRE_VOTE and m.from_ == 2]
     assert 1 <= len(pre_votes) <= 4
     assert cluster.leaders() == [1]
+
+
+def test_snapshot_lost_without_report_is_resent() -> None:
+    """Regression (random history seed 9): a SNAPSHOT lost without report_snapshot() must
+    not leave the follower's progress stuck in SNAPSHOT forever."""
+    cluster = Cluster()
+    cluster.elect(1)
+    cluster.isolate(3)
+    for i in range(10):
+        cluster.propose(1, f"v{i}".encode())
+    applied = cluster.nodes[1].status().applied_index
+    cluster.storages[1].create_snapshot(applied, ConfState(voters=(1, 2, 3)), b"state")
+    cluster.storages[1].compact(applied)
+    cluster.heal()
+    real_deliver = cluster.deliver
+    lost: list[int] = []
+
+    def lose_first_snapshot(message: Message) -> None:
+        if message.type is MessageType.SNAPSHOT and not lost:
+            lost.append(message.to)  # vanishes: no delivery, no report
+            return
+        real_deliver(message)
+
+    cluster.deliver = lose_first_snapshot  # type: ignore[method-assign]
+    cluster.tick(60)
+    assert lost == [3]
+    assert cluster.storages[3].snapshot().metadata.index == applied
+    assert cluster.nodes[1].status().progress[3].state is ProgressState.REPLICATE

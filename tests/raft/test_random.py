@@ -9,7 +9,7 @@ import random
 import pytest
 
 from kvstore.errors import ProposalDroppedError
-from kvstore.raft.types import Entry, Role
+from kvstore.raft.types import ConfState, Entry, Role
 from tests.raft.harness import Cluster
 
 
@@ -80,6 +80,8 @@ def run(seed: int, steps: int = 600) -> None:
             leaders = cluster.leaders()
             if leaders and node_ids:
                 cluster.nodes[leaders[0]].transfer_leadership(rng.choice(node_ids))
+        elif action < 0.76:
+            take_snapshot(cluster, rng.choice(list(cluster.nodes)), rng.randint(0, 3))
         deliver_some(cluster, rng)
         checker.check(cluster)
     # Liveness: heal everything; a leader appears and a write commits everywhere.
@@ -107,6 +109,16 @@ def run(seed: int, steps: int = 600) -> None:
         if len(final) == 1 and cluster.leaders():
             break
     assert len(final) == 1, final
+
+
+def take_snapshot(cluster: Cluster, node_id: int, keep: int) -> None:
+    """What a driver does every N applied entries: snapshot, then compact (keeping `keep`)."""
+    storage = cluster.storages[node_id]
+    applied = cluster.nodes[node_id].status().applied_index
+    if applied <= storage.snapshot().metadata.index:
+        return
+    storage.create_snapshot(applied, ConfState(voters=cluster.ids), b"")
+    storage.compact(max(storage.first_index() - 1, applied - keep))
 
 
 def deliver_some(cluster: Cluster, rng: random.Random) -> None:
