@@ -17,7 +17,7 @@ injected `Transport`, governed by the pure `RetryPolicy` (kvstore.client.retry):
 
 Errors are the types of kvstore.errors. A write that gives up after an attempt that may have
 reached the cluster raises `DeadlineExceededError(outcome_unknown=True)`; one whose every
-attempt was certainly rejected (refused connection, 503, 429) raises with
+attempt was certainly rejected (refused connection, no_leader, 429) raises with
 `outcome_unknown=False` (deadline) or `UnavailableError` (attempts used up).
 
 Rules that hold here: the client only runs on the event loop that first used it; time comes

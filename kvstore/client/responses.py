@@ -8,11 +8,14 @@ the retry policy should see (`FailureKind`) and whether a write may have been ap
 Status by status:
 - 307/308/421 or code not_leader: NOT_LEADER, with the leader's URL from the body, the
   Location header or Kvstore-Leader; without a usable URL it is a transient no_leader.
-- 503 (no_leader, unavailable, proposal_dropped) and 429 (overloaded): TRANSIENT, never
-  applied; the server's wait is honoured: `retry_after_ms` from the error body if present
-  (precise), else the Retry-After header (whole seconds, or an HTTP-date).
+- 503 and 429 (overloaded): TRANSIENT; no_leader, proposal_dropped and overloaded were never
+  proposed, any other 503 (a leader that stepped down with the write pending answers
+  "unavailable") may have applied. The server's wait is honoured: `retry_after_ms` from the
+  error body if present (precise), else the Retry-After header (whole seconds, or a date).
 - 504 (the server's own proposal deadline) and other 5xx: TRANSIENT, may have been applied.
-- 400, 404, 412, 413, 507 and other 4xx: PERMANENT, the typed error is raised as is.
+- 400, 404, 409 session_expired, 412, 413, 507 and other 4xx: PERMANENT, the typed error is
+  raised as is. session_expired (SessionExpiredError) means the cluster no longer remembers
+  this request id: not applied now, and whether an earlier attempt applied is unknown.
 """
 
 from __future__ import annotations
@@ -40,10 +43,13 @@ from kvstore.errors import (
     PreconditionFailedError,
     ProtocolError,
     RequestError,
+    SessionExpiredError,
     UnavailableError,
 )
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308, 421})
+# 503 codes that mean the write was refused before it reached the log.
+_NOT_PROPOSED_CODES = frozenset({"no_leader", "proposal_dropped", "overloaded"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +147,11 @@ def classify_failure(endpoint: str, response: HttpResponse) -> FailedAttempt:
             503: NoLeaderError if body.code == "no_leader" else UnavailableError,
         }[status]
         error = cls(message, retry_after_s=retry_after_s)
-        return FailedAttempt(_transient(body.code or str(status), retry_after_s), error, False)
+        # A write refused before it was proposed certainly did not apply; a plain
+        # "unavailable" also covers a leader that stepped down with the write pending.
+        maybe_applied = status == 503 and body.code not in _NOT_PROPOSED_CODES
+        failure = _transient(body.code or str(status), retry_after_s)
+        return FailedAttempt(failure, error, maybe_applied)
     if status >= 500 and status != 507:
         error = (
             DeadlineExceededError(message, outcome_unknown=True)
@@ -172,6 +182,8 @@ def _transient(reason: str, retry_after_s: float | None) -> Failure:
 def _permanent_error(status: int, body: ErrorBody, message: str) -> KVStoreError:
     if status == 404:
         return NotFoundError(message)
+    if status == 409 and body.code == "session_expired":
+        return SessionExpiredError(message)
     if status == 412:
         current = body.fields.get("current_revision")
         revision = current if isinstance(current, int) and not isinstance(current, bool) else None

@@ -21,6 +21,7 @@ from kvstore.errors import (
     NotFoundError,
     PayloadTooLargeError,
     PreconditionFailedError,
+    SessionExpiredError,
     UnavailableError,
 )
 
@@ -262,6 +263,20 @@ async def test_used_up_attempts_without_doubt_raise_unavailable() -> None:
         await client.put("k", b"v")
     assert not isinstance(caught.value, DeadlineExceededError)
     assert len(transport.sent) == 4
+
+
+async def test_unavailable_after_a_step_down_leaves_a_write_in_doubt() -> None:
+    client, _, _ = make_client(lambda request: error_response(503, "unavailable"), max_attempts=3)
+    with pytest.raises(DeadlineExceededError) as caught:
+        await client.put("k", b"v")
+    assert caught.value.outcome_unknown is True
+
+
+async def test_an_expired_session_is_not_retried() -> None:
+    client, transport, _ = make_client(lambda request: error_response(409, "session_expired"))
+    with pytest.raises(SessionExpiredError):
+        await client.put("k", b"v")
+    assert len(transport.sent) == 1
 
 
 async def test_a_504_leaves_a_write_in_doubt_but_not_a_read() -> None:
