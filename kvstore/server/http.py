@@ -39,7 +39,20 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LIST_LIMIT_MAX = 10_000
 _JSON = "application/json"
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+class NoRouteError(NotFoundError):
+    """No such route."""
+
+    code = "no_route"
+
+
+class MethodNotAllowedError(BadRequestError):
+    """The route exists but not with this method."""
+
+    http_status = 405
+    code = "method_not_allowed"
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -66,28 +79,41 @@ class HttpApi:
         self.metrics = driver.metrics
         self._node_header = str(self.config.id)
         self._latency: dict[tuple[str, str], Any] = {}
+        self._key_routes: dict[str, Handler] = {
+            "GET": self.get_key,
+            "HEAD": self.get_key,
+            "PUT": self.put_key,
+            "DELETE": self.delete_key,
+        }
+        self._plain_routes: dict[tuple[str, str], Handler] = {
+            ("/healthz", "GET"): self.healthz,
+            ("/readyz", "GET"): self.readyz,
+            ("/v1/status", "GET"): self.status,
+            ("/metrics", "GET"): self.metrics_text,
+            ("/v1/openapi.json", "GET"): self.openapi,
+            ("/v1/kv", "GET"): self.list_keys,
+        }
 
-    def build_app(self) -> web.Application:
-        app = web.Application(
-            middlewares=[self._error_middleware], client_max_size=self.config.max_body_bytes
-        )
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/v1/status", self.status)
-        app.router.add_get("/metrics", self.metrics_text)
-        app.router.add_get("/v1/openapi.json", self.openapi)
-        app.router.add_get("/v1/kv", self.list_keys)
-        app.router.add_get("/v1/kv/{key:.+}", self.get_key)
-        app.router.add_put("/v1/kv/{key:.+}", self.put_key)
-        app.router.add_delete("/v1/kv/{key:.+}", self.delete_key)
-        return app
+    def build_server(self) -> web.Server:
+        """aiohttp's low-level server with our own dispatch: the Application router and
+        middleware chain cost more CPU per request than the handlers themselves."""
+        limit = self.config.max_body_bytes
 
-    # --- cross-cutting: errors, node headers, latency ---------------------------------
+        def request_factory(
+            message: Any, payload: Any, protocol: Any, writer: Any, task: Any
+        ) -> web.BaseRequest:
+            return web.BaseRequest(
+                message, payload, protocol, writer, task, protocol._loop, client_max_size=limit
+            )
 
-    @web.middleware
-    async def _error_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        return web.Server(self.handle, request_factory=request_factory, access_log=None)
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Dispatch one request, map errors to HTTP, add the node headers, time it."""
         started = time.perf_counter()
+        route = "unmatched"
         try:
+            route, handler = self._route(request)
             response = await handler(request)
         except KVStoreError as exc:
             response = self._error_response(request, exc)
@@ -103,21 +129,8 @@ class HttpApi:
             response = self._error_response(
                 request, PayloadTooLargeError("the request body is over the limit")
             )
-        except web.HTTPException as exc:
-            response = _json(
-                {
-                    "error": {
-                        "code": "bad_request" if exc.status < 500 else "internal",
-                        "message": exc.reason,
-                        "leader": self.driver.leader_url(),
-                    }
-                },
-                status=exc.status,
-            )
         response.headers["Kvstore-Node"] = self._node_header
         response.headers["Kvstore-Leader"] = self.driver.leader_url() or ""
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
         histogram = self._latency.get((route, request.method))
         if histogram is None:
             histogram = self.metrics.request_seconds.labels(route=route, method=request.method)
@@ -125,7 +138,21 @@ class HttpApi:
         histogram.observe(time.perf_counter() - started)
         return response
 
-    def _error_response(self, request: web.Request, error: KVStoreError) -> web.Response:
+    def _route(self, request: web.BaseRequest) -> tuple[str, Handler]:
+        path, method = request.path, request.method
+        if path.startswith("/v1/kv/") and len(path) > 7:
+            handler = self._key_routes.get(method)
+            route = "/v1/kv/{key}"
+        else:
+            handler = self._plain_routes.get((path, method))
+            route = path
+        if handler is None:
+            if path.startswith("/v1/kv/") or (path, "GET") in self._plain_routes:
+                raise MethodNotAllowedError(f"{method} is not allowed on {path}")
+            raise NoRouteError(f"no route {path}")
+        return route, handler
+
+    def _error_response(self, request: web.BaseRequest, error: KVStoreError) -> web.Response:
         body = error.to_json()
         detail = body["error"]
         assert isinstance(detail, dict)
@@ -147,15 +174,15 @@ class HttpApi:
 
     # --- validation ---------------------------------------------------------------------
 
-    def _key(self, request: web.Request) -> str:
-        key: str = request.match_info["key"]
+    def _key(self, request: web.BaseRequest) -> str:
+        key = request.path[7:]  # after "/v1/kv/", percent-decoded
         if len(key) > self.config.max_key_bytes or len(key.encode()) > self.config.max_key_bytes:
             raise BadRequestError(f"key is over {self.config.max_key_bytes} bytes")
         if _CONTROL.search(key):
             raise BadRequestError("key contains control characters")
         return key
 
-    def _request_id(self, request: web.Request) -> tuple[RequestId, int, bool]:
+    def _request_id(self, request: web.BaseRequest) -> tuple[RequestId, int, bool]:
         """(request id, acked_below, server_made) for a write."""
         header = request.headers.get("Kvstore-Request-Id")
         if header is None:
@@ -168,7 +195,7 @@ class HttpApi:
         return request_id, int(acked_text), False
 
     @staticmethod
-    def _conditions(request: web.Request) -> tuple[int | None, bool]:
+    def _conditions(request: web.BaseRequest) -> tuple[int | None, bool]:
         if_match = request.headers.get("If-Match")
         if_none_match = request.headers.get("If-None-Match")
         if if_match is not None and if_none_match is not None:
@@ -184,7 +211,7 @@ class HttpApi:
             raise BadRequestError("If-Match must be a revision number (0 = the key is absent)")
         return int(text), False
 
-    async def _body(self, request: web.Request) -> bytes:
+    async def _body(self, request: web.BaseRequest) -> bytes:
         limit = self.config.max_value_bytes
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLargeError(f"value is over {limit} bytes")
@@ -195,7 +222,7 @@ class HttpApi:
 
     # --- key-value ----------------------------------------------------------------------
 
-    async def put_key(self, request: web.Request) -> web.Response:
+    async def put_key(self, request: web.BaseRequest) -> web.Response:
         key = self._key(request)
         if_revision, create_only = self._conditions(request)
         self.driver.check_writable()
@@ -228,7 +255,7 @@ class HttpApi:
             }
         )
 
-    async def delete_key(self, request: web.Request) -> web.Response:
+    async def delete_key(self, request: web.BaseRequest) -> web.Response:
         key = self._key(request)
         if_revision, create_only = self._conditions(request)
         if create_only:
@@ -269,7 +296,7 @@ class HttpApi:
             )
         raise BadRequestError(f"the write failed: {result.error}")
 
-    async def _barrier(self, request: web.Request) -> str:
+    async def _barrier(self, request: web.BaseRequest) -> str:
         consistency = request.query.get("consistency", "linearizable")
         if consistency == "linearizable":
             if not self.config.unsafe_local_reads:
@@ -279,7 +306,7 @@ class HttpApi:
         self.metrics.reads.labels(consistency=consistency).inc()
         return consistency
 
-    async def get_key(self, request: web.Request) -> web.Response:
+    async def get_key(self, request: web.BaseRequest) -> web.Response:
         key = self._key(request)
         await self._barrier(request)
         state_machine = self.driver.replica.state_machine
@@ -298,7 +325,7 @@ class HttpApi:
             },
         )
 
-    async def list_keys(self, request: web.Request) -> web.Response:
+    async def list_keys(self, request: web.BaseRequest) -> web.Response:
         prefix = request.query.get("prefix", "")
         if _CONTROL.search(prefix) or len(prefix.encode()) > self.config.max_key_bytes:
             raise BadRequestError("prefix is not a valid key prefix")
@@ -330,10 +357,10 @@ class HttpApi:
 
     # --- operations ---------------------------------------------------------------------
 
-    async def healthz(self, request: web.Request) -> web.Response:
+    async def healthz(self, request: web.BaseRequest) -> web.Response:
         return _json({"ok": True, "id": self.config.id})
 
-    async def readyz(self, request: web.Request) -> web.Response:
+    async def readyz(self, request: web.BaseRequest) -> web.Response:
         status = self.driver.status()
         applied = self.driver.applied_index()
         ready = status.leader_id != 0 and applied >= status.commit_index
@@ -345,7 +372,7 @@ class HttpApi:
         }
         return _json(body, status=200 if ready else 503)
 
-    async def status(self, request: web.Request) -> web.Response:
+    async def status(self, request: web.BaseRequest) -> web.Response:
         return _json(self.status_document())
 
     def status_document(self) -> dict[str, Any]:
@@ -377,11 +404,11 @@ class HttpApi:
             }
         return document
 
-    async def metrics_text(self, request: web.Request) -> web.Response:
+    async def metrics_text(self, request: web.BaseRequest) -> web.Response:
         return web.Response(
             body=self.metrics.render(),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
 
-    async def openapi(self, request: web.Request) -> web.Response:
+    async def openapi(self, request: web.BaseRequest) -> web.Response:
         return _json(openapi_document())

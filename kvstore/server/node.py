@@ -92,7 +92,7 @@ class Node:
             queue_frames_max=config.peer_queue_frames,
         )
         self.http = HttpApi(self.driver, config.cluster_id)
-        self._runner: web.AppRunner | None = None
+        self._runner: web.ServerRunner | None = None
         self._stop = asyncio.Event()
 
     def _send(self, message: Any) -> None:
@@ -109,8 +109,8 @@ class Node:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
         await self.transport.start()
-        self._runner = web.AppRunner(
-            self.http.build_app(), access_log=None, handle_signals=False, shutdown_timeout=5.0
+        self._runner = web.ServerRunner(
+            self.http.build_server(), handle_signals=False, shutdown_timeout=5.0
         )
         await self._runner.setup()
         host, port = split_host_port(self.config.listen_client)

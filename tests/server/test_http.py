@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import web
 
 from kvstore.config import ServeConfig
 from kvstore.errors import DiskFullError
@@ -53,7 +54,9 @@ async def _until(condition: Any, timeout_s: float = 5.0) -> None:
 
 
 class Harness:
-    def __init__(self, client: TestClient, driver: Driver, storage: FaultyStorage) -> None:
+    def __init__(
+        self, client: aiohttp.ClientSession, driver: Driver, storage: FaultyStorage
+    ) -> None:
         self.client, self.driver, self.storage = client, driver, storage
 
 
@@ -71,8 +74,12 @@ async def harness(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterat
     replica = Replica(RaftConfig(id=1, peers=(1,)), storage, random.Random(7))
     driver = Driver(config, replica, NodeMetrics(1), lambda message: None, lambda peer: None)
     task = asyncio.get_running_loop().create_task(driver.run())
-    client = TestClient(TestServer(HttpApi(driver, "test").build_app()))
-    await client.start_server()
+    runner = web.ServerRunner(HttpApi(driver, "test").build_server())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    client = aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}")
     try:
         await _until(driver.is_leader)
         await _until(lambda: driver.applied_index() >= 1)
@@ -80,6 +87,7 @@ async def harness(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterat
     finally:
         storage.gate.set()
         await client.close()
+        await runner.cleanup()
         driver.stop()
         await asyncio.wait_for(task, 5)
         driver.close()
