@@ -83,8 +83,21 @@ async def _worker(
             latencies.append(finished - started)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (Linux); 0.0 when unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def run_level(
-    url: str, concurrency: int, duration_s: float, warmup_s: float
+    url: str,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    pids: dict[int, int] | None = None,
 ) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=10)
@@ -92,6 +105,8 @@ async def run_level(
         before = await _status(session, url)
         record_from = time.perf_counter() + warmup_s
         stop_at = record_from + duration_s
+        pids = pids or {}
+        cpu_before = {node: _cpu_seconds(pid) for node, pid in pids.items()}
         latencies: list[float] = []
         errors: dict[str, int] = {}
         await asyncio.gather(
@@ -100,8 +115,12 @@ async def run_level(
                 for w in range(concurrency)
             )
         )
+        cpu_after = {node: _cpu_seconds(pid) for node, pid in pids.items()}
         after = await _status(session, url)
     latencies.sort()
+    all_writes = max(1, len(latencies))
+    cpu = {node: cpu_after[node] - cpu_before[node] for node in pids}
+    leader_id = after["leader_id"]
     return {
         "concurrency": concurrency,
         "duration_s": duration_s,
@@ -114,6 +133,9 @@ async def run_level(
         "leader_changed": before["leader_id"] != after["leader_id"]
         or before["term"] != after["term"],
         "term": after["term"],
+        # CPU per acknowledged write (whole level incl. warmup): contention-independent cost.
+        "leader_cpu_ms_per_write": cpu.get(leader_id, 0.0) * 1000 / all_writes if cpu else None,
+        "cluster_cpu_ms_per_write": sum(cpu.values()) * 1000 / all_writes if cpu else None,
     }
 
 
@@ -122,15 +144,23 @@ def _print(result: dict[str, Any]) -> None:
         f"N={result['concurrency']:<4} {result['writes_per_s']:>9,.0f} writes/s  "
         f"p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
         f"leader changed: {'YES' if result['leader_changed'] else 'no'}"
+        + (
+            f"  cpu/write leader {result['leader_cpu_ms_per_write']:.2f} ms"
+            f" cluster {result['cluster_cpu_ms_per_write']:.2f} ms"
+            if result.get("leader_cpu_ms_per_write") is not None
+            else ""
+        )
         + (f"  errors {result['errors']}" if result["errors"] else ""),
         flush=True,
     )
 
 
-async def _bench(url: str, levels: list[int], duration_s: float, warmup_s: float) -> list[Any]:
+async def _bench(
+    url: str, levels: list[int], duration_s: float, warmup_s: float, pids: dict[int, int]
+) -> list[Any]:
     results = []
     for concurrency in levels:
-        result = await run_level(url, concurrency, duration_s, warmup_s)
+        result = await run_level(url, concurrency, duration_s, warmup_s, pids)
         _print(result)
         results.append(result)
     return results
@@ -143,15 +173,18 @@ def _run_with_cluster(args: argparse.Namespace, levels: list[int]) -> list[Any]:
         leader = cluster.wait_for_leader(timeout_s=20)
         url = cluster.client_url(leader)
         print(f"cluster under {base}; leader is node {leader} at {url}", flush=True)
-        return _run(url, levels, args)
+        pids = {node: pid for node in cluster.ids if (pid := cluster.pid(node)) is not None}
+        return _run(url, levels, args, pids)
 
 
-def _run(url: str, levels: list[int], args: argparse.Namespace) -> list[Any]:
+def _run(
+    url: str, levels: list[int], args: argparse.Namespace, pids: dict[int, int] | None = None
+) -> list[Any]:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(_bench(url, levels, args.duration, args.warmup))
-    return uvloop.run(_bench(url, levels, args.duration, args.warmup))
+        return asyncio.run(_bench(url, levels, args.duration, args.warmup, pids or {}))
+    return uvloop.run(_bench(url, levels, args.duration, args.warmup, pids or {}))
 
 
 def main(argv: list[str] | None = None) -> int:
