@@ -67,8 +67,8 @@ class Applied:
 class ReadyOutcome:
     """What one Ready did, for the driver: leadership changes (`soft_state`), answers to
     complete (`applied`), ReadIndex answers to serve once `Replica.applied_index` reaches
-    theirs (`read_states`; always true right after the Ready that carried them, unless the
-    driver reads before `finish`), and figures for metrics."""
+    theirs (`read_states`; on a follower that may take a later Ready, when its commit index
+    catches up with the leader's), and figures for metrics."""
 
     soft_state: SoftState | None
     applied: tuple[Applied, ...]

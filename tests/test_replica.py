@@ -258,6 +258,28 @@ def test_duplicate_request_applies_once_across_a_leader_change() -> None:
     assert len(cluster.digests()) == 1
 
 
+def test_read_index_answers_come_back_in_the_outcome() -> None:
+    """ReadIndex (dissertation §6.4) through the Replica: the ReadState is handed to the
+    driver once the leader confirmed its leadership; once the replica has applied up to its
+    index, the read is served from local state."""
+    cluster = Cluster()
+    cluster.elect(1)
+    cluster.write(1, Put("k", b"v", None, 1))
+    seen: list[tuple[int, bytes, int]] = []
+    follower = cluster.replicas[2]
+    follower.node.read_index(b"read-1")
+    for _ in range(20):
+        for node_id, replica in cluster.replicas.items():
+            while (outcome := replica.process_ready(cluster.send)) is not None:
+                seen.extend((node_id, rs.context, rs.index) for rs in outcome.read_states)
+        if not cluster.deliver():
+            break
+    assert [(node, context) for node, context, _ in seen] == [(2, b"read-1")]
+    assert follower.applied_index >= seen[0][2]  # the driver serves the read from here on
+    kv = follower.state_machine.get("k")
+    assert kv is not None and kv.value == b"v"
+
+
 def test_replica_validates_its_options() -> None:
     with pytest.raises(ValueError):
         Replica(
