@@ -315,24 +315,25 @@ class DiskStorage:
             return
         if index > self._snapshot.metadata.index:
             raise ValueError(f"compact({index}) beyond the snapshot {self._snapshot.metadata}")
-        self._offset_term = self.term(index)
-        del self._entries[: index - self._offset]
-        self._offset = index
+        offset_term = self.term(index)
+        retained = self._entries[index - self._offset :]
         if (
-            self._offset - self._base_offset >= self.compact_after_entries
+            index - self._base_offset >= self.compact_after_entries
             or self._wal.total_bytes() >= self.compact_after_bytes
         ):
-            self._rewrite_wal()
-
-    def _rewrite_wal(self) -> None:
-        """Restart the log at the current offset, dropping every older segment."""
-        metadata = self._snapshot.metadata
-        self._wal.rewrite(
-            self._base_content(self._offset, self._offset_term, metadata, self._conf_state)
-            + self._base_tail(self._hard_state, self._entries)
-        )
-        logger.info("compacted write-ahead log offset=%d", self._offset)
-        self._base_offset = self._offset
+            # Restart the log at the new offset in a new segment; older segments go.
+            metadata = self._snapshot.metadata
+            self._wal.rewrite(
+                self._base_content(index, offset_term, metadata, self._conf_state)
+                + self._base_tail(self._hard_state, retained)
+            )
+            logger.info("compacted write-ahead log offset=%d", index)
+            self._base_offset = index
+        else:
+            # Cheap and durable: one small record; the segments are rewritten later.
+            self._wal.append(frame(RecordType.COMPACT, codec.pack([index, offset_term])))
+        self._entries = retained
+        self._offset, self._offset_term = index, offset_term
 
     def _base_content(
         self, offset: int, offset_term: int, metadata: SnapshotMetadata, conf_state: ConfState

@@ -76,6 +76,7 @@ class RecordType(enum.IntEnum):
     TRUNCATE = 4  # [index]: drop the entry at index and every later one (Raft §5.3)
     SNAPSHOT = 5  # [index, term]: a durable snapshot file exists for this point
     CONF_STATE = 6  # codec conf state
+    COMPACT = 7  # [index, term]: entries up to index are covered by a snapshot; drop them
 
 
 _TYPE_CRC = {int(t): zlib.crc32(bytes((t,))) for t in RecordType}
@@ -95,18 +96,23 @@ def frame(record_type: RecordType, payload: bytes) -> bytes:
 
 
 def frame_entries(entries: Sequence[Entry]) -> list[bytes]:
-    """ENTRIES records for consecutive entries, cut at about ENTRIES_RECORD_TARGET_BYTES."""
+    """ENTRIES records for consecutive entries, cut at about ENTRIES_RECORD_TARGET_BYTES.
+    Hot path: entries become tuples (packed as arrays, EntryType as its int) in one packb."""
+    total = sum([len(entry.data) for entry in entries]) + 16 * len(entries)
+    if total < ENTRIES_RECORD_TARGET_BYTES:
+        batch = [(entry.term, entry.index, entry.type, entry.data) for entry in entries]
+        return [frame(RecordType.ENTRIES, codec.pack(batch))]
     records: list[bytes] = []
-    batch: list[list[Any]] = []
-    batch_bytes = 0
+    chunk: list[tuple[int, int, int, bytes]] = []
+    chunk_bytes = 0
     for entry in entries:
-        batch.append([entry.term, entry.index, int(entry.type), entry.data])
-        batch_bytes += len(entry.data) + 16
-        if batch_bytes >= ENTRIES_RECORD_TARGET_BYTES:
-            records.append(frame(RecordType.ENTRIES, codec.pack(batch)))
-            batch, batch_bytes = [], 0
-    if batch:
-        records.append(frame(RecordType.ENTRIES, codec.pack(batch)))
+        chunk.append((entry.term, entry.index, entry.type, entry.data))
+        chunk_bytes += len(entry.data) + 16
+        if chunk_bytes >= ENTRIES_RECORD_TARGET_BYTES:
+            records.append(frame(RecordType.ENTRIES, codec.pack(chunk)))
+            chunk, chunk_bytes = [], 0
+    if chunk:
+        records.append(frame(RecordType.ENTRIES, codec.pack(chunk)))
     return records
 
 
@@ -238,10 +244,23 @@ class WalState:
             ):
                 raise ProtocolError("snapshot record: expected [index, term]")
             self.snapshots.append((obj[0], obj[1]))
+        elif record.type is RecordType.COMPACT:
+            self._compact(obj)
         elif record.type is RecordType.CONF_STATE:
             self.conf_state = codec.conf_state_from_obj(obj)
         else:
             raise ValueError("a segment record in the middle of a segment")
+
+    def _compact(self, obj: Any) -> None:
+        if not isinstance(obj, list) or len(obj) != 2 or not all(isinstance(v, int) for v in obj):
+            raise ProtocolError("compact record: expected [index, term]")
+        index, term = obj
+        if not self.offset < index <= self.last_index():
+            raise ValueError(f"compact to {index} outside ({self.offset}, {self.last_index()}]")
+        if self.entries[index - self.offset - 1].term != term:
+            raise ValueError(f"compact to {index}: term {term} does not match the log")
+        del self.entries[: index - self.offset]
+        self.offset, self.offset_term = index, term
 
 
 @dataclass(slots=True)
