@@ -274,7 +274,7 @@ async def _main_async(args: argparse.Namespace) -> dict[str, Any]:
     from kvstore.server.localcluster import LocalCluster
 
     with tempfile.TemporaryDirectory(prefix="kvstore-bench-") as directory:
-        cluster = LocalCluster(Path(directory), size=3)
+        cluster = LocalCluster(args.base_dir or Path(directory), size=3)
         try:
             cluster.start()
             cluster.wait_for_leader(timeout_s=30.0)
@@ -295,6 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=0, help="leader kills for the failover run")
     parser.add_argument("--quick", action="store_true", help="200 gets, 1 kill (for tests)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--base-dir", type=Path, help="keep the cluster's data and logs here (default: a temp dir)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.iterations = min(args.iterations, 200)
