@@ -22,6 +22,9 @@ class RaftConfig:
     max_inflight_messages: int = 256
     max_inflight_bytes: int = 32 << 20
     max_uncommitted_entries_bytes: int = 64 << 20
+    # Committed entries handed out per Ready (at least one): bounds the work of one Ready,
+    # e.g. when a restarted node replays a long log.
+    max_committed_size_per_ready_bytes: int = 8 << 20
     # The state machine's applied index on restart: committed entries up to it are not
     # handed out again.
     applied: int = 0
@@ -48,5 +51,7 @@ class RaftConfig:
             raise ValueError("max_inflight_bytes must be >= 1")
         if self.max_uncommitted_entries_bytes < 1:
             raise ValueError("max_uncommitted_entries_bytes must be >= 1")
+        if self.max_committed_size_per_ready_bytes < 1:
+            raise ValueError("max_committed_size_per_ready_bytes must be >= 1")
         if self.applied < 0:
             raise ValueError(f"applied must be >= 0, got {self.applied}")

@@ -264,7 +264,9 @@ class RawNode:
             soft_state = SoftState(self.leader_id, self.role)
         entries = log.unstable_entries()
         snapshot = log.unstable_snapshot()
-        committed = tuple(log.next_committed_entries())
+        committed = tuple(
+            log.next_committed_entries(self._config.max_committed_size_per_ready_bytes)
+        )
         if committed and self.role is Role.LEADER:
             self._reduce_uncommitted_size(committed)
         messages = tuple(self._messages)

@@ -315,3 +315,19 @@ def test_snapshot_lost_without_report_is_resent() -> None:
     assert lost == [3]
     assert cluster.storages[3].snapshot().metadata.index == applied
     assert cluster.nodes[1].status().progress[3].state is ProgressState.REPLICATE
+
+
+def test_committed_entries_are_handed_out_in_bounded_readies() -> None:
+    cluster = Cluster(ids=(1,), max_committed_size_per_ready_bytes=1000)
+    cluster.elect(1)
+    node = cluster.nodes[1]
+    for _ in range(10):
+        node.propose(bytes(300))
+    sizes = []
+    while node.has_ready():
+        ready = node.ready()
+        cluster.storages[1].save(ready.hard_state, ready.entries, ready.snapshot)
+        sizes.append(len(ready.committed_entries))
+        node.advance(ready)
+    assert sum(sizes) == 10 and max(sizes) <= 3
+    assert node.status().applied_index == node.status().commit_index
