@@ -304,11 +304,14 @@ class Driver:
             self.node.propose(proposal.data)
         except ProposalDroppedError:
             self.metrics.proposals_failed.labels(reason="dropped").inc()
-            if self.role is Role.LEADER:
+            status = self.node.status()
+            if status.role is Role.LEADER and status.lead_transferee:
                 # A leadership transfer is under way: the new leader is milliseconds away.
                 error: KVStoreError = UnavailableError(
                     "leadership is being transferred; retry", retry_after_s=0.01
                 )
+            elif status.role is Role.LEADER:
+                error = OverloadedError("the leader refused the proposal", retry_after_s=0.05)
             else:
                 error = self._not_leader_error()
             proposal.future.set_exception(error)

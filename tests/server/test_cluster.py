@@ -318,3 +318,25 @@ def test_sigterm_of_the_leader_hands_leadership_over(cluster: LocalCluster) -> N
     assert elapsed < 5
     cluster.start_node(old)
     all_running(cluster)
+
+
+def test_corrupt_log_stops_the_node_with_the_file_and_offset(cluster: LocalCluster) -> None:
+    """Last in the module: it leaves one node unable to start."""
+    all_running(cluster)
+    leader = cluster.wait_for_leader()
+    victim = next(i for i in cluster.ids if i != leader)
+    for i in range(20):
+        assert put(cluster.client_url(leader), f"corrupt/{i}", b"v" * 100).status == 200
+    cluster.kill(victim)
+    segments = [p for p in cluster.data_dir(victim).rglob("*.wal") if p.stat().st_size > 0]
+    segment = max(segments, key=lambda p: p.stat().st_size)
+    data = bytearray(segment.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # well before the tail: not a torn last record
+    segment.write_bytes(bytes(data))
+    cluster.start_node(victim)
+    wait_until(lambda: cluster.pid(victim) is None, 15, "the node exits")
+    assert cluster.returncode(victim) == 2
+    log = cluster.log_path(victim).read_text()
+    assert f"corrupt data in {segment}" in log and "at offset" in log
+    # The other two keep serving.
+    assert put(cluster.client_url(leader), "corrupt/after", b"x").status == 200
