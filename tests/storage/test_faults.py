@@ -1,0 +1,277 @@
+"""Disk faults and damage: ENOSPC, EIO, torn and zeroed tails, corruption, and a crash at every
+filesystem step of snapshot writing, WAL compaction and snapshot installation."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from kvstore.errors import CorruptionError, DiskFullError, FatalDiskError
+from kvstore.raft.types import ConfState, Entry, HardState, Snapshot, SnapshotMetadata
+from kvstore.storage.disk import DiskStorage
+from kvstore.storage.wal import RecordType, frame
+from tests.storage.faults import CrashAfterFileSystem, FaultyFileSystem, SimulatedCrash
+
+VOTERS = ConfState(voters=(1, 2, 3))
+
+
+def entries(first: int, last: int, term: int = 1, size: int = 20) -> list[Entry]:
+    return [Entry(term=term, index=i, data=bytes([i % 251]) * size) for i in range(first, last + 1)]
+
+
+def wal_bytes(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("*.wal"))}
+
+
+def all_entries(storage: DiskStorage) -> list[Entry]:
+    if storage.last_index() < storage.first_index():
+        return []
+    return storage.entries(storage.first_index(), storage.last_index() + 1, 1 << 40)
+
+
+# --- ENOSPC --------------------------------------------------------------------------------
+
+
+def test_enospc_half_way_leaves_wal_as_before_and_recovers(tmp_path: Path) -> None:
+    fs = FaultyFileSystem()
+    storage = DiskStorage(tmp_path, fs=fs)
+    storage.save(HardState(term=1, commit=5), entries(1, 10), None)
+    before = wal_bytes(tmp_path)
+    fs.fail("write", errno.ENOSPC, partial=100)
+    with pytest.raises(DiskFullError):
+        storage.save(HardState(term=1, commit=10), entries(11, 40), None)
+    assert wal_bytes(tmp_path) == before
+    assert storage.last_index() == 10
+    assert storage.initial_state()[0] == HardState(term=1, commit=5)
+    with pytest.raises(DiskFullError):  # still full: still refused, still unchanged
+        storage.save(HardState(term=1, commit=10), entries(11, 40), None)
+    assert wal_bytes(tmp_path) == before
+    fs.heal()  # space is free again
+    storage.save(HardState(term=1, commit=10), entries(11, 40), None)
+    storage.close()
+    storage = DiskStorage(tmp_path)
+    assert all_entries(storage) == entries(1, 40)
+    assert storage.initial_state()[0] == HardState(term=1, commit=10)
+    storage.close()
+
+
+def test_enospc_creating_a_segment_or_snapshot(tmp_path: Path) -> None:
+    fs = FaultyFileSystem()
+    storage = DiskStorage(tmp_path, fs=fs, segment_size_bytes=1024)
+    storage.save(HardState(term=1, commit=60), entries(1, 60), None)  # > 1 KiB: rotates next
+    segments = sorted(p.name for p in tmp_path.glob("*.wal"))
+    fs.fail("write", errno.ENOSPC)
+    with pytest.raises(DiskFullError):
+        storage.save(None, entries(61, 61), None)
+    with pytest.raises(DiskFullError):
+        storage.create_snapshot(50, VOTERS, b"x" * 1000)
+    assert sorted(p.name for p in tmp_path.glob("*")) == [*segments, "LOCK"]  # no tmp left
+    fs.heal()
+    storage.save(None, entries(61, 61), None)
+    storage.create_snapshot(50, VOTERS, b"x" * 1000)
+    storage.close()
+    storage = DiskStorage(tmp_path)
+    assert storage.last_index() == 61
+    assert storage.snapshot().data == b"x" * 1000
+    storage.close()
+
+
+# --- EIO -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("operation", ["fdatasync", "write"])
+def test_eio_is_fatal_and_never_retried(tmp_path: Path, operation: str) -> None:
+    fs = FaultyFileSystem()
+    storage = DiskStorage(tmp_path, fs=fs)
+    storage.save(HardState(term=1), entries(1, 3), None)
+    fs.fail(operation, errno.EIO)
+    with pytest.raises(FatalDiskError):
+        storage.save(HardState(term=1, commit=3), entries(4, 5), None)
+    fs.heal()
+    calls = fs.calls
+    with pytest.raises(FatalDiskError, match="failed earlier"):
+        storage.save(HardState(term=1, commit=3), entries(4, 5), None)
+    with pytest.raises(FatalDiskError):
+        storage.create_snapshot(2, VOTERS, b"s")
+    assert fs.calls == calls  # the failed fsync was not retried
+    storage.close()
+
+
+def test_fsync_enospc_is_fatal(tmp_path: Path) -> None:
+    """An fsync error of any kind means the pages may be gone: fatal, never DiskFullError."""
+    fs = FaultyFileSystem()
+    storage = DiskStorage(tmp_path, fs=fs)
+    fs.fail("fdatasync", errno.ENOSPC)
+    with pytest.raises(FatalDiskError):
+        storage.save(HardState(term=1), entries(1, 3), None)
+    storage.close()
+
+
+# --- torn tails and corruption ---------------------------------------------------------------
+
+
+def _prepared(tmp_path: Path, **kwargs: int) -> list[Path]:
+    storage = DiskStorage(tmp_path, initial_conf_state=VOTERS, **kwargs)  # type: ignore[arg-type]
+    for index in range(1, 121):
+        storage.save(HardState(term=1, commit=index - 1), entries(index, index), None)
+    storage.close()
+    return sorted(tmp_path.glob("*.wal"))
+
+
+def test_torn_tail_is_cut_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    last = _prepared(tmp_path)[-1]
+    size = last.stat().st_size
+    with open(last, "ab") as file:
+        file.write(frame(RecordType.ENTRIES, b"\x01" + b"z" * 60)[:30])
+    with caplog.at_level(logging.WARNING, logger="kvstore.storage"):
+        storage = DiskStorage(tmp_path)
+    assert f"offset={size} bytes=30" in caplog.text
+    assert last.stat().st_size == size
+    assert all_entries(storage) == entries(1, 120)
+    storage.close()
+
+
+def test_checksum_failure_in_a_sealed_segment_is_reported(tmp_path: Path) -> None:
+    segments = _prepared(tmp_path, segment_size_bytes=1024)
+    assert len(segments) >= 2
+    data = bytearray(segments[0].read_bytes())
+    data[-3] ^= 0x10
+    segments[0].write_bytes(bytes(data))
+    with pytest.raises(CorruptionError) as caught:
+        DiskStorage(tmp_path)
+    assert caught.value.path == str(segments[0])
+    assert "checksum" in caught.value.reason
+
+
+def test_truncated_sealed_segment_is_reported(tmp_path: Path) -> None:
+    segments = _prepared(tmp_path, segment_size_bytes=1024)
+    os.truncate(segments[0], segments[0].stat().st_size - 5)
+    with pytest.raises(CorruptionError, match="sealed segment"):
+        DiskStorage(tmp_path)
+
+
+def test_missing_segment_is_reported(tmp_path: Path) -> None:
+    segments = _prepared(tmp_path, segment_size_bytes=1024)
+    assert len(segments) >= 3
+    segments[1].unlink()
+    with pytest.raises(CorruptionError, match="missing"):
+        DiskStorage(tmp_path)
+
+
+def test_corrupt_snapshot_is_reported(tmp_path: Path) -> None:
+    storage = DiskStorage(tmp_path)
+    storage.save(HardState(term=1, commit=10), entries(1, 10), None)
+    storage.create_snapshot(8, VOTERS, b"important state" * 10)
+    storage.close()
+    (path,) = tmp_path.glob("*.snap")
+    data = bytearray(path.read_bytes())
+    data[40] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptionError) as caught:
+        DiskStorage(tmp_path)
+    assert caught.value.path == str(path)
+    path.unlink()
+    with pytest.raises(CorruptionError, match="missing"):
+        DiskStorage(tmp_path)
+
+
+# --- a crash at every filesystem step --------------------------------------------------------
+
+
+def _crash_at_every_step(
+    tmp_path: Path,
+    prepare: Callable[[DiskStorage], None],
+    act: Callable[[DiskStorage], None],
+    check: Callable[[DiskStorage, bool], None],
+    *,
+    compact_after_entries: int = 10_000,
+) -> list[str]:
+    """Prepare a directory, then for N = 0, 1, ...: copy it, run `act` with a crash before
+    the N-th mutating filesystem operation, reopen and `check(storage, completed)`. Stops at
+    the first N where `act` completes. Returns the operations of the complete run."""
+    template = tmp_path / "template"
+    storage = DiskStorage(template, initial_conf_state=VOTERS)
+    prepare(storage)
+    storage.close()
+    for crash_at in range(1000):
+        directory = tmp_path / f"crash-{crash_at}"
+        shutil.copytree(template, directory)
+        fs = CrashAfterFileSystem(None)
+        storage = DiskStorage(directory, fs=fs, compact_after_entries=compact_after_entries)
+        fs.crash_at = len(fs.operations) + crash_at
+        try:
+            act(storage)
+            completed = True
+        except SimulatedCrash:
+            completed = False
+        storage.close()
+        recovered = DiskStorage(directory)
+        check(recovered, completed)
+        recovered.close()
+        shutil.rmtree(directory)
+        if completed:
+            return fs.operations
+    raise AssertionError("never completed")
+
+
+@pytest.mark.parametrize("rewrite", [False, True])
+def test_crash_at_every_step_of_create_snapshot_and_compaction(
+    tmp_path: Path, rewrite: bool
+) -> None:
+    """rewrite=False: compaction is a COMPACT record; True: the WAL is rewritten."""
+
+    def prepare(storage: DiskStorage) -> None:
+        storage.save(HardState(term=2, vote=1, commit=90), entries(1, 100, term=2), None)
+        storage.create_snapshot(50, VOTERS, b"old state")
+
+    def act(storage: DiskStorage) -> None:
+        storage.create_snapshot(90, VOTERS, b"new state")
+        storage.compact(85)
+
+    def check(storage: DiskStorage, completed: bool) -> None:
+        assert storage.initial_state() == (HardState(term=2, vote=1, commit=90), VOTERS)
+        assert storage.last_index() == 100
+        assert all_entries(storage) == entries(storage.first_index(), 100, term=2)
+        snapshot = storage.snapshot()
+        assert (snapshot.metadata.index, snapshot.data) in [(50, b"old state"), (90, b"new state")]
+        assert storage.first_index() <= snapshot.metadata.index + 1
+        assert len(list(Path(storage.directory).glob("*.tmp"))) == 0
+        if completed:
+            assert (storage.first_index(), snapshot.metadata.index) == (86, 90)
+
+    operations = _crash_at_every_step(
+        tmp_path, prepare, act, check, compact_after_entries=10 if rewrite else 10_000
+    )
+    assert "rename snap-00000000000000000090-00000000000000000002.snap.tmp" in operations
+    assert any(op.startswith("unlink 0000") for op in operations) == rewrite
+
+
+def test_crash_at_every_step_of_snapshot_install(tmp_path: Path) -> None:
+    snapshot = Snapshot(SnapshotMetadata(index=500, term=4, conf_state=VOTERS), b"leader")
+
+    def prepare(storage: DiskStorage) -> None:
+        storage.save(HardState(term=3, vote=2, commit=20), entries(1, 30, term=3), None)
+
+    def act(storage: DiskStorage) -> None:
+        storage.save(HardState(term=4, commit=500), entries(501, 503, term=4), snapshot)
+
+    def check(storage: DiskStorage, completed: bool) -> None:
+        if storage.snapshot().metadata.index == 0:
+            assert not completed
+            assert storage.initial_state()[0] == HardState(term=3, vote=2, commit=20)
+            assert all_entries(storage) == entries(1, 30, term=3)
+        else:
+            assert storage.snapshot() == snapshot
+            assert storage.initial_state()[0] == HardState(term=4, commit=500)
+            assert all_entries(storage) == entries(501, 503, term=4)
+        if completed:
+            assert storage.snapshot() == snapshot
+
+    operations = _crash_at_every_step(tmp_path, prepare, act, check)
+    assert len(operations) >= 8
