@@ -358,10 +358,11 @@ class Driver:
                 self._apply(ready)
             if ready.read_states:
                 self._on_read_states(ready)
-            if needs_save and not ready.must_sync:
-                # Only the commit index changed: it need not be durable for safety (a node
-                # relearns it from the leader), so it is saved after the answers went out,
-                # on the worker thread while the loop writes the HTTP responses.
+            if needs_save and not ready.must_sync and replica.snapshot_due():
+                # Only the commit index changed. It need not be durable for safety (a node
+                # relearns it from the leader), so it is written with the next entries, not
+                # with an fsync of its own on every write's critical path, except before a
+                # snapshot: a restart requires the durable commit to reach the snapshot.
                 await self._persist(ready, inline=False)
             self._advance(ready)
 
