@@ -10,6 +10,7 @@ follow it at consecutive indexes.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 from kvstore.errors import CompactedError, UnavailableIndexError
@@ -84,6 +85,38 @@ class MemoryStorage:
         if entries:
             self._append(entries)
         if hard_state is not None:
+            self._hard_state = hard_state
+
+    def save_torn(
+        self,
+        hard_state: HardState | None,
+        entries: Sequence[Entry],
+        snapshot: Snapshot | None,
+        rng: random.Random,
+    ) -> None:
+        """Model a crash in the middle of `save()` (crash modelling for the simulator): keep
+        what a torn write to DiskStorage's log can leave behind, then the caller drops the
+        node as after any crash. The log records are written in this order, and a torn write
+        keeps a prefix of them: TRUNCATE (the conflicting suffix goes), the entries (a prefix
+        of them survives), the hard state (only if every entry made it). A snapshot install
+        is all-or-nothing (a new segment renamed into place), so it survives whole or not
+        at all. Nothing of this save was acknowledged, so every outcome is legitimate."""
+        if snapshot is not None and not snapshot.is_empty():
+            if rng.random() < 0.5:
+                self.save(hard_state, entries, snapshot)
+            return
+        offset = self._entries[0].index
+        if entries and entries[0].index <= offset:
+            entries = entries[offset + 1 - entries[0].index :]  # compacted: already stored
+        conflict = bool(entries) and entries[0].index <= self.last_index()
+        records = int(conflict) + len(entries) + int(hard_state is not None)
+        kept = rng.randint(0, records)
+        if conflict and kept >= 1:
+            del self._entries[entries[0].index - offset :]
+        kept_entries = entries[: max(0, kept - int(conflict))]
+        if kept_entries:
+            self._append(kept_entries)
+        if hard_state is not None and kept == records:
             self._hard_state = hard_state
 
     def _apply_snapshot(self, snapshot: Snapshot) -> None:
