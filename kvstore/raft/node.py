@@ -738,6 +738,10 @@ class RawNode:
             self._send_append(m.from_, progress)
 
     def _handle_append_success(self, m: Message, progress: Progress) -> None:
+        if m.index > self._log.last_index():
+            # Nothing we sent can be acknowledged beyond our log: a confused peer.
+            logger.warning("raft node=%d ignores ack of %d from %d", self.id, m.index, m.from_)
+            return
         was_paused = progress.is_paused()
         updated = progress.maybe_update(m.index)
         if not updated and not (

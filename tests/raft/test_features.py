@@ -331,3 +331,13 @@ def test_committed_entries_are_handed_out_in_bounded_readies() -> None:
         node.advance(ready)
     assert sum(sizes) == 10 and max(sizes) <= 3
     assert node.status().applied_index == node.status().commit_index
+
+
+def test_ack_beyond_the_leaders_log_is_ignored() -> None:
+    cluster = Cluster()
+    cluster.elect(1)
+    node = cluster.nodes[1]
+    node.step(Message(MessageType.APPEND_RESPONSE, 1, 2, node.term, index=10_000))
+    assert node.status().progress[2].match_index < 10_000
+    cluster.propose(1, b"still fine")
+    assert cluster.data_applied(3) == [b"still fine"]

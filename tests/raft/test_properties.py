@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -149,3 +150,51 @@ def test_slice_respects_byte_limit_but_returns_at_least_one(sizes: list[int], li
     assert len(result) >= 1
     if len(result) > 1:
         assert sum(e.size_bytes() for e in result) <= limit
+
+
+# --- MemoryStorage ------------------------------------------------------------------------------
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["save", "snapshot"]), st.integers(0, 8), st.integers(0, 5)),
+        max_size=30,
+    )
+)
+def test_memory_storage_matches_a_dict_model(operations: list[tuple[str, int, int]]) -> None:
+    """Saves overwrite conflicting suffixes (Raft §5.3); snapshots and compaction keep every
+    later entry; reads outside the kept range raise the typed errors."""
+    from kvstore.errors import CompactedError, UnavailableIndexError
+    from kvstore.raft.types import ConfState
+
+    storage = MemoryStorage()
+    model: dict[int, int] = {}  # index -> term of the live log
+    snapshot_index = 0
+    term = 1
+    for op, a, b in operations:
+        last = max(model, default=snapshot_index)
+        if op == "save":
+            term += b % 2
+            start = max(snapshot_index + 1, last + 1 - a)
+            entries = [Entry(term, i) for i in range(start, start + b + 1)]
+            storage.save(None, entries, None)
+            model = {i: t for i, t in model.items() if i < start}
+            model.update({e.index: e.term for e in entries})
+        elif last > snapshot_index:
+            index = snapshot_index + 1 + a % (last - snapshot_index)
+            storage.create_snapshot(index, ConfState(voters=(1,)), b"")
+            storage.compact(index)
+            snapshot_index = index
+            model = {i: t for i, t in model.items() if i > index}
+        last = max(model, default=snapshot_index)
+        assert storage.first_index() == snapshot_index + 1
+        assert storage.last_index() == last
+        assert [e.term for e in storage.entries(snapshot_index + 1, last + 1, 1 << 30)] == [
+            model[i] for i in range(snapshot_index + 1, last + 1)
+        ]
+        if snapshot_index:
+            with pytest.raises(CompactedError):
+                storage.term(snapshot_index - 1)
+        with pytest.raises(UnavailableIndexError):
+            storage.term(last + 1)
