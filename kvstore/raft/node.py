@@ -630,6 +630,12 @@ class RawNode:
 
     def _handle_append(self, m: Message) -> None:
         log = self._log
+        entries = m.entries
+        if entries and (
+            entries[0].index != m.index + 1 or entries[-1].index != m.index + len(entries)
+        ):
+            logger.warning("raft node=%d drops malformed append from %d", self.id, m.from_)
+            return
         if m.index < log.committed:
             self._send(
                 Message(
