@@ -471,3 +471,40 @@ def test_follower_in_lease_ignores_vote_requests_unless_forced() -> None:
     assert node.term == 1 and drain(node, storage).messages == ()
     node.step(msg(VOTE, 3, 2, 2, index=5, log_term=1, context=CAMPAIGN_TRANSFER))
     assert node.term == 2 and node.vote == 3
+
+
+# --- §5.5 crashes, §5.6 timing ----------------------------------------------------------------
+
+
+def test_append_is_idempotent() -> None:
+    """Raft RPCs are idempotent: a follower that receives the same AppendEntries twice (a
+    retry after a crash or a duplicate) ignores what it already has. Reference: Raft §5.5"""
+    node, storage = make_node(2)
+    append = msg(APPEND, 1, 2, 1, index=0, log_term=0, entries=(Entry(1, 1), Entry(1, 2)), commit=1)
+    node.step(append)
+    first = drain(node, storage)
+    node.step(append)
+    second = drain(node, storage)
+    assert second.entries == ()
+    assert [m.index for m in first.messages] == [2]
+    # Below our commit index the answer is simply "I have up to my commit index".
+    assert [(m.reject, m.index) for m in second.messages] == [(False, 1)]
+    assert node.raft_log.last_index() == 2
+
+
+def test_old_append_does_not_truncate_newer_entries() -> None:
+    """A delayed AppendEntries carrying a prefix of what the follower already has must not
+    truncate the entries after it. Reference: Raft §5.5"""
+    node, storage = make_node(2)
+    node.step(msg(APPEND, 1, 2, 1, index=0, log_term=0, entries=(Entry(1, 1), Entry(1, 2))))
+    drain(node, storage)
+    node.step(msg(APPEND, 1, 2, 1, index=0, log_term=0, entries=(Entry(1, 1),)))
+    drain(node, storage)
+    assert node.raft_log.last_index() == 2
+
+
+def test_heartbeat_interval_must_be_below_election_timeout() -> None:
+    """broadcastTime << electionTimeout: the configuration refuses a heartbeat interval that is
+    not below the election timeout. Reference: Raft §5.6"""
+    with pytest.raises(ValueError, match="election_ticks"):
+        RaftConfig(id=1, peers=(1,), election_ticks=4, heartbeat_ticks=4)
