@@ -147,6 +147,8 @@ class HttpApi:
             handler = self._plain_routes.get((path, method))
             route = path
         if handler is None:
+            if path == "/v1/kv/":
+                raise BadRequestError("the key is empty")
             if path.startswith("/v1/kv/") or (path, "GET") in self._plain_routes:
                 raise MethodNotAllowedError(f"{method} is not allowed on {path}")
             raise NoRouteError(f"no route {path}")

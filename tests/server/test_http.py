@@ -170,6 +170,10 @@ async def test_validation_errors(harness: Harness) -> None:
         response = await client.put("/v1/kv/c", data=b"v", headers=headers)
         assert response.status == 400, headers
     assert (await client.get("/nope")).status == 404
+    assert (await client.put("/v1/kv/", data=b"v")).status == 400
+    assert (await client.post("/v1/kv/x", data=b"v")).status == 405
+    head = await client.head("/v1/kv/big?consistency=stale")
+    assert head.status == 404
     assert (await client.get("/v1/kv/big?consistency=stale")).status == 404
 
 
