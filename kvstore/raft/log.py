@@ -119,29 +119,47 @@ class RaftLog:
             if size_bytes_max <= 0 and result:
                 return result
         if high > offset:
-            start = max(low, offset) - offset
-            end = high - offset
+            unstable = self._unstable
+            position = max(low, offset) - offset
+            stop = high - offset
             total = 0
-            for entry in self._unstable[start:end]:
+            while position < stop:
+                entry = unstable[position]
                 total += entry.size_bytes()
                 if total > size_bytes_max and result:
                     break
                 result.append(entry)
+                position += 1
         return result
 
     def find_conflict_by_term(self, index: int, term: int) -> tuple[int, int]:
-        """The largest index <= `index` whose term is <= `term`, with that term; (index, 0)
-        when the term there is unknown (compacted). Used for fast backtracking (Raft §5.3):
-        one round trip skips every entry of a term the other side does not have."""
-        while index > 0:
-            try:
-                our_term = self.term(index)
-            except (CompactedError, UnavailableIndexError):
-                return index, 0
-            if our_term <= term:
-                return index, our_term
-            index -= 1
-        return 0, 0
+        """The largest index <= `index` whose term is <= `term`, with that term; (i, 0) when
+        the term at the index i where the search stops is unknown (compacted or beyond the
+        log). Used for fast backtracking (Raft §5.3): one round trip skips every entry of a
+        term the other side does not have. Terms never decrease along a log, so this is a
+        binary search: O(log n) term lookups, not one per skipped entry."""
+        if index <= 0:
+            return 0, 0
+        try:
+            index_term = self.term(index)
+        except (CompactedError, UnavailableIndexError):
+            return index, 0
+        if index_term <= term:
+            return index, index_term
+        low = self.first_index() - 1
+        low_term = self.term(low)
+        if low_term > term:
+            return low - 1, 0  # the answer lies below what we still have
+        high = index
+        # Invariant: term(low) <= term < term(high).
+        while high - low > 1:
+            middle = (low + high) // 2
+            middle_term = self.term(middle)
+            if middle_term <= term:
+                low, low_term = middle, middle_term
+            else:
+                high = middle
+        return low, low_term
 
     # --- changing the log -------------------------------------------------------------------
 

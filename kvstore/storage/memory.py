@@ -61,13 +61,19 @@ class MemoryStorage:
             raise CompactedError(f"index {low} <= snapshot index {offset}")
         if high > self.last_index() + 1:
             raise UnavailableIndexError(f"index {high - 1} > last index {self.last_index()}")
-        selected = self._entries[low - offset : high - offset]
+        # Walk only as far as the byte limit allows: a follower far behind must not make
+        # every append copy the whole rest of the log.
+        stored = self._entries
+        start = low - offset
+        stop = high - offset
+        end = start
         total = 0
-        for count, entry in enumerate(selected):
-            total += entry.size_bytes()
-            if total > size_bytes_max and count > 0:
-                return selected[:count]
-        return selected
+        while end < stop:
+            total += stored[end].size_bytes()
+            if total > size_bytes_max and end > start:
+                break
+            end += 1
+        return stored[start:end]
 
     def snapshot(self) -> Snapshot:
         return self._snapshot

@@ -127,13 +127,30 @@ def test_raft_log_matches_a_list_model(operations: list[tuple[str, int]]) -> Non
     st.lists(st.integers(1, 4), min_size=1, max_size=30).map(sorted),
     st.integers(0, 35),
     st.integers(0, 6),
+    st.integers(0, 30),
 )
-def test_find_conflict_by_term_matches_naive_scan(terms: list[int], index: int, term: int) -> None:
+def test_find_conflict_by_term_matches_naive_scan(
+    terms: list[int], index: int, term: int, compact_to: int
+) -> None:
+    from kvstore.raft.types import ConfState
+
     storage = MemoryStorage()
     storage.save(None, [Entry(t, i) for i, t in enumerate(terms, start=1)], None)
+    compact_to = min(compact_to, len(terms))
+    if compact_to:
+        storage.create_snapshot(compact_to, ConfState(voters=(1,)), b"")
+        storage.compact(compact_to)
     log = RaftLog(storage)
     index = min(index, len(terms))
-    naive = next(((i, terms[i - 1]) for i in range(index, 0, -1) if terms[i - 1] <= term), (0, 0))
+    # Naive: scan down one index at a time; a compacted index ends the scan with term 0.
+    naive = (0, 0)
+    for i in range(index, 0, -1):
+        if i < compact_to:
+            naive = (i, 0)
+            break
+        if terms[i - 1] <= term:
+            naive = (i, terms[i - 1])
+            break
     assert log.find_conflict_by_term(index, term) == naive
 
 
