@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvstore.errors import CorruptionError
-from kvstore.raft.types import ConfState, Entry, HardState
+from kvstore.raft.types import ConfState, Entry, HardState, Snapshot, SnapshotMetadata
 from kvstore.storage.disk import DiskStorage
 from tests.storage.faults import SimulatedCrash, TornWriteFileSystem
 
@@ -133,6 +133,17 @@ class WalMachine(RuleBasedStateMachine):
             self.model.offset_term = self._model_term(compact_to)
             del self.model.entries[: compact_to - self.model.offset]
             self.model.offset = compact_to
+
+    @rule(gap=st.integers(0, 20), count=st.integers(0, 4))
+    def install_snapshot(self, gap: int, count: int) -> None:
+        """Raft §7: a leader's snapshot past our log replaces all of it."""
+        index = max(self.model.last_index(), self.model.snapshot_index) + 1 + gap
+        self.term += 1
+        snapshot = Snapshot(SnapshotMetadata(index, self.term, VOTERS), b"leader@%d" % index)
+        entries = self._entries(index + 1, count, 3)
+        hard_state = HardState(term=self.term, vote=0, commit=index)
+        self.storage.save(hard_state, entries, snapshot)
+        self.model = Model(index, self.term, entries, hard_state, index)
 
     def _model_term(self, index: int) -> int:
         if index == self.model.offset:
