@@ -32,10 +32,12 @@ its randomness from the `random.Random` it is given.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from kvstore.errors import DiskFullError
 from kvstore.kv.commands import Command, WriteResult, encode_command
 from kvstore.kv.state_machine import KvConfig, StateMachine
 from kvstore.raft.config import RaftConfig
@@ -51,6 +53,8 @@ from kvstore.raft.types import (
 from kvstore.storage.base import DurableStorage
 
 SendFunction = Callable[[Sequence[Message]], None]
+
+logger = logging.getLogger("kvstore.replica")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +121,8 @@ class Replica:
         self._conf_state = conf_state
         # Invariant: the index of the newest snapshot in storage (0 if none).
         self._snapshot_index = snapshot.metadata.index
+        # After a snapshot failed for a full disk: no new attempt before this applied index.
+        self._snapshot_retry_index = 0
         self.node = RawNode(
             dataclasses.replace(config, applied=snapshot.metadata.index), storage, rng
         )
@@ -216,19 +222,36 @@ class Replica:
     # --- snapshots -------------------------------------------------------------------------
 
     def snapshot_due(self) -> bool:
-        return self.applied_index - self._snapshot_index >= self.snapshot_entries
+        return (
+            self.applied_index - self._snapshot_index >= self.snapshot_entries
+            and self.applied_index >= self._snapshot_retry_index
+        )
 
     def maybe_snapshot(self) -> int:
         """Snapshot the state machine and compact the log when `snapshot_entries` entries
-        were applied since the last snapshot; returns the snapshot's index, 0 if none."""
+        were applied since the last snapshot; returns the snapshot's index, 0 if none.
+
+        A full disk (DiskFullError: storage left as it was) does not stop the node: the log
+        just grows, and the snapshot is tried again a quarter interval later. Any other
+        storage error propagates (FatalDiskError: the process must end)."""
         if not self.snapshot_due():
             return 0
-        return self.take_snapshot()
+        try:
+            return self.take_snapshot()
+        except DiskFullError as exc:
+            self._snapshot_retry_index = self.applied_index + max(1, self.snapshot_entries // 4)
+            logger.warning(
+                "event=snapshot_failed reason=disk_full index=%d retry_at=%d error=%r",
+                self.applied_index,
+                self._snapshot_retry_index,
+                exc,
+            )
+            return 0
 
     def take_snapshot(self) -> int:
         """Snapshot the state machine at its applied index now, then compact the log to
         `snapshot_catch_up_entries` before it (storage compacts only what the durable
-        snapshot covers)."""
+        snapshot covers). Storage errors propagate."""
         index = self.applied_index
         if index <= self._snapshot_index:
             return 0

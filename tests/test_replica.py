@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.errors import ProposalDroppedError
+from kvstore.errors import DiskFullError, ProposalDroppedError
 from kvstore.kv.commands import Command, Delete, Put, RequestId, WriteResult
 from kvstore.raft.config import RaftConfig
-from kvstore.raft.types import HardState, Message, MessageType, Role
+from kvstore.raft.types import ConfState, HardState, Message, MessageType, Role, Snapshot
 from kvstore.replica import Applied, Replica
 from kvstore.storage.base import DurableStorage
 from kvstore.storage.disk import DiskStorage
@@ -411,3 +411,37 @@ def test_disk_storage_replicas_snapshot_restart_and_agree(tmp_path: Path) -> Non
     finally:
         for storage in storages.values():
             storage.close()
+
+
+class SnapshotDiskFull(MemoryStorage):
+    """MemoryStorage whose snapshots fail with ENOSPC while `full` (as DiskStorage's do:
+    DiskFullError, storage unchanged)."""
+
+    full = False
+    attempts = 0
+
+    def create_snapshot(self, index: int, conf_state: ConfState, data: bytes) -> Snapshot:
+        if self.full:
+            self.attempts += 1
+            raise DiskFullError("no space left for the snapshot file")
+        return super().create_snapshot(index, conf_state, data)
+
+
+def test_a_full_disk_postpones_the_snapshot_and_the_node_carries_on() -> None:
+    """The replica keeps applying, retries a quarter interval later (not on every Ready),
+    and snapshots once space is back."""
+    storage = SnapshotDiskFull()
+    storage.full = True
+    storages: dict[int, DurableStorage] = {1: storage, 2: MemoryStorage(), 3: MemoryStorage()}
+    cluster = Cluster(snapshot_entries=8, catch_up=0, storages=storages)
+    cluster.elect(1)
+    leader = cluster.replicas[1]
+    for seq in range(1, 16):
+        cluster.write(1, Put("k", str(seq).encode(), RequestId("c", seq), seq))
+    assert leader.applied_index == 16 and leader.snapshot_index == 0
+    assert storage.attempts == 5  # at applied 8, 10, 12, 14, 16: every 8 // 4 entries
+    storage.full = False
+    for seq in range(16, 20):
+        cluster.write(1, Put("k", str(seq).encode(), RequestId("c", seq), seq))
+    assert leader.snapshot_index > 16
+    assert len(cluster.digests()) == 1
