@@ -7,8 +7,9 @@ Two measurements, printed as figures (medians and percentiles), optionally saved
    query on one pooled session, alternating call by call within the same run (so drift in
    the machine's load hits both alike). overhead = median(client) - median(bare), and the
    median of the paired differences.
-2. **Failover** (`--kills N`): several workers run compare-and-set increment loops on a few
-   counters through one Client while the leader is SIGKILLed and restarted N times; reports
+2. **Failover** (`--kills N`, `--fault kill|term`): several workers run compare-and-set
+   increment loops on a few counters through one Client while the leader is SIGKILLed (or
+   SIGTERMed: a graceful handover) and restarted N times; reports
    the longest call, the retries per failover, the longest gap between successful
    increments, and checks each counter equals the increments that returned success.
 
@@ -108,6 +109,8 @@ class FailoverReport:
     """What the increment loops saw while the leader was killed and restarted."""
 
     kills: int
+    # "kill" (SIGKILL) or "term" (SIGTERM: the leader hands over before it exits).
+    fault: str = "kill"
     successes: int = 0
     # cas calls that raised DeadlineExceededError with outcome_unknown=True.
     unknown_outcomes: int = 0
@@ -167,14 +170,18 @@ async def _increment_loop(
         timeline.append(time.monotonic())
 
 
-def _kill_and_restart(cluster: Any, kills: int, pause_s: float) -> list[float]:
-    """SIGKILL the leader `kills` times, restarting it each time; returns each failover time."""
+def _kill_and_restart(cluster: Any, kills: int, pause_s: float, fault: str) -> list[float]:
+    """Stop the leader `kills` times (SIGKILL, or SIGTERM: a graceful leadership transfer),
+    restarting it each time; returns the time each took until another node led."""
     failovers: list[float] = []
     for _ in range(kills):
         time.sleep(pause_s)  # pacing only: let the workload run against a settled leader
         leader = cluster.wait_for_leader(timeout_s=15.0)
         killed_at = time.monotonic()
-        cluster.kill(leader)
+        if fault == "term":
+            cluster.terminate(leader)
+        else:
+            cluster.kill(leader)
         cluster.wait_for_leader(timeout_s=15.0, exclude=(leader,))
         failovers.append(time.monotonic() - killed_at)
         cluster.start_node(leader)
@@ -189,6 +196,7 @@ async def measure_failover(
     cluster: Any,
     *,
     kills: int = 3,
+    fault: str = "kill",
     workers: int = 4,
     keys: int = 2,
     timeout_s: float = 5.0,
@@ -196,7 +204,7 @@ async def measure_failover(
     prefix: str = "bench/failover",
 ) -> FailoverReport:
     """Increment loops through one Client while `cluster`'s leader is killed `kills` times."""
-    report = FailoverReport(kills=kills, deadline_s=timeout_s)
+    report = FailoverReport(kills=kills, fault=fault, deadline_s=timeout_s)
     names = [f"{prefix}/{index}" for index in range(keys)]
     stop = asyncio.Event()
     timeline: list[float] = []
@@ -213,7 +221,7 @@ async def measure_failover(
                 )
             try:
                 report.failover_s = await asyncio.to_thread(
-                    _kill_and_restart, cluster, kills, pause_s
+                    _kill_and_restart, cluster, kills, pause_s, fault
                 )
             finally:
                 stop.set()
@@ -247,7 +255,8 @@ def _format_overhead(result: dict[str, Any]) -> str:
 def _format_failover(report: FailoverReport) -> str:
     verdict = "OK" if report.consistent else "MISMATCH"
     return (
-        f"failover: {report.kills} leader kills, {report.successes} increments ok, "
+        f"failover: {report.kills} x SIG{report.fault.upper()} of the leader, "
+        f"{report.successes} increments ok, "
         f"{report.unknown_outcomes} unknown, {report.conflicts} cas conflicts, "
         f"{len(report.other_errors)} other errors\n"
         f"  counters {report.counters} expected {report.expected}: {verdict}\n"
@@ -280,7 +289,7 @@ async def _main_async(args: argparse.Namespace) -> dict[str, Any]:
             cluster.wait_for_leader(timeout_s=30.0)
             await _overheads(cluster.client_urls, args.iterations, results)
             if args.kills:
-                report = await measure_failover(cluster, kills=args.kills)
+                report = await measure_failover(cluster, kills=args.kills, fault=args.fault)
                 results["failover"] = {**asdict(report), "consistent": report.consistent}
                 print(_format_failover(report))
         finally:
@@ -293,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--endpoints", help="measure overhead against this running cluster")
     parser.add_argument("--iterations", type=int, default=2000, help="gets each way")
     parser.add_argument("--kills", type=int, default=0, help="leader kills for the failover run")
+    parser.add_argument(
+        "--fault", choices=("kill", "term"), default="kill", help="SIGKILL or SIGTERM the leader"
+    )
     parser.add_argument("--quick", action="store_true", help="200 gets, 1 kill (for tests)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(

@@ -28,8 +28,9 @@ class ClientConfig:
     # The per-call deadline: every call (all its attempts, back-offs and redirects) returns or
     # raises within this many seconds.
     timeout_s: float = 5.0
-    # The most HTTP attempts one call makes (redirects to the leader count as attempts).
-    max_attempts: int = 20
+    # The most HTTP attempts one call makes (redirects to the leader count as attempts): a
+    # safety net against hot loops; with the back-off below the deadline is what binds.
+    max_attempts: int = 50
     # The longest single attempt; a hung node (SIGSTOP, partition) costs at most this much
     # before the call moves on to another replica. Always clipped to the time left.
     attempt_timeout_s: float = 1.0
@@ -38,7 +39,7 @@ class ClientConfig:
     # Capped exponential back-off with full jitter: before retry n (n = 0, 1, ...) the client
     # sleeps uniform(0, min(backoff_cap_s, backoff_base_s * 2**n)).
     backoff_base_s: float = 0.02
-    backoff_cap_s: float = 0.5
+    backoff_cap_s: float = 0.25
     # A server's Retry-After is honoured (slept at least that long) up to this many seconds;
     # anything longer is clipped so a call can still finish within its deadline.
     retry_after_max_s: float = 2.0
