@@ -53,7 +53,7 @@ from kvstore.errors import (
     ProtocolError,
     StorageError,
 )
-from kvstore.raft.types import ConfState, Entry, HardState
+from kvstore.raft.types import ConfState, Entry, EntryType, HardState
 from kvstore.storage.fs import FileSystem
 
 logger = logging.getLogger("kvstore.storage")
@@ -156,8 +156,6 @@ def scan_records(path: str, data: bytes, *, is_last: bool) -> tuple[list[Record]
     records: list[Record] = []
     offset, end = 0, len(data)
     while offset < end:
-        if is_last and data.count(0, offset) == end - offset:
-            return records, offset  # a zero-filled tail: the file grew, the data never came
         if end - offset < HEADER_SIZE:
             if is_last:
                 return records, offset
@@ -165,6 +163,8 @@ def scan_records(path: str, data: bytes, *, is_last: bool) -> tuple[list[Record]
         length_field, crc, type_ = RECORD_HEADER.unpack_from(data, offset)
         length = length_field & MAX_PAYLOAD_BYTES
         if _length_field(length) != length_field:
+            if is_last and data.count(0, offset) == end - offset:
+                return records, offset  # a zero-filled tail: the file grew, the data never came
             raise CorruptionError(path, offset, "record length field is damaged")
         start = offset + HEADER_SIZE
         if start + length > end:
@@ -179,6 +179,33 @@ def scan_records(path: str, data: bytes, *, is_last: bool) -> tuple[list[Record]
         records.append(Record(RecordType(type_), payload, offset))
         offset = start + length
     return records, offset
+
+
+_ENTRY_TYPES = {int(t): t for t in EntryType}
+
+
+def _decode_entries(objs: list[Any], expected: int) -> list[Entry]:
+    """codec.entry_from_obj's checks, inlined for recovery speed; entries must continue the
+    log at `expected`. Raises ProtocolError or ValueError."""
+    entries: list[Entry] = []
+    for item in objs:
+        if type(item) is not list or len(item) != 4:
+            raise ProtocolError("entry: expected an array of 4")
+        term, index, type_, data = item
+        if (
+            type(term) is not int
+            or type(index) is not int
+            or type(data) is not bytes
+            or term < 0
+            or type_ not in _ENTRY_TYPES
+        ):
+            codec.entry_from_obj(item)  # raises with the precise reason
+            raise ProtocolError(f"malformed entry {item!r:.80}")
+        if index != expected:
+            raise ValueError(f"entry index {index}, expected {expected}")
+        entries.append(Entry(term, index, _ENTRY_TYPES[type_], data))
+        expected += 1
+    return entries
 
 
 @dataclass(slots=True)
@@ -216,12 +243,7 @@ class WalState:
         if record.type is RecordType.ENTRIES:
             if not isinstance(obj, list) or not obj:
                 raise ProtocolError("entries record: expected a non-empty array")
-            entries = [codec.entry_from_obj(item) for item in obj]
-            expected = self.last_index() + 1
-            for position, entry in enumerate(entries):
-                if entry.index != expected + position:
-                    raise ValueError(f"entry index {entry.index}, expected {expected + position}")
-            self.entries.extend(entries)
+            self.entries.extend(_decode_entries(obj, self.last_index() + 1))
         elif record.type is RecordType.HARD_STATE:
             hard_state = codec.hard_state_from_obj(obj)
             if hard_state.term < self.hard_state.term:
