@@ -60,6 +60,8 @@ class LogView(Protocol):
 
     def last_index(self) -> int: ...
 
+    def last_term(self) -> int: ...
+
     def entries_from(self, low: int) -> Sequence[Entry]:
         """Entries in [max(low, snapshot_index + 1), last_index]."""
         ...
@@ -82,6 +84,9 @@ class StorageLogView:
 
     def last_index(self) -> int:
         return self._storage.last_index()
+
+    def last_term(self) -> int:
+        return self._storage.term(self._storage.last_index())
 
     def entries_from(self, low: int) -> Sequence[Entry]:
         storage = self._storage
@@ -107,17 +112,23 @@ class StorageLogView:
 class ListLogView:
     """A `LogView` over a plain list of entries (hand-made states in tests)."""
 
-    __slots__ = ("_entries", "_snapshot_index")
+    __slots__ = ("_entries", "_snapshot_index", "_snapshot_term")
 
-    def __init__(self, entries: Sequence[Entry], snapshot_index: int = 0) -> None:
+    def __init__(
+        self, entries: Sequence[Entry], snapshot_index: int = 0, snapshot_term: int = 0
+    ) -> None:
         self._entries = list(entries)
         self._snapshot_index = snapshot_index
+        self._snapshot_term = snapshot_term
 
     def snapshot_index(self) -> int:
         return self._snapshot_index
 
     def last_index(self) -> int:
         return self._entries[-1].index if self._entries else self._snapshot_index
+
+    def last_term(self) -> int:
+        return self._entries[-1].term if self._entries else self._snapshot_term
 
     def entries_from(self, low: int) -> Sequence[Entry]:
         return [entry for entry in self._entries if entry.index >= low]
@@ -142,8 +153,9 @@ class SafetyChecker:
         self.violations: list[Violation] = []
         self.now = 0
         self._leader_of_term: dict[int, int] = {}
-        self._entry_identity: dict[tuple[int, int], tuple[int, bytes]] = {}
+        self._entry_identity: dict[tuple[int, int], tuple[int | None, bytes]] = {}
         self._committed: dict[int, _Committed] = {}
+        self._max_committed = 0
         # Current leaders: node -> (term, log). Invariant: checked against every committed
         # entry with a smaller commit term when it took office or when the entry appeared.
         self._leaders: dict[int, tuple[int, LogView]] = {}
@@ -196,9 +208,14 @@ class SafetyChecker:
     # --- persistence: log matching and persisted commit --------------------------------
 
     def observe_persisted(
-        self, node: int, hard_state: HardState | None, entries: Sequence[Entry], prev_term: int
+        self,
+        node: int,
+        hard_state: HardState | None,
+        entries: Sequence[Entry],
+        prev_term: int | None,
     ) -> None:
-        """A node durably saved `entries` (consecutive) whose predecessor has `prev_term`."""
+        """A node durably saved `entries` (consecutive) whose predecessor has `prev_term`
+        (None when unknown, e.g. compacted away)."""
         if hard_state is not None:
             before = self._persisted_commit.get(node, 0)
             if hard_state.commit < before:
@@ -209,16 +226,27 @@ class SafetyChecker:
             self._persisted_commit[node] = max(before, hard_state.commit)
         previous = prev_term
         for entry in entries:
-            identity = (previous, entry.data)
-            known = self._entry_identity.setdefault((entry.index, entry.term), identity)
-            if known != identity:
-                self._violate(
-                    Invariant.LOG_MATCHING,
-                    f"node {node} entry {entry.index} term {entry.term}: previous term "
-                    f"{previous} data {entry.data!r}, elsewhere previous term {known[0]} "
-                    f"data {known[1]!r}",
-                )
+            self._check_identity(node, entry, previous)
             previous = entry.term
+
+    def _check_identity(self, node: int, entry: Entry, previous: int | None) -> None:
+        key = (entry.index, entry.term)
+        known = self._entry_identity.get(key)
+        if known is None:
+            self._entry_identity[key] = (previous, entry.data)
+            return
+        known_previous, known_data = known
+        if known_data != entry.data or (
+            previous is not None and known_previous is not None and known_previous != previous
+        ):
+            self._violate(
+                Invariant.LOG_MATCHING,
+                f"node {node} entry {entry.index} term {entry.term}: previous term "
+                f"{previous} data {entry.data!r}, elsewhere previous term {known_previous} "
+                f"data {known_data!r}",
+            )
+        elif known_previous is None and previous is not None:
+            self._entry_identity[key] = (previous, entry.data)
 
     def observe_restart(self, node: int, persisted_commit: int) -> None:
         """A node restarted from its storage, whose hard state has `persisted_commit`."""
@@ -255,6 +283,7 @@ class SafetyChecker:
         if known is None:
             known = _Committed(entry.term, entry.data, term)
             self._committed[entry.index] = known
+            self._max_committed = max(self._max_committed, entry.index)
         elif known.term != entry.term or known.data != entry.data:
             self._violate(
                 Invariant.STATE_MACHINE_SAFETY,
@@ -304,6 +333,39 @@ class SafetyChecker:
     def observe_restored(self, node: int, index: int) -> None:
         """A node's state machine was replaced by a snapshot at `index`."""
         self._applied_index[node] = index
+
+    def check_electability(self, logs: Mapping[int, LogView]) -> None:
+        """No node lacking a committed entry can win an election (Raft §5.4.1, Figure 8).
+
+        Raft grants a vote only to a candidate whose log is at least as up-to-date (last
+        term, then last index) as the voter's. A committed entry sits, with an entry of its
+        committing term after it, on a majority that never loses it; so a node lacking it has
+        a less up-to-date log than that majority, and the voters it could win are a minority.
+        `logs` are all nodes' persisted logs, crashed ones included (they restart with them).
+        Checking this as a state invariant catches the Figure 8 hazard when it is created,
+        not only in the rare run where an election then overwrites the entry.
+        """
+        index = self._max_committed
+        if index == 0:
+            return
+        committed = self._committed[index]
+        last = {node: (log.last_term(), log.last_index()) for node, log in logs.items()}
+        majority = len(logs) // 2 + 1
+        for node, log in sorted(logs.items()):
+            if log.snapshot_index() >= index:
+                continue
+            entry = log.entry_at(index)
+            if entry is not None and entry.term == committed.term:
+                continue
+            voters = sorted(other for other, position in last.items() if position <= last[node])
+            if len(voters) >= majority:
+                self._violate(
+                    Invariant.LEADER_COMPLETENESS,
+                    f"node {node} lacks committed entry {index} (term {committed.term}) yet "
+                    f"its log (last term {last[node][0]}, index {last[node][1]}) is as "
+                    f"up-to-date as those of {voters}, a majority that could elect it",
+                )
+                return
 
     def committed_count(self) -> int:
         return len(self._committed)

@@ -1,0 +1,424 @@
+"""A simulated cluster: N nodes of the real core, a faulty network, clients, and a clock.
+
+`Simulation(seed)` derives everything from one `random.Random(seed)`: the run's parameters
+(cluster size, tick rates, network quality, snapshot policy), each node's core RNG, the
+network's decisions, the faults and the clients. Time is virtual and jumps from one event to
+the next (a node's tick, a message delivery, a fault, a client action), so a run does no
+waiting and replays exactly; every event goes into a sha256 trace hash.
+
+One step: deliver due messages, tick due nodes, run due faults and client actions, then
+process every node's Ready (persist, send, apply, advance) and feed what happened to the
+`SafetyChecker`. The run has a fault period followed, in liveness mode, by a healed period
+in which a leader must appear and a newly proposed write must commit within a bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from kvstore.errors import RaftError
+from kvstore.kv.commands import Put, RequestId, decode_command, encode_command
+from kvstore.raft.config import RaftConfig
+from kvstore.raft.types import Entry, Message, MessageType, ReadState, Ready, Role
+from kvstore.sim.faults import Nemesis
+from kvstore.sim.invariants import SafetyChecker
+from kvstore.sim.network import Network, NetworkConfig
+from kvstore.sim.node import CrashStage, SimNode
+from kvstore.sim.workload import Workload, WorkloadConfig
+
+LIVENESS_KEY = "__liveness__"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimConfig:
+    """The parameters of one run; `SimConfig.draw(rng)` picks them from the seed."""
+
+    nodes: int = 3
+    fault_time: int = 10_000
+    liveness: bool = True
+    # After healing: a leader and a new committed write within this many time units.
+    liveness_bound: int = 3000
+    tick_period_min: int = 8
+    tick_period_max: int = 12
+    election_ticks: int = 10
+    heartbeat_ticks: int = 2
+    max_size_per_message_bytes: int = 256
+    max_inflight_messages: int = 4
+    snapshot_interval_min: int = 15
+    snapshot_interval_max: int = 60
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    fault_gap_min: int = 20
+    fault_gap_max: int = 250
+
+    @staticmethod
+    def draw(rng: random.Random, **overrides: object) -> SimConfig:
+        """Parameters for one run. Small message size limits split appends into one or two
+        entries, so a new leader replicates old-term entries separately from its own: the
+        window in which the commit rule of Raft §5.4.2 matters (Figure 8)."""
+        network = NetworkConfig(
+            delay_min=1,
+            delay_max=rng.choice((5, 10, 20, 30)),
+            drop_probability=rng.choice((0.0, 0.01, 0.05, 0.1)),
+            duplicate_probability=rng.choice((0.0, 0.02, 0.05)),
+        )
+        config = SimConfig(
+            nodes=rng.choice((3, 3, 5)),
+            tick_period_min=rng.choice((6, 8, 10)),
+            tick_period_max=rng.choice((10, 12, 16)),
+            max_size_per_message_bytes=rng.choice((40, 64, 256, 1 << 20)),
+            max_inflight_messages=rng.choice((2, 4, 256)),
+            snapshot_interval_min=rng.choice((5, 15, 50)),
+            network=network,
+            workload=WorkloadConfig(clients=rng.randint(2, 4), keys=rng.randint(1, 4)),
+            fault_gap_max=rng.choice((60, 100, 250, 500)),
+        )
+        return replace(config, **overrides)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class SimResult:
+    seed: int
+    trace_hash: str
+    violations: tuple[str, ...]
+    liveness_failure: str | None
+    ticks: int
+    time: int
+    committed: int
+    events: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations and self.liveness_failure is None
+
+
+class Simulation:
+    """One seeded run; see the module docstring."""
+
+    def __init__(self, seed: int, *, record_trace: bool = False, **overrides: object) -> None:
+        self.seed = seed
+        # The readable trace (only when asked for: `python -m kvstore.sim --seed N --trace`).
+        self.trace_lines: list[str] | None = [] if record_trace else None
+        self.rng = random.Random(seed)
+        self.config = SimConfig.draw(self.rng, **overrides)
+        self.now = 0
+        self.ticks = 0
+        self.events = 0
+        self._trace = hashlib.sha256()
+        self._queue: list[tuple[int, int, str, Callable[[], None]]] = []
+        self._sequence = 0
+        ids = tuple(range(1, self.config.nodes + 1))
+        self.network = Network(ids, self.config.network, random.Random(self.rng.getrandbits(64)))
+        self.network.on_drop = self._on_drop
+        self.nodes = {i: self._make_node(i, ids) for i in ids}
+        self.checker = SafetyChecker()
+        self.workload = Workload(self.config.workload, ids, random.Random(self.rng.getrandbits(64)))
+        self.nemesis = Nemesis(self, random.Random(self.rng.getrandbits(64)))
+        self.healed = False
+        self._persisted = False
+        self.liveness_ok = False
+        self._marker: tuple[int, int, str] | None = None
+        self._marker_count = 0
+        for node in self.nodes.values():
+            self.start_node(node)
+
+    def _make_node(self, node_id: int, ids: tuple[int, ...]) -> SimNode:
+        c = self.config
+        raft_config = RaftConfig(
+            id=node_id,
+            peers=ids,
+            election_ticks=c.election_ticks,
+            heartbeat_ticks=c.heartbeat_ticks,
+            max_size_per_message_bytes=c.max_size_per_message_bytes,
+            max_inflight_messages=c.max_inflight_messages,
+        )
+        node = SimNode(
+            node_id, ids, raft_config, self.rng.randint(c.tick_period_min, c.tick_period_max)
+        )
+        node.snapshot_interval = self.rng.randint(c.snapshot_interval_min, c.snapshot_interval_max)
+        node.snapshot_keep = self.rng.randint(0, 5)
+        return node
+
+    # --- the trace and scheduled events --------------------------------------------------
+
+    def trace(self, event: str) -> None:
+        self.events += 1
+        line = f"{self.now} {event}\n"
+        self._trace.update(line.encode())
+        if self.trace_lines is not None:
+            self.trace_lines.append(line)
+
+    def schedule(self, delay: int, name: str, action: Callable[[], None]) -> None:
+        self._sequence += 1
+        heapq.heappush(self._queue, (self.now + delay, self._sequence, name, action))
+
+    # --- node lifecycle (used by the nemesis) ----------------------------------------------
+
+    def start_node(self, node: SimNode) -> None:
+        node.start(random.Random(self.rng.getrandbits(64)), self.now)
+        snapshot = node.storage.snapshot().metadata.index
+        self.checker.observe_restart(node.id, node.commit)
+        self.checker.observe_restored(node.id, snapshot)
+        self.trace(f"start n{node.id} inc{node.incarnation} commit{node.commit} snap{snapshot}")
+
+    def crash_node(self, node: SimNode, stage: CrashStage) -> None:
+        """Crash now, or at a stage of the node's next Ready in this step."""
+        node.crash_stage = stage
+        self.trace(f"crash n{node.id} {stage.value}")
+
+    def _after_crash(self, node: SimNode) -> None:
+        self.trace(f"down n{node.id}")
+        self.checker.observe_role(node.id, node.term, False, node.log)
+        self.workload.on_crash(node.id, self.now)
+        self.nemesis.on_crashed(node)
+
+    def leader(self) -> SimNode | None:
+        """The live node that believes it leads with the highest term, if any."""
+        leaders = [n for n in self.nodes.values() if n.up and n.role is Role.LEADER]
+        return max(leaders, key=lambda n: n.term) if leaders else None
+
+    # --- the main loop -------------------------------------------------------------------
+
+    def run(self) -> SimResult:
+        end = self.config.fault_time
+        if self.config.liveness:
+            end += self.config.liveness_bound
+        while not self.checker.violations and not self.liveness_ok:
+            next_time = self._next_time()
+            if next_time is None or next_time > end:
+                break
+            self.now = next_time
+            self._step()
+        self.workload.finish(self.now)
+        from kvstore.sim.runner import final_checks
+
+        return final_checks(self)
+
+    def _next_time(self) -> int | None:
+        times = [n.next_tick for n in self.nodes.values() if n.up]
+        delivery = self.network.next_delivery_time()
+        if delivery is not None:
+            times.append(delivery)
+        if self._queue:
+            times.append(self._queue[0][0])
+        workload = self.workload.next_time()
+        if workload is not None:
+            times.append(workload)
+        if not self.healed:
+            times.append(self.config.fault_time)
+        return max(min(times), self.now) if times else None
+
+    def _step(self) -> None:
+        if not self.healed and self.now >= self.config.fault_time:
+            self._heal()
+        self._deliver()
+        self._tick()
+        while self._queue and self._queue[0][0] <= self.now:
+            _, _, name, action = heapq.heappop(self._queue)
+            self.trace(name)
+            action()
+        for event in self.workload.act(self.now, self):
+            self.trace(event)
+        if self.healed and self.config.liveness:
+            self._drive_liveness()
+        for node in self.nodes.values():
+            self._process(node)
+        if self._persisted:
+            self._persisted = False
+            self.checker.check_electability({n.id: n.log for n in self.nodes.values()})
+
+    def _process(self, node: SimNode) -> None:
+        if not node.up:
+            return
+        node.process_ready(self, self.rng)
+        if node.up and node.crash_stage is not None:
+            node.crash()  # no Ready came to crash in the middle of: crash now
+        if not node.up:
+            self._after_crash(node)
+            return
+        self.workload.serve_reads(node.id, self.now, self)
+
+    def _deliver(self) -> None:
+        for message in self.network.deliver_due(self.now, self.is_up):
+            node = self.nodes[message.to]
+            raw = node.raw
+            assert raw is not None
+            self.trace(
+                f"deliver {message.type.name} {message.from_}>{message.to} t{message.term} "
+                f"i{message.index} lt{message.log_term} n{len(message.entries)} "
+                f"c{message.commit} r{int(message.reject)}"
+            )
+            raw.step(message)
+            if message.type is MessageType.SNAPSHOT:
+                self._report_snapshot(message, ok=True)
+
+    def _tick(self) -> None:
+        for node in self.nodes.values():
+            if node.up and node.next_tick <= self.now:
+                assert node.raw is not None
+                node.raw.tick()
+                node.next_tick = self.now + node.tick_period
+                self.ticks += 1
+
+    def _on_drop(self, message: Message) -> None:
+        if message.type is MessageType.SNAPSHOT:
+            self._report_snapshot(message, ok=False)
+
+    def _report_snapshot(self, message: Message, ok: bool) -> None:
+        sender = self.nodes[message.from_]
+        incarnation = sender.incarnation
+
+        def report() -> None:
+            if sender.raw is not None and sender.incarnation == incarnation:
+                sender.raw.report_snapshot(message.to, ok)
+
+        self.schedule(1, f"report_snapshot {message.from_}>{message.to} {ok}", report)
+
+    # --- liveness ----------------------------------------------------------------------
+
+    def _heal(self) -> None:
+        self.healed = True
+        self.trace("heal")
+        self.nemesis.stop()
+        self.network.heal()
+        self.network.config = replace(
+            self.network.config, drop_probability=0.0, duplicate_probability=0.0
+        )
+        for node in self.nodes.values():
+            if not node.up:
+                self.start_node(node)
+
+    def _drive_liveness(self) -> None:
+        """Propose a marker write on the leader until one commits anywhere."""
+        leader = self.leader()
+        if leader is None or leader.raw is None:
+            return
+        if self._marker is not None and self._marker[:2] == (leader.id, leader.term):
+            return
+        self._marker_count += 1
+        value = f"m{self._marker_count}"
+        try:
+            leader.raw.propose(self.encode_put(0, 0, LIVENESS_KEY, value))
+        except RaftError:
+            return
+        self._marker = (leader.id, leader.term, value)
+        self.trace(f"liveness propose n{leader.id} {value}")
+
+    # --- NodeObserver ------------------------------------------------------------------
+
+    def on_persisted(
+        self, node: SimNode, ready: Ready, prev_term: int | None, role_changed: bool
+    ) -> None:
+        checker = self.checker
+        checker.now = self.now
+        self._persisted = True
+        if ready.entries or ready.hard_state is not None:
+            checker.observe_persisted(node.id, ready.hard_state, ready.entries, prev_term)
+        if ready.soft_state is not None or ready.hard_state is not None:
+            checker.observe_role(node.id, node.term, node.role is Role.LEADER, node.log)
+            checker.observe_commit(node.id, node.term, node.commit, node.log)
+        if role_changed:
+            self.trace(f"role n{node.id} {node.role.value} t{node.term}")
+
+    def on_send(self, node: SimNode, messages: Sequence[Message]) -> None:
+        for message in messages:
+            self.network.send(message, self.now)
+
+    def on_restored(self, node: SimNode, index: int) -> None:
+        assert node.machine is not None
+        self.checker.observe_restored(node.id, index)
+        self.checker.observe_state(node.id, index, node.machine.digest())
+        self.trace(f"restore n{node.id} {index}")
+
+    def on_applied(self, node: SimNode, entry: Entry) -> None:
+        assert node.machine is not None
+        self.checker.observe_applied(node.id, entry)
+        self.workload.on_applied(node.id, entry, self.now, self)
+        if self._marker is not None and self.healed:
+            decoded = self.decode_put(entry.data)
+            if decoded is not None and decoded[0] == LIVENESS_KEY:
+                self.liveness_ok = True
+
+    def on_state(self, node: SimNode) -> None:
+        machine = node.machine
+        assert machine is not None
+        self.checker.observe_state(node.id, machine.applied_index, machine.digest())
+
+    def on_read_states(self, node: SimNode, read_states: Sequence[ReadState]) -> None:
+        for read_state in read_states:
+            self.workload.on_read_state(node.id, read_state)
+
+    def on_snapshot_taken(self, node: SimNode, index: int) -> None:
+        self.trace(f"snapshot n{node.id} {index}")
+
+    # --- workload Target -------------------------------------------------------------------
+
+    def is_up(self, node: int) -> bool:
+        return self.nodes[node].up
+
+    def leader_of(self, node: int) -> int:
+        return self.nodes[node].leader_id if self.nodes[node].up else 0
+
+    def propose(self, node: int, data: bytes) -> bool:
+        raw = self.nodes[node].raw
+        if raw is None:
+            return False
+        try:
+            raw.propose(data)
+        except RaftError:
+            return False
+        return True
+
+    def read_index(self, node: int, context: bytes) -> bool:
+        raw = self.nodes[node].raw
+        if raw is None:
+            return False
+        try:
+            raw.read_index(context)
+        except RaftError:
+            return False
+        return True
+
+    def applied_index(self, node: int) -> int:
+        machine = self.nodes[node].machine
+        return machine.applied_index if machine is not None else 0
+
+    def read_value(self, node: int, key: str) -> str | None:
+        machine = self.nodes[node].machine
+        assert machine is not None
+        found = machine.get(key)
+        return None if found is None else found.value.decode()
+
+    def encode_put(self, client: int, seq: int, key: str, value: str) -> bytes:
+        """A kv Put with a request id (client 0: the liveness probe, without one). Its
+        time is the simulated time, as the server uses its clock."""
+        request = RequestId(f"c{client}", seq) if client else None
+        return encode_command(Put(key, value.encode(), request, time_ms=self.now))
+
+    def decode_put(self, data: bytes) -> tuple[str, str] | None:
+        if not data:
+            return None
+        command = decode_command(data)
+        if not isinstance(command, Put):
+            return None
+        return command.key, command.value.decode()
+
+    def live_nodes(self) -> list[SimNode]:
+        return [node for node in self.nodes.values() if node.up]
+
+    def all_nodes(self) -> list[SimNode]:
+        return list(self.nodes.values())
+
+    def trace_hash(self) -> str:
+        return self._trace.hexdigest()
+
+
+def node_ids(simulation: Simulation) -> list[int]:
+    return sorted(simulation.nodes)
+
+
+__all__ = ["SimConfig", "SimResult", "Simulation", "node_ids"]

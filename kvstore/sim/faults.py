@@ -1,0 +1,173 @@
+"""The nemesis: faults injected into a simulated cluster during its fault period.
+
+At random intervals it picks one action: a network partition (symmetric, one-way, bridge,
+isolating the leader), healing the network, crashing a node at a random point of its Ready
+cycle (restarted later from its storage), a leadership transfer, a spurious "peer down"
+report (a connection blip, which must not depose a live leader), an immediate campaign, or a
+change of a node's tick rate (clock drift). When a node crashes, each live peer "notices" it
+after a short random delay and calls `report_peer_down`, as the server's transport does when
+a connection closes.
+
+Every choice draws from the nemesis's own `random.Random`, itself drawn from the seed.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING
+
+from kvstore.errors import RaftError
+from kvstore.sim.node import CrashStage, SimNode
+
+if TYPE_CHECKING:
+    from kvstore.sim.cluster import Simulation
+
+
+class Nemesis:
+    """Schedules and performs faults; see the module docstring."""
+
+    def __init__(self, simulation: Simulation, rng: random.Random) -> None:
+        self._sim = simulation
+        self._rng = rng
+        self._stopped = False
+        self._actions = [
+            (self._partition, 3),
+            (self._one_way, 2),
+            (self._bridge, 1),
+            (self._isolate_leader, 2),
+            (self._heal, 3),
+            (self._crash, 4),
+            (self._transfer, 2),
+            (self._blip, 1),
+            (self._campaign, 1),
+            (self._drift, 1),
+        ]
+        self._schedule_next()
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def _schedule_next(self) -> None:
+        config = self._sim.config
+        delay = self._rng.randint(config.fault_gap_min, config.fault_gap_max)
+        self._sim.schedule(delay, "nemesis", self._act)
+
+    def _act(self) -> None:
+        if self._stopped:
+            return
+        actions = [action for action, _ in self._actions]
+        weights = [weight for _, weight in self._actions]
+        self._rng.choices(actions, weights)[0]()
+        self._schedule_next()
+
+    def _ids(self) -> list[int]:
+        return sorted(self._sim.nodes)
+
+    # --- network ---------------------------------------------------------------------------
+
+    def _partition(self) -> None:
+        ids = self._ids()
+        self._rng.shuffle(ids)
+        cut = self._rng.randint(1, len(ids) - 1)
+        self._sim.network.heal()
+        self._sim.network.partition([ids[:cut], ids[cut:]])
+        self._sim.trace(f"partition {sorted(ids[:cut])} | {sorted(ids[cut:])}")
+
+    def _one_way(self) -> None:
+        ids = self._ids()
+        sources = self._rng.sample(ids, self._rng.randint(1, len(ids) - 1))
+        destinations = [i for i in ids if i not in sources]
+        self._sim.network.partition_one_way(sources, destinations)
+        self._sim.trace(f"one-way {sorted(sources)} -> {destinations}")
+
+    def _bridge(self) -> None:
+        ids = self._ids()
+        self._rng.shuffle(ids)
+        half = (len(ids) - 1) // 2
+        left, bridge, right = ids[:half], ids[half], ids[half + 1 :]
+        self._sim.network.heal()
+        self._sim.network.partition_bridge(left, bridge, right)
+        self._sim.trace(f"bridge {sorted(left)} - {bridge} - {sorted(right)}")
+
+    def _isolate_leader(self) -> None:
+        leader = self._sim.leader()
+        if leader is not None:
+            self._sim.network.isolate(leader.id)
+            self._sim.trace(f"isolate n{leader.id}")
+
+    def _heal(self) -> None:
+        self._sim.network.heal()
+        self._sim.trace("heal network")
+
+    # --- nodes -----------------------------------------------------------------------------
+
+    def _crash(self) -> None:
+        live = self._sim.live_nodes()
+        if not live:
+            return
+        leader = self._sim.leader()
+        if leader is not None and self._rng.random() < 0.4:
+            node = leader
+        else:
+            node = self._rng.choice(live)
+        stage = self._rng.choice(list(CrashStage))
+        self._sim.crash_node(node, stage)
+        downtime = self._rng.randint(10, 600)
+        incarnation = node.incarnation
+
+        def restart() -> None:
+            if not node.up and node.incarnation == incarnation:
+                self._sim.start_node(node)
+
+        self._sim.schedule(downtime, f"restart n{node.id}", restart)
+
+    def on_crashed(self, node: SimNode) -> None:
+        """Peers notice the closed connections a little later."""
+        for peer in self._sim.live_nodes():
+            incarnation = peer.incarnation
+
+            def notice(peer: SimNode = peer, incarnation: int = incarnation) -> None:
+                if peer.raw is not None and peer.incarnation == incarnation:
+                    peer.raw.report_peer_down(node.id)
+
+            delay = self._rng.randint(1, 30)
+            self._sim.schedule(delay, f"peer_down n{peer.id} sees n{node.id}", notice)
+
+    def _transfer(self) -> None:
+        leader = self._sim.leader()
+        if leader is None or leader.raw is None:
+            return
+        target = self._rng.choice([i for i in self._ids() if i != leader.id])
+        self._sim.trace(f"transfer n{leader.id} -> n{target}")
+        try:
+            leader.raw.transfer_leadership(target)
+        except RaftError:
+            pass
+
+    def _blip(self) -> None:
+        live = self._sim.live_nodes()
+        if not live:
+            return
+        node = self._rng.choice(live)
+        peer = self._rng.choice([i for i in self._ids() if i != node.id])
+        self._sim.trace(f"blip n{node.id} reports n{peer} down")
+        assert node.raw is not None
+        node.raw.report_peer_down(peer)
+
+    def _campaign(self) -> None:
+        live = self._sim.live_nodes()
+        if not live:
+            return
+        node = self._rng.choice(live)
+        self._sim.trace(f"campaign n{node.id}")
+        assert node.raw is not None
+        try:
+            node.raw.campaign()
+        except RaftError:
+            pass
+
+    def _drift(self) -> None:
+        node = self._rng.choice(self._sim.all_nodes())
+        config = self._sim.config
+        node.tick_period = self._rng.randint(config.tick_period_min, config.tick_period_max * 2)
+        self._sim.trace(f"drift n{node.id} period {node.tick_period}")
