@@ -64,7 +64,7 @@ class ServeConfig:
     peer_queue_frames: int = 8192
     inbox_batch_max: int = 4096
     shutdown_transfer_ms: int = 1000
-    inline_save_entries_max: int = 0
+    inline_save_entries_max: int = 16
     # Chaos drills only: answer "linearizable" reads from local state without ReadIndex.
     unsafe_local_reads: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)

@@ -54,6 +54,8 @@ _DISK_FULL_RETRY_S = 0.1
 _DEADLINE_SWEEP_S = 0.01
 # A save or a tick this late is logged: it is how elections under load are explained.
 _SLOW_S = 0.1
+# Saves are run inline only while they take less than this on average.
+_INLINE_SAVE_S = 0.0005
 # Leader messages that may be sent before the leader's own save of the same Ready.
 _EARLY_TYPES = frozenset({MessageType.APPEND, MessageType.HEARTBEAT})
 
@@ -105,6 +107,8 @@ class Driver:
         self._peer_ids = [peer for peer in config.peer_addresses if peer != config.id]
         self._next_tick_at = 0.0
         self._inline_entries_max = config.inline_save_entries_max
+        # Moving average of save durations: decides inline versus worker thread.
+        self._save_seconds_average = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-fsync")
         self._proposals: dict[str, list[asyncio.Future[Any]]] = {}
         self._pending_count = 0
@@ -345,9 +349,14 @@ class Driver:
                 ready.hard_state is not None or bool(ready.entries) or ready.snapshot is not None
             )
             if needs_save and ready.must_sync:
-                # Only a big save goes to the worker thread: for a few entries the thread hop
-                # costs more than the fsync it would hide.
-                inline = ready.snapshot is None and len(ready.entries) <= self._inline_entries_max
+                # A small save on a fast disk runs inline: the thread hop would cost more than
+                # the fsync it hides. On a slow disk (recent saves slow) every save goes to the
+                # worker thread so the loop keeps serving.
+                inline = (
+                    ready.snapshot is None
+                    and len(ready.entries) <= self._inline_entries_max
+                    and self._save_seconds_average < _INLINE_SAVE_S
+                )
                 await self._persist(ready, inline=inline)
             if ready.hard_state is not None:
                 self._durable_term_vote = (ready.hard_state.term, ready.hard_state.vote)
@@ -417,6 +426,7 @@ class Driver:
                 continue
             elapsed = time.perf_counter() - started
             self.metrics.fsync_seconds.observe(elapsed)
+            self._save_seconds_average += (elapsed - self._save_seconds_average) * 0.1
             if elapsed > _SLOW_S:
                 logger.warning(
                     "event=slow_save seconds=%.3f entries=%s inline=%s",

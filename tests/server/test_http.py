@@ -68,6 +68,9 @@ async def harness(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterat
         peers=((1, "127.0.0.1:1"),),
         data_dir=tmp_path,
         tick_interval_ms=1,
+        # The gate models a slow disk: saves must run on the worker thread, as they do
+        # on a slow disk, or a held save would block the event loop itself.
+        inline_save_entries_max=0,
         **overrides,
     )
     storage = FaultyStorage()
