@@ -101,6 +101,9 @@ class DiskStorage:
         )
         try:
             self._recover(initial_conf_state or ConfState())
+        except OSError as exc:
+            self.close()
+            raise StorageError(f"cannot open {self.directory}: {exc}") from exc
         except BaseException:
             self.close()
             raise
@@ -265,9 +268,19 @@ class DiskStorage:
             self._hard_state = hard_state
 
     def _drop_compacted(self, entries: Sequence[Entry]) -> Sequence[Entry]:
+        """Skip the entries the log already has: compacted ones, and (Log Matching, Raft
+        §5.3: same index and term means the same entry) a front that matches ours, so the
+        TRUNCATE record cuts only where the log really conflicts, never below a snapshot."""
         if entries and entries[0].index <= self._offset:
-            return entries[self._offset + 1 - entries[0].index :]
-        return entries
+            entries = entries[self._offset + 1 - entries[0].index :]
+        skip, last = 0, self.last_index()
+        while (
+            skip < len(entries)
+            and entries[skip].index <= last
+            and self._entries[entries[skip].index - self._offset - 1].term == entries[skip].term
+        ):
+            skip += 1
+        return entries[skip:] if skip else entries
 
     def _install_snapshot(
         self, hard_state: HardState | None, entries: Sequence[Entry], snapshot: Snapshot

@@ -133,3 +133,18 @@ def test_directory_is_locked(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="in use"):
         DiskStorage(tmp_path)
     storage.close()
+
+
+def test_entries_already_in_the_log_are_not_rewritten(tmp_path: Path) -> None:
+    """Log Matching (Raft §5.3): a resent entry with our index and term is ours; only a real
+    conflict truncates."""
+    storage = DiskStorage(tmp_path)
+    storage.save(HardState(term=1, commit=10), entries(1, 10), None)
+    before = storage.metrics.bytes_written
+    storage.save(None, entries(5, 10), None)
+    assert storage.metrics.bytes_written == before  # nothing new: nothing written
+    storage.save(None, entries(8, 9) + entries(10, 12, term=2), None)
+    assert storage.entries(1, 13, 1 << 20) == entries(1, 9) + entries(10, 12, term=2)
+    storage = reopen(storage)
+    assert storage.entries(1, 13, 1 << 20) == entries(1, 9) + entries(10, 12, term=2)
+    storage.close()
