@@ -181,3 +181,49 @@ def test_a_read_must_reflect_writes_acknowledged_before_it_was_invoked() -> None
     assert violation.invariant is Invariant.READ_FRESHNESS
     absent = [ReadRecord("j", invoked_at=6, returned_at=7, value_index=0)]
     assert len(check_reads(absent, writes)) == 1
+
+
+def test_a_node_lacking_a_committed_entry_must_not_be_electable() -> None:
+    """Figure 8 of the Raft paper, at the moment of the unsafe commit: S1 (term 4) counted
+    replicas of its old entry (2, term 2) on S1, S2, S3 and committed it, but S5 holds
+    (2, term 3) and S3, S4 and S5 would all vote for it."""
+    checker = SafetyChecker()
+    logs = {
+        1: ListLogView([e(1, 1), e(2, 2), e(3, 4)]),
+        2: ListLogView([e(1, 1), e(2, 2)]),
+        3: ListLogView([e(1, 1), e(2, 2)]),
+        4: ListLogView([e(1, 1)]),
+        5: ListLogView([e(1, 1), e(2, 3)]),
+    }
+    checker.observe_commit(1, term=4, commit_index=2, log=logs[1])
+    checker.check_electability(logs)
+    assert kinds(checker) == [Invariant.LEADER_COMPLETENESS]
+    assert "node 5 lacks committed entry 2" in checker.violations[0].detail
+
+
+def test_after_a_safe_commit_nodes_lacking_the_entry_cannot_gather_a_majority() -> None:
+    """The same history with the §5.4.2 rule: S1 commits only once (3, term 4) is on a
+    majority, and then S5 can win no more than S4's vote."""
+    checker = SafetyChecker()
+    logs = {
+        1: ListLogView([e(1, 1), e(2, 2), e(3, 4)]),
+        2: ListLogView([e(1, 1), e(2, 2), e(3, 4)]),
+        3: ListLogView([e(1, 1), e(2, 2), e(3, 4)]),
+        4: ListLogView([e(1, 1)]),
+        5: ListLogView([e(1, 1), e(2, 3)]),
+    }
+    checker.observe_commit(1, term=4, commit_index=3, log=logs[1])
+    checker.check_electability(logs)
+    assert kinds(checker) == []
+
+
+def test_electability_counts_a_compacted_entry_as_present() -> None:
+    checker = SafetyChecker()
+    checker.observe_commit(1, term=2, commit_index=2, log=ListLogView([e(1, 1), e(2, 2)]))
+    logs = {
+        1: ListLogView([e(1, 1), e(2, 2)]),
+        2: ListLogView([], snapshot_index=2, snapshot_term=2),
+        3: ListLogView([e(1, 1)]),
+    }
+    checker.check_electability(logs)
+    assert kinds(checker) == []
