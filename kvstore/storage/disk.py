@@ -19,9 +19,12 @@ Rules:
   the in-memory log exactly as before the call; FatalDiskError poisons the object.
 - A snapshot is durable (file fsynced, renamed, directory fsynced) before the log names it,
   and older snapshots and segments are removed only after that.
-- WAL compaction rewrites the retained entries into a new segment (atomically, see wal.py)
-  when `compact()` has moved the offset `compact_after_entries` entries past the log's base
-  or the log exceeds `compact_after_bytes`.
+- `compact(index)` is durable at once: normally a small COMPACT record; when the offset has
+  moved `compact_after_entries` entries past the log's base, or the log exceeds
+  `compact_after_bytes`, the retained entries are rewritten into a new segment (atomically,
+  see wal.py) and the older segments deleted.
+- Entries the log already has (same index and term: Raft §5.3 Log Matching) are skipped, so
+  a TRUNCATE record only ever cuts at a real conflict, which is above the commit index.
 - The membership (conf state) is persisted: CONF_STATE records, and snapshot metadata.
 """
 
@@ -50,6 +53,7 @@ from kvstore.raft.types import (
     SnapshotMetadata,
 )
 from kvstore.storage import snapshot as snapshot_files
+from kvstore.storage.base import DurableStorage
 from kvstore.storage.fs import FileSystem
 from kvstore.storage.wal import (
     RecordType,
@@ -377,3 +381,8 @@ class DiskStorage:
         if self._lock_fd >= 0:
             fd, self._lock_fd = self._lock_fd, -1
             os.close(fd)
+
+
+def _conforms(storage: DiskStorage) -> DurableStorage:
+    """Never called: lets mypy check that DiskStorage implements DurableStorage."""
+    return storage
