@@ -107,6 +107,7 @@ async def run_level(
         stop_at = record_from + duration_s
         pids = pids or {}
         cpu_before = {node: _cpu_seconds(pid) for node, pid in pids.items()}
+        client_before = time.process_time()
         latencies: list[float] = []
         errors: dict[str, int] = {}
         await asyncio.gather(
@@ -116,6 +117,7 @@ async def run_level(
             )
         )
         cpu_after = {node: _cpu_seconds(pid) for node, pid in pids.items()}
+        client_cpu_s = time.process_time() - client_before
         after = await _status(session, url)
     latencies.sort()
     all_writes = max(1, len(latencies))
@@ -136,6 +138,7 @@ async def run_level(
         # CPU per acknowledged write (whole level incl. warmup): contention-independent cost.
         "leader_cpu_ms_per_write": cpu.get(leader_id, 0.0) * 1000 / all_writes if cpu else None,
         "cluster_cpu_ms_per_write": sum(cpu.values()) * 1000 / all_writes if cpu else None,
+        "client_cpu_ms_per_write": client_cpu_s * 1000 / all_writes,
     }
 
 
@@ -147,6 +150,7 @@ def _print(result: dict[str, Any]) -> None:
         + (
             f"  cpu/write leader {result['leader_cpu_ms_per_write']:.2f} ms"
             f" cluster {result['cluster_cpu_ms_per_write']:.2f} ms"
+            f" client {result['client_cpu_ms_per_write']:.2f} ms"
             if result.get("leader_cpu_ms_per_write") is not None
             else ""
         )
