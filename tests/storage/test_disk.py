@@ -148,3 +148,14 @@ def test_entries_already_in_the_log_are_not_rewritten(tmp_path: Path) -> None:
     storage = reopen(storage)
     assert storage.entries(1, 13, 1 << 20) == entries(1, 9) + entries(10, 12, term=2)
     storage.close()
+
+
+def test_compaction_by_bytes_rewrites_the_log(tmp_path: Path) -> None:
+    storage = DiskStorage(tmp_path, compact_after_bytes=20_000, segment_size_bytes=4096)
+    storage.save(HardState(term=1, commit=300), entries(1, 300, size=100), None)
+    storage.create_snapshot(250, VOTERS, b"s")
+    storage.compact(200)
+    assert sum(p.stat().st_size for p in tmp_path.glob("*.wal")) < 20_000
+    storage = reopen(storage)
+    assert (storage.first_index(), storage.last_index()) == (201, 300)
+    storage.close()
