@@ -191,6 +191,7 @@ def _crash_at_every_step(
     check: Callable[[DiskStorage, bool], None],
     *,
     compact_after_entries: int = 10_000,
+    segment_size_bytes: int = 64 << 20,
 ) -> list[str]:
     """Prepare a directory, then for N = 0, 1, ...: copy it, run `act` with a crash before
     the N-th mutating filesystem operation, reopen and `check(storage, completed)`. Stops at
@@ -203,7 +204,12 @@ def _crash_at_every_step(
         directory = tmp_path / f"crash-{crash_at}"
         shutil.copytree(template, directory)
         fs = CrashAfterFileSystem(None)
-        storage = DiskStorage(directory, fs=fs, compact_after_entries=compact_after_entries)
+        storage = DiskStorage(
+            directory,
+            fs=fs,
+            compact_after_entries=compact_after_entries,
+            segment_size_bytes=segment_size_bytes,
+        )
         fs.crash_at = len(fs.operations) + crash_at
         try:
             act(storage)
@@ -275,3 +281,21 @@ def test_crash_at_every_step_of_snapshot_install(tmp_path: Path) -> None:
 
     operations = _crash_at_every_step(tmp_path, prepare, act, check)
     assert len(operations) >= 8
+
+
+def test_crash_at_every_step_of_a_save_that_rotates_the_segment(tmp_path: Path) -> None:
+    def prepare(storage: DiskStorage) -> None:
+        storage.save(HardState(term=1, commit=60), entries(1, 60), None)  # over 1 KiB
+
+    def act(storage: DiskStorage) -> None:
+        storage.save(HardState(term=1, commit=61), entries(61, 61), None)
+
+    def check(storage: DiskStorage, completed: bool) -> None:
+        assert storage.last_index() in (60, 61)
+        assert all_entries(storage) == entries(1, storage.last_index())
+        if completed:
+            assert storage.initial_state()[0] == HardState(term=1, commit=61)
+        assert len(list(Path(storage.directory).glob("*.tmp"))) == 0
+
+    operations = _crash_at_every_step(tmp_path, prepare, act, check, segment_size_bytes=1024)
+    assert "rename 00000000000000000001.wal.tmp" in operations
