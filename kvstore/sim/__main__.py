@@ -50,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"seed {result.seed}: {'ok' if result.ok else 'FAILED'}, {result.ticks} ticks, "
             f"t={result.time}, {result.committed} entries committed, {result.events} events"
         )
+        print("  " + ", ".join(f"{name} {count}" for name, count in result.counters))
         print(f"trace hash {result.trace_hash}")
         if not result.ok:
             print(describe_failure(result))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import random
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -90,6 +91,8 @@ class SimResult:
     time: int
     committed: int
     events: int
+    # How much of each thing happened (crashes, snapshots delivered, elections won, ...).
+    counters: tuple[tuple[str, int], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -108,6 +111,7 @@ class Simulation:
         self.now = 0
         self.ticks = 0
         self.events = 0
+        self.counters: Counter[str] = Counter()
         self._trace = hashlib.sha256()
         self._queue: list[tuple[int, int, str, Callable[[], None]]] = []
         self._sequence = 0
@@ -167,6 +171,7 @@ class Simulation:
 
     def crash_node(self, node: SimNode, stage: CrashStage) -> None:
         """Crash now, or at a stage of the node's next Ready in this step."""
+        self.counters[f"crashes_{stage.value}"] += 1
         node.crash_stage = stage
         self.trace(f"crash n{node.id} {stage.value}")
 
@@ -254,6 +259,7 @@ class Simulation:
             )
             raw.step(message)
             if message.type is MessageType.SNAPSHOT:
+                self.counters["snapshots_delivered"] += 1
                 self._report_snapshot(message, ok=True)
 
     def _tick(self) -> None:
@@ -323,6 +329,8 @@ class Simulation:
             checker.observe_commit(node.id, node.term, node.commit, node.log)
         if role_changed:
             self.trace(f"role n{node.id} {node.role.value} t{node.term}")
+            if node.role is Role.LEADER:
+                self.counters["leaders_elected"] += 1
 
     def on_send(self, node: SimNode, messages: Sequence[Message]) -> None:
         for message in messages:
@@ -353,6 +361,7 @@ class Simulation:
             self.workload.on_read_state(node.id, read_state)
 
     def on_snapshot_taken(self, node: SimNode, index: int) -> None:
+        self.counters["snapshots_taken"] += 1
         self.trace(f"snapshot n{node.id} {index}")
 
     # --- workload Target -------------------------------------------------------------------

@@ -57,7 +57,9 @@ class Nemesis:
             return
         actions = [action for action, _ in self._actions]
         weights = [weight for _, weight in self._actions]
-        self._rng.choices(actions, weights)[0]()
+        action = self._rng.choices(actions, weights)[0]
+        self._sim.counters[action.__name__.lstrip("_")] += 1
+        action()
         self._schedule_next()
 
     def _ids(self) -> list[int]:

@@ -68,7 +68,21 @@ def final_checks(simulation: Simulation) -> SimResult:
         time=now,
         committed=simulation.checker.committed_count(),
         events=simulation.events,
+        counters=_counters(simulation),
     )
+
+
+def _counters(simulation: Simulation) -> tuple[tuple[str, int], ...]:
+    counters = simulation.counters.copy()
+    network = simulation.network.stats()
+    counters["messages_sent"] = network.sent
+    counters["messages_dropped"] = network.dropped
+    counters["messages_duplicated"] = network.duplicated
+    stats = simulation.workload.stats
+    counters["writes_acked"] = stats.writes_acked
+    counters["writes_unknown"] = stats.writes_unknown
+    counters["reads_ok"] = stats.reads_ok
+    return tuple(sorted(counters.items()))
 
 
 def _check_history(simulation: Simulation, now: int) -> list[Violation]:
