@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -127,6 +128,9 @@ class FailoverReport:
     leader_changes: int = 0
     deadline_s: float = 0.0
     failover_s: list[float] = field(default_factory=list)
+    # Retries by reason (transport, timeout, not_leader, no_leader, unavailable, ...), from
+    # the client's DEBUG log.
+    retry_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
     def consistent(self) -> bool:
@@ -192,6 +196,20 @@ def _kill_and_restart(cluster: Any, kills: int, pause_s: float, fault: str) -> l
     return failovers
 
 
+class _RetryReasons(logging.Handler):
+    """Counts the client's retries by reason, from its DEBUG records ("retry ... reason=X")."""
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        super().__init__(logging.DEBUG)
+        self.counts = counts
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("retry ") and " reason=" in message:
+            reason = message.split(" reason=", 1)[1].split(" ", 1)[0]
+            self.counts[reason] = self.counts.get(reason, 0) + 1
+
+
 async def measure_failover(
     cluster: Any,
     *,
@@ -206,9 +224,30 @@ async def measure_failover(
     """Increment loops through one Client while `cluster`'s leader is killed `kills` times."""
     report = FailoverReport(kills=kills, fault=fault, deadline_s=timeout_s)
     names = [f"{prefix}/{index}" for index in range(keys)]
+    config = ClientConfig(timeout_s=timeout_s)
+    client_log = logging.getLogger("kvstore.client")
+    handler = _RetryReasons(report.retry_reasons)
+    previous_level = client_log.level
+    client_log.addHandler(handler)
+    client_log.setLevel(logging.DEBUG)
+    try:
+        await _run_failover(cluster, report, config, names, workers, pause_s)
+    finally:
+        client_log.removeHandler(handler)
+        client_log.setLevel(previous_level)
+    return report
+
+
+async def _run_failover(
+    cluster: Any,
+    report: FailoverReport,
+    config: ClientConfig,
+    names: Sequence[str],
+    workers: int,
+    pause_s: float,
+) -> None:
     stop = asyncio.Event()
     timeline: list[float] = []
-    config = ClientConfig(timeout_s=timeout_s)
     async with Client(cluster.client_urls, config=config) as client:
         for name in names:
             await client.put(name, b"0")
@@ -216,12 +255,12 @@ async def measure_failover(
         async with asyncio.TaskGroup() as group:
             for index in range(workers):
                 group.create_task(
-                    _increment_loop(client, names[index % keys], report, stop, timeline),
+                    _increment_loop(client, names[index % len(names)], report, stop, timeline),
                     name=f"increment-{index}",
                 )
             try:
                 report.failover_s = await asyncio.to_thread(
-                    _kill_and_restart, cluster, kills, pause_s, fault
+                    _kill_and_restart, cluster, report.kills, pause_s, report.fault
                 )
             finally:
                 stop.set()
@@ -234,8 +273,7 @@ async def measure_failover(
     report.longest_gap_s = max(later - earlier for earlier, later in itertools.pairwise(points))
     report.retries = stats.retries
     report.leader_changes = stats.leader_changes
-    report.retries_per_failover = stats.retries / kills if kills else 0.0
-    return report
+    report.retries_per_failover = stats.retries / report.kills if report.kills else 0.0
 
 
 def _format_overhead(result: dict[str, Any]) -> str:
@@ -262,7 +300,8 @@ def _format_failover(report: FailoverReport) -> str:
         f"  counters {report.counters} expected {report.expected}: {verdict}\n"
         f"  longest call {report.longest_call_s * 1000:.0f} ms (deadline {report.deadline_s:.1f} s), "
         f"longest gap between increments {report.longest_gap_s * 1000:.0f} ms\n"
-        f"  retries {report.retries} = {report.retries_per_failover:.1f} per failover; "
+        f"  retries {report.retries} = {report.retries_per_failover:.1f} per failover "
+        f"{dict(sorted(report.retry_reasons.items()))}; "
         f"new leader elected in {', '.join(f'{s * 1000:.0f}' for s in report.failover_s)} ms"
     )
 
