@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from kvstore.raft.log import RaftLog
@@ -88,3 +92,21 @@ def test_a_broken_commit_rule_is_caught_within_2000_seeds(
         v.startswith(("leader_completeness", "state_machine_safety", "log_matching"))
         for v in failure.violations
     )
+
+
+def test_the_trace_hash_does_not_depend_on_python_hash_randomization() -> None:
+    """Set or dict iteration over strings would differ between processes; the trace must
+    not (a replay happens in a new process)."""
+    outputs = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        done = subprocess.run(
+            [sys.executable, "-m", "kvstore.sim", "--seed", "13"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        outputs.append([line for line in done.stdout.splitlines() if "trace hash" in line])
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 1
