@@ -256,7 +256,7 @@ class WalMachine(RuleBasedStateMachine):
 
 
 WalMachine.TestCase.settings = settings(
-    max_examples=150,
+    max_examples=300,
     stateful_step_count=25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
