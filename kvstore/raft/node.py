@@ -59,6 +59,10 @@ receivers grant it even while they still hear from the old leader (dissertation 
 
 _EMPTY_READY = Ready()
 
+_PEER_DOWN_STAGGER_TICKS = 2
+"""Ticks between the campaigns of successive survivors after report_peer_down (see
+RawNode._peer_down_delay_ticks): long enough for a pre-vote and a vote round trip."""
+
 _RESPONSE_TYPES = frozenset(
     {
         MessageType.VOTE_RESPONSE,
@@ -204,12 +208,22 @@ class RawNode:
                 progress.become_probe()
             return
         if self.role is Role.FOLLOWER and peer != NONE and peer == self.leader_id:
-            # The leader's lease is void: grant pre-votes now, campaign after a short
-            # randomized delay. Pre-vote still decides, so a blip cannot depose a live leader.
+            # The leader's lease is void: grant pre-votes now and campaign soon. Pre-vote
+            # still decides, so a blip cannot depose a live leader.
             logger.info("raft node=%d leader=%d reported down", self.id, peer)
             self.leader_id = NONE
             self._election_elapsed = 0
-            self._randomized_election_timeout = self._rng.randint(0, self._config.heartbeat_ticks)
+            self._randomized_election_timeout = self._peer_down_delay_ticks(peer)
+
+    def _peer_down_delay_ticks(self, leader: int) -> int:
+        """When to campaign after the leader's connection closed: staggered by our rank among
+        the other voters (_PEER_DOWN_STAGGER_TICKS apart, plus 0..1 tick of jitter). All
+        survivors notice within a millisecond; staggering lets the first one win while the
+        others, asked for their vote, stand down, instead of splitting the vote."""
+        others = [voter for voter in self._voters if voter != leader]
+        rank = others.index(self.id) if self.id in others else len(others)
+        delay = rank * _PEER_DOWN_STAGGER_TICKS + self._rng.randint(0, 1)
+        return min(delay, self._config.election_ticks - 1)
 
     def report_snapshot(self, peer: int, ok: bool) -> None:
         """The driver finished (ok) or failed to send the snapshot to `peer`."""

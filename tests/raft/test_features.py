@@ -341,3 +341,24 @@ def test_ack_beyond_the_leaders_log_is_ignored() -> None:
     assert node.status().progress[2].match_index < 10_000
     cluster.propose(1, b"still fine")
     assert cluster.data_applied(3) == [b"still fine"]
+
+
+@pytest.mark.parametrize("size", [3, 5])
+def test_report_peer_down_on_all_survivors_elects_in_one_round(size: int) -> None:
+    """Regression (server, 18:50): survivors that learn of the leader's death together must
+    not split the vote; their campaigns are staggered by rank."""
+    for seed in range(20):
+        cluster = Cluster(ids=range(1, size + 1), seed=seed)
+        cluster.elect(1)
+        term = cluster.nodes[1].term
+        cluster.crash(1)
+        survivors = list(range(2, size + 1))
+        for node_id in survivors:
+            cluster.nodes[node_id].report_peer_down(1)
+        ticks = 0
+        while not cluster.leaders():
+            cluster.tick(1, ids=survivors)
+            ticks += 1
+            assert ticks < 20
+        assert ticks <= 2 * (size - 2) + 2
+        assert {cluster.nodes[i].term for i in survivors} == {term + 1}
