@@ -850,9 +850,11 @@ class RawNode:
 
     def _send_append(self, to: int, progress: Progress, send_if_empty: bool = True) -> bool:
         """Send the next append to `to` when its progress allows; True if one was sent."""
+        log = self._log
+        if not send_if_empty and progress.next_index > log.last_index():
+            return False  # nothing new to send: the common case after every ack
         if progress.is_paused():
             return False
-        log = self._log
         previous_index = progress.next_index - 1
         try:
             previous_term = log.term(previous_index)
