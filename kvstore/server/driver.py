@@ -254,6 +254,9 @@ class Driver:
                     self._next_tick_at = now + self._tick_interval_s
                     timer = loop.call_at(self._next_tick_at, self._on_tick_timer)
                     self.node.tick()
+                    if lag > self._heartbeat_interval_s:
+                        # After a stall, heartbeats first, before a backlog of requests.
+                        await self._process_ready()
                 self._drain_inbox()
                 await self._process_ready()
         finally:
