@@ -186,3 +186,21 @@ def test_many_pipelined_appends_with_small_window_and_batches() -> None:
     assert all(sum(e.size_bytes() for e in m.entries) <= 240 for m in appends)
     cluster.tick(5)
     assert len(cluster.data_applied(3)) == 50
+
+
+def test_stuck_candidate_with_higher_term_is_freed_under_check_quorum() -> None:
+    """Without pre-vote, an isolated node's term runs ahead; with check-quorum, nodes in lease
+    ignore its votes, so the stale leader must learn the higher term from the answers to its
+    heartbeats and step down, or the node would stay a candidate forever. Reference:
+    dissertation §6.2"""
+    cluster = Cluster(pre_vote=False, check_quorum=True)
+    cluster.elect(1)
+    cluster.isolate(3)
+    cluster.tick(100)
+    assert cluster.nodes[3].role is Role.CANDIDATE
+    high_term = cluster.nodes[3].term
+    cluster.heal()
+    cluster.tick(120)
+    (leader,) = cluster.leaders()
+    assert cluster.nodes[leader].term > high_term
+    assert {node.term for node in cluster.nodes.values()} == {cluster.nodes[leader].term}
