@@ -30,7 +30,12 @@ import logging
 import random
 from dataclasses import dataclass, field
 
-from kvstore.errors import CompactedError, ProposalDroppedError, UnavailableIndexError
+from kvstore.errors import (
+    CompactedError,
+    ProposalDroppedError,
+    StorageError,
+    UnavailableIndexError,
+)
 from kvstore.raft import quorum
 from kvstore.raft.config import RaftConfig
 from kvstore.raft.log import RaftLog
@@ -113,11 +118,13 @@ class RawNode:
         self._learners: tuple[int, ...] = tuple(sorted(conf_state.learners))
         self.term = hard_state.term
         self.vote = hard_state.vote
-        if not hard_state.is_empty():
-            assert self._log.committed <= hard_state.commit <= self._log.last_index(), (
-                f"hard state commit {hard_state.commit} out of the log's range"
+        if hard_state.commit > self._log.last_index():
+            # The disk lost log entries that were durable and committed: refuse to start.
+            raise StorageError(
+                f"hard state commit {hard_state.commit} is beyond the last log index "
+                f"{self._log.last_index()}: the log was truncated or lost"
             )
-            self._log.committed = max(self._log.committed, hard_state.commit)
+        self._log.committed = max(self._log.committed, hard_state.commit)
         if config.applied > 0:
             self._log.applied_to(min(config.applied, self._log.committed))
         self.role = Role.FOLLOWER

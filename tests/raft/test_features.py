@@ -362,3 +362,18 @@ def test_report_peer_down_on_all_survivors_elects_in_one_round(size: int) -> Non
             assert ticks < 20
         assert ticks <= 2 * (size - 2) + 2
         assert {cluster.nodes[i].term for i in survivors} == {term + 1}
+
+
+def test_start_refuses_a_commit_index_beyond_the_log() -> None:
+    import random
+
+    from kvstore.errors import StorageError
+    from kvstore.raft.config import RaftConfig
+    from kvstore.raft.node import RawNode
+    from kvstore.raft.types import HardState
+    from kvstore.storage.memory import MemoryStorage
+
+    storage = MemoryStorage()
+    storage.save(HardState(term=1, commit=5), [], None)
+    with pytest.raises(StorageError, match="beyond the last log index"):
+        RawNode(RaftConfig(id=1, peers=(1,)), storage, random.Random(1))
