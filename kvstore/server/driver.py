@@ -376,7 +376,7 @@ class Driver:
                 # with an fsync of its own on every write's critical path, except before a
                 # snapshot: a restart requires the durable commit to reach the snapshot.
                 await self._persist(ready, inline=False)
-            self._advance(ready)
+            await self._advance(ready)
 
     def _early_messages(self, ready: Ready) -> list[Message]:
         """A leader's appends may leave before its own save of the same entries (Raft
@@ -392,9 +392,17 @@ class Driver:
             return []
         return [m for m in ready.messages if m.type in _EARLY_TYPES]
 
-    def _advance(self, ready: Ready) -> None:
+    async def _advance(self, ready: Ready) -> None:
         started = time.perf_counter()
-        if self.replica.advance(ready):
+        if self.replica.snapshot_due():
+            # This advance takes a snapshot: serializing a large store and writing it out
+            # takes hundreds of milliseconds, so it runs on the worker thread (the loop keeps
+            # answering, the leader keeps heartbeating). Nothing else steps the core or
+            # applies entries meanwhile: the driver waits here; handlers only read.
+            taken = await self._in_worker(self.replica.advance, ready)
+        else:
+            taken = self.replica.advance(ready)
+        if taken:
             self.metrics.snapshots.inc()
             logger.info(
                 "event=snapshot_taken index=%s seconds=%.3f",
@@ -406,19 +414,13 @@ class Driver:
             self.metrics.term.set(self.term)
 
     async def _persist(self, ready: Ready, *, inline: bool) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             started = time.perf_counter()
             try:
                 if inline:
                     self.replica.persist(ready)
                 else:
-                    save = loop.run_in_executor(self._executor, self.replica.persist, ready)
-                    while not save.done():
-                        await asyncio.wait((save,), timeout=self._heartbeat_interval_s)
-                        if not save.done():
-                            self._send_keepalives()
-                    save.result()
+                    await self._in_worker(self.replica.persist, ready)
             except DiskFullError as exc:
                 if not self.disk_full:
                     logger.error(
@@ -443,6 +445,15 @@ class Driver:
                 logger.warning("event=disk_recovered: a save succeeded, accepting writes again")
                 self.disk_full = False
             return
+
+    async def _in_worker(self, function: Callable[[Ready], Any], ready: Ready) -> Any:
+        """Run `function(ready)` on the worker thread; a leader heartbeats while it waits."""
+        work = self._loop.run_in_executor(self._executor, function, ready)
+        while not work.done():
+            await asyncio.wait((work,), timeout=self._heartbeat_interval_s)
+            if not work.done():
+                self._send_keepalives()
+        return work.result()
 
     def _send_keepalives(self) -> None:
         """A leader whose save is slow (a busy disk can take hundreds of milliseconds) still
