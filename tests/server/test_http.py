@@ -186,3 +186,12 @@ async def test_openapi_describes_every_route(harness: Harness) -> None:
         assert route in document["paths"]
     metrics = await (await harness.client.get("/metrics")).text()
     assert "kvstore_fsync_seconds_bucket" in metrics
+
+
+async def test_a_leader_waiting_on_a_slow_save_keeps_heartbeating(harness: Harness) -> None:
+    harness.storage.gate.clear()
+    write = asyncio.ensure_future(harness.client.put("/v1/kv/slow", data=b"x"))
+    keepalives = harness.driver.metrics.keepalives
+    await _until(lambda: keepalives._value.get() >= 2)
+    harness.storage.gate.set()
+    assert (await write).status == 200
