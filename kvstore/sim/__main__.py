@@ -66,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         range(args.first, args.first + args.seeds), on_result=report, overrides=overrides
     )
     print(summary.line(_cpu_seconds() - started))
+    if args.verbose:
+        print(
+            "  " + ", ".join(f"{name} {count}" for name, count in sorted(summary.counters.items()))
+        )
     return 0 if summary.ok else 1
 
 

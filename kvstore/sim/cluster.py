@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from kvstore.codec import decode_message, encode_message
 from kvstore.errors import RaftError
 from kvstore.kv.commands import Put, RequestId, decode_command, encode_command
 from kvstore.raft.config import RaftConfig
@@ -73,7 +74,8 @@ class SimConfig:
             tick_period_max=rng.choice((10, 12, 16)),
             max_size_per_message_bytes=rng.choice((40, 64, 256, 1 << 20)),
             max_inflight_messages=rng.choice((2, 4, 256)),
-            snapshot_interval_min=rng.choice((5, 15, 50)),
+            snapshot_interval_min=rng.choice((3, 5, 15)),
+            snapshot_interval_max=rng.choice((10, 30, 60)),
             network=network,
             workload=WorkloadConfig(clients=rng.randint(2, 4), keys=rng.randint(1, 4)),
             fault_gap_max=rng.choice((60, 100, 250, 500)),
@@ -143,8 +145,10 @@ class Simulation:
         node = SimNode(
             node_id, ids, raft_config, self.rng.randint(c.tick_period_min, c.tick_period_max)
         )
-        node.snapshot_interval = self.rng.randint(c.snapshot_interval_min, c.snapshot_interval_max)
-        node.snapshot_keep = self.rng.randint(0, 5)
+        node.snapshot_interval = self.rng.randint(
+            c.snapshot_interval_min, max(c.snapshot_interval_min, c.snapshot_interval_max)
+        )
+        node.snapshot_keep = self.rng.randint(0, 3)
         return node
 
     # --- the trace and scheduled events --------------------------------------------------
@@ -173,7 +177,24 @@ class Simulation:
         """Crash now, or at a stage of the node's next Ready in this step."""
         self.counters[f"crashes_{stage.value}"] += 1
         node.crash_stage = stage
+        node.paused = False  # SIGKILL ends a stopped process too
         self.trace(f"crash n{node.id} {stage.value}")
+
+    def pause_node(self, node: SimNode, duration: int) -> None:
+        """Stop the process (SIGSTOP) for `duration`, then let it continue (SIGCONT)."""
+        node.paused = True
+        incarnation = node.incarnation
+        self.trace(f"pause n{node.id} for {duration}")
+
+        def resume() -> None:
+            if node.paused and node.incarnation == incarnation:
+                self.resume_node(node)
+
+        self.schedule(duration, f"resume n{node.id}", resume)
+
+    def resume_node(self, node: SimNode) -> None:
+        node.paused = False
+        node.next_tick = max(node.next_tick, self.now + 1)
 
     def _after_crash(self, node: SimNode) -> None:
         self.trace(f"down n{node.id}")
@@ -204,7 +225,7 @@ class Simulation:
         return final_checks(self)
 
     def _next_time(self) -> int | None:
-        times = [n.next_tick for n in self.nodes.values() if n.up]
+        times = [n.next_tick for n in self.nodes.values() if n.up and not n.paused]
         delivery = self.network.next_delivery_time()
         if delivery is not None:
             times.append(delivery)
@@ -237,7 +258,7 @@ class Simulation:
             self.checker.check_electability({n.id: n.log for n in self.nodes.values()})
 
     def _process(self, node: SimNode) -> None:
-        if not node.up:
+        if not node.up or node.paused:
             return
         node.process_ready(self, self.rng)
         if node.up and node.crash_stage is not None:
@@ -250,6 +271,9 @@ class Simulation:
     def _deliver(self) -> None:
         for message in self.network.deliver_due(self.now, self.is_up):
             node = self.nodes[message.to]
+            if node.paused:
+                self.network.requeue(message, self.now + 1 + node.tick_period)
+                continue
             raw = node.raw
             assert raw is not None
             self.trace(
@@ -264,7 +288,7 @@ class Simulation:
 
     def _tick(self) -> None:
         for node in self.nodes.values():
-            if node.up and node.next_tick <= self.now:
+            if node.up and not node.paused and node.next_tick <= self.now:
                 assert node.raw is not None
                 node.raw.tick()
                 node.next_tick = self.now + node.tick_period
@@ -297,6 +321,8 @@ class Simulation:
         for node in self.nodes.values():
             if not node.up:
                 self.start_node(node)
+            elif node.paused:
+                self.resume_node(node)
 
     def _drive_liveness(self) -> None:
         """Propose a marker write on the leader until one commits anywhere."""
@@ -334,7 +360,8 @@ class Simulation:
 
     def on_send(self, node: SimNode, messages: Sequence[Message]) -> None:
         for message in messages:
-            self.network.send(message, self.now)
+            # Through the wire format, as the server's transport does.
+            self.network.send(decode_message(encode_message(message)), self.now)
 
     def on_restored(self, node: SimNode, index: int) -> None:
         assert node.machine is not None
@@ -374,7 +401,7 @@ class Simulation:
 
     def propose(self, node: int, data: bytes) -> bool:
         raw = self.nodes[node].raw
-        if raw is None:
+        if raw is None or self.nodes[node].paused:
             return False
         try:
             raw.propose(data)
@@ -384,7 +411,7 @@ class Simulation:
 
     def read_index(self, node: int, context: bytes) -> bool:
         raw = self.nodes[node].raw
-        if raw is None:
+        if raw is None or self.nodes[node].paused:
             return False
         try:
             raw.read_index(context)

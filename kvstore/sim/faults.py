@@ -4,7 +4,9 @@ At random intervals it picks one action: a network partition (symmetric, one-way
 isolating the leader), healing the network, crashing a node at a random point of its Ready
 cycle (restarted later from its storage), a leadership transfer, a spurious "peer down"
 report (a connection blip, which must not depose a live leader), an immediate campaign, or a
-change of a node's tick rate (clock drift). When a node crashes, each live peer "notices" it
+change of a node's tick rate (clock drift), or pausing a process (SIGSTOP) for a while:
+it neither ticks nor handles messages, which wait for it, and a paused leader wakes up
+believing it still leads. When a node crashes, each live peer "notices" it
 after a short random delay and calls `report_peer_down`, as the server's transport does when
 a connection closes.
 
@@ -41,6 +43,7 @@ class Nemesis:
             (self._blip, 1),
             (self._campaign, 1),
             (self._drift, 1),
+            (self._pause, 2),
         ]
         self._schedule_next()
 
@@ -122,6 +125,16 @@ class Nemesis:
                 self._sim.start_node(node)
 
         self._sim.schedule(downtime, f"restart n{node.id}", restart)
+
+    def _pause(self) -> None:
+        live = [node for node in self._sim.live_nodes() if not node.paused]
+        if not live:
+            return
+        leader = self._sim.leader()
+        node = leader if leader is not None and self._rng.random() < 0.5 else None
+        if node is None or node.paused:
+            node = self._rng.choice(live)
+        self._sim.pause_node(node, self._rng.randint(20, 400))
 
     def on_crashed(self, node: SimNode) -> None:
         """Peers notice the closed connections a little later."""

@@ -150,6 +150,12 @@ class Network:
         if self.on_drop is not None:
             self.on_drop(message)
 
+    def requeue(self, message: Message, at: int) -> None:
+        """Hold a message that arrived at a paused node until `at` (its bytes wait in the
+        socket buffer; order among held messages is kept)."""
+        self._sequence += 1
+        heapq.heappush(self._queue, (at, self._sequence, message))
+
     def next_delivery_time(self) -> int | None:
         return self._queue[0][0] if self._queue else None
 

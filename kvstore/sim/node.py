@@ -72,6 +72,8 @@ class SimNode:
         self.next_tick = 0
         self.incarnation = 0
         self.crash_stage: CrashStage | None = None
+        # A paused process (SIGSTOP): no ticks, no Ready processing, messages wait for it.
+        self.paused = False
         # What the node last said about itself in a Ready (persisted or soft state).
         self.term = 0
         self.role = Role.FOLLOWER
@@ -114,6 +116,7 @@ class SimNode:
     def crash(self) -> None:
         """Lose everything not in storage."""
         self.replica = None
+        self.paused = False
         self.crash_stage = None
         self.role, self.leader_id = Role.FOLLOWER, 0
 

@@ -11,6 +11,7 @@ clock so it stays deterministic).
 from __future__ import annotations
 
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -111,6 +112,9 @@ def _check_history(simulation: Simulation, now: int) -> list[Violation]:
     )
     if result.verdict is Verdict.VIOLATION:
         violations.append(Violation(Invariant.LINEARIZABILITY, now, result.describe()))
+    elif result.verdict is Verdict.TIMED_OUT:
+        # Out of search budget: not a verdict either way; counted so it cannot hide.
+        simulation.counters["linearizability_timed_out"] += 1
     return violations
 
 
@@ -133,13 +137,13 @@ def run_seed(
     except Exception as exc:  # a crash of the code under test is a finding
         if simulation is not None:
             _emit_trace(simulation, trace_to)
-        where = "".join(traceback.format_exception(exc)[-3:]).strip()
+        where = "".join(traceback.format_exception(exc)).strip().splitlines()[-16:]
         return SimResult(
             seed=seed,
             trace_hash="" if simulation is None else simulation.trace_hash(),
             violations=(
                 f"exception at t={0 if simulation is None else simulation.now}: "
-                f"{type(exc).__name__}: {exc}\n{where}",
+                f"{type(exc).__name__}: {exc}\n{chr(10).join(where)}",
             ),
             liveness_failure=None,
             ticks=0 if simulation is None else simulation.ticks,
@@ -162,10 +166,12 @@ class Summary:
     liveness_failures: int = 0
     ticks: int = 0
     failures: list[SimResult] = field(default_factory=list)
+    counters: Counter[str] = field(default_factory=Counter)
 
     def add(self, result: SimResult) -> None:
         self.seeds += 1
         self.ticks += result.ticks
+        self.counters.update(dict(result.counters))
         if result.violations:
             self.violations += 1
         elif result.liveness_failure is not None:
@@ -183,7 +189,10 @@ class Summary:
             f"{self.liveness_failures} liveness failures, {self.ticks} ticks simulated"
         )
         if seconds is not None and seconds > 0:
-            text += f", {self.ticks / seconds:.0f} simulated ticks/s ({seconds:.1f} s)"
+            text += f", {self.ticks / seconds:.0f} simulated ticks/s ({seconds:.1f} s CPU)"
+        unchecked = self.counters["linearizability_timed_out"]
+        if unchecked:
+            text += f", {unchecked} histories too long to check for linearizability"
         return text
 
 
