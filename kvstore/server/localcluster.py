@@ -30,6 +30,8 @@ from types import TracebackType
 from typing import Any
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
+# Never through an HTTP proxy from the environment: the nodes are on 127.0.0.1.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def free_port() -> int:
@@ -241,7 +243,7 @@ class LocalCluster:
             return None
         try:
             url = self.client_url(node_id) + "/v1/status"
-            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            with _OPENER.open(url, timeout=timeout_s) as response:
                 document: dict[str, Any] = json.loads(response.read())
                 return document
         except (OSError, urllib.error.URLError, ValueError):
