@@ -8,18 +8,30 @@ dead end, and the search backtracks. A set of visited (linearized operations as 
 model state) pairs cuts every subtree that has been seen before: a pair is only ever seen
 again after its first visit failed, because the bitset grows along any path.
 
-Rules that make it sound and fast:
+Rules that make it sound and fast (each keeps the verdict of the definition; a test checks
+them against a brute-force search):
 
 - Keys are independent (linearizability is local, Herlihy and Wing): each key is checked
   alone with a scalar state, unless `partition_by_key=False` asks for one search over the
   whole map (slower; used to test the search itself).
 - An unknown outcome (`return` None) returns at infinity: it may take effect at any point
   after its call, including after every observation (which is the same as never). An
-  unknown get constrains nothing and is dropped, as is every `ok: false` operation.
+  unknown get constrains nothing and is dropped, as is every `ok: false` operation. Once
+  every operation with a finite return is placed, the rest are unknown writes, valid in
+  any order at the end: the search stops there.
+- Unknown writes are tightened before the search (`_bound_unknowns`): one whose unique
+  value was read must precede its first reader's return; one whose value nobody observed
+  is dropped unless a failed cas or a delete that found the key may follow it.
 - A *read-only* operation (a get, a cas that failed its comparison, a delete of an absent
   key) changes no state whatever the state is. If one can go next, putting it next is never
   worse than putting it later: it only drops a constraint and no other operation sees a
   difference. So the search takes it at once and never tries alternatives at that depth.
+- An unknown write that would change nothing where it stands is never placed there: it can
+  always go at the end instead. Unknown puts of unobserved values are interchangeable, so
+  only the first one that can go next is tried at each depth.
+- Each depth tries operations with a finite return before unknown writes, and a failed
+  configuration also rules out every later one with the same finite operations placed,
+  the same state and more unknown writes placed (those could have gone at the end).
 - A time budget is a `deadline` callable (True when time is up) that the caller builds
   from its own clock, e.g. `deadline_after(time.monotonic, 30.0)`: this module reads no
   clock. A search that runs out of time reports TIMED_OUT, which callers treat as failure.
@@ -164,15 +176,17 @@ def check_linearizability(
     still being searched are UNCHECKED. When `deadline()` turns true, every key still being
     searched is TIMED_OUT.
     """
-    kept = [op for op in history if _constrains(op)]
-    if partition_by_key:
-        by_key: dict[str, list[Operation]] = {}
-        for op in kept:
+    by_key: dict[str, list[Operation]] = {}
+    for op in history:
+        if _constrains(op):
             by_key.setdefault(op.key, []).append(op)
-        groups: list[tuple[str | None, list[Operation]]] = list(by_key.items())
+    reduced = {key: _bound_unknowns(ops, initial) for key, ops in by_key.items()}
+    kept = sum(len(timed) for timed in reduced.values())
+    if partition_by_key:
+        groups: list[tuple[str | None, list[_Timed]]] = list(reduced.items())
     else:
-        groups = [(None, kept)]
-    searches = [_Search(key, operations, initial) for key, operations in groups]
+        groups = [(None, [timed for ops in reduced.values() for timed in ops])]
+    searches = [_Search(key, timed, initial) for key, timed in groups]
     running = [(search, search.run()) for search in searches]
     expired = deadline if deadline is not None else _never
     stop: Verdict | None = None
@@ -189,7 +203,7 @@ def check_linearizability(
     for search, _ in running:
         assert stop is not None
         search.result = KeyResult(search.key, stop, len(search.operations))
-    return LinearizabilityResult(tuple(s.result for s in searches), len(history) - len(kept))
+    return LinearizabilityResult(tuple(s.result for s in searches), len(history) - kept)
 
 
 def _never() -> bool:
@@ -203,6 +217,80 @@ def _constrains(op: Operation) -> bool:
     return op.ok
 
 
+class _Unobserved:
+    """The state after an unknown write of a value that no operation observed.
+
+    No get read such a value and no cas expected it, so every operation behaves the same
+    whichever of them wrote it: one token for all of them lets the memo see equal states.
+    """
+
+    def __repr__(self) -> str:
+        return "<a value nobody observed>"
+
+
+_UNOBSERVED = _Unobserved()
+_INFINITY = float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class _Timed:
+    """An operation prepared for the search."""
+
+    op: Operation
+    end: float  # by when it must have taken effect: its return, or inf when unknown
+    unobserved: bool  # an unknown write of a value nobody observed
+
+
+def _bound_unknowns(operations: list[Operation], initial: Value) -> list[_Timed]:
+    """Prepare one key's operations, tightening or dropping unknown writes where sound.
+
+    Appends are left alone (their pieces show inside later values). For an unknown put or
+    cas of value V (other than `initial`):
+
+    - If only it writes V and a get read V (or a cas expecting V succeeded), it must take
+      effect before the first such observer returns: that is its end, not infinity.
+    - If nothing observed V (no get read it, no cas expected it), it may still matter, but
+      only to a failed cas or a delete that found the key (any foreign value satisfies
+      them). If none of those can follow it, drop it: any linearization can move it (and
+      the unknown cas ops that it made fail) to the very end, where it changes nothing.
+      Otherwise it is marked `unobserved` and writes the shared token `_UNOBSERVED`.
+    """
+    ends = [_INFINITY if op.return_ is None else float(op.return_) for op in operations]
+    if any(op.op is OpKind.APPEND for op in operations):
+        return [_Timed(op, end, False) for op, end in zip(operations, ends)]
+    writers: dict[Value, int] = {}
+    needed_by: dict[Value, float] = {}  # value -> earliest return of an op that needs it
+    observed: set[Value] = set()
+    latest_negative = -_INFINITY  # the last return of a failed cas or a delete that found
+    for op, end in zip(operations, ends):
+        if op.op in (OpKind.PUT, OpKind.CAS):
+            writers[op.value] = writers.get(op.value, 0) + 1
+        if op.op is OpKind.GET or (op.op is OpKind.CAS and op.output is True):
+            seen = op.output if op.op is OpKind.GET else op.expected
+            needed_by[seen] = min(needed_by.get(seen, _INFINITY), end)
+        if op.op is OpKind.CAS:
+            observed.add(op.expected)
+        failed_cas = op.op is OpKind.CAS and op.output is False
+        if failed_cas or (op.op is OpKind.DELETE and op.output is True):
+            latest_negative = max(latest_negative, end)
+    observed.update(needed_by)
+    timed: list[_Timed] = []
+    for op, end in zip(operations, ends):
+        unknown_write = op.return_ is None and op.op in (OpKind.PUT, OpKind.CAS)
+        if not unknown_write or op.value == initial:
+            timed.append(_Timed(op, end, False))
+        elif op.value not in observed:
+            if latest_negative >= op.invoke:
+                timed.append(_Timed(op, end, True))
+        elif writers[op.value] == 1 and op.value in needed_by:
+            # An observer that returned before this write began makes the history
+            # non-linearizable; the search finds that with the end at the call.
+            timed.append(_Timed(op, max(needed_by[op.value], float(op.invoke)), False))
+        else:
+            timed.append(_Timed(op, end, False))
+    return timed
+
+
 def _read_only(op: Operation) -> bool:
     """True if the operation changes no state in any state it can be linearized in."""
     if op.return_ is None:
@@ -213,7 +301,10 @@ def _read_only(op: Operation) -> bool:
 
 
 # A compiled operation: (kind code, state slot, value, expected, outcome known, output).
-_Compiled = tuple[int, int, Value, Value, bool, Output]
+_Compiled = tuple[int, int, object, Value, bool, Output]
+# A choice on the search path: (call node, state before it, linearized before it, forced?,
+# whether an interchangeable put was already tried at that depth, the phase at that depth).
+_Choice = tuple[int, object, int, bool, bool, int]
 
 
 def _step_value(current: object, op: _Compiled) -> object:
@@ -249,22 +340,29 @@ def _step_map(state: object, op: _Compiled) -> object:
 class _Search:
     """One Wing-Gong/Lowe search over the operations of one partition."""
 
-    def __init__(
-        self,
-        key: str | None,
-        operations: list[Operation],
-        initial: Value,
-    ) -> None:
+    def __init__(self, key: str | None, timed: list[_Timed], initial: Value) -> None:
         self.key = key
-        self.operations = operations
+        self.operations = [t.op for t in timed]
+        self.ends = [t.end for t in timed]
+        operations = self.operations
         self.result = KeyResult(key, Verdict.UNCHECKED, len(operations))
         slots: dict[str, int] = {}
         for op in operations:
             slots.setdefault(op.key, len(slots))
         self.compiled: list[_Compiled] = [
-            (_KIND_CODES[op.op], slots[op.key], op.value, op.expected, not op.unknown, op.output)
-            for op in operations
+            (
+                _KIND_CODES[t.op.op],
+                slots[t.op.key],
+                _UNOBSERVED if t.unobserved else t.op.value,
+                t.op.expected,
+                not t.op.unknown,
+                t.op.output,
+            )
+            for t in timed
         ]
+        # Unknown puts of unobserved values are interchangeable once called: the search
+        # tries only the first of them that can go next at each point.
+        self.interchangeable = [t.unobserved and t.op.op is OpKind.PUT for t in timed]
         self.read_only = [_read_only(op) for op in operations]
         self.step: Callable[[object, _Compiled], object]
         if key is None:
@@ -274,6 +372,10 @@ class _Search:
             self.initial = initial
             self.step = _step_value
         self._build_list()
+        self.finite_mask = sum(1 << i for i, end in enumerate(self.ends) if end != _INFINITY)
+        # Failed configurations: (finite operations linearized, state) -> the sets of
+        # unknown operations linearized with them (kept minimal: no set contains another).
+        self.failed: dict[tuple[int, object], list[int]] = {}
         self.best_count = -1
         self.best_path: list[int] = []
         self.best_state: object = self.initial
@@ -288,8 +390,7 @@ class _Search:
         events: list[tuple[float, int, int]] = []
         for index, op in enumerate(self.operations):
             events.append((op.invoke, 0, index))
-            end = float("inf") if op.return_ is None else op.return_
-            events.append((end, 1, index))
+            events.append((self.ends[index], 1, index))
         events.sort()
         count = len(events) + 1
         self.next = [_END] * count
@@ -350,29 +451,51 @@ class _Search:
         See the module docstring for the rules.
         """
         nxt, op_of, compiled, step = self.next, self.op_of, self.compiled, self.step
+        interchangeable = self.interchangeable
+        finite = [end != _INFINITY for end in self.ends]
+        unknown = [op.unknown for op in self.operations]
+        # Operations with a finite end still to place; at zero the rest are unknown writes,
+        # which can all go at the end in any order (each is valid in every state).
+        remaining = sum(finite)
         bits = [1 << index for index in range(len(self.operations))]
         visited: set[tuple[int, object]] = set()
-        # The path: (call node, state before it, linearized before it, forced?).
-        calls: list[tuple[int, object, int, bool]] = []
-        state, linearized = self.initial, 0
+        calls: list[_Choice] = []
+        # Each depth tries the operations with a finite end first (phase 0) and unknown
+        # writes only after (phase 1), so configurations with fewer unknown writes fail
+        # first and subsume the rest (see _subsumed).
+        state, linearized, skip, phase = self.initial, 0, False, 0
         node = self._forced(state)
         forced = node != _END
         if not forced:
             node = nxt[0]
         steps = 0
-        while nxt[0] != _END:
+        while remaining:
             steps += 1
             if steps % _QUANTUM == 0:
                 yield
             index = op_of[node] if node != _END else -1
             if index >= 0:
+                if finite[index] == phase:  # phase 0 wants finite, phase 1 infinite
+                    node = nxt[node]
+                    continue
+                if interchangeable[index]:
+                    if skip:
+                        node = nxt[node]
+                        continue
+                    skip = True
                 after = step(state, compiled[index])
+                if unknown[index] and after == state:
+                    # An unknown write that changes nothing here can always go at the end
+                    # instead, where it is just as valid: never try it here.
+                    node = nxt[node]
+                    continue
                 if after is not _INVALID:
                     grown = linearized | bits[index]
-                    if (grown, after) not in visited:
+                    if (grown, after) not in visited and not self._subsumed(grown, after):
                         visited.add((grown, after))
-                        calls.append((node, state, linearized, forced))
-                        state, linearized = after, grown
+                        calls.append((node, state, linearized, forced, skip, phase))
+                        state, linearized, skip, phase = after, grown, False, 0
+                        remaining -= finite[index]
                         self._lift(node)
                         node = self._forced(state)
                         forced = node != _END
@@ -382,21 +505,55 @@ class _Search:
                 if not forced:
                     node = nxt[node]
                     continue
+            elif phase == 0 and not forced:
+                node, phase = nxt[0], 1
+                continue
             # A dead end: a return whose call is unlinearized, or a forced call whose
             # subtree has already failed. Backtrack past every forced choice.
             self._remember_dead_end(calls, state)
-            while True:
-                if not calls:
-                    self.result = self._violation()
-                    return
-                node, state, linearized, was_forced = calls.pop()
-                self._unlift(node)
-                if not was_forced:
-                    break
+            if not calls:
+                self.result = self._violation()
+                return
+            node, state, linearized, skip, phase, freed = self._backtrack(calls, linearized, state)
+            if node == _END:
+                self.result = self._violation()
+                return
+            remaining += freed
             node, forced = nxt[node], False
         self.result = KeyResult(self.key, Verdict.OK, len(self.operations))
 
-    def _remember_dead_end(self, calls: list[tuple[int, object, int, bool]], state: object) -> None:
+    def _subsumed(self, linearized: int, state: object) -> bool:
+        """True if a failed configuration had the same known operations linearized, the
+        same state, and a subset of the unknown ones: it could do all this one can (the
+        extra unknown writes could go at the end), so this one fails too."""
+        failed = self.failed.get((linearized & self.finite_mask, state))
+        if not failed:
+            return False
+        unknowns = linearized & ~self.finite_mask
+        return any(not (other & ~unknowns) for other in failed)
+
+    def _backtrack(
+        self, calls: list[_Choice], linearized: int, state: object
+    ) -> tuple[int, object, int, bool, int, int]:
+        """Undo choices up to the last one that was not forced, recording each abandoned
+        configuration as failed; returns that choice and how many finite ends it frees,
+        or _END as the node when the first configuration has failed."""
+        freed = 0
+        while True:
+            key = (linearized & self.finite_mask, state)
+            unknowns = linearized & ~self.finite_mask
+            failed = [other for other in self.failed.get(key, ()) if unknowns & ~other]
+            failed.append(unknowns)
+            self.failed[key] = failed
+            node, state, linearized, was_forced, skip, phase = calls.pop()
+            freed += self.ends[self.op_of[node]] != _INFINITY
+            self._unlift(node)
+            if not was_forced:
+                return node, state, linearized, skip, phase, freed
+            if not calls:
+                return _END, state, linearized, skip, phase, freed
+
+    def _remember_dead_end(self, calls: list[_Choice], state: object) -> None:
         if len(calls) <= self.best_count:
             return
         self.best_count = len(calls)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from hypothesis import given, settings
@@ -283,3 +284,84 @@ def test_a_mutated_read_in_a_sequential_history_is_caught(seed: int, count: int,
     history[index] = Operation(read.process, read.op, read.key, None, None, read.invoke,
                                read.return_, True, wrong)  # fmt: skip
     assert check_linearizability(history).verdict is Verdict.VIOLATION
+
+
+# --- against a brute-force checker ---------------------------------------------------------
+
+
+def _brute_force_linearizable(history: list[Operation], initial: Value = None) -> bool:
+    """Try every order of every subset of the unknown outcomes: the definition, slowly."""
+    definite = [o for o in history if o.ok and o.return_ is not None]
+    unknown = [o for o in history if o.return_ is None and o.op is not OpKind.GET]
+    for mask in range(1 << len(unknown)):
+        chosen = definite + [o for i, o in enumerate(unknown) if mask >> i & 1]
+        if any(_valid_order(order, initial) for order in itertools.permutations(chosen)):
+            return True
+    return False
+
+
+def _valid_order(order: tuple[Operation, ...], initial: Value) -> bool:
+    for later, second in enumerate(order):
+        for first in order[later + 1 :]:  # `first` is placed after `second`
+            if first.return_ is not None and first.return_ < second.invoke:
+                return False
+    state: dict[str, Value] = {}
+    for o in order:
+        current = state.get(o.key, initial)
+        known = o.return_ is not None
+        if o.op is OpKind.GET:
+            if o.output != current:
+                return False
+        elif o.op is OpKind.PUT:
+            state[o.key] = o.value
+        elif o.op is OpKind.CAS:
+            matched = current == o.expected
+            if known and o.output is not matched:
+                return False
+            if matched:
+                state[o.key] = o.value
+        elif o.op is OpKind.DELETE:
+            if known and o.output is not None and o.output is not (current is not None):
+                return False
+            state[o.key] = None
+    return True
+
+
+@st.composite
+def _small_histories(draw: st.DrawFn) -> list[Operation]:
+    values = st.sampled_from(["a", "b", "c"])
+    history = []
+    for process in range(draw(st.integers(0, 6))):
+        kind = draw(st.sampled_from(["get", "put", "put", "cas", "delete"]))
+        key = draw(st.sampled_from(["x", "x", "y"]))
+        invoke = draw(st.integers(0, 12))
+        ret = (
+            None
+            if kind != "get" and draw(st.integers(0, 3)) == 0
+            else invoke + draw(st.integers(0, 6))
+        )
+        ok = ret is None or draw(st.integers(0, 7)) > 0
+        value = draw(values) if kind in ("put", "cas") else None
+        expected = draw(st.sampled_from(["a", "b", None])) if kind == "cas" else None
+        output: object = None
+        if ok and ret is not None:
+            if kind == "get":
+                output = draw(st.sampled_from(["a", "b", "c", None]))
+            elif kind == "cas":
+                output = draw(st.booleans())
+            elif kind == "delete":
+                output = draw(st.sampled_from([True, False, None]))
+        history.append(
+            op(process, kind, key, invoke, ret, value, expected=expected, ok=ok, output=output)
+        )
+    return history
+
+
+@settings(max_examples=400, deadline=None)
+@given(history=_small_histories())
+def test_agrees_with_brute_force_on_small_histories(history: list[Operation]) -> None:
+    """Every pruning rule (forced reads, bounded and dropped unknowns, subsumption) keeps
+    the verdict of the definition, with repeated values and unknown outcomes."""
+    expected = Verdict.OK if _brute_force_linearizable(history) else Verdict.VIOLATION
+    assert check_linearizability(history).verdict is expected
+    assert check_linearizability(history, partition_by_key=False).verdict is expected
