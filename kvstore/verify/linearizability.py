@@ -166,6 +166,7 @@ def check_linearizability(
     initial: Value = None,
     partition_by_key: bool = True,
     deadline: Callable[[], bool] | None = None,
+    max_steps: int | None = None,
     stop_at_first_violation: bool = True,
 ) -> LinearizabilityResult:
     """Check that `history` is linearizable for a key-value map whose keys start `initial`.
@@ -174,7 +175,10 @@ def check_linearizability(
     parallel, so one hard key cannot hide an easy violation on another. With
     `stop_at_first_violation` (the default) the first violation ends the check and the keys
     still being searched are UNCHECKED. When `deadline()` turns true, every key still being
-    searched is TIMED_OUT.
+    searched is TIMED_OUT. `deadline` is called once per round (a round gives each key still
+    being searched up to 512 search steps), never per step. `max_steps` is a deterministic
+    budget instead (or as well): the search steps of all keys together, counted in whole
+    quanta of 512, after which the keys still being searched are TIMED_OUT.
     """
     by_key: dict[str, list[Operation]] = {}
     for op in history:
@@ -189,16 +193,18 @@ def check_linearizability(
     searches = [_Search(key, timed, initial) for key, timed in groups]
     running = [(search, search.run()) for search in searches]
     expired = deadline if deadline is not None else _never
+    budget: float = max_steps if max_steps is not None else _INFINITY
     stop: Verdict | None = None
     while running and stop is None:
         still: list[tuple[_Search, Iterator[None]]] = []
         for search, steps in running:
             if next(steps, _DONE) is not _DONE:
+                budget -= _QUANTUM
                 still.append((search, steps))
             elif stop_at_first_violation and search.result.verdict is Verdict.VIOLATION:
                 stop = Verdict.UNCHECKED
         running = still
-        if running and stop is None and expired():
+        if running and stop is None and (budget <= 0 or expired()):
             stop = Verdict.TIMED_OUT
     for search, _ in running:
         assert stop is not None
@@ -426,6 +432,11 @@ class _Search:
         nxt[prv[node]] = node
         prv[nxt[node]] = node
 
+    def _first_candidate(self, state: object) -> tuple[int, bool]:
+        """Where a new depth starts: a forced read-only call, or else the list's head."""
+        node = self._forced(state)
+        return (node, True) if node != _END else (self.next[0], False)
+
     def _forced(self, state: object) -> int:
         """A read-only call that can go next in `state`, or _END if there is none."""
         nxt, op_of, read_only, compiled, step = (
@@ -464,10 +475,7 @@ class _Search:
         # writes only after (phase 1), so configurations with fewer unknown writes fail
         # first and subsume the rest (see _subsumed).
         state, linearized, skip, phase = self.initial, 0, False, 0
-        node = self._forced(state)
-        forced = node != _END
-        if not forced:
-            node = nxt[0]
+        node, forced = self._first_candidate(state)
         steps = 0
         while remaining:
             steps += 1
@@ -497,10 +505,7 @@ class _Search:
                         state, linearized, skip, phase = after, grown, False, 0
                         remaining -= finite[index]
                         self._lift(node)
-                        node = self._forced(state)
-                        forced = node != _END
-                        if not forced:
-                            node = nxt[0]
+                        node, forced = self._first_candidate(state)
                         continue
                 if not forced:
                     node = nxt[node]

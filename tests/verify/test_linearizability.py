@@ -365,3 +365,9 @@ def test_agrees_with_brute_force_on_small_histories(history: list[Operation]) ->
     expected = Verdict.OK if _brute_force_linearizable(history) else Verdict.VIOLATION
     assert check_linearizability(history).verdict is expected
     assert check_linearizability(history, partition_by_key=False).verdict is expected
+
+
+def test_a_step_budget_is_deterministic() -> None:
+    history = [op(i, "put", "k", i, i + 1, f"v{i}") for i in range(3000)]
+    assert check_linearizability(history, max_steps=1000).verdict is Verdict.TIMED_OUT
+    assert check_linearizability(history, max_steps=10_000).verdict is Verdict.OK
