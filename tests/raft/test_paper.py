@@ -105,8 +105,7 @@ def test_nodes_start_as_followers() -> None:
 
 
 def test_leader_sends_heartbeats_every_heartbeat_interval() -> None:
-    """Leaders send periodic heartbeats to all followers to keep authority. Reference: Raft
-    §5.2"""
+    """Leaders send periodic heartbeats to all followers to keep authority. Reference: Raft §5.2"""
     node, storage = make_leader(heartbeat_ticks=3)
     for _ in range(2):
         node.tick()
@@ -238,8 +237,7 @@ def test_leader_commits_once_a_majority_stores_the_entry() -> None:
 
 
 def test_follower_learns_commit_and_applies() -> None:
-    """Once a follower learns an entry is committed, it applies it in log order. Reference:
-    Raft §5.3"""
+    """Once a follower learns an entry is committed, it applies it in log order. Reference: Raft §5.3"""
     node, storage = make_node(2)
     entries = (Entry(1, 1, data=b"a"), Entry(1, 2, data=b"b"))
     node.step(msg(APPEND, 1, 2, 1, index=0, log_term=0, entries=entries, commit=1))
@@ -281,8 +279,7 @@ def test_follower_deletes_conflicting_entries_and_appends_new_ones(
     expected_terms: tuple[int, ...],
 ) -> None:
     """If an existing entry conflicts with a new one (same index, different term), the
-    follower deletes it and all that follow, then appends the new entries. Reference: Raft
-    §5.3"""
+    follower deletes it and all that follow, then appends the new entries. Reference: Raft §5.3"""
     node, storage = make_node(2, terms=(1, 2, 3), hard_state=HardState(term=4))
     new = tuple(Entry(term, i) for term, i in entries)
     node.step(msg(APPEND, 1, 2, 4, index=index, log_term=log_term, entries=new))
@@ -434,7 +431,7 @@ def test_ready_carries_state_to_persist_with_the_messages_that_depend_on_it() ->
 
 def test_pre_vote_does_not_change_terms() -> None:
     """A pre-candidate asks whether it could win before incrementing its term, so a node that
-    cannot win never disrupts the cluster by bumping terms. Reference: dissertation §9.6"""
+    cannot win never disrupts the cluster by bumping terms. Reference: Raft dissertation §9.6"""
     node, storage = make_node(pre_vote=True, hard_state=HardState(term=3))
     node.campaign()
     assert node.role is Role.PRE_CANDIDATE
@@ -452,7 +449,7 @@ def test_pre_vote_does_not_change_terms() -> None:
 
 def test_check_quorum_leader_steps_down_without_quorum_contact() -> None:
     """With check-quorum a leader that has not heard from a majority for an election timeout
-    steps down. Reference: dissertation §6.2"""
+    steps down. Reference: Raft dissertation §6.2"""
     node, _ = make_leader(check_quorum=True, election_ticks=10, heartbeat_ticks=2)
     for _ in range(10):
         node.tick()
@@ -462,8 +459,7 @@ def test_check_quorum_leader_steps_down_without_quorum_contact() -> None:
 
 def test_follower_in_lease_ignores_vote_requests_unless_forced() -> None:
     """A server that heard from a current leader within the minimum election timeout ignores
-    RequestVote, except a campaign forced by a leadership transfer. Reference: dissertation
-    §4.2.3 and §3.10"""
+    RequestVote, except a campaign forced by a leadership transfer. Reference: Raft dissertation §4.2.3 and §3.10"""
     node, storage = make_node(2, check_quorum=True, hard_state=HardState(term=1))
     node.step(msg(MessageType.HEARTBEAT, 1, 2, 1))
     drain(node, storage)

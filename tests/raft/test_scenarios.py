@@ -67,7 +67,7 @@ def test_figure_8_entry_of_old_term_is_not_committed_by_counting_replicas() -> N
 
 def test_partitioned_leader_steps_down_and_rejoins_as_follower() -> None:
     """Check-quorum: a leader cut off from the majority steps down within an election timeout;
-    its uncommitted entries are replaced when it rejoins. Reference: dissertation §6.2"""
+    its uncommitted entries are replaced when it rejoins. Reference: Raft dissertation §6.2"""
     cluster = Cluster(ids=(1, 2, 3, 4, 5))
     cluster.elect(1)
     cluster.propose(1, b"committed")
@@ -107,7 +107,7 @@ def test_node_with_stale_log_cannot_win_election() -> None:
 
 def test_rejoining_partitioned_node_does_not_disrupt_leader_with_pre_vote() -> None:
     """A node back from a partition has campaigned in vain meanwhile; with pre-vote it never
-    raised its term, so it cannot depose the healthy leader. Reference: dissertation §9.6"""
+    raised its term, so it cannot depose the healthy leader. Reference: Raft dissertation §9.6"""
     cluster = Cluster()
     cluster.elect(1)
     term = cluster.nodes[1].term
@@ -121,8 +121,7 @@ def test_rejoining_partitioned_node_does_not_disrupt_leader_with_pre_vote() -> N
 
 
 def test_without_pre_vote_rejoining_node_raises_terms() -> None:
-    """The contrast case: without pre-vote the isolated node's term runs ahead. Reference:
-    dissertation §9.6"""
+    """The contrast case: without pre-vote the isolated node's term runs ahead. Reference: Raft dissertation §9.6"""
     cluster = Cluster(pre_vote=False, check_quorum=False)
     cluster.elect(1)
     cluster.isolate(3)
@@ -191,8 +190,7 @@ def test_many_pipelined_appends_with_small_window_and_batches() -> None:
 def test_stuck_candidate_with_higher_term_is_freed_under_check_quorum() -> None:
     """Without pre-vote, an isolated node's term runs ahead; with check-quorum, nodes in lease
     ignore its votes, so the stale leader must learn the higher term from the answers to its
-    heartbeats and step down, or the node would stay a candidate forever. Reference:
-    dissertation §6.2"""
+    heartbeats and step down, or the node would stay a candidate forever. Reference: Raft dissertation §6.2"""
     cluster = Cluster(pre_vote=False, check_quorum=True)
     cluster.elect(1)
     cluster.isolate(3)
