@@ -74,128 +74,141 @@ def openapi_document() -> dict[str, Any]:
             "version": "1",
             "description": "Raft-replicated key-value store",
         },
-        "paths": {
-            "/v1/kv/{key}": {
-                "get": {
-                    "summary": "Read a key (raw bytes); revision headers and ETag",
-                    "parameters": [_KEY, _CONSISTENCY],
-                    "responses": {
-                        "200": {
-                            "description": "the value",
-                            "content": {"application/octet-stream": {}},
-                        },
-                        "404": _error("not_found"),
-                        "503": _error("no_leader"),
+        "paths": _key_value_paths() | _operations_paths(),
+        "components": _components(),
+    }
+
+
+def _key_value_paths() -> dict[str, Any]:
+    return {
+        "/v1/kv/{key}": {
+            "get": {
+                "summary": "Read a key (raw bytes); revision headers and ETag",
+                "parameters": [_KEY, _CONSISTENCY],
+                "responses": {
+                    "200": {
+                        "description": "the value",
+                        "content": {"application/octet-stream": {}},
                     },
-                },
-                "put": {
-                    "summary": "Write a key; If-None-Match: * creates only",
-                    "parameters": [
-                        _KEY,
-                        *_WRITE_HEADERS,
-                        {"name": "If-None-Match", "in": "header", "schema": {"const": "*"}},
-                    ],
-                    "requestBody": {"content": {"application/octet-stream": {}}},
-                    "responses": {
-                        "200": {
-                            "description": "written",
-                            "content": {
-                                "application/json": {
-                                    "schema": {"$ref": "#/components/schemas/PutResult"}
-                                }
-                            },
-                        },
-                        **_WRITE_ERRORS,
-                    },
-                },
-                "delete": {
-                    "summary": "Delete a key",
-                    "parameters": [_KEY, *_WRITE_HEADERS],
-                    "responses": {
-                        "200": {"description": "deleted", "content": {"application/json": {}}},
-                        "404": _error("not_found"),
-                        **_WRITE_ERRORS,
-                    },
+                    "404": _error("not_found"),
+                    "503": _error("no_leader"),
                 },
             },
-            "/v1/kv": {
-                "get": {
-                    "summary": "List keys by prefix",
-                    "parameters": [
-                        {"name": "prefix", "in": "query", "schema": {"type": "string"}},
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
+            "put": {
+                "summary": "Write a key; If-None-Match: * creates only",
+                "parameters": [
+                    _KEY,
+                    *_WRITE_HEADERS,
+                    {"name": "If-None-Match", "in": "header", "schema": {"const": "*"}},
+                ],
+                "requestBody": {"content": {"application/octet-stream": {}}},
+                "responses": {
+                    "200": {
+                        "description": "written",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/PutResult"}
+                            }
                         },
-                        _CONSISTENCY,
-                    ],
-                    "responses": {
-                        "200": {
-                            "description": "items (values base64) and more",
-                            "content": {"application/json": {}},
-                        }
                     },
-                }
+                    **_WRITE_ERRORS,
+                },
             },
-            "/healthz": {
-                "get": {
-                    "summary": "The process is alive",
-                    "responses": {"200": {"description": "ok"}},
-                }
-            },
-            "/readyz": {
-                "get": {
-                    "summary": "A leader is known and this node applied what it knows is committed",
-                    "responses": {
-                        "200": {"description": "ready"},
-                        "503": {"description": "not ready"},
-                    },
-                }
-            },
-            "/v1/status": {
-                "get": {
-                    "summary": "Role, term, leader, indexes; peers on the leader",
-                    "responses": {"200": {"description": "status"}},
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus text format",
-                    "responses": {"200": {"description": "metrics"}},
-                }
-            },
-            "/v1/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "responses": {"200": {"description": "OpenAPI"}},
-                }
+            "delete": {
+                "summary": "Delete a key",
+                "parameters": [_KEY, *_WRITE_HEADERS],
+                "responses": {
+                    "200": {"description": "deleted", "content": {"application/json": {}}},
+                    "404": _error("not_found"),
+                    **_WRITE_ERRORS,
+                },
             },
         },
-        "components": {
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "properties": {
-                                "code": {"type": "string"},
-                                "message": {"type": "string"},
-                                "leader": {"type": ["string", "null"]},
-                            },
-                            "required": ["code", "message"],
-                        }
+        "/v1/kv": {
+            "get": {
+                "summary": "List keys by prefix",
+                "parameters": [
+                    {"name": "prefix", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
                     },
-                },
-                "PutResult": {
-                    "type": "object",
-                    "properties": {
-                        name: {"type": "integer"}
-                        for name in ("revision", "create_revision", "mod_revision", "version")
+                    _CONSISTENCY,
+                ],
+                "responses": {
+                    "200": {
+                        "description": "items (values base64) and more",
+                        "content": {"application/json": {}},
                     }
-                    | {"key": {"type": "string"}},
                 },
             }
         },
+    }
+
+
+def _operations_paths() -> dict[str, Any]:
+    return {
+        "/healthz": {
+            "get": {
+                "summary": "The process is alive",
+                "responses": {"200": {"description": "ok"}},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "A leader is known and this node applied what it knows is committed",
+                "responses": {
+                    "200": {"description": "ready"},
+                    "503": {"description": "not ready"},
+                },
+            }
+        },
+        "/v1/status": {
+            "get": {
+                "summary": "Role, term, leader, indexes; peers on the leader",
+                "responses": {"200": {"description": "status"}},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus text format",
+                "responses": {"200": {"description": "metrics"}},
+            }
+        },
+        "/v1/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {"200": {"description": "OpenAPI"}},
+            }
+        },
+    }
+
+
+def _components() -> dict[str, Any]:
+    return {
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "properties": {
+                            "code": {"type": "string"},
+                            "message": {"type": "string"},
+                            "leader": {"type": ["string", "null"]},
+                        },
+                        "required": ["code", "message"],
+                    }
+                },
+            },
+            "PutResult": {
+                "type": "object",
+                "properties": {
+                    name: {"type": "integer"}
+                    for name in ("revision", "create_revision", "mod_revision", "version")
+                }
+                | {"key": {"type": "string"}},
+            },
+        }
     }
