@@ -358,6 +358,12 @@ class Simulation:
             if node.role is Role.LEADER:
                 self.counters["leaders_elected"] += 1
 
+    def on_torn_save(self, node: SimNode, entries: Sequence[Entry], prev_term: int | None) -> None:
+        self.checker.now = self.now
+        self.checker.observe_persisted(node.id, None, entries, prev_term)
+        self._persisted = True
+        self.trace(f"torn save n{node.id} kept {len(entries)} entries")
+
     def on_send(self, node: SimNode, messages: Sequence[Message]) -> None:
         for message in messages:
             # Through the wire format, as the server's transport does.

@@ -32,6 +32,7 @@ class CrashStage(enum.Enum):
     """Where in the Ready cycle a crash strikes."""
 
     NOW = "now"  # before the next Ready: stepped but unprocessed state is lost
+    MID_PERSIST = "mid_persist"  # a torn save: a prefix of its records reached the disk
     MID_SEND = "mid_send"  # after persisting, having sent only some of the messages
     BEFORE_ADVANCE = "before_advance"  # after applying, before advance()
 
@@ -40,6 +41,10 @@ class NodeObserver(Protocol):
     def on_persisted(
         self, node: SimNode, ready: Ready, prev_term: int | None, role_changed: bool
     ) -> None: ...
+
+    def on_torn_save(self, node: SimNode, entries: Sequence[Entry], prev_term: int | None) -> None:
+        """A crash tore a save: `entries` are those of it that reached the disk."""
+        ...
 
     def on_send(self, node: SimNode, messages: Sequence[Message]) -> None: ...
 
@@ -139,6 +144,9 @@ class SimNode:
         self, replica: Replica, ready: Ready, observer: NodeObserver, rng: random.Random
     ) -> None:
         # 1. Persist before anything leaves the node (Raft §5: durable before replying).
+        if self.crash_stage is CrashStage.MID_PERSIST:
+            self._torn_save(ready, observer, rng)
+            return
         replica.persist(ready)
         role_changed = self._note_state(ready)
         observer.on_persisted(self, ready, self._prev_term(ready.entries), role_changed)
@@ -167,6 +175,14 @@ class SimNode:
         taken = replica.advance(ready)
         if taken:
             observer.on_snapshot_taken(self, taken)
+
+    def _torn_save(self, ready: Ready, observer: NodeObserver, rng: random.Random) -> None:
+        """Crash in the middle of the fsync'ed write (MemoryStorage models what a torn
+        write-ahead log record sequence leaves behind); nothing of it was acknowledged."""
+        self.storage.save_torn(ready.hard_state, ready.entries, ready.snapshot, rng)
+        kept = [entry for entry in ready.entries if self.log.entry_at(entry.index) == entry]
+        observer.on_torn_save(self, kept, self._prev_term(kept))
+        self.crash()
 
     def _note_state(self, ready: Ready) -> bool:
         changed = False

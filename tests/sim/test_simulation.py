@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import pytest
 
 from kvstore.raft.log import RaftLog
+from kvstore.raft.types import Entry, HardState, Snapshot
 from kvstore.sim.__main__ import main
+from kvstore.sim.cluster import SimResult
 from kvstore.sim.runner import describe_failure, run_seed, run_seeds
+from kvstore.storage.memory import MemoryStorage
 
 CI_SEEDS = 300
 CI_CHUNKS = 6
@@ -110,3 +115,39 @@ def test_the_trace_hash_does_not_depend_on_python_hash_randomization() -> None:
         )
         outputs.append([line for line in done.stdout.splitlines() if "trace hash" in line])
     assert outputs[0] == outputs[1] and len(outputs[0]) == 1
+
+
+def _first_failure(limit: int = 2000) -> SimResult:
+    summary = run_seeds(
+        range(1, limit + 1), stop_at_first_failure=True, overrides={"liveness": False}
+    )
+    assert summary.failures, summary.line()
+    return summary.failures[0]
+
+
+def test_granting_votes_without_the_log_check_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Break Raft §5.4.1: a voter grants its vote whatever the candidate's log."""
+    monkeypatch.setattr(RaftLog, "is_up_to_date", lambda self, index, term: True)
+    failure = _first_failure()
+    assert any(v.startswith("leader_completeness") for v in failure.violations), failure
+
+
+@pytest.mark.slow
+def test_a_vote_that_is_not_durable_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Break Raft §5.2 / Figure 2 persistence: the vote is not written to disk, so a node
+    that crashes and restarts can vote twice in one term. Only the crash model shows this."""
+    save = MemoryStorage.save
+
+    def save_without_vote(
+        self: MemoryStorage,
+        hard_state: HardState | None,
+        entries: Sequence[Entry],
+        snapshot: Snapshot | None,
+    ) -> None:
+        if hard_state is not None:
+            hard_state = dataclasses.replace(hard_state, vote=0)
+        save(self, hard_state, entries, snapshot)
+
+    monkeypatch.setattr(MemoryStorage, "save", save_without_vote)
+    failure = _first_failure()
+    assert any(v.startswith("election_safety") for v in failure.violations), failure
