@@ -465,6 +465,9 @@ class _Search:
         interchangeable = self.interchangeable
         finite = [end != _INFINITY for end in self.ends]
         unknown = [op.unknown for op in self.operations]
+        # Most operations have a known outcome: they take the short path below.
+        special = [op.unknown or not end for op, end in zip(self.operations, finite)]
+        subsumes = not all(finite)  # else the visited set already says everything
         # Operations with a finite end still to place; at zero the rest are unknown writes,
         # which can all go at the end in any order (each is valid in every state).
         remaining = sum(finite)
@@ -483,23 +486,31 @@ class _Search:
                 yield
             index = op_of[node] if node != _END else -1
             if index >= 0:
-                if finite[index] == phase:  # phase 0 wants finite, phase 1 infinite
-                    node = nxt[node]
-                    continue
-                if interchangeable[index]:
-                    if skip:
+                if not special[index]:
+                    if phase:  # phase 1 is for unknown writes only
                         node = nxt[node]
                         continue
-                    skip = True
-                after = step(state, compiled[index])
-                if unknown[index] and after == state:
-                    # An unknown write that changes nothing here can always go at the end
-                    # instead, where it is just as valid: never try it here.
-                    node = nxt[node]
-                    continue
+                    after = step(state, compiled[index])
+                else:
+                    if finite[index] == phase:  # phase 0 wants finite, phase 1 infinite
+                        node = nxt[node]
+                        continue
+                    if interchangeable[index]:
+                        if skip:
+                            node = nxt[node]
+                            continue
+                        skip = True
+                    after = step(state, compiled[index])
+                    if unknown[index] and after == state:
+                        # An unknown write that changes nothing here can always go at the
+                        # end instead, where it is just as valid: never try it here.
+                        node = nxt[node]
+                        continue
                 if after is not _INVALID:
                     grown = linearized | bits[index]
-                    if (grown, after) not in visited and not self._subsumed(grown, after):
+                    if (grown, after) not in visited and not (
+                        subsumes and self._subsumed(grown, after)
+                    ):
                         visited.add((grown, after))
                         calls.append((node, state, linearized, forced, skip, phase))
                         state, linearized, skip, phase = after, grown, False, 0
@@ -544,12 +555,14 @@ class _Search:
         configuration as failed; returns that choice and how many finite ends it frees,
         or _END as the node when the first configuration has failed."""
         freed = 0
+        subsumes = self.finite_mask != (1 << len(self.operations)) - 1
         while True:
-            key = (linearized & self.finite_mask, state)
-            unknowns = linearized & ~self.finite_mask
-            failed = [other for other in self.failed.get(key, ()) if unknowns & ~other]
-            failed.append(unknowns)
-            self.failed[key] = failed
+            if subsumes:
+                key = (linearized & self.finite_mask, state)
+                unknowns = linearized & ~self.finite_mask
+                failed = [other for other in self.failed.get(key, ()) if unknowns & ~other]
+                failed.append(unknowns)
+                self.failed[key] = failed
             node, state, linearized, was_forced, skip, phase = calls.pop()
             freed += self.ends[self.op_of[node]] != _INFINITY
             self._unlift(node)
