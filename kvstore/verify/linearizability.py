@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from kvstore.verify.history import Operation, OpKind, Output, Value
+from kvstore.verify.history import Operation, OpKind, Output, Value, validate_history
 
 # Compiled operation kinds: small ints compare faster than enum members in the hot loop.
 _GET, _PUT, _CAS, _DELETE, _APPEND = range(5)
@@ -179,7 +179,10 @@ def check_linearizability(
     being searched up to 512 search steps), never per step. `max_steps` is a deterministic
     budget instead (or as well): the search steps of all keys together, counted in whole
     quanta of 512, after which the keys still being searched are TIMED_OUT.
+
+    Raises HistoryError if the history breaks a rule of the format (`validate_history`).
     """
+    validate_history(history)
     by_key: dict[str, list[Operation]] = {}
     for op in history:
         if _constrains(op):

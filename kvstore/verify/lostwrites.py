@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from kvstore.verify.history import Operation, OpKind, Value
+from kvstore.verify.history import Operation, OpKind, Value, validate_history
 
 _SHOWN = 20  # violations listed by describe(); the counts are always complete
 
@@ -90,7 +90,9 @@ def check_lost_writes(
     initial: Value = None,
 ) -> LostWritesResult:
     """Check every acknowledged write against the final reads (by default taken from the
-    history with `final_reads_from_history`). Keys start as `initial` (None = absent)."""
+    history with `final_reads_from_history`). Keys start as `initial` (None = absent).
+    Raises HistoryError if the history breaks a rule of the format (`validate_history`)."""
+    validate_history(history)
     finals = dict(final_reads_from_history(history) if final_reads is None else final_reads)
     writes: dict[str, list[Operation]] = {}
     for op in history:

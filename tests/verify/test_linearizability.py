@@ -5,10 +5,11 @@ from __future__ import annotations
 import itertools
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstore.verify.history import Operation, OpKind, Value, validate_history
+from kvstore.verify.history import HistoryError, Operation, OpKind, Value, validate_history
 from kvstore.verify.linearizability import Verdict, check_linearizability, deadline_after
 
 
@@ -371,3 +372,9 @@ def test_a_step_budget_is_deterministic() -> None:
     history = [op(i, "put", "k", i, i + 1, f"v{i}") for i in range(3000)]
     assert check_linearizability(history, max_steps=1000).verdict is Verdict.TIMED_OUT
     assert check_linearizability(history, max_steps=10_000).verdict is Verdict.OK
+
+
+def test_a_malformed_history_is_refused_loudly() -> None:
+    reused = [op(1, "put", "k", 0, None, "v1"), op(1, "get", "k", 5, 6, output="v1")]
+    with pytest.raises(HistoryError, match="reused after the unknown outcome"):
+        check_linearizability(reused)
