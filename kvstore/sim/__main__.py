@@ -14,8 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from kvstore.sim.cluster import SimResult
-from kvstore.sim.runner import describe_failure, run_seed, run_seeds
+from kvstore.sim.runner import SimResult, describe_failure, run_seed, run_seeds
 
 
 def _cpu_seconds() -> float:

@@ -14,16 +14,31 @@ import traceback
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from kvstore.sim.cluster import Simulation
 from kvstore.sim.invariants import Invariant, Violation, check_log_matching, check_reads
 from kvstore.verify.linearizability import Verdict, check_linearizability
 
-if TYPE_CHECKING:
-    from kvstore.sim.cluster import SimResult, Simulation
-
 # Search steps the linearizability check may take per run (deterministic, no clock).
 LINEARIZABILITY_STEP_BUDGET = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class SimResult:
+    seed: int
+    trace_hash: str
+    violations: tuple[str, ...]
+    liveness_failure: str | None
+    ticks: int
+    time: int
+    committed: int
+    events: int
+    # How much of each thing happened (crashes, snapshots delivered, elections won, ...).
+    counters: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations and self.liveness_failure is None
 
 
 def replay_command(seed: int) -> str:
@@ -32,8 +47,6 @@ def replay_command(seed: int) -> str:
 
 def final_checks(simulation: Simulation) -> SimResult:
     """Checks that need the whole run, then the run's result."""
-    from kvstore.sim.cluster import SimResult
-
     now = simulation.now
     violations = list(simulation.checker.violations)
     if not violations:
@@ -113,12 +126,11 @@ def run_seed(
 ) -> SimResult:
     """One run; failures are reported in the result, never raised. With `trace_to`, the
     readable trace is handed over line by line at the end."""
-    from kvstore.sim.cluster import SimResult, Simulation
-
     simulation: Simulation | None = None
     try:
         simulation = Simulation(seed, record_trace=trace_to is not None, **(overrides or {}))
-        result = simulation.run()
+        simulation.run()
+        result = final_checks(simulation)
         _emit_trace(simulation, trace_to)
         return result
     except Exception as exc:  # a crash of the code under test is a finding

@@ -13,8 +13,7 @@ import pytest
 from kvstore.raft.log import RaftLog
 from kvstore.raft.types import Entry, HardState, Snapshot
 from kvstore.sim.__main__ import main
-from kvstore.sim.cluster import SimResult
-from kvstore.sim.runner import describe_failure, run_seed, run_seeds
+from kvstore.sim.runner import SimResult, describe_failure, run_seed, run_seeds
 from kvstore.storage.memory import MemoryStorage
 
 CI_SEEDS = 300
