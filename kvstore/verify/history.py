@@ -10,9 +10,9 @@ Rules that hold for a valid history (`validate_history` checks them):
 - `invoke` is taken before the first attempt and `return` after the final answer
   (monotonic ns); `return >= invoke`.
 - `return: null` means the outcome is unknown (timed out, connection lost after sending):
-  the operation may have taken effect at any time after `invoke`. Such an operation has
-  `ok: false` and `output: null`, and it is the last operation of its process (the client
-  continues as a new process).
+  the operation may have taken effect at any time after `invoke`, whatever `ok` says (the
+  recorders write either). It has `output: null`, and it is the last operation of its
+  process (the client continues as a new process).
 - `ok: false` with a `return` time is a definite failure that did not take effect; checkers
   drop it.
 - Outputs: a get outputs the value read (null when the key is absent); a cas outputs true when
@@ -131,8 +131,6 @@ class Operation:
             raise HistoryError(f"{where}: process must be >= 0, got {self.process}")
         if self.return_ is not None and self.return_ < self.invoke:
             raise HistoryError(f"{where}: return {self.return_} is before invoke {self.invoke}")
-        if self.return_ is None and self.ok:
-            raise HistoryError(f"{where}: an unknown outcome (return null) must have ok false")
         self._validate_arguments(where)
         self._validate_output(where)
 

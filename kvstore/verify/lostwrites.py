@@ -8,6 +8,8 @@ replaced that value. Values are unique (design.md §5), so a final value names i
 For each acknowledged write W of key k, with final value F:
 
 - F is W's value (absent for a delete; for an append, F contains the appended piece): kept.
+  For appends, F is either a concatenation (Porcupine's model: the piece must occur in it)
+  or a JSON list (the chaos append workload: the element must be in it, exactly once).
 - F was written by a write W2 that may follow W, i.e. W2 did not return before W was
   invoked (W2 may be of unknown outcome): W was overwritten, which is allowed.
 - Otherwise W is lost: F is the initial value, or its writer finished before W began.
@@ -19,6 +21,8 @@ check (a drill must read every key it wrote at the end).
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -43,20 +47,24 @@ class LostWritesResult:
     lost: tuple[LostWrite, ...]
     phantoms: tuple[tuple[str, Value], ...]  # (key, final value that no write produced)
     unverified: tuple[str, ...]  # keys with acknowledged writes and no final read
+    duplicated: tuple[tuple[str, str], ...] = ()  # (key, appended element found twice or more)
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.phantoms or self.unverified)
+        return not (self.lost or self.phantoms or self.unverified or self.duplicated)
 
     def describe(self) -> str:
         verdict = "ok" if self.ok else "FAILED"
         lines = [
             f"lost writes: {verdict} ({self.acknowledged_writes} acknowledged write(s) checked, "
             f"{len(self.lost)} lost, {len(self.phantoms)} phantom value(s), "
-            f"{len(self.unverified)} key(s) without a final read)"
+            f"{len(self.unverified)} key(s) without a final read, "
+            f"{len(self.duplicated)} element(s) appended more than once)"
         ]
         for lost in self.lost[:_SHOWN]:
             lines.append(f"  lost {lost.write.describe()}: final {lost.final!r}; {lost.reason}")
+        for key, element in self.duplicated[:_SHOWN]:
+            lines.append(f"  key {key!r}: element {element!r} appears more than once")
         for key, value in self.phantoms[:_SHOWN]:
             lines.append(f"  key {key!r}: final value {value!r} was never (successfully) written")
         if self.unverified:
@@ -101,6 +109,7 @@ def check_lost_writes(
     lost: list[LostWrite] = []
     phantoms: list[tuple[str, Value]] = []
     unverified: list[str] = []
+    duplicated: list[tuple[str, str]] = []
     acknowledged = 0
     for key in sorted(writes):
         acked = [op for op in writes[key] if _acknowledged(op)]
@@ -110,6 +119,7 @@ def check_lost_writes(
                 unverified.append(key)
             continue
         final = finals[key]
+        duplicated.extend((key, piece) for piece in _duplicated_elements(final, writes[key]))
         writers = [op for op in writes[key] if _may_have_written(op) and _produces(op, final)]
         if not writers and final != initial and not _is_appended(final, writes[key]):
             phantoms.append((key, final))
@@ -120,7 +130,9 @@ def check_lost_writes(
     for key in sorted(set(finals) - set(writes)):
         if finals[key] != initial:
             phantoms.append((key, finals[key]))
-    return LostWritesResult(acknowledged, tuple(lost), tuple(phantoms), tuple(unverified))
+    return LostWritesResult(
+        acknowledged, tuple(lost), tuple(phantoms), tuple(unverified), tuple(duplicated)
+    )
 
 
 def _acknowledged(op: Operation) -> bool:
@@ -146,6 +158,36 @@ def _produces(op: Operation, final: Value) -> bool:
     return _effect(op) == final
 
 
+def _elements(final: Value) -> list[str] | None:
+    """The elements of a final value that is a JSON list, else None."""
+    if not isinstance(final, str) or not final.startswith("["):
+        return None
+    try:
+        decoded = json.loads(final)
+    except ValueError:
+        return None
+    if not isinstance(decoded, list):
+        return None
+    return [item if isinstance(item, str) else json.dumps(item) for item in decoded]
+
+
+def _contains(final: Value, piece: Value) -> bool:
+    """True if an appended `piece` shows in `final` (a JSON list, or a concatenation)."""
+    elements = _elements(final)
+    if elements is not None:
+        return str(piece) in elements
+    return isinstance(final, str) and isinstance(piece, str) and piece in final
+
+
+def _duplicated_elements(final: Value, writes: list[Operation]) -> list[str]:
+    elements = _elements(final)
+    if elements is None:
+        return []
+    appended = {str(op.value) for op in writes if op.op is OpKind.APPEND}
+    counts = Counter(elements)
+    return sorted(e for e, count in counts.items() if count > 1 and e in appended)
+
+
 def _is_appended(final: Value, writes: list[Operation]) -> bool:
     return isinstance(final, str) and any(op.op is OpKind.APPEND for op in writes)
 
@@ -159,7 +201,7 @@ def _why_lost(
 ) -> str | None:
     """None if `final` is consistent with `write` having survived or been overwritten."""
     if write.op is OpKind.APPEND:
-        if isinstance(final, str) and isinstance(write.value, str) and write.value in final:
+        if _contains(final, write.value):
             return None
         # Appends add to a value; only a put, cas or delete that may follow replaces it.
         replacing = [w for w in writes if w.op is not OpKind.APPEND and _may_have_written(w)]

@@ -59,7 +59,6 @@ def test_round_trip_through_a_file(tmp_path: Path) -> None:
         (line(invoke=True), "invoke must be an integer"),
         (line(value=1.5), "value must be a string, an integer or null"),
         (line(**{"return": 1000}), "return 1000 is before invoke 1200"),
-        (line(**{"return": None}), "an unknown outcome (return null) must have ok false"),
         (line(value=None), "put needs a value"),
         (line(op="get"), "get takes no value"),
         (line(expected="v1"), "only cas takes an expected value"),
@@ -74,6 +73,14 @@ def test_malformed_records_are_rejected_with_the_line_number(text: str, message:
         parse_history(["", text], source="h.jsonl")
     assert "h.jsonl:2" in str(error.value)
     assert message in str(error.value)
+
+
+def test_an_unknown_outcome_may_say_ok_either_way() -> None:
+    for ok in (True, False):
+        [operation] = parse_history([line(ok=ok, **{"return": None})])
+        assert operation.unknown
+    with pytest.raises(HistoryError, match="a failed or unknown operation has output null"):
+        parse_history([line(op="cas", expected="v1", ok=True, output=True, **{"return": None})])
 
 
 def test_a_process_has_one_operation_in_flight() -> None:

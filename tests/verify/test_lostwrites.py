@@ -92,3 +92,16 @@ def test_acknowledged_appends_must_all_be_in_the_final_value() -> None:
     history = [append(1, "a", 0), append(2, "b", 10)]
     assert check_lost_writes(history, {"k": "ab"}).ok
     assert [lost.write.value for lost in check_lost_writes(history, {"k": "b"}).lost] == ["a"]
+
+
+def test_appends_to_a_json_list_must_be_there_exactly_once() -> None:
+    def append(process: int, value: str, invoke: int) -> Operation:
+        return Operation(process, OpKind.APPEND, "k", value, None, invoke, invoke + 5, True, None)
+
+    history = [append(1, "0.1.2", 0), append(2, "10.1.2", 10)]
+    assert check_lost_writes(history, {"k": '["0.1.2", "10.1.2"]'}).ok
+    missing = check_lost_writes(history, {"k": '["10.1.2"]'})  # "0.1.2" only as a substring
+    assert [lost.write.value for lost in missing.lost] == ["0.1.2"]
+    twice = check_lost_writes(history, {"k": '["0.1.2", "10.1.2", "0.1.2"]'})
+    assert twice.duplicated == (("k", "0.1.2"),) and not twice.ok
+    assert "appears more than once" in twice.describe()
