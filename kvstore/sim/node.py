@@ -193,7 +193,7 @@ class SimNode:
         if ready.hard_state is not None:
             changed = changed or ready.hard_state.term != self.term
             self.term = ready.hard_state.term
-            self.commit = max(self.commit, ready.hard_state.commit)
+            self.commit = ready.hard_state.commit
         return changed
 
     def _prev_term(self, entries: Sequence[Entry]) -> int | None:
