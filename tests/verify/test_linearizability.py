@@ -330,9 +330,13 @@ def _valid_order(order: tuple[Operation, ...], initial: Value) -> bool:
 
 @st.composite
 def _small_histories(draw: st.DrawFn) -> list[Operation]:
-    values = st.sampled_from(["a", "b", "c"])
+    """Repeated values ("a", "b", "c"), or unique ones as workloads write (v0, v1, ...)."""
+    count = draw(st.integers(0, 6))
+    unique = draw(st.booleans())
+    seen: list[Value] = [f"v{i}" for i in range(count)] if unique else ["a", "b", "c"]
+    values = st.sampled_from(seen)
     history = []
-    for process in range(draw(st.integers(0, 6))):
+    for process in range(count):
         kind = draw(st.sampled_from(["get", "put", "put", "cas", "delete"]))
         key = draw(st.sampled_from(["x", "x", "y"]))
         invoke = draw(st.integers(0, 12))
@@ -342,12 +346,12 @@ def _small_histories(draw: st.DrawFn) -> list[Operation]:
             else invoke + draw(st.integers(0, 6))
         )
         ok = ret is None or draw(st.integers(0, 7)) > 0
-        value = draw(values) if kind in ("put", "cas") else None
-        expected = draw(st.sampled_from(["a", "b", None])) if kind == "cas" else None
+        value = (f"v{process}" if unique else draw(values)) if kind in ("put", "cas") else None
+        expected = draw(st.sampled_from([*seen, None])) if kind == "cas" else None
         output: object = None
         if ok and ret is not None:
             if kind == "get":
-                output = draw(st.sampled_from(["a", "b", "c", None]))
+                output = draw(st.sampled_from([*seen, None]))
             elif kind == "cas":
                 output = draw(st.booleans())
             elif kind == "delete":
