@@ -170,8 +170,34 @@ async def _bench(
     return results
 
 
+def raw_fsync_ms(directory: Path, count: int = 100) -> tuple[float, float]:
+    """p50 and p99 of a plain 200-byte write + fdatasync in `directory`: the disk the nodes
+    fsync on, measured in the same run (the figures mean little without it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "fsync-probe"
+    samples: list[float] = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for _ in range(count):
+            started = time.perf_counter()
+            os.write(fd, b"x" * 200)
+            os.fdatasync(fd)
+            samples.append(time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        path.unlink()
+    samples.sort()
+    return _percentile(samples, 0.5) * 1000, _percentile(samples, 0.99) * 1000
+
+
 def _run_with_cluster(args: argparse.Namespace, levels: list[int]) -> list[Any]:
     base = Path(args.base_dir) if args.base_dir else Path(tempfile.mkdtemp(prefix="kvbench-"))
+    p50, p99 = raw_fsync_ms(base)
+    args.raw_fsync_ms = {"p50": p50, "p99": p99}
+    load = os.getloadavg()[0]
+    print(
+        f"raw fdatasync on this disk: p50 {p50:.2f} ms, p99 {p99:.2f} ms; load average {load:.1f}"
+    )
     extra = args.node_args.split() if args.node_args else []
     with LocalCluster(base, 3, extra_args=extra) as cluster:
         leader = cluster.wait_for_leader(timeout_s=20)
@@ -216,7 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         document = {
             "benchmark": "throughput",
             "started_unix": started,
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+            "machine": {
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "load_average_at_end": os.getloadavg()[0],
+                "raw_fsync_ms": getattr(args, "raw_fsync_ms", None),
+            },
             "key_bytes": KEY_BYTES,
             "value_bytes": VALUE_BYTES,
             "results": results,
