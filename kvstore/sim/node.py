@@ -79,6 +79,8 @@ class SimNode:
         self.crash_stage: CrashStage | None = None
         # A paused process (SIGSTOP): no ticks, no Ready processing, messages wait for it.
         self.paused = False
+        # Client requests that reached the paused process: (kind, payload), handled on resume.
+        self.held_requests: list[tuple[str, bytes]] = []
         # What the node last said about itself in a Ready (persisted or soft state).
         self.term = 0
         self.role = Role.FOLLOWER
@@ -122,6 +124,7 @@ class SimNode:
         """Lose everything not in storage."""
         self.replica = None
         self.paused = False
+        self.held_requests.clear()
         self.crash_stage = None
         self.role, self.leader_id = Role.FOLLOWER, 0
 
@@ -159,12 +162,14 @@ class SimNode:
         # 3. Apply.
         applied = {item.index for item in replica.apply(ready)}
         snapshot = ready.snapshot
-        if snapshot is not None and not snapshot.is_empty():
+        restored = snapshot is not None and not snapshot.is_empty()
+        if snapshot is not None and restored:
             observer.on_restored(self, snapshot.metadata.index)
         for entry in ready.committed_entries:
             if entry.index in applied:
                 observer.on_applied(self, entry)
-        if applied:
+        if applied or restored:
+            # Only now: apply() restored the snapshot and applied the entries in one go.
             observer.on_state(self)
         if ready.read_states:
             observer.on_read_states(self, ready.read_states)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import pytest
 
 from kvstore.raft.log import RaftLog
+from kvstore.raft.node import RawNode
 from kvstore.raft.types import Entry, HardState, Snapshot
 from kvstore.sim.__main__ import main
 from kvstore.sim.runner import SimResult, describe_failure, run_seed, run_seeds
@@ -150,3 +151,17 @@ def test_a_vote_that_is_not_durable_is_caught(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(MemoryStorage, "save", save_without_vote)
     failure = _first_failure()
     assert any(v.startswith("election_safety") for v in failure.violations), failure
+
+
+@pytest.mark.slow
+def test_reads_answered_without_a_quorum_round_are_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Break ReadIndex (dissertation §6.4): the leader answers at its commit index without
+    the heartbeat round that proves it still leads. A deposed leader (paused, then woken
+    with client requests queued) serves stale reads: the read checks must say so."""
+
+    def answer_at_once(self: RawNode, requester: int, context: bytes) -> None:
+        self._answer_read(requester, self._log.committed, context)
+
+    monkeypatch.setattr(RawNode, "_start_read", answer_at_once)
+    failure = _first_failure()
+    assert any(v.startswith(("read_freshness", "linearizability")) for v in failure.violations)
