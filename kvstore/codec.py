@@ -155,7 +155,8 @@ def message_from_obj(obj: Any) -> Message:
 
 def pack(obj: Any) -> bytes:
     """Encode a python structure made by the *_to_obj functions, behind the version byte."""
-    return bytes((FORMAT_VERSION,)) + msgpack.packb(obj, use_bin_type=True)
+    body: bytes = msgpack.packb(obj, use_bin_type=True)
+    return bytes((FORMAT_VERSION,)) + body
 
 
 def unpack(data: bytes) -> Any:

@@ -192,7 +192,8 @@ def encode_command(command: Command) -> bytes:
             command.if_revision,
             command.acked_below,
         ]
-    return bytes((COMMAND_FORMAT_VERSION,)) + msgpack.packb(obj, use_bin_type=True)
+    body: bytes = msgpack.packb(obj, use_bin_type=True)
+    return bytes((COMMAND_FORMAT_VERSION,)) + body
 
 
 def decode_command(data: bytes) -> Command:

@@ -246,7 +246,8 @@ class StateMachine:
         for key in self._keys:
             extend((key, *data[key]))
         obj = [self.applied_index, self.revision, self.clock_ms, flat, self._sessions.to_obj()]
-        return bytes((SNAPSHOT_FORMAT_VERSION,)) + msgpack.packb(obj, use_bin_type=True)
+        body: bytes = msgpack.packb(obj, use_bin_type=True)
+        return bytes((SNAPSHOT_FORMAT_VERSION,)) + body
 
     def restore(self, data: bytes, index: int) -> None:
         """Replace the whole state by a snapshot taken at applied `index`; ProtocolError if
