@@ -247,6 +247,10 @@ class PeerTransport:
             logger.info("event=peer_connected peer=%s direction=out", peer.id)
             try:
                 await self._pump(peer, reader, writer)
+            except Exception:
+                # Whatever broke this connection must not end the peer's task: without it
+                # nothing would ever be sent to the peer again. Log it and dial anew.
+                logger.exception("event=peer_pump_failed peer=%s", peer.id)
             finally:
                 peer.connected = False
                 writer.close()
@@ -283,8 +287,12 @@ class PeerTransport:
                     wake.cancel()
                     continue
                 batch, peer.queue = peer.queue, []
-                writer.writelines([encode_frame(encode_message(m)) for m in batch])
                 try:
+                    if writer.is_closing():
+                        # uvloop raises RuntimeError on a write to a transport that a reset
+                        # has already closed; it is a broken connection like any other.
+                        raise ConnectionResetError("the connection was closed under us")
+                    writer.writelines([encode_frame(encode_message(m)) for m in batch])
                     await writer.drain()
                 except BaseException:
                     self._snapshot_status(peer.id, batch, ok=False)

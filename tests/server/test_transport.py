@@ -141,3 +141,39 @@ async def test_garbage_and_forged_frames_are_rejected() -> None:
         assert a.received == []
     finally:
         await a.transport.close()
+
+
+async def test_a_failed_write_does_not_end_the_peer_task(monkeypatch) -> None:
+    """Regression (found by the chaos drills): a write to a transport that a reset had just
+    closed raised RuntimeError under uvloop, which ended the outbound task for good; the
+    leader never reached that follower again and it campaigned (pre-vote) forever."""
+    import kvstore.server.transport as transport_module
+
+    real_encode = transport_module.encode_frame
+    failures = []
+
+    def failing_once(payload: bytes) -> bytes:
+        if not failures:
+            failures.append(payload)
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+        return real_encode(payload)
+
+    peers = _peers()
+    a, b = _Node(1, peers), _Node(2, peers)
+    await a.transport.start()
+    await b.transport.start()
+    try:
+        await _wait_for(lambda: a.transport.is_connected(2) and b.transport.is_connected(1))
+        # Both connections are up and idle: the next frame encoded is node 1's append.
+        monkeypatch.setattr(transport_module, "encode_frame", failing_once)
+        a.transport.send(_append(2, 1, 1))
+        await _wait_for(lambda: failures != [])
+
+        def delivered() -> bool:
+            a.transport.send(_append(2, 1, 2))
+            return any(m.index == 2 for m in b.received)
+
+        await _wait_for(delivered)
+    finally:
+        await a.transport.close()
+        await b.transport.close()
