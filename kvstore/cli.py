@@ -12,7 +12,11 @@ import sys
 from collections.abc import Sequence
 
 # Modules that contribute subcommands, in the order `kvstore --help` lists them.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("kvstore.server.cli", "kvstore.client_cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "kvstore.server.cli",
+    "kvstore.client_cli",
+    "kvstore.chaos.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -73,6 +73,7 @@ class LinkProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.connections_accepted = 0
         self.connections_broken = 0
+        self.bytes_swallowed = 0
 
     @property
     def port(self) -> int:
@@ -163,6 +164,7 @@ class LinkProxy:
                 # Swallowed bytes leave a hole in the stream: once healed, the connection is
                 # broken rather than resumed mid-frame, as TCP would give up on it.
                 connection.tainted = True
+                self.bytes_swallowed += len(chunk)
                 continue
             if connection.tainted:
                 self._break(connection, "healed_after_blackhole")
@@ -273,6 +275,9 @@ class ProxyMesh:
     def heal(self) -> None:
         for proxy in self.links.values():
             proxy.heal()
+
+    def bytes_swallowed(self) -> int:
+        return sum(proxy.bytes_swallowed for proxy in self.links.values())
 
     async def close(self) -> None:
         for proxy in self.links.values():

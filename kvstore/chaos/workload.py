@@ -1,0 +1,383 @@
+"""Workloads for chaos drills: client processes that record what they asked and what came back.
+
+Each logical process runs one operation at a time and records it in the history format of the
+design notes (§5): `invoke` before the first attempt, `return` after the final answer (the
+client library's retries happen inside one operation), `return: None` when the outcome is
+unknown (after which the process continues under a new process id), `ok: False` for a definite
+failure that did not take effect.
+
+- `register`: get / put / cas over a window of keys that rotates during the run, so each key's
+  history stays small enough for the linearizability search; values are unique, so a read
+  names the write it saw. Reads go to a random node (followers answer through ReadIndex), so
+  a node that answers from stale state is caught wherever it sits. A cas compares on the key's revision, which (values being unique)
+  is the same as comparing on the value the process last read; it is recorded as a
+  value-compare `cas` for the checker.
+- `counter`: a retry storm: every increment is a cas read-modify-write with a request id, and
+  each attempt is also fired again, concurrently, with the same request id at other nodes; the
+  counter must end within [acknowledged, acknowledged + unknown], and every duplicate must get
+  the first answer.
+- `append`: each operation appends a unique element to a key's list through a cas loop; the
+  final lists must hold every acknowledged element exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from kvstore.client import Client, ClientConfig, PutResult
+from kvstore.errors import (
+    ClusterError,
+    DeadlineExceededError,
+    KVStoreError,
+    NotFoundError,
+    PreconditionFailedError,
+)
+
+logger = logging.getLogger("kvstore.chaos")
+
+WORKLOADS = ("register", "counter", "append")
+
+
+@dataclass(slots=True)
+class History:
+    """Operations in the design notes' format, in the order they completed."""
+
+    operations: list[dict[str, Any]] = field(default_factory=list)
+    _next_process: itertools.count[int] = field(default_factory=lambda: itertools.count(0))
+
+    def new_process(self) -> int:
+        return next(self._next_process)
+
+    def record(self, operation: dict[str, Any]) -> None:
+        self.operations.append(operation)
+
+    def write_jsonl(self, path: Any) -> None:
+        with open(path, "w", encoding="utf-8") as out:
+            for operation in self.operations:
+                out.write(json.dumps(operation, sort_keys=True) + "\n")
+
+    def counts(self) -> dict[str, int]:
+        ok = sum(1 for op in self.operations if op["ok"] and op["return"] is not None)
+        unknown = sum(1 for op in self.operations if op["return"] is None)
+        failed = sum(1 for op in self.operations if not op["ok"])
+        return {"operations": len(self.operations), "ok": ok, "unknown": unknown, "failed": failed}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkloadConfig:
+    kind: str = "register"
+    processes: int = 6
+    keys_per_window: int = 4
+    key_window_s: float = 10.0
+    operation_timeout_s: float = 3.0
+    read_timeout_s: float = 0.5
+    # Pause between a process's operations, so faults, not the workload, decide the load.
+    think_s: float = 0.005
+    storm_copies: int = 3
+
+    def __post_init__(self) -> None:
+        if self.kind not in WORKLOADS:
+            raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, got {self.kind!r}")
+        if self.processes < 1:
+            raise ValueError("processes must be at least 1")
+
+
+@dataclass(slots=True)
+class CounterTally:
+    """What the counter workload knows at the end: acknowledged and unknown increments, and
+    duplicates of a request that were answered differently from the first answer."""
+
+    acknowledged: int = 0
+    unknown: int = 0
+    storm_duplicates_sent: int = 0
+    storm_mismatches: list[str] = field(default_factory=list)
+
+
+class Workload:
+    """Runs `config.processes` concurrent logical clients against `endpoints` until stopped."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        config: WorkloadConfig,
+        rng: random.Random,
+        clock_ns: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        self.endpoints = list(endpoints)
+        self.config = config
+        self.history = History()
+        self.tally = CounterTally()
+        self._rng = rng
+        self._clock_ns = clock_ns
+        self._stop = asyncio.Event()
+        self._started_ns = clock_ns()
+        self.keys_used: set[str] = set()
+        self._readers: list[Client] = []
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        client_config = ClientConfig(timeout_s=self.config.operation_timeout_s)
+        async with contextlib.AsyncExitStack() as stack:
+            client = await stack.enter_async_context(Client(self.endpoints, config=client_config))
+            # Reads pinned to one node give up fast (and its circuit breaker then skips it), so
+            # a dead or cut-off node costs a failed read, not a stalled process.
+            reader_config = ClientConfig(
+                timeout_s=self.config.read_timeout_s, attempt_timeout_s=self.config.read_timeout_s
+            )
+            self._readers = [
+                await stack.enter_async_context(Client([endpoint], config=reader_config))
+                for endpoint in self.endpoints
+            ]
+            raw = await stack.enter_async_context(aiohttp.ClientSession())
+            async with asyncio.TaskGroup() as group:
+                for slot in range(self.config.processes):
+                    seed = self._rng.getrandbits(64)
+                    group.create_task(
+                        self._process(client, raw, slot, random.Random(seed)),
+                        name=f"workload-{slot}",
+                    )
+
+    # --- one logical process ---------------------------------------------------------------
+
+    async def _process(
+        self, client: Client, raw: aiohttp.ClientSession, slot: int, rng: random.Random
+    ) -> None:
+        process = self.history.new_process()
+        serial = itertools.count(1)
+        while not self._stop.is_set():
+            if self.config.kind == "register":
+                known = await self._register_step(client, process, slot, serial, rng)
+            elif self.config.kind == "counter":
+                known = await self._counter_step(client, raw, process, rng)
+            else:
+                known = await self._append_step(client, process, slot, serial, rng)
+            if not known:
+                process = self.history.new_process()
+            await asyncio.sleep(self.config.think_s)
+
+    def _key(self, rng: random.Random) -> str:
+        elapsed_s = (self._clock_ns() - self._started_ns) / 1e9
+        window = int(elapsed_s // self.config.key_window_s)
+        key = f"r{window}-{rng.randrange(self.config.keys_per_window)}"
+        self.keys_used.add(key)
+        return key
+
+    async def _register_step(
+        self,
+        client: Client,
+        process: int,
+        slot: int,
+        serial: itertools.count[int],
+        rng: random.Random,
+    ) -> bool:
+        key = self._key(rng)
+        choice = rng.random()
+        if choice < 0.5:
+            return await self._get(rng.choice(self._readers), process, key)
+        value = f"v{slot}-{next(serial)}-{process}"
+        if choice < 0.8:
+            return await self._put(client, process, key, value)
+        return await self._cas(client, process, key, value)
+
+    async def _get(self, client: Client, process: int, key: str) -> bool:
+        invoke = self._clock_ns()
+        try:
+            result = await client.get(key)
+            output: str | None = result.value.decode()
+        except NotFoundError:
+            output = None
+        except KVStoreError:
+            # A read that failed took no effect: a definite failure.
+            self._record(process, "get", key, None, None, invoke, self._clock_ns(), False, None)
+            return True
+        self._record(process, "get", key, None, None, invoke, self._clock_ns(), True, output)
+        return True
+
+    async def _put(self, client: Client, process: int, key: str, value: str) -> bool:
+        invoke = self._clock_ns()
+        try:
+            await client.put(key, value.encode())
+        except DeadlineExceededError:
+            self._record(process, "put", key, value, None, invoke, None, True, None)
+            return False
+        except (ClusterError, KVStoreError):
+            self._record(process, "put", key, value, None, invoke, None, True, None)
+            return False
+        self._record(process, "put", key, value, None, invoke, self._clock_ns(), True, None)
+        return True
+
+    async def _cas(self, client: Client, process: int, key: str, value: str) -> bool:
+        try:
+            current = await client.get(key)
+            expected: str | None = current.value.decode()
+            revision = current.mod_revision
+        except NotFoundError:
+            expected, revision = None, 0
+        except KVStoreError:
+            return True
+        invoke = self._clock_ns()
+        try:
+            await client.cas(key, value.encode(), mod_revision=revision)
+        except PreconditionFailedError:
+            self._record(
+                process, "cas", key, value, expected, invoke, self._clock_ns(), True, False
+            )
+            return True
+        except KVStoreError:
+            self._record(process, "cas", key, value, expected, invoke, None, True, None)
+            return False
+        self._record(process, "cas", key, value, expected, invoke, self._clock_ns(), True, True)
+        return True
+
+    def _record(
+        self,
+        process: int,
+        op: str,
+        key: str,
+        value: str | None,
+        expected: str | None,
+        invoke: int,
+        returned: int | None,
+        ok: bool,
+        output: Any,
+    ) -> None:
+        self.history.record(
+            {
+                "process": process,
+                "op": op,
+                "key": key,
+                "value": value,
+                "expected": expected,
+                "invoke": invoke,
+                "return": returned,
+                "ok": ok,
+                "output": output,
+            }
+        )
+
+    # --- counter: a retry storm ------------------------------------------------------------
+
+    async def _counter_step(
+        self, client: Client, raw: aiohttp.ClientSession, process: int, rng: random.Random
+    ) -> bool:
+        key = "counter"
+        self.keys_used.add(key)
+        try:
+            current = await client.get(key)
+            count, revision = int(current.value), current.mod_revision
+        except NotFoundError:
+            count, revision = 0, 0
+        except KVStoreError:
+            return True
+        try:
+            result = await client.cas(key, str(count + 1).encode(), mod_revision=revision)
+        except PreconditionFailedError:
+            return True
+        except KVStoreError:
+            self.tally.unknown += 1
+            return False
+        self.tally.acknowledged += 1
+        await self._storm(raw, key, str(count + 1), revision, result, rng)
+        return True
+
+    async def _storm(
+        self,
+        raw: aiohttp.ClientSession,
+        key: str,
+        value: str,
+        revision: int,
+        result: PutResult,
+        rng: random.Random,
+    ) -> None:
+        """Send the request just answered again, same request id, at several nodes at once:
+        every copy must be answered with the first answer (or refused as a request whose
+        session entry was already released, 409 session_expired) and apply nothing."""
+        request_id = result.request_id
+        if not request_id:
+            return
+        # Acked-Below 0 releases nothing: a copy must not shorten the session it tests.
+        headers = {
+            "Kvstore-Request-Id": request_id,
+            "Kvstore-Acked-Below": "0",
+            "If-Match": str(revision),
+        }
+        targets = [rng.choice(self.endpoints) for _ in range(self.config.storm_copies)]
+
+        async def duplicate(endpoint: str) -> None:
+            url = f"{endpoint}/v1/kv/{key}"
+            try:
+                async with asyncio.timeout(self.config.operation_timeout_s):
+                    async with raw.put(url, data=value.encode(), headers=headers) as answer:
+                        body = await answer.json(content_type=None)
+                        if answer.status == 307:
+                            return
+                        if answer.status in (429, 503) or answer.status >= 500:
+                            return  # not answered: says nothing either way
+                        self.tally.storm_duplicates_sent += 1
+                        same = answer.status == 200 and body.get("mod_revision") == (
+                            result.mod_revision
+                        )
+                        released = answer.status == 409 and _error_code(body) == ("session_expired")
+                        if not (same or released):
+                            self.tally.storm_mismatches.append(
+                                f"{request_id} at {endpoint}: {answer.status} {body}"
+                            )
+            except (TimeoutError, aiohttp.ClientError, ValueError):
+                return
+
+        async with asyncio.TaskGroup() as group:
+            for endpoint in targets:
+                group.create_task(duplicate(endpoint), name="storm-copy")
+
+    # --- append ----------------------------------------------------------------------------
+
+    async def _append_step(
+        self,
+        client: Client,
+        process: int,
+        slot: int,
+        serial: itertools.count[int],
+        rng: random.Random,
+    ) -> bool:
+        key = f"list-{rng.randrange(self.config.keys_per_window)}"
+        self.keys_used.add(key)
+        element = f"{slot}.{next(serial)}.{process}"
+        try:
+            current = await client.get(key)
+            items, revision = json.loads(current.value), current.mod_revision
+        except NotFoundError:
+            items, revision = [], 0
+        except KVStoreError:
+            return True
+        invoke = self._clock_ns()
+        try:
+            await client.cas(key, json.dumps([*items, element]).encode(), mod_revision=revision)
+        except PreconditionFailedError:
+            self._record(
+                process, "append", key, element, None, invoke, self._clock_ns(), False, None
+            )
+            return True
+        except KVStoreError:
+            self._record(process, "append", key, element, None, invoke, None, True, None)
+            return False
+        self._record(process, "append", key, element, None, invoke, self._clock_ns(), True, None)
+        return True
+
+
+def _error_code(body: Any) -> str | None:
+    error = body.get("error") if isinstance(body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
