@@ -1,4 +1,4 @@
-"""Write throughput and latency of a local three-node cluster, driven over HTTP.
+"""Throughput and latency of a local three-node cluster, driven over HTTP.
 
 Starts a LocalCluster (real `kvstore serve` processes, every node fsyncing), finds the leader,
 and for each concurrency N runs N asyncio workers that PUT 100-byte values under 16-byte keys
@@ -6,8 +6,21 @@ straight to the leader (aiohttp, one keep-alive connection per worker, a request
 write as the client library sends). Prints acknowledged writes/s, p50/p99 latency and whether
 the leader changed, per N; `--json PATH` writes the same figures.
 
+Workloads (`--workloads`, comma-separated; each runs at every N):
+- `write`   every operation is a PUT to the leader (the default);
+- `read90`  90% linearizable GETs (ReadIndex on the leader), 10% PUTs, on 1000 preloaded keys;
+- `stale90` the same mix, but the GETs are stale reads spread over all three nodes
+            (`consistency=stale`; etcd: serializable range requests);
+and `--value-sizes 100,1000,...` sweeps the PUT value size at `--sweep-concurrency` writers.
+
+`--compare etcd` runs the same levels, workloads and sweep against a three-node etcd 3.4 on
+loopback (defaults, fsyncing; its JSON gateway: POST /v3/kv/put, /v3/kv/range) in the same
+run, after kvstore, and prints the ratios.
+
     python bench/throughput.py                       # N = 1, 16, 64, 256; 10 s each
     python bench/throughput.py --quick               # a few seconds; what the test runs
+    python bench/throughput.py --workloads write,read90,stale90 --value-sizes 100,10000,100000 \
+        --compare etcd
     python bench/throughput.py --endpoint http://127.0.0.1:7001   # an already running cluster
 """
 
@@ -15,23 +28,87 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import platform
+import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from etcdcluster import EtcdCluster, etcd_binary, etcd_status
 
 from kvstore.server.localcluster import LocalCluster
 
 KEY_BYTES = 16
 VALUE_BYTES = 100
+READ_KEYS = 1000
+WORKLOADS = {"write": (0.0, False), "read90": (0.9, False), "stale90": (0.9, True)}
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """What each worker does: `read_fraction` of its operations are GETs (stale or not)."""
+
+    name: str
+    read_fraction: float = 0.0
+    stale: bool = False
+    value_bytes: int = VALUE_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where the operations go: kvstore (`urls[0]` is the leader) or etcd (any member)."""
+
+    system: str
+    urls: tuple[str, ...]
+
+    def read_url(self, worker: int, stale: bool) -> str:
+        # Stale reads are spread over every node; linearizable ones go to the leader.
+        return self.urls[worker % len(self.urls)] if stale else self.urls[0]
+
+
+async def _put(
+    session: aiohttp.ClientSession, target: Target, key: str, value: bytes, request_id: str
+) -> tuple[int, bytes]:
+    url = target.urls[0]
+    if target.system == "etcd":
+        body = {"key": _b64(key.encode()), "value": _b64(value)}
+        async with session.post(f"{url}/v3/kv/put", json=body) as response:
+            return response.status, await response.read()
+    seq = request_id.rsplit(":", 1)[1]
+    headers = {"Kvstore-Request-Id": request_id, "Kvstore-Acked-Below": seq}
+    async with session.put(f"{url}/v1/kv/{key}", data=value, headers=headers) as response:
+        return response.status, await response.read()
+
+
+async def _get(
+    session: aiohttp.ClientSession, target: Target, url: str, key: str, stale: bool
+) -> tuple[int, bytes]:
+    if target.system == "etcd":
+        body = {"key": _b64(key.encode()), "serializable": stale}
+        async with session.post(f"{url}/v3/kv/range", json=body) as response:
+            return response.status, await response.read()
+    consistency = "stale" if stale else "linearizable"
+    async with session.get(f"{url}/v1/kv/{key}?consistency={consistency}") as response:
+        return response.status, await response.read()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _read_key(index: int) -> str:
+    return f"read-{index:011d}"[:KEY_BYTES]
 
 
 def _percentile(sorted_values: list[float], fraction: float) -> float:
@@ -41,37 +118,49 @@ def _percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[index]
 
 
-async def _status(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+async def _leader_term(session: aiohttp.ClientSession, target: Target) -> tuple[int, int]:
+    """(leader id, term) as the first node reports them (etcd: member id and raft term)."""
+    url = target.urls[0]
+    if target.system == "etcd":
+        answer = await etcd_status(session, url, 5.0)
+        if answer is None:
+            raise RuntimeError(f"etcd at {url} does not answer")
+        return answer[1].leader_id, answer[1].term
     async with session.get(url + "/v1/status") as response:
         document: dict[str, Any] = await response.json()
-        return document
+        return int(document["leader_id"]), int(document["term"])
 
 
 async def _worker(
     session: aiohttp.ClientSession,
-    url: str,
+    target: Target,
+    workload: Workload,
     concurrency: int,
     worker: int,
     stop_at: float,
     record_from: float,
-    latencies: list[float],
+    latencies: dict[str, list[float]],
     errors: dict[str, int],
 ) -> None:
-    value = b"v" * VALUE_BYTES
-    client_id = f"bench-{os.getpid()}-{concurrency}-{worker}"
+    value = b"v" * workload.value_bytes
+    client_id = f"bench-{os.getpid()}-{workload.name}-{workload.value_bytes}-{concurrency}-{worker}"
+    rng = random.Random(worker)
+    read_url = target.read_url(worker, workload.stale)
     seq = 0
     while True:
         now = time.perf_counter()
         if now >= stop_at:
             return
         seq += 1
-        key = f"{worker:05d}-{seq:010d}"[:KEY_BYTES].ljust(KEY_BYTES, "k")
-        headers = {"Kvstore-Request-Id": f"{client_id}:{seq}", "Kvstore-Acked-Below": str(seq)}
+        kind = "read" if rng.random() < workload.read_fraction else "write"
         started = time.perf_counter()
         try:
-            async with session.put(f"{url}/v1/kv/{key}", data=value, headers=headers) as response:
-                body = await response.read()
-                status = response.status
+            if kind == "read":
+                key = _read_key(rng.randrange(READ_KEYS))
+                status, body = await _get(session, target, read_url, key, workload.stale)
+            else:
+                key = f"{worker:05d}-{seq:010d}"[:KEY_BYTES].ljust(KEY_BYTES, "k")
+                status, body = await _put(session, target, key, value, f"{client_id}:{seq}")
         except (aiohttp.ClientError, TimeoutError) as exc:
             errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
             continue
@@ -80,7 +169,22 @@ async def _worker(
             errors[str(status)] = errors.get(str(status), 0) + 1
             errors.setdefault(f"first_{status}", body[:200].decode("utf-8", "replace"))
         elif started >= record_from:
-            latencies.append(finished - started)
+            latencies[kind].append(finished - started)
+
+
+async def _preload(session: aiohttp.ClientSession, target: Target) -> None:
+    """The keys the read mixes read, written once (32 at a time)."""
+    value = b"r" * VALUE_BYTES
+
+    async def one(index: int) -> None:
+        status, body = await _put(
+            session, target, _read_key(index), value, f"preload-{os.getpid()}:{index + 1}"
+        )
+        if status != 200:
+            raise RuntimeError(f"preload failed: {status} {body[:200]!r}")
+
+    for first in range(0, READ_KEYS, 32):
+        await asyncio.gather(*(one(i) for i in range(first, min(READ_KEYS, first + 32))))
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -93,7 +197,8 @@ def _cpu_seconds(pid: int) -> float:
 
 
 async def run_level(
-    url: str,
+    target: Target,
+    workload: Workload,
     concurrency: int,
     duration_s: float,
     warmup_s: float,
@@ -101,54 +206,97 @@ async def run_level(
 ) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        before = await _status(session, url)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, trust_env=False
+    ) as session:
+        before = await _leader_term(session, target)
         record_from = time.perf_counter() + warmup_s
         stop_at = record_from + duration_s
         pids = pids or {}
         cpu_before = {node: _cpu_seconds(pid) for node, pid in pids.items()}
         client_before = time.process_time()
-        latencies: list[float] = []
+        latencies: dict[str, list[float]] = {"read": [], "write": []}
         errors: dict[str, int] = {}
         await asyncio.gather(
             *(
-                _worker(session, url, concurrency, w, stop_at, record_from, latencies, errors)
+                _worker(
+                    session,
+                    target,
+                    workload,
+                    concurrency,
+                    w,
+                    stop_at,
+                    record_from,
+                    latencies,
+                    errors,
+                )
                 for w in range(concurrency)
             )
         )
         cpu_after = {node: _cpu_seconds(pid) for node, pid in pids.items()}
         client_cpu_s = time.process_time() - client_before
-        after = await _status(session, url)
-    latencies.sort()
-    all_writes = max(1, len(latencies))
+        after = await _leader_term(session, target)
     cpu = {node: cpu_after[node] - cpu_before[node] for node in pids}
-    leader_id = after["leader_id"]
     return {
+        "system": target.system,
+        "workload": workload.name,
+        "value_bytes": workload.value_bytes,
         "concurrency": concurrency,
         "duration_s": duration_s,
-        "writes": len(latencies),
-        "writes_per_s": len(latencies) / duration_s,
-        "p50_ms": _percentile(latencies, 0.50) * 1000,
-        "p99_ms": _percentile(latencies, 0.99) * 1000,
-        "max_ms": (latencies[-1] * 1000) if latencies else float("nan"),
+        **_latency_figures(latencies, duration_s),
         "errors": errors,
-        "leader_changed": before["leader_id"] != after["leader_id"]
-        or before["term"] != after["term"],
-        "term": after["term"],
-        # CPU per acknowledged write (whole level incl. warmup): contention-independent cost.
-        "leader_cpu_ms_per_write": cpu.get(leader_id, 0.0) * 1000 / all_writes if cpu else None,
-        "cluster_cpu_ms_per_write": sum(cpu.values()) * 1000 / all_writes if cpu else None,
-        "client_cpu_ms_per_write": client_cpu_s * 1000 / all_writes,
+        "leader_changed": before != after,
+        "term": after[1],
+        **_cpu_figures(cpu, after[0], client_cpu_s, latencies),
+    }
+
+
+def _latency_figures(latencies: dict[str, list[float]], duration_s: float) -> dict[str, Any]:
+    """ops/s and p50/p99/max (ms) of all operations, and per kind (p50_ms etc. of all)."""
+    everything = sorted(latencies["read"] + latencies["write"])
+    figures: dict[str, Any] = {
+        "ops": len(everything),
+        "ops_per_s": len(everything) / duration_s,
+        "p50_ms": _percentile(everything, 0.50) * 1000,
+        "p99_ms": _percentile(everything, 0.99) * 1000,
+        "max_ms": (everything[-1] * 1000) if everything else float("nan"),
+    }
+    for kind in ("write", "read"):
+        values = sorted(latencies[kind])
+        figures[f"{kind}s"] = len(values)
+        figures[f"{kind}s_per_s"] = len(values) / duration_s
+        figures[f"{kind}_p50_ms"] = _percentile(values, 0.50) * 1000
+        figures[f"{kind}_p99_ms"] = _percentile(values, 0.99) * 1000
+    return figures
+
+
+def _cpu_figures(
+    cpu: dict[int, float], leader_id: int, client_cpu_s: float, latencies: dict[str, list[float]]
+) -> dict[str, Any]:
+    """CPU per acknowledged operation (whole level incl. warmup): a contention-independent
+    cost. Named per write for the write workload's history; per operation in the mixes."""
+    operations = max(1, len(latencies["read"]) + len(latencies["write"]))
+    return {
+        "leader_cpu_ms_per_write": cpu.get(leader_id, 0.0) * 1000 / operations if cpu else None,
+        "cluster_cpu_ms_per_write": sum(cpu.values()) * 1000 / operations if cpu else None,
+        "client_cpu_ms_per_write": client_cpu_s * 1000 / operations,
     }
 
 
 def _print(result: dict[str, Any]) -> None:
+    mix = result["workload"] != "write"
+    rate = (
+        f"{result['ops_per_s']:>9,.0f} ops/s ({result['reads_per_s']:,.0f} reads)"
+        if mix
+        else f"{result['writes_per_s']:>9,.0f} writes/s"
+    )
     print(
-        f"N={result['concurrency']:<4} {result['writes_per_s']:>9,.0f} writes/s  "
+        f"{result['system']:<8}{result['workload']:<8}{result['value_bytes']:>7} B "
+        f"N={result['concurrency']:<4} {rate}  "
         f"p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
         f"leader changed: {'YES' if result['leader_changed'] else 'no'}"
         + (
-            f"  cpu/write leader {result['leader_cpu_ms_per_write']:.2f} ms"
+            f"  cpu/op leader {result['leader_cpu_ms_per_write']:.2f} ms"
             f" cluster {result['cluster_cpu_ms_per_write']:.2f} ms"
             f" client {result['client_cpu_ms_per_write']:.2f} ms"
             if result.get("leader_cpu_ms_per_write") is not None
@@ -159,12 +307,28 @@ def _print(result: dict[str, Any]) -> None:
     )
 
 
+def _plan(args: argparse.Namespace) -> list[tuple[Workload, int]]:
+    """(workload, concurrency) pairs: every workload at every level, then the size sweep."""
+    levels = [int(n) for n in args.concurrency.split(",")]
+    plan = []
+    for name in args.workloads:
+        read_fraction, stale = WORKLOADS[name]
+        plan += [(Workload(name, read_fraction, stale), n) for n in levels]
+    for size in args.value_sizes:
+        plan.append((Workload("write", value_bytes=size), args.sweep_concurrency))
+    return plan
+
+
 async def _bench(
-    url: str, levels: list[int], duration_s: float, warmup_s: float, pids: dict[int, int]
-) -> list[Any]:
+    target: Target, args: argparse.Namespace, pids: dict[int, int]
+) -> list[dict[str, Any]]:
+    plan = _plan(args)
+    if any(workload.read_fraction for workload, _ in plan):
+        async with aiohttp.ClientSession(trust_env=False) as session:
+            await _preload(session, target)
     results = []
-    for concurrency in levels:
-        result = await run_level(url, concurrency, duration_s, warmup_s, pids)
+    for workload, concurrency in plan:
+        result = await run_level(target, workload, concurrency, args.duration, args.warmup, pids)
         _print(result)
         results.append(result)
     return results
@@ -190,7 +354,7 @@ def raw_fsync_ms(directory: Path, count: int = 100) -> tuple[float, float]:
     return _percentile(samples, 0.5) * 1000, _percentile(samples, 0.99) * 1000
 
 
-def _run_with_cluster(args: argparse.Namespace, levels: list[int]) -> list[Any]:
+def _run_with_cluster(args: argparse.Namespace) -> list[Any]:
     base = Path(args.base_dir) if args.base_dir else Path(tempfile.mkdtemp(prefix="kvbench-"))
     p50, p99 = raw_fsync_ms(base)
     args.raw_fsync_ms = {"p50": p50, "p99": p99}
@@ -204,17 +368,80 @@ def _run_with_cluster(args: argparse.Namespace, levels: list[int]) -> list[Any]:
         url = cluster.client_url(leader)
         print(f"cluster under {base}; leader is node {leader} at {url}", flush=True)
         pids = {node: pid for node in cluster.ids if (pid := cluster.pid(node)) is not None}
-        return _run(url, levels, args, pids)
+        others = [cluster.client_url(n) for n in cluster.ids if n != leader]
+        results = _run(Target("kvstore", (url, *others)), args, pids)
+    if args.compare == "etcd":
+        results += _run_etcd(base / "etcd", args)
+    return results
 
 
-def _run(
-    url: str, levels: list[int], args: argparse.Namespace, pids: dict[int, int] | None = None
-) -> list[Any]:
+def _run_etcd(base: Path, args: argparse.Namespace) -> list[Any]:
+    """The same plan against three etcd members with etcd's defaults (leader first)."""
+    etcd = EtcdCluster(base)
+    try:
+        etcd.start()
+        leader_url, members = _run_loop(_etcd_leader_url(etcd))
+        print(f"etcd under {base}; leader at {leader_url}", flush=True)
+        # Keyed by etcd member id, which is what its status calls the leader.
+        pids = {
+            members[etcd.client_url(node)]: pid
+            for node in etcd.ids
+            if (pid := etcd.pid(node)) is not None
+        }
+        others = [url for url in etcd.client_urls if url != leader_url]
+        return _run(Target("etcd", (leader_url, *others)), args, pids)
+    finally:
+        etcd.stop()
+
+
+async def _etcd_leader_url(
+    etcd: EtcdCluster, timeout_s: float = 30.0
+) -> tuple[str, dict[str, int]]:
+    """The leader's client URL and every member's id by URL, once all answer."""
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession(trust_env=False) as session:
+        while time.monotonic() < deadline:
+            answers = [await etcd_status(session, url, 0.5) for url in etcd.client_urls]
+            members = {url: a[0] for url, a in zip(etcd.client_urls, answers) if a is not None}
+            for url, answer in zip(etcd.client_urls, answers):
+                if answer is not None and answer[1].role == "leader" and len(members) == 3:
+                    return url, members
+            await asyncio.sleep(0.05)
+    raise TimeoutError(f"etcd elected no leader within {timeout_s} s")
+
+
+def _run_loop(coroutine: Any) -> Any:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(_bench(url, levels, args.duration, args.warmup, pids or {}))
-    return uvloop.run(_bench(url, levels, args.duration, args.warmup, pids or {}))
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+def _run(target: Target, args: argparse.Namespace, pids: dict[int, int] | None = None) -> Any:
+    return _run_loop(_bench(target, args, pids or {}))
+
+
+def print_ratios(results: list[dict[str, Any]]) -> None:
+    """etcd / kvstore for each (workload, value size, N) both ran."""
+    kvstore = {
+        (r["workload"], r["value_bytes"], r["concurrency"]): r
+        for r in results
+        if r["system"] == "kvstore"
+    }
+    etcd = [r for r in results if r["system"] == "etcd"]
+    if not etcd:
+        return
+    print("\netcd / kvstore (same run): throughput ratio, p50 and p99 latency ratios")
+    for r in etcd:
+        mine = kvstore.get((r["workload"], r["value_bytes"], r["concurrency"]))
+        if mine is None or not mine["ops_per_s"] or not mine["p50_ms"]:
+            continue
+        print(
+            f"{r['workload']:<8}{r['value_bytes']:>7} B N={r['concurrency']:<4}"
+            f" ops/s {r['ops_per_s'] / mine['ops_per_s']:5.2f}x"
+            f"  p50 {r['p50_ms'] / mine['p50_ms']:5.2f}x  p99 {r['p99_ms'] / mine['p99_ms']:5.2f}x"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,15 +456,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint", help="use this running node (the leader) instead")
     parser.add_argument("--base-dir", help="directory for the cluster's data and logs")
     parser.add_argument("--node-args", default="", help="extra flags for every node")
+    parser.add_argument("--workloads", default="write", help=f"from {','.join(WORKLOADS)}")
+    parser.add_argument("--value-sizes", default="", help="PUT value sizes to sweep (bytes)")
+    parser.add_argument("--sweep-concurrency", type=int, default=16, help="N of the sweep")
+    parser.add_argument("--compare", choices=["etcd"], help="also run three-node etcd")
     args = parser.parse_args(argv)
     if args.quick:
         args.concurrency, args.duration, args.warmup = "1,16", 1.0, 0.3
-    levels = [int(n) for n in args.concurrency.split(",")]
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    if set(args.workloads) - set(WORKLOADS):
+        parser.error(f"unknown workloads; choose from {sorted(WORKLOADS)}")
+    args.value_sizes = [int(size) for size in args.value_sizes.split(",") if size]
+    if args.compare == "etcd" and etcd_binary() is None:
+        parser.error("--compare etcd needs an etcd binary on PATH (apt-get install etcd-server)")
+    if args.compare and args.endpoint:
+        parser.error("--compare starts its own clusters; it cannot use --endpoint")
     started = time.time()
+    args.load_at_start = os.getloadavg()
     if args.endpoint:
-        results = _run(args.endpoint.rstrip("/"), levels, args)
+        results = _run(Target("kvstore", (args.endpoint.rstrip("/"),)), args)
     else:
-        results = _run_with_cluster(args, levels)
+        results = _run_with_cluster(args)
+    print_ratios(results)
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json_path:
         document = {
             "benchmark": "throughput",
@@ -246,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
                 "platform": platform.platform(),
                 "cpus": os.cpu_count(),
                 "load_average_at_end": os.getloadavg()[0],
+                "load_average_at_start": getattr(args, "load_at_start", None),
                 "raw_fsync_ms": getattr(args, "raw_fsync_ms", None),
             },
             "key_bytes": KEY_BYTES,
