@@ -304,7 +304,7 @@ class Drill:
         await self.mesh.start()
         extra = list(config.node_args)
         if config.unsafe_local_reads:
-            extra.append("--unsafe-local-reads")
+            extra += ["--unsafe-local-reads", "true"]
         self.cluster = LocalCluster(
             self.run_dir,
             3,
@@ -476,6 +476,8 @@ class Drill:
             {node: state.applied_requests for node, state in node_states.items()}, counter=counter
         )
         detail = _first_line(once.describe())
+        if counter is not None:
+            detail += "; " + counter.describe()
         storm_ok = not workload.tally.storm_mismatches
         if config.workload == "counter":
             detail += (

@@ -29,6 +29,7 @@ import json
 import logging
 import random
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,7 +124,6 @@ class Workload:
         self._stop = asyncio.Event()
         self._started_ns = clock_ns()
         self.keys_used: set[str] = set()
-        self._readers: list[Client] = []
 
     def stop(self) -> None:
         self._stop.set()
@@ -132,15 +132,6 @@ class Workload:
         client_config = ClientConfig(timeout_s=self.config.operation_timeout_s)
         async with contextlib.AsyncExitStack() as stack:
             client = await stack.enter_async_context(Client(self.endpoints, config=client_config))
-            # Reads pinned to one node give up fast (and its circuit breaker then skips it), so
-            # a dead or cut-off node costs a failed read, not a stalled process.
-            reader_config = ClientConfig(
-                timeout_s=self.config.read_timeout_s, attempt_timeout_s=self.config.read_timeout_s
-            )
-            self._readers = [
-                await stack.enter_async_context(Client([endpoint], config=reader_config))
-                for endpoint in self.endpoints
-            ]
             raw = await stack.enter_async_context(aiohttp.ClientSession())
             async with asyncio.TaskGroup() as group:
                 for slot in range(self.config.processes):
@@ -159,7 +150,7 @@ class Workload:
         serial = itertools.count(1)
         while not self._stop.is_set():
             if self.config.kind == "register":
-                known = await self._register_step(client, process, slot, serial, rng)
+                known = await self._register_step(client, raw, process, slot, serial, rng)
             elif self.config.kind == "counter":
                 known = await self._counter_step(client, raw, process, rng)
             else:
@@ -178,6 +169,7 @@ class Workload:
     async def _register_step(
         self,
         client: Client,
+        raw: aiohttp.ClientSession,
         process: int,
         slot: int,
         serial: itertools.count[int],
@@ -186,23 +178,31 @@ class Workload:
         key = self._key(rng)
         choice = rng.random()
         if choice < 0.5:
-            return await self._get(rng.choice(self._readers), process, key)
+            return await self._get_at(raw, rng.choice(self.endpoints), process, key)
         value = f"v{slot}-{next(serial)}-{process}"
         if choice < 0.8:
             return await self._put(client, process, key, value)
         return await self._cas(client, process, key, value)
 
-    async def _get(self, client: Client, process: int, key: str) -> bool:
+    async def _get_at(
+        self, raw: aiohttp.ClientSession, endpoint: str, process: int, key: str
+    ) -> bool:
+        """A linearizable read at one node, over plain HTTP: the client library would learn
+        the leader and send every read there, and the point is to read at every node (a
+        follower serves it after a ReadIndex round with the leader)."""
         invoke = self._clock_ns()
+        url = f"{endpoint}/v1/kv/{urllib.parse.quote(key, safe='')}"
         try:
-            result = await client.get(key)
-            output: str | None = result.value.decode()
-        except NotFoundError:
-            output = None
-        except KVStoreError:
+            async with asyncio.timeout(self.config.read_timeout_s):
+                async with raw.get(url, allow_redirects=False) as answer:
+                    body, status = await answer.read(), answer.status
+        except (TimeoutError, aiohttp.ClientError):
+            status, body = 0, b""
+        if status not in (200, 404):
             # A read that failed took no effect: a definite failure.
             self._record(process, "get", key, None, None, invoke, self._clock_ns(), False, None)
             return True
+        output = body.decode() if status == 200 else None
         self._record(process, "get", key, None, None, invoke, self._clock_ns(), True, output)
         return True
 
