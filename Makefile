@@ -26,7 +26,7 @@ run: setup
 
 lint: setup
 	$(BIN)/ruff check kvstore tests bench
-	$(BIN)/mypy kvstore/raft kvstore/storage kvstore/kv kvstore/codec.py kvstore/errors.py kvstore/replica.py kvstore/sim
+	$(BIN)/mypy kvstore/raft kvstore/storage kvstore/kv kvstore/codec.py kvstore/errors.py kvstore/replica.py kvstore/sim kvstore/verify kvstore/chaos
 
 typecheck: lint
 
