@@ -214,11 +214,14 @@ class Nemesis:
             targets = (leader,)
             self.mesh.partition({n for n in nodes if n != leader}, {leader}, one_way=True)
         else:  # partition-bridge: two sides that only the bridge node can reach
-            shuffled = nodes[:]
-            self._rng.shuffle(shuffled)
-            bridge, left, right = shuffled[0], shuffled[1::2], shuffled[2::2]
+            # The bridge is a follower, so the leader is cut from the other follower (with the
+            # leader as the bridge nothing would cross the cut: followers never talk).
+            leader = await self.leader()
+            followers = [n for n in nodes if n != leader]
+            self._rng.shuffle(followers)
+            bridge, cut_off = followers[0], followers[1:]
             targets = (bridge,)
-            self.mesh.bridge(set(left), set(right))
+            self.mesh.bridge({leader}, set(cut_off))
         event = self._event(name, targets)
         # A cut only counts once it has swallowed traffic (heartbeats flow every few ms).
         deadline = self._clock() + 3.0
