@@ -117,6 +117,7 @@ class Node:
             on_peer_down=self.driver.on_peer_down,
             on_snapshot_status=self.driver.on_snapshot_status,
             queue_frames_max=config.peer_queue_frames,
+            on_drop=lambda peer: self.metrics.peer_dropped.inc(),
         )
         self.http = HttpApi(self.driver, config.cluster_id)
         self._runner: web.ServerRunner | None = None

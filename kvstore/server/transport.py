@@ -148,6 +148,7 @@ class PeerTransport:
         on_peer_url: Callable[[int, str], None] | None = None,
         on_snapshot_status: Callable[[int, bool], None] | None = None,
         queue_frames_max: int = 8192,
+        on_drop: Callable[[int], None] | None = None,
         backoff_initial_s: float = 0.02,
         backoff_max_s: float = 0.5,
         rng: random.Random | None = None,
@@ -165,6 +166,8 @@ class PeerTransport:
         self._on_peer_down = on_peer_down
         self._on_peer_url = on_peer_url
         self._on_snapshot_status = on_snapshot_status
+        # Told the peer's id for every message dropped on a full queue (the metrics count it).
+        self._on_drop = on_drop
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         self._rng = rng or random.Random()
@@ -214,6 +217,8 @@ class PeerTransport:
             return
         if len(peer.queue) >= peer.queue_frames_max:
             peer.dropped += 1
+            if self._on_drop is not None:
+                self._on_drop(peer.id)
             if message.type is MessageType.SNAPSHOT:
                 self._snapshot_status(peer.id, [message], ok=False)
             return

@@ -96,10 +96,13 @@ async def test_peer_down_is_reported_and_reconnect_happens() -> None:
 async def test_full_queue_drops_instead_of_blocking() -> None:
     peers = _peers()
     a = _Node(1, peers)
+    told: list[int] = []
+    a.transport._on_drop = told.append
     a.transport._peers[2].queue_frames_max = 10
     for i in range(25):  # not started: nothing drains the queue
         a.transport.send(_append(2, 1, i))
     assert a.transport.dropped(2) == 15
+    assert told == [2] * 15  # what kvstore_peer_messages_dropped_total counts
 
 
 async def test_wrong_cluster_id_is_rejected() -> None:
