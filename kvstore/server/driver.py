@@ -172,10 +172,11 @@ class Driver:
 
     def check_writable(self) -> None:
         """Raise the error a write would get right now, before any work is done for it."""
+        if self.role is not Role.LEADER:
+            # A follower's own full disk is no reason to refuse: the leader may have space.
+            raise self._not_leader_error()
         if self.disk_full:
             raise DiskFullError("the disk is full: writes are refused until space is free")
-        if self.role is not Role.LEADER:
-            raise self._not_leader_error()
         if self._pending_count >= self.config.max_pending_proposals:
             raise OverloadedError(f"{self._pending_count} writes pending", retry_after_s=0.05)
 

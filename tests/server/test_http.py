@@ -195,3 +195,27 @@ async def test_a_leader_waiting_on_a_slow_save_keeps_heartbeating(harness: Harne
     await _until(lambda: keepalives._value.get() >= 2)
     harness.storage.gate.set()
     assert (await write).status == 200
+
+
+async def test_a_follower_with_a_full_disk_sends_writes_to_the_leader(harness: Harness) -> None:
+    """A write reaching a follower whose own disk is full goes to the leader (who may well
+    have space), not back to the client as 507, which the client does not retry."""
+    from kvstore.errors import ClusterError
+    from kvstore.raft.types import Role as NodeRole
+
+    driver = harness.driver
+    driver.disk_full = True
+    driver.role = NodeRole.FOLLOWER
+    try:
+        with pytest.raises(ClusterError) as refused:
+            driver.check_writable()
+        assert not isinstance(refused.value, DiskFullError)
+    finally:
+        driver.role = NodeRole.LEADER
+        driver.disk_full = False
+    driver.disk_full = True
+    try:
+        with pytest.raises(DiskFullError):
+            driver.check_writable()  # the leader itself refuses with 507
+    finally:
+        driver.disk_full = False
