@@ -56,6 +56,9 @@ def _error(description: str) -> dict[str, Any]:
 _WRITE_ERRORS = {
     "307": _error("not the leader: Location is the leader's same URL (curl -L follows)"),
     "400": _error("bad_request: invalid key or header"),
+    "409": _error(
+        "session_expired: the request id is below what its session remembers; outcome unknown"
+    ),
     "412": _error("precondition_failed: includes current_revision"),
     "413": _error("too_large: body or value over the limit"),
     "429": _error("overloaded: too many pending writes; Retry-After"),
@@ -90,8 +93,10 @@ def _key_value_paths() -> dict[str, Any]:
                         "description": "the value",
                         "content": {"application/octet-stream": {}},
                     },
+                    "400": _error("bad_request: invalid key or consistency"),
                     "404": _error("not_found"),
                     "503": _error("no_leader"),
+                    "504": _error("timeout: the read could not be confirmed in time"),
                 },
             },
             "put": {
