@@ -121,6 +121,9 @@ class Driver:
         # Set during a graceful shutdown's leadership transfer: writes in flight then stay
         # pending, since the new leader commits them and this node still applies them.
         self.handing_over = False
+        # Requests held during a handover until the new leader is known (wait_out_handover).
+        self._leader_waiters: list[asyncio.Future[None]] = []
+        self._election_timeout_s = config.election_ticks * self._tick_interval_s
         status = self.node.status()
         self.leader_id: int = status.leader_id
         self.role: Role = status.role
@@ -179,6 +182,27 @@ class Driver:
             raise DiskFullError("the disk is full: writes are refused until space is free")
         if self._pending_count >= self.config.max_pending_proposals:
             raise OverloadedError(f"{self._pending_count} writes pending", retry_after_s=0.05)
+
+    async def wait_out_handover(self) -> None:
+        """While this node hands leadership over (a graceful shutdown), no write can be
+        proposed here and the new leader is about one round trip away: hold the request until
+        a leader other than this node is known (at most one election timeout), so the answer
+        names it (not_leader with its URL, which the client follows at once) instead of
+        no_leader, which sends the client into back-off. Returns at once without a handover."""
+        if not self.handing_over:
+            return
+        deadline = self._loop.time() + self._election_timeout_s
+        while self.handing_over and self.leader_id in (NONE, self.config.id):
+            left = deadline - self._loop.time()
+            if left <= 0:
+                return
+            waiter: asyncio.Future[None] = self._loop.create_future()
+            self._leader_waiters.append(waiter)
+            try:
+                await asyncio.wait((waiter,), timeout=left)
+            finally:
+                if waiter in self._leader_waiters:
+                    self._leader_waiters.remove(waiter)
 
     def _not_leader_error(self) -> KVStoreError:
         url = self.leader_url()
@@ -537,6 +561,9 @@ class Driver:
             self._fail_pending("leadership was lost before the write was applied; outcome unknown")
         if leader_id == NONE or was_leader != (role is Role.LEADER):
             self._fail_reads("the leader changed while the read waited; retry")
+        if self._leader_waiters and leader_id not in (NONE, self.config.id):
+            waiters, self._leader_waiters = self._leader_waiters, []
+            _resolve_all(waiters)
 
     def _fail_pending(self, message: str) -> None:
         error = UnavailableError(message, retry_after_s=0.05)

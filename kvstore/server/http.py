@@ -227,6 +227,7 @@ class HttpApi:
     async def put_key(self, request: web.BaseRequest) -> web.Response:
         key = self._key(request)
         if_revision, create_only = self._conditions(request)
+        await self.driver.wait_out_handover()
         self.driver.check_writable()
         value = await self._body(request)
         request_id, acked_below, server_made = self._request_id(request)
@@ -262,6 +263,7 @@ class HttpApi:
         if_revision, create_only = self._conditions(request)
         if create_only:
             raise BadRequestError("If-None-Match makes no sense on DELETE")
+        await self.driver.wait_out_handover()
         self.driver.check_writable()
         request_id, acked_below, server_made = self._request_id(request)
         try:
