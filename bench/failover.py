@@ -465,20 +465,31 @@ async def _survivors_agree(system: System, old_leader: int) -> tuple[int, int] |
 
 async def _disturbance(
     system: System, old_leader: int, before: tuple[int, int] | None, timeout_s: float
-) -> bool | None:
+) -> tuple[bool | None, dict[int, list[Any]]]:
     """After a pause or isolation ends: wait for the old leader to follow the new one; True
     when leader or term differ from what the survivors agreed on just before the fault ended
-    (the returning old leader disturbed the new one)."""
+    (the returning old leader disturbed the new one). Also every node's [role, leader, term]
+    as last seen."""
     if before is None:
-        return None
+        return None, {}
+    views: dict[int, NodeView] = {}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         views = await _views(system, system.ids, timeout_s=0.5)
+        survivors = [v for node, v in views.items() if node != old_leader]
+        if any((v.leader_id, v.term) != before for v in survivors):
+            return True, _as_lists(views)
         old = views.get(old_leader)
-        if old is not None and old.role == "follower" and old.leader_id != old_leader:
-            return any((v.leader_id, v.term) != before for v in views.values())
+        # The old leader has come back and follows the new one in its term (a member that has
+        # just stepped down may not know the leader, or report the new term, at once).
+        if old is not None and old.role == "follower" and (old.leader_id, old.term) == before:
+            return False, _as_lists(views)
         await asyncio.sleep(0.02)
-    return True
+    return True, _as_lists(views)
+
+
+def _as_lists(views: dict[int, NodeView]) -> dict[int, list[Any]]:
+    return {node: [v.role, v.leader_id, v.term] for node, v in sorted(views.items())}
 
 
 async def run_trial(
@@ -511,7 +522,7 @@ async def run_trial(
         # flow again after recovery.
         await _ack_after(load, recovered_at, args.trial_timeout_s)
         window_end = time.perf_counter()
-    disturbed = await _disturbance(system, leader, before, 10.0) if timed else None
+    disturbed, after = await _disturbance(system, leader, before, 10.0) if timed else (None, {})
     watcher.cancel()
     calls = [c for c in load.calls[calls_from:] if c.invoke <= window_end]
     earlier = [
@@ -547,6 +558,8 @@ async def run_trial(
         "longest_call_ms": round(max((c.ret - c.invoke for c in in_fault), default=0.0) * 1000, 3),
         "acked_in_window": sum(1 for c in in_fault if c.ok),
         "disturbed": disturbed,
+        "before_fault_ended": list(before) if before else None,
+        "after_fault_ended": after,
     }
     relative = [
         Call(c.writer, c.invoke - fault_at, c.ret - fault_at, c.ok)
