@@ -788,8 +788,7 @@ def draw_png(results: list[dict[str, Any]], path: Path) -> bool:
     figure, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
     shown = next((r for r in results if r["system"] == "kvstore" and r["trials"]), None)
     if shown is not None:
-        index = _median_trial(shown)
-        _plot_timeline(left, shown, index)
+        _plot_timeline(left, shown, _median_trial(shown))
     labels, data = [], []
     for result in results:
         labels.append(f"{result['system']}\n{result['fault']}")
@@ -810,32 +809,52 @@ def draw_png(results: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+def _median_calls(result: dict[str, Any]) -> list[Call]:
+    """The calls of the median trial: from this run, or from a saved JSON (--plot-from)."""
+    if "timelines" in result:
+        calls: list[Call] = result["timelines"][_median_trial(result)]
+        return calls
+    return [Call(**call) for call in result["calls_of_median_trial"]]
+
+
 def _plot_timeline(axes: Any, result: dict[str, Any], index: int) -> None:
     trial = result["trials"][index]
-    calls: list[Call] = result["timelines"][index]
-    ok = [(c.ret * 1000, (c.ret - c.invoke) * 1000) for c in calls if c.ok]
-    failed = [(c.ret * 1000, (c.ret - c.invoke) * 1000) for c in calls if not c.ok]
-    if ok:
-        axes.scatter(*zip(*ok), s=6, label="acknowledged write", color="tab:blue")
-    if failed:
-        axes.scatter(*zip(*failed), s=14, marker="x", label="failed call", color="tab:red")
+    calls = _median_calls(result)
+    worst = trial.get("worst_writer")
+    groups = [
+        ("acknowledged write", "tab:blue", [c for c in calls if c.ok and c.writer != worst]),
+        (f"writer {worst} (waited longest)", "tab:orange", [
+            c for c in calls if c.ok and c.writer == worst
+        ]),
+        ("failed call", "tab:red", [c for c in calls if not c.ok]),
+    ]  # fmt: skip
+    for label, color, group in groups:
+        if group:
+            points = [(c.ret * 1000, (c.ret - c.invoke) * 1000) for c in group]
+            axes.scatter(*zip(*points), s=8, label=label, color=color)
     timeline = trial["timeline_ms"]
     marks = [
-        ("fault_injected", "fault", "black"),
-        ("leader_loss_noticed", "loss noticed", "tab:orange"),
-        ("new_leader_elected", "new leader", "tab:green"),
-        ("first_write_acked", "first ack", "tab:purple"),
-    ]
+        ("fault_injected", "fault injected", "black"),
+        ("leader_loss_noticed", "leader loss noticed", "tab:brown"),
+        ("new_leader_elected", f"new leader {trial['new_leader']} (term {trial['new_term']})",
+         "tab:green"),
+        ("first_write_acked", "first write acknowledged", "tab:purple"),
+    ]  # fmt: skip
     for name, label, color in marks:
         if timeline.get(name) is not None:
             axes.axvline(timeline[name], color=color, linestyle="--", linewidth=1, label=label)
     axes.axvspan(trial["last_ack_before_ms"], timeline["first_write_acked"], color="tab:red",
-                 alpha=0.08, label=f"unavailable {trial['unavailability_ms']:.0f} ms")  # fmt: skip
+                 alpha=0.1, label=f"no writer acknowledged "
+                 f"({trial['cluster_unavailability_ms']:.0f} ms)")  # fmt: skip
+    unavailable = trial["unavailability_ms"]
+    axes.set_xlim(-max(150.0, unavailable), max(timeline["first_write_acked"], unavailable) + 300)
     axes.set_yscale("log")
-    axes.set_xlabel("completion time relative to the fault (ms)")
+    axes.set_xlabel("time the call returned, relative to the fault (ms)")
     axes.set_ylabel("call latency (ms, log scale)")
     axes.set_title(
-        f"{result['system']} {result['fault']}: trial {index + 1} (median), every client call"
+        f"{result['system']} {result['fault']}: median trial ({index + 1}), every client call;"
+        f"\nworst writer unavailable {unavailable:.0f} ms",
+        fontsize=10,
     )
     axes.legend(fontsize=7, loc="upper right")
 
@@ -894,6 +913,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", dest="json_path", help="write every figure as JSON here")
     parser.add_argument("--png", default="failover.png", help="figure path ('' for none)")
     parser.add_argument("--base-dir", help="directory for data and logs (default: a temp dir)")
+    parser.add_argument("--plot-from", help="only redraw the PNG from a JSON this wrote")
     args = parser.parse_args(argv)
     args.faults = [f for f in args.faults.split(",") if f]
     unknown = set(args.faults) - set(FAULTS)
@@ -906,6 +926,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plot_from:
+        saved = json.loads(Path(args.plot_from).read_text())["results"]
+        return 0 if draw_png(saved, Path(args.png or "failover.png")) else 1
     base = Path(args.base_dir) if args.base_dir else Path(tempfile.mkdtemp(prefix="kvfailover-"))
     started = time.time()
     args.load_at_start = os.getloadavg()
