@@ -177,9 +177,10 @@ async def _preload(session: aiohttp.ClientSession, target: Target) -> None:
     value = b"r" * VALUE_BYTES
 
     async def one(index: int) -> None:
-        status, body = await _put(
-            session, target, _read_key(index), value, f"preload-{os.getpid()}:{index + 1}"
-        )
+        # One client id per key: seqs of one client must not complete out of order here,
+        # since each write says every lower seq is acknowledged (Kvstore-Acked-Below).
+        request_id = f"preload-{os.getpid()}-{index}:1"
+        status, body = await _put(session, target, _read_key(index), value, request_id)
         if status != 200:
             raise RuntimeError(f"preload failed: {status} {body[:200]!r}")
 
