@@ -135,7 +135,7 @@ async def _worker(
     session: aiohttp.ClientSession,
     target: Target,
     workload: Workload,
-    concurrency: int,
+    level_id: str,
     worker: int,
     stop_at: float,
     record_from: float,
@@ -143,7 +143,9 @@ async def _worker(
     errors: dict[str, int],
 ) -> None:
     value = b"v" * workload.value_bytes
-    client_id = f"bench-{os.getpid()}-{workload.name}-{workload.value_bytes}-{concurrency}-{worker}"
+    # Unique per level: a later level with the same shape must not reuse a session whose
+    # seqs the cluster has already seen (it would refuse them as session_expired).
+    client_id = f"bench-{os.getpid()}-{level_id}-{worker}"
     rng = random.Random(worker)
     read_url = target.read_url(worker, workload.stale)
     seq = 0
@@ -217,6 +219,7 @@ async def run_level(
         cpu_before = {node: _cpu_seconds(pid) for node, pid in pids.items()}
         client_before = time.process_time()
         latencies: dict[str, list[float]] = {"read": [], "write": []}
+        level_id = f"{workload.name}-{workload.value_bytes}-{concurrency}-{time.time_ns():x}"
         errors: dict[str, int] = {}
         await asyncio.gather(
             *(
@@ -224,7 +227,7 @@ async def run_level(
                     session,
                     target,
                     workload,
-                    concurrency,
+                    level_id,
                     w,
                     stop_at,
                     record_from,
