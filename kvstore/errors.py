@@ -192,7 +192,9 @@ class BadRequestError(RequestError):
 
 
 class PayloadTooLargeError(RequestError):
-    """A body, key or value is over its configured limit."""
+    """A request body or value is over its configured limit (413).
+
+    An over-long key is a BadRequestError (400): keys are part of the URL, not the body."""
 
     http_status = 413
     code = "too_large"

@@ -208,7 +208,12 @@ class RawNode:
         self._hup(transfer=False)
 
     def report_peer_down(self, peer: int) -> None:
-        """The transport saw the connection to `peer` close (see CONTRACTS.md)."""
+        """The transport saw the connection to `peer` close.
+
+        A leader drops that follower back to probing. A follower that loses its leader's
+        connection (a crashed process's socket is closed by the kernel) forgets the leader's
+        lease and campaigns after a short staggered delay instead of a full election timeout;
+        the pre-vote round still decides, so a connection that merely blips deposes no one."""
         if self.role is Role.LEADER:
             progress = self._progress.get(peer)
             if progress is not None and progress.state is ProgressState.REPLICATE:

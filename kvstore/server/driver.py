@@ -5,8 +5,8 @@ Everything that touches Raft state happens on this task, in this order, turn aft
 1. take up to `inbox_batch_max` items from the inbox (peer messages, proposals, reads,
    control requests) and step them into the core; all reads of one turn share one ReadIndex;
 2. tick the core when the tick timer has fired;
-3. while the core has a Ready: persist it (the only step run off the event loop, on a
-   single-thread executor, so heartbeats and HTTP stay on time while the disk syncs), send
+3. while the core has a Ready: persist it (inline while saves are fast, otherwise on a
+   single-thread executor so heartbeats and HTTP stay on time while the disk syncs), send
    its messages, apply its committed entries, serve its read states, then advance.
 
 HTTP handlers never touch the core: they call `write()` / `read_barrier()`, which enqueue an
@@ -14,7 +14,13 @@ item and await a future with a deadline. Proposal futures are resolved by reques
 applied results, so a write is answered exactly when its entry is applied here.
 
 Rules that hold here:
-- Persist before send (Raft §5): a Ready's messages leave only after its save returned.
+- Persist before send (Raft §5): a Ready's messages leave only after its save returned,
+  with one exception: a leader whose term and vote are already durable sends its appends and
+  heartbeats while it saves the same entries (dissertation §10.2.1); it counts its own
+  entries toward commit only on a later turn, after the save returned (`_early_messages`).
+- A Ready that changes only the commit index is not fsynced on its own: the commit index is
+  written with the next entries (a restarted node relearns it from the leader), except
+  before a snapshot, whose index the durable commit must reach.
 - A `DiskFullError` from save refuses new writes (507) and retries the same save until it
   succeeds; a `FatalDiskError` ends the process (a retried fsync may silently lose data).
 - Ticks never catch up in a burst after a stall: a late timer fires one tick, so CPU pressure
