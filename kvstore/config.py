@@ -15,6 +15,7 @@ field, so a bad value stops the node at start with a clear message, never later.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -56,6 +57,7 @@ class ServeConfig:
     heartbeat_ticks: int = 5
     snapshot_entries: int = 10_000
     snapshot_catch_up_entries: int = 1_000
+    snapshot_log_ratio: float = 1.0
     max_key_bytes: int = 1024
     max_value_bytes: int = 1 << 20
     max_body_bytes: int = (1 << 20) + 1024
@@ -111,6 +113,8 @@ class ServeConfig:
             self.inline_save_entries_max < 0
         ):
             raise ValueError("shutdown_transfer_ms and snapshot_catch_up_entries must be >= 0")
+        if not (0 <= self.snapshot_log_ratio < math.inf):
+            raise ValueError(f"snapshot_log_ratio must be >= 0, got {self.snapshot_log_ratio}")
 
     @property
     def peer_addresses(self) -> dict[int, str]:
@@ -143,7 +147,12 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("tick_interval_ms", int, "Raft tick length in milliseconds (default 10)"),
     ("election_ticks", int, "election timeout in ticks (default 20)"),
     ("heartbeat_ticks", int, "heartbeat interval in ticks (default 5)"),
-    ("snapshot_entries", int, "take a snapshot and compact the log every N entries"),
+    ("snapshot_entries", int, "take a snapshot and compact the log every N entries or more"),
+    (
+        "snapshot_log_ratio",
+        float,
+        "snapshot only once the entries since the last one reach this multiple of its size",
+    ),
     ("snapshot_catch_up_entries", int, "entries kept before a snapshot for slow followers"),
     ("max_key_bytes", int, "largest key in UTF-8 bytes (default 1024)"),
     ("max_value_bytes", int, "largest value in bytes (default 1 MiB)"),

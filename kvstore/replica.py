@@ -97,16 +97,26 @@ class Replica:
         *,
         snapshot_entries: int = 10_000,
         snapshot_catch_up_entries: int = 1_000,
+        snapshot_log_ratio: float = 1.0,
         kv_config: KvConfig | None = None,
     ) -> None:
-        """`snapshot_entries`: take a snapshot once this many entries were applied since the
-        last one. `snapshot_catch_up_entries`: keep this many entries before the snapshot in
-        the log, so a slightly lagging follower catches up by appends rather than a snapshot
-        (etcd's SnapshotCatchUpEntries). `kv_config` must be the same on every replica."""
-        if snapshot_entries < 1 or snapshot_catch_up_entries < 0:
-            raise ValueError("snapshot_entries must be >= 1, snapshot_catch_up_entries >= 0")
+        """`snapshot_entries`: take a snapshot once at least this many entries were applied
+        since the last one, and `snapshot_log_ratio`: only once the bytes of those entries
+        reach this multiple of the last snapshot's size (Raft dissertation §5.1.3: snapshot
+        when the log outgrows the snapshot, so writing snapshots costs a bounded share of
+        the write volume however large the store is; with a fixed count alone, a million
+        keys were serialized every 10,000 writes). `snapshot_catch_up_entries`: keep this
+        many entries before the snapshot in the log, so a slightly lagging follower catches
+        up by appends rather than a snapshot (etcd's SnapshotCatchUpEntries). `kv_config`
+        must be the same on every replica."""
+        if snapshot_entries < 1 or snapshot_catch_up_entries < 0 or snapshot_log_ratio < 0:
+            raise ValueError(
+                "snapshot_entries must be >= 1, snapshot_catch_up_entries and "
+                "snapshot_log_ratio >= 0"
+            )
         self.storage = storage
         self.snapshot_entries = snapshot_entries
+        self.snapshot_log_ratio = snapshot_log_ratio
         self.snapshot_catch_up_entries = snapshot_catch_up_entries
         self.state_machine = StateMachine(kv_config)
         snapshot = storage.snapshot()
@@ -121,6 +131,10 @@ class Replica:
         self._conf_state = conf_state
         # Invariant: the index of the newest snapshot in storage (0 if none).
         self._snapshot_index = snapshot.metadata.index
+        # Size of that snapshot, and bytes of entry data applied since it was taken (or
+        # since the restart): together they pace snapshots (see `snapshot_due`).
+        self._snapshot_bytes = len(snapshot.data)
+        self._applied_bytes = 0
         # After a snapshot failed for a full disk: no new attempt before this applied index.
         self._snapshot_retry_index = 0
         self.node = RawNode(
@@ -208,6 +222,7 @@ class Replica:
                 # Covered by a snapshot restored in this same Ready.
                 continue
             command, result = self.state_machine.apply_entry(entry)
+            self._applied_bytes += len(entry.data)
             applied.append(Applied(entry.index, command, result))
         return tuple(applied)
 
@@ -225,6 +240,7 @@ class Replica:
         return (
             self.applied_index - self._snapshot_index >= self.snapshot_entries
             and self.applied_index >= self._snapshot_retry_index
+            and self._applied_bytes >= self.snapshot_log_ratio * self._snapshot_bytes
         )
 
     def maybe_snapshot(self) -> int:
@@ -255,8 +271,10 @@ class Replica:
         index = self.applied_index
         if index <= self._snapshot_index:
             return 0
-        self.storage.create_snapshot(index, self._conf_state, self.state_machine.snapshot())
+        data = self.state_machine.snapshot()
+        self.storage.create_snapshot(index, self._conf_state, data)
         self._snapshot_index = index
+        self._snapshot_bytes, self._applied_bytes = len(data), 0
         compact_to = index - self.snapshot_catch_up_entries
         if compact_to >= self.storage.first_index():
             self.storage.compact(compact_to)
@@ -271,3 +289,4 @@ class Replica:
         if snapshot.metadata.conf_state.voters:
             self._conf_state = snapshot.metadata.conf_state
         self._snapshot_index = max(self._snapshot_index, snapshot.metadata.index)
+        self._snapshot_bytes, self._applied_bytes = len(snapshot.data), 0

@@ -33,11 +33,13 @@ class Cluster:
         seed: int = 1,
         snapshot_entries: int = 10_000,
         catch_up: int = 0,
+        log_ratio: float = 0.0,
         storages: dict[int, DurableStorage] | None = None,
     ) -> None:
         self.seed = seed
         self.snapshot_entries = snapshot_entries
         self.catch_up = catch_up
+        self.log_ratio = log_ratio
         self.storages: dict[int, DurableStorage] = storages or {i: MemoryStorage() for i in PEERS}
         self.replicas = {i: self._start(i) for i in PEERS}
         self.in_flight: list[Message] = []
@@ -52,6 +54,7 @@ class Cluster:
             random.Random(self.seed * 100 + node_id),
             snapshot_entries=self.snapshot_entries,
             snapshot_catch_up_entries=self.catch_up,
+            snapshot_log_ratio=self.log_ratio,
         )
 
     def restart(self, node_id: int) -> None:
@@ -210,6 +213,39 @@ def test_snapshots_trigger_and_a_lagging_replica_catches_up_through_one() -> Non
     retried = cluster.write(3, Put("key1", b"22", RequestId("writer", 23), 5_000))
     assert retried == first
     assert len(cluster.digests()) == 1
+
+
+def test_snapshots_are_paced_by_the_size_of_the_last_one() -> None:
+    """With snapshot_log_ratio r, a snapshot waits until the entries applied since the last
+    one carry r times its size: a large store is not serialized every few writes."""
+    cluster = Cluster(snapshot_entries=5, catch_up=0, log_ratio=1.0)
+    cluster.elect(1)
+    leader = cluster.replicas[1]
+    big = b"x" * 2_000  # the first snapshot holds this value: about 2 kB
+    cluster.write(1, Put("big", big, RequestId("w", 1), 1))
+    seq = 1
+    while leader.snapshot_index == 0:
+        seq += 1
+        cluster.write(1, Put("small", b"s", RequestId("w", seq), seq))
+    first_index = leader.snapshot_index
+    first_bytes = len(leader.storage.snapshot().data)
+    assert first_bytes > 2_000
+    # Small writes must now add up to first_bytes before the next snapshot.
+    while leader.snapshot_index == first_index:
+        seq += 1
+        cluster.write(1, Put("small", b"s", RequestId("w", seq), seq))
+        assert seq < 10_000, "no second snapshot"
+    entries_between = leader.snapshot_index - first_index
+    # Each small write is well under 200 bytes of entry, so reaching first_bytes took
+    # more than first_bytes / 200 of them: far more than snapshot_entries = 5.
+    assert entries_between >= first_bytes // 200 > 5, entries_between
+    # Count pacing alone (ratio 0) snapshots every snapshot_entries entries.
+    by_count = Cluster(snapshot_entries=5, catch_up=0, log_ratio=0.0)
+    by_count.elect(1)
+    by_count.write(1, Put("big", big, RequestId("w", 1), 1))
+    for i in range(2, 13):
+        by_count.write(1, Put("small", b"s", RequestId("w", i), i))
+    assert by_count.replicas[1].snapshot_index >= 10
 
 
 def test_restart_restores_from_the_snapshot_and_replays_the_log() -> None:

@@ -112,6 +112,9 @@ class SimNode:
             rng,
             snapshot_entries=self.snapshot_interval,
             snapshot_catch_up_entries=self.snapshot_keep,
+            # Paced by count alone, so small simulated stores snapshot (and send snapshots)
+            # often; pacing by size is a local policy with no part in safety.
+            snapshot_log_ratio=0.0,
         )
         self.incarnation += 1
         self.crash_stage = None

@@ -118,6 +118,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
             str(SNAPSHOT_ENTRIES),
             "--snapshot-catch-up-entries",
             str(CATCH_UP_ENTRIES),
+            "--snapshot-log-ratio",
+            "0",
         ],
     )
     try:

@@ -50,11 +50,20 @@ def test_flags_beat_environment_beat_toml(tmp_path: Path) -> None:
         ("--id", "1", "--listen-client", "nope"),
         ("--id", "x"),
         ("--id", "1", "--log-level", "loud"),
+        ("--id", "1", "--snapshot-log-ratio", "-1"),
+        ("--id", "1", "--snapshot-log-ratio", "inf"),
+        ("--id", "1", "--snapshot-log-ratio", "nan"),
     ],
 )
 def test_bad_values_are_refused_with_the_field_named(argv: tuple[str, ...]) -> None:
     with pytest.raises(ValueError):
         load_config(_args(*argv), environ={})
+
+
+def test_snapshot_log_ratio_from_environment_and_default() -> None:
+    assert load_config(_args("--id", "1"), environ={}).snapshot_log_ratio == 1.0
+    env = {"KVSTORE_SNAPSHOT_LOG_RATIO": "0.5"}
+    assert load_config(_args("--id", "1"), environ=env).snapshot_log_ratio == 0.5
 
 
 def test_unknown_toml_key_is_refused(tmp_path: Path) -> None:
