@@ -69,6 +69,18 @@ _MOD: Final = 2
 _VERSION: Final = 3
 
 
+class _Records(dict[str, _Record]):
+    """The key -> record map. A subclass on purpose, for the garbage collector: a full
+    collection untracks an exact dict whose values are all untracked (our records are), and
+    the next insert of a fresh record tracks it again *in the youngest generation*, so after
+    every full collection the next young collections walked the whole store again (a
+    600,000-key dict among the young objects of 140-170 ms generation-1 pauses under load).
+    The collector untracks only exact dicts: this one stays in the oldest generation, and
+    only full collections walk it."""
+
+    __slots__ = ()
+
+
 # Keys packed per msgpack call when writing a snapshot (see `StateMachine.snapshot`).
 _SNAPSHOT_CHUNK_KEYS: Final = 2048
 
@@ -90,7 +102,7 @@ class StateMachine:
         self.clock_ms = 0
         # Plain records rather than KeyValue objects: building a frozen dataclass per key
         # would dominate restore() and snapshot() of a large store.
-        self._data: dict[str, _Record] = {}
+        self._data: dict[str, _Record] = _Records()
         # Invariant: sorted(self._data).
         self._keys: SortedList = SortedList()
         self._sessions = SessionTable(self.config.sessions)
@@ -302,11 +314,11 @@ def _pack_elements(packer: msgpack.Packer, elements: list[Any]) -> bytes:
     return packed[len(packer.pack_array_header(len(elements))) :]
 
 
-def _data_from_items(flat: list[Any], revision: int) -> dict[str, _Record]:
+def _data_from_items(flat: list[Any], revision: int) -> _Records:
     """Decode and validate the flat key array of a snapshot (see `snapshot`)."""
     if len(flat) % 5:
         raise ProtocolError("state machine snapshot: key array length not a multiple of 5")
-    data: dict[str, _Record] = {}
+    data = _Records()
     previous = ""
     fields = iter(flat)
     for key, value, create_revision, mod_revision, version in zip(

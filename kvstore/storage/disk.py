@@ -7,8 +7,13 @@ Layout of the data directory:
     LOCK                           flock'ed while a process has the directory open
 
 The entries after the compaction offset are kept in memory, so `entries()` and `term()` never
-touch the disk; memory is bounded by the snapshot cadence (the caller snapshots and compacts
-every N entries).
+touch the disk; memory is bounded by the snapshot cadence (the caller snapshots and compacts).
+They are kept as plain tuples of atomic values (`_Row`), not `Entry` objects: the garbage
+collector stops tracking such tuples after one young collection, whereas every Entry (a
+slotted dataclass) stayed tracked while in the log. Under load, 80,000-150,000 of them sat in
+the young generations at each generation-1 collection (140-170 ms pauses, long enough to start
+elections), and full collections walked the whole log. `entries()` builds Entry objects on
+the way out.
 
 Rules:
 - `save()` is group commit: the Ready's entries (and a TRUNCATE record when they conflict
@@ -48,6 +53,7 @@ from kvstore.raft.types import (
     EMPTY_SNAPSHOT,
     ConfState,
     Entry,
+    EntryType,
     HardState,
     Snapshot,
     SnapshotMetadata,
@@ -65,6 +71,19 @@ from kvstore.storage.wal import (
 )
 
 logger = logging.getLogger("kvstore.storage")
+
+# One in-memory log entry: (term, index, type, data); see the module docstring.
+_Row = tuple[int, int, int, bytes]
+_ENTRY_TYPES: dict[int, EntryType] = {int(t): t for t in EntryType}
+
+
+def _row(entry: Entry) -> _Row:
+    return (entry.term, entry.index, int(entry.type), entry.data)
+
+
+def _entry(row: _Row) -> Entry:
+    return Entry(row[0], row[1], _ENTRY_TYPES[row[2]], row[3])
+
 
 LOCK_NAME = "LOCK"
 
@@ -122,7 +141,7 @@ class DiskStorage:
         state = self._wal.open(fresh)
         self._offset = state.offset
         self._offset_term = state.offset_term
-        self._entries: list[Entry] = state.entries
+        self._entries: list[_Row] = [_row(entry) for entry in state.entries]
         self._hard_state = state.hard_state
         self._conf_state = state.conf_state
         self._base_offset = state.base_offset
@@ -217,19 +236,22 @@ class DiskStorage:
             return self._offset_term
         if index > self.last_index():
             raise UnavailableIndexError(f"index {index} > last index {self.last_index()}")
-        return self._entries[index - self._offset - 1].term
+        return self._entries[index - self._offset - 1][0]
 
     def entries(self, low: int, high: int, size_bytes_max: int) -> list[Entry]:
         if low <= self._offset:
             raise CompactedError(f"index {low} <= log offset {self._offset}")
         if high > self.last_index() + 1:
             raise UnavailableIndexError(f"index {high - 1} > last index {self.last_index()}")
-        selected = self._entries[low - self._offset - 1 : high - self._offset - 1]
+        rows, types = self._entries, _ENTRY_TYPES
+        selected: list[Entry] = []
         total = 0
-        for count, entry in enumerate(selected):
-            total += entry.size_bytes()
-            if total > size_bytes_max and count > 0:
-                return selected[:count]
+        for position in range(low - self._offset - 1, high - self._offset - 1):
+            term, index, type_, data = rows[position]
+            total += len(data) + 16  # Entry.size_bytes()
+            if total > size_bytes_max and selected:
+                break
+            selected.append(Entry(term, index, types[type_], data))
         return selected
 
     def snapshot(self) -> Snapshot:
@@ -267,7 +289,7 @@ class DiskStorage:
         self._wal.append(records[0] if len(records) == 1 else b"".join(records))
         if entries:
             del self._entries[first - self._offset - 1 :]
-            self._entries.extend(entries)
+            self._entries.extend([_row(entry) for entry in entries])
         if hard_state is not None and store_hard_state:
             self._hard_state = hard_state
 
@@ -281,7 +303,7 @@ class DiskStorage:
         while (
             skip < len(entries)
             and entries[skip].index <= last
-            and self._entries[entries[skip].index - self._offset - 1].term == entries[skip].term
+            and self._entries[entries[skip].index - self._offset - 1][0] == entries[skip].term
         ):
             skip += 1
         return entries[skip:] if skip else entries
@@ -303,7 +325,7 @@ class DiskStorage:
         )
         self._offset, self._offset_term = metadata.index, metadata.term
         self._base_offset = metadata.index
-        self._entries = list(entries)
+        self._entries = [_row(entry) for entry in entries]
         self._hard_state, self._conf_state = new_hard_state, conf_state
         self._snapshot = snapshot
         self._remove_snapshots(keep=metadata.index)
@@ -342,7 +364,7 @@ class DiskStorage:
             metadata = self._snapshot.metadata
             self._wal.rewrite(
                 self._base_content(index, offset_term, metadata, self._conf_state)
-                + self._base_tail(self._hard_state, retained)
+                + self._base_tail(self._hard_state, [_entry(row) for row in retained])
             )
             logger.info("compacted write-ahead log offset=%d", index)
             self._base_offset = index
