@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from kvstore.errors import DiskFullError
 from kvstore.kv.commands import Command, WriteResult, encode_command
-from kvstore.kv.state_machine import KvConfig, StateMachine
+from kvstore.kv.state_machine import FrozenState, KvConfig, StateMachine
 from kvstore.raft.config import RaftConfig
 from kvstore.raft.node import RawNode
 from kvstore.raft.types import (
@@ -86,6 +86,16 @@ class ReadyOutcome:
     snapshot_taken: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotJob:
+    """A snapshot begun by `Replica.begin_snapshot`: the frozen state, the membership to
+    record with it, and the entry bytes applied before it (for pacing)."""
+
+    frozen: FrozenState
+    conf_state: ConfState
+    applied_bytes: int
+
+
 class Replica:
     """RawNode + DurableStorage + StateMachine, driven one Ready at a time."""
 
@@ -98,6 +108,7 @@ class Replica:
         snapshot_entries: int = 10_000,
         snapshot_catch_up_entries: int = 1_000,
         snapshot_log_ratio: float = 1.0,
+        defer_snapshots: bool = False,
         kv_config: KvConfig | None = None,
     ) -> None:
         """`snapshot_entries`: take a snapshot once at least this many entries were applied
@@ -107,8 +118,10 @@ class Replica:
         the write volume however large the store is; with a fixed count alone, a million
         keys were serialized every 10,000 writes). `snapshot_catch_up_entries`: keep this
         many entries before the snapshot in the log, so a slightly lagging follower catches
-        up by appends rather than a snapshot (etcd's SnapshotCatchUpEntries). `kv_config`
-        must be the same on every replica."""
+        up by appends rather than a snapshot (etcd's SnapshotCatchUpEntries).
+        `defer_snapshots`: `advance` takes no snapshot; the driver calls `begin_snapshot`,
+        encodes the frozen state on a thread of its own while the replica goes on, then
+        `complete_snapshot` (the server). `kv_config` must be the same on every replica."""
         if snapshot_entries < 1 or snapshot_catch_up_entries < 0 or snapshot_log_ratio < 0:
             raise ValueError(
                 "snapshot_entries must be >= 1, snapshot_catch_up_entries and "
@@ -117,6 +130,7 @@ class Replica:
         self.storage = storage
         self.snapshot_entries = snapshot_entries
         self.snapshot_log_ratio = snapshot_log_ratio
+        self.defer_snapshots = defer_snapshots
         self.snapshot_catch_up_entries = snapshot_catch_up_entries
         self.state_machine = StateMachine(kv_config)
         snapshot = storage.snapshot()
@@ -232,11 +246,15 @@ class Replica:
         assert ready is self._pending, "advance() of a Ready that prepare() did not return"
         self.node.advance(ready)
         self._pending = None
-        return self.maybe_snapshot()
+        return 0 if self.defer_snapshots else self.maybe_snapshot()
 
     # --- snapshots -------------------------------------------------------------------------
 
     def snapshot_due(self) -> bool:
+        """Whether the next `advance` takes a snapshot (never with `defer_snapshots`)."""
+        return not self.defer_snapshots and self._snapshot_wanted()
+
+    def _snapshot_wanted(self) -> bool:
         return (
             self.applied_index - self._snapshot_index >= self.snapshot_entries
             and self.applied_index >= self._snapshot_retry_index
@@ -255,14 +273,53 @@ class Replica:
         try:
             return self.take_snapshot()
         except DiskFullError as exc:
-            self._snapshot_retry_index = self.applied_index + max(1, self.snapshot_entries // 4)
-            logger.warning(
-                "event=snapshot_failed reason=disk_full index=%d retry_at=%d error=%r",
-                self.applied_index,
-                self._snapshot_retry_index,
-                exc,
-            )
+            self._snapshot_failed(exc)
             return 0
+
+    def _snapshot_failed(self, exc: DiskFullError) -> None:
+        self._snapshot_retry_index = self.applied_index + max(1, self.snapshot_entries // 4)
+        logger.warning(
+            "event=snapshot_failed reason=disk_full index=%d retry_at=%d error=%r",
+            self.applied_index,
+            self._snapshot_retry_index,
+            exc,
+        )
+
+    def begin_snapshot(self) -> SnapshotJob | None:
+        """With `defer_snapshots`: when a snapshot is due, freeze the state machine at its
+        applied index and return the job (encode it with `job.frozen.encode()` on any
+        thread, then call `complete_snapshot`); else None. Only one job at a time."""
+        if not self.defer_snapshots or not self._snapshot_wanted():
+            return None
+        return SnapshotJob(self.state_machine.freeze(), self._conf_state, self._applied_bytes)
+
+    def complete_snapshot(self, job: SnapshotJob, data: bytes) -> int:
+        """Store the encoded `data` of `job` and compact the log; returns the snapshot's
+        index, 0 if it was overtaken (a newer snapshot arrived from the leader meanwhile) or
+        the disk is full. It touches only the storage and this replica's bookkeeping, so the
+        server runs it on its storage thread while the driver waits.
+
+        The commit index is made durable up to the snapshot first: commit-only changes are
+        not fsynced on their own (see the server's driver), and a restart must never find a
+        snapshot beyond its durable commit index. `job.index` was applied, hence committed."""
+        index = job.frozen.applied_index
+        if index <= self._snapshot_index:
+            return 0
+        try:
+            durable = self.storage.initial_state()[0]
+            if durable.commit < index:
+                self.storage.save(dataclasses.replace(durable, commit=index), [], None)
+            self.storage.create_snapshot(index, job.conf_state, data)
+        except DiskFullError as exc:
+            self._snapshot_failed(exc)
+            return 0
+        self._snapshot_index = index
+        self._snapshot_bytes = len(data)
+        self._applied_bytes = max(0, self._applied_bytes - job.applied_bytes)
+        compact_to = index - self.snapshot_catch_up_entries
+        if compact_to >= self.storage.first_index():
+            self.storage.compact(compact_to)
+        return index
 
     def take_snapshot(self) -> int:
         """Snapshot the state machine at its applied index now, then compact the log to

@@ -6,6 +6,8 @@ every scenario is exact (elections, snapshots, duplicate proposals across a lead
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,12 +36,14 @@ class Cluster:
         snapshot_entries: int = 10_000,
         catch_up: int = 0,
         log_ratio: float = 0.0,
+        defer: bool = False,
         storages: dict[int, DurableStorage] | None = None,
     ) -> None:
         self.seed = seed
         self.snapshot_entries = snapshot_entries
         self.catch_up = catch_up
         self.log_ratio = log_ratio
+        self.defer = defer
         self.storages: dict[int, DurableStorage] = storages or {i: MemoryStorage() for i in PEERS}
         self.replicas = {i: self._start(i) for i in PEERS}
         self.in_flight: list[Message] = []
@@ -55,6 +59,7 @@ class Cluster:
             snapshot_entries=self.snapshot_entries,
             snapshot_catch_up_entries=self.catch_up,
             snapshot_log_ratio=self.log_ratio,
+            defer_snapshots=self.defer,
         )
 
     def restart(self, node_id: int) -> None:
@@ -246,6 +251,43 @@ def test_snapshots_are_paced_by_the_size_of_the_last_one() -> None:
     for i in range(2, 13):
         by_count.write(1, Put("small", b"s", RequestId("w", i), i))
     assert by_count.replicas[1].snapshot_index >= 10
+
+
+def test_a_deferred_snapshot_is_encoded_while_the_replica_goes_on() -> None:
+    """The server's way: advance takes no snapshot; begin_snapshot freezes the state, the
+    replica applies more entries, the frozen state encodes to exactly the bytes of the
+    moment it was frozen, and complete_snapshot stores it, making the commit index durable
+    up to it first; a restart from that storage rebuilds the same state."""
+    cluster = Cluster(snapshot_entries=5, catch_up=1, defer=True)
+    cluster.elect(1)
+    for i in range(8):
+        cluster.write(1, Put(f"k{i}", b"v", RequestId("c", i + 1), i))
+    leader, storage = cluster.replicas[1], cluster.storages[1]
+    assert leader.snapshot_index == 0 and not leader.snapshot_due()  # advance took none
+    job = leader.begin_snapshot()
+    assert job is not None
+    index, digest = leader.applied_index, leader.state_machine.digest()
+    for i in range(8, 14):
+        cluster.write(1, Put(f"k{i % 3}", b"w", RequestId("c", i + 1), i))
+    data = job.frozen.encode()
+    assert hashlib.sha256(data).hexdigest() == digest  # the state as of the freeze
+    # A commit index that is not durable yet (commit-only Readies are not fsynced).
+    durable = storage.initial_state()[0]
+    storage.save(dataclasses.replace(durable, commit=1), [], None)
+    assert leader.complete_snapshot(job, data) == index
+    assert leader.snapshot_index == index and storage.snapshot().metadata.index == index
+    assert storage.initial_state()[0].commit >= index
+    assert storage.first_index() == index  # compacted to catch_up = 1 entry before it
+    assert leader.complete_snapshot(job, data) == 0  # not newer than the one stored
+    # The restarted node starts from the snapshot, replays what its durable commit covers,
+    # and learns the rest from the next leader.
+    cluster.restart(1)
+    cluster.process()
+    assert cluster.replicas[1].applied_index >= index
+    cluster.elect(2)
+    cluster.write(2, Put("after", b"restart", RequestId("d", 1), 100))
+    assert len(cluster.digests()) == 1
+    assert cluster.replicas[1].state_machine.get("after") is not None
 
 
 def test_restart_restores_from_the_snapshot_and_replays_the_log() -> None:

@@ -30,6 +30,7 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -251,34 +252,24 @@ class StateMachine:
     def snapshot(self) -> bytes:
         """The whole state as of `applied_index`, canonically encoded (equal states give
         equal bytes): version byte + msgpack."""
-        # Keys as one flat array (key, value, create, mod, version, key, ...): no per-key
-        # arrays to build or to decode, which is most of the cost for a large store.
-        # The array is packed in chunks, each a short C call: one packb of a million-key
-        # store held the GIL for about a second, so a leader snapshotting in its worker
-        # thread could not send the keepalives that keep its followers from campaigning.
-        # The bytes are exactly those of one packb of the whole array (a msgpack array is
-        # its header followed by its elements).
-        packer = msgpack.Packer(use_bin_type=True)
-        keys, data = self._keys, self._data
-        parts = [
-            bytes((SNAPSHOT_FORMAT_VERSION,)),
-            packer.pack_array_header(5),
-            packer.pack(self.applied_index),
-            packer.pack(self.revision),
-            packer.pack(self.clock_ms),
-            packer.pack_array_header(5 * len(keys)),
-        ]
-        chunk: list[Any] = []
-        extend, chunk_len = chunk.extend, 5 * _SNAPSHOT_CHUNK_KEYS
-        for key in keys:
-            extend((key, *data[key]))
-            if len(chunk) >= chunk_len:
-                parts.append(_pack_elements(packer, chunk))
-                chunk.clear()
-        if chunk:
-            parts.append(_pack_elements(packer, chunk))
-        parts.append(packer.pack(self._sessions.to_obj()))
-        return b"".join(parts)
+        return _encode_snapshot(
+            (self.applied_index, self.revision, self.clock_ms),
+            self._keys,
+            self._data,
+            self._sessions.to_obj(),
+        )
+
+    def freeze(self) -> FrozenState:
+        """A copy of the state as of now that `FrozenState.encode` can encode on another
+        thread while this machine goes on applying: the key order and the key map are copied
+        (references only: records are immutable tuples; tens of milliseconds for a million
+        keys), the session table as its encoded object."""
+        return FrozenState(
+            (self.applied_index, self.revision, self.clock_ms),
+            list(self._keys),
+            _Records(self._data),
+            self._sessions.to_obj(),
+        )
 
     def restore(self, data: bytes, index: int) -> None:
         """Replace the whole state by a snapshot taken at applied `index`; ProtocolError if
@@ -305,6 +296,58 @@ class StateMachine:
     def digest(self) -> str:
         """sha256 (hex) of the canonical encoding: equal states give equal digests."""
         return hashlib.sha256(self.snapshot()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class FrozenState:
+    """A state machine's state at one applied index, detached from the live machine."""
+
+    header: tuple[int, int, int]  # applied_index, revision, clock_ms
+    keys: list[str]
+    data: dict[str, _Record]
+    sessions: Any
+
+    @property
+    def applied_index(self) -> int:
+        return self.header[0]
+
+    def encode(self) -> bytes:
+        """The bytes `StateMachine.snapshot` gave at the moment of `freeze`."""
+        return _encode_snapshot(self.header, self.keys, self.data, self.sessions)
+
+
+def _encode_snapshot(
+    header: tuple[int, int, int],
+    keys: Iterable[str],
+    data: Mapping[str, _Record],
+    sessions_obj: Any,
+) -> bytes:
+    """version byte + msgpack [applied_index, revision, clock_ms, flat keys, sessions].
+
+    Keys as one flat array (key, value, create, mod, version, key, ...): no per-key arrays to
+    build or to decode, which is most of the cost for a large store. The array is packed in
+    chunks, each a short C call: one packb of a million-key store held the GIL for about a
+    second, so a leader encoding a snapshot on another thread could not send the keepalives
+    that keep its followers from campaigning. The bytes are exactly those of one packb of
+    the whole array (a msgpack array is its header followed by its elements)."""
+    packer = msgpack.Packer(use_bin_type=True)
+    parts = [
+        bytes((SNAPSHOT_FORMAT_VERSION,)),
+        packer.pack_array_header(5),
+        *(packer.pack(number) for number in header),
+        packer.pack_array_header(5 * len(data)),
+    ]
+    chunk: list[Any] = []
+    extend, chunk_len = chunk.extend, 5 * _SNAPSHOT_CHUNK_KEYS
+    for key in keys:
+        extend((key, *data[key]))
+        if len(chunk) >= chunk_len:
+            parts.append(_pack_elements(packer, chunk))
+            chunk.clear()
+    if chunk:
+        parts.append(_pack_elements(packer, chunk))
+    parts.append(packer.pack(sessions_obj))
+    return b"".join(parts)
 
 
 def _pack_elements(packer: msgpack.Packer, elements: list[Any]) -> bytes:

@@ -96,6 +96,7 @@ def open_replica(config: ServeConfig) -> Any:
         snapshot_entries=config.snapshot_entries,
         snapshot_catch_up_entries=config.snapshot_catch_up_entries,
         snapshot_log_ratio=config.snapshot_log_ratio,
+        defer_snapshots=True,
     )
 
 

@@ -74,7 +74,7 @@ async def harness(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterat
         **overrides,
     )
     storage = FaultyStorage()
-    replica = Replica(RaftConfig(id=1, peers=(1,)), storage, random.Random(7))
+    replica = Replica(RaftConfig(id=1, peers=(1,)), storage, random.Random(7), defer_snapshots=True)
     driver = Driver(config, replica, NodeMetrics(1), lambda message: None, lambda peer: None)
     task = asyncio.get_running_loop().create_task(driver.run())
     runner = web.ServerRunner(HttpApi(driver, "test").build_server())
