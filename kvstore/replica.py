@@ -48,6 +48,8 @@ from kvstore.raft.types import (
     Message,
     ReadState,
     Ready,
+    Snapshot,
+    SnapshotMetadata,
     SoftState,
 )
 from kvstore.storage.base import DurableStorage
@@ -88,12 +90,26 @@ class ReadyOutcome:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotJob:
-    """A snapshot begun by `Replica.begin_snapshot`: the frozen state, the membership to
-    record with it, and the entry bytes applied before it (for pacing)."""
+    """A snapshot begun by `Replica.begin_snapshot`: the frozen state, the term of its
+    index, the membership to record with it, and the entry bytes applied before it (for
+    pacing)."""
 
     frozen: FrozenState
+    term: int
     conf_state: ConfState
     applied_bytes: int
+
+    @property
+    def index(self) -> int:
+        return self.frozen.applied_index
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedSnapshot:
+    """`Replica.encode_snapshot`'s result: the bytes, and the file the storage prepared."""
+
+    data: bytes
+    prepared: str | None
 
 
 class Replica:
@@ -291,26 +307,46 @@ class Replica:
         thread, then call `complete_snapshot`); else None. Only one job at a time."""
         if not self.defer_snapshots or not self._snapshot_wanted():
             return None
-        return SnapshotJob(self.state_machine.freeze(), self._conf_state, self._applied_bytes)
+        term = self.storage.term(self.applied_index)
+        frozen = self.state_machine.freeze()
+        return SnapshotJob(frozen, term, self._conf_state, self._applied_bytes)
 
-    def complete_snapshot(self, job: SnapshotJob, data: bytes) -> int:
-        """Store the encoded `data` of `job` and compact the log; returns the snapshot's
-        index, 0 if it was overtaken (a newer snapshot arrived from the leader meanwhile) or
-        the disk is full. It touches only the storage and this replica's bookkeeping, so the
-        server runs it on its storage thread while the driver waits.
+    def encode_snapshot(self, job: SnapshotJob) -> EncodedSnapshot:
+        """Encode the job's frozen state and have the storage write its file ahead
+        (`prepare_snapshot`). Touches neither the core nor the live state machine, so it
+        runs on a thread of its own while the driver goes on. DiskFullError: call
+        `abandon_snapshot`; FatalDiskError: the process must end."""
+        data = job.frozen.encode()
+        metadata = SnapshotMetadata(index=job.index, term=job.term, conf_state=job.conf_state)
+        prepared = self.storage.prepare_snapshot(Snapshot(metadata=metadata, data=data))
+        return EncodedSnapshot(data, prepared)
+
+    def abandon_snapshot(self, exc: DiskFullError) -> None:
+        """The disk was full while preparing a snapshot: try again a quarter interval on."""
+        self._snapshot_failed(exc)
+
+    def complete_snapshot(self, job: SnapshotJob, encoded: EncodedSnapshot) -> int:
+        """Record the encoded snapshot (renaming the prepared file) and compact the log;
+        returns the snapshot's index, 0 if it was overtaken (a newer snapshot arrived from the
+        leader meanwhile) or the disk is full. It touches only the storage and this replica's
+        bookkeeping, so the server runs it on its storage thread while the driver waits.
 
         The commit index is made durable up to the snapshot first: commit-only changes are
         not fsynced on their own (see the server's driver), and a restart must never find a
         snapshot beyond its durable commit index. `job.index` was applied, hence committed."""
-        index = job.frozen.applied_index
+        index, data = job.index, encoded.data
         if index <= self._snapshot_index:
+            if encoded.prepared is not None:
+                self.storage.discard_prepared(encoded.prepared)
             return 0
         try:
             durable = self.storage.initial_state()[0]
             if durable.commit < index:
                 self.storage.save(dataclasses.replace(durable, commit=index), [], None)
-            self.storage.create_snapshot(index, job.conf_state, data)
+            self.storage.create_snapshot(index, job.conf_state, data, encoded.prepared)
         except DiskFullError as exc:
+            if encoded.prepared is not None:
+                self.storage.discard_prepared(encoded.prepared)
             self._snapshot_failed(exc)
             return 0
         self._snapshot_index = index

@@ -269,16 +269,16 @@ def test_a_deferred_snapshot_is_encoded_while_the_replica_goes_on() -> None:
     index, digest = leader.applied_index, leader.state_machine.digest()
     for i in range(8, 14):
         cluster.write(1, Put(f"k{i % 3}", b"w", RequestId("c", i + 1), i))
-    data = job.frozen.encode()
-    assert hashlib.sha256(data).hexdigest() == digest  # the state as of the freeze
+    encoded = leader.encode_snapshot(job)
+    assert hashlib.sha256(encoded.data).hexdigest() == digest  # the state as of the freeze
     # A commit index that is not durable yet (commit-only Readies are not fsynced).
     durable = storage.initial_state()[0]
     storage.save(dataclasses.replace(durable, commit=1), [], None)
-    assert leader.complete_snapshot(job, data) == index
+    assert leader.complete_snapshot(job, encoded) == index
     assert leader.snapshot_index == index and storage.snapshot().metadata.index == index
     assert storage.initial_state()[0].commit >= index
     assert storage.first_index() == index  # compacted to catch_up = 1 entry before it
-    assert leader.complete_snapshot(job, data) == 0  # not newer than the one stored
+    assert leader.complete_snapshot(job, encoded) == 0  # not newer than the one stored
     # The restarted node starts from the snapshot, replays what its durable commit covers,
     # and learns the rest from the next leader.
     cluster.restart(1)

@@ -30,8 +30,21 @@ class DurableStorage(Storage, Protocol):
         """Durably store one Ready's hard state, entries and snapshot (one fsync)."""
         ...
 
-    def create_snapshot(self, index: int, conf_state: ConfState, data: bytes) -> Snapshot:
-        """Durably record the state machine's snapshot as of applied `index`."""
+    def create_snapshot(
+        self, index: int, conf_state: ConfState, data: bytes, prepared: str | None = None
+    ) -> Snapshot:
+        """Durably record the state machine's snapshot as of applied `index`; `prepared`
+        names the file `prepare_snapshot` already wrote for it."""
+        ...
+
+    def prepare_snapshot(self, snapshot: Snapshot) -> str | None:
+        """Write `snapshot` durably where only `create_snapshot(..., prepared=...)` will
+        name it; callable from another thread while the storage is in use (it writes one new
+        file and touches nothing else). None if the storage has nothing to prepare."""
+        ...
+
+    def discard_prepared(self, prepared: str) -> None:
+        """Remove a prepared snapshot that will not be recorded (overtaken)."""
         ...
 
     def compact(self, index: int) -> None:

@@ -137,7 +137,7 @@ class DiskStorage:
         fresh = frame(RecordType.SEGMENT, codec.pack([0, [0, 0, 0, 0]])) + frame(
             RecordType.CONF_STATE, codec.pack(codec.conf_state_to_obj(initial_conf_state))
         )
-        snapshot_names = self._snapshot_files()
+        snapshot_names = self._snapshot_files(recovering=True)
         state = self._wal.open(fresh)
         self._offset = state.offset
         self._offset_term = state.offset_term
@@ -176,10 +176,16 @@ class DiskStorage:
             raise CorruptionError(path, 0, "snapshot does not match the log")
         return snapshot
 
-    def _snapshot_files(self) -> dict[tuple[int, int], str]:
+    def _snapshot_files(self, *, recovering: bool = False) -> dict[tuple[int, int], str]:
+        """The snapshot files by (index, term); removes temporary files, and on recovery
+        prepared ones too (at run time a prepared file may be in the making on another
+        thread, see `prepare_snapshot`)."""
         found: dict[tuple[int, int], str] = {}
+        leftovers = [snapshot_files.SUFFIX + snapshot_files.TEMPORARY_SUFFIX]
+        if recovering:
+            leftovers.append(snapshot_files.SUFFIX + snapshot_files.PREPARED_SUFFIX)
         for name in self.fs.listdir(self.directory):
-            if name.endswith(snapshot_files.SUFFIX + snapshot_files.TEMPORARY_SUFFIX):
+            if name.endswith(tuple(leftovers)):
                 self.fs.unlink(os.path.join(self.directory, name))
             elif (parsed := snapshot_files.parse_snapshot_name(name)) is not None:
                 found[parsed] = name
@@ -330,14 +336,33 @@ class DiskStorage:
         self._snapshot = snapshot
         self._remove_snapshots(keep=metadata.index)
 
-    def create_snapshot(self, index: int, conf_state: ConfState, data: bytes) -> Snapshot:
+    def prepare_snapshot(self, snapshot: Snapshot) -> str | None:
+        """See DurableStorage.prepare_snapshot: writes `<snapshot name>.prepared` and fsyncs
+        it; only a later `create_snapshot(..., prepared=path)` renames it into place, and only
+        recovery removes a leftover one. Thread-safe with the other methods for that reason."""
+        self._wal.check_usable()
+        try:
+            return snapshot_files.prepare_snapshot(self.fs, self.directory, snapshot)
+        except FatalDiskError as exc:
+            self._wal.poison(str(exc))
+            raise
+
+    def discard_prepared(self, prepared: str) -> None:
+        try:
+            self.fs.unlink(prepared)
+        except OSError as exc:
+            logger.warning("could not remove %s: %s", prepared, exc)
+
+    def create_snapshot(
+        self, index: int, conf_state: ConfState, data: bytes, prepared: str | None = None
+    ) -> Snapshot:
         if index <= self._snapshot.metadata.index:
             raise CompactedError(f"snapshot index {index} is not newer than the current one")
         if index > self.last_index():
             raise UnavailableIndexError(f"snapshot index {index} > last {self.last_index()}")
         metadata = SnapshotMetadata(index=index, term=self.term(index), conf_state=conf_state)
         snapshot = Snapshot(metadata=metadata, data=data)
-        self._write_snapshot_file(snapshot)
+        self._write_snapshot_file(snapshot, prepared)
         conf_state = conf_state if conf_state.voters else self._conf_state
         self._wal.append(
             frame(RecordType.SNAPSHOT, codec.pack([index, metadata.term]))
@@ -389,10 +414,12 @@ class DiskStorage:
         )
         return b"".join(records)
 
-    def _write_snapshot_file(self, snapshot: Snapshot) -> None:
+    def _write_snapshot_file(self, snapshot: Snapshot, prepared: str | None = None) -> None:
         self._wal.check_usable()
         try:
-            _path, fsyncs = snapshot_files.write_snapshot(self.fs, self.directory, snapshot)
+            _path, fsyncs = snapshot_files.write_snapshot(
+                self.fs, self.directory, snapshot, prepared
+            )
         except FatalDiskError as exc:
             self._wal.poison(str(exc))
             raise

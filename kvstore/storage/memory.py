@@ -151,7 +151,15 @@ class MemoryStorage:
         del self._entries[position:]
         self._entries.extend(entries)
 
-    def create_snapshot(self, index: int, conf_state: ConfState, data: bytes) -> Snapshot:
+    def prepare_snapshot(self, snapshot: Snapshot) -> str | None:
+        return None  # nothing to write ahead: create_snapshot keeps the bytes
+
+    def discard_prepared(self, prepared: str) -> None:
+        pass
+
+    def create_snapshot(
+        self, index: int, conf_state: ConfState, data: bytes, prepared: str | None = None
+    ) -> Snapshot:
         if index <= self._snapshot.metadata.index:
             raise CompactedError(f"snapshot index {index} is not newer than the current one")
         if index > self.last_index():

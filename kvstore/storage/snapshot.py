@@ -8,7 +8,10 @@ File `snap-<index:020d>-<term:020d>.snap`:
     body              kvstore.codec.pack(snapshot_to_obj(snapshot))
 
 Writing follows the only sequence that survives a crash at any point: write a temporary file,
-fsync it, rename it over its final name, fsync the directory. A snapshot is only *used* once
+fsync it, rename it over its final name, fsync the directory. The server writes and fsyncs
+the file ahead, on a thread of its own (`prepare_snapshot`: name + PREPARED_SUFFIX, which
+nothing but recovery touches), and later only renames it (`write_snapshot(prepared=...)`), so
+the storage thread is not busy for the seconds a large file takes. A snapshot is only *used* once
 the write-ahead log names it (a SNAPSHOT record or a segment base), so a file that became
 durable just before a crash but was never recorded in the log is ignored and removed on
 recovery. Loading verifies magic, length, checksum and that the metadata matches the name.
@@ -36,6 +39,7 @@ MAGIC = b"KVSNAP01"
 _HEADER = struct.Struct("<8sIQ")
 SUFFIX = ".snap"
 TEMPORARY_SUFFIX = ".tmp"
+PREPARED_SUFFIX = ".prepared"
 
 
 def snapshot_name(index: int, term: int) -> str:
@@ -57,38 +61,58 @@ def encode_snapshot_file(snapshot: Snapshot) -> bytes:
     return _HEADER.pack(MAGIC, zlib.crc32(body), len(body)) + body
 
 
-def write_snapshot(fs: FileSystem, directory: str, snapshot: Snapshot) -> tuple[str, int]:
-    """Durably write `snapshot`; returns its path and the number of fsyncs made.
-    Raises DiskFullError on ENOSPC (the temporary file is removed) and FatalDiskError on
-    any other failure."""
+def write_snapshot(
+    fs: FileSystem, directory: str, snapshot: Snapshot, prepared: str | None = None
+) -> tuple[str, int]:
+    """Durably write `snapshot` (or, with `prepared`, the file `prepare_snapshot` wrote for
+    it); returns its path and the number of fsyncs made. Raises DiskFullError on ENOSPC (the
+    temporary file is removed) and FatalDiskError on any other failure."""
     metadata = snapshot.metadata
     path = os.path.join(directory, snapshot_name(metadata.index, metadata.term))
-    temporary = path + TEMPORARY_SUFFIX
-    content = encode_snapshot_file(snapshot)
+    fsyncs = 1
+    if prepared is None:
+        prepared = path + TEMPORARY_SUFFIX
+        _write_file(fs, prepared, encode_snapshot_file(snapshot))
+        fsyncs += 1
+    elif prepared != path + PREPARED_SUFFIX:
+        raise ValueError(f"{prepared} is not the prepared file of {path}")
     try:
-        fd = fs.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        fs.rename(prepared, path)
+        fs.fsync_directory(directory)
     except OSError as exc:
-        raise _map_error(exc, f"create {temporary}") from exc
+        raise FatalDiskError(f"rename/fsync of {path} failed: {exc}") from exc
+    return path, fsyncs
+
+
+def prepare_snapshot(fs: FileSystem, directory: str, snapshot: Snapshot) -> str:
+    """Write `snapshot`'s file and fsync it under its final name + PREPARED_SUFFIX; returns
+    that path. Errors as `write_snapshot`."""
+    metadata = snapshot.metadata
+    path = os.path.join(directory, snapshot_name(metadata.index, metadata.term)) + PREPARED_SUFFIX
+    _write_file(fs, path, encode_snapshot_file(snapshot))
+    return path
+
+
+def _write_file(fs: FileSystem, path: str, content: bytes) -> None:
+    """Create or truncate `path`, write `content`, fsync; the file is removed on ENOSPC."""
+    try:
+        fd = fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    except OSError as exc:
+        raise _map_error(exc, f"create {path}") from exc
     try:
         view = memoryview(content)
         while view:
             view = view[fs.write(fd, view) :]
     except OSError as exc:
         fs.close(fd)
-        _remove_quietly(fs, temporary)
-        raise _map_error(exc, f"write {temporary}") from exc
+        _remove_quietly(fs, path)
+        raise _map_error(exc, f"write {path}") from exc
     try:
         fs.fsync(fd)
     except OSError as exc:
-        raise FatalDiskError(f"fsync of {temporary} failed: {exc}") from exc
+        raise FatalDiskError(f"fsync of {path} failed: {exc}") from exc
     finally:
         fs.close(fd)
-    try:
-        fs.rename(temporary, path)
-        fs.fsync_directory(directory)
-    except OSError as exc:
-        raise FatalDiskError(f"rename/fsync of {path} failed: {exc}") from exc
-    return path, 2
 
 
 def load_snapshot(fs: FileSystem, path: str) -> Snapshot:

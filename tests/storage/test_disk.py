@@ -98,6 +98,44 @@ def test_snapshot_and_compaction_survive_restart(
     storage.close()
 
 
+def test_a_prepared_snapshot_is_written_ahead_and_only_renamed_later(tmp_path: Path) -> None:
+    """The server writes a snapshot's file on a thread of its own (prepare_snapshot) and
+    records it later (create_snapshot(prepared=...)), a rename. A prepared file survives the
+    run-time clean-up of other snapshots, is removed by recovery if never recorded, and
+    is removed on request when overtaken."""
+    storage = DiskStorage(tmp_path)
+    storage.save(HardState(term=2, commit=60), entries(1, 60, term=2), None)
+    metadata = SnapshotMetadata(index=40, term=2, conf_state=VOTERS)
+    prepared = storage.prepare_snapshot(Snapshot(metadata=metadata, data=b"state@40"))
+    assert prepared is not None and prepared.endswith(".snap.prepared")
+    assert storage.snapshot().metadata.index == 0  # nothing recorded yet
+    # Another snapshot recorded meanwhile (run-time clean-up) leaves the prepared file.
+    storage.create_snapshot(30, VOTERS, b"state@30")
+    assert Path(prepared).exists()
+    snap = storage.create_snapshot(40, VOTERS, b"state@40", prepared)
+    assert snap.metadata == metadata and not Path(prepared).exists()
+    storage = reopen(storage)
+    assert storage.snapshot().data == b"state@40"
+    # A prepared file whose term does not match the log is refused, not renamed.
+    wrong = storage.prepare_snapshot(
+        Snapshot(metadata=SnapshotMetadata(index=50, term=1, conf_state=VOTERS), data=b"x")
+    )
+    assert wrong is not None
+    with pytest.raises(ValueError):
+        storage.create_snapshot(50, VOTERS, b"x", wrong)
+    storage.discard_prepared(wrong)
+    assert not Path(wrong).exists()
+    # A prepared file never recorded (a crash in between) is removed by recovery.
+    leftover = storage.prepare_snapshot(
+        Snapshot(metadata=SnapshotMetadata(index=55, term=2, conf_state=VOTERS), data=b"y")
+    )
+    assert leftover is not None and Path(leftover).exists()
+    storage = reopen(storage)
+    assert not Path(leftover).exists()
+    assert storage.snapshot().data == b"state@40"
+    storage.close()
+
+
 def test_trailing_entries_compacts_automatically(tmp_path: Path) -> None:
     storage = DiskStorage(tmp_path, trailing_entries=10, compact_after_entries=1)
     storage.save(HardState(term=1, commit=100), entries(1, 100), None)
