@@ -40,6 +40,8 @@ _HEADER = struct.Struct("<8sIQ")
 SUFFIX = ".snap"
 TEMPORARY_SUFFIX = ".tmp"
 PREPARED_SUFFIX = ".prepared"
+# A snapshot file is fsynced after every this many bytes written (see `_write_file`).
+_SYNC_EVERY_BYTES = 4 << 20
 
 
 def snapshot_name(index: int, term: int) -> str:
@@ -94,7 +96,12 @@ def prepare_snapshot(fs: FileSystem, directory: str, snapshot: Snapshot) -> str:
 
 
 def _write_file(fs: FileSystem, path: str, content: bytes) -> None:
-    """Create or truncate `path`, write `content`, fsync; the file is removed on ENOSPC."""
+    """Create or truncate `path`, write `content`, fsync; the file is removed on ENOSPC.
+
+    Written and synced _SYNC_EVERY_BYTES at a time: the log's fdatasync on the same disk
+    waits for whatever dirty data the file system flushes with it, and one fsync of a 35 MB
+    snapshot written at once made a two-entry save of the leader take 444 ms (the leader
+    lost its followers). In steps, a save waits for one step's worth at most."""
     try:
         fd = fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     except OSError as exc:
@@ -102,7 +109,12 @@ def _write_file(fs: FileSystem, path: str, content: bytes) -> None:
     try:
         view = memoryview(content)
         while view:
-            view = view[fs.write(fd, view) :]
+            step = view[:_SYNC_EVERY_BYTES]
+            while step:
+                written = fs.write(fd, step)
+                step, view = step[written:], view[written:]
+            if view:
+                fs.fsync(fd)
     except OSError as exc:
         fs.close(fd)
         _remove_quietly(fs, path)
