@@ -290,6 +290,21 @@ def test_a_deferred_snapshot_is_encoded_while_the_replica_goes_on() -> None:
     assert cluster.replicas[1].state_machine.get("after") is not None
 
 
+def test_deferred_snapshots_are_staggered_across_nodes() -> None:
+    """All replicas apply the same entries; with deferred (server) snapshots their
+    thresholds differ by node (x1, x1.25, x1.5) so that they do not all encode at once."""
+    cluster = Cluster(snapshot_entries=8, catch_up=0, defer=True)
+    cluster.elect(1)  # the new leader's empty entry: applied index 1
+    due: dict[int, int] = {}
+    for i in range(12):
+        cluster.write(1, Put(f"k{i}", b"v", RequestId("c", i + 1), i))
+        for node in (1, 2, 3):
+            replica = cluster.replicas[node]
+            if node not in due and replica.begin_snapshot() is not None:
+                due[node] = replica.applied_index
+    assert due == {1: 8, 2: 10, 3: 12}  # 8 entries x 1, x 1.25, x 1.5
+
+
 def test_restart_restores_from_the_snapshot_and_replays_the_log() -> None:
     cluster = Cluster(snapshot_entries=4, catch_up=2)
     cluster.elect(1)
