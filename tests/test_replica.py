@@ -232,6 +232,7 @@ def test_snapshots_are_paced_by_the_size_of_the_last_one() -> None:
     while leader.snapshot_index == 0:
         seq += 1
         cluster.write(1, Put("small", b"s", RequestId("w", seq), seq))
+        assert seq < 100, "no first snapshot"
     first_index = leader.snapshot_index
     first_bytes = len(leader.storage.snapshot().data)
     assert first_bytes > 2_000
