@@ -168,7 +168,7 @@ class Replica:
         # Invariant: the index of the newest snapshot in storage (0 if none).
         self._snapshot_index = snapshot.metadata.index
         # Size of that snapshot, and bytes of entry data applied since it was taken (or
-        # since the restart): together they pace snapshots (see `snapshot_due`).
+        # since the restart): together they pace snapshots (see `_snapshot_wanted`).
         self._snapshot_bytes = len(snapshot.data)
         self._applied_bytes = 0
         # After a snapshot failed for a full disk: no new attempt before this applied index.
@@ -296,10 +296,11 @@ class Replica:
         try:
             return self.take_snapshot()
         except DiskFullError as exc:
-            self._snapshot_failed(exc)
+            self.abandon_snapshot(exc)
             return 0
 
-    def _snapshot_failed(self, exc: DiskFullError) -> None:
+    def abandon_snapshot(self, exc: DiskFullError) -> None:
+        """The disk was full while writing a snapshot: try again a quarter interval on."""
         self._snapshot_retry_index = self.applied_index + max(1, self.snapshot_entries // 4)
         logger.warning(
             "event=snapshot_failed reason=disk_full index=%d retry_at=%d error=%r",
@@ -310,8 +311,8 @@ class Replica:
 
     def begin_snapshot(self) -> SnapshotJob | None:
         """With `defer_snapshots`: when a snapshot is due, freeze the state machine at its
-        applied index and return the job (encode it with `job.frozen.encode()` on any
-        thread, then call `complete_snapshot`); else None. Only one job at a time."""
+        applied index and return the job (pass it to `encode_snapshot` on any thread, then to
+        `complete_snapshot`); else None. Only one job at a time."""
         if not self.defer_snapshots or not self._snapshot_wanted():
             return None
         term = self.storage.term(self.applied_index)
@@ -327,10 +328,6 @@ class Replica:
         metadata = SnapshotMetadata(index=job.index, term=job.term, conf_state=job.conf_state)
         prepared = self.storage.prepare_snapshot(Snapshot(metadata=metadata, data=data))
         return EncodedSnapshot(data, prepared)
-
-    def abandon_snapshot(self, exc: DiskFullError) -> None:
-        """The disk was full while preparing a snapshot: try again a quarter interval on."""
-        self._snapshot_failed(exc)
 
     def complete_snapshot(self, job: SnapshotJob, encoded: EncodedSnapshot) -> int:
         """Record the encoded snapshot (renaming the prepared file) and compact the log;
@@ -354,15 +351,9 @@ class Replica:
         except DiskFullError as exc:
             if encoded.prepared is not None:
                 self.storage.discard_prepared(encoded.prepared)
-            self._snapshot_failed(exc)
+            self.abandon_snapshot(exc)
             return 0
-        self._snapshot_index = index
-        self._snapshot_bytes = len(data)
-        self._applied_bytes = max(0, self._applied_bytes - job.applied_bytes)
-        compact_to = index - self.snapshot_catch_up_entries
-        if compact_to >= self.storage.first_index():
-            self.storage.compact(compact_to)
-        return index
+        return self._snapshot_stored(index, len(data), job.applied_bytes)
 
     def take_snapshot(self) -> int:
         """Snapshot the state machine at its applied index now, then compact the log to
@@ -373,8 +364,15 @@ class Replica:
             return 0
         data = self.state_machine.snapshot()
         self.storage.create_snapshot(index, self._conf_state, data)
+        return self._snapshot_stored(index, len(data), self._applied_bytes)
+
+    def _snapshot_stored(self, index: int, size: int, applied_bytes: int) -> int:
+        """Bookkeeping after a snapshot at `index` of `size` bytes became durable, covering
+        `applied_bytes` of the entry bytes counted for pacing; then compact the log to
+        `snapshot_catch_up_entries` before it. Returns `index`."""
         self._snapshot_index = index
-        self._snapshot_bytes, self._applied_bytes = len(data), 0
+        self._snapshot_bytes = size
+        self._applied_bytes = max(0, self._applied_bytes - applied_bytes)
         compact_to = index - self.snapshot_catch_up_entries
         if compact_to >= self.storage.first_index():
             self.storage.compact(compact_to)
