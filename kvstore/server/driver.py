@@ -129,9 +129,8 @@ class Driver:
         self._snapshot_executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="kvstore-snapshot"
         )
-        self._snapshot_job: SnapshotJob | None = None
-        self._snapshot_encoding: asyncio.Future[EncodedSnapshot] | None = None
-        self._snapshot_started = 0.0
+        # The snapshot being encoded: its job, the encoding's future, when it began.
+        self._snapshot: tuple[SnapshotJob, asyncio.Future[EncodedSnapshot], float] | None = None
         self._proposals: dict[str, list[asyncio.Future[Any]]] = {}
         self._pending_count = 0
         metrics.pending_proposals.set_function(lambda: self._pending_count)
@@ -331,33 +330,32 @@ class Driver:
         file written and fsynced, on a thread of its own while the driver goes on committing
         and applying; then the file is renamed into place, named in the log and the log
         compacted on the storage thread, between two saves, the driver waiting only for that.
-        (With the file written there too, followers' drivers waited a second for a 100 MB
-        snapshot, answered nothing, and the leader, still encoding, lost its quorum.) (Taken in line with `advance`, encoding a
-        million-key store stopped writes for 3-8 s on all three nodes at once: requests
-        timed out and a follower that finished first could depose the leader.)"""
-        encoding = self._snapshot_encoding
-        if encoding is None:
+        Taken in line with `advance`, encoding a million-key store stopped writes for 3-8 s
+        on all three nodes at once; with the file written on the storage thread, followers'
+        drivers waited a second for a 100 MB snapshot, answered nothing, and the leader, still
+        encoding, lost its quorum."""
+        if self._snapshot is None:
             started = time.perf_counter()
             job = self.replica.begin_snapshot()
             if job is not None:
-                self._snapshot_job, self._snapshot_started = job, started
-                self._snapshot_encoding = self._loop.run_in_executor(
+                encoding = self._loop.run_in_executor(
                     self._snapshot_executor, self.replica.encode_snapshot, job
                 )
+                self._snapshot = (job, encoding, started)
                 frozen_s = time.perf_counter() - started
                 if frozen_s > _SLOW_S:
                     logger.warning("event=slow_snapshot_freeze seconds=%.3f", frozen_s)
             return
+        job, encoding, began = self._snapshot
         if not encoding.done():
             return
-        job, self._snapshot_job, self._snapshot_encoding = self._snapshot_job, None, None
-        assert job is not None
+        self._snapshot = None
         try:
             encoded = encoding.result()
         except DiskFullError as exc:
             self.replica.abandon_snapshot(exc)
             return
-        encoded_s = time.perf_counter() - self._snapshot_started
+        encoded_s = time.perf_counter() - began
         started = time.perf_counter()
         complete = functools.partial(self.replica.complete_snapshot, job, encoded)
         taken = await self._in_worker(complete)
