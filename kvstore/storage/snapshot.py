@@ -8,10 +8,10 @@ File `snap-<index:020d>-<term:020d>.snap`:
     body              kvstore.codec.pack(snapshot_to_obj(snapshot))
 
 Writing follows the only sequence that survives a crash at any point: write a temporary file,
-fsync it, rename it over its final name, fsync the directory. The server writes and fsyncs
-the file ahead, on a thread of its own (`prepare_snapshot`: name + PREPARED_SUFFIX, which
-nothing but recovery touches), and later only renames it (`write_snapshot(prepared=...)`), so
-the storage thread is not busy for the seconds a large file takes. A snapshot is only *used* once
+fsync it, rename it over its final name, fsync the directory. The server writes and fsyncs the
+file ahead, on a thread of its own (`prepare_snapshot`: name + PREPARED_SUFFIX, which nothing
+but recovery touches), and later only renames it (`write_snapshot(prepared=...)`), so the
+storage thread is not busy for the seconds a large file takes. A snapshot is only *used* once
 the write-ahead log names it (a SNAPSHOT record or a segment base), so a file that became
 durable just before a crash but was never recorded in the log is ignored and removed on
 recovery. Loading verifies magic, length, checksum and that the metadata matches the name.
@@ -69,13 +69,11 @@ def write_snapshot(
     """Durably write `snapshot` (or, with `prepared`, the file `prepare_snapshot` wrote for
     it); returns its path and the number of fsyncs made. Raises DiskFullError on ENOSPC (the
     temporary file is removed) and FatalDiskError on any other failure."""
-    metadata = snapshot.metadata
-    path = os.path.join(directory, snapshot_name(metadata.index, metadata.term))
-    fsyncs = 1
+    path = _path(directory, snapshot)
+    fsyncs = 1  # the directory's
     if prepared is None:
         prepared = path + TEMPORARY_SUFFIX
-        _write_file(fs, prepared, encode_snapshot_file(snapshot))
-        fsyncs += 1
+        fsyncs += _write_file(fs, prepared, encode_snapshot_file(snapshot))
     elif prepared != path + PREPARED_SUFFIX:
         raise ValueError(f"{prepared} is not the prepared file of {path}")
     try:
@@ -89,14 +87,18 @@ def write_snapshot(
 def prepare_snapshot(fs: FileSystem, directory: str, snapshot: Snapshot) -> str:
     """Write `snapshot`'s file and fsync it under its final name + PREPARED_SUFFIX; returns
     that path. Errors as `write_snapshot`."""
-    metadata = snapshot.metadata
-    path = os.path.join(directory, snapshot_name(metadata.index, metadata.term)) + PREPARED_SUFFIX
+    path = _path(directory, snapshot) + PREPARED_SUFFIX
     _write_file(fs, path, encode_snapshot_file(snapshot))
     return path
 
 
-def _write_file(fs: FileSystem, path: str, content: bytes) -> None:
-    """Create or truncate `path`, write `content`, fsync; the file is removed on ENOSPC.
+def _path(directory: str, snapshot: Snapshot) -> str:
+    return os.path.join(directory, snapshot_name(snapshot.metadata.index, snapshot.metadata.term))
+
+
+def _write_file(fs: FileSystem, path: str, content: bytes) -> int:
+    """Create or truncate `path`, write `content`, fsync; returns the number of fsyncs.
+    The file is removed on ENOSPC.
 
     Written and synced _SYNC_EVERY_BYTES at a time: the log's fdatasync on the same disk
     waits for whatever dirty data the file system flushes with it, and one fsync of a 35 MB
@@ -106,6 +108,7 @@ def _write_file(fs: FileSystem, path: str, content: bytes) -> None:
         fd = fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     except OSError as exc:
         raise _map_error(exc, f"create {path}") from exc
+    fsyncs = 1
     try:
         view = memoryview(content)
         while view:
@@ -115,6 +118,7 @@ def _write_file(fs: FileSystem, path: str, content: bytes) -> None:
                 step, view = step[written:], view[written:]
             if view:
                 fs.fsync(fd)
+                fsyncs += 1
     except OSError as exc:
         fs.close(fd)
         _remove_quietly(fs, path)
@@ -125,6 +129,7 @@ def _write_file(fs: FileSystem, path: str, content: bytes) -> None:
         raise FatalDiskError(f"fsync of {path} failed: {exc}") from exc
     finally:
         fs.close(fd)
+    return fsyncs
 
 
 def load_snapshot(fs: FileSystem, path: str) -> Snapshot:
