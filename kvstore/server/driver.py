@@ -441,10 +441,9 @@ class Driver:
             early = self._early_messages(ready)
             for message in early:
                 send(message)
-            needs_save = (
-                ready.hard_state is not None or bool(ready.entries) or ready.snapshot is not None
-            )
-            if needs_save and ready.must_sync:
+            # must_sync: entries, a snapshot or a new term/vote (a commit-only Ready is not
+            # saved; see below).
+            if ready.must_sync:
                 # A small save on a fast disk runs inline: the thread hop would cost more than
                 # the fsync it hides. On a slow disk (recent saves slow) every save goes to the
                 # worker thread so the loop keeps serving.
