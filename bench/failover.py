@@ -70,8 +70,8 @@ from etcdcluster import EtcdClient, EtcdCluster, etcd_binary, etcd_status
 from kvstore.chaos.proxy import ProxyMesh
 from kvstore.client import Client
 from kvstore.client.config import ClientConfig
-from kvstore.config import ServeConfig
 from kvstore.errors import KVStoreError
+from kvstore.server.config import ServeConfig
 from kvstore.server.localcluster import LocalCluster, free_port
 
 FAULTS = ("kill", "term", "pause", "isolate")

@@ -1,7 +1,7 @@
 """The `kvstore serve` and `kvstore cluster` subcommands.
 
 `serve` runs one node (configuration: flags > KVSTORE_* environment > TOML file > defaults;
-see kvstore/config.py). `cluster` runs a local three-node cluster in the foreground, like a
+see kvstore/server/config.py). `cluster` runs a local three-node cluster in the foreground, like a
 small supervisor: client ports 7001-7003, peer ports 7101-7103, data under ./data; it restarts
 a node that dies and stops all three on Ctrl-C or SIGTERM.
 """
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvstore.config import add_arguments, load_config
+from kvstore.server.config import add_arguments, load_config
 
 _RESTART_DELAY_S = 1.0
 

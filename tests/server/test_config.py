@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.config import add_arguments, load_config, parse_peers
+from kvstore.server.config import add_arguments, load_config, parse_peers
 
 
 def _args(*argv: str) -> argparse.Namespace:
