@@ -2,11 +2,21 @@
 
 The driver and the HTTP layer update these; `GET /metrics` renders the registry in the
 Prometheus text format. Names follow Prometheus conventions (`_total`, `_seconds`).
+
+The storage keeps its own plain counters (`kvstore.storage.wal.StorageMetrics`: fsyncs, time
+in fsync, bytes written) so that kvstore/storage needs no Prometheus; `StorageCollector` reads
+them when `/metrics` is scraped (`NodeMetrics.watch_storage`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kvstore.storage.wal import StorageMetrics
 
 _LATENCY_BUCKETS_S = (
     0.0001,
@@ -106,5 +116,45 @@ class NodeMetrics:
         self.node_info = Gauge("kvstore_node_info", "This node's id", ["id"], registry=r)
         self.node_info.labels(id=str(node_id)).set(1)
 
+    def watch_storage(self, storage: object) -> None:
+        """Export `storage.metrics` (a StorageMetrics) on every scrape; storage without one
+        (MemoryStorage) exports nothing."""
+        self.registry.register(StorageCollector(storage))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class StorageCollector(Collector):
+    """The storage's `StorageMetrics`, read when scraped (it only counts, never exports)."""
+
+    def __init__(self, storage: object) -> None:
+        self._storage = storage
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # the families depend on the storage; registration needs no names
+
+    def collect(self) -> Iterator[Metric]:
+        metrics = getattr(self._storage, "metrics", None)
+        if not isinstance(metrics, StorageMetrics):
+            return
+        yield CounterMetricFamily(
+            "kvstore_storage_fsyncs",
+            "fsyncs of the write-ahead log, snapshot files and directories",
+            value=metrics.fsync_count,
+        )
+        yield CounterMetricFamily(
+            "kvstore_storage_fsync_seconds",
+            "Time spent in fsyncs of the write-ahead log and its directory",
+            value=metrics.fsync_seconds_total,
+        )
+        yield GaugeMetricFamily(
+            "kvstore_storage_last_fsync_seconds",
+            "Duration of the latest fsync of the write-ahead log or its directory",
+            value=metrics.last_fsync_seconds,
+        )
+        yield CounterMetricFamily(
+            "kvstore_storage_written_bytes",
+            "Bytes written to the write-ahead log",
+            value=metrics.bytes_written,
+        )
