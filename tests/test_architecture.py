@@ -335,3 +335,17 @@ def test_the_layer_checker_resolves_relative_imports_in_a_package() -> None:
         True,
         frozenset({"kvstore.raft.node", "kvstore.errors"}),
     ) == [(1, "kvstore.raft.node"), (2, "kvstore.raft.types"), (3, "kvstore.errors")]
+
+
+def test_the_docs_show_the_same_table() -> None:
+    """docs/architecture.md §1 repeats ALLOWED_IMPORTS for readers; the two must agree."""
+    text = (ROOT.parent / "docs" / "architecture.md").read_text()
+    documented: dict[str, frozenset[str]] = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or cells[0] not in ALLOWED_IMPORTS:
+            continue
+        allowed = cells[2]
+        names = [] if allowed.startswith("(") else [n.strip() for n in allowed.split(",")]
+        documented[cells[0]] = frozenset(names)
+    assert documented == dict(ALLOWED_IMPORTS)
