@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvstore.server.config import add_arguments, load_config
+from kvstore.server.config import add_arguments, default_text, load_config
+from kvstore.server.discovery import split_host_port
 
 _RESTART_DELAY_S = 1.0
+_CLUSTER_SIZE = 3
 
 
 def register(subparsers: Any) -> None:
@@ -30,16 +32,25 @@ def register(subparsers: Any) -> None:
     add_arguments(serve)
     serve.set_defaults(handler=_serve)
 
+    # The first node listens where a lone `kvstore serve` would (ServeConfig's defaults).
+    client_port = split_host_port(default_text("listen_client") or "")[1]
+    peer_port = split_host_port(default_text("listen_peer") or "")[1]
+    size = _CLUSTER_SIZE
     cluster = subparsers.add_parser(
         "cluster",
         help="run a local three-node cluster in the foreground",
-        description="Three nodes on 127.0.0.1 (client ports 7001-7003, peer ports "
-        "7101-7103); restarts a node that dies; Ctrl-C stops all.",
+        description=f"{size} nodes on 127.0.0.1 (client ports {client_port}-"
+        f"{client_port + size - 1}, peer ports {peer_port}-{peer_port + size - 1}); restarts "
+        "a node that dies; Ctrl-C stops all.",
     )
-    cluster.add_argument("--data-dir", default="data", help="base directory (default ./data)")
-    cluster.add_argument("--size", type=int, default=3, help="number of nodes (default 3)")
-    cluster.add_argument("--client-port", type=int, default=7001, help="first client port")
-    cluster.add_argument("--peer-port", type=int, default=7101, help="first peer port")
+    cluster.add_argument("--data-dir", default="data", help="base directory (default %(default)s)")
+    cluster.add_argument("--size", type=int, default=size, help="number of nodes (default %(default)s)")
+    cluster.add_argument(
+        "--client-port", type=int, default=client_port, help="first client port (default %(default)s)"
+    )
+    cluster.add_argument(
+        "--peer-port", type=int, default=peer_port, help="first peer port (default %(default)s)"
+    )
     cluster.add_argument("extra", nargs=argparse.REMAINDER, help="-- then flags for every node")
     cluster.set_defaults(handler=_cluster)
 

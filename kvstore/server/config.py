@@ -19,7 +19,7 @@ import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -138,15 +138,15 @@ def _parse_bool(text: str) -> bool:
 _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("id", int, "this node's id (>= 1)"),
     ("cluster_id", str, "cluster name; peers with another cluster id are rejected"),
-    ("listen_client", str, "host:port for the HTTP API (default 127.0.0.1:7001)"),
-    ("listen_peer", str, "host:port for peer traffic (default 127.0.0.1:7101)"),
+    ("listen_client", str, "host:port for the HTTP API"),
+    ("listen_peer", str, "host:port for peer traffic"),
     ("advertise_client_url", str, "client URL other nodes give out (default http://LISTEN)"),
-    ("peers", str, "peer ports of all nodes: 1=host:port,2=host:port,3=host:port"),
-    ("data_dir", str, "directory of the write-ahead log and snapshots"),
-    ("log_level", str, "debug, info, warning or error"),
-    ("tick_interval_ms", int, "Raft tick length in milliseconds (default 10)"),
-    ("election_ticks", int, "election timeout in ticks (default 20)"),
-    ("heartbeat_ticks", int, "heartbeat interval in ticks (default 5)"),
+    ("peers", str, "peer ports of all nodes: 1=host:port,2=host:port,3=host:port (default: this node only)"),
+    ("data_dir", str, "directory of the write-ahead log and snapshots (default data/nodeID)"),
+    ("log_level", str, "debug, info, warning, error or critical"),
+    ("tick_interval_ms", int, "Raft tick length in milliseconds"),
+    ("election_ticks", int, "election timeout in ticks"),
+    ("heartbeat_ticks", int, "heartbeat interval in ticks"),
     ("snapshot_entries", int, "take a snapshot and compact the log every N entries or more"),
     (
         "snapshot_log_ratio",
@@ -154,8 +154,8 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
         "snapshot only once the entries since the last one reach this multiple of its size",
     ),
     ("snapshot_catch_up_entries", int, "entries kept before a snapshot for slow followers"),
-    ("max_key_bytes", int, "largest key in UTF-8 bytes (default 1024)"),
-    ("max_value_bytes", int, "largest value in bytes (default 1 MiB)"),
+    ("max_key_bytes", int, "largest key in UTF-8 bytes"),
+    ("max_value_bytes", int, "largest value in bytes"),
     ("max_body_bytes", int, "largest request body in bytes"),
     ("max_pending_proposals", int, "writes in flight before answering 429"),
     ("request_timeout_ms", int, "deadline of one request inside the node"),
@@ -171,10 +171,26 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
 )
 
 
+def default_text(name: str) -> str | None:
+    """ServeConfig's default of option `name` as the help text and the README write it, or
+    None when it has no fixed one (id, peers, data_dir, advertise_client_url). Defaults are
+    written once, in the dataclass; tests/server/test_config.py checks the README's table
+    against this."""
+    found = next((f for f in fields(ServeConfig) if f.name == name), None)
+    if found is None or found.default is MISSING or found.default == "":
+        return None
+    default = found.default
+    return str(default).lower() if isinstance(default, bool) else str(default)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per option, with default None so that unset flags fall through."""
+    """Add one flag per option, with default None so that unset flags fall through; the help
+    text names ServeConfig's default."""
     parser.add_argument("--config", default=None, help="TOML file with any of these options")
     for name, _, help_text in _OPTIONS:
+        default = default_text(name)
+        if default is not None:
+            help_text += f" (default {default})"
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text)
 
 
@@ -239,7 +255,7 @@ def _build(values: dict[str, Any]) -> ServeConfig:
     if isinstance(peers, Mapping):
         peers = {int(k): str(v) for k, v in peers.items()}
     if not peers:
-        peers = {int(values["id"]): values.get("listen_peer", "127.0.0.1:7101")}
+        peers = {int(values["id"]): values.get("listen_peer", default_text("listen_peer"))}
     data_dir = Path(values.pop("data_dir", f"data/node{values['id']}"))
     names = {f.name for f in fields(ServeConfig)}
     assert set(values) <= names, set(values) - names
