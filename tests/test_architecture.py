@@ -15,6 +15,7 @@ inside a function, under `if TYPE_CHECKING:`, relative or absolute), must follow
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -201,6 +202,7 @@ def module_name(relative_path: str) -> tuple[str, bool]:
     return ".".join(parts), False
 
 
+@functools.cache  # the real tree is walked several times with one file changed
 def imported_modules(
     source: str, module: str, is_package: bool, known: frozenset[str]
 ) -> list[tuple[int, str]]:
