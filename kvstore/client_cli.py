@@ -16,8 +16,10 @@ import argparse
 import asyncio
 import base64
 import json
+import math
 import os
 import sys
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,15 +41,52 @@ EXIT_UNAVAILABLE = 4
 EXIT_REJECTED = 5
 
 
+def endpoints_arg(text: str) -> str:
+    """`--endpoints`: comma-separated http(s)://host:port URLs, checked before any call, so a
+    typo is a usage error (exit 2) rather than a request retried until its deadline."""
+    urls = [part.strip() for part in text.split(",")]
+    if not text.strip():
+        raise argparse.ArgumentTypeError("no endpoint given")
+    for url in urls:
+        if not url:
+            raise argparse.ArgumentTypeError(f"an empty endpoint in {text!r}")
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https"):
+            raise argparse.ArgumentTypeError(f"{url!r}: the scheme must be http or https")
+        try:
+            port = parsed.port
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{url!r}: the port is not a number") from None
+        if not parsed.hostname:
+            raise argparse.ArgumentTypeError(f"{url!r}: no host")
+        if port is None:
+            raise argparse.ArgumentTypeError(f"{url!r}: no port")
+    return ",".join(urls)
+
+
+def timeout_arg(text: str) -> float:
+    """`--timeout`: a finite number of seconds above zero."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number of seconds above 0")
+    return seconds
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the client subcommands to the `kvstore` command."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--endpoints",
+        type=endpoints_arg,
         default=os.environ.get(ENDPOINTS_ENV, DEFAULT_ENDPOINTS),
         help=f"comma-separated client URLs (default: ${ENDPOINTS_ENV} or {DEFAULT_ENDPOINTS})",
     )
-    common.add_argument("--timeout", type=float, default=5.0, help="deadline per call, seconds")
+    common.add_argument(
+        "--timeout", type=timeout_arg, default=5.0, help="deadline per call, seconds"
+    )
     common.add_argument("--json", action="store_true", help="print JSON")
 
     get = subparsers.add_parser("get", parents=[common], help="read a key")
@@ -102,13 +141,29 @@ def _handle(action: Action) -> Callable[[argparse.Namespace], int]:
         try:
             return asyncio.run(run())
         except KVStoreError as exc:
-            print(f"kvstore: {exc.code}: {exc}", file=sys.stderr)
+            print(f"kvstore: {_describe(args, exc)}", file=sys.stderr)
             return _exit_status(exc)
         except ValueError as exc:
             print(f"kvstore: {exc}", file=sys.stderr)
             return EXIT_REJECTED
 
     return handler
+
+
+def _describe(args: argparse.Namespace, error: KVStoreError) -> str:
+    """One line for an error: what was asked (`get "k"`), then what matters about the
+    answer. The client's message already names the endpoint and the code once."""
+    what = args.command
+    key = getattr(args, "key", None)
+    if key is not None:
+        what = f"{what} {json.dumps(key)}"
+    if isinstance(error, NotFoundError):
+        return f"{what}: key not found [{error.code}]"
+    if isinstance(error, PreconditionFailedError):
+        current = error.current_revision
+        state = "the key is absent" if not current else f"current revision {current}"
+        return f"{what}: precondition failed: {state} [{error.code}]"
+    return f"{what}: {error}"
 
 
 def _exit_status(error: KVStoreError) -> int:
