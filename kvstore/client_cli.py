@@ -40,6 +40,8 @@ EXIT_PRECONDITION_FAILED = 3
 EXIT_UNAVAILABLE = 4
 EXIT_REJECTED = 5
 
+_STATUS_TIMEOUT_S = 1.0
+
 
 def endpoints_arg(text: str) -> str:
     """`--endpoints`: comma-separated http(s)://host:port URLs, checked before any call, so a
@@ -282,7 +284,9 @@ async def _list(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _status(client: Client, args: argparse.Namespace) -> int:
-    statuses = await client.cluster_status(timeout_s=args.timeout)
+    # One frozen node must not hold the whole table for the call's deadline: each endpoint
+    # gets at most a second (a live node answers in milliseconds).
+    statuses = await client.cluster_status(timeout_s=min(args.timeout, _STATUS_TIMEOUT_S))
     if args.json:
         _print_json(
             {endpoint: (None if s is None else dict(s.raw)) for endpoint, s in statuses.items()}
