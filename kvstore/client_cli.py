@@ -2,7 +2,7 @@
 
 Every subcommand takes `--endpoints` (comma-separated client URLs; default $KVSTORE_ENDPOINTS
 or the local cluster `kvstore cluster` starts), `--timeout` (the per-call deadline, seconds)
-and `--json` (machine-readable output). Values go to stdout as raw bytes; errors go to stderr
+and `--output table|json` (`--json` for short: machine-readable output). Values go to stdout as raw bytes; errors go to stderr
 with an exit status that says what happened:
 
     0 success   1 key not found   3 precondition failed (cas / conditional write)
@@ -89,7 +89,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     common.add_argument(
         "--timeout", type=timeout_arg, default=5.0, help="deadline per call, seconds"
     )
-    common.add_argument("--json", action="store_true", help="print JSON")
+    common.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "json"),
+        default="table",
+        help="table: for people (the default); json: one JSON document, for scripts",
+    )
+    common.add_argument("--json", action="store_true", help="the same as --output json")
 
     get = subparsers.add_parser("get", parents=[common], help="read a key")
     get.add_argument("key")
@@ -135,6 +142,8 @@ def _handle(action: Action) -> Callable[[argparse.Namespace], int]:
     """Run `action` with a Client for the parsed arguments; map errors to exit statuses."""
 
     def handler(args: argparse.Namespace) -> int:
+        args.json = args.json or args.output == "json"
+
         async def run() -> int:
             config = ClientConfig(timeout_s=args.timeout)
             async with Client(args.endpoints, config=config) as client:

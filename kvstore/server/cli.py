@@ -45,11 +45,24 @@ def register(subparsers: Any) -> None:
         "7101-7103); restarts a node that dies; Ctrl-C stops all.",
     )
     cluster.add_argument("--data-dir", default="data", help="base directory (default ./data)")
-    cluster.add_argument("--size", type=int, default=3, help="number of nodes (default 3)")
+    cluster.add_argument(
+        "--nodes", "--size", dest="size", type=_node_count, default=3,
+        help="number of nodes, 1 to 9 (default 3)",
+    )  # fmt: skip
     cluster.add_argument("--client-port", type=int, default=7001, help="first client port")
     cluster.add_argument("--peer-port", type=int, default=7101, help="first peer port")
     cluster.add_argument("extra", nargs=argparse.REMAINDER, help="-- then flags for every node")
     cluster.set_defaults(handler=_cluster)
+
+
+def _node_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= count <= 9:
+        raise argparse.ArgumentTypeError(f"{count}: a local cluster has 1 to 9 nodes")
+    return count
 
 
 def _serve(args: argparse.Namespace) -> int:

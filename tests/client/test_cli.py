@@ -133,3 +133,10 @@ def test_errors_say_what_matters_once(capsys: pytest.CaptureFixture[str]) -> Non
     assert run("cas", "k", "hello", "--mod-revision", "1") == client_cli.EXIT_PRECONDITION_FAILED
     err = capsys.readouterr().err
     assert "current revision 7" in err and err.count("precondition_failed") <= 1
+
+
+def test_output_json_is_the_same_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("get", "k", "--output", "json") == 0
+    assert json.loads(capsys.readouterr().out)["value"] == "hello"
+    assert run("status", "-o", "json") == 0
+    assert "http://127.0.0.1:7001" in json.loads(capsys.readouterr().out)
