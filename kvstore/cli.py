@@ -10,8 +10,9 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 from typing import Any
+
+from kvstore import __version__
 
 # Modules that contribute subcommands, in the order `kvstore --help` lists them.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
@@ -57,18 +58,11 @@ class IntermixedParser(argparse.ArgumentParser):
         )
 
 
-def version() -> str:
-    try:
-        return metadata.version("kvstore")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvstore", description="A fault-tolerant, Raft-replicated key-value store."
     )
-    parser.add_argument("--version", action="version", version=f"kvstore {version()}")
+    parser.add_argument("--version", action="version", version=f"kvstore {__version__}")
     subparsers = parser.add_subparsers(
         dest="command", metavar="COMMAND", parser_class=IntermixedParser
     )
