@@ -156,6 +156,7 @@ COMPONENTS: Mapping[str, str] = {
     "kvstore.server": "server",
     "kvstore.config": "server",  # an alias of kvstore.server.config, kept for old imports
     "kvstore.chaos": "chaos",
+    "kvstore.testing": "testing",  # a local cluster for applications' tests
     "kvstore.client_cli": "cli",
     "kvstore.cli": "cli",
     "kvstore.__main__": "cli",
@@ -165,6 +166,7 @@ COMPONENTS: Mapping[str, str] = {
 # bottom-up: errors and the Raft types know nothing of ours; the core (raft), the codec, the
 # state machine (kv) and storage sit on them; replica joins raft, storage and kv; the
 # simulator and the server each drive a replica; chaos drives real servers through the client.
+# "api" is the package root (`__version__`, and `Client` loaded on first use).
 ALLOWED_IMPORTS: Mapping[str, frozenset[str]] = {
     "errors": frozenset(),
     "raft.types": frozenset(),
@@ -175,10 +177,13 @@ ALLOWED_IMPORTS: Mapping[str, frozenset[str]] = {
     "verify": frozenset({"errors"}),
     "replica": frozenset({"raft", "raft.types", "storage", "kv", "errors"}),
     "sim": frozenset({"replica", "raft", "raft.types", "storage", "kv", "codec", "verify", "errors"}),
-    "server": frozenset({"replica", "raft", "raft.types", "storage", "kv", "codec", "errors"}),
+    "server": frozenset(
+        {"replica", "raft", "raft.types", "storage", "kv", "codec", "errors", "api"}
+    ),
     "client": frozenset({"errors"}),
     "chaos": frozenset({"server", "client", "storage", "kv", "raft.types", "verify", "errors"}),
-    "cli": frozenset({"server", "client", "chaos", "errors"}),
+    "testing": frozenset({"server", "client"}),
+    "cli": frozenset({"server", "client", "chaos", "errors", "api"}),
     "api": frozenset({"client"}),
 }
 
