@@ -9,8 +9,9 @@ everything the Raft core can read back:
 - writes: `save(hard_state, entries, snapshot)` appending at the tail, replacing a conflicting
   tail (Raft §5.3), resending entries the log already has (with a compacted front), moving the
   hard state alone, installing a leader's snapshot inside or past the log (Raft §7);
-  `create_snapshot` at a committed index, `compact` up to the snapshot; and, for DiskStorage
-  only, a reopen (a clean restart after the last save returned);
+  `create_snapshot` at a committed index (then compaction, as the server does), `compact` up
+  to the snapshot, writes both must refuse; and, for DiskStorage only, a reopen (a clean
+  restart after the last save returned);
 - reads compared after each step: `initial_state()`, `first_index()`, `last_index()`,
   `term(i)` from below the first index to past the last (the error class included),
   `entries(lo, hi, size_bytes_max)` over whole and partial ranges with small and large byte
@@ -46,6 +47,7 @@ from kvstore.raft.types import (
     SnapshotMetadata,
 )
 from kvstore.storage.disk import DiskStorage
+from kvstore.storage.fs import FileSystem
 from kvstore.storage.memory import MemoryStorage
 
 VOTERS = ConfState(voters=(1, 2, 3))
@@ -62,6 +64,22 @@ def _answer(read: Callable[..., T], *args: int) -> Answer:
         return ("raises", type(exc).__name__)
 
 
+class _NoSyncFileSystem(FileSystem):
+    """Real files, no fsync: this test compares what the two storages answer, not what
+    survives a power cut (tests/storage/test_wal_stateful.py and test_crash_process.py do
+    that), and thousands of fsyncs would make it slow on a busy disk. A reopen still reads
+    everything back from the files (the page cache)."""
+
+    def fsync(self, fd: int) -> None:
+        pass
+
+    def fdatasync(self, fd: int) -> None:
+        pass
+
+    def fsync_directory(self, path: str) -> None:
+        pass
+
+
 def _open_disk(directory: str) -> DiskStorage:
     # Small segments and a low rewrite threshold so compaction exercises both of its paths
     # (the cheap COMPACT record and the rewrite into a new segment).
@@ -70,6 +88,7 @@ def _open_disk(directory: str) -> DiskStorage:
         initial_conf_state=VOTERS,
         segment_size_bytes=1024,
         compact_after_entries=6,
+        fs=_NoSyncFileSystem(),
     )
 
 
@@ -107,15 +126,26 @@ class SideBySide(RuleBasedStateMachine):
 
     # --- writes -------------------------------------------------------------------------------
 
-    @rule(count=st.integers(1, 6), size=st.integers(0, 40), commit_to_end=st.booleans())
-    def append(self, count: int, size: int, commit_to_end: bool) -> None:
+    @rule(
+        count=st.integers(1, 6),
+        size=st.integers(0, 40),
+        commit_to_end=st.booleans(),
+        new_term=st.booleans(),
+    )
+    def append(self, count: int, size: int, commit_to_end: bool, new_term: bool) -> None:
+        """Entries after the tail; with new_term, as a new leader's (so the log's terms change
+        often and a term answered from the wrong entry shows)."""
+        if new_term:
+            self.term += 1
         entries = self._entries(self.memory.last_index() + 1, count, size)
         if commit_to_end:
             self.commit = entries[-1].index
         hard_state = self._hard_state()
         self._both(lambda s: s.save(hard_state, entries, None))
 
-    @precondition(lambda self: self.memory.last_index() > max(self.commit, self.memory.first_index() - 1))
+    @precondition(
+        lambda self: self.memory.last_index() > max(self.commit, self.memory.first_index() - 1)
+    )
     @rule(data=st.data(), count=st.integers(0, 5), size=st.integers(0, 40))
     def replace_tail(self, data: st.DataObject, count: int, size: int) -> None:
         """Raft §5.3: a new leader's entries replace our uncommitted suffix from the first
@@ -140,16 +170,16 @@ class SideBySide(RuleBasedStateMachine):
         entries = compacted + stored + self._entries(last + 1, count, size)
         self._both(lambda s: s.save(None, entries, None))
 
-    @rule(vote=st.integers(0, 3), term_up=st.booleans())
-    def hard_state_alone(self, vote: int, term_up: bool) -> None:
+    @rule(vote=st.integers(0, 3), term_up=st.booleans(), nothing=st.booleans())
+    def hard_state_alone(self, vote: int, term_up: bool, nothing: bool) -> None:
+        """A Ready with only a new hard state, or (nothing) with nothing to store at all."""
+        if nothing:
+            self._both(lambda s: s.save(None, [], None))
+            return
         if term_up:
             self.term += 1
         hard_state = self._hard_state(vote)
         self._both(lambda s: s.save(hard_state, [], None))
-
-    @rule()
-    def empty_save(self) -> None:
-        self._both(lambda s: s.save(None, [], None))
 
     def _snapshot_range(self) -> tuple[int, int]:
         """Indexes a new snapshot may cover: newer than the current one, committed, stored."""
@@ -157,22 +187,24 @@ class SideBySide(RuleBasedStateMachine):
         return low, min(self.commit, self.memory.last_index())
 
     @precondition(lambda self: self._snapshot_range()[0] <= self._snapshot_range()[1])
-    @rule(data=st.data(), new_members=st.booleans(), size=st.integers(0, 30))
-    def create_snapshot(self, data: st.DataObject, new_members: bool, size: int) -> None:
+    @rule(
+        data=st.data(),
+        new_members=st.booleans(),
+        size=st.integers(0, 30),
+        keep=st.none() | st.integers(0, 4),
+    )
+    def create_snapshot(
+        self, data: st.DataObject, new_members: bool, size: int, keep: int | None
+    ) -> None:
+        """The driver's snapshot of the applied state, then (unless keep is None) compaction
+        up to `keep` entries before it, as the server does after a snapshot."""
         index = data.draw(st.integers(*self._snapshot_range()), label="index")
         conf_state = NEW_VOTERS if new_members else ConfState()
         payload = bytes([index % 256]) * size
         made = [s.create_snapshot(index, conf_state, payload) for s in (self.memory, self.disk)]
         assert made[0] == made[1]
-
-    @rule(data=st.data())
-    def create_snapshot_out_of_range(self, data: st.DataObject) -> None:
-        """Not newer than the current snapshot, or past the log: both refuse alike."""
-        snapshot_index = self.memory.snapshot().metadata.index
-        index = data.draw(
-            st.sampled_from([snapshot_index, self.memory.last_index() + 1]), label="index"
-        )
-        self._both(lambda s: s.create_snapshot(index, VOTERS, b"x"))
+        if keep is not None:
+            self._both(lambda s: s.compact(max(0, index - keep)))
 
     @precondition(lambda self: self.memory.snapshot().metadata.index >= self.memory.first_index())
     @rule(data=st.data())
@@ -183,11 +215,17 @@ class SideBySide(RuleBasedStateMachine):
         )
         self._both(lambda s: s.compact(index))
 
-    @rule()
-    def compact_past_the_snapshot(self) -> None:
-        index = self.memory.snapshot().metadata.index + 1
-        if index > self.memory.first_index() - 1:
-            self._both(lambda s: s.compact(index))
+    @rule(data=st.data())
+    def refused(self, data: st.DataObject) -> None:
+        """Writes both must refuse alike, changing nothing: a snapshot not newer than the
+        current one or past the log, compaction past the snapshot."""
+        snapshot_index = self.memory.snapshot().metadata.index
+        choice = data.draw(st.sampled_from(["old snapshot", "future snapshot", "compact"]))
+        if choice == "compact":
+            self._both(lambda s: s.compact(snapshot_index + 1))
+        else:
+            index = snapshot_index if choice == "old snapshot" else self.memory.last_index() + 1
+            self._both(lambda s: s.create_snapshot(index, VOTERS, b"x"))
 
     @rule(
         data=st.data(),
