@@ -81,12 +81,14 @@ def test_cluster_command_serves_restarts_and_stops(tmp_path: Path) -> None:
         urls = [f"http://127.0.0.1:{client_base + i}" for i in range(3)]
 
         def ready() -> bool:
+            # Every node, not only the first: under load the others may still be starting
+            # (a PUT to node 2 was refused while node 1 was already ready).
             try:
-                return call(f"{urls[0]}/readyz", timeout_s=1).status == 200
+                return all(call(f"{url}/readyz", timeout_s=1).status == 200 for url in urls)
             except OSError:
                 return False
 
-        wait_until(ready, 20, "the cluster is ready")
+        wait_until(ready, 30, "every node is ready")
         assert call(f"{urls[1]}/v1/kv/greeting", "PUT", b"hello").status == 200
         assert call(f"{urls[2]}/v1/kv/greeting").body == b"hello"
         children = wait_until(lambda: (c := _children(process.pid)) and len(c) == 3 and c, 5)
