@@ -11,9 +11,11 @@ import importlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -223,3 +225,49 @@ def test_throughput_records_the_run_and_removes_its_cluster(tmp_path: Path) -> N
     # The cluster's data and logs lived under TMPDIR, and are gone.
     assert list(scratch.iterdir()) == []
     assert "removed the run's data and logs" in completed.stderr
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains `text` (from /proc; Linux)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.slow
+def test_failover_interrupted_stops_its_cluster_and_removes_its_data(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) once the cluster runs: the nodes are stopped, the data removed, exit 130."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, str(BENCH / "failover.py"), "--trials", "20", "--faults", "kill",
+         "--png", ""],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(scratch)},
+        # As an interactive shell starts it: SIGINT not ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not list(scratch.glob("kvfailover-*/kvstore-kill/node1.log")):
+            assert time.monotonic() < deadline, "the cluster did not start"
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, out[-2000:] + err[-2000:]
+    assert "removed the run's data and logs" in err
+    assert list(scratch.iterdir()) == []
+    assert _processes_mentioning(str(scratch)) == []
