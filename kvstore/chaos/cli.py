@@ -87,6 +87,11 @@ def main(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"kvstore chaos: {exc}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            # The drill stopped its nodes on the way out and logged its run folder, kept.
+            print("kvstore chaos: interrupted; the nodes were stopped, the run folder kept",
+                  file=sys.stderr)  # fmt: skip
+            return 130
         reports.append(report)
         print(report.render(), flush=True)
         print(flush=True)
