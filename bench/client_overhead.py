@@ -19,6 +19,8 @@ measures the overhead against a running cluster instead (failover needs its own 
     python bench/client_overhead.py                      # overhead, 2000 gets each way
     python bench/client_overhead.py --kills 3 --json out.json
     python bench/client_overhead.py --quick              # what tests run: small and fast
+
+The JSON also holds the run's commit, machine and command line (bench/runinfo.py).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import yarl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from runinfo import RunInfo
 from stats import median, percentile
 
 from kvstore import Client
@@ -351,9 +354,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.iterations = min(args.iterations, 200)
         args.kills = min(args.kills, 1) if args.endpoints is None else 0
+    run_info = RunInfo(argv)
     results = asyncio.run(_main_async(args))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        document = {"benchmark": "client_overhead", "run": run_info.finish(), **results}
+        args.json.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        print(f"json: {args.json.resolve()}")
     failover = results.get("failover")
     return 0 if failover is None or failover["consistent"] else 1
 

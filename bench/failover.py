@@ -34,8 +34,12 @@ must have version 1 (a higher version means a write was applied twice).
 `--compare etcd` runs the same trials with the same load against three-node etcd on
 loopback (etcd's JSON gateway, the same attempt timeout), once with etcd's defaults and once
 tuned to kvstore's heartbeat and election settings, and prints them side by side with
-ratios. Output: a table, `--json PATH`, and a PNG (`--png PATH`): every call's latency around
-one SIGKILL trial with the phases marked, and the distribution of unavailability.
+ratios. Output: a table, `--json PATH` (every figure, with the run's commit, machine and
+command line: bench/runinfo.py), and a PNG (`--png PATH`, default bench/results/failover.png):
+every call's latency around one SIGKILL trial with the phases marked, and the distribution of
+unavailability. Progress goes to stderr: a bar on a terminal, one line per trial otherwise.
+The clusters' data and logs live in a temporary directory (or `--base-dir`) that is removed
+when the run ends, however it ends, unless `--keep`.
 
     python bench/failover.py --trials 20 --faults kill,term,pause --compare etcd
     python bench/failover.py --trials 2 --faults kill,term --json out.json   # what the test runs
@@ -48,7 +52,6 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -61,31 +64,9 @@ from etcdcluster import etcd_binary
 from failover_report import draw_png, print_table, write_json
 from failover_systems import FAULTS, EtcdSystem, KvstoreSystem, System, kvstore_timing_ms
 from failover_trial import Call, Load, check_writes, run_trial, summarize, wait_healthy
+from runinfo import Progress, RunInfo, ScratchDir, output_path
 
 from kvstore.client.config import ClientConfig
-
-
-class Progress:
-    """A one-line progress bar on stderr."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.done = 0
-        self.started = time.monotonic()
-
-    def step(self, label: str, last: dict[str, Any] | None) -> None:
-        self.done += 1
-        width = 30
-        filled = int(width * self.done / max(1, self.total))
-        tail = f" last {last['unavailability_ms']:.0f} ms" if last else ""
-        elapsed = time.monotonic() - self.started
-        sys.stderr.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-            f"{label:<22}{tail:<16} {elapsed:5.0f} s"
-        )
-        sys.stderr.flush()
-        if self.done >= self.total:
-            sys.stderr.write("\n")
 
 
 async def _run_trials(
@@ -100,7 +81,9 @@ async def _run_trials(
             trial, calls = await run_trial(system, load, fault, args)
             trials.append(trial)
             timelines.append(calls)
-            progress.step(f"{system.label} {fault}", trial)
+            progress.step(
+                f"{system.label} {fault}", f"{trial['unavailability_ms']:.0f} ms unavailable"
+            )
         await wait_healthy(system, load, args.healthy_timeout_s)
     finally:
         load.stopping = True
@@ -173,8 +156,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--trial-timeout-s", type=float, default=20.0)
     parser.add_argument("--healthy-timeout-s", type=float, default=60.0)
     parser.add_argument("--json", dest="json_path", help="write every figure as JSON here")
-    parser.add_argument("--png", default="failover.png", help="figure path ('' for none)")
+    parser.add_argument("--png", default=None,
+                        help="figure path (default bench/results/failover.png; '' for none)")  # fmt: skip
     parser.add_argument("--base-dir", help="directory for data and logs (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the clusters' data and logs (removed at the end otherwise)")  # fmt: skip
     parser.add_argument("--plot-from", help="only redraw the PNG from a JSON this wrote")
     args = parser.parse_args(argv)
     args.faults = [f for f in args.faults.split(",") if f]
@@ -186,33 +172,72 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _plot_from(path: str, png: Path) -> int:
+    """Redraw the PNG from a saved JSON; a missing or malformed file is one line, exit 2."""
+    try:
+        document = json.loads(Path(path).read_text())
+        if not isinstance(document, dict):
+            raise TypeError("its top level is not an object")
+        saved = document["results"]
+        if not isinstance(saved, list) or not all(isinstance(r, dict) for r in saved):
+            raise TypeError("'results' is not a list of objects")
+        for result in saved:
+            # What draw_png reads, checked before it loads matplotlib.
+            missing = [n for n in ("system", "fault", "trials", "calls_of_median_trial")
+                       if n not in result]  # fmt: skip
+            if missing:
+                raise KeyError(missing[0])
+        drawn = draw_png(saved, png)
+    except OSError as exc:
+        print(f"failover.py: --plot-from {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        # json.JSONDecodeError is a ValueError; the rest is a JSON of another shape.
+        what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+        print(
+            f"failover.py: --plot-from {path}: not a JSON written by failover.py --json ({what})",
+            file=sys.stderr,
+        )
+        return 2
+    if not drawn:
+        return 1
+    print(f"figure: {png.resolve()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    png = output_path(args.png, "failover.png") if args.png != "" else None
     if args.plot_from:
-        saved = json.loads(Path(args.plot_from).read_text())["results"]
-        return 0 if draw_png(saved, Path(args.png or "failover.png")) else 1
-    base = Path(args.base_dir) if args.base_dir else Path(tempfile.mkdtemp(prefix="kvfailover-"))
-    started = time.time()
-    args.load_at_start = os.getloadavg()
+        return _plot_from(args.plot_from, png or output_path(None, "failover.png"))
+    run = RunInfo(argv)
+    args.run = run
+    scratch = ScratchDir(args.base_dir, keep=args.keep, prefix="kvfailover-")
     print(
-        f"failover benchmark under {base}; {os.cpu_count()} cpus, load average "
-        f"{' '.join(f'{x:.2f}' for x in args.load_at_start)}; {args.writers} writers, "
-        f"attempt timeout {args.attempt_timeout_ms:.0f} ms",
+        f"failover benchmark: {run.describe()}; {args.writers} writers, attempt timeout "
+        f"{args.attempt_timeout_ms:.0f} ms; data and logs under {scratch.path}",
         flush=True,
     )
     try:
-        import uvloop
+        with scratch as base:
+            try:
+                import uvloop
 
-        results = uvloop.run(run_all(args, base))
-    except ImportError:
-        results = asyncio.run(run_all(args, base))
+                results = uvloop.run(run_all(args, base))
+            except ImportError:
+                results = asyncio.run(run_all(args, base))
+    except KeyboardInterrupt:
+        print("interrupted: the clusters were stopped", file=sys.stderr)
+        return 130
     print_table(results)
     load = os.getloadavg()
     print(f"load average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     if args.json_path:
-        write_json(results, args, started)
-    if args.png and draw_png(results, Path(args.png)):
-        print(f"figure: {Path(args.png).resolve()}")
+        json_path = output_path(args.json_path, "failover.json")
+        write_json(results, args, json_path)
+        print(f"json: {json_path.resolve()}")
+    if png is not None and draw_png(results, png):
+        print(f"figure: {png.resolve()}")
     broken = [r for r in results if r["writes"]["lost"] or r["writes"]["applied_twice"]]
     for result in broken:
         why = (

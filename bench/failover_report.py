@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import random
 import sys
 from dataclasses import asdict
@@ -152,23 +150,22 @@ def _plot_timeline(axes: Any, result: dict[str, Any], index: int) -> None:
     axes.legend(fontsize=7, loc="upper right")
 
 
-def write_json(results: list[dict[str, Any]], args: argparse.Namespace, started: float) -> None:
+def write_json(results: list[dict[str, Any]], args: argparse.Namespace, path: Path) -> None:
+    """Every figure, the settings and the run's description (bench/runinfo.py) as JSON."""
     heartbeat_ms, election_ms = kvstore_timing_ms()
     document = {
         "benchmark": "failover",
-        "started_unix": started,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "load_average_at_start": args.load_at_start,
-            "load_average_at_end": os.getloadavg(),
-            "etcd": etcd_binary(),
-        },
+        "run": args.run.finish(),
+        "etcd": etcd_binary(),
         "settings": {
+            "trials": args.trials,
+            "faults": args.faults,
+            "compare": args.compare,
             "writers": args.writers,
             "attempt_timeout_ms": args.attempt_timeout_ms,
             "pause_s": args.pause_s,
+            "settle_s": args.settle_s,
+            "post_s": args.post_s,
             "poll_ms": args.poll_ms,
             "kvstore_heartbeat_ms": heartbeat_ms,
             "kvstore_election_ms": election_ms,
@@ -183,4 +180,4 @@ def write_json(results: list[dict[str, Any]], args: argparse.Namespace, started:
             for r in results
         ],
     }  # fmt: skip
-    Path(args.json_path).write_text(json.dumps(document, indent=1))
+    path.write_text(json.dumps(document, indent=1))

@@ -12,6 +12,8 @@ core's work); the raw loop counts write + fdatasync.
 
     python bench/storage.py [--seconds 1.0] [--repetitions 5] [--dir PATH] [--json PATH]
     python bench/storage.py --quick          # a few tenths of a second, for tests
+
+The JSON also holds the run's commit, machine and command line (bench/runinfo.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from runinfo import RunInfo
 from stats import median
 
 from kvstore.raft.types import Entry, HardState
@@ -178,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny runs, for tests")
     args = parser.parse_args(argv)
     seconds, repetitions = (0.1, 1) if args.quick else (args.seconds, args.repetitions)
+    run_info = RunInfo(argv)
     base = Path(tempfile.mkdtemp(prefix="kvstore-bench-storage-", dir=args.dir or Path.cwd()))
     try:
         report = run(base, seconds, repetitions)
@@ -185,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(base, ignore_errors=True)
     print_table(report)
     if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        document = {"benchmark": "storage", "run": run_info.finish(), **report}
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"json: {args.json.resolve()}")
     return 0
 
 

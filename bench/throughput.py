@@ -4,7 +4,9 @@ Starts a LocalCluster (real `kvstore serve` processes, every node fsyncing), fin
 and for each concurrency N runs N asyncio workers that PUT 100-byte values under 16-byte keys
 straight to the leader (aiohttp, one keep-alive connection per worker, a request id on every
 write as the client library sends). Prints acknowledged writes/s, p50/p99 latency and whether
-the leader changed, per N; `--json PATH` writes the same figures.
+the leader changed, per N; `--json PATH` writes the same figures with the run's commit,
+machine and command line (bench/runinfo.py). The clusters' data and logs live in a temporary
+directory (or `--base-dir`) that is removed when the run ends, however it ends, unless `--keep`.
 
 Workloads (`--workloads`, comma-separated; each runs at every N):
 - `write`   every operation is a PUT to the leader (the default);
@@ -31,10 +33,8 @@ import asyncio
 import base64
 import json
 import os
-import platform
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from etcdcluster import EtcdCluster, etcd_binary, etcd_status
+from runinfo import RunInfo, ScratchDir, output_path
 from stats import percentile
 
 from kvstore.server.localcluster import LocalCluster
@@ -353,23 +354,22 @@ def raw_fsync_ms(directory: Path, count: int = 100) -> tuple[float, float]:
 
 
 def _run_with_cluster(args: argparse.Namespace) -> list[Any]:
-    base = Path(args.base_dir) if args.base_dir else Path(tempfile.mkdtemp(prefix="kvbench-"))
-    p50, p99 = raw_fsync_ms(base)
-    args.raw_fsync_ms = {"p50": p50, "p99": p99}
-    load = os.getloadavg()[0]
-    print(
-        f"raw fdatasync on this disk: p50 {p50:.2f} ms, p99 {p99:.2f} ms; load average {load:.1f}"
-    )
-    extra = args.node_args.split() if args.node_args else []
-    with LocalCluster(base, 3, extra_args=extra) as cluster:
-        leader = cluster.wait_for_leader(timeout_s=20)
-        url = cluster.client_url(leader)
-        print(f"cluster under {base}; leader is node {leader} at {url}", flush=True)
-        pids = {node: pid for node in cluster.ids if (pid := cluster.pid(node)) is not None}
-        others = [cluster.client_url(n) for n in cluster.ids if n != leader]
-        results = _run(Target("kvstore", (url, *others)), args, pids)
-    if args.compare == "etcd":
-        results += _run_etcd(base / "etcd", args)
+    """kvstore's cluster (then etcd's, with --compare) in a scratch directory that is removed
+    when the run ends, unless --keep (bench/runinfo.py)."""
+    with ScratchDir(args.base_dir, keep=args.keep, prefix="kvbench-") as base:
+        p50, p99 = raw_fsync_ms(base)
+        args.raw_fsync_ms = {"p50": p50, "p99": p99}
+        print(f"raw fdatasync on this disk: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+        extra = args.node_args.split() if args.node_args else []
+        with LocalCluster(base, 3, extra_args=extra) as cluster:
+            leader = cluster.wait_for_leader(timeout_s=20)
+            url = cluster.client_url(leader)
+            print(f"cluster under {base}; leader is node {leader} at {url}", flush=True)
+            pids = {node: pid for node in cluster.ids if (pid := cluster.pid(node)) is not None}
+            others = [cluster.client_url(n) for n in cluster.ids if n != leader]
+            results = _run(Target("kvstore", (url, *others)), args, pids)
+        if args.compare == "etcd":
+            results += _run_etcd(base / "etcd", args)
     return results
 
 
@@ -453,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_path", help="write the results as JSON here")
     parser.add_argument("--endpoint", help="use this running node (the leader) instead")
     parser.add_argument("--base-dir", help="directory for the cluster's data and logs")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the clusters' data and logs (removed at the end otherwise)")  # fmt: skip
     parser.add_argument("--node-args", default="", help="extra flags for every node")
     parser.add_argument("--workloads", default="write", help=f"from {','.join(WORKLOADS)}")
     parser.add_argument("--value-sizes", default="", help="PUT value sizes to sweep (bytes)")
@@ -469,30 +471,41 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--compare etcd needs an etcd binary on PATH (apt-get install etcd-server)")
     if args.compare and args.endpoint:
         parser.error("--compare starts its own clusters; it cannot use --endpoint")
-    started = time.time()
-    args.load_at_start = os.getloadavg()
-    if args.endpoint:
-        results = _run(Target("kvstore", (args.endpoint.rstrip("/"),)), args)
-    else:
-        results = _run_with_cluster(args)
+    run = RunInfo(argv)
+    print(f"throughput benchmark: {run.describe()}", flush=True)
+    try:
+        if args.endpoint:
+            results = _run(Target("kvstore", (args.endpoint.rstrip("/"),)), args)
+        else:
+            results = _run_with_cluster(args)
+    except KeyboardInterrupt:
+        print("interrupted: the clusters were stopped", file=sys.stderr)
+        return 130
     print_ratios(results)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json_path:
         document = {
             "benchmark": "throughput",
-            "started_unix": started,
-            "machine": {
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
-                "load_average_at_end": os.getloadavg()[0],
-                "load_average_at_start": getattr(args, "load_at_start", None),
-                "raw_fsync_ms": getattr(args, "raw_fsync_ms", None),
+            "run": run.finish(),
+            "raw_fsync_ms": getattr(args, "raw_fsync_ms", None),
+            "settings": {
+                "concurrency": args.concurrency,
+                "duration_s": args.duration,
+                "warmup_s": args.warmup,
+                "workloads": args.workloads,
+                "value_sizes": args.value_sizes,
+                "sweep_concurrency": args.sweep_concurrency,
+                "endpoint": args.endpoint,
+                "node_args": args.node_args,
+                "compare": args.compare,
             },
             "key_bytes": KEY_BYTES,
             "value_bytes": VALUE_BYTES,
             "results": results,
         }
-        Path(args.json_path).write_text(json.dumps(document, indent=2))
+        json_path = output_path(args.json_path, "throughput.json")
+        json_path.write_text(json.dumps(document, indent=2))
+        print(f"json: {json_path.resolve()}")
     return 0
 
 

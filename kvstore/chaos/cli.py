@@ -1,5 +1,12 @@
 """`kvstore chaos`: run a chaos drill (or a named matrix of drills) against a local cluster
-that the command starts itself, print the report, exit non-zero when any checker failed."""
+that the command starts itself, print the report, exit non-zero when any checker failed.
+
+While a drill runs, progress goes to stderr (`--quiet` turns it off): a line per phase and
+per fault injected, healed and recovered from, and the state of the run (time, operations so
+far by outcome, the faults in force): redrawn in place every second on a terminal, one line
+every five seconds otherwise (a file, a pipe, CI). The report goes to stdout and explains
+each outcome it counts.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +16,9 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from kvstore.chaos.drill import DrillConfig, DrillReport, run_drill
+from kvstore.chaos.drill import DrillConfig, DrillProgress, DrillReport, run_drill
 from kvstore.chaos.matrix import MATRICES
 from kvstore.chaos.nemesis import ALL_FAULTS, FAMILIES
 from kvstore.chaos.workload import WORKLOADS
@@ -49,6 +56,9 @@ def register(subparsers: Any) -> None:
         help="UNSAFE: nodes answer reads without ReadIndex (to see the checkers fail)",
     )  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress on stderr, only the report"
+    )
     parser.set_defaults(handler=main)
 
 
@@ -68,10 +78,20 @@ def main(args: argparse.Namespace) -> int:
             print(f"[{index}/{len(configs)}] {config.workload} {config.faults} seed {config.seed}",
                   file=sys.stderr, flush=True)  # fmt: skip
         try:
-            report = asyncio.run(run_drill(config))
+            observer = None if args.quiet else ConsoleProgress(sys.stderr)
+            try:
+                report = asyncio.run(run_drill(config, observer))
+            finally:
+                if observer is not None:
+                    observer.close()
         except ValueError as exc:
             print(f"kvstore chaos: {exc}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            # The drill stopped its nodes on the way out and logged its run folder, kept.
+            print("kvstore chaos: interrupted; the nodes were stopped, the run folder kept",
+                  file=sys.stderr)  # fmt: skip
+            return 130
         reports.append(report)
         print(report.render(), flush=True)
         print(flush=True)
@@ -80,6 +100,47 @@ def main(args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps([r.to_json() for r in reports], indent=2))
     return 0 if all(report.ok for report in reports) else 1
+
+
+class ConsoleProgress:
+    """Prints a running drill's progress: on a terminal, a status line redrawn in place
+    every second under the event lines; elsewhere, one status line every five seconds."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        isatty = getattr(stream, "isatty", None)
+        self.interactive = bool(isatty is not None and isatty())
+        self.interval_s = 1.0 if self.interactive else 5.0
+        self._status_shown = False
+
+    def _clear_status(self) -> None:
+        if self._status_shown:
+            self.stream.write("\r\x1b[K")
+            self._status_shown = False
+
+    def event(self, elapsed_s: float, message: str) -> None:
+        self._clear_status()
+        self.stream.write(f"{elapsed_s:6.1f}s  {message}\n")
+        self.stream.flush()
+
+    def progress(self, snapshot: DrillProgress) -> None:
+        faults = ", ".join(snapshot.faults) or "none"
+        line = (
+            f"{snapshot.elapsed_s:6.1f}s  of {snapshot.duration_s:.0f} s: "
+            f"operations ok {snapshot.ok}, failed {snapshot.failed}, unknown "
+            f"{snapshot.unknown}; fault in force: {faults}"
+        )
+        if self.interactive:
+            self._clear_status()
+            self.stream.write(line)
+            self._status_shown = True
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self._clear_status()
+        self.stream.flush()
 
 
 def _configs(args: argparse.Namespace) -> list[DrillConfig]:

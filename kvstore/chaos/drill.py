@@ -19,6 +19,11 @@
 
 The run folder (history.jsonl, timeline.json, report.json, plot.png, every node's log and
 data directory) is kept when anything fails, or when asked, and its path is printed.
+
+While it runs, an optional `DrillObserver` (the CLI prints it) hears every phase, every fault
+injected, healed and recovered from, and every `interval_s` a `DrillProgress` snapshot: the
+time, the operations so far by outcome, the faults in force. It only reads what the drill
+records, from a task of its own: the fault schedule does not know it exists.
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ import random
 import shutil
 import statistics
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kvstore.chaos.nemesis import FaultEvent, Nemesis, expand_faults
 from kvstore.chaos.proxy import ProxyMesh
@@ -64,6 +70,48 @@ logger = logging.getLogger("kvstore.chaos")
 # Node settings for drills: frequent snapshots and small segments, so compaction, snapshot
 # installation and segment rotation happen within a short run.
 DRILL_NODE_ARGS: tuple[str, ...] = ()
+
+
+# What each count of the report means, as the workloads record operations
+# (kvstore/chaos/workload.py) and the checkers read them (kvstore/verify).
+OUTCOMES: tuple[tuple[str, str], ...] = (
+    ("ok", "a definite answer (a cas that lost its comparison included); the checkers "
+           "require its effect, or what it read, to fit every other operation"),
+    ("failed", "a definite failure that did not take effect: a read that got an error or no "
+               "answer in time (a read changes nothing), or an append whose compare-and-set "
+               "lost to another writer; the checkers drop it"),
+    ("unknown", "no definite answer (timeout, connection lost, an error after the request "
+                "was sent, even after the client's retries): it may or may not have taken "
+                "effect, at any time after it was sent; the checkers allow both, and the "
+                "client goes on as a new process"),
+    ("dropped", "(linearizability line) operations that constrain nothing and are left out "
+                "of the search: failed ones, unknown reads, and unknown writes whose value "
+                "nobody read and that no later operation could have seen (they may as well "
+                "have taken effect at the very end)"),
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class DrillProgress:
+    """Where a running drill stands: seconds since it started, operations so far by
+    outcome (for `counter`: increments acknowledged and unknown), the faults in force."""
+
+    elapsed_s: float
+    duration_s: float
+    ok: int
+    failed: int
+    unknown: int
+    faults: tuple[str, ...]
+
+
+class DrillObserver(Protocol):
+    """Hears a running drill; `progress` is called every `interval_s` seconds."""
+
+    interval_s: float
+
+    def progress(self, snapshot: DrillProgress) -> None: ...
+
+    def event(self, elapsed_s: float, message: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -188,6 +236,13 @@ class DrillReport:
             verdict = "ok" if check.ok else "FAILED"
             timing = f" [{check.seconds:.2f} s]" if check.seconds else ""
             lines.append(f"  {check.name:<16} {verdict}{timing}: {check.detail}")
+        lines.append("what the counts mean:")
+        for name, meaning in OUTCOMES:
+            lines.append(
+                textwrap.fill(
+                    f"{name}: {meaning}", width=100, initial_indent="  ", subsequent_indent="    "
+                )
+            )
         lines.append(f"verdict: {'PASS' if self.ok else 'FAIL'} ({self.wall_s:.0f} s wall)")
         if self.kept:
             lines.append(f"artifacts: {self.run_dir}")
@@ -271,10 +326,32 @@ def read_hard_state(data_dir: Path) -> tuple[int, int] | None:
 # --- the drill -------------------------------------------------------------------------------
 
 
+# How often the progress task looks at the timeline for faults injected, healed or recovered.
+_WATCH_TICK_S = 0.25
+
+
+@dataclass(slots=True)
+class _Watched:
+    """What the progress task has already told the observer, and the outcomes counted."""
+
+    events: dict[int, set[str]] = field(default_factory=dict)
+    last_progress_s: float = 0.0
+    counted: int = 0
+    ok: int = 0
+    failed: int = 0
+    unknown: int = 0
+
+
 class Drill:
-    def __init__(self, config: DrillConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: DrillConfig,
+        clock: Callable[[], float] = time.monotonic,
+        observer: DrillObserver | None = None,
+    ) -> None:
         self.config = config
         self._clock = clock
+        self.observer = observer
         self.rng = random.Random(config.seed)
         if config.base_dir is None:
             self.run_dir = Path(tempfile.mkdtemp(prefix=f"kvstore-chaos-{config.seed}-"))
@@ -285,6 +362,7 @@ class Drill:
                 raise ValueError(f"the run folder {self.run_dir} is not empty")
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.started_at = clock()
+        self._watched = _Watched()
         self.hard_states: dict[int, list[tuple[int, int]]] = {}
         self.report = DrillReport(config=config, run_dir=self.run_dir)
 
@@ -313,8 +391,13 @@ class Drill:
             peer_addresses=self.mesh.dial_addresses(),
         )
         try:
+            self._say(f"starting three nodes under {self.run_dir}")
             await asyncio.to_thread(self.cluster.start)
-            await asyncio.to_thread(self.cluster.wait_for_leader, 20.0)
+            leader = await asyncio.to_thread(self.cluster.wait_for_leader, 20.0)
+            self._say(
+                f"leader is node {leader}; {config.workload} workload with {config.processes} "
+                f"processes, faults from {config.faults} after {config.warmup_s:g} s"
+            )
             workload = Workload(
                 self.cluster.client_urls,
                 WorkloadConfig(kind=config.workload, processes=config.processes),
@@ -330,7 +413,13 @@ class Drill:
                 clock=self._clock,
                 observe_down=self.observe_down,
             )
-            await self._fault_cycles(nemesis, workload_task)
+            watcher = asyncio.create_task(self._watch(nemesis, workload), name="drill-progress")
+            try:
+                await self._fault_cycles(nemesis, workload_task)
+            finally:
+                watcher.cancel()
+            self._observe(nemesis, workload, final=True)
+            self._say("stopping the workload, healing everything")
             workload.stop()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(workload_task, timeout=15.0)
@@ -339,14 +428,83 @@ class Drill:
             elif workload_task.exception() is not None:
                 raise workload_task.exception()  # type: ignore[misc]
             self.report.timeline = nemesis.timeline
+            self._say("waiting for every node to apply what the leader committed")
             converged = await self._converge()
+            self._say(f"reading the final value of {len(workload.keys_used)} key(s)")
             final = await self._final_reads(workload)
             await asyncio.to_thread(self.cluster.stop)
+            self._say(
+                f"checking {len(workload.history.operations)} operation(s) and the nodes' "
+                "data directories"
+            )
             self._check(workload, final, converged)
         finally:
             await asyncio.to_thread(self.cluster.stop)
             await self.mesh.close()
         return self.report
+
+    # --- progress: read-only, beside the fault schedule -------------------------------------
+
+    def _say(self, message: str) -> None:
+        if self.observer is not None:
+            self.observer.event(self.now_s(), message)
+
+    async def _watch(self, nemesis: Nemesis, workload: Workload) -> None:
+        """Tell the observer about faults as they happen and where the run stands."""
+        if self.observer is None:
+            return
+        while True:
+            await asyncio.sleep(_WATCH_TICK_S)
+            self._observe(nemesis, workload)
+
+    def _observe(self, nemesis: Nemesis, workload: Workload, final: bool = False) -> None:
+        observer = self.observer
+        if observer is None:
+            return
+        watched = self._watched
+        for index, event in enumerate(nemesis.timeline):
+            said = watched.events.setdefault(index, set())
+            nodes = f"node{'s' if len(event.targets) > 1 else ''} " + ", ".join(
+                map(str, event.targets)
+            )
+            if "injected" not in said:
+                said.add("injected")
+                observer.event(event.injected_at_s, f"injected {event.name} on {nodes}")
+            if event.healed_at_s is not None and "healed" not in said:
+                said.add("healed")
+                effect = "it took effect" if event.took_effect else "it DID NOT take effect"
+                observer.event(event.healed_at_s, f"healed {event.name} on {nodes}; {effect}")
+            recovered_at_s, recovery_s = event.recovered_at_s, event.recovery_s
+            if recovered_at_s is not None and recovery_s is not None and "recovered" not in said:
+                said.add("recovered")
+                observer.event(
+                    recovered_at_s,
+                    f"recovered: a write acknowledged {recovery_s * 1000:.0f} ms after the heal",
+                )
+        now = self.now_s()
+        if not final and now - watched.last_progress_s < observer.interval_s:
+            return
+        watched.last_progress_s = now
+        operations = workload.history.operations
+        for operation in operations[watched.counted :]:
+            if operation["return"] is None:
+                watched.unknown += 1
+            elif operation["ok"]:
+                watched.ok += 1
+            else:
+                watched.failed += 1
+        watched.counted = len(operations)
+        ok, failed, unknown = watched.ok, watched.failed, watched.unknown
+        if self.config.workload == "counter":
+            ok, unknown = workload.tally.acknowledged, workload.tally.unknown
+        in_force = tuple(
+            f"{e.name} {','.join(map(str, e.targets))}"
+            for e in nemesis.timeline
+            if e.healed_at_s is None
+        )
+        observer.progress(
+            DrillProgress(now, self.config.duration_s, ok, failed, unknown, in_force)
+        )
 
     async def _fault_cycles(self, nemesis: Nemesis, workload_task: asyncio.Task[None]) -> None:
         config = self.config
@@ -589,10 +747,11 @@ def _first_line(text: str) -> str:
     return text.splitlines()[0] if text else ""
 
 
-async def run_drill(config: DrillConfig) -> DrillReport:
-    """Run one drill; keep its folder when it failed or `config.keep`, else remove it."""
+async def run_drill(config: DrillConfig, observer: DrillObserver | None = None) -> DrillReport:
+    """Run one drill; keep its folder when it failed or `config.keep`, else remove it.
+    `observer`, when given, hears the drill's progress while it runs."""
     started = time.monotonic()
-    drill = Drill(config)
+    drill = Drill(config, observer=observer)
     try:
         report = await drill.run()
     except BaseException:

@@ -1,8 +1,10 @@
 """bench/failover.py runs end to end (2 short trials per fault) and writes its JSON and PNG.
 
 The figures are not checked (benchmarks are not tests); what is checked is that every trial
-has its timeline and that the final read-back found no acknowledged write lost and none
-applied twice. No etcd is needed.
+has its timeline, that the final read-back found no acknowledged write lost and none applied
+twice, that the JSON describes the run (commit, machine, command line), that progress is one
+line per trial when stderr is not a terminal, and that the clusters' data is removed at the
+end. No etcd is needed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.bench.test_runinfo import assert_run_info
 
 ROOT = Path(__file__).resolve().parents[2]
 FAULTS = ("kill", "term", "pause")
@@ -30,6 +34,9 @@ TIMELINE = (
 def test_failover_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "failover.json"
     png = tmp_path / "failover.png"
+    clusters = tmp_path / "clusters"
+    clusters.mkdir()
+    (clusters / "keep-me").write_text("not the benchmark's")
     completed = subprocess.run(
         [
             sys.executable,
@@ -41,7 +48,7 @@ def test_failover_benchmark_runs(tmp_path: Path) -> None:
             "--post-s", "0.2",
             "--json", str(out),
             "--png", str(png),
-            "--base-dir", str(tmp_path / "clusters"),
+            "--base-dir", str(clusters),
         ],
         capture_output=True,
         text=True,
@@ -51,7 +58,17 @@ def test_failover_benchmark_runs(tmp_path: Path) -> None:
     assert "Unavailability" in completed.stdout
     document = json.loads(out.read_text())
     assert document["benchmark"] == "failover"
-    assert len(document["machine"]["load_average_at_start"]) == 3
+    assert_run_info(document["run"], "--trials 2", "--faults kill,term,pause")
+    assert document["settings"]["trials"] == 2
+    # stderr is a pipe here: one line per trial, no carriage-return redraws.
+    assert "\r" not in completed.stderr
+    steps = [line for line in completed.stderr.splitlines() if line.startswith("[")]
+    assert len(steps) == 2 * len(FAULTS), completed.stderr
+    assert steps[0].startswith(f"[1/{2 * len(FAULTS)}] kvstore kill: ")
+    assert "ms unavailable" in steps[0]
+    # The run's data and logs are gone; what was in --base-dir before is left alone.
+    assert sorted(p.name for p in clusters.iterdir()) == ["keep-me"]
+    assert f"figure: {png}" in completed.stdout and f"json: {out}" in completed.stdout
     results = document["results"]
     assert [(r["system"], r["fault"]) for r in results] == [("kvstore", f) for f in FAULTS]
     for result in results:
