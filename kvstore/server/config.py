@@ -172,10 +172,10 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
 
 
 def default_text(name: str) -> str | None:
-    """ServeConfig's default of option `name` as the help text and the README write it, or
-    None when it has no fixed one (id, peers, data_dir, advertise_client_url). Defaults are
-    written once, in the dataclass; tests/server/test_config.py checks the README's table
-    against this."""
+    """ServeConfig's default of option `name` as the help text and docs/configuration.md
+    write it, or None when it has no fixed one (id, peers, data_dir, advertise_client_url).
+    Defaults are written once, in the dataclass; tests/server/test_config.py checks the table
+    in docs/configuration.md against this."""
     found = next((f for f in fields(ServeConfig) if f.name == name), None)
     if found is None or found.default is MISSING or found.default == "":
         return None
