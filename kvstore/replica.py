@@ -173,6 +173,10 @@ class Replica:
         self._applied_bytes = 0
         # After a snapshot failed for a full disk: no new attempt before this applied index.
         self._snapshot_retry_index = 0
+        # After a full disk skipped the compaction that follows a stored snapshot: the index
+        # to compact to (0: none owed), retried from `_compact_retry_index` on.
+        self._compact_owed = 0
+        self._compact_retry_index = 0
         self.node = RawNode(
             dataclasses.replace(config, applied=snapshot.metadata.index), storage, rng
         )
@@ -292,6 +296,8 @@ class Replica:
         just grows, and the snapshot is tried again a quarter interval later. Any other
         storage error propagates (FatalDiskError: the process must end)."""
         if not self.snapshot_due():
+            if not self.defer_snapshots and self.compaction_due():
+                self.retry_compaction()
             return 0
         try:
             return self.take_snapshot()
@@ -373,10 +379,41 @@ class Replica:
         self._snapshot_index = index
         self._snapshot_bytes = size
         self._applied_bytes = max(0, self._applied_bytes - applied_bytes)
-        compact_to = index - self.snapshot_catch_up_entries
-        if compact_to >= self.storage.first_index():
-            self.storage.compact(compact_to)
+        self._compact(index - self.snapshot_catch_up_entries)
         return index
+
+    def compaction_due(self) -> bool:
+        """Whether a compaction a full disk skipped is to be tried again now (the server
+        then runs `retry_compaction` on its storage thread)."""
+        return self._compact_owed > 0 and self.applied_index >= self._compact_retry_index
+
+    def retry_compaction(self) -> None:
+        """Try again the compaction a full disk skipped (see `_compact`)."""
+        if self._compact_owed > 0:
+            self._compact(self._compact_owed)
+
+    def _compact(self, compact_to: int) -> None:
+        """Compact the log up to `compact_to`, which a durable snapshot covers. A full disk
+        (DiskFullError: the storage is left as it was) only postpones it: the snapshot is
+        stored either way, the log keeps its entries a while longer, and the compaction is
+        tried again a quarter interval later (or by the next snapshot's). A crash here
+        ended the process on every replica applying the same data (issue 12)."""
+        if compact_to < self.storage.first_index():
+            self._compact_owed = 0
+            return
+        try:
+            self.storage.compact(compact_to)
+        except DiskFullError as exc:
+            self._compact_owed = compact_to
+            self._compact_retry_index = self.applied_index + max(1, self.snapshot_entries // 4)
+            logger.warning(
+                "event=compaction_skipped reason=disk_full index=%d retry_at=%d error=%r",
+                compact_to,
+                self._compact_retry_index,
+                exc,
+            )
+            return
+        self._compact_owed = 0
 
     def _restore_snapshot(self, ready: Ready) -> None:
         """A snapshot from the leader (Raft §7) replaces the whole state machine."""

@@ -335,6 +335,10 @@ class Driver:
         drivers waited a second for a 100 MB snapshot, answered nothing, and the leader, still
         encoding, lost its quorum."""
         if self._snapshot is None:
+            if self.replica.compaction_due():
+                # A full disk skipped the compaction after the last snapshot: try it again.
+                await self._in_worker(self.replica.retry_compaction)
+                return
             started = time.perf_counter()
             job = self.replica.begin_snapshot()
             if job is not None:

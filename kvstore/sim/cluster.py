@@ -131,6 +131,7 @@ class Simulation:
             c.snapshot_interval_min, max(c.snapshot_interval_min, c.snapshot_interval_max)
         )
         node.snapshot_keep = self.rng.randint(0, 3)
+        node.deferred_snapshots = self.rng.random() < 0.5
         return node
 
     # --- the trace and scheduled events --------------------------------------------------

@@ -90,6 +90,9 @@ class SimNode:
         # `snapshot_keep` entries before it so slightly lagging peers catch up by appends.
         self.snapshot_interval = 1_000_000
         self.snapshot_keep = 0
+        # Take snapshots the server's way (begin, encode, complete after `advance`) instead
+        # of inside `advance`, so the simulator runs that path too.
+        self.deferred_snapshots = False
 
     @property
     def up(self) -> bool:
@@ -115,6 +118,7 @@ class SimNode:
             # Paced by count alone, so small simulated stores snapshot (and send snapshots)
             # often; pacing by size is a local policy with no part in safety.
             snapshot_log_ratio=0.0,
+            defer_snapshots=self.deferred_snapshots,
         )
         self.incarnation += 1
         self.crash_stage = None
@@ -181,8 +185,22 @@ class SimNode:
             return
         # 4. Advance (the replica may snapshot and compact here).
         taken = replica.advance(ready)
+        if self.deferred_snapshots:
+            taken = self._deferred_snapshot(replica)
         if taken:
             observer.on_snapshot_taken(self, taken)
+
+    def _deferred_snapshot(self, replica: Replica) -> int:
+        """What the server's driver does between two turns (`Driver._tend_snapshot`), its
+        encoding thread collapsed into one step: retry a compaction a full disk skipped, or
+        take a snapshot that is due. Returns the index of the snapshot taken, else 0."""
+        if replica.compaction_due():
+            replica.retry_compaction()
+            return 0
+        job = replica.begin_snapshot()
+        if job is None:
+            return 0
+        return replica.complete_snapshot(job, replica.encode_snapshot(job))
 
     def _torn_save(self, ready: Ready, observer: NodeObserver, rng: random.Random) -> None:
         """Crash in the middle of the fsync'ed write (MemoryStorage models what a torn

@@ -45,6 +45,7 @@ from kvstore import codec
 from kvstore.errors import (
     CompactedError,
     CorruptionError,
+    DiskFullError,
     FatalDiskError,
     StorageError,
     UnavailableIndexError,
@@ -371,7 +372,11 @@ class DiskStorage:
         self._snapshot, self._conf_state = snapshot, conf_state
         self._remove_snapshots(keep=index)
         if self.trailing_entries is not None and index - self.trailing_entries > self._offset:
-            self.compact(index - self.trailing_entries)
+            try:
+                self.compact(index - self.trailing_entries)
+            except DiskFullError as exc:
+                # The snapshot is durable; the log just keeps its entries until the next one.
+                logger.warning("event=compaction_skipped reason=disk_full error=%r", exc)
         return snapshot
 
     def compact(self, index: int) -> None:
