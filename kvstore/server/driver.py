@@ -26,6 +26,9 @@ Rules that hold here:
   `Replica.complete_snapshot` makes it durable up to a snapshot's index before storing it.
 - A `DiskFullError` from save refuses new writes (507) and retries the same save until it
   succeeds; a `FatalDiskError` ends the process (a retried fsync may silently lose data).
+- While a save is slow a leader sends keepalives, but for at most one election timeout of
+  the same save (kvstore.keepalive): a leader whose disk hangs, or stays full, is replaced
+  instead of holding its followers in lease for as long as it lasts.
 - Ticks never catch up in a burst after a stall: a late timer fires one tick, so CPU pressure
   delays elections rather than starting them.
 """
@@ -54,6 +57,7 @@ from kvstore.errors import (
     ProposalDroppedError,
     UnavailableError,
 )
+from kvstore.keepalive import KeepalivePolicy
 from kvstore.kv.commands import RequestId, encode_command
 from kvstore.raft.types import NONE, Message, MessageType, Ready, Role
 from kvstore.server.metrics import NodeMetrics
@@ -145,6 +149,11 @@ class Driver:
         # Requests held during a handover until the new leader is known (wait_out_handover).
         self._leader_waiters: list[asyncio.Future[None]] = []
         self._election_timeout_s = config.election_ticks * self._tick_interval_s
+        # Keepalives during one stalled save stop after an election timeout (keepalive.py).
+        self._keepalives = KeepalivePolicy.for_timeouts(
+            self._heartbeat_interval_s, self._election_timeout_s
+        )
+        self._keepalives_stopped_for = -1.0  # when the stall last logged began
         status = self.node.status()
         self.leader_id: int = status.leader_id
         self.role: Role = status.role
@@ -493,13 +502,16 @@ class Driver:
             self.metrics.term.set(self.term)
 
     async def _persist(self, ready: Ready, *, inline: bool) -> None:
+        # One stall for the keepalive bound, however many times a full disk makes us retry.
+        stalled_since = self._loop.time()
         while True:
             started = time.perf_counter()
             try:
                 if inline:
                     self.replica.persist(ready)
                 else:
-                    await self._in_worker(functools.partial(self.replica.persist, ready))
+                    save = functools.partial(self.replica.persist, ready)
+                    await self._in_worker(save, stalled_since=stalled_since)
             except DiskFullError as exc:
                 if not self.disk_full:
                     logger.error(
@@ -525,13 +537,30 @@ class Driver:
                 self.disk_full = False
             return
 
-    async def _in_worker(self, function: Callable[[], Any]) -> Any:
-        """Run `function()` on the storage thread; a leader heartbeats while it waits."""
-        work = self._loop.run_in_executor(self._executor, function)
+    async def _in_worker(
+        self, function: Callable[[], Any], *, stalled_since: float | None = None
+    ) -> Any:
+        """Run `function()` on the storage thread; a leader sends keepalives while it waits,
+        for as long as the keepalive policy allows since `stalled_since` (default: now).
+        Past that bound the followers are let go: a leader whose disk hangs is replaced
+        instead of holding the cluster in lease for as long as it hangs (keepalive.py)."""
+        loop = self._loop
+        started = loop.time() if stalled_since is None else stalled_since
+        work = loop.run_in_executor(self._executor, function)
         while not work.done():
-            await asyncio.wait((work,), timeout=self._heartbeat_interval_s)
-            if not work.done():
+            await asyncio.wait((work,), timeout=self._keepalives.interval)
+            if work.done():
+                break
+            stalled_s = loop.time() - started
+            if self._keepalives.allows(stalled_s):
                 self._send_keepalives()
+            elif self.role is Role.LEADER and self._keepalives_stopped_for != started:
+                self._keepalives_stopped_for = started  # logged once per stalled save
+                logger.warning(
+                    "event=keepalives_stopped seconds=%.3f: the save has stalled for an "
+                    "election timeout; the followers may elect another leader",
+                    stalled_s,
+                )
         return work.result()
 
     def _send_keepalives(self) -> None:

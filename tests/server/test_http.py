@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,18 @@ class FaultyStorage(MemoryStorage):
         self.gate = threading.Event()
         self.gate.set()
         self.saves = 0
+        self.refused = 0
+        # Each save takes this long on the storage thread (a slow disk).
+        self.delay_s = 0.0
 
     def save(
         self, hard_state: HardState | None, entries: Sequence[Entry], snapshot: Snapshot | None
     ) -> None:
         self.gate.wait(10)
+        if self.delay_s:
+            time.sleep(self.delay_s)
         if self.disk_full and entries:
+            self.refused += 1
             raise DiskFullError("no space left on device (test)")
         self.saves += 1
         super().save(hard_state, entries, snapshot)
@@ -194,6 +201,60 @@ async def test_a_leader_waiting_on_a_slow_save_keeps_heartbeating(harness: Harne
     keepalives = harness.driver.metrics.keepalives
     await _until(lambda: keepalives._value.get() >= 2)
     harness.storage.gate.set()
+    assert (await write).status == 200
+
+
+def _keepalives_sent(harness: Harness) -> float:
+    return float(harness.driver.metrics.keepalives._value.get())
+
+
+async def _keepalives_stop(harness: Harness, caplog: pytest.LogCaptureFixture) -> float:
+    """Wait for the driver to log that it stopped the keepalives of a stalled save; then
+    check that no more go out for ten heartbeat intervals. Returns how many were sent."""
+    await _until(lambda: "event=keepalives_stopped" in caplog.text)
+    sent = _keepalives_sent(harness)
+    loop = asyncio.get_running_loop()
+    quiet_until = loop.time() + 10 * harness.driver._keepalives.interval
+    await _until(lambda: loop.time() > quiet_until)
+    assert _keepalives_sent(harness) == sent
+    return sent
+
+
+@pytest.mark.parametrize("harness", [{"election_ticks": 20}], indirect=True)
+async def test_keepalives_during_a_hung_save_stop_after_an_election_timeout(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 12 item 3: a leader whose save hangs sent keepalives for as long as it hung,
+    which kept its followers in lease (refusing votes) while it served nothing. Now they
+    stop after one election timeout (20 ticks of 1 ms; a keepalive every 5 ticks), so the
+    followers can elect another leader; the save still completes when the disk returns."""
+    caplog.set_level("WARNING", logger="kvstore.server")
+    harness.storage.gate.clear()
+    write = asyncio.ensure_future(harness.client.put("/v1/kv/hung", data=b"x"))
+    sent = await _keepalives_stop(harness, caplog)
+    assert 1 <= sent <= 4
+    harness.storage.gate.set()
+    assert (await write).status == 200
+
+
+@pytest.mark.parametrize("harness", [{"election_ticks": 20}], indirect=True)
+async def test_keepalives_stop_too_while_a_full_disk_makes_the_leader_retry_a_save(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bound holds across the retries of one save on a full disk: each slow failed
+    attempt (15 ms, three heartbeat intervals) would otherwise start keepalives afresh."""
+    caplog.set_level("WARNING", logger="kvstore.server")
+    storage = harness.storage
+    storage.delay_s = 0.015
+    storage.disk_full = True
+    write = asyncio.ensure_future(harness.client.put("/v1/kv/full", data=b"x"))
+    await _until(lambda: storage.refused >= 1)
+    await _keepalives_stop(harness, caplog)
+    refused, sent = storage.refused, _keepalives_sent(harness)
+    await _until(lambda: storage.refused >= refused + 3)
+    assert _keepalives_sent(harness) == sent
+    storage.disk_full = False
+    storage.delay_s = 0.0
     assert (await write).status == 200
 
 
