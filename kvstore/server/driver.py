@@ -234,6 +234,28 @@ class Driver:
                 if waiter in self._leader_waiters:
                     self._leader_waiters.remove(waiter)
 
+    async def hand_over(self, target: int, timeout_s: float) -> bool:
+        """Transfer leadership to `target` (a graceful shutdown, dissertation §3.10) and wait
+        up to `timeout_s` for another leader to be known; True if one is. Meanwhile
+        `handing_over` holds writes as pending (the new leader commits them and this node
+        still applies them). If the transfer fails or times out, `handing_over` is reset, so
+        the node again answers as any leader: a later loss of leadership fails its pending
+        writes at once and requests are no longer held (it stayed set for good before)."""
+        self.handing_over = True
+        succeeded = False
+        try:
+            await self.call(lambda: self.node.transfer_leadership(target))
+            deadline = self._loop.time() + timeout_s
+            while self._loop.time() < deadline:
+                if self.role is not Role.LEADER and self.leader_id not in (NONE, self.config.id):
+                    succeeded = True
+                    return True
+                await asyncio.sleep(0.002)
+            return False
+        finally:
+            if not succeeded:
+                self.handing_over = False
+
     def _not_leader_error(self) -> KVStoreError:
         url = self.leader_url()
         if url is None or self.leader_id == self.config.id:
@@ -638,11 +660,15 @@ class Driver:
         if role is Role.PRE_CANDIDATE and self.role is not Role.PRE_CANDIDATE:
             self.metrics.elections.inc()
         was_leader = self.role is Role.LEADER
+        leader_changed = leader_id != self.leader_id
         self.leader_id, self.role = leader_id, role
         self.metrics.is_leader.set(1 if role is Role.LEADER else 0)
         if was_leader and role is not Role.LEADER and not self.handing_over:
             self._fail_pending("leadership was lost before the write was applied; outcome unknown")
-        if leader_id == NONE or was_leader != (role is Role.LEADER):
+        if leader_changed or leader_id == NONE or was_leader != (role is Role.LEADER):
+            # A ReadIndex request is answered by the leader it went to or by no one: when
+            # the leader changes, even straight from one to another, waiting for the answer
+            # only runs into the deadline (504), so the read is failed now, retryably.
             self._fail_reads("the leader changed while the read waited; retry")
         if self._leader_waiters and leader_id not in (NONE, self.config.id):
             waiters, self._leader_waiters = self._leader_waiters, []

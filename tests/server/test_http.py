@@ -316,3 +316,52 @@ async def test_a_follower_with_a_full_disk_sends_writes_to_the_leader(harness: H
             driver.check_writable()  # the leader itself refuses with 507
     finally:
         driver.disk_full = False
+
+
+async def test_forwarded_reads_fail_at_once_when_the_leader_changes_directly(
+    harness: Harness,
+) -> None:
+    """Issue 12 item 5: a follower's ReadIndex request forwarded to leader L1 is answered by
+    L1 or by no one. When the follower learns of L2 directly (no leaderless Ready in
+    between, its own role unchanged), the read was left to wait for its deadline (504 after
+    5 s); it now fails at once with a retryable 503."""
+    from kvstore.errors import UnavailableError
+
+    driver = harness.driver
+    loop = asyncio.get_running_loop()
+    driver.role, driver.leader_id = Role.FOLLOWER, 2
+    read: asyncio.Future[None] = loop.create_future()
+    driver._read_contexts[b"forwarded-to-2"] = [read]
+    try:
+        driver._on_soft_state(3, Role.FOLLOWER)  # L1 = 2 -> L2 = 3
+        assert read.done(), "the read still waits for L1's answer"
+        with pytest.raises(UnavailableError) as failed:
+            read.result()
+        assert failed.value.http_status == 503 and failed.value.retry_after_s
+    finally:
+        driver._read_contexts.pop(b"forwarded-to-2", None)
+        driver.role, driver.leader_id = Role.LEADER, 1
+
+
+async def test_a_failed_handover_lets_the_node_answer_as_a_leader_again(
+    harness: Harness,
+) -> None:
+    """Issue 12 item 6: `handing_over` stayed set when the transfer failed (here: the
+    target is no voter, so the core ignores it, and no leader appears before the timeout).
+    Then a later loss of leadership left writes pending until their deadline and every
+    write was held first. Now it is reset, and writes fail promptly when leadership goes."""
+    driver = harness.driver
+    assert not await driver.hand_over(9, timeout_s=0.02)
+    assert not driver.handing_over
+    assert driver.is_leader()
+    response = await harness.client.put("/v1/kv/after-handover", data=b"x")
+    assert response.status == 200
+    # A write in flight when leadership is lost fails at once (503), not at its deadline.
+    pending: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    driver._proposals["c:1"] = [pending]
+    try:
+        driver._on_soft_state(2, Role.FOLLOWER)
+        assert pending.done()
+    finally:
+        driver._proposals.pop("c:1", None)
+        driver._on_soft_state(1, Role.LEADER)
