@@ -80,7 +80,7 @@ def open_replica(config: ServeConfig) -> Any:
     from kvstore.replica import Replica
     from kvstore.storage.disk import DiskStorage
 
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    # DiskStorage creates the directory durably (fsynced in its parent).
     storage = DiskStorage(config.data_dir)
     raft_config = RaftConfig(
         id=config.id,

@@ -6,6 +6,10 @@ Layout of the data directory:
     snap-<index>-<term>.snap       the newest snapshot the log names (kvstore.storage.snapshot)
     LOCK                           flock'ed while a process has the directory open
 
+A directory that does not exist yet is created level by level, each new level fsynced and
+then its parent (`FileSystem.make_directories`): otherwise a power loss could take back the
+directory of a freshly bootstrapped node together with the vote and entries it held.
+
 The entries after the compaction offset are kept in memory, so `entries()` and `term()` never
 touch the disk; memory is bounded by the snapshot cadence (the caller snapshots and compacts).
 They are kept as plain tuples of atomic values (`_Row`), not `Entry` objects: the garbage
@@ -118,7 +122,10 @@ class DiskStorage:
         self.compact_after_entries = compact_after_entries
         self.compact_after_bytes = compact_after_bytes
         self.trailing_entries = trailing_entries
-        self.fs.makedirs(self.directory)
+        try:
+            self.fs.make_directories(self.directory)
+        except OSError as exc:
+            raise StorageError(f"cannot create {self.directory}: {exc}") from exc
         self._lock_fd = self._lock_directory()
         self._wal = WriteAheadLog(
             self.directory, self.fs, self.metrics, segment_size_bytes=segment_size_bytes

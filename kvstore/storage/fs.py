@@ -45,12 +45,32 @@ class FileSystem:
     def listdir(self, path: str) -> list[str]:
         return os.listdir(path)
 
-    def makedirs(self, path: str) -> None:
-        os.makedirs(path, exist_ok=True)
+    def mkdir(self, path: str) -> None:
+        os.mkdir(path)
+
+    def exists(self, path: str) -> bool:
+        return os.path.lexists(path)
 
     def read_file(self, path: str) -> bytes:
         with open(path, "rb") as file:
             return file.read()
+
+    def make_directories(self, path: str) -> None:
+        """Create `path` and any missing parents, durably: each new level is fsynced,
+        then its parent (which holds its entry), top-down, so a power loss never takes back
+        a directory that files were then written into. Existing levels are left alone."""
+        missing: list[str] = []
+        level = os.path.abspath(path)
+        while not self.exists(level):
+            missing.append(level)
+            parent = os.path.dirname(level)
+            if parent == level:
+                break
+            level = parent
+        for level in reversed(missing):
+            self.mkdir(level)
+            self.fsync_directory(level)
+            self.fsync_directory(os.path.dirname(level))
 
     def fsync_directory(self, path: str) -> None:
         """Make a rename, create or unlink inside `path` durable."""

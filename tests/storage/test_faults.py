@@ -15,6 +15,7 @@ import pytest
 from kvstore.errors import CorruptionError, DiskFullError, FatalDiskError
 from kvstore.raft.types import ConfState, Entry, HardState, Snapshot, SnapshotMetadata
 from kvstore.storage.disk import DiskStorage
+from kvstore.storage.fs import FileSystem
 from kvstore.storage.wal import RecordType, frame
 from tests.storage.faults import CrashAfterFileSystem, FaultyFileSystem, SimulatedCrash
 
@@ -299,3 +300,40 @@ def test_crash_at_every_step_of_a_save_that_rotates_the_segment(tmp_path: Path) 
 
     operations = _crash_at_every_step(tmp_path, prepare, act, check, segment_size_bytes=1024)
     assert "rename 00000000000000000001.wal.tmp" in operations
+
+
+class RecordingFileSystem(FileSystem):
+    """Records directory creations and directory fsyncs, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def mkdir(self, path: str) -> None:
+        self.calls.append(("mkdir", path))
+        super().mkdir(path)
+
+    def fsync_directory(self, path: str) -> None:
+        self.calls.append(("fsync", path))
+        super().fsync_directory(path)
+
+
+def test_a_new_data_directory_is_durable_in_its_parent(tmp_path: Path) -> None:
+    """Issue 12 item 4: the data directory was created without fsyncing it or its parent,
+    so after a power loss a freshly bootstrapped node could come back without its directory
+    (and the vote and entries in it). Each newly created level is fsynced, then its parent."""
+    fs = RecordingFileSystem()
+    top = tmp_path / "a"
+    data_dir = top / "b" / "c"
+    storage = DiskStorage(data_dir, fs=fs)
+    storage.close()
+    created = [str(top), str(top / "b"), str(data_dir)]
+    assert [path for call, path in fs.calls if call == "mkdir"] == created
+    for path in created:
+        mkdir = fs.calls.index(("mkdir", path))
+        after = fs.calls[mkdir + 1 :]
+        assert ("fsync", path) in after, f"{path} itself is not fsynced"
+        assert ("fsync", os.path.dirname(path)) in after, f"the parent of {path} is not"
+    # An existing directory is opened as it is: nothing created.
+    fs.calls.clear()
+    DiskStorage(data_dir, fs=fs).close()
+    assert not [call for call in fs.calls if call[0] == "mkdir"]
