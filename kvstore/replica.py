@@ -9,7 +9,8 @@ handled in three steps, strictly in this order (Raft §5: persistence before rep
 2. `persist(ready)`      stores its hard state, entries and snapshot with one `storage.save()`
                          (the fsync). It touches nothing but the storage, so the server may
                          run it in a worker thread as long as nothing else touches the node or
-                         the storage meanwhile. After DiskFullError, call it again later;
+                         the storage meanwhile. After ResourceExhaustedError (a full disk,
+                         no file descriptor), call it again later;
 3. `finish(ready, send)` = `send(ready, send)` (the messages), `apply(ready)` (restore the
                          snapshot if any, then apply the committed entries) and
                          `advance(ready)` (`RawNode.advance`, then a snapshot of the state
@@ -37,7 +38,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kvstore.errors import DiskFullError
+from kvstore.errors import ResourceExhaustedError
 from kvstore.kv.commands import Command, WriteResult, encode_command
 from kvstore.kv.state_machine import FrozenState, KvConfig, StateMachine
 from kvstore.raft.config import RaftConfig
@@ -215,7 +216,8 @@ class Replica:
 
     def persist(self, ready: Ready) -> None:
         """storage.save() of the Ready's hard state, entries and snapshot: one fsync. Touches
-        nothing but the storage. Raises the storage's errors (DiskFullError: nothing of this
+        nothing but the storage. Raises the storage's errors (ResourceExhaustedError, such
+        as DiskFullError: nothing of this
         Ready is durable, retry later; FatalDiskError: the process must end)."""
         assert ready is self._pending, "persist() of a Ready that prepare() did not return"
         if ready.hard_state is None and not ready.entries and ready.snapshot is None:
@@ -292,7 +294,8 @@ class Replica:
         """Snapshot the state machine and compact the log when `snapshot_entries` entries
         were applied since the last snapshot; returns the snapshot's index, 0 if none.
 
-        A full disk (DiskFullError: storage left as it was) does not stop the node: the log
+        A full disk, or no file descriptor or memory for the file (ResourceExhaustedError:
+        storage left as it was) does not stop the node: the log
         just grows, and the snapshot is tried again a quarter interval later. Any other
         storage error propagates (FatalDiskError: the process must end)."""
         if not self.snapshot_due():
@@ -301,15 +304,17 @@ class Replica:
             return 0
         try:
             return self.take_snapshot()
-        except DiskFullError as exc:
+        except ResourceExhaustedError as exc:
             self.abandon_snapshot(exc)
             return 0
 
-    def abandon_snapshot(self, exc: DiskFullError) -> None:
-        """The disk was full while writing a snapshot: try again a quarter interval on."""
+    def abandon_snapshot(self, exc: ResourceExhaustedError) -> None:
+        """The disk was full (or file descriptors or memory short) while writing a
+        snapshot: try again a quarter interval on."""
         self._snapshot_retry_index = self.applied_index + max(1, self.snapshot_entries // 4)
         logger.warning(
-            "event=snapshot_failed reason=disk_full index=%d retry_at=%d error=%r",
+            "event=snapshot_failed reason=%s index=%d retry_at=%d error=%r",
+            exc.code,
             self.applied_index,
             self._snapshot_retry_index,
             exc,
@@ -328,7 +333,7 @@ class Replica:
     def encode_snapshot(self, job: SnapshotJob) -> EncodedSnapshot:
         """Encode the job's frozen state and have the storage write its file ahead
         (`prepare_snapshot`). Touches neither the core nor the live state machine, so it
-        runs on a thread of its own while the driver goes on. DiskFullError: call
+        runs on a thread of its own while the driver goes on. ResourceExhaustedError: call
         `abandon_snapshot`; FatalDiskError: the process must end."""
         data = job.frozen.encode()
         metadata = SnapshotMetadata(index=job.index, term=job.term, conf_state=job.conf_state)
@@ -354,7 +359,7 @@ class Replica:
             if durable.commit < index:
                 self.storage.save(dataclasses.replace(durable, commit=index), [], None)
             self.storage.create_snapshot(index, job.conf_state, data, encoded.prepared)
-        except DiskFullError as exc:
+        except ResourceExhaustedError as exc:
             if encoded.prepared is not None:
                 self.storage.discard_prepared(encoded.prepared)
             self.abandon_snapshot(exc)
@@ -396,18 +401,20 @@ class Replica:
         """Compact the log up to `compact_to`, which a durable snapshot covers. A full disk
         (DiskFullError: the storage is left as it was) only postpones it: the snapshot is
         stored either way, the log keeps its entries a while longer, and the compaction is
-        tried again a quarter interval later (or by the next snapshot's). A crash here
+        tried again a quarter interval later (or by the next snapshot's). The same for no
+        file descriptor or memory (ResourceExhaustedError). A crash here
         ended the process on every replica applying the same data (issue 12)."""
         if compact_to < self.storage.first_index():
             self._compact_owed = 0
             return
         try:
             self.storage.compact(compact_to)
-        except DiskFullError as exc:
+        except ResourceExhaustedError as exc:
             self._compact_owed = compact_to
             self._compact_retry_index = self.applied_index + max(1, self.snapshot_entries // 4)
             logger.warning(
-                "event=compaction_skipped reason=disk_full index=%d retry_at=%d error=%r",
+                "event=compaction_skipped reason=%s index=%d retry_at=%d error=%r",
+                exc.code,
                 compact_to,
                 self._compact_retry_index,
                 exc,

@@ -25,7 +25,7 @@ Rules that hold here:
   written with the next entries (a restarted node relearns it from the leader);
   `Replica.complete_snapshot` makes it durable up to a snapshot's index before storing it.
 - A `DiskFullError` from save refuses new writes (507) and retries the same save until it
-  succeeds; a `FatalDiskError` ends the process (a retried fsync may silently lose data).
+  succeeds, and so does any `ResourceExhaustedError` (EMFILE, ENFILE, ENOMEM; 503); a `FatalDiskError` ends the process (a retried fsync may silently lose data).
 - While a save is slow a leader sends keepalives, but for at most one election timeout of
   the same save (kvstore.keepalive): a leader whose disk hangs, or stays full, is replaced
   instead of holding its followers in lease for as long as it lasts.
@@ -55,6 +55,7 @@ from kvstore.errors import (
     NotLeaderError,
     OverloadedError,
     ProposalDroppedError,
+    ResourceExhaustedError,
     UnavailableError,
 )
 from kvstore.keepalive import KeepalivePolicy
@@ -143,6 +144,9 @@ class Driver:
         self._read_counter = itertools.count(1)
         self._stopping = False
         self.disk_full = False
+        # A save failed for want of file descriptors or memory (EMFILE, ENFILE, ENOMEM):
+        # treated as a full disk (the save is retried, writes refused meanwhile) but 503.
+        self.resources_exhausted = False
         # Set during a graceful shutdown's leadership transfer: writes in flight then stay
         # pending, since the new leader commits them and this node still applies them.
         self.handing_over = False
@@ -210,6 +214,11 @@ class Driver:
             raise self._not_leader_error()
         if self.disk_full:
             raise DiskFullError("the disk is full: writes are refused until space is free")
+        if self.resources_exhausted:
+            raise ResourceExhaustedError(
+                "the node is out of file descriptors or memory for its disk: writes are "
+                "refused until a save succeeds"
+            )
         if self._pending_count >= self.config.max_pending_proposals:
             raise OverloadedError(f"{self._pending_count} writes pending", retry_after_s=0.05)
 
@@ -387,7 +396,7 @@ class Driver:
         self._snapshot = None
         try:
             encoded = encoding.result()
-        except DiskFullError as exc:
+        except ResourceExhaustedError as exc:
             self.replica.abandon_snapshot(exc)
             return
         encoded_s = time.perf_counter() - began
@@ -534,12 +543,13 @@ class Driver:
                 else:
                     save = functools.partial(self.replica.persist, ready)
                     await self._in_worker(save, stalled_since=stalled_since)
-            except DiskFullError as exc:
-                if not self.disk_full:
+            except ResourceExhaustedError as exc:
+                if not (self.disk_full or self.resources_exhausted):
                     logger.error(
-                        "event=disk_full error=%r: refusing writes until a save succeeds", exc
+                        "event=%s error=%r: refusing writes until a save succeeds", exc.code, exc
                     )
-                self.disk_full = True
+                full = isinstance(exc, DiskFullError)
+                self.disk_full, self.resources_exhausted = full, not full
                 await asyncio.sleep(_DISK_FULL_RETRY_S)
                 continue
             elapsed = time.perf_counter() - started
@@ -554,9 +564,9 @@ class Driver:
                 )
             if ready.entries:
                 self.metrics.ready_entries.observe(len(ready.entries))
-            if self.disk_full:
+            if self.disk_full or self.resources_exhausted:
                 logger.warning("event=disk_recovered: a save succeeded, accepting writes again")
-                self.disk_full = False
+                self.disk_full = self.resources_exhausted = False
             return
 
     async def _in_worker(

@@ -24,7 +24,8 @@ Rules:
   with the log, Raft §5.3), then its hard state, in one buffer, one write, one fdatasync.
   Entries before the hard state: a torn write can then never leave a commit index without
   the entries it covers.
-- Memory changes only after the disk write succeeded: DiskFullError leaves both the file and
+- Memory changes only after the disk write succeeded: ResourceExhaustedError (DiskFullError
+  for ENOSPC; EMFILE, ENFILE, ENOMEM) leaves both the file and
   the in-memory log exactly as before the call; FatalDiskError poisons the object.
 - A snapshot is durable (file fsynced, renamed, directory fsynced) before the log names it,
   and older snapshots and segments are removed only after that.
@@ -49,8 +50,8 @@ from kvstore import codec
 from kvstore.errors import (
     CompactedError,
     CorruptionError,
-    DiskFullError,
     FatalDiskError,
+    ResourceExhaustedError,
     StorageError,
     UnavailableIndexError,
 )
@@ -381,9 +382,9 @@ class DiskStorage:
         if self.trailing_entries is not None and index - self.trailing_entries > self._offset:
             try:
                 self.compact(index - self.trailing_entries)
-            except DiskFullError as exc:
+            except ResourceExhaustedError as exc:
                 # The snapshot is durable; the log just keeps its entries until the next one.
-                logger.warning("event=compaction_skipped reason=disk_full error=%r", exc)
+                logger.warning("event=compaction_skipped reason=%s error=%r", exc.code, exc)
         return snapshot
 
     def compact(self, index: int) -> None:

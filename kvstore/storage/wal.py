@@ -28,14 +28,14 @@ Recovery rules:
 
 Appends (`append`) write one buffer with as few `write` calls as the kernel allows and then
 one fdatasync: the group commit of a whole Ready. ENOSPC truncates the partial write away and
-raises DiskFullError (the log is exactly as before); any other failure raises FatalDiskError
+raises DiskFullError (the log is exactly as before), and so do EMFILE, ENFILE and ENOMEM with
+ResourceExhaustedError (`fs.shortage_error`); any other failure raises FatalDiskError
 and poisons the log (a retried fsync may report success over lost pages).
 """
 
 from __future__ import annotations
 
 import enum
-import errno
 import logging
 import os
 import struct
@@ -48,13 +48,12 @@ from typing import Any
 from kvstore import codec
 from kvstore.errors import (
     CorruptionError,
-    DiskFullError,
     FatalDiskError,
     ProtocolError,
     StorageError,
 )
 from kvstore.raft.types import ConfState, Entry, EntryType, HardState
-from kvstore.storage.fs import FileSystem
+from kvstore.storage.fs import FileSystem, shortage_error
 
 logger = logging.getLogger("kvstore.storage")
 
@@ -490,13 +489,14 @@ class WriteAheadLog:
             view = view[written:]
 
     def _undo_partial_write(self, segment: _Segment, exc: OSError) -> None:
-        if exc.errno != errno.ENOSPC:
+        shortage = shortage_error(exc, f"write {segment.path}")
+        if shortage is None:
             raise self._fatal(f"write {segment.path}: {exc}") from exc
         try:
             self.fs.ftruncate(self._fd, segment.size)
         except OSError as truncate_exc:
-            raise self._fatal(f"truncate after ENOSPC {segment.path}: {truncate_exc}") from exc
-        raise DiskFullError(f"disk full writing {segment.path}") from exc
+            raise self._fatal(f"truncate after {exc} {segment.path}: {truncate_exc}") from exc
+        raise shortage from exc
 
     def _sync(self, fd: int, *, data_only: bool) -> None:
         started = time.perf_counter()
@@ -538,9 +538,7 @@ class WriteAheadLog:
             pass
 
     def _map_error(self, exc: OSError, what: str) -> StorageError:
-        if exc.errno == errno.ENOSPC:
-            return DiskFullError(f"disk full: {what}")
-        return self._fatal(f"{what}: {exc}")
+        return shortage_error(exc, what) or self._fatal(f"{what}: {exc}")
 
     def _fatal(self, message: str) -> FatalDiskError:
         self._failed = message

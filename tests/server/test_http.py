@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from kvstore.config import ServeConfig
-from kvstore.errors import DiskFullError
+from kvstore.errors import DiskFullError, ResourceExhaustedError
 from kvstore.raft.config import RaftConfig
 from kvstore.raft.types import Entry, HardState, Role, Snapshot
 from kvstore.replica import Replica
@@ -40,6 +40,8 @@ class FaultyStorage(MemoryStorage):
         self.refused = 0
         # Each save takes this long on the storage thread (a slow disk).
         self.delay_s = 0.0
+        # What a save raises while `disk_full` is set.
+        self.failure: type[ResourceExhaustedError] = DiskFullError
 
     def save(
         self, hard_state: HardState | None, entries: Sequence[Entry], snapshot: Snapshot | None
@@ -49,7 +51,7 @@ class FaultyStorage(MemoryStorage):
             time.sleep(self.delay_s)
         if self.disk_full and entries:
             self.refused += 1
-            raise DiskFullError("no space left on device (test)")
+            raise self.failure("no space left on device, or no file descriptor (test)")
         self.saves += 1
         super().save(hard_state, entries, snapshot)
 
@@ -138,6 +140,28 @@ async def test_disk_full_answers_507_keeps_reads_and_recovers(harness: Harness) 
     await _until(lambda: not harness.driver.disk_full)
     assert (await client.put("/v1/kv/other", data=b"x")).status == 200
     assert await (await client.get("/v1/kv/k")).read() == b"during"
+
+
+async def test_no_file_descriptor_for_a_save_refuses_writes_with_503_and_recovers(
+    harness: Harness,
+) -> None:
+    """Issue 12 item 7: a save that finds no file descriptor (EMFILE, ResourceExhaustedError)
+    is treated like a full disk, not a damaged one: the same save is retried, other writes
+    get a retryable 503 meanwhile (not 507: the disk has space), and all is well once
+    descriptors are free."""
+    client, storage, driver = harness.client, harness.storage, harness.driver
+    storage.failure = ResourceExhaustedError
+    storage.disk_full = True
+    first = asyncio.ensure_future(client.put("/v1/kv/k", data=b"during"))
+    await _until(lambda: driver.resources_exhausted)
+    assert not driver.disk_full
+    refused = await client.put("/v1/kv/other", data=b"x")
+    assert refused.status == 503
+    assert (await refused.json())["error"]["code"] == "resource_exhausted"
+    storage.disk_full = False
+    assert (await first).status == 200
+    await _until(lambda: not driver.resources_exhausted)
+    assert (await client.put("/v1/kv/other", data=b"x")).status == 200
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.errors import CorruptionError, DiskFullError, FatalDiskError
+from kvstore.errors import (
+    CorruptionError,
+    DiskFullError,
+    FatalDiskError,
+    ResourceExhaustedError,
+)
 from kvstore.raft.types import ConfState, Entry, HardState, Snapshot, SnapshotMetadata
 from kvstore.storage.disk import DiskStorage
 from kvstore.storage.fs import FileSystem
@@ -80,6 +85,56 @@ def test_enospc_creating_a_segment_or_snapshot(tmp_path: Path) -> None:
     storage = DiskStorage(tmp_path)
     assert storage.last_index() == 61
     assert storage.snapshot().data == b"x" * 1000
+    storage.close()
+
+
+# --- EMFILE, ENFILE, ENOMEM: a shortage that passes, not a damaged disk ---------------------
+
+
+@pytest.mark.parametrize("error", [errno.EMFILE, errno.ENFILE, errno.ENOMEM])
+def test_no_file_descriptor_for_a_snapshot_or_segment_is_retried_not_fatal(
+    tmp_path: Path, error: int
+) -> None:
+    """Issue 12 item 7: EMFILE while creating a snapshot file (a node whose descriptors
+    were used up by idle connections) was a FatalDiskError, and the node exited with status
+    2. Opening a snapshot file, a new segment or a prepared snapshot for want of a file
+    descriptor or memory now raises ResourceExhaustedError (503, not DiskFullError),
+    leaves the directory as it was and does not poison the storage: the same calls
+    succeed once descriptors are free."""
+    fs = FaultyFileSystem()
+    storage = DiskStorage(tmp_path, fs=fs, segment_size_bytes=1024)
+    storage.save(HardState(term=1, commit=60), entries(1, 60), None)  # > 1 KiB: rotates next
+    before = sorted(p.name for p in tmp_path.glob("*"))
+    fs.fail("open", error)
+    snapshot = Snapshot(SnapshotMetadata(index=50, term=1, conf_state=VOTERS), b"x" * 1000)
+    for attempt in (
+        lambda: storage.save(None, entries(61, 61), None),
+        lambda: storage.create_snapshot(50, VOTERS, b"x" * 1000),
+        lambda: storage.prepare_snapshot(snapshot),
+    ):
+        with pytest.raises(ResourceExhaustedError) as refused:
+            attempt()
+        assert not isinstance(refused.value, DiskFullError)
+        assert refused.value.http_status == 503
+    assert sorted(p.name for p in tmp_path.glob("*")) == before
+    assert storage.last_index() == 60
+    fs.heal()
+    storage.save(None, entries(61, 61), None)
+    storage.create_snapshot(50, VOTERS, b"x" * 1000)
+    storage.close()
+    storage = DiskStorage(tmp_path)
+    assert storage.last_index() == 61
+    assert storage.snapshot().data == b"x" * 1000
+    storage.close()
+
+
+@pytest.mark.parametrize("error", [errno.EMFILE, errno.ENOMEM])
+def test_a_failed_fsync_stays_fatal_whatever_its_errno(tmp_path: Path, error: int) -> None:
+    fs = FaultyFileSystem()
+    storage = DiskStorage(tmp_path, fs=fs)
+    fs.fail("fdatasync", error)
+    with pytest.raises(FatalDiskError):
+        storage.save(HardState(term=1), entries(1, 3), None)
     storage.close()
 
 
