@@ -22,7 +22,10 @@ directory fsynced, so a segment file either exists complete or not at all.
 Recovery rules:
 - Every record of every segment is verified. Only at the very end of the last segment may a
   record be incomplete (a torn write: the header is short, or the payload runs past the end
-  of the file) or the tail be all zeros; that tail is cut off and the cut logged.
+  of the file), or have a complete header and a payload of zeros only (its data blocks never
+  came: delayed allocation after a power loss; etcd treats it the same), or the tail be all
+  zeros; that tail is cut off and the cut logged with the file and offset. A record is
+  acknowledged only after its fdatasync, and a synced record never reads back as zeros.
 - Anything else (checksum mismatch, damaged length, unknown type, a payload that does not
   decode, an entry index gap, a segment sequence gap) raises CorruptionError(path, offset).
 
@@ -172,6 +175,11 @@ def scan_records(path: str, data: bytes, *, is_last: bool) -> tuple[list[Record]
             raise CorruptionError(path, offset, "record runs past the end of a sealed segment")
         payload = data[start : start + length]
         if zlib.crc32(payload, zlib.crc32(bytes((type_,)))) != crc:
+            if is_last and length and data.count(0, start) == end - start:
+                # The header reached the disk but the payload did not (delayed allocation
+                # after a power loss): a torn write of the last, unacknowledged save, as
+                # long as nothing but zeros follows it. Anything else stays corruption.
+                return records, offset
             raise CorruptionError(path, offset, "record checksum mismatch")
         if type_ not in _TYPE_CRC:
             raise CorruptionError(path, offset, f"unknown record type {type_}")

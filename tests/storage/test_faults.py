@@ -21,7 +21,7 @@ from kvstore.errors import (
 from kvstore.raft.types import ConfState, Entry, HardState, Snapshot, SnapshotMetadata
 from kvstore.storage.disk import DiskStorage
 from kvstore.storage.fs import FileSystem
-from kvstore.storage.wal import RecordType, frame
+from kvstore.storage.wal import HEADER_SIZE, RecordType, frame, scan_records
 from tests.storage.faults import CrashAfterFileSystem, FaultyFileSystem, SimulatedCrash
 
 VOTERS = ConfState(voters=(1, 2, 3))
@@ -191,6 +191,74 @@ def test_torn_tail_is_cut_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFi
     assert last.stat().st_size == size
     assert all_entries(storage) == entries(1, 120)
     storage.close()
+
+
+def _zero_payload_of_last_record(path: Path, *, garbage: bytes = b"") -> int:
+    """Zero the payload of the last record of `path` (its header intact), then append
+    `garbage`; returns the record's offset."""
+    data = path.read_bytes()
+    records, _ = scan_records(str(path), data, is_last=True)
+    last = records[-1]
+    start = last.offset + HEADER_SIZE
+    path.write_bytes(data[:start] + bytes(len(last.payload)) + garbage)
+    return last.offset
+
+
+def test_a_last_record_with_a_zeroed_payload_is_cut_as_a_torn_write(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 12 item 6: after a power loss with delayed allocation, the last record's
+    header can be on disk and its payload zeros (the data blocks never came). The node
+    refused to start (checksum mismatch); that record was never acknowledged (a save is
+    acknowledged after its fdatasync), so, as etcd does, it is cut like a torn write and
+    the cut logged with the file and offset. A zero tail after it changes nothing."""
+    last = _prepared(tmp_path)[-1]
+    offset = _zero_payload_of_last_record(last, garbage=bytes(7))
+    with caplog.at_level(logging.WARNING, logger="kvstore.storage"):
+        storage = DiskStorage(tmp_path)
+    assert f"cutting torn tail path={last} offset={offset}" in caplog.text
+    assert last.stat().st_size == offset
+    # The last save wrote entry 120 then the hard state with commit 119: the hard state
+    # record (the last one) is the torn one.
+    assert all_entries(storage) == entries(1, 120)
+    assert storage.initial_state()[0].commit == 118
+    storage.close()
+
+
+@pytest.mark.parametrize("after", ["record", "garbage"])
+def test_a_zeroed_payload_with_anything_after_it_is_corruption(tmp_path: Path, after: str) -> None:
+    """Only a zeroed record with nothing after it can be a torn write: a record after it,
+    or non-zero bytes, mean a synced record was damaged."""
+    last = _prepared(tmp_path)[-1]
+    follow = (
+        frame(RecordType.HARD_STATE, last.read_bytes()[-20:]) if after == "record" else b"\x01"
+    )
+    offset = _zero_payload_of_last_record(last, garbage=follow)
+    with pytest.raises(CorruptionError) as caught:
+        DiskStorage(tmp_path)
+    assert (caught.value.path, caught.value.offset) == (str(last), offset)
+    assert "checksum" in caught.value.reason
+
+
+def test_a_zeroed_payload_in_a_sealed_segment_is_corruption(
+    tmp_path: Path,
+) -> None:
+    segments = _prepared(tmp_path, segment_size_bytes=1024)
+    offset = _zero_payload_of_last_record(segments[0])
+    with pytest.raises(CorruptionError) as caught:
+        DiskStorage(tmp_path)
+    assert (caught.value.path, caught.value.offset) == (str(segments[0]), offset)
+
+
+def test_a_last_record_with_a_garbage_payload_is_corruption(tmp_path: Path) -> None:
+    last = _prepared(tmp_path)[-1]
+    data = bytearray(last.read_bytes())
+    records, _ = scan_records(str(last), bytes(data), is_last=True)
+    start = records[-1].offset + HEADER_SIZE
+    data[start : start + len(records[-1].payload)] = b"\x5a" * len(records[-1].payload)
+    last.write_bytes(bytes(data))
+    with pytest.raises(CorruptionError, match="checksum"):
+        DiskStorage(tmp_path)
 
 
 def test_checksum_failure_in_a_sealed_segment_is_reported(tmp_path: Path) -> None:
