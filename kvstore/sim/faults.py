@@ -49,7 +49,7 @@ class Nemesis:
             (self._drift, 1),
             (self._pause, 2),
             (self._fill_disk, 1),
-            (self._hang_disk, 2),
+            (self._hang_disk, 1),
         ]
         self._schedule_next()
 
@@ -152,7 +152,7 @@ class Nemesis:
         node = leader if leader is not None and self._rng.random() < 0.5 else None
         if node is None or node.stalled:
             node = self._rng.choice(live)
-        self._sim.hang_save(node, self._rng.randint(50, 1500))
+        self._sim.hang_save(node, self._rng.randint(50, 800))
 
     def _fill_disk(self) -> None:
         """The disk of one node fills for a while: its log compactions fail with
