@@ -25,7 +25,8 @@ Rules that hold here:
   written with the next entries (a restarted node relearns it from the leader);
   `Replica.complete_snapshot` makes it durable up to a snapshot's index before storing it.
 - A `DiskFullError` from save refuses new writes (507) and retries the same save until it
-  succeeds, and so does any `ResourceExhaustedError` (EMFILE, ENFILE, ENOMEM; 503); a `FatalDiskError` ends the process (a retried fsync may silently lose data).
+  succeeds, and so does any other `ResourceExhaustedError` (EMFILE, ENFILE, ENOMEM: 503);
+  a `FatalDiskError` ends the process (a retried fsync may silently lose data).
 - While a save is slow a leader sends keepalives, but for at most one election timeout of
   the same save (kvstore.keepalive): a leader whose disk hangs, or stays full, is replaced
   instead of holding its followers in lease for as long as it lasts.
@@ -599,7 +600,8 @@ class Driver:
         """A leader whose save is slow (a busy disk can take hundreds of milliseconds) still
         tells its followers it is alive, so a slow disk does not start elections. The
         heartbeat carries commit 0, which moves nothing; it is sent only in a term that is
-        already durable, and the core's state cannot change while the driver waits."""
+        already durable, and the core's state cannot change while the driver waits. Only
+        for as long as `_in_worker`'s keepalive policy allows (one election timeout)."""
         if self.role is not Role.LEADER:
             return
         term = self.node.status().term
