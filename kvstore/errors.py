@@ -7,7 +7,8 @@
     │   └── UnavailableIndexError       the asked-for log index is not in the log yet
     ├── StorageError                    a disk problem
     │   ├── CorruptionError             a damaged file: names the file and the byte offset
-    │   ├── DiskFullError               ENOSPC: writes refused until space is free (507)
+    │   ├── ResourceExhaustedError      EMFILE, ENFILE, ENOMEM: nothing written; retried (503)
+    │   │   └── DiskFullError           ENOSPC: writes refused until space is free (507)
     │   └── FatalDiskError              a failed write or fsync: the process must end
     ├── ClusterError                    answers from (or about) the cluster
     │   ├── NotLeaderError              this node is not the leader; carries a hint (421/307)
@@ -93,7 +94,16 @@ class CorruptionError(StorageError):
         self.reason = reason
 
 
-class DiskFullError(StorageError):
+class ResourceExhaustedError(StorageError):
+    """A write found no file descriptor, memory or (DiskFullError) space: nothing of it was
+    stored, and the same write may succeed later. A shortage that passes, not a damaged
+    disk: the node retries instead of ending (a failed fsync is never this)."""
+
+    http_status = 503
+    code = "resource_exhausted"
+
+
+class DiskFullError(ResourceExhaustedError):
     """The disk is full: new writes are refused until space is free."""
 
     http_status = 507

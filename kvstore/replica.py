@@ -9,7 +9,8 @@ handled in three steps, strictly in this order (Raft §5: persistence before rep
 2. `persist(ready)`      stores its hard state, entries and snapshot with one `storage.save()`
                          (the fsync). It touches nothing but the storage, so the server may
                          run it in a worker thread as long as nothing else touches the node or
-                         the storage meanwhile. After DiskFullError, call it again later;
+                         the storage meanwhile. After ResourceExhaustedError (a full disk,
+                         no file descriptor), call it again later;
 3. `finish(ready, send)` = `send(ready, send)` (the messages), `apply(ready)` (restore the
                          snapshot if any, then apply the committed entries) and
                          `advance(ready)` (`RawNode.advance`, then a snapshot of the state
@@ -37,7 +38,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kvstore.errors import DiskFullError
+from kvstore.errors import ResourceExhaustedError
 from kvstore.kv.commands import Command, WriteResult, encode_command
 from kvstore.kv.state_machine import FrozenState, KvConfig, StateMachine
 from kvstore.raft.config import RaftConfig
@@ -173,6 +174,10 @@ class Replica:
         self._applied_bytes = 0
         # After a snapshot failed for a full disk: no new attempt before this applied index.
         self._snapshot_retry_index = 0
+        # After a full disk skipped the compaction that follows a stored snapshot: the index
+        # to compact to (0: none owed), retried from `_compact_retry_index` on.
+        self._compact_owed = 0
+        self._compact_retry_index = 0
         self.node = RawNode(
             dataclasses.replace(config, applied=snapshot.metadata.index), storage, rng
         )
@@ -211,7 +216,8 @@ class Replica:
 
     def persist(self, ready: Ready) -> None:
         """storage.save() of the Ready's hard state, entries and snapshot: one fsync. Touches
-        nothing but the storage. Raises the storage's errors (DiskFullError: nothing of this
+        nothing but the storage. Raises the storage's errors (ResourceExhaustedError, such
+        as DiskFullError: nothing of this
         Ready is durable, retry later; FatalDiskError: the process must end)."""
         assert ready is self._pending, "persist() of a Ready that prepare() did not return"
         if ready.hard_state is None and not ready.entries and ready.snapshot is None:
@@ -288,22 +294,27 @@ class Replica:
         """Snapshot the state machine and compact the log when `snapshot_entries` entries
         were applied since the last snapshot; returns the snapshot's index, 0 if none.
 
-        A full disk (DiskFullError: storage left as it was) does not stop the node: the log
+        A full disk, or no file descriptor or memory for the file (ResourceExhaustedError:
+        storage left as it was) does not stop the node: the log
         just grows, and the snapshot is tried again a quarter interval later. Any other
         storage error propagates (FatalDiskError: the process must end)."""
         if not self.snapshot_due():
+            if not self.defer_snapshots and self.compaction_due():
+                self.retry_compaction()
             return 0
         try:
             return self.take_snapshot()
-        except DiskFullError as exc:
+        except ResourceExhaustedError as exc:
             self.abandon_snapshot(exc)
             return 0
 
-    def abandon_snapshot(self, exc: DiskFullError) -> None:
-        """The disk was full while writing a snapshot: try again a quarter interval on."""
+    def abandon_snapshot(self, exc: ResourceExhaustedError) -> None:
+        """The disk was full (or file descriptors or memory short) while writing a
+        snapshot: try again a quarter interval on."""
         self._snapshot_retry_index = self.applied_index + max(1, self.snapshot_entries // 4)
         logger.warning(
-            "event=snapshot_failed reason=disk_full index=%d retry_at=%d error=%r",
+            "event=snapshot_failed reason=%s index=%d retry_at=%d error=%r",
+            exc.code,
             self.applied_index,
             self._snapshot_retry_index,
             exc,
@@ -322,7 +333,7 @@ class Replica:
     def encode_snapshot(self, job: SnapshotJob) -> EncodedSnapshot:
         """Encode the job's frozen state and have the storage write its file ahead
         (`prepare_snapshot`). Touches neither the core nor the live state machine, so it
-        runs on a thread of its own while the driver goes on. DiskFullError: call
+        runs on a thread of its own while the driver goes on. ResourceExhaustedError: call
         `abandon_snapshot`; FatalDiskError: the process must end."""
         data = job.frozen.encode()
         metadata = SnapshotMetadata(index=job.index, term=job.term, conf_state=job.conf_state)
@@ -348,7 +359,7 @@ class Replica:
             if durable.commit < index:
                 self.storage.save(dataclasses.replace(durable, commit=index), [], None)
             self.storage.create_snapshot(index, job.conf_state, data, encoded.prepared)
-        except DiskFullError as exc:
+        except ResourceExhaustedError as exc:
             if encoded.prepared is not None:
                 self.storage.discard_prepared(encoded.prepared)
             self.abandon_snapshot(exc)
@@ -373,10 +384,43 @@ class Replica:
         self._snapshot_index = index
         self._snapshot_bytes = size
         self._applied_bytes = max(0, self._applied_bytes - applied_bytes)
-        compact_to = index - self.snapshot_catch_up_entries
-        if compact_to >= self.storage.first_index():
-            self.storage.compact(compact_to)
+        self._compact(index - self.snapshot_catch_up_entries)
         return index
+
+    def compaction_due(self) -> bool:
+        """Whether a compaction a full disk skipped is to be tried again now (the server
+        then runs `retry_compaction` on its storage thread)."""
+        return self._compact_owed > 0 and self.applied_index >= self._compact_retry_index
+
+    def retry_compaction(self) -> None:
+        """Try again the compaction a full disk skipped (see `_compact`)."""
+        if self._compact_owed > 0:
+            self._compact(self._compact_owed)
+
+    def _compact(self, compact_to: int) -> None:
+        """Compact the log up to `compact_to`, which a durable snapshot covers. A full disk
+        (DiskFullError: the storage is left as it was) only postpones it: the snapshot is
+        stored either way, the log keeps its entries a while longer, and the compaction is
+        tried again a quarter interval later (or by the next snapshot's). The same for no
+        file descriptor or memory (ResourceExhaustedError). A crash here
+        ended the process on every replica applying the same data (issue 12)."""
+        if compact_to < self.storage.first_index():
+            self._compact_owed = 0
+            return
+        try:
+            self.storage.compact(compact_to)
+        except ResourceExhaustedError as exc:
+            self._compact_owed = compact_to
+            self._compact_retry_index = self.applied_index + max(1, self.snapshot_entries // 4)
+            logger.warning(
+                "event=compaction_skipped reason=%s index=%d retry_at=%d error=%r",
+                exc.code,
+                compact_to,
+                self._compact_retry_index,
+                exc,
+            )
+            return
+        self._compact_owed = 0
 
     def _restore_snapshot(self, ready: Ready) -> None:
         """A snapshot from the leader (Raft §7) replaces the whole state machine."""

@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "kvstore"
 CHECKED_PACKAGES = ("raft", "sim", "kv", "verify")
-CHECKED_FILES = ("codec.py", "replica.py")
+CHECKED_FILES = ("codec.py", "replica.py", "keepalive.py")
 FORBIDDEN_MODULES = frozenset({"asyncio", "socket", "threading", "time"})
 # Names in `random` that are not the hidden global generator and may be used freely.
 ALLOWED_RANDOM_NAMES = frozenset({"Random", "SystemRandom"})

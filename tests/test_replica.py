@@ -7,6 +7,7 @@ every scenario is exact (elections, snapshots, duplicate proposals across a lead
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import random
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from kvstore.replica import Applied, Replica
 from kvstore.storage.base import DurableStorage
 from kvstore.storage.disk import DiskStorage
 from kvstore.storage.memory import MemoryStorage
+from tests.storage.faults import FaultyFileSystem
 
 PEERS = (1, 2, 3)
 
@@ -539,3 +541,75 @@ def test_a_full_disk_postpones_the_snapshot_and_the_node_carries_on() -> None:
         cluster.write(1, Put("k", str(seq).encode(), RequestId("c", seq), seq))
     assert leader.snapshot_index > 16
     assert len(cluster.digests()) == 1
+
+
+class CompactionDiskFull(DiskStorage):
+    """DiskStorage whose log compaction meets a full disk while `full`: every write of
+    `compact()` (the COMPACT record, or the rewritten segment) fails with ENOSPC from the
+    file system, as a disk filling up between the snapshot and the compaction does."""
+
+    def __init__(self, directory: Path, *, compact_after_entries: int) -> None:
+        self.faults = FaultyFileSystem()
+        super().__init__(directory, fs=self.faults, compact_after_entries=compact_after_entries)
+        self.full = False
+        self.refused = 0
+
+    def compact(self, index: int) -> None:
+        if self.full:
+            self.faults.fail("write", errno.ENOSPC)
+        try:
+            super().compact(index)
+        except DiskFullError:
+            self.refused += 1
+            raise
+        finally:
+            self.faults.heal()
+
+
+@pytest.mark.parametrize("compact_after_entries", [10_000, 1], ids=["record", "rewrite"])
+@pytest.mark.parametrize("defer", [False, True], ids=["inline", "deferred"])
+def test_a_full_disk_during_compaction_keeps_the_snapshot_and_retries_later(
+    tmp_path: Path, compact_after_entries: int, defer: bool
+) -> None:
+    """Issue 12 item 2: ENOSPC from the compaction after a snapshot was stored ended the
+    driver (exit 1 with a traceback). Now the snapshot stays stored, the log keeps its
+    entries, the node carries on, and the compaction is retried a quarter interval later;
+    the directory recovers to the same state."""
+    storage = CompactionDiskFull(tmp_path / "1", compact_after_entries=compact_after_entries)
+    storage.full = True
+    storages: dict[int, DurableStorage] = {1: storage, 2: MemoryStorage(), 3: MemoryStorage()}
+    cluster = Cluster(snapshot_entries=8, catch_up=1, defer=defer, storages=storages)
+    try:
+        cluster.elect(1)
+        leader = cluster.replicas[1]
+        seq = 0
+
+        def write_some(count: int) -> None:
+            nonlocal seq
+            for _ in range(count):
+                seq += 1
+                cluster.write(1, Put(f"k{seq % 3}", str(seq).encode(), RequestId("c", seq), seq))
+                if defer and (job := leader.begin_snapshot()) is not None:
+                    leader.complete_snapshot(job, leader.encode_snapshot(job))
+                elif defer and leader.compaction_due():
+                    leader.retry_compaction()  # what the server's driver does between saves
+
+        write_some(10)
+        assert leader.snapshot_index >= 8, "the snapshot is stored"
+        assert storage.snapshot().metadata.index == leader.snapshot_index
+        assert storage.first_index() == 1, "compaction skipped"
+        # Tried at applied index 8 (the snapshot's) and 10 (8 // 4 later): not every Ready.
+        assert storage.refused == 2
+        storage.full = False
+        write_some(3)  # a quarter interval (8 // 4) later the compaction is retried
+        assert storage.first_index() == leader.snapshot_index, "compacted once space is back"
+        assert len(cluster.digests()) == 1
+        digest = leader.state_machine.digest()
+        storage.close()
+        storages[1] = DiskStorage(tmp_path / "1")
+        cluster.restart(1)
+        cluster.process()
+        assert cluster.replicas[1].state_machine.digest() == digest
+    finally:
+        for each in storages.values():
+            each.close()

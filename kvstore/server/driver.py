@@ -25,7 +25,11 @@ Rules that hold here:
   written with the next entries (a restarted node relearns it from the leader);
   `Replica.complete_snapshot` makes it durable up to a snapshot's index before storing it.
 - A `DiskFullError` from save refuses new writes (507) and retries the same save until it
-  succeeds; a `FatalDiskError` ends the process (a retried fsync may silently lose data).
+  succeeds, and so does any other `ResourceExhaustedError` (EMFILE, ENFILE, ENOMEM: 503);
+  a `FatalDiskError` ends the process (a retried fsync may silently lose data).
+- While a save is slow a leader sends keepalives, but for at most one election timeout of
+  the same save (kvstore.keepalive): a leader whose disk hangs, or stays full, is replaced
+  instead of holding its followers in lease for as long as it lasts.
 - Ticks never catch up in a burst after a stall: a late timer fires one tick, so CPU pressure
   delays elections rather than starting them.
 """
@@ -52,8 +56,10 @@ from kvstore.errors import (
     NotLeaderError,
     OverloadedError,
     ProposalDroppedError,
+    ResourceExhaustedError,
     UnavailableError,
 )
+from kvstore.keepalive import KeepalivePolicy
 from kvstore.kv.commands import RequestId, encode_command
 from kvstore.raft.types import NONE, Message, MessageType, Ready, Role
 from kvstore.server.metrics import NodeMetrics
@@ -139,12 +145,20 @@ class Driver:
         self._read_counter = itertools.count(1)
         self._stopping = False
         self.disk_full = False
+        # A save failed for want of file descriptors or memory (EMFILE, ENFILE, ENOMEM):
+        # treated as a full disk (the save is retried, writes refused meanwhile) but 503.
+        self.resources_exhausted = False
         # Set during a graceful shutdown's leadership transfer: writes in flight then stay
         # pending, since the new leader commits them and this node still applies them.
         self.handing_over = False
         # Requests held during a handover until the new leader is known (wait_out_handover).
         self._leader_waiters: list[asyncio.Future[None]] = []
         self._election_timeout_s = config.election_ticks * self._tick_interval_s
+        # Keepalives during one stalled save stop after an election timeout (keepalive.py).
+        self._keepalives = KeepalivePolicy.for_timeouts(
+            self._heartbeat_interval_s, self._election_timeout_s
+        )
+        self._keepalives_stopped_for = -1.0  # when the stall last logged began
         status = self.node.status()
         self.leader_id: int = status.leader_id
         self.role: Role = status.role
@@ -201,6 +215,11 @@ class Driver:
             raise self._not_leader_error()
         if self.disk_full:
             raise DiskFullError("the disk is full: writes are refused until space is free")
+        if self.resources_exhausted:
+            raise ResourceExhaustedError(
+                "the node is out of file descriptors or memory for its disk: writes are "
+                "refused until a save succeeds"
+            )
         if self._pending_count >= self.config.max_pending_proposals:
             raise OverloadedError(f"{self._pending_count} writes pending", retry_after_s=0.05)
 
@@ -224,6 +243,28 @@ class Driver:
             finally:
                 if waiter in self._leader_waiters:
                     self._leader_waiters.remove(waiter)
+
+    async def hand_over(self, target: int, timeout_s: float) -> bool:
+        """Transfer leadership to `target` (a graceful shutdown, dissertation §3.10) and wait
+        up to `timeout_s` for another leader to be known; True if one is. Meanwhile
+        `handing_over` holds writes as pending (the new leader commits them and this node
+        still applies them). If the transfer fails or times out, `handing_over` is reset, so
+        the node again answers as any leader: a later loss of leadership fails its pending
+        writes at once and requests are no longer held (it stayed set for good before)."""
+        self.handing_over = True
+        succeeded = False
+        try:
+            await self.call(lambda: self.node.transfer_leadership(target))
+            deadline = self._loop.time() + timeout_s
+            while self._loop.time() < deadline:
+                if self.role is not Role.LEADER and self.leader_id not in (NONE, self.config.id):
+                    succeeded = True
+                    return True
+                await asyncio.sleep(0.002)
+            return False
+        finally:
+            if not succeeded:
+                self.handing_over = False
 
     def _not_leader_error(self) -> KVStoreError:
         url = self.leader_url()
@@ -335,6 +376,10 @@ class Driver:
         drivers waited a second for a 100 MB snapshot, answered nothing, and the leader, still
         encoding, lost its quorum."""
         if self._snapshot is None:
+            if self.replica.compaction_due():
+                # A full disk skipped the compaction after the last snapshot: try it again.
+                await self._in_worker(self.replica.retry_compaction)
+                return
             started = time.perf_counter()
             job = self.replica.begin_snapshot()
             if job is not None:
@@ -352,7 +397,7 @@ class Driver:
         self._snapshot = None
         try:
             encoded = encoding.result()
-        except DiskFullError as exc:
+        except ResourceExhaustedError as exc:
             self.replica.abandon_snapshot(exc)
             return
         encoded_s = time.perf_counter() - began
@@ -489,19 +534,23 @@ class Driver:
             self.metrics.term.set(self.term)
 
     async def _persist(self, ready: Ready, *, inline: bool) -> None:
+        # One stall for the keepalive bound, however many times a full disk makes us retry.
+        stalled_since = self._loop.time()
         while True:
             started = time.perf_counter()
             try:
                 if inline:
                     self.replica.persist(ready)
                 else:
-                    await self._in_worker(functools.partial(self.replica.persist, ready))
-            except DiskFullError as exc:
-                if not self.disk_full:
+                    save = functools.partial(self.replica.persist, ready)
+                    await self._in_worker(save, stalled_since=stalled_since)
+            except ResourceExhaustedError as exc:
+                if not (self.disk_full or self.resources_exhausted):
                     logger.error(
-                        "event=disk_full error=%r: refusing writes until a save succeeds", exc
+                        "event=%s error=%r: refusing writes until a save succeeds", exc.code, exc
                     )
-                self.disk_full = True
+                full = isinstance(exc, DiskFullError)
+                self.disk_full, self.resources_exhausted = full, not full
                 await asyncio.sleep(_DISK_FULL_RETRY_S)
                 continue
             elapsed = time.perf_counter() - started
@@ -516,25 +565,43 @@ class Driver:
                 )
             if ready.entries:
                 self.metrics.ready_entries.observe(len(ready.entries))
-            if self.disk_full:
+            if self.disk_full or self.resources_exhausted:
                 logger.warning("event=disk_recovered: a save succeeded, accepting writes again")
-                self.disk_full = False
+                self.disk_full = self.resources_exhausted = False
             return
 
-    async def _in_worker(self, function: Callable[[], Any]) -> Any:
-        """Run `function()` on the storage thread; a leader heartbeats while it waits."""
-        work = self._loop.run_in_executor(self._executor, function)
+    async def _in_worker(
+        self, function: Callable[[], Any], *, stalled_since: float | None = None
+    ) -> Any:
+        """Run `function()` on the storage thread; a leader sends keepalives while it waits,
+        for as long as the keepalive policy allows since `stalled_since` (default: now).
+        Past that bound the followers are let go: a leader whose disk hangs is replaced
+        instead of holding the cluster in lease for as long as it hangs (keepalive.py)."""
+        loop = self._loop
+        started = loop.time() if stalled_since is None else stalled_since
+        work = loop.run_in_executor(self._executor, function)
         while not work.done():
-            await asyncio.wait((work,), timeout=self._heartbeat_interval_s)
-            if not work.done():
+            await asyncio.wait((work,), timeout=self._keepalives.interval)
+            if work.done():
+                break
+            stalled_s = loop.time() - started
+            if self._keepalives.allows(stalled_s):
                 self._send_keepalives()
+            elif self.role is Role.LEADER and self._keepalives_stopped_for != started:
+                self._keepalives_stopped_for = started  # logged once per stalled save
+                logger.warning(
+                    "event=keepalives_stopped seconds=%.3f: the save has stalled for an "
+                    "election timeout; the followers may elect another leader",
+                    stalled_s,
+                )
         return work.result()
 
     def _send_keepalives(self) -> None:
         """A leader whose save is slow (a busy disk can take hundreds of milliseconds) still
         tells its followers it is alive, so a slow disk does not start elections. The
         heartbeat carries commit 0, which moves nothing; it is sent only in a term that is
-        already durable, and the core's state cannot change while the driver waits."""
+        already durable, and the core's state cannot change while the driver waits. Only
+        for as long as `_in_worker`'s keepalive policy allows (one election timeout)."""
         if self.role is not Role.LEADER:
             return
         term = self.node.status().term
@@ -605,11 +672,15 @@ class Driver:
         if role is Role.PRE_CANDIDATE and self.role is not Role.PRE_CANDIDATE:
             self.metrics.elections.inc()
         was_leader = self.role is Role.LEADER
+        leader_changed = leader_id != self.leader_id
         self.leader_id, self.role = leader_id, role
         self.metrics.is_leader.set(1 if role is Role.LEADER else 0)
         if was_leader and role is not Role.LEADER and not self.handing_over:
             self._fail_pending("leadership was lost before the write was applied; outcome unknown")
-        if leader_id == NONE or was_leader != (role is Role.LEADER):
+        if leader_changed or leader_id == NONE or was_leader != (role is Role.LEADER):
+            # A ReadIndex request is answered by the leader it went to or by no one: when
+            # the leader changes, even straight from one to another, waiting for the answer
+            # only runs into the deadline (504), so the read is failed now, retryably.
             self._fail_reads("the leader changed while the read waited; retry")
         if self._leader_waiters and leader_id not in (NONE, self.config.id):
             waiters, self._leader_waiters = self._leader_waiters, []

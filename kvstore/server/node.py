@@ -30,7 +30,6 @@ from aiohttp import web
 from kvstore.config import ServeConfig
 from kvstore.errors import CorruptionError, FatalDiskError, StorageError
 from kvstore.raft.config import RaftConfig
-from kvstore.raft.types import NONE, Role
 from kvstore.server.discovery import split_host_port
 from kvstore.server.driver import Driver
 from kvstore.server.http import HttpApi
@@ -81,7 +80,7 @@ def open_replica(config: ServeConfig) -> Any:
     from kvstore.replica import Replica
     from kvstore.storage.disk import DiskStorage
 
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    # DiskStorage creates the directory durably (fsynced in its parent).
     storage = DiskStorage(config.data_dir)
     raft_config = RaftConfig(
         id=config.id,
@@ -195,17 +194,11 @@ class Node:
         if not followers:
             return
         _, target = max(followers)
-        driver.handing_over = True
         logger.info("event=transfer_leadership to=%s", target)
-        await driver.call(lambda: driver.node.transfer_leadership(target))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.shutdown_transfer_ms / 1000
-        while loop.time() < deadline:
-            if driver.role is not Role.LEADER and driver.leader_id not in (NONE, self.config.id):
-                logger.info("event=transfer_done leader=%s", driver.leader_id)
-                return
-            await asyncio.sleep(0.002)
-        logger.warning("event=transfer_timeout: stopping as leader")
+        if await driver.hand_over(target, self.config.shutdown_transfer_ms / 1000):
+            logger.info("event=transfer_done leader=%s", driver.leader_id)
+        else:
+            logger.warning("event=transfer_timeout: stopping as leader")
 
     async def _drain_writes(self, timeout_s: float) -> None:
         loop = asyncio.get_running_loop()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 
 from kvstore.codec import decode_message, encode_message
 from kvstore.errors import RaftError
+from kvstore.keepalive import KeepalivePolicy
 from kvstore.kv.commands import Put, RequestId, decode_command, encode_command
 from kvstore.raft.config import RaftConfig
 from kvstore.raft.types import Entry, Message, MessageType, ReadState, Ready, Role
@@ -56,6 +57,10 @@ class SimConfig:
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     fault_gap_min: int = 20
     fault_gap_max: int = 250
+    # Keepalives during one hung save stop after this many election timeouts (the server's
+    # policy, kvstore.keepalive: 1); None sends them for as long as the save hangs, as the
+    # server did before issue 12 (for the test that shows why the bound is needed).
+    keepalive_limit_elections: float | None = 1.0
 
     @staticmethod
     def draw(rng: random.Random, **overrides: object) -> SimConfig:
@@ -131,6 +136,7 @@ class Simulation:
             c.snapshot_interval_min, max(c.snapshot_interval_min, c.snapshot_interval_max)
         )
         node.snapshot_keep = self.rng.randint(0, 3)
+        node.deferred_snapshots = self.rng.random() < 0.5
         return node
 
     # --- the trace and scheduled events --------------------------------------------------
@@ -174,11 +180,30 @@ class Simulation:
 
         self.schedule(duration, f"resume n{node.id}", resume)
 
+    def hang_save(self, node: SimNode, duration: int) -> None:
+        """The node's next save that must sync hangs for `duration` (a dying disk, an NFS
+        stall); see `on_save_hung`."""
+        node.hang_next_save = duration
+        self.trace(f"hang next save n{node.id} for {duration}")
+
+    def keepalive_policy(self, node: SimNode) -> KeepalivePolicy:
+        """The server's keepalive policy in this node's virtual time."""
+        c = self.config
+        election = c.election_ticks * node.tick_period
+        limit = c.keepalive_limit_elections
+        return KeepalivePolicy.for_timeouts(
+            c.heartbeat_ticks * node.tick_period,
+            float("inf") if limit is None else limit * election,
+        )
+
     def resume_node(self, node: SimNode) -> None:
         """SIGCONT: the client requests that queued up are handled first, before the peer
         messages that wait for the node (so a deposed leader that slept is asked to serve
         reads before it learns it was deposed)."""
         node.paused = False
+        self._release_held(node)
+
+    def _release_held(self, node: SimNode) -> None:
         node.next_tick = max(node.next_tick, self.now + 1)
         raw = node.raw
         assert raw is not None
@@ -212,16 +237,26 @@ class Simulation:
         end = self.config.fault_time
         if self.config.liveness:
             end += self.config.liveness_bound
+        self._run_to(end)
+        self.workload.finish(self.now)
+
+    def run_until(self, end: int) -> None:
+        """Step through every event up to time `end` (or the first violation, or the
+        liveness write's commit); the clock then reads `end` (tests step a run with this)."""
+        self._run_to(end)
+        if not self.checker.violations and not self.liveness_ok:
+            self.now = max(self.now, end)
+
+    def _run_to(self, end: int) -> None:
         while not self.checker.violations and not self.liveness_ok:
             next_time = self._next_time()
             if next_time is None or next_time > end:
                 break
             self.now = next_time
             self._step()
-        self.workload.finish(self.now)
 
     def _next_time(self) -> int | None:
-        times = [n.next_tick for n in self.nodes.values() if n.up and not n.paused]
+        times = [n.next_tick for n in self.nodes.values() if n.up and not n.stalled]
         delivery = self.network.next_delivery_time()
         if delivery is not None:
             times.append(delivery)
@@ -254,7 +289,7 @@ class Simulation:
             self.checker.check_electability({n.id: n.log for n in self.nodes.values()})
 
     def _process(self, node: SimNode) -> None:
-        if not node.up or node.paused:
+        if not node.up or (node.stalled and node.crash_stage is None):
             return
         node.process_ready(self, self.rng)
         if node.up and node.crash_stage is not None:
@@ -267,7 +302,7 @@ class Simulation:
     def _deliver(self) -> None:
         for message in self.network.deliver_due(self.now, self.is_up):
             node = self.nodes[message.to]
-            if node.paused:
+            if node.stalled:
                 self.network.requeue(message, self.now + 1 + node.tick_period)
                 continue
             raw = node.raw
@@ -284,7 +319,7 @@ class Simulation:
 
     def _tick(self) -> None:
         for node in self.nodes.values():
-            if node.up and not node.paused and node.next_tick <= self.now:
+            if node.up and not node.stalled and node.next_tick <= self.now:
                 assert node.raw is not None
                 node.raw.tick()
                 node.next_tick = self.now + node.tick_period
@@ -365,6 +400,52 @@ class Simulation:
             # Through the wire format, as the server's transport does.
             self.network.send(decode_message(encode_message(message)), self.now)
 
+    def on_save_hung(self, node: SimNode, duration: int) -> None:
+        """A save hangs: while it does, the node sends only the keepalives the policy
+        allows (as `Driver._in_worker` does); then the save returns and the node goes on,
+        client requests that reached it meanwhile first."""
+        self.counters["saves_hung"] += 1
+        self.trace(f"save hangs n{node.id} for {duration}")
+        incarnation, since = node.incarnation, self.now
+        policy = self.keepalive_policy(node)
+        interval = max(1, int(policy.interval))
+
+        def hanging() -> bool:
+            return node.hung_ready is not None and node.incarnation == incarnation
+
+        def keepalive() -> None:
+            if not hanging() or not policy.allows(self.now - since):
+                return
+            self._send_keepalives(node)
+            self.schedule(interval, f"keepalive n{node.id}", keepalive)
+
+        def returned() -> None:
+            if hanging():
+                node.finish_hung_save(self, self.rng)
+                if node.up:
+                    self._release_held(node)
+
+        self.schedule(interval, f"keepalive n{node.id}", keepalive)
+        self.schedule(duration, f"save returns n{node.id}", returned)
+
+    def _send_keepalives(self, node: SimNode) -> None:
+        """`Driver._send_keepalives`: a leader's heartbeats with commit 0, only in a term
+        that is already durable."""
+        raw = node.raw
+        assert raw is not None
+        status = raw.status()
+        if status.role is not Role.LEADER or node.storage.hard_state.term != status.term:
+            return
+        self.counters["keepalives"] += 1
+        self.on_send(
+            node,
+            [
+                Message(type=MessageType.HEARTBEAT, to=peer, from_=node.id, term=status.term)
+                for peer in node.peers
+                if peer != node.id
+            ],
+        )
+
     def on_restored(self, node: SimNode, index: int) -> None:
         self.checker.observe_restored(node.id, index)
         self.trace(f"restore n{node.id} {index}")
@@ -403,7 +484,7 @@ class Simulation:
         raw = self.nodes[node].raw
         if raw is None:
             return False
-        if self.nodes[node].paused:
+        if self.nodes[node].stalled:
             self.nodes[node].held_requests.append(("propose", data))
             return True
         try:
@@ -416,7 +497,7 @@ class Simulation:
         raw = self.nodes[node].raw
         if raw is None:
             return False
-        if self.nodes[node].paused:
+        if self.nodes[node].stalled:
             self.nodes[node].held_requests.append(("read_index", context))
             return True
         try:

@@ -6,7 +6,11 @@ cycle (restarted later from its storage), a leadership transfer, a spurious "pee
 report (a connection blip, which must not depose a live leader), an immediate campaign, or a
 change of a node's tick rate (clock drift), or pausing a process (SIGSTOP) for a while:
 it neither ticks nor handles messages, which wait for it, and a paused leader wakes up
-believing it still leads. When a node crashes, each live peer "notices" it
+believing it still leads. A node's save can hang (a dying disk): the node then neither
+ticks nor steps until it returns, sending only the keepalives the server's policy allows
+(kvstore.keepalive). A node's disk can fill up for a while such that the compaction
+after a snapshot fails (the snapshot stays stored; the replica retries the compaction later).
+When a node crashes, each live peer "notices" it
 after a short random delay and calls `report_peer_down`, as the server's transport does when
 a connection closes.
 
@@ -44,6 +48,8 @@ class Nemesis:
             (self._campaign, 1),
             (self._drift, 1),
             (self._pause, 2),
+            (self._fill_disk, 1),
+            (self._hang_disk, 1),
         ]
         self._schedule_next()
 
@@ -127,7 +133,7 @@ class Nemesis:
         self._sim.schedule(downtime, f"restart n{node.id}", restart)
 
     def _pause(self) -> None:
-        live = [node for node in self._sim.live_nodes() if not node.paused]
+        live = [node for node in self._sim.live_nodes() if not node.stalled]
         if not live:
             return
         leader = self._sim.leader()
@@ -135,6 +141,34 @@ class Nemesis:
         if node is None or node.paused:
             node = self._rng.choice(live)
         self._sim.pause_node(node, self._rng.randint(20, 400))
+
+    def _hang_disk(self) -> None:
+        """A node's next save hangs for a while (the leader's, half of the time): with
+        keepalives bounded by the keepalive policy, the others elect a new leader."""
+        live = [node for node in self._sim.live_nodes() if not node.stalled]
+        if not live:
+            return
+        leader = self._sim.leader()
+        node = leader if leader is not None and self._rng.random() < 0.5 else None
+        if node is None or node.stalled:
+            node = self._rng.choice(live)
+        self._sim.hang_save(node, self._rng.randint(50, 800))
+
+    def _fill_disk(self) -> None:
+        """The disk of one node fills for a while: its log compactions fail with
+        DiskFullError (MemoryStorage.compact_disk_full), whatever the node does meanwhile
+        (crashes and restarts included: the disk stays full)."""
+        node = self._rng.choice(self._sim.all_nodes())
+        if node.storage.compact_disk_full:
+            return
+        node.storage.compact_disk_full = True
+        duration = self._rng.randint(50, 1000)
+        self._sim.trace(f"disk full n{node.id} for {duration}")
+
+        def free() -> None:
+            node.storage.compact_disk_full = False
+
+        self._sim.schedule(duration, f"disk freed n{node.id}", free)
 
     def on_crashed(self, node: SimNode) -> None:
         """Peers notice the closed connections a little later."""

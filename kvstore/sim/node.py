@@ -48,6 +48,10 @@ class NodeObserver(Protocol):
 
     def on_send(self, node: SimNode, messages: Sequence[Message]) -> None: ...
 
+    def on_save_hung(self, node: SimNode, duration: int) -> None:
+        """The node's save of its pending Ready hangs for `duration`."""
+        ...
+
     def on_restored(self, node: SimNode, index: int) -> None: ...
 
     def on_applied(self, node: SimNode, entry: Entry) -> None: ...
@@ -81,6 +85,12 @@ class SimNode:
         self.paused = False
         # Client requests that reached the paused process: (kind, payload), handled on resume.
         self.held_requests: list[tuple[str, bytes]] = []
+        # A hung disk: the next save that must sync hangs this long (0: no hang armed)...
+        self.hang_next_save = 0
+        # ...and the Ready whose save is hanging. Meanwhile the node neither ticks nor steps
+        # messages, as the server's driver does while it waits for a save; it only sends the
+        # keepalives the keepalive policy allows (Simulation.on_save_hung).
+        self.hung_ready: Ready | None = None
         # What the node last said about itself in a Ready (persisted or soft state).
         self.term = 0
         self.role = Role.FOLLOWER
@@ -90,10 +100,18 @@ class SimNode:
         # `snapshot_keep` entries before it so slightly lagging peers catch up by appends.
         self.snapshot_interval = 1_000_000
         self.snapshot_keep = 0
+        # Take snapshots the server's way (begin, encode, complete after `advance`) instead
+        # of inside `advance`, so the simulator runs that path too.
+        self.deferred_snapshots = False
 
     @property
     def up(self) -> bool:
         return self.replica is not None
+
+    @property
+    def stalled(self) -> bool:
+        """Paused, or waiting for a hung save: no ticks, no messages, requests held."""
+        return self.paused or self.hung_ready is not None
 
     @property
     def raw(self) -> RawNode | None:
@@ -115,6 +133,7 @@ class SimNode:
             # Paced by count alone, so small simulated stores snapshot (and send snapshots)
             # often; pacing by size is a local policy with no part in safety.
             snapshot_log_ratio=0.0,
+            defer_snapshots=self.deferred_snapshots,
         )
         self.incarnation += 1
         self.crash_stage = None
@@ -127,6 +146,7 @@ class SimNode:
         """Lose everything not in storage."""
         self.replica = None
         self.paused = False
+        self.hung_ready = None  # a save that never returned made nothing durable
         self.held_requests.clear()
         self.crash_stage = None
         self.role, self.leader_id = Role.FOLLOWER, 0
@@ -150,6 +170,11 @@ class SimNode:
         self, replica: Replica, ready: Ready, observer: NodeObserver, rng: random.Random
     ) -> None:
         # 1. Persist before anything leaves the node (Raft §5: durable before replying).
+        if self.hang_next_save and ready.must_sync:
+            duration, self.hang_next_save = self.hang_next_save, 0
+            self.hung_ready = ready
+            observer.on_save_hung(self, duration)
+            return
         if self.crash_stage is CrashStage.MID_PERSIST:
             self._torn_save(ready, observer, rng)
             return
@@ -181,8 +206,29 @@ class SimNode:
             return
         # 4. Advance (the replica may snapshot and compact here).
         taken = replica.advance(ready)
+        if self.deferred_snapshots:
+            taken = self._deferred_snapshot(replica)
         if taken:
             observer.on_snapshot_taken(self, taken)
+
+    def finish_hung_save(self, observer: NodeObserver, rng: random.Random) -> None:
+        """The hung save returns: the rest of its Ready is handled as usual."""
+        ready, replica = self.hung_ready, self.replica
+        assert ready is not None and replica is not None
+        self.hung_ready = None
+        self._handle_ready(replica, ready, observer, rng)
+
+    def _deferred_snapshot(self, replica: Replica) -> int:
+        """What the server's driver does between two turns (`Driver._tend_snapshot`), its
+        encoding thread collapsed into one step: retry a compaction a full disk skipped, or
+        take a snapshot that is due. Returns the index of the snapshot taken, else 0."""
+        if replica.compaction_due():
+            replica.retry_compaction()
+            return 0
+        job = replica.begin_snapshot()
+        if job is None:
+            return 0
+        return replica.complete_snapshot(job, replica.encode_snapshot(job))
 
     def _torn_save(self, ready: Ready, observer: NodeObserver, rng: random.Random) -> None:
         """Crash in the middle of the fsync'ed write (MemoryStorage models what a torn

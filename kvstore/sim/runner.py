@@ -78,6 +78,9 @@ def final_checks(simulation: Simulation) -> SimResult:
 def _counters(simulation: Simulation) -> tuple[tuple[str, int], ...]:
     counters = simulation.counters.copy()
     network = simulation.network.stats()
+    counters["compactions_refused"] = sum(
+        node.storage.compactions_refused for node in simulation.all_nodes()
+    )
     counters["messages_sent"] = network.sent
     counters["messages_dropped"] = network.dropped
     counters["messages_duplicated"] = network.duplicated

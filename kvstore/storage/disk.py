@@ -6,6 +6,10 @@ Layout of the data directory:
     snap-<index>-<term>.snap       the newest snapshot the log names (kvstore.storage.snapshot)
     LOCK                           flock'ed while a process has the directory open
 
+A directory that does not exist yet is created level by level, each new level fsynced and
+then its parent (`FileSystem.make_directories`): otherwise a power loss could take back the
+directory of a freshly bootstrapped node together with the vote and entries it held.
+
 The entries after the compaction offset are kept in memory, so `entries()` and `term()` never
 touch the disk; memory is bounded by the snapshot cadence (the caller snapshots and compacts).
 They are kept as plain tuples of atomic values (`_Row`), not `Entry` objects: the garbage
@@ -20,7 +24,8 @@ Rules:
   with the log, Raft §5.3), then its hard state, in one buffer, one write, one fdatasync.
   Entries before the hard state: a torn write can then never leave a commit index without
   the entries it covers.
-- Memory changes only after the disk write succeeded: DiskFullError leaves both the file and
+- Memory changes only after the disk write succeeded: ResourceExhaustedError (DiskFullError
+  for ENOSPC; EMFILE, ENFILE, ENOMEM) leaves both the file and
   the in-memory log exactly as before the call; FatalDiskError poisons the object.
 - A snapshot is durable (file fsynced, renamed, directory fsynced) before the log names it,
   and older snapshots and segments are removed only after that.
@@ -46,6 +51,7 @@ from kvstore.errors import (
     CompactedError,
     CorruptionError,
     FatalDiskError,
+    ResourceExhaustedError,
     StorageError,
     UnavailableIndexError,
 )
@@ -117,7 +123,10 @@ class DiskStorage:
         self.compact_after_entries = compact_after_entries
         self.compact_after_bytes = compact_after_bytes
         self.trailing_entries = trailing_entries
-        self.fs.makedirs(self.directory)
+        try:
+            self.fs.make_directories(self.directory)
+        except OSError as exc:
+            raise StorageError(f"cannot create {self.directory}: {exc}") from exc
         self._lock_fd = self._lock_directory()
         self._wal = WriteAheadLog(
             self.directory, self.fs, self.metrics, segment_size_bytes=segment_size_bytes
@@ -371,7 +380,11 @@ class DiskStorage:
         self._snapshot, self._conf_state = snapshot, conf_state
         self._remove_snapshots(keep=index)
         if self.trailing_entries is not None and index - self.trailing_entries > self._offset:
-            self.compact(index - self.trailing_entries)
+            try:
+                self.compact(index - self.trailing_entries)
+            except ResourceExhaustedError as exc:
+                # The snapshot is durable; the log just keeps its entries until the next one.
+                logger.warning("event=compaction_skipped reason=%s error=%r", exc.code, exc)
         return snapshot
 
     def compact(self, index: int) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from kvstore.errors import CompactedError, UnavailableIndexError
+from kvstore.errors import CompactedError, DiskFullError, UnavailableIndexError
 from kvstore.raft.types import (
     EMPTY_SNAPSHOT,
     ConfState,
@@ -30,6 +30,10 @@ class MemoryStorage:
         self._snapshot: Snapshot = EMPTY_SNAPSHOT
         self._conf_state = conf_state or ConfState()
         self._entries: list[Entry] = [Entry(term=0, index=0)]
+        # Fault injection (the simulator's "disk fills during compaction"): while set,
+        # `compact` raises DiskFullError and changes nothing, as DiskStorage does on ENOSPC.
+        self.compact_disk_full = False
+        self.compactions_refused = 0
 
     # --- the read side (kvstore.raft.storage.Storage) ---------------------------------------
 
@@ -176,6 +180,9 @@ class MemoryStorage:
             return
         if index > self._snapshot.metadata.index:
             raise ValueError(f"compact({index}) beyond the snapshot {self._snapshot.metadata}")
+        if self.compact_disk_full:
+            self.compactions_refused += 1
+            raise DiskFullError(f"disk full compacting the log to {index} (simulated)")
         sentinel = Entry(term=self.term(index), index=index)
         del self._entries[: index - offset]
         self._entries[0] = sentinel

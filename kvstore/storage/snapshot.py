@@ -19,7 +19,6 @@ recovery. Loading verifies magic, length, checksum and that the metadata matches
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
 import zlib
@@ -27,13 +26,12 @@ import zlib
 from kvstore import codec
 from kvstore.errors import (
     CorruptionError,
-    DiskFullError,
     FatalDiskError,
     ProtocolError,
     StorageError,
 )
 from kvstore.raft.types import Snapshot
-from kvstore.storage.fs import FileSystem
+from kvstore.storage.fs import FileSystem, shortage_error
 
 MAGIC = b"KVSNAP01"
 _HEADER = struct.Struct("<8sIQ")
@@ -67,8 +65,9 @@ def write_snapshot(
     fs: FileSystem, directory: str, snapshot: Snapshot, prepared: str | None = None
 ) -> tuple[str, int]:
     """Durably write `snapshot` (or, with `prepared`, the file `prepare_snapshot` wrote for
-    it); returns its path and the number of fsyncs made. Raises DiskFullError on ENOSPC (the
-    temporary file is removed) and FatalDiskError on any other failure."""
+    it); returns its path and the number of fsyncs made. Raises DiskFullError on ENOSPC and
+    ResourceExhaustedError on EMFILE, ENFILE or ENOMEM (the temporary file is removed), and
+    FatalDiskError on any other failure."""
     path = _path(directory, snapshot)
     fsyncs = 1  # the directory's
     if prepared is None:
@@ -157,9 +156,7 @@ def load_snapshot(fs: FileSystem, path: str) -> Snapshot:
 
 
 def _map_error(exc: OSError, what: str) -> StorageError:
-    if exc.errno == errno.ENOSPC:
-        return DiskFullError(f"disk full: {what}")
-    return FatalDiskError(f"{what}: {exc}")
+    return shortage_error(exc, what) or FatalDiskError(f"{what}: {exc}")
 
 
 def _remove_quietly(fs: FileSystem, path: str) -> None:

@@ -22,20 +22,23 @@ directory fsynced, so a segment file either exists complete or not at all.
 Recovery rules:
 - Every record of every segment is verified. Only at the very end of the last segment may a
   record be incomplete (a torn write: the header is short, or the payload runs past the end
-  of the file) or the tail be all zeros; that tail is cut off and the cut logged.
+  of the file), or have a complete header and a payload of zeros only (its data blocks never
+  came: delayed allocation after a power loss; etcd treats it the same), or the tail be all
+  zeros; that tail is cut off and the cut logged with the file and offset. A record is
+  acknowledged only after its fdatasync, and a synced record never reads back as zeros.
 - Anything else (checksum mismatch, damaged length, unknown type, a payload that does not
   decode, an entry index gap, a segment sequence gap) raises CorruptionError(path, offset).
 
 Appends (`append`) write one buffer with as few `write` calls as the kernel allows and then
 one fdatasync: the group commit of a whole Ready. ENOSPC truncates the partial write away and
-raises DiskFullError (the log is exactly as before); any other failure raises FatalDiskError
+raises DiskFullError (the log is exactly as before), and so do EMFILE, ENFILE and ENOMEM with
+ResourceExhaustedError (`fs.shortage_error`); any other failure raises FatalDiskError
 and poisons the log (a retried fsync may report success over lost pages).
 """
 
 from __future__ import annotations
 
 import enum
-import errno
 import logging
 import os
 import struct
@@ -48,13 +51,12 @@ from typing import Any
 from kvstore import codec
 from kvstore.errors import (
     CorruptionError,
-    DiskFullError,
     FatalDiskError,
     ProtocolError,
     StorageError,
 )
 from kvstore.raft.types import ConfState, Entry, EntryType, HardState
-from kvstore.storage.fs import FileSystem
+from kvstore.storage.fs import FileSystem, shortage_error
 
 logger = logging.getLogger("kvstore.storage")
 
@@ -173,6 +175,11 @@ def scan_records(path: str, data: bytes, *, is_last: bool) -> tuple[list[Record]
             raise CorruptionError(path, offset, "record runs past the end of a sealed segment")
         payload = data[start : start + length]
         if zlib.crc32(payload, zlib.crc32(bytes((type_,)))) != crc:
+            if is_last and length and data.count(0, start) == end - start:
+                # The header reached the disk but the payload did not (delayed allocation
+                # after a power loss): a torn write of the last, unacknowledged save, as
+                # long as nothing but zeros follows it. Anything else stays corruption.
+                return records, offset
             raise CorruptionError(path, offset, "record checksum mismatch")
         if type_ not in _TYPE_CRC:
             raise CorruptionError(path, offset, f"unknown record type {type_}")
@@ -490,13 +497,14 @@ class WriteAheadLog:
             view = view[written:]
 
     def _undo_partial_write(self, segment: _Segment, exc: OSError) -> None:
-        if exc.errno != errno.ENOSPC:
+        shortage = shortage_error(exc, f"write {segment.path}")
+        if shortage is None:
             raise self._fatal(f"write {segment.path}: {exc}") from exc
         try:
             self.fs.ftruncate(self._fd, segment.size)
         except OSError as truncate_exc:
-            raise self._fatal(f"truncate after ENOSPC {segment.path}: {truncate_exc}") from exc
-        raise DiskFullError(f"disk full writing {segment.path}") from exc
+            raise self._fatal(f"truncate after {exc} {segment.path}: {truncate_exc}") from exc
+        raise shortage from exc
 
     def _sync(self, fd: int, *, data_only: bool) -> None:
         started = time.perf_counter()
@@ -538,9 +546,7 @@ class WriteAheadLog:
             pass
 
     def _map_error(self, exc: OSError, what: str) -> StorageError:
-        if exc.errno == errno.ENOSPC:
-            return DiskFullError(f"disk full: {what}")
-        return self._fatal(f"{what}: {exc}")
+        return shortage_error(exc, what) or self._fatal(f"{what}: {exc}")
 
     def _fatal(self, message: str) -> FatalDiskError:
         self._failed = message

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from kvstore.errors import DiskFullError
+from kvstore.errors import DiskFullError, ResourceExhaustedError
 from kvstore.raft.config import RaftConfig
 from kvstore.raft.types import Entry, HardState, Role, Snapshot
 from kvstore.replica import Replica
@@ -36,13 +37,21 @@ class FaultyStorage(MemoryStorage):
         self.gate = threading.Event()
         self.gate.set()
         self.saves = 0
+        self.refused = 0
+        # Each save takes this long on the storage thread (a slow disk).
+        self.delay_s = 0.0
+        # What a save raises while `disk_full` is set.
+        self.failure: type[ResourceExhaustedError] = DiskFullError
 
     def save(
         self, hard_state: HardState | None, entries: Sequence[Entry], snapshot: Snapshot | None
     ) -> None:
         self.gate.wait(10)
+        if self.delay_s:
+            time.sleep(self.delay_s)
         if self.disk_full and entries:
-            raise DiskFullError("no space left on device (test)")
+            self.refused += 1
+            raise self.failure("no space left on device, or no file descriptor (test)")
         self.saves += 1
         super().save(hard_state, entries, snapshot)
 
@@ -133,6 +142,28 @@ async def test_disk_full_answers_507_keeps_reads_and_recovers(harness: Harness) 
     assert await (await client.get("/v1/kv/k")).read() == b"during"
 
 
+async def test_no_file_descriptor_for_a_save_refuses_writes_with_503_and_recovers(
+    harness: Harness,
+) -> None:
+    """Issue 12 item 7: a save that finds no file descriptor (EMFILE, ResourceExhaustedError)
+    is treated like a full disk, not a damaged one: the same save is retried, other writes
+    get a retryable 503 meanwhile (not 507: the disk has space), and all is well once
+    descriptors are free."""
+    client, storage, driver = harness.client, harness.storage, harness.driver
+    storage.failure = ResourceExhaustedError
+    storage.disk_full = True
+    first = asyncio.ensure_future(client.put("/v1/kv/k", data=b"during"))
+    await _until(lambda: driver.resources_exhausted)
+    assert not driver.disk_full
+    refused = await client.put("/v1/kv/other", data=b"x")
+    assert refused.status == 503
+    assert (await refused.json())["error"]["code"] == "resource_exhausted"
+    storage.disk_full = False
+    assert (await first).status == 200
+    await _until(lambda: not driver.resources_exhausted)
+    assert (await client.put("/v1/kv/other", data=b"x")).status == 200
+
+
 @pytest.mark.parametrize(
     "harness", [{"max_pending_proposals": 2, "request_timeout_ms": 300}], indirect=True
 )
@@ -197,6 +228,61 @@ async def test_a_leader_waiting_on_a_slow_save_keeps_heartbeating(harness: Harne
     assert (await write).status == 200
 
 
+def _keepalives_sent(harness: Harness) -> float:
+    return float(harness.driver.metrics.keepalives._value.get())
+
+
+async def _keepalives_stop(harness: Harness, caplog: pytest.LogCaptureFixture) -> float:
+    """Wait for the driver to log that it stopped the keepalives of a stalled save; then
+    check that no more go out for ten heartbeat intervals. Returns how many were sent."""
+    await _until(lambda: "event=keepalives_stopped" in caplog.text)
+    sent = _keepalives_sent(harness)
+    loop = asyncio.get_running_loop()
+    quiet_until = loop.time() + 10 * harness.driver._keepalives.interval
+    await _until(lambda: loop.time() > quiet_until)
+    assert _keepalives_sent(harness) == sent
+    return sent
+
+
+@pytest.mark.parametrize("harness", [{"election_ticks": 20}], indirect=True)
+async def test_keepalives_during_a_hung_save_stop_after_an_election_timeout(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 12 item 3: a leader whose save hangs sent keepalives for as long as it hung,
+    which kept its followers in lease (refusing votes) while it served nothing. Now they
+    stop after one election timeout (20 ticks of 1 ms; a keepalive every 5 ticks), so the
+    followers can elect another leader; the save still completes when the disk returns."""
+    caplog.set_level("WARNING", logger="kvstore.server")
+    before = _keepalives_sent(harness)
+    harness.storage.gate.clear()
+    write = asyncio.ensure_future(harness.client.put("/v1/kv/hung", data=b"x"))
+    sent = await _keepalives_stop(harness, caplog)
+    assert sent - before <= 4  # while stalled < 20 ms, one per 5 ms at most
+    harness.storage.gate.set()
+    assert (await write).status == 200
+
+
+@pytest.mark.parametrize("harness", [{"election_ticks": 20}], indirect=True)
+async def test_keepalives_stop_too_while_a_full_disk_makes_the_leader_retry_a_save(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bound holds across the retries of one save on a full disk: each slow failed
+    attempt (15 ms, three heartbeat intervals) would otherwise start keepalives afresh."""
+    caplog.set_level("WARNING", logger="kvstore.server")
+    storage = harness.storage
+    storage.delay_s = 0.015
+    storage.disk_full = True
+    write = asyncio.ensure_future(harness.client.put("/v1/kv/full", data=b"x"))
+    await _until(lambda: storage.refused >= 1)
+    await _keepalives_stop(harness, caplog)
+    refused, sent = storage.refused, _keepalives_sent(harness)
+    await _until(lambda: storage.refused >= refused + 3)
+    assert _keepalives_sent(harness) == sent
+    storage.disk_full = False
+    storage.delay_s = 0.0
+    assert (await write).status == 200
+
+
 async def test_a_write_during_a_handover_waits_for_the_new_leader_and_names_it(
     harness: Harness,
 ) -> None:
@@ -255,3 +341,52 @@ async def test_a_follower_with_a_full_disk_sends_writes_to_the_leader(harness: H
             driver.check_writable()  # the leader itself refuses with 507
     finally:
         driver.disk_full = False
+
+
+async def test_forwarded_reads_fail_at_once_when_the_leader_changes_directly(
+    harness: Harness,
+) -> None:
+    """Issue 12 item 5: a follower's ReadIndex request forwarded to leader L1 is answered by
+    L1 or by no one. When the follower learns of L2 directly (no leaderless Ready in
+    between, its own role unchanged), the read was left to wait for its deadline (504 after
+    5 s); it now fails at once with a retryable 503."""
+    from kvstore.errors import UnavailableError
+
+    driver = harness.driver
+    loop = asyncio.get_running_loop()
+    driver.role, driver.leader_id = Role.FOLLOWER, 2
+    read: asyncio.Future[None] = loop.create_future()
+    driver._read_contexts[b"forwarded-to-2"] = [read]
+    try:
+        driver._on_soft_state(3, Role.FOLLOWER)  # L1 = 2 -> L2 = 3
+        assert read.done(), "the read still waits for L1's answer"
+        with pytest.raises(UnavailableError) as failed:
+            read.result()
+        assert failed.value.http_status == 503 and failed.value.retry_after_s
+    finally:
+        driver._read_contexts.pop(b"forwarded-to-2", None)
+        driver.role, driver.leader_id = Role.LEADER, 1
+
+
+async def test_a_failed_handover_lets_the_node_answer_as_a_leader_again(
+    harness: Harness,
+) -> None:
+    """Issue 12 item 6: `handing_over` stayed set when the transfer failed (here: the
+    target is no voter, so the core ignores it, and no leader appears before the timeout).
+    Then a later loss of leadership left writes pending until their deadline and every
+    write was held first. Now it is reset, and writes fail promptly when leadership goes."""
+    driver = harness.driver
+    assert not await driver.hand_over(9, timeout_s=0.02)
+    assert not driver.handing_over
+    assert driver.is_leader()
+    response = await harness.client.put("/v1/kv/after-handover", data=b"x")
+    assert response.status == 200
+    # A write in flight when leadership is lost fails at once (503), not at its deadline.
+    pending: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    driver._proposals["c:1"] = [pending]
+    try:
+        driver._on_soft_state(2, Role.FOLLOWER)
+        assert pending.done()
+    finally:
+        driver._proposals.pop("c:1", None)
+        driver._on_soft_state(1, Role.LEADER)

@@ -165,3 +165,13 @@ def test_reads_answered_without_a_quorum_round_are_caught(monkeypatch: pytest.Mo
     monkeypatch.setattr(RawNode, "_start_read", answer_at_once)
     failure = _first_failure()
     assert any(v.startswith(("read_freshness", "linearizability")) for v in failure.violations)
+
+
+def test_seeds_fill_disks_during_compaction_and_carry_on() -> None:
+    """The nemesis fills a node's disk for a while (issue 12 item 2): compactions after a
+    snapshot fail with DiskFullError and are skipped and retried, and the runs stay safe
+    and live (before the fix the DiskFullError escaped `advance`)."""
+    summary = run_seeds(range(1, 13))
+    assert summary.ok, "\n".join(describe_failure(r) for r in summary.failures)
+    assert summary.counters["fill_disk"] > 0
+    assert summary.counters["compactions_refused"] > 0

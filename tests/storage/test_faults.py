@@ -12,10 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.errors import CorruptionError, DiskFullError, FatalDiskError
+from kvstore.errors import (
+    CorruptionError,
+    DiskFullError,
+    FatalDiskError,
+    ResourceExhaustedError,
+)
 from kvstore.raft.types import ConfState, Entry, HardState, Snapshot, SnapshotMetadata
 from kvstore.storage.disk import DiskStorage
-from kvstore.storage.wal import RecordType, frame
+from kvstore.storage.fs import FileSystem
+from kvstore.storage.wal import HEADER_SIZE, RecordType, frame, scan_records
 from tests.storage.faults import CrashAfterFileSystem, FaultyFileSystem, SimulatedCrash
 
 VOTERS = ConfState(voters=(1, 2, 3))
@@ -82,6 +88,56 @@ def test_enospc_creating_a_segment_or_snapshot(tmp_path: Path) -> None:
     storage.close()
 
 
+# --- EMFILE, ENFILE, ENOMEM: a shortage that passes, not a damaged disk ---------------------
+
+
+@pytest.mark.parametrize("error", [errno.EMFILE, errno.ENFILE, errno.ENOMEM])
+def test_no_file_descriptor_for_a_snapshot_or_segment_is_retried_not_fatal(
+    tmp_path: Path, error: int
+) -> None:
+    """Issue 12 item 7: EMFILE while creating a snapshot file (a node whose descriptors
+    were used up by idle connections) was a FatalDiskError, and the node exited with status
+    2. Opening a snapshot file, a new segment or a prepared snapshot for want of a file
+    descriptor or memory now raises ResourceExhaustedError (503, not DiskFullError),
+    leaves the directory as it was and does not poison the storage: the same calls
+    succeed once descriptors are free."""
+    fs = FaultyFileSystem()
+    storage = DiskStorage(tmp_path, fs=fs, segment_size_bytes=1024)
+    storage.save(HardState(term=1, commit=60), entries(1, 60), None)  # > 1 KiB: rotates next
+    before = sorted(p.name for p in tmp_path.glob("*"))
+    fs.fail("open", error)
+    snapshot = Snapshot(SnapshotMetadata(index=50, term=1, conf_state=VOTERS), b"x" * 1000)
+    for attempt in (
+        lambda: storage.save(None, entries(61, 61), None),
+        lambda: storage.create_snapshot(50, VOTERS, b"x" * 1000),
+        lambda: storage.prepare_snapshot(snapshot),
+    ):
+        with pytest.raises(ResourceExhaustedError) as refused:
+            attempt()
+        assert not isinstance(refused.value, DiskFullError)
+        assert refused.value.http_status == 503
+    assert sorted(p.name for p in tmp_path.glob("*")) == before
+    assert storage.last_index() == 60
+    fs.heal()
+    storage.save(None, entries(61, 61), None)
+    storage.create_snapshot(50, VOTERS, b"x" * 1000)
+    storage.close()
+    storage = DiskStorage(tmp_path)
+    assert storage.last_index() == 61
+    assert storage.snapshot().data == b"x" * 1000
+    storage.close()
+
+
+@pytest.mark.parametrize("error", [errno.EMFILE, errno.ENOMEM])
+def test_a_failed_fsync_stays_fatal_whatever_its_errno(tmp_path: Path, error: int) -> None:
+    fs = FaultyFileSystem()
+    storage = DiskStorage(tmp_path, fs=fs)
+    fs.fail("fdatasync", error)
+    with pytest.raises(FatalDiskError):
+        storage.save(HardState(term=1), entries(1, 3), None)
+    storage.close()
+
+
 # --- EIO -----------------------------------------------------------------------------------
 
 
@@ -135,6 +191,74 @@ def test_torn_tail_is_cut_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFi
     assert last.stat().st_size == size
     assert all_entries(storage) == entries(1, 120)
     storage.close()
+
+
+def _zero_payload_of_last_record(path: Path, *, garbage: bytes = b"") -> int:
+    """Zero the payload of the last record of `path` (its header intact), then append
+    `garbage`; returns the record's offset."""
+    data = path.read_bytes()
+    records, _ = scan_records(str(path), data, is_last=True)
+    last = records[-1]
+    start = last.offset + HEADER_SIZE
+    path.write_bytes(data[:start] + bytes(len(last.payload)) + garbage)
+    return last.offset
+
+
+def test_a_last_record_with_a_zeroed_payload_is_cut_as_a_torn_write(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 12 item 6: after a power loss with delayed allocation, the last record's
+    header can be on disk and its payload zeros (the data blocks never came). The node
+    refused to start (checksum mismatch); that record was never acknowledged (a save is
+    acknowledged after its fdatasync), so, as etcd does, it is cut like a torn write and
+    the cut logged with the file and offset. A zero tail after it changes nothing."""
+    last = _prepared(tmp_path)[-1]
+    offset = _zero_payload_of_last_record(last, garbage=bytes(7))
+    with caplog.at_level(logging.WARNING, logger="kvstore.storage"):
+        storage = DiskStorage(tmp_path)
+    assert f"cutting torn tail path={last} offset={offset}" in caplog.text
+    assert last.stat().st_size == offset
+    # The last save wrote entry 120 then the hard state with commit 119: the hard state
+    # record (the last one) is the torn one.
+    assert all_entries(storage) == entries(1, 120)
+    assert storage.initial_state()[0].commit == 118
+    storage.close()
+
+
+@pytest.mark.parametrize("after", ["record", "garbage"])
+def test_a_zeroed_payload_with_anything_after_it_is_corruption(tmp_path: Path, after: str) -> None:
+    """Only a zeroed record with nothing after it can be a torn write: a record after it,
+    or non-zero bytes, mean a synced record was damaged."""
+    last = _prepared(tmp_path)[-1]
+    follow = (
+        frame(RecordType.HARD_STATE, last.read_bytes()[-20:]) if after == "record" else b"\x01"
+    )
+    offset = _zero_payload_of_last_record(last, garbage=follow)
+    with pytest.raises(CorruptionError) as caught:
+        DiskStorage(tmp_path)
+    assert (caught.value.path, caught.value.offset) == (str(last), offset)
+    assert "checksum" in caught.value.reason
+
+
+def test_a_zeroed_payload_in_a_sealed_segment_is_corruption(
+    tmp_path: Path,
+) -> None:
+    segments = _prepared(tmp_path, segment_size_bytes=1024)
+    offset = _zero_payload_of_last_record(segments[0])
+    with pytest.raises(CorruptionError) as caught:
+        DiskStorage(tmp_path)
+    assert (caught.value.path, caught.value.offset) == (str(segments[0]), offset)
+
+
+def test_a_last_record_with_a_garbage_payload_is_corruption(tmp_path: Path) -> None:
+    last = _prepared(tmp_path)[-1]
+    data = bytearray(last.read_bytes())
+    records, _ = scan_records(str(last), bytes(data), is_last=True)
+    start = records[-1].offset + HEADER_SIZE
+    data[start : start + len(records[-1].payload)] = b"\x5a" * len(records[-1].payload)
+    last.write_bytes(bytes(data))
+    with pytest.raises(CorruptionError, match="checksum"):
+        DiskStorage(tmp_path)
 
 
 def test_checksum_failure_in_a_sealed_segment_is_reported(tmp_path: Path) -> None:
@@ -299,3 +423,40 @@ def test_crash_at_every_step_of_a_save_that_rotates_the_segment(tmp_path: Path) 
 
     operations = _crash_at_every_step(tmp_path, prepare, act, check, segment_size_bytes=1024)
     assert "rename 00000000000000000001.wal.tmp" in operations
+
+
+class RecordingFileSystem(FileSystem):
+    """Records directory creations and directory fsyncs, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def mkdir(self, path: str) -> None:
+        self.calls.append(("mkdir", path))
+        super().mkdir(path)
+
+    def fsync_directory(self, path: str) -> None:
+        self.calls.append(("fsync", path))
+        super().fsync_directory(path)
+
+
+def test_a_new_data_directory_is_durable_in_its_parent(tmp_path: Path) -> None:
+    """Issue 12 item 4: the data directory was created without fsyncing it or its parent,
+    so after a power loss a freshly bootstrapped node could come back without its directory
+    (and the vote and entries in it). Each newly created level is fsynced, then its parent."""
+    fs = RecordingFileSystem()
+    top = tmp_path / "a"
+    data_dir = top / "b" / "c"
+    storage = DiskStorage(data_dir, fs=fs)
+    storage.close()
+    created = [str(top), str(top / "b"), str(data_dir)]
+    assert [path for call, path in fs.calls if call == "mkdir"] == created
+    for path in created:
+        mkdir = fs.calls.index(("mkdir", path))
+        after = fs.calls[mkdir + 1 :]
+        assert ("fsync", path) in after, f"{path} itself is not fsynced"
+        assert ("fsync", os.path.dirname(path)) in after, f"the parent of {path} is not"
+    # An existing directory is opened as it is: nothing created.
+    fs.calls.clear()
+    DiskStorage(data_dir, fs=fs).close()
+    assert not [call for call in fs.calls if call[0] == "mkdir"]
