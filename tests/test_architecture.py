@@ -151,6 +151,7 @@ COMPONENTS: Mapping[str, str] = {
     "kvstore.storage": "storage",
     "kvstore.verify": "verify",
     "kvstore.replica": "replica",
+    "kvstore.keepalive": "replica",  # the keepalive policy both drivers share, beside Replica
     "kvstore.sim": "sim",
     "kvstore.client": "client",
     "kvstore.server": "server",
