@@ -31,7 +31,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -144,7 +144,7 @@ class ClientConnection(RequestHandler):
     # --- asyncio protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self._source = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         self._client_transport = transport
@@ -202,7 +202,7 @@ class ClientConnection(RequestHandler):
 
     def _arm(self, delay_s: float) -> None:
         self._cancel_timer()
-        self._timer = self._loop.call_later(delay_s, self._on_timeout)
+        self._timer = self._server.event_loop.call_later(delay_s, self._on_timeout)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -303,7 +303,7 @@ class ClientServer(web.Server):
         self._protocol_kwargs = kwargs
         self._protocol_kwargs.pop("request_factory", None)
         self._protocol_kwargs.pop("handler_cancellation", None)
-        self._event_loop = asyncio.get_running_loop()
+        self.event_loop = asyncio.get_running_loop()
         self.limits = limits
         self.metrics = metrics
         self.throttle = throttle or LogThrottle(logger)
@@ -313,7 +313,7 @@ class ClientServer(web.Server):
         self._idle: dict[ClientConnection, None] = {}
 
     def __call__(self) -> ClientConnection:
-        return ClientConnection(self, loop=self._event_loop, **self._protocol_kwargs)
+        return ClientConnection(self, loop=self.event_loop, **self._protocol_kwargs)
 
     async def _tracked(self, request: web.BaseRequest) -> web.StreamResponse:
         connection = request.protocol
