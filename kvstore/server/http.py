@@ -316,13 +316,13 @@ class HttpApi:
 
     def _request_id(self, request: web.BaseRequest) -> tuple[RequestId, int, bool]:
         """(request id, acked_below, server_made) for a write."""
+        # Checked even where it is not used (no request id): malformed input is always 400.
+        acked_below = _uint(request.headers.get("Kvstore-Acked-Below", "0"), "Kvstore-Acked-Below")
         header = request.headers.get("Kvstore-Request-Id")
         if header is None:
-            request_id, acked_below = self.driver.new_request_id()
-            return request_id, acked_below, True
-        request_id = parse_request_id(header)
-        acked_below = _uint(request.headers.get("Kvstore-Acked-Below", "0"), "Kvstore-Acked-Below")
-        return request_id, acked_below, False
+            request_id, server_acked_below = self.driver.new_request_id()
+            return request_id, server_acked_below, True
+        return parse_request_id(header), acked_below, False
 
     @staticmethod
     def _conditions(request: web.BaseRequest) -> tuple[int | None, bool]:

@@ -32,7 +32,11 @@ _WRITE_HEADERS = [
         "in": "header",
         "description": "<client_id>:<seq>; a retry with the same id applies once and "
         "returns the first answer. The server makes one up when absent.",
-        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}:[1-9][0-9]*$"},
+        "schema": {
+            "type": "string",
+            "pattern": "^[A-Za-z0-9_.-]{1,64}:[1-9][0-9]{0,18}$",
+            "examples": ["client-7:1"],
+        },
     },
     {
         "name": "Kvstore-Acked-Below",
@@ -47,7 +51,11 @@ _WRITE_HEADERS = [
         "description": 'compare-and-set on the key\'s mod_revision: N, "N" or W/"N" (the ETag '
         "of a read), 0 = the key is absent; at most 18446744073709551615. Together with "
         "If-None-Match it is 400.",
-        "schema": {"type": "string", "pattern": '^(W/)?"[0-9]{1,19}"$|^[0-9]{1,19}$'},
+        "schema": {
+            "type": "string",
+            "pattern": '^(W/)?"[0-9]{1,19}"$|^[0-9]{1,19}$',
+            "examples": ['"1"', "0"],
+        },
     },
 ]
 

@@ -280,6 +280,7 @@ async def test_numbers_of_thousands_of_digits_are_400_not_500(harness: Harness) 
         {"Kvstore-Request-Id": "c:1", "Kvstore-Acked-Below": str(1 << 64)},
         {"If-Match": ""},
         {"If-Match": '"5'},
+        {"Kvstore-Acked-Below": "g/8SQ%GTH"},  # checked without a request id too
     ):
         await _json_error(await client.put("/v1/kv/n", data=b"v", headers=headers), 400)
         await _json_error(await client.delete("/v1/kv/n", headers=headers), 400)
