@@ -221,6 +221,12 @@ async def test_a_write_during_a_handover_waits_for_the_new_leader_and_names_it(
     assert response.status == 307, await response.text()
     assert response.headers["Location"] == "http://127.0.0.1:7002/v1/kv/handover"
     assert (await response.json())["error"]["code"] == "not_leader"
+    # The Location keeps the key's percent-encoding: decoded, "a%3Fb%25FF" would become
+    # the key "a" with a query, at the leader.
+    raw = b"PUT /v1/kv/a%3Fb%25FF?x=%20 HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n"
+    answer = await _exchange(harness.port, raw)  # node 2 leads now: 307 at once
+    assert answer.startswith(b"HTTP/1.1 307 "), answer[:300]
+    assert b"Location: http://127.0.0.1:7002/v1/kv/a%3Fb%25FF?x=%20\r\n" in answer, answer
 
 
 @pytest.mark.parametrize("harness", [{"election_ticks": 20}], indirect=True)
