@@ -9,9 +9,18 @@ by PID. schemathesis is not a project dependency: `make fuzz-http` installs it i
 own virtualenv (.venv-fuzz). The exit status is schemathesis's, or 1 if a node died or
 logged a traceback. Only 127.0.0.1 is used.
 
-Known and accepted: the coverage phase may send If-Match together with If-None-Match as a
-"schema-valid" request (OpenAPI cannot say that two header parameters exclude each other);
-the server answers 400 as documented, and schemathesis reports it as ST202.
+Known and accepted (bench/schemathesis-baseline.json): the coverage phase sends If-Match
+together with If-None-Match as a "schema-valid" request (OpenAPI cannot say that two header
+parameters exclude each other; the server answers 400 as documented), and it sends
+`Kvstore-Request-Id: 0`, which does not match the documented pattern, as a positive value
+when its generator finds none (schemathesis 4.32; the case's metadata records a pool miss).
+Both are reported as ST202; the baseline keeps them from failing the run. A baseline entry
+is coarse (operation, check and status: "positive data rejected with 400 on PUT/DELETE"),
+so read the run's ST202 cases before trusting a green run after a change to those two.
+Some runs also report ST201 for a request with an undeclared header
+(`x-schemathesis-unknown-property`) answered 200: RFC 9110 has a recipient ignore header
+fields it does not know, so that is not a failure either; it is not in the baseline because
+an entry would accept every 200 to a schema-violating PUT.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ from pathlib import Path
 from kvstore.server.localcluster import LocalCluster
 
 _CONFIG = Path(__file__).resolve().parent / "schemathesis.toml"
+# The accepted failures (see the module docstring); --update-baseline rewrites it.
+_BASELINE = Path(__file__).resolve().parent / "schemathesis-baseline.json"
 
 
 def main() -> int:
@@ -33,7 +44,12 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=1, help="nodes in the cluster (default 1)")
     parser.add_argument("--max-time", type=int, default=120, help="seconds of fuzzing")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--workers", type=int, default=2)
+    # One worker: with two, hypothesis (under CPython 3.11) sometimes fails inside ast.parse
+    # ("AST constructor recursion depth mismatch"), an error of the tool, not of the API.
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--update-baseline", action="store_true", help="accept this run's failures"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kvstore-fuzz-") as base:
         cluster = LocalCluster(Path(base), args.size)
@@ -55,6 +71,9 @@ def main() -> int:
                 str(args.seed),
                 "--max-redirects",
                 "3",
+                "--baseline",
+                str(_BASELINE),
+                *(["--baseline-update"] if args.update_baseline else []),
                 url,
             ]
             print("+", " ".join(command), flush=True)
