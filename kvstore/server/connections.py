@@ -16,8 +16,8 @@ has no header or body timeout). `ClientServer` is aiohttp's low-level server wit
 - three timeouts per connection, one timer at a time: idle (`client_idle_timeout_ms`, a
   connection with no request in progress, including a new one that has sent nothing, is
   closed), head (`client_header_timeout_ms`, from the first byte of a request until its
-  head is complete; then 408 and close) and body (`client_body_timeout_ms`, enforced by
-  the handler that reads the body, kvstore/server/http.py).
+  head is complete; then 408, our side shut, and close a second later) and body
+  (`client_body_timeout_ms`, enforced by the handler that reads the body, http.py).
 - `handle_error` answering what the HTTP parser refuses (bad request line, bad header,
   oversized head) with the JSON error body of the rest of the API and one short DEBUG log
   record, rate-limited, instead of aiohttp's text body and an ERROR record with a traceback.
@@ -44,6 +44,9 @@ logger = logging.getLogger("kvstore.server.http")
 # Descriptors kept free of client connections: the WAL segments, snapshot files being
 # written or sent, peer connections, and the listening sockets.
 FD_RESERVE = 256
+
+# How long a connection cut for a slow head still drains (and drops) input after its 408.
+_LINGER_S = 1.0
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -115,6 +118,7 @@ class _Phase(enum.Enum):
     IDLE = "idle"  # no request in progress and no byte of the next one
     HEAD = "head"  # part of a request head has arrived
     BUSY = "busy"  # a request is being handled (its body is read under the body timeout)
+    CLOSING = "closing"  # 408 sent and our side shut: what still comes in is dropped
 
 
 class ClientConnection(RequestHandler):
@@ -164,6 +168,8 @@ class ClientConnection(RequestHandler):
         self._client_transport = None
 
     def data_received(self, data: bytes) -> None:
+        if self._phase is _Phase.CLOSING:
+            return
         if self._phase is _Phase.IDLE and data:
             self._phase = _Phase.HEAD
             self._server.idle_since_changed(self)
@@ -188,11 +194,12 @@ class ClientConnection(RequestHandler):
     def source(self) -> str:
         return self._source
 
-    def close_now(self, reason: str) -> None:
-        """Close at once (eviction or a timeout): abort if a response is still queued, since
-        a client that does not read would hold a gracefully closing socket open."""
+    def close_now(self, reason: str | None) -> None:
+        """Close at once (eviction or a timeout; `reason` is counted): abort if a response is
+        still queued, since a client that does not read would hold a closing socket open."""
         self._cancel_timer()
-        self._server.closed_for(reason)
+        if reason is not None:
+            self._server.closed_for(reason)
         transport = self._client_transport
         if transport is not None and transport.get_write_buffer_size() > 0:
             transport.abort()
@@ -218,10 +225,20 @@ class ClientConnection(RequestHandler):
                 "event=client_header_timeout source=%s",
                 clip(self._source),
             )
+            self._server.closed_for("header_timeout")
             transport = self._client_transport
-            if transport is not None and not transport.is_closing():
-                transport.write(_HEAD_TIMEOUT)
-            self.close_now("header_timeout")
+            if transport is None or transport.is_closing() or not transport.can_write_eof():
+                self.close_now(None)
+                return
+            # Send the 408 and shut our side, then drop what the client still sends for a
+            # moment before closing: closing with its bytes unread would send a reset, which
+            # can destroy the 408 before the client reads it.
+            transport.write(_HEAD_TIMEOUT)
+            transport.write_eof()
+            self._phase = _Phase.CLOSING
+            self._arm(_LINGER_S)
+        elif self._phase is _Phase.CLOSING:
+            self.close_now(None)
         elif self._phase is _Phase.IDLE:
             self.close_now("idle_timeout")
 
@@ -311,6 +328,10 @@ class ClientServer(web.Server):
         self._per_source: dict[str, int] = {}
         # Connections with no request in progress, longest idle first (dicts keep order).
         self._idle: dict[ClientConnection, None] = {}
+        if metrics is not None:
+            # Read at scrape time: a gauge set per connect and close takes a lock each time,
+            # and thousands of clients may come or go in one turn of the loop.
+            metrics.client_connections.set_function(lambda: self.open_connections)
 
     def __call__(self) -> ClientConnection:
         return ClientConnection(self, loop=self.event_loop, **self._protocol_kwargs)
@@ -345,8 +366,6 @@ class ClientServer(web.Server):
         connection.counted = True
         self._per_source[source] = self._per_source.get(source, 0) + 1
         self._idle[connection] = None
-        if self.metrics is not None:
-            self.metrics.client_connections.set(self.open_connections)
         return True
 
     def release(self, connection: ClientConnection) -> None:
@@ -362,8 +381,6 @@ class ClientServer(web.Server):
             self._per_source[source] = left
         else:
             self._per_source.pop(source, None)
-        if self.metrics is not None:
-            self.metrics.client_connections.set(self.open_connections)
 
     def not_idle(self, connection: ClientConnection) -> None:
         self._idle.pop(connection, None)

@@ -469,7 +469,7 @@ async def test_connections_beyond_the_per_source_bound_are_refused_and_others_se
             refused += 1
         assert refused == 60
         metrics = harness.driver.metrics
-        assert metrics.client_connections._value.get() == 40
+        assert metrics.registry.get_sample_value("kvstore_client_connections") == 40
         answer = await _exchange(harness.port, b"GET /healthz HTTP/1.1\r\nHost: a\r\n", "127.0.0.2")
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
         # The 40 held ones still work.
@@ -492,7 +492,7 @@ async def test_at_the_total_bound_a_new_connection_evicts_the_longest_idle(
     idle = await _open_idle(harness.port, 30)
     try:
         metrics = harness.driver.metrics
-        await _until(lambda: metrics.client_connections._value.get() == 30)
+        await _until(lambda: metrics.registry.get_sample_value("kvstore_client_connections") == 30)
         answer = await _exchange(harness.port, b"GET /healthz HTTP/1.1\r\nHost: a\r\n", "127.0.0.2")
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
         async with asyncio.timeout(5):
@@ -568,7 +568,8 @@ async def test_idle_connections_are_closed_after_the_idle_timeout(harness: Harne
                 await reader.read()  # EOF: the node closed it (after the answer, for one)
         closed = harness.driver.metrics.client_connections_closed
         assert closed.labels(reason="idle_timeout")._value.get() == 3
-        await _until(lambda: harness.driver.metrics.client_connections._value.get() == 0)
+        registry = harness.driver.metrics.registry
+        await _until(lambda: registry.get_sample_value("kvstore_client_connections") == 0)
     finally:
         _close_all(idle)
 
