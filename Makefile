@@ -4,24 +4,39 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Two stamps: `make run` needs only the runtime dependencies; tests and benchmarks add theirs.
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
+# pip's and setuptools' chatter about an editable install is noise to someone starting a cluster.
+PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-warn-script-location
+PIP_QUIET := 2>&1 | grep -v -e '^WARNING: Location' -e BuildBackendWarning -e '^ *!!' -e '^ *\*\*\*' -e 'Please be careful' -e 'name as your package' -e 'with strategy, WheelFile' -e '^ *$$' || true
 
-.PHONY: all setup run test test-fast lint typecheck chaos bench sim fuzz-http clean
+.PHONY: all setup setup-runtime run test test-fast lint typecheck chaos bench sim fuzz-http clean
 
 all: test
 
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "creating $(VENV) with $(PYTHON)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip $(PIP_QUIET)
+
+$(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
+	@echo "installing kvstore and its runtime dependencies into $(VENV)"
+	@$(PIP_INSTALL) -e . $(PIP_QUIET)
+	@$(BIN)/python -c 'import kvstore, aiohttp, msgpack'
+	@touch $(RUNTIME_STAMP)
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]' 2>&1 | grep -v -e '^WARNING: Location' -e BuildBackendWarning || true
-	$(BIN)/python -c 'import kvstore, aiohttp, msgpack, pytest, hypothesis'
-	touch $(STAMP)
+	@echo "installing kvstore with its test and benchmark dependencies into $(VENV)"
+	@$(PIP_INSTALL) -e '.[test,bench]' $(PIP_QUIET)
+	@$(BIN)/python -c 'import kvstore, aiohttp, msgpack, pytest, hypothesis'
+	@touch $(STAMP) $(RUNTIME_STAMP)
+
+setup-runtime: $(RUNTIME_STAMP)
 
 setup: $(STAMP)
 
-run: setup
+run: setup-runtime
 	$(BIN)/kvstore cluster
 
 lint: setup

@@ -28,7 +28,6 @@ import asyncio
 import itertools
 import json
 import logging
-import statistics
 import sys
 import tempfile
 import time
@@ -40,6 +39,10 @@ from typing import Any
 import aiohttp
 import yarl
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stats import median, percentile
+
 from kvstore import Client
 from kvstore.client import ClientConfig, Consistency
 from kvstore.errors import DeadlineExceededError, KVStoreError, PreconditionFailedError
@@ -47,16 +50,11 @@ from kvstore.errors import DeadlineExceededError, KVStoreError, PreconditionFail
 OVERHEAD_KEY = "bench/client-overhead"
 
 
-def _percentile(samples: Sequence[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 def _summary_us(samples: Sequence[float]) -> dict[str, float]:
     return {
-        "median_us": round(statistics.median(samples) * 1e6, 1),
-        "p90_us": round(_percentile(samples, 0.90) * 1e6, 1),
-        "p99_us": round(_percentile(samples, 0.99) * 1e6, 1),
+        "median_us": round(median(samples) * 1e6, 1),
+        "p90_us": round(percentile(samples, 0.90) * 1e6, 1),
+        "p99_us": round(percentile(samples, 0.99) * 1e6, 1),
     }
 
 
@@ -99,7 +97,7 @@ async def measure_overhead(
         "client": client_summary,
         "bare_aiohttp": bare_summary,
         "overhead_median_us": round(client_summary["median_us"] - bare_summary["median_us"], 1),
-        "overhead_paired_median_us": round(statistics.median(paired) * 1e6, 1),
+        "overhead_paired_median_us": round(median(paired) * 1e6, 1),
         "ratio_median": round(client_summary["median_us"] / bare_summary["median_us"], 3),
         "client_retries": stats.retries,
     }

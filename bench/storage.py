@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -28,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stats import median
 
 from kvstore.raft.types import Entry, HardState
 from kvstore.storage.disk import DiskStorage
@@ -103,20 +105,20 @@ def run(base: Path, seconds: float, repetitions: int) -> dict[str, Any]:
             samples[batch]["wal_cpu_entries"].append(wal["entries_per_s_excluding_fsync"])
     results = []
     for batch in BATCH_SIZES:
-        wal_fsyncs = statistics.median(samples[batch]["wal_fsyncs"])
-        raw_fsyncs = statistics.median(samples[batch]["raw_fsyncs"])
+        wal_fsyncs = median(samples[batch]["wal_fsyncs"])
+        raw_fsyncs = median(samples[batch]["raw_fsyncs"])
         results.append(
             {
                 "entries_per_batch": batch,
                 "payload_bytes": PAYLOAD_BYTES,
                 "bytes_per_write": round(write_bytes[batch]),
-                "wal_entries_per_s": statistics.median(samples[batch]["wal_entries"]),
+                "wal_entries_per_s": median(samples[batch]["wal_entries"]),
                 "wal_fsyncs_per_s": wal_fsyncs,
                 "raw_fsyncs_per_s": raw_fsyncs,
                 "ratio_wal_to_raw": wal_fsyncs / raw_fsyncs,
                 # One fsync per batch: the most any log can append on this disk.
                 "ceiling_entries_per_s": batch * raw_fsyncs,
-                "wal_entries_per_s_excluding_fsync": statistics.median(
+                "wal_entries_per_s_excluding_fsync": median(
                     samples[batch]["wal_cpu_entries"]
                 ),
                 "samples": samples[batch],

@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from etcdcluster import EtcdCluster, etcd_binary, etcd_status
+from stats import percentile
 
 from kvstore.server.localcluster import LocalCluster
 
@@ -109,13 +110,6 @@ def _b64(data: bytes) -> str:
 
 def _read_key(index: int) -> str:
     return f"read-{index:011d}"[:KEY_BYTES]
-
-
-def _percentile(sorted_values: list[float], fraction: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    index = min(len(sorted_values) - 1, int(fraction * len(sorted_values)))
-    return sorted_values[index]
 
 
 async def _leader_term(session: aiohttp.ClientSession, target: Target) -> tuple[int, int]:
@@ -261,16 +255,16 @@ def _latency_figures(latencies: dict[str, list[float]], duration_s: float) -> di
     figures: dict[str, Any] = {
         "ops": len(everything),
         "ops_per_s": len(everything) / duration_s,
-        "p50_ms": _percentile(everything, 0.50) * 1000,
-        "p99_ms": _percentile(everything, 0.99) * 1000,
+        "p50_ms": percentile(everything, 0.50) * 1000,
+        "p99_ms": percentile(everything, 0.99) * 1000,
         "max_ms": (everything[-1] * 1000) if everything else float("nan"),
     }
     for kind in ("write", "read"):
         values = sorted(latencies[kind])
         figures[f"{kind}s"] = len(values)
         figures[f"{kind}s_per_s"] = len(values) / duration_s
-        figures[f"{kind}_p50_ms"] = _percentile(values, 0.50) * 1000
-        figures[f"{kind}_p99_ms"] = _percentile(values, 0.99) * 1000
+        figures[f"{kind}_p50_ms"] = percentile(values, 0.50) * 1000
+        figures[f"{kind}_p99_ms"] = percentile(values, 0.99) * 1000
     return figures
 
 
@@ -355,7 +349,7 @@ def raw_fsync_ms(directory: Path, count: int = 100) -> tuple[float, float]:
         os.close(fd)
         path.unlink()
     samples.sort()
-    return _percentile(samples, 0.5) * 1000, _percentile(samples, 0.99) * 1000
+    return percentile(samples, 0.5) * 1000, percentile(samples, 0.99) * 1000
 
 
 def _run_with_cluster(args: argparse.Namespace) -> list[Any]:

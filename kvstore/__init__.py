@@ -6,12 +6,16 @@ tree in `kvstore.errors`. The server runs with `kvstore serve`; see README.md.
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # type checkers see the real classes; at run time they load on first use
     from kvstore.client import Client, SyncClient
 
-__version__ = "0.1.0"
+try:  # one place for the version: pyproject.toml, as installed
+    __version__ = metadata.version("kvstore")
+except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = ["Client", "SyncClient", "__version__"]
 

@@ -10,6 +10,9 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+from kvstore import __version__
 
 # Modules that contribute subcommands, in the order `kvstore --help` lists them.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
@@ -19,11 +22,50 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class IntermixedParser(argparse.ArgumentParser):
+    """A subcommand's parser that lets options stand between positional arguments.
+
+    Plain argparse matches positionals greedily: in `kvstore put k --json v` it takes `k`
+    as the key and the (optional) value as absent, then rejects `v`. Parsing intermixed reads
+    every option first and the positionals after, as etcdctl and git do."""
+
+    _intermixing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: Any = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._intermixing or not self._can_intermix():
+            return super().parse_known_args(args, namespace)
+        # parse_known_intermixed_args calls parse_known_args itself: the flag stops the loop.
+        self._intermixing = True
+        try:
+            return super().parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+    def _can_intermix(self) -> bool:
+        """argparse cannot intermix around sub-commands, a REMAINDER positional (`kvstore
+        cluster -- flags`) or a mutually exclusive group holding a positional."""
+        if self._subparsers is not None:
+            return False
+        if any(action.nargs in (argparse.REMAINDER, argparse.PARSER) for action in self._actions):
+            return False
+        return not any(
+            not action.option_strings
+            for group in self._mutually_exclusive_groups
+            for action in group._group_actions
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvstore", description="A fault-tolerant, Raft-replicated key-value store."
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"kvstore {__version__}")
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=IntermixedParser
+    )
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser

@@ -2,7 +2,7 @@
 
 Every subcommand takes `--endpoints` (comma-separated client URLs; default $KVSTORE_ENDPOINTS
 or the local cluster `kvstore cluster` starts), `--timeout` (the per-call deadline, seconds)
-and `--json` (machine-readable output). Values go to stdout as raw bytes; errors go to stderr
+and `--output table|json` (`--json` for short: machine-readable output). Values go to stdout as raw bytes; errors go to stderr
 with an exit status that says what happened:
 
     0 success   1 key not found   3 precondition failed (cas / conditional write)
@@ -16,8 +16,10 @@ import argparse
 import asyncio
 import base64
 import json
+import math
 import os
 import sys
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -38,17 +40,63 @@ EXIT_PRECONDITION_FAILED = 3
 EXIT_UNAVAILABLE = 4
 EXIT_REJECTED = 5
 
+_STATUS_TIMEOUT_S = 1.0
+
+
+def endpoints_arg(text: str) -> str:
+    """`--endpoints`: comma-separated http(s)://host:port URLs, checked before any call, so a
+    typo is a usage error (exit 2) rather than a request retried until its deadline."""
+    urls = [part.strip() for part in text.split(",")]
+    if not text.strip():
+        raise argparse.ArgumentTypeError("no endpoint given")
+    for url in urls:
+        if not url:
+            raise argparse.ArgumentTypeError(f"an empty endpoint in {text!r}")
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https"):
+            raise argparse.ArgumentTypeError(f"{url!r}: the scheme must be http or https")
+        try:
+            port = parsed.port
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{url!r}: the port is not a number") from None
+        if not parsed.hostname:
+            raise argparse.ArgumentTypeError(f"{url!r}: no host")
+        if port is None:
+            raise argparse.ArgumentTypeError(f"{url!r}: no port")
+    return ",".join(urls)
+
+
+def timeout_arg(text: str) -> float:
+    """`--timeout`: a finite number of seconds above zero."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number of seconds above 0")
+    return seconds
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the client subcommands to the `kvstore` command."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--endpoints",
+        type=endpoints_arg,
         default=os.environ.get(ENDPOINTS_ENV, DEFAULT_ENDPOINTS),
         help=f"comma-separated client URLs (default: ${ENDPOINTS_ENV} or {DEFAULT_ENDPOINTS})",
     )
-    common.add_argument("--timeout", type=float, default=5.0, help="deadline per call, seconds")
-    common.add_argument("--json", action="store_true", help="print JSON")
+    common.add_argument(
+        "--timeout", type=timeout_arg, default=5.0, help="deadline per call, seconds"
+    )
+    common.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "json"),
+        default="table",
+        help="table: for people (the default); json: one JSON document, for scripts",
+    )
+    common.add_argument("--json", action="store_true", help="the same as --output json")
 
     get = subparsers.add_parser("get", parents=[common], help="read a key")
     get.add_argument("key")
@@ -94,6 +142,8 @@ def _handle(action: Action) -> Callable[[argparse.Namespace], int]:
     """Run `action` with a Client for the parsed arguments; map errors to exit statuses."""
 
     def handler(args: argparse.Namespace) -> int:
+        args.json = args.json or args.output == "json"
+
         async def run() -> int:
             config = ClientConfig(timeout_s=args.timeout)
             async with Client(args.endpoints, config=config) as client:
@@ -102,13 +152,29 @@ def _handle(action: Action) -> Callable[[argparse.Namespace], int]:
         try:
             return asyncio.run(run())
         except KVStoreError as exc:
-            print(f"kvstore: {exc.code}: {exc}", file=sys.stderr)
+            print(f"kvstore: {_describe(args, exc)}", file=sys.stderr)
             return _exit_status(exc)
         except ValueError as exc:
             print(f"kvstore: {exc}", file=sys.stderr)
             return EXIT_REJECTED
 
     return handler
+
+
+def _describe(args: argparse.Namespace, error: KVStoreError) -> str:
+    """One line for an error: what was asked (`get "k"`), then what matters about the
+    answer. The client's message already names the endpoint and the code once."""
+    what = args.command
+    key = getattr(args, "key", None)
+    if key is not None:
+        what = f"{what} {json.dumps(key)}"
+    if isinstance(error, NotFoundError):
+        return f"{what}: key not found [{error.code}]"
+    if isinstance(error, PreconditionFailedError):
+        current = error.current_revision
+        state = "the key is absent" if not current else f"current revision {current}"
+        return f"{what}: precondition failed: {state} [{error.code}]"
+    return f"{what}: {error}"
 
 
 def _exit_status(error: KVStoreError) -> int:
@@ -227,7 +293,9 @@ async def _list(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _status(client: Client, args: argparse.Namespace) -> int:
-    statuses = await client.cluster_status(timeout_s=args.timeout)
+    # One frozen node must not hold the whole table for the call's deadline: each endpoint
+    # gets at most a second (a live node answers in milliseconds).
+    statuses = await client.cluster_status(timeout_s=min(args.timeout, _STATUS_TIMEOUT_S))
     if args.json:
         _print_json(
             {endpoint: (None if s is None else dict(s.raw)) for endpoint, s in statuses.items()}

@@ -1,15 +1,22 @@
 """The build's architecture rules, checked by walking each module's syntax tree.
 
-The deterministic parts of kvstore (the Raft core, the key-value state machine, the simulator,
-the history checkers, the codec and the replica) must not reach for real I/O, threads or the
-wall clock, and must not draw from the module-level `random` generator: every source of
-randomness is an injected `random.Random`, so a simulation seed replays exactly
-(design.md §2). Importing a module by a string (importlib) is out of scope.
+Determinism: the deterministic parts of kvstore (the Raft core, the key-value state machine,
+the simulator, the history checkers, the codec and the replica) must not reach for real I/O,
+threads or the wall clock, and must not draw from the module-level `random` generator: every
+source of randomness is an injected `random.Random`, so a simulation seed replays exactly
+(docs/architecture.md §1).
+
+Layers: every import of one kvstore module by another, wherever it is written (top level,
+inside a function, under `if TYPE_CHECKING:`, relative or absolute), must follow an arrow of
+`ALLOWED_IMPORTS`, the table docs/architecture.md §1 shows. Importing a module by a string
+(importlib) is out of scope for both rules.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -126,3 +133,252 @@ def test_the_checker_fails_on_a_bad_file_on_disk(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text('"""A module that breaks the rules."""\nimport time\n\nNOW = time.time()\n')
     assert find_violations(bad.read_text(), str(bad)) == [f"{bad}:2: import time"]
+
+
+# --- Layers: which component may import which ---------------------------------------------------
+
+# Every kvstore module belongs to the component of the longest prefix below that names it or
+# a package above it ("kvstore" itself matches only the package's __init__). A module that
+# matches none fails the test, so a new top-level module has to be placed in a layer.
+COMPONENTS: Mapping[str, str] = {
+    "kvstore": "api",  # the package __init__: lazy re-export of the client
+    "kvstore.errors": "errors",
+    "kvstore.raft.types": "raft.types",
+    "kvstore.raft.storage": "raft.types",  # the Storage Protocol, written in raft.types terms
+    "kvstore.raft": "raft",
+    "kvstore.codec": "codec",
+    "kvstore.kv": "kv",
+    "kvstore.storage": "storage",
+    "kvstore.verify": "verify",
+    "kvstore.replica": "replica",
+    "kvstore.sim": "sim",
+    "kvstore.client": "client",
+    "kvstore.server": "server",
+    "kvstore.config": "server",  # an alias of kvstore.server.config, kept for old imports
+    "kvstore.chaos": "chaos",
+    "kvstore.testing": "testing",  # a local cluster for applications' tests
+    "kvstore.client_cli": "cli",
+    "kvstore.cli": "cli",
+    "kvstore.__main__": "cli",
+}
+
+# component -> the other components it may import (its own modules it always may). Read it
+# bottom-up: errors and the Raft types know nothing of ours; the core (raft), the codec, the
+# state machine (kv) and storage sit on them; replica joins raft, storage and kv; the
+# simulator and the server each drive a replica; chaos drives real servers through the client.
+# "api" is the package root (`__version__`, and `Client` loaded on first use).
+ALLOWED_IMPORTS: Mapping[str, frozenset[str]] = {
+    "errors": frozenset(),
+    "raft.types": frozenset(),
+    "raft": frozenset({"raft.types", "errors"}),
+    "codec": frozenset({"raft.types", "errors"}),
+    "kv": frozenset({"raft.types", "errors"}),
+    "storage": frozenset({"raft.types", "codec", "errors"}),
+    "verify": frozenset({"errors"}),
+    "replica": frozenset({"raft", "raft.types", "storage", "kv", "errors"}),
+    "sim": frozenset({"replica", "raft", "raft.types", "storage", "kv", "codec", "verify", "errors"}),
+    "server": frozenset(
+        {"replica", "raft", "raft.types", "storage", "kv", "codec", "errors", "api"}
+    ),
+    "client": frozenset({"errors"}),
+    "chaos": frozenset({"server", "client", "storage", "kv", "raft.types", "verify", "errors"}),
+    "testing": frozenset({"server", "client"}),
+    "cli": frozenset({"server", "client", "chaos", "errors", "api"}),
+    "api": frozenset({"client"}),
+}
+
+
+def component_of(module: str) -> str | None:
+    """The component `module` belongs to, or None when COMPONENTS does not place it."""
+    if module == "kvstore":
+        return COMPONENTS["kvstore"]
+    best = ""
+    for prefix in COMPONENTS:
+        if prefix != "kvstore" and (module == prefix or module.startswith(prefix + ".")):
+            best = max(best, prefix, key=len)
+    return COMPONENTS[best] if best else None
+
+
+def module_name(relative_path: str) -> tuple[str, bool]:
+    """("kvstore.raft.node", False) for "kvstore/raft/node.py"; True for a package __init__."""
+    parts = relative_path.removesuffix(".py").split("/")
+    if parts[-1] == "__init__":
+        return ".".join(parts[:-1]), True
+    return ".".join(parts), False
+
+
+@functools.cache  # the real tree is walked several times with one file changed
+def imported_modules(
+    source: str, module: str, is_package: bool, known: frozenset[str]
+) -> list[tuple[int, str]]:
+    """(line, module) of every import in `source`, relative imports resolved.
+
+    `from a import b` counts as importing `a.b` when that is a module in `known`, else `a`.
+    """
+    found: list[tuple[int, str]] = []
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base_parts = parts[: len(parts) - (node.level - 1)]
+                base = ".".join(base_parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                found.append((node.lineno, candidate if candidate in known else base))
+    return found
+
+
+def layer_violations(sources: Mapping[str, str]) -> list[str]:
+    """Check every import between the modules of `sources` ({"kvstore/x/y.py": text}).
+
+    Returns one line per import that no arrow of ALLOWED_IMPORTS allows, and one per module
+    COMPONENTS does not place.
+    """
+    names = {path: module_name(path) for path in sources}
+    known = frozenset(name for name, _ in names.values())
+    problems: list[str] = []
+    for path, source in sorted(sources.items()):
+        module, is_package = names[path]
+        source_component = component_of(module)
+        if source_component is None:
+            problems.append(f"{path}: {module} is in no component; add it to COMPONENTS")
+            continue
+        for line, target in imported_modules(source, module, is_package, known):
+            if target != "kvstore" and not target.startswith("kvstore."):
+                continue
+            target_component = component_of(target)
+            if target_component == source_component:
+                continue
+            if target_component not in ALLOWED_IMPORTS[source_component]:
+                problems.append(
+                    f"{path}:{line}: {source_component} may not import {target_component}"
+                    f" ({module} imports {target})"
+                )
+    return problems
+
+
+def kvstore_sources() -> dict[str, str]:
+    return {
+        str(path.relative_to(ROOT.parent)): path.read_text() for path in sorted(ROOT.rglob("*.py"))
+    }
+
+
+def test_imports_follow_the_layer_table() -> None:
+    assert layer_violations(kvstore_sources()) == []
+
+
+def test_the_layer_table_names_only_known_components() -> None:
+    components = set(COMPONENTS.values())
+    assert set(ALLOWED_IMPORTS) == components
+    for allowed in ALLOWED_IMPORTS.values():
+        assert allowed <= components
+
+
+# A small module set shaped like the real one, for showing what the checker rejects.
+_SYNTHETIC_BASE = {
+    "kvstore/__init__.py": "",
+    "kvstore/errors.py": "",
+    "kvstore/raft/__init__.py": "",
+    "kvstore/raft/types.py": "",
+    "kvstore/raft/node.py": "from kvstore.raft.types import Entry\nfrom kvstore import errors\n",
+    "kvstore/storage/__init__.py": "",
+    "kvstore/storage/disk.py": "from kvstore.raft.types import Entry\n",
+    "kvstore/server/__init__.py": "",
+    "kvstore/server/http.py": "from kvstore.raft.node import RawNode\n",
+}
+
+
+def test_the_synthetic_base_is_clean() -> None:
+    assert layer_violations(_SYNTHETIC_BASE) == []
+
+
+UPWARD_IMPORTS = [
+    ("kvstore/raft/node.py", "from kvstore.server.http import HttpApi"),
+    ("kvstore/raft/node.py", "import kvstore.server.http"),
+    ("kvstore/raft/node.py", "from kvstore.server import http"),
+    ("kvstore/raft/node.py", "from ..server import http"),
+    ("kvstore/raft/node.py", "from ..storage.disk import DiskStorage"),
+    ("kvstore/raft/node.py", "def f():\n    from kvstore.storage import disk\n"),
+    (
+        "kvstore/raft/node.py",
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import kvstore.storage.disk\n",
+    ),
+    ("kvstore/raft/types.py", "from kvstore.errors import RaftError"),
+    ("kvstore/storage/disk.py", "from kvstore.raft.node import RawNode"),
+    ("kvstore/storage/disk.py", "from ..raft import node"),
+    ("kvstore/raft/__init__.py", "from ..server import http"),
+    ("kvstore/errors.py", "from kvstore import raft"),
+    ("kvstore/errors.py", "import kvstore"),
+]
+
+
+@pytest.mark.parametrize(("path", "line"), UPWARD_IMPORTS)
+def test_the_layer_checker_rejects_an_import_against_the_table(path: str, line: str) -> None:
+    sources = dict(_SYNTHETIC_BASE)
+    sources[path] = sources[path] + line + "\n"
+    problems = layer_violations(sources)
+    assert len(problems) == 1 and problems[0].startswith(path + ":"), problems
+
+
+def test_the_layer_checker_rejects_a_module_in_no_component() -> None:
+    sources = dict(_SYNTHETIC_BASE, **{"kvstore/newthing.py": ""})
+    assert layer_violations(sources) == [
+        "kvstore/newthing.py: kvstore.newthing is in no component; add it to COMPONENTS"
+    ]
+
+
+def test_the_layer_checker_resolves_relative_imports_in_a_package() -> None:
+    sources = dict(_SYNTHETIC_BASE)
+    sources["kvstore/raft/__init__.py"] = "from .types import Entry\nfrom . import node\n"
+    assert layer_violations(sources) == []
+    assert imported_modules(
+        "from . import node\nfrom .types import Entry\nfrom .. import errors\n",
+        "kvstore.raft",
+        True,
+        frozenset({"kvstore.raft.node", "kvstore.errors"}),
+    ) == [(1, "kvstore.raft.node"), (2, "kvstore.raft.types"), (3, "kvstore.errors")]
+
+
+def test_the_docs_show_the_same_table() -> None:
+    """docs/architecture.md §1 repeats ALLOWED_IMPORTS for readers; the two must agree."""
+    text = (ROOT.parent / "docs" / "architecture.md").read_text()
+    documented: dict[str, frozenset[str]] = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or cells[0] not in ALLOWED_IMPORTS:
+            continue
+        allowed = cells[2]
+        names = [] if allowed.startswith("(") else [n.strip() for n in allowed.split(",")]
+        documented[cells[0]] = frozenset(names)
+    assert documented == dict(ALLOWED_IMPORTS)
+
+
+def test_the_subcommands_imported_by_name_follow_the_table_too() -> None:
+    """kvstore/cli.py imports its subcommand modules by string, which the walk cannot see."""
+    from kvstore.cli import SUBCOMMAND_MODULES
+
+    for module in SUBCOMMAND_MODULES:
+        component = component_of(module)
+        assert component == "cli" or component in ALLOWED_IMPORTS["cli"], module
+
+
+@pytest.mark.parametrize(
+    ("path", "line"),
+    [
+        ("kvstore/raft/node.py", "from kvstore.server.http import HttpApi"),
+        ("kvstore/storage/disk.py", "from kvstore.replica import Replica"),
+        ("kvstore/kv/state_machine.py", "from ..storage import disk"),
+        ("kvstore/codec.py", "def f():\n    import kvstore.client"),
+        ("kvstore/client/core.py", "from kvstore.server import metrics"),
+    ],
+)
+def test_an_upward_import_added_to_the_real_tree_fails(path: str, line: str) -> None:
+    sources = kvstore_sources()
+    sources[path] += "\n" + line + "\n"
+    problems = layer_violations(sources)
+    assert len(problems) == 1 and problems[0].startswith(path + ":"), problems

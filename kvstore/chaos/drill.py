@@ -432,45 +432,56 @@ class Drill:
     # --- verdict ---------------------------------------------------------------------------
 
     def _check(self, workload: Workload, final: dict[str, str | None], converged: bool) -> None:
-        config = self.config
+        """The verdict: one CheckOutcome per checker, in the order the report lists them."""
         report = self.report
-        checks = report.checks
         history = [Operation.from_json(op) for op in workload.history.operations]
         report.counts = workload.history.counts()
+        report.checks.append(self._check_linearizability(history))
+        report.checks.append(self._check_lost_writes(history, final))
+        node_states, unreadable = self._node_states()
+        report.checks.append(self._check_exactly_once(workload, final, node_states))
+        report.checks.append(self._check_invariants(node_states, unreadable, converged))
+        report.checks.append(self._check_activity(workload))
+        self._node_state_cache = node_states
 
+    def _check_linearizability(self, history: list[Operation]) -> CheckOutcome:
         started = time.monotonic()
         linear = check_linearizability(
-            history, deadline=deadline_after(time.monotonic, config.checker_budget_s)
+            history, deadline=deadline_after(time.monotonic, self.config.checker_budget_s)
         )
-        checks.append(
-            CheckOutcome(
-                "linearizability", linear.ok, _first_line(linear.describe()),
-                time.monotonic() - started,
-            )
+        return CheckOutcome(
+            "linearizability", linear.ok, _first_line(linear.describe()),
+            time.monotonic() - started,
         )  # fmt: skip
 
+    def _check_lost_writes(
+        self, history: list[Operation], final: dict[str, str | None]
+    ) -> CheckOutcome:
+        """Every acknowledged write is visible; for `append`, also in the final reads of the
+        lists (a lost append shows only there)."""
         started = time.monotonic()
-        if config.workload == "append":
+        if self.config.workload == "append":
             lost = check_lost_writes(
                 history, final_reads={k: v for k, v in final.items() if k.startswith("list-")}
             )
         else:
             lost = check_lost_writes(history)
-        checks.append(
-            CheckOutcome(
-                "lost writes", lost.ok, _first_line(lost.describe()), time.monotonic() - started
-            )
+        return CheckOutcome(
+            "lost writes", lost.ok, _first_line(lost.describe()), time.monotonic() - started
         )
 
+    def _check_exactly_once(
+        self, workload: Workload, final: dict[str, str | None], node_states: dict[int, NodeState]
+    ) -> CheckOutcome:
+        """No request applied twice on any node; for `counter`, the final value against the
+        acknowledged and unknown increments, and the retry storm's duplicates answered alike."""
         started = time.monotonic()
-        node_states, unreadable = self._node_states()
+        tally = workload.tally
         counter = None
-        if config.workload == "counter":
+        if self.config.workload == "counter":
             text = final.get("counter")
             counter = check_counter(
-                int(text) if text else 0,
-                acknowledged=workload.tally.acknowledged,
-                unknown=workload.tally.unknown,
+                int(text) if text else 0, acknowledged=tally.acknowledged, unknown=tally.unknown
             )
         once = check_exactly_once(
             {node: state.applied_requests for node, state in node_states.items()}, counter=counter
@@ -478,18 +489,21 @@ class Drill:
         detail = _first_line(once.describe())
         if counter is not None:
             detail += "; " + counter.describe()
-        storm_ok = not workload.tally.storm_mismatches
-        if config.workload == "counter":
+        if self.config.workload == "counter":
             detail += (
-                f"; retry storm: {workload.tally.storm_duplicates_sent} duplicates answered, "
-                f"{len(workload.tally.storm_mismatches)} answered differently"
+                f"; retry storm: {tally.storm_duplicates_sent} duplicates answered, "
+                f"{len(tally.storm_mismatches)} answered differently"
             )
-            if workload.tally.storm_mismatches:
-                detail += f" (first: {workload.tally.storm_mismatches[0]})"
-        checks.append(
-            CheckOutcome("exactly once", once.ok and storm_ok, detail, time.monotonic() - started)
-        )
+            if tally.storm_mismatches:
+                detail += f" (first: {tally.storm_mismatches[0]})"
+        ok = once.ok and not tally.storm_mismatches
+        return CheckOutcome("exactly once", ok, detail, time.monotonic() - started)
 
+    def _check_invariants(
+        self, node_states: dict[int, NodeState], unreadable: dict[int, str], converged: bool
+    ) -> CheckOutcome:
+        """The cluster invariants over every node's log, digests and hard states so far; the
+        nodes must also have converged and every data directory be readable."""
         for node, state in node_states.items():
             self.hard_states.setdefault(node, []).append((state.term, state.commit))
         common = min((s.commit for s in node_states.values()), default=0)
@@ -504,20 +518,22 @@ class Drill:
         )
         problems = [] if converged else ["the nodes did not converge within 30 s after healing"]
         problems += [f"node {n} unreadable: {why}" for n, why in unreadable.items()]
-        checks.append(
-            CheckOutcome(
-                "invariants",
-                invariants.ok and not problems,
-                "; ".join([_first_line(invariants.describe()), *problems])
-                + f"; common commit index {common}",
-            )
+        return CheckOutcome(
+            "invariants",
+            invariants.ok and not problems,
+            "; ".join([_first_line(invariants.describe()), *problems])
+            + f"; common commit index {common}",
         )
 
-        ok_operations = report.counts.get("ok", 0)
+    def _check_activity(self, workload: Workload) -> CheckOutcome:
+        """The drill tested something: enough operations acknowledged, and every fault took
+        effect, was handled (disk faults) and was followed by an acknowledged write."""
+        config = self.config
+        ok_operations = self.report.counts.get("ok", 0)
         if config.workload == "counter":
             ok_operations = workload.tally.acknowledged
         needed = int(config.min_ok_per_s * config.duration_s)
-        events = report.timeline
+        events = self.report.timeline
         ineffective = [e.name for e in events if not e.took_effect]
         mishandled = [e.name for e in events if e.disk_outcome_ok is False]
         unrecovered = [e.name for e in events if e.recovered_at_s is None]
@@ -532,15 +548,12 @@ class Drill:
             activity.append(f"disk faults mishandled by the node: {', '.join(mishandled)}")
         if unrecovered:
             activity.append(f"no write acknowledged after healing: {', '.join(unrecovered)}")
-        checks.append(
-            CheckOutcome(
-                "activity",
-                not activity,
-                "; ".join(activity)
-                or f"{ok_operations} operations acknowledged, {len(events)} faults took effect",
-            )
+        return CheckOutcome(
+            "activity",
+            not activity,
+            "; ".join(activity)
+            or f"{ok_operations} operations acknowledged, {len(events)} faults took effect",
         )
-        self._node_state_cache = node_states
 
     def _node_states(self) -> tuple[dict[int, NodeState], dict[int, str]]:
         first_pass: dict[int, NodeState] = {}

@@ -3,7 +3,7 @@
 `ClientConfig` is what `Client` and `SyncClient` are tuned with. It is validated in
 `__post_init__` (a ValueError names the offending field), so a bad value fails at
 construction, not on the first call in production. The names carry their units last
-(`timeout_s`, `backoff_cap_s`), as design.md §6 asks.
+(`timeout_s`, `backoff_cap_s`).
 """
 
 from __future__ import annotations

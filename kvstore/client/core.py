@@ -15,10 +15,13 @@ injected `Transport`, governed by the pure `RetryPolicy` (kvstore.client.retry):
   is the lowest seq still awaiting its answer, so the cluster may forget older answers.
 - **Circuit breakers** per endpoint skip a replica that keeps failing at the transport level.
 
-Errors are the types of kvstore.errors. A write that gives up after an attempt that may have
-reached the cluster raises `DeadlineExceededError(outcome_unknown=True)`; one whose every
-attempt was certainly rejected (refused connection, no_leader, 429) raises with
-`outcome_unknown=False` (deadline) or `UnavailableError` (attempts used up).
+Errors are the types of kvstore.errors. A call that gives up raises:
+- `UnavailableError` when no node could be reached at all (every attempt failed to connect:
+  nothing listening, no route), or when the attempts ran out with every one certainly
+  rejected (no_leader, 429): nothing was applied;
+- `DeadlineExceededError` when the deadline passed otherwise; for a write,
+  `outcome_unknown=True` if some attempt may have reached the cluster (it may have applied),
+  `outcome_unknown=False` if every attempt was certainly rejected.
 
 Rules that hold here: the client only runs on the event loop that first used it; time comes
 from the injected clock and sleeping from the injected sleep (tests use fakes); no call takes
@@ -380,6 +383,9 @@ class Client:
     async def _attempts(self, call: _Call, seq: int, budget: CallBudget) -> _Answer:
         hint: str | None = None
         maybe_applied = False
+        # Whether any attempt reached a node (an HTTP answer, or a request that may have
+        # been sent): if none did, the cluster is unreachable rather than slow.
+        reached = False
         while True:
             endpoint = call.pinned_endpoint or hint or self._choose_endpoint()
             attempt_timeout_s = budget.start_attempt()
@@ -388,9 +394,12 @@ class Client:
             if isinstance(outcome, _Answer):
                 return outcome
             maybe_applied = maybe_applied or outcome.maybe_applied
+            reached = reached or not _connect_failure(outcome.error)
             decision = budget.decide(outcome.failure)
             if not decision.retry:
-                error = self._give_up(call, budget, decision, outcome.error, maybe_applied)
+                error = self._give_up(
+                    call, budget, decision, outcome.error, maybe_applied, reached=reached
+                )
                 raise error from (None if error is outcome.error else outcome.error)
             failure = outcome.failure
             hint = failure.leader_url if failure.kind is FailureKind.NOT_LEADER else None
@@ -440,10 +449,17 @@ class Client:
         decision: Decision,
         error: KVStoreError,
         maybe_applied: bool,
+        *,
+        reached: bool,
     ) -> KVStoreError:
         if decision.verdict is Verdict.GIVE_UP_PERMANENT:
             return error
         what = f"{call.name} {call.key or call.path}"
+        if not reached:
+            return UnavailableError(
+                f"{what}: no node could be reached in {budget.attempts} attempts "
+                f"({', '.join(self.endpoints)}); last error: {error}"
+            )
         reason = (
             "deadline passed"
             if decision.verdict is Verdict.GIVE_UP_DEADLINE
@@ -510,6 +526,11 @@ class Client:
             self._last_leader_seen = url
             self._counters.leader_changes += 1
             log.debug("leader url=%s", url)
+
+
+def _connect_failure(error: KVStoreError) -> bool:
+    """An attempt that never reached a node: the connection could not be made."""
+    return isinstance(error, TransportError) and not error.maybe_sent
 
 
 def _int_header(headers: Mapping[str, str], name: str) -> int:

@@ -13,6 +13,7 @@ that failed that way certainly did not apply.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -111,8 +112,13 @@ class AiohttpTransport:
                 answer_headers = {name.lower(): value for name, value in response.headers.items()}
                 return HttpResponse(response.status, answer_headers, payload)
         except aiohttp.ClientConnectorError as exc:
-            # Includes connection refused: nothing was sent.
-            raise TransportError(f"{endpoint}: cannot connect: {exc}", maybe_sent=False) from exc
+            # Includes connection refused: nothing was sent. aiohttp's own text ("Cannot
+            # connect to host ... ssl:default [...]") says less than the OS error does.
+            error = exc.os_error
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            raise TransportError(
+                f"{endpoint}: cannot connect: {reason.lower()}", maybe_sent=False
+            ) from exc
         except aiohttp.ConnectionTimeoutError as exc:
             raise TransportError(
                 f"{endpoint}: connect timed out", maybe_sent=False, timed_out=True

@@ -2,11 +2,42 @@
 
 The driver and the HTTP layer update these; `GET /metrics` renders the registry in the
 Prometheus text format. Names follow Prometheus conventions (`_total`, `_seconds`).
+Besides kvstore's own series the registry carries the process (CPU, memory, descriptors),
+the Python runtime and its garbage collector, and `kvstore_build_info`; `bind_node` adds the
+gauges read from the running node at each scrape (commit and applied index, disk full).
+prometheus-client's `*_created` series (one per counter and histogram, a timestamp of when
+the process made it) are turned off: they doubled the page and nobody graphs them.
+
+The storage keeps its own plain counters (`kvstore.storage.wal.StorageMetrics`: fsyncs, time
+in fsync, bytes written) so that kvstore/storage needs no Prometheus; `StorageCollector` reads
+them when `/metrics` is scraped (`NodeMetrics.watch_storage`).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import platform
+from collections.abc import Callable, Iterator
+
+import prometheus_client
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from kvstore import __version__
+from kvstore.storage.wal import StorageMetrics
+
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+_GC_PAUSE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 _LATENCY_BUCKETS_S = (
     0.0001,
@@ -121,6 +152,81 @@ class NodeMetrics:
         self.term = Gauge("kvstore_term", "Current Raft term", registry=r)
         self.node_info = Gauge("kvstore_node_info", "This node's id", ["id"], registry=r)
         self.node_info.labels(id=str(node_id)).set(1)
+        self.build_info = Gauge(
+            "kvstore_build_info", "The running kvstore", ["version", "python"], registry=r
+        )
+        self.build_info.labels(version=__version__, python=platform.python_version()).set(1)
+        self.gc_pause_seconds = Histogram(
+            "kvstore_gc_pause_seconds",
+            "Wall time of each garbage collection, by generation",
+            ["generation"],
+            buckets=_GC_PAUSE_BUCKETS_S,
+            registry=r,
+        )
+        self.commit_index = Gauge(
+            "kvstore_commit_index", "Highest log index known committed", registry=r
+        )
+        self.applied_index = Gauge(
+            "kvstore_applied_index", "Highest log index applied to the state machine", registry=r
+        )
+        self.disk_full = Gauge(
+            "kvstore_disk_full", "1 while writes are refused for a full disk", registry=r
+        )
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+
+    def bind_node(
+        self,
+        *,
+        commit_index: Callable[[], float],
+        applied_index: Callable[[], float],
+        disk_full: Callable[[], float],
+    ) -> None:
+        """Read these from the running node at each scrape (no bookkeeping on hot paths)."""
+        self.commit_index.set_function(commit_index)
+        self.applied_index.set_function(applied_index)
+        self.disk_full.set_function(disk_full)
+
+    def watch_storage(self, storage: object) -> None:
+        """Export `storage.metrics` (a StorageMetrics) on every scrape; storage without one
+        (MemoryStorage) exports nothing."""
+        self.registry.register(StorageCollector(storage))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class StorageCollector(Collector):
+    """The storage's `StorageMetrics`, read when scraped (it only counts, never exports)."""
+
+    def __init__(self, storage: object) -> None:
+        self._storage = storage
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # the families depend on the storage; registration needs no names
+
+    def collect(self) -> Iterator[Metric]:
+        metrics = getattr(self._storage, "metrics", None)
+        if not isinstance(metrics, StorageMetrics):
+            return
+        yield CounterMetricFamily(
+            "kvstore_storage_fsyncs",
+            "fsyncs of the write-ahead log, snapshot files and directories",
+            value=metrics.fsync_count,
+        )
+        yield CounterMetricFamily(
+            "kvstore_storage_fsync_seconds",
+            "Time spent in fsyncs of the write-ahead log and its directory",
+            value=metrics.fsync_seconds_total,
+        )
+        yield GaugeMetricFamily(
+            "kvstore_storage_last_fsync_seconds",
+            "Duration of the latest fsync of the write-ahead log or its directory",
+            value=metrics.last_fsync_seconds,
+        )
+        yield CounterMetricFamily(
+            "kvstore_storage_written_bytes",
+            "Bytes written to the write-ahead log",
+            value=metrics.bytes_written,
+        )

@@ -108,6 +108,7 @@ class Node:
         self.config = config
         self.replica = replica
         self.metrics = NodeMetrics(config.id)
+        self.metrics.watch_storage(replica.storage)
         self.transport: PeerTransport
         self.driver = Driver(config, replica, self.metrics, self._send, self._peer_url)
         self.transport = PeerTransport(

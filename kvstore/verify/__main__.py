@@ -1,6 +1,6 @@
 """`python -m kvstore.verify HISTORY.jsonl`: check a recorded history after the fact.
 
-Runs the linearizability and lost-write checkers on a history file (design.md §5) and
+Runs the linearizability and lost-write checkers on a history file (format: history.py) and
 prints both reports; the exit status is 0 only if both pass. The search budget is counted
 in steps (`--max-steps`), not seconds, because this package reads no clock.
 """

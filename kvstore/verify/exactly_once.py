@@ -1,6 +1,6 @@
 """The exactly-once checker: no request applied twice, and a counter that adds up.
 
-Two views of the same promise (design.md §3, Raft dissertation §6.3):
+Two views of the same promise (docs/architecture.md §8, Raft dissertation §6.3):
 
 - From the nodes: the request ids whose effects each node's state machine applied, in
   order. A retried request may sit in the log twice, but the session table must turn the

@@ -1,4 +1,4 @@
-"""Parsers for the reference histories in ../shared/fixtures/linearizability/.
+"""Parsers for reference histories of other linearizability checkers (Jepsen, Porcupine).
 
 Two foreign formats become our history format (kvstore.verify.history), with each line's
 number as its timestamp (both formats are in real-time order):

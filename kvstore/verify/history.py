@@ -1,4 +1,4 @@
-"""The history format that workloads record and checkers read (design.md §5).
+"""The history format that workloads record and checkers read, defined here.
 
 One `Operation` per logical client operation, written as one JSON object per line:
 

@@ -3,7 +3,7 @@
 A cheaper and more direct question than linearizability, asked of the same history: after
 the faults heal, a final read of each key must show the value of an acknowledged write to
 it, unless another write (acknowledged or of unknown outcome) that may have come after it
-replaced that value. Values are unique (design.md §5), so a final value names its writer.
+replaced that value. Values are unique (kvstore/verify/history.py), so a final value names its writer.
 
 For each acknowledged write W of key k, with final value F:
 

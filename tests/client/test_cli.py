@@ -81,3 +81,62 @@ def test_default_endpoints_are_the_local_cluster(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv(client_cli.ENDPOINTS_ENV, raising=False)
     parser = cli.build_parser()
     assert parser.parse_args(["get", "k"]).endpoints == client_cli.DEFAULT_ENDPOINTS
+
+
+def test_options_may_stand_between_positional_arguments(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`kvstore put k --json v` puts v (argparse alone read `v` as an unknown argument)."""
+    assert cli.main(["put", "k", "--json", "hello", "--endpoints", "http://127.0.0.1:7001"]) == 0
+    assert json.loads(capsys.readouterr().out)["succeeded"] is True
+    argv = ["get", "--json", "k", "--timeout", "2", "--endpoints", "http://127.0.0.1:7001"]
+    assert cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["value"] == "hello"
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "complaint"),
+    [
+        ("--timeout", "0", "--timeout"),
+        ("--timeout", "-1", "--timeout"),
+        ("--timeout", "nan", "--timeout"),
+        ("--endpoints", "", "--endpoints"),
+        ("--endpoints", "ftp://127.0.0.1:7001", "http"),
+        ("--endpoints", "http://127.0.0.1:7001,,", "empty"),
+        ("--endpoints", "http://:7001", "host"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(
+    option: str, value: str, complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad --timeout or --endpoints is a usage error (exit 2) naming the option, not a
+    request that fails (exit 5) or is retried until the deadline (exit 4)."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["get", "k", option, value])
+    assert stop.value.code == 2
+    assert complaint in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.startswith("kvstore ")
+
+
+def test_errors_say_what_matters_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """The message names the key and, for a failed precondition, the current revision; the
+    error code appears once, not repeated by every layer."""
+    assert run("get", "missing") == client_cli.EXIT_NOT_FOUND
+    err = capsys.readouterr().err
+    assert "missing" in err and err.count("not_found") <= 1
+    assert run("cas", "k", "hello", "--mod-revision", "1") == client_cli.EXIT_PRECONDITION_FAILED
+    err = capsys.readouterr().err
+    assert "current revision 7" in err and err.count("precondition_failed") <= 1
+
+
+def test_output_json_is_the_same_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("get", "k", "--output", "json") == 0
+    assert json.loads(capsys.readouterr().out)["value"] == "hello"
+    assert run("status", "-o", "json") == 0
+    assert "http://127.0.0.1:7001" in json.loads(capsys.readouterr().out)

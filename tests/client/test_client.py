@@ -243,16 +243,34 @@ async def test_a_write_that_may_have_applied_times_out_with_outcome_unknown() ->
     assert client.stats.deadline_exceeded == 1
 
 
-async def test_a_write_refused_everywhere_certainly_did_not_apply() -> None:
+async def test_a_write_refused_everywhere_is_unavailable_and_did_not_apply() -> None:
+    """Nothing listening anywhere is `UnavailableError` naming the endpoints (not a timeout:
+    no node was slow, none could be reached), within the deadline."""
+
     def handler(request: SentRequest) -> HttpResponse:
         raise refused(request.endpoint)
 
     client, _, clock = make_client(handler, timeout_s=1.0)
     start = clock.now
+    with pytest.raises(UnavailableError) as caught:
+        await client.put("k", b"v")
+    assert not isinstance(caught.value, DeadlineExceededError)
+    assert "no node could be reached" in str(caught.value) and A in str(caught.value)
+    assert clock.now - start <= 1.0
+
+
+async def test_a_write_refused_by_some_and_timed_out_by_others_is_a_deadline() -> None:
+    """One node reached (it may have applied): the deadline error, outcome unknown."""
+
+    def handler(request: SentRequest) -> HttpResponse:
+        if request.endpoint == A:
+            raise TransportError("hung", maybe_sent=True, timed_out=True)
+        raise refused(request.endpoint)
+
+    client, _, _ = make_client(handler, timeout_s=1.0, attempt_timeout_s=0.2)
     with pytest.raises(DeadlineExceededError) as caught:
         await client.put("k", b"v")
-    assert caught.value.outcome_unknown is False
-    assert clock.now - start <= 1.0
+    assert caught.value.outcome_unknown is True
 
 
 async def test_used_up_attempts_without_doubt_raise_unavailable() -> None:

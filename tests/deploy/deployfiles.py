@@ -3,7 +3,7 @@
 Kubernetes: the documents of deploy/kubernetes/*.yaml, and the environment a StatefulSet pod
 gets (ConfigMap `envFrom`, then `env` with downward-API fields and `$(VAR)` references
 expanded as the kubelet expands them). Compose: the services with their merged environment.
-The names of the variables `kvstore serve` reads come from kvstore.config and
+The names of the variables `kvstore serve` reads come from kvstore.server.config and
 kvstore.server.discovery, so renaming one there breaks these tests instead of the deployment.
 """
 
@@ -166,6 +166,6 @@ def load_serve_config(environ: Mapping[str, str]) -> Any:
 
 
 def _config_module() -> Any:
-    import kvstore.config
+    import kvstore.server.config
 
-    return kvstore.config
+    return kvstore.server.config

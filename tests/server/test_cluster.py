@@ -159,7 +159,9 @@ def test_three_nodes_elect_one_leader(cluster: LocalCluster) -> None:
         base = cluster.client_url(node_id)
         assert call(f"{base}/healthz").status == 200
         wait_until(lambda base=base: call(f"{base}/readyz").status == 200, 10, "readyz")
-        assert b"kvstore_proposals_total" in call(f"{base}/metrics").body
+        metrics = call(f"{base}/metrics").body
+        assert b"kvstore_proposals_total" in metrics
+        assert b"kvstore_storage_fsyncs_total" in metrics  # the DiskStorage's own counters
         assert "/v1/kv/{key}" in call(f"{base}/v1/openapi.json").json()["paths"]
 
 

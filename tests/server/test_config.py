@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.config import add_arguments, load_config, parse_peers
+from kvstore.server.config import (
+    add_arguments,
+    default_text,
+    load_config,
+    option_names,
+    parse_peers,
+)
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -108,3 +114,29 @@ def test_client_connection_settings_from_every_source(tmp_path: Path) -> None:
     assert config.client_body_timeout_ms == 7000
     assert config.client_idle_timeout_ms == 1234
     assert config.client_connections_per_source_max == 50
+
+
+def _readme_defaults() -> dict[str, str]:
+    """{option name: default cell} from README.md's `kvstore serve` options table."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows: dict[str, str] = {}
+    for line in readme.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`--"):
+            rows[cells[0].strip("`").removeprefix("--").replace("-", "_")] = cells[1].strip("`")
+    return rows
+
+
+def test_the_readme_and_the_help_show_the_dataclass_defaults() -> None:
+    """A default is written once, in ServeConfig: the help text is built from it and the
+    README's table must agree with it."""
+    readme = _readme_defaults()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    helps = {action.dest: action.help or "" for action in parser._actions}
+    for name in option_names():
+        assert name in readme, f"README.md has no row for --{name.replace('_', '-')}"
+        default = default_text(name)
+        if default is not None:
+            assert readme[name] == default, name
+            assert helps[name].endswith(f"(default {default})"), name

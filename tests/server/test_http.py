@@ -18,11 +18,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from kvstore.config import ServeConfig
 from kvstore.errors import DiskFullError
 from kvstore.raft.config import RaftConfig
 from kvstore.raft.types import Entry, HardState, Role, Snapshot
 from kvstore.replica import Replica
+from kvstore.server.config import ServeConfig
 from kvstore.server.driver import Driver
 from kvstore.server.http import HttpApi
 from kvstore.server.metrics import NodeMetrics

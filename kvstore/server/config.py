@@ -1,0 +1,285 @@
+"""The node's configuration: one frozen, keyword-only dataclass and where its values come from.
+
+Precedence, highest first: command-line flags, `KVSTORE_*` environment variables, the TOML
+file named by `--config` / `KVSTORE_CONFIG`, then the defaults below. Every option has the
+same name in all three places: flag `--tick-interval-ms`, variable `KVSTORE_TICK_INTERVAL_MS`,
+TOML key `tick-interval-ms` (or `tick_interval_ms`).
+
+StatefulSet mode: when no id is given and `KVSTORE_STATEFULSET_REPLICAS` is set, the id and
+the peers are derived from the hostname by `kvstore.server.discovery`.
+
+Rules: `ServeConfig` validates itself in `__post_init__` and raises `ValueError` naming the
+field, so a bad value stops the node at start with a clear message, never later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from kvstore.server.discovery import split_host_port, statefulset_identity_from_environ
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def parse_peers(text: str) -> dict[int, str]:
+    """Parse "1=host:port,2=host:port" into {1: "host:port", ...}."""
+    peers: dict[int, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        ident, sep, address = item.partition("=")
+        if not sep or not ident.strip().isdigit():
+            raise ValueError(f"peers: {item!r} is not id=host:port")
+        split_host_port(address.strip())
+        peers[int(ident)] = address.strip()
+    return peers
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServeConfig:
+    """Everything one `kvstore serve` process needs; see the module docstring."""
+
+    id: int
+    peers: tuple[tuple[int, str], ...]  # (id, "host:port" of its peer port), all nodes incl. this
+    data_dir: Path
+    cluster_id: str = "kvstore"
+    listen_client: str = "127.0.0.1:7001"
+    listen_peer: str = "127.0.0.1:7101"
+    advertise_client_url: str = ""  # "" means http://<listen_client>
+    log_level: str = "info"
+    tick_interval_ms: int = 10
+    election_ticks: int = 20
+    heartbeat_ticks: int = 5
+    snapshot_entries: int = 10_000
+    snapshot_catch_up_entries: int = 1_000
+    snapshot_log_ratio: float = 1.0
+    max_key_bytes: int = 1024
+    max_value_bytes: int = 1 << 20
+    max_body_bytes: int = (1 << 20) + 1024
+    max_pending_proposals: int = 8192
+    request_timeout_ms: int = 5000
+    peer_queue_frames: int = 8192
+    inbox_batch_max: int = 4096
+    shutdown_transfer_ms: int = 1000
+    inline_save_entries_max: int = 16
+    # The client port's connections (kvstore/server/connections.py). The total is lowered at
+    # start to fit under RLIMIT_NOFILE (raised to its hard limit) less a reserve for files.
+    client_connections_max: int = 10_000
+    client_connections_per_source_max: int = 1_000
+    client_header_timeout_ms: int = 10_000  # first byte of a request head -> whole head
+    client_body_timeout_ms: int = 30_000  # whole head -> whole body
+    client_idle_timeout_ms: int = 60_000  # no request in progress (keep-alive, or new)
+    # Chaos drills only: answer "linearizable" reads from local state without ReadIndex.
+    unsafe_local_reads: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.id < 1:
+            raise ValueError(f"id must be >= 1, got {self.id}")
+        peer_ids = [peer_id for peer_id, _ in self.peers]
+        if self.id not in peer_ids:
+            raise ValueError(f"peers must include this node's id {self.id}: got {peer_ids}")
+        if len(set(peer_ids)) != len(peer_ids) or min(peer_ids) < 1:
+            raise ValueError(f"peers: ids must be unique and >= 1, got {peer_ids}")
+        if not self.cluster_id or len(self.cluster_id) > 128:
+            raise ValueError("cluster_id must be 1..128 characters")
+        split_host_port(self.listen_client)
+        split_host_port(self.listen_peer)
+        if self.log_level.lower() not in _LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {_LOG_LEVELS}, got {self.log_level!r}")
+        self._check_positive()
+        if self.heartbeat_ticks >= self.election_ticks:
+            raise ValueError("heartbeat_ticks must be smaller than election_ticks")
+        if self.advertise_client_url and not self.advertise_client_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError("advertise_client_url must start with http:// or https://")
+
+    def _check_positive(self) -> None:
+        for name in (
+            "tick_interval_ms",
+            "election_ticks",
+            "heartbeat_ticks",
+            "snapshot_entries",
+            "max_key_bytes",
+            "max_value_bytes",
+            "max_body_bytes",
+            "max_pending_proposals",
+            "request_timeout_ms",
+            "peer_queue_frames",
+            "inbox_batch_max",
+            "client_connections_max",
+            "client_connections_per_source_max",
+            "client_header_timeout_ms",
+            "client_body_timeout_ms",
+            "client_idle_timeout_ms",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if min(self.shutdown_transfer_ms, self.snapshot_catch_up_entries) < 0 or (
+            self.inline_save_entries_max < 0
+        ):
+            raise ValueError("shutdown_transfer_ms and snapshot_catch_up_entries must be >= 0")
+        if not (0 <= self.snapshot_log_ratio < math.inf):
+            raise ValueError(f"snapshot_log_ratio must be >= 0, got {self.snapshot_log_ratio}")
+
+    @property
+    def peer_addresses(self) -> dict[int, str]:
+        return dict(self.peers)
+
+    @property
+    def client_url(self) -> str:
+        return self.advertise_client_url or f"http://{self.listen_client}"
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+# (name, parser from text, help). The name is the dataclass field; flags use dashes.
+_OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
+    ("id", int, "this node's id (>= 1)"),
+    ("cluster_id", str, "cluster name; peers with another cluster id are rejected"),
+    ("listen_client", str, "host:port for the HTTP API"),
+    ("listen_peer", str, "host:port for peer traffic"),
+    ("advertise_client_url", str, "client URL other nodes give out (default http://LISTEN)"),
+    ("peers", str, "peer ports of all nodes: 1=host:port,2=host:port,3=host:port (default: this node only)"),
+    ("data_dir", str, "directory of the write-ahead log and snapshots (default data/nodeID)"),
+    ("log_level", str, "debug, info, warning, error or critical"),
+    ("tick_interval_ms", int, "Raft tick length in milliseconds"),
+    ("election_ticks", int, "election timeout in ticks"),
+    ("heartbeat_ticks", int, "heartbeat interval in ticks"),
+    ("snapshot_entries", int, "take a snapshot and compact the log every N entries or more"),
+    (
+        "snapshot_log_ratio",
+        float,
+        "snapshot only once the entries since the last one reach this multiple of its size",
+    ),
+    ("snapshot_catch_up_entries", int, "entries kept before a snapshot for slow followers"),
+    ("max_key_bytes", int, "largest key in UTF-8 bytes"),
+    ("max_value_bytes", int, "largest value in bytes"),
+    ("max_body_bytes", int, "largest request body in bytes"),
+    ("max_pending_proposals", int, "writes in flight before answering 429"),
+    ("request_timeout_ms", int, "deadline of one request inside the node"),
+    ("peer_queue_frames", int, "frames queued per peer before dropping"),
+    ("inbox_batch_max", int, "items the driver takes from its inbox per turn"),
+    ("shutdown_transfer_ms", int, "how long a leader waits to hand over on SIGTERM"),
+    (
+        "inline_save_entries_max",
+        int,
+        "fsync on the event loop (no thread hop) for Readies of at most N entries",
+    ),
+    # The client port's connection bounds and timeouts (kvstore/server/connections.py).
+    ("client_connections_max", int, "client connections held open at most"),
+    ("client_connections_per_source_max", int, "client connections from one address at most"),
+    ("client_header_timeout_ms", int, "time for a request head, from its first byte"),
+    ("client_body_timeout_ms", int, "time for a request body, after its head"),
+    ("client_idle_timeout_ms", int, "close a client connection idle this long"),
+    ("unsafe_local_reads", _parse_bool, "UNSAFE, for chaos drills: skip ReadIndex on reads"),
+)
+
+
+def default_text(name: str) -> str | None:
+    """ServeConfig's default of option `name` as the help text and the README write it, or
+    None when it has no fixed one (id, peers, data_dir, advertise_client_url). Defaults are
+    written once, in the dataclass; tests/server/test_config.py checks the README's table
+    against this."""
+    found = next((f for f in fields(ServeConfig) if f.name == name), None)
+    if found is None or found.default is MISSING or found.default == "":
+        return None
+    default = found.default
+    return str(default).lower() if isinstance(default, bool) else str(default)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per option, with default None so that unset flags fall through; the help
+    text names ServeConfig's default."""
+    parser.add_argument("--config", default=None, help="TOML file with any of these options")
+    for name, _, help_text in _OPTIONS:
+        default = default_text(name)
+        if default is not None:
+            help_text += f" (default {default})"
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text)
+
+
+def _from_toml(path: str) -> dict[str, Any]:
+    with open(path, "rb") as file:
+        document = tomllib.load(file)
+    known = {name for name, _, _ in _OPTIONS}
+    values: dict[str, Any] = {}
+    for key, value in document.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ValueError(f"{path}: unknown option {key!r}")
+        values[name] = value
+    return values
+
+
+def load_config(
+    args: argparse.Namespace | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ServeConfig:
+    """Merge flags > environment > TOML file > defaults into a validated ServeConfig."""
+    env = os.environ if environ is None else environ
+    flags = vars(args) if args is not None else {}
+    config_path = flags.get("config") or env.get("KVSTORE_CONFIG")
+    raw: dict[str, Any] = _from_toml(config_path) if config_path else {}
+    for name, _, _ in _OPTIONS:
+        variable = "KVSTORE_" + name.upper()
+        if env.get(variable, "") != "":
+            raw[name] = env[variable]
+        if flags.get(name) is not None:
+            raw[name] = flags[name]
+    values: dict[str, Any] = {}
+    for name, parse, _ in _OPTIONS:
+        if name not in raw:
+            continue
+        value = raw[name]
+        try:
+            values[name] = value if not isinstance(value, str) or parse is str else parse(value)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from exc
+    _apply_statefulset(values, env)
+    return _build(values)
+
+
+def _apply_statefulset(values: dict[str, Any], env: Mapping[str, str]) -> None:
+    if "id" in values:
+        return
+    identity = statefulset_identity_from_environ(env)
+    if identity is None:
+        return
+    node_id, peers = identity
+    values["id"] = node_id
+    values.setdefault("peers", peers)
+
+
+def _build(values: dict[str, Any]) -> ServeConfig:
+    if "id" not in values:
+        raise ValueError("id is required (--id, KVSTORE_ID, or StatefulSet mode)")
+    peers = values.pop("peers", None)
+    if isinstance(peers, str):
+        peers = parse_peers(peers)
+    if isinstance(peers, Mapping):
+        peers = {int(k): str(v) for k, v in peers.items()}
+    if not peers:
+        peers = {int(values["id"]): values.get("listen_peer", default_text("listen_peer"))}
+    data_dir = Path(values.pop("data_dir", f"data/node{values['id']}"))
+    names = {f.name for f in fields(ServeConfig)}
+    assert set(values) <= names, set(values) - names
+    return ServeConfig(peers=tuple(sorted(peers.items())), data_dir=data_dir, **values)
+
+
+def option_names() -> Sequence[str]:
+    """The option names, for documentation and tests."""
+    return [name for name, _, _ in _OPTIONS]
