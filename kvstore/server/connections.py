@@ -131,15 +131,15 @@ class ClientConnection(RequestHandler):
         "_phase",
         "_server",
         "_source",
-        "_timer",
         "counted",
+        "timer_delay",
     )
 
     def __init__(self, server: ClientServer, **kwargs: Any) -> None:
         super().__init__(server, **kwargs)
         self._server = server
         self._phase = _Phase.IDLE
-        self._timer: asyncio.TimerHandle | None = None
+        self.timer_delay: float | None = None  # which of the server's timer queues it is in
         self._admitted = False  # aiohttp's protocol was started (connection_made passed on)
         self.counted = False  # in ClientServer's counts (until released)
         self._source = ""
@@ -208,16 +208,13 @@ class ClientConnection(RequestHandler):
     # --- timers -------------------------------------------------------------------------
 
     def _arm(self, delay_s: float) -> None:
-        self._cancel_timer()
-        self._timer = self._server.event_loop.call_later(delay_s, self._on_timeout)
+        self._server.arm(self, delay_s)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._server.disarm(self)
 
-    def _on_timeout(self) -> None:
-        self._timer = None
+    def on_timeout(self) -> None:
+        """The server's sweep found this connection's deadline passed (it is disarmed)."""
         if self._phase is _Phase.HEAD:
             self._server.throttle.log(
                 "header_timeout",
@@ -310,9 +307,10 @@ class ClientServer(web.Server):
         throttle: LogThrottle | None = None,
         **kwargs: Any,
     ) -> None:
-        # aiohttp's own keep-alive timer is a backstop for ours; lingering (reading and
-        # dropping a body the handler did not read) is bounded by the head timeout.
-        kwargs.setdefault("keepalive_timeout", limits.idle_timeout_s)
+        # aiohttp's own keep-alive timer is a backstop for ours, set to fire after it (ours
+        # may be one sweep late); lingering (reading and dropping a body the handler did
+        # not read) is bounded by the head timeout.
+        kwargs.setdefault("keepalive_timeout", limits.idle_timeout_s + 1.0)
         kwargs.setdefault("lingering_time", min(limits.header_timeout_s, limits.body_timeout_s))
         kwargs.setdefault("access_log", None)
         super().__init__(self._tracked, **kwargs)
@@ -326,12 +324,61 @@ class ClientServer(web.Server):
         self.throttle = throttle or LogThrottle(logger)
         self.open_connections = 0
         self._per_source: dict[str, int] = {}
+        # One queue per timeout length (idle, head, linger), each in deadline order since
+        # its length is fixed: a sweep every `_sweep_period_s` pops the expired from the
+        # front. A uvloop TimerHandle per connection cost ~20 us to arm: a burst of
+        # thousands of connections held the loop (and Raft's ticks) that much longer.
+        self._timers: dict[float, dict[ClientConnection, float]] = {}
+        shortest_s = min(limits.header_timeout_s, limits.idle_timeout_s, _LINGER_S)
+        self._sweep_period_s = min(0.5, max(0.01, shortest_s / 4))
+        self._sweeper: asyncio.TimerHandle | None = self.event_loop.call_later(
+            self._sweep_period_s, self._sweep
+        )
         # Connections with no request in progress, longest idle first (dicts keep order).
         self._idle: dict[ClientConnection, None] = {}
         if metrics is not None:
             # Read at scrape time: a gauge set per connect and close takes a lock each time,
             # and thousands of clients may come or go in one turn of the loop.
             metrics.client_connections.set_function(lambda: self.open_connections)
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        await super().shutdown(timeout)
+
+    # --- timers (a timeout fires at most one sweep period late) ---------------------------
+
+    def arm(self, connection: ClientConnection, delay_s: float) -> None:
+        self.disarm(connection)
+        queue = self._timers.get(delay_s)
+        if queue is None:
+            queue = self._timers[delay_s] = {}
+        queue[connection] = self.event_loop.time() + delay_s
+        connection.timer_delay = delay_s
+
+    def disarm(self, connection: ClientConnection) -> None:
+        if connection.timer_delay is not None:
+            self._timers[connection.timer_delay].pop(connection, None)
+            connection.timer_delay = None
+
+    def _sweep(self) -> None:
+        now = self.event_loop.time()
+        expired: list[ClientConnection] = []
+        for queue in self._timers.values():
+            for connection, deadline in queue.items():
+                if deadline > now:
+                    break
+                expired.append(connection)
+        for connection in expired:
+            self.disarm(connection)
+            try:
+                connection.on_timeout()
+            except Exception as exc:  # a bug of ours: keep sweeping the others
+                self.throttle.log(
+                    "sweep_error", logging.ERROR, "event=client_timer_error", exc_info=exc
+                )
+        self._sweeper = self.event_loop.call_later(self._sweep_period_s, self._sweep)
 
     def __call__(self) -> ClientConnection:
         return ClientConnection(self, loop=self.event_loop, **self._protocol_kwargs)
