@@ -13,9 +13,9 @@ has no header or body timeout). `ClientServer` is aiohttp's low-level server wit
   write and one close. At the total bound a new connection instead evicts the connection
   that has been idle longest (no request in progress), so a crowd of idle sockets from many
   addresses cannot lock out a client that wants to send a request.
-- three timeouts per connection, one timer at a time: idle (`client_idle_timeout_ms`, a
-  connection with no request in progress, including a new one that has sent nothing, is
-  closed), head (`client_header_timeout_ms`, from the first byte of a request until its
+- three timeouts per connection, one deadline at a time (swept, see ClientServer.arm):
+  idle (`client_idle_timeout_ms`, a connection with no request in progress, including a
+  new one that has sent nothing, is closed), head (`client_header_timeout_ms`, from the first byte of a request until its
   head is complete; then 408, our side shut, and close a second later) and body
   (`client_body_timeout_ms`, enforced by the handler that reads the body, http.py).
 - `handle_error` answering what the HTTP parser refuses (bad request line, bad header,
@@ -122,7 +122,7 @@ class _Phase(enum.Enum):
 
 
 class ClientConnection(RequestHandler):
-    """One client connection: aiohttp's protocol plus admission, the idle and head timers,
+    """One client connection: aiohttp's protocol plus admission, the idle and head deadlines,
     and JSON answers for requests the parser refused."""
 
     __slots__ = (
