@@ -19,13 +19,15 @@ is coarse (operation, check and status: "positive data rejected with 400 on PUT/
 so read the run's ST202 cases before trusting a green run after a change to those two.
 Some runs also report ST201 for a request with an undeclared header
 (`x-schemathesis-unknown-property`) answered 200: RFC 9110 has a recipient ignore header
-fields it does not know, so that is not a failure either; it is not in the baseline because
-an entry would accept every 200 to a schema-violating PUT.
+fields it does not know, so that is not a failure either. It is not in the baseline (an
+entry would accept every 200 to a schema-violating PUT): this script passes a run whose
+only failures are such cases, read from schemathesis's output.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import tempfile
@@ -77,7 +79,12 @@ def main() -> int:
                 url,
             ]
             print("+", " ".join(command), flush=True)
-            status = subprocess.call(command, cwd=base)
+            run = subprocess.run(command, cwd=base, stdout=subprocess.PIPE, text=True)
+            print(run.stdout, end="", flush=True)
+            status = run.returncode
+            if status != 0 and _only_undeclared_headers(run.stdout):
+                print("fuzz_http: the only failures are undeclared headers answered normally")
+                status = 0
             dead = [node for node in cluster.ids if cluster.pid(node) is None]
             tracebacks = [
                 node
@@ -88,6 +95,25 @@ def main() -> int:
             print(f"fuzz_http: nodes died: {dead}; nodes with tracebacks: {tracebacks}")
             return status or 1
     return status
+
+
+_UNDECLARED_HEADER = "Invalid component: in header - object with unexpected properties"
+
+
+def _only_undeclared_headers(output: str) -> bool:
+    """Whether every failure schemathesis printed is an ST201 whose only fault is an
+    undeclared header (see the module docstring): then the run passed."""
+    lines = [line.strip() for line in output.splitlines()]
+    failures = [line for line in lines if re.match(r"- ST\d+ ", line)]
+    components = [line for line in lines if line.startswith("Invalid component:")]
+    errors = any(line.startswith("Errors:") for line in lines)
+    return (
+        bool(failures)
+        and not errors
+        and all(line.startswith("- ST201 ") for line in failures)
+        and len(components) == len(failures)
+        and all(line == _UNDECLARED_HEADER for line in components)
+    )
 
 
 if __name__ == "__main__":
