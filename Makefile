@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-warn-script-location
 PIP_QUIET := 2>&1 | grep -v -e '^WARNING: Location' -e BuildBackendWarning -e '^ *!!' -e '^ *\*\*\*' -e 'Please be careful' -e 'name as your package' -e 'with strategy, WheelFile' -e '^ *$$' || true
 
-.PHONY: all setup setup-runtime run test test-fast lint typecheck chaos bench sim clean
+.PHONY: all setup setup-runtime run test test-fast lint typecheck chaos bench sim fuzz-http clean
 
 all: test
 
@@ -61,5 +61,13 @@ bench: setup
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/failover.py --trials 20 --faults kill,term,pause
 
+# schemathesis over /v1/openapi.json of a local node, every check (a few minutes; not part of
+# `make test`). schemathesis lives in its own virtualenv: it is not a project dependency.
+FUZZ_VENV := .venv-fuzz
+fuzz-http: setup
+	test -x $(FUZZ_VENV)/bin/schemathesis || { $(PYTHON) -m venv $(FUZZ_VENV) && \
+		$(FUZZ_VENV)/bin/python -m pip install --quiet 'schemathesis>=4,<5'; }
+	$(BIN)/python bench/fuzz_http.py --schemathesis $(FUZZ_VENV)/bin/schemathesis
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FUZZ_VENV) .pytest_cache .mypy_cache .ruff_cache

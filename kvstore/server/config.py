@@ -67,6 +67,13 @@ class ServeConfig:
     inbox_batch_max: int = 4096
     shutdown_transfer_ms: int = 1000
     inline_save_entries_max: int = 16
+    # The client port's connections (kvstore/server/connections.py). The total is lowered at
+    # start to fit under RLIMIT_NOFILE (raised to its hard limit) less a reserve for files.
+    client_connections_max: int = 10_000
+    client_connections_per_source_max: int = 1_000
+    client_header_timeout_ms: int = 10_000  # first byte of a request head -> whole head
+    client_body_timeout_ms: int = 30_000  # whole head -> whole body
+    client_idle_timeout_ms: int = 60_000  # no request in progress (keep-alive, or new)
     # Chaos drills only: answer "linearizable" reads from local state without ReadIndex.
     unsafe_local_reads: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
@@ -106,6 +113,11 @@ class ServeConfig:
             "request_timeout_ms",
             "peer_queue_frames",
             "inbox_batch_max",
+            "client_connections_max",
+            "client_connections_per_source_max",
+            "client_header_timeout_ms",
+            "client_body_timeout_ms",
+            "client_idle_timeout_ms",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -167,6 +179,12 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
         int,
         "fsync on the event loop (no thread hop) for Readies of at most N entries",
     ),
+    # The client port's connection bounds and timeouts (kvstore/server/connections.py).
+    ("client_connections_max", int, "client connections held open at most"),
+    ("client_connections_per_source_max", int, "client connections from one address at most"),
+    ("client_header_timeout_ms", int, "time for a request head, from its first byte"),
+    ("client_body_timeout_ms", int, "time for a request body, after its head"),
+    ("client_idle_timeout_ms", int, "close a client connection idle this long"),
     ("unsafe_local_reads", _parse_bool, "UNSAFE, for chaos drills: skip ReadIndex on reads"),
 )
 

@@ -4,21 +4,33 @@ Handlers never touch Raft state. A write is validated, turned into a command, an
 the driver (`Driver.write`), which proposes it and resolves a future when the entry is applied;
 a linearizable read waits on `Driver.read_barrier()` (one ReadIndex for all reads of a turn)
 and then reads the local state machine. This is the only module that turns `kvstore.errors`
-into HTTP statuses (via each error's `http_status` and `code`), in `_error_middleware`.
+into HTTP statuses (via each error's `http_status` and `code`), in `HttpApi.handle` and
+`HttpApi._error_response`; anything else a handler raises is a bug and answers a JSON 500
+(logged, rate-limited), never a traceback.
+
+Every input is checked before it is used: the path and the query are percent-decoded here,
+strictly (invalid UTF-8 or a malformed escape is 400, so that `%FF` and `%25FF` cannot name
+the same key), keys and prefixes must not contain C0 or C1 control characters or DEL, and
+every number in a header or the query is bounded in digits and value before `int()` sees it.
+Connection bounds and timeouts live in kvstore/server/connections.py.
 
 The API is described in README.md ("The HTTP API") and served as OpenAPI at /v1/openapi.json.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
 import re
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from kvstore.errors import (
     BadRequestError,
@@ -31,13 +43,25 @@ from kvstore.errors import (
     PreconditionFailedError,
     SessionExpiredError,
 )
-from kvstore.kv.commands import Delete, Put, RequestId, parse_request_id
+from kvstore.kv.commands import UINT64_MAX, Delete, Put, RequestId, parse_request_id
+from kvstore.server.connections import ClientServer, ConnectionLimits, limits_from_config
 from kvstore.server.driver import Driver
+from kvstore.server.logthrottle import LogThrottle, clip
 from kvstore.server.openapi import openapi_document
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+logger = logging.getLogger("kvstore.server.http")
+
+# C0 controls, DEL and C1 controls (U+0080..U+009F, e.g. U+0085 NEXT LINE): never in a key.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# A "%" not followed by two hex digits: malformed, and ambiguous if kept literally.
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# `"N"`, `W/"N"` or a bare N (ETags are the quoted mod_revision).
+_IF_MATCH = re.compile(r'(?:W/)?"([0-9]+)"|([0-9]+)')
+_UINT_DIGITS_MAX = 20  # UINT64_MAX has 20 digits; longer text is refused before int()
+_QUERY_FIELDS_MAX = 16
 _LIST_LIMIT_MAX = 10_000
 _JSON = "application/json"
+_KEY_METHODS = "GET, HEAD, PUT, DELETE"
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -49,10 +73,70 @@ class NoRouteError(NotFoundError):
 
 
 class MethodNotAllowedError(BadRequestError):
-    """The route exists but not with this method."""
+    """The route exists but not with this method; `allow` lists those it has."""
 
     http_status = 405
     code = "method_not_allowed"
+
+    def __init__(self, message: str, allow: str) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+
+class BodyTimeoutError(BadRequestError):
+    """The request body did not arrive within client_body_timeout_ms (408)."""
+
+    http_status = 408
+    code = "request_timeout"
+
+
+def _uint(text: str, name: str, maximum: int = UINT64_MAX, minimum: int = 0) -> int:
+    """A decimal integer in minimum..maximum, or BadRequestError naming `name`. The length
+    check comes first: int() of thousands of digits raises ValueError (and costs quadratic
+    time)."""
+    if 0 < len(text) <= _UINT_DIGITS_MAX and text.isascii() and text.isdigit():
+        value = int(text)
+        if minimum <= value <= maximum:
+            return value
+    raise BadRequestError(f"{name} must be an integer in {minimum}..{maximum}")
+
+
+def _decode(text: str, what: str) -> str:
+    """Percent-decode `text` strictly (UTF-8); BadRequestError for a bad escape or bytes."""
+    if "%" not in text:
+        return text
+    if _BAD_ESCAPE.search(text):
+        raise BadRequestError(f"{what} has a malformed percent-escape")
+    try:
+        return urllib.parse.unquote_to_bytes(text).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequestError(f"{what} is not valid UTF-8 once percent-decoded") from exc
+
+
+def _path(request: web.BaseRequest) -> str:
+    return _decode(request.rel_url.raw_path, "the path")
+
+
+def _query(request: web.BaseRequest) -> dict[str, str]:
+    """The query parameters, strictly decoded (UTF-8, '+' is a space); the first of
+    repeated names wins."""
+    raw = request.rel_url.raw_query_string
+    if not raw:
+        return {}
+    if _BAD_ESCAPE.search(raw):
+        raise BadRequestError("the query has a malformed percent-escape")
+    try:
+        pairs = urllib.parse.parse_qsl(
+            raw, keep_blank_values=True, errors="strict", max_num_fields=_QUERY_FIELDS_MAX
+        )
+    except UnicodeDecodeError as exc:
+        raise BadRequestError("the query is not valid UTF-8 once percent-decoded") from exc
+    except ValueError as exc:
+        raise BadRequestError(f"the query has over {_QUERY_FIELDS_MAX} fields") from exc
+    query: dict[str, str] = {}
+    for name, value in pairs:
+        query.setdefault(name, value)
+    return query
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -77,6 +161,8 @@ class HttpApi:
         self.config = driver.config
         self.cluster_id = cluster_id
         self.metrics = driver.metrics
+        self.throttle = LogThrottle(logger)
+        self._body_timeout_s = self.config.client_body_timeout_ms / 1000
         self._node_header = str(self.config.id)
         self._latency: dict[tuple[str, str], Any] = {}
         self._key_routes: dict[str, Handler] = {
@@ -94,9 +180,10 @@ class HttpApi:
             ("/v1/kv", "GET"): self.list_keys,
         }
 
-    def build_server(self) -> web.Server:
-        """aiohttp's low-level server with our own dispatch: the Application router and
-        middleware chain cost more CPU per request than the handlers themselves."""
+    def build_server(self, limits: ConnectionLimits | None = None) -> ClientServer:
+        """aiohttp's low-level server with our own dispatch (the Application router and
+        middleware chain cost more CPU per request than the handlers themselves), bounded
+        by `limits` (default: the configured ones, see kvstore/server/connections.py)."""
         limit = self.config.max_body_bytes
 
         def request_factory(
@@ -106,7 +193,13 @@ class HttpApi:
                 message, payload, protocol, writer, task, protocol._loop, client_max_size=limit
             )
 
-        return web.Server(self.handle, request_factory=request_factory, access_log=None)
+        return ClientServer(
+            self.handle,
+            limits=limits or limits_from_config(self.config),
+            metrics=self.metrics,
+            throttle=self.throttle,
+            request_factory=request_factory,
+        )
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Dispatch one request, map errors to HTTP, add the node headers, time it."""
@@ -129,6 +222,21 @@ class HttpApi:
             response = self._error_response(
                 request, PayloadTooLargeError("the request body is over the limit")
             )
+        except (asyncio.CancelledError, ConnectionError):
+            raise  # the client went away: nobody to answer
+        except Exception as exc:  # a bug of ours: a JSON 500, logged without flooding
+            self.throttle.log(
+                "handler_exception",
+                logging.ERROR,
+                "event=internal_error route=%s method=%s error=%s",
+                route,
+                clip(request.method),
+                clip(exc),
+                exc_info=exc,
+            )
+            response = _json(
+                {"error": {"code": "internal", "message": "internal error"}}, status=500
+            )
         response.headers["Kvstore-Node"] = self._node_header
         response.headers["Kvstore-Leader"] = self.driver.leader_url() or ""
         histogram = self._latency.get((route, request.method))
@@ -139,7 +247,7 @@ class HttpApi:
         return response
 
     def _route(self, request: web.BaseRequest) -> tuple[str, Handler]:
-        path, method = request.path, request.method
+        path, method = _path(request), request.method
         if path.startswith("/v1/kv/") and len(path) > 7:
             handler = self._key_routes.get(method)
             route = "/v1/kv/{key}"
@@ -147,11 +255,17 @@ class HttpApi:
             handler = self._plain_routes.get((path, method))
             route = path
         if handler is None:
-            if path == "/v1/kv/":
+            if path.startswith("/v1/kv/") and method in self._key_routes:
                 raise BadRequestError("the key is empty")
-            if path.startswith("/v1/kv/") or (path, "GET") in self._plain_routes:
-                raise MethodNotAllowedError(f"{method} is not allowed on {path}")
-            raise NoRouteError(f"no route {path}")
+            if path.startswith("/v1/kv/"):
+                raise MethodNotAllowedError(
+                    f"{clip(method, 20)} is not allowed on a key", allow=_KEY_METHODS
+                )
+            if (path, "GET") in self._plain_routes:
+                raise MethodNotAllowedError(
+                    f"{clip(method, 20)} is not allowed on {path}", allow="GET"
+                )
+            raise NoRouteError(f"no route {clip(path, 80)}")
         return route, handler
 
     def _error_response(self, request: web.BaseRequest, error: KVStoreError) -> web.Response:
@@ -169,15 +283,31 @@ class HttpApi:
             # The header has whole seconds only (for curl); the body has the precise value.
             headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
             detail["retry_after_ms"] = round(error.retry_after_s * 1000)
+        if isinstance(error, MethodNotAllowedError):
+            headers["Allow"] = error.allow
         extra = getattr(error, "current_revision", None)
         if extra is not None:
             detail["current_revision"] = extra
-        return _json(body, status=status, headers=headers)
+        if status < 500 and self.throttle.logger.isEnabledFor(logging.DEBUG):
+            self.throttle.log(
+                "client_error",
+                logging.DEBUG,
+                "event=client_error status=%d code=%s method=%s path=%s message=%s",
+                status,
+                error.code,
+                clip(request.method, 20),
+                clip(request.rel_url.raw_path),
+                clip(error.message),
+            )
+        response = _json(body, status=status, headers=headers)
+        if isinstance(error, BodyTimeoutError):
+            response.force_close()  # the rest of the body may still come: drop it
+        return response
 
     # --- validation ---------------------------------------------------------------------
 
     def _key(self, request: web.BaseRequest) -> str:
-        key = request.path[7:]  # after "/v1/kv/", percent-decoded
+        key = _path(request)[7:]  # after "/v1/kv/", percent-decoded
         if len(key) > self.config.max_key_bytes or len(key.encode()) > self.config.max_key_bytes:
             raise BadRequestError(f"key is over {self.config.max_key_bytes} bytes")
         if _CONTROL.search(key):
@@ -186,15 +316,13 @@ class HttpApi:
 
     def _request_id(self, request: web.BaseRequest) -> tuple[RequestId, int, bool]:
         """(request id, acked_below, server_made) for a write."""
+        # Checked even where it is not used (no request id): malformed input is always 400.
+        acked_below = _uint(request.headers.get("Kvstore-Acked-Below", "0"), "Kvstore-Acked-Below")
         header = request.headers.get("Kvstore-Request-Id")
         if header is None:
-            request_id, acked_below = self.driver.new_request_id()
-            return request_id, acked_below, True
-        request_id = parse_request_id(header)
-        acked_text = request.headers.get("Kvstore-Acked-Below", "0")
-        if not (acked_text.isascii() and acked_text.isdigit()):
-            raise BadRequestError("Kvstore-Acked-Below must be a non-negative integer")
-        return request_id, int(acked_text), False
+            request_id, server_acked_below = self.driver.new_request_id()
+            return request_id, server_acked_below, True
+        return parse_request_id(header), acked_below, False
 
     @staticmethod
     def _conditions(request: web.BaseRequest) -> tuple[int | None, bool]:
@@ -208,16 +336,27 @@ class HttpApi:
             return None, True
         if if_match is None:
             return None, False
-        text = if_match.strip().removeprefix("W/").strip('"')
-        if not (text.isascii() and text.isdigit()):
-            raise BadRequestError("If-Match must be a revision number (0 = the key is absent)")
-        return int(text), False
+        match = _IF_MATCH.fullmatch(if_match.strip())
+        if match is None:
+            raise BadRequestError(
+                'If-Match must be a revision number N, "N" or W/"N" (0 = the key is absent)'
+            )
+        return _uint(match.group(1) or match.group(2), "If-Match"), False
 
     async def _body(self, request: web.BaseRequest) -> bytes:
         limit = self.config.max_value_bytes
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLargeError(f"value is over {limit} bytes")
-        body = await request.read()
+        try:
+            async with asyncio.timeout(self._body_timeout_s):
+                body = await request.read()
+        except (HttpProcessingError, web.RequestPayloadError) as exc:
+            raise BadRequestError("the request body is malformed") from exc
+        except TimeoutError as exc:
+            self.metrics.client_connections_closed.labels(reason="body_timeout").inc()
+            raise BodyTimeoutError(
+                f"the body did not arrive within {self.config.client_body_timeout_ms} ms"
+            ) from exc
         if len(body) > limit:
             raise PayloadTooLargeError(f"value is over {limit} bytes")
         return body
@@ -301,7 +440,7 @@ class HttpApi:
         raise BadRequestError(f"the write failed: {result.error}")
 
     async def _barrier(self, request: web.BaseRequest) -> str:
-        consistency = request.query.get("consistency", "linearizable")
+        consistency = _query(request).get("consistency", "linearizable")
         if consistency == "linearizable":
             if not self.config.unsafe_local_reads:
                 await self.driver.read_barrier()
@@ -330,18 +469,17 @@ class HttpApi:
         )
 
     async def list_keys(self, request: web.BaseRequest) -> web.Response:
-        prefix = request.query.get("prefix", "")
+        query = _query(request)
+        prefix = query.get("prefix", "")
         if _CONTROL.search(prefix) or len(prefix.encode()) > self.config.max_key_bytes:
-            raise BadRequestError("prefix is not a valid key prefix")
-        limit_text = request.query.get("limit", "1000")
-        if (
-            not (limit_text.isascii() and limit_text.isdigit())
-            or not 1 <= int(limit_text) <= _LIST_LIMIT_MAX
-        ):
-            raise BadRequestError(f"limit must be an integer in 1..{_LIST_LIMIT_MAX}")
+            raise BadRequestError(
+                f"prefix must be at most {self.config.max_key_bytes} bytes without control "
+                "characters"
+            )
+        limit = _uint(query.get("limit", "1000"), "limit", _LIST_LIMIT_MAX, minimum=1)
         await self._barrier(request)
         state_machine = self.driver.replica.state_machine
-        items, more = state_machine.list(prefix, int(limit_text))
+        items, more = state_machine.list(prefix, limit)
         return _json(
             {
                 "revision": state_machine.revision,

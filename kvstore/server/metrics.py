@@ -132,6 +132,22 @@ class NodeMetrics:
             "Messages dropped on full peer queues",
             registry=r,
         )
+        self.client_connections = Gauge(
+            "kvstore_client_connections", "Open connections on the client port", registry=r
+        )
+        self.client_connections_refused = Counter(
+            "kvstore_client_connections_refused_total",
+            "Client connections refused at accept (503): bound=per_source or total",
+            ["bound"],
+            registry=r,
+        )
+        self.client_connections_closed = Counter(
+            "kvstore_client_connections_closed_total",
+            "Client connections the node closed: idle_timeout, header_timeout, "
+            "body_timeout or evicted (the longest idle, to make room at the total bound)",
+            ["reason"],
+            registry=r,
+        )
         self.is_leader = Gauge("kvstore_is_leader", "1 when this node is the leader", registry=r)
         self.term = Gauge("kvstore_term", "Current Raft term", registry=r)
         self.node_info = Gauge("kvstore_node_info", "This node's id", ["id"], registry=r)

@@ -30,6 +30,7 @@ from aiohttp import web
 from kvstore.config import ServeConfig
 from kvstore.errors import CorruptionError, FatalDiskError, StorageError
 from kvstore.raft.config import RaftConfig
+from kvstore.server.connections import limits_from_config, raise_nofile_limit
 from kvstore.server.discovery import split_host_port
 from kvstore.server.driver import Driver
 from kvstore.server.http import HttpApi
@@ -139,8 +140,17 @@ class Node:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
         await self.transport.start()
+        # One descriptor per client connection: raise the soft limit to the hard one and keep
+        # the connection bound under it (kvstore/server/connections.py, FD_RESERVE).
+        limits = limits_from_config(self.config, raise_nofile_limit())
+        if limits.connections_max < self.config.client_connections_max:
+            logger.warning(
+                "event=client_connections_lowered max=%d configured=%d (RLIMIT_NOFILE)",
+                limits.connections_max,
+                self.config.client_connections_max,
+            )
         self._runner = web.ServerRunner(
-            self.http.build_server(), handle_signals=False, shutdown_timeout=5.0
+            self.http.build_server(limits), handle_signals=False, shutdown_timeout=5.0
         )
         await self._runner.setup()
         host, port = split_host_port(self.config.listen_client)

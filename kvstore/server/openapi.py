@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
+# No C0 controls, DEL or C1 controls (U+0080..U+009F): the server refuses them (400).
+_NO_CONTROLS = "[^\\u0000-\\u001f\\u007f-\\u009f]"
 _KEY = {
     "name": "key",
     "in": "path",
     "required": True,
-    "description": "UTF-8, at most 1024 bytes, no control characters; may contain '/'",
-    "schema": {"type": "string"},
+    "description": "UTF-8 (percent-encoded in the URL; an escape that is not UTF-8 is 400), "
+    "at most 1024 bytes, no control characters (C0, DEL, C1); may contain '/'",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 1024, "pattern": f"^{_NO_CONTROLS}+$"},
 }
 _CONSISTENCY = {
     "name": "consistency",
@@ -29,19 +32,30 @@ _WRITE_HEADERS = [
         "in": "header",
         "description": "<client_id>:<seq>; a retry with the same id applies once and "
         "returns the first answer. The server makes one up when absent.",
-        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}:[1-9][0-9]*$"},
+        "schema": {
+            "type": "string",
+            "pattern": "^[A-Za-z0-9_.-]{1,64}:[1-9][0-9]{0,18}$",
+            "examples": ["client-7:1"],
+        },
     },
     {
         "name": "Kvstore-Acked-Below",
         "in": "header",
-        "description": "the client holds the answers of every seq below this",
-        "schema": {"type": "integer", "minimum": 0},
+        "description": "the client holds the answers of every seq below this (with "
+        "Kvstore-Request-Id only)",
+        "schema": {"type": "integer", "minimum": 0, "maximum": 18446744073709551615},
     },
     {
         "name": "If-Match",
         "in": "header",
-        "description": "compare-and-set on the key's mod_revision (0 = the key is absent)",
-        "schema": {"type": "string"},
+        "description": 'compare-and-set on the key\'s mod_revision: N, "N" or W/"N" (the ETag '
+        "of a read), 0 = the key is absent; at most 18446744073709551615. Together with "
+        "If-None-Match it is 400.",
+        "schema": {
+            "type": "string",
+            "pattern": '^(W/)?"[0-9]{1,19}"$|^[0-9]{1,19}$',
+            "examples": ['"1"', "0"],
+        },
     },
 ]
 
@@ -60,6 +74,7 @@ _WRITE_ERRORS = {
         "session_expired: the request id is below what its session remembers; outcome unknown"
     ),
     "412": _error("precondition_failed: includes current_revision"),
+    "408": _error("request_timeout: the body did not arrive in time (connection closed)"),
     "413": _error("too_large: body or value over the limit"),
     "429": _error("overloaded: too many pending writes; Retry-After"),
     "503": _error("no_leader or unavailable; Retry-After"),
@@ -83,6 +98,13 @@ def openapi_document() -> dict[str, Any]:
 
 
 def _key_value_paths() -> dict[str, Any]:
+    paths = _kv_paths()
+    key = paths["/v1/kv/{key}"]
+    key["head"] = key["get"] | {"summary": "GET without the body (headers only)"}
+    return paths
+
+
+def _kv_paths() -> dict[str, Any]:
     return {
         "/v1/kv/{key}": {
             "get": {
@@ -104,7 +126,12 @@ def _key_value_paths() -> dict[str, Any]:
                 "parameters": [
                     _KEY,
                     *_WRITE_HEADERS,
-                    {"name": "If-None-Match", "in": "header", "schema": {"const": "*"}},
+                    {
+                        "name": "If-None-Match",
+                        "in": "header",
+                        "description": "* = create only; together with If-Match it is 400",
+                        "schema": {"const": "*"},
+                    },
                 ],
                 "requestBody": {"content": {"application/octet-stream": {}}},
                 "responses": {
@@ -133,7 +160,16 @@ def _key_value_paths() -> dict[str, Any]:
             "get": {
                 "summary": "List keys by prefix",
                 "parameters": [
-                    {"name": "prefix", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "prefix",
+                        "in": "query",
+                        "description": "at most 1024 bytes of UTF-8, no control characters",
+                        "schema": {
+                            "type": "string",
+                            "maxLength": 1024,
+                            "pattern": f"^{_NO_CONTROLS}*$",
+                        },
+                    },
                     {
                         "name": "limit",
                         "in": "query",
@@ -145,7 +181,10 @@ def _key_value_paths() -> dict[str, Any]:
                     "200": {
                         "description": "items (values base64) and more",
                         "content": {"application/json": {}},
-                    }
+                    },
+                    "400": _error("bad_request: invalid prefix, limit or consistency"),
+                    "503": _error("no_leader; Retry-After"),
+                    "504": _error("timeout: the read could not be confirmed in time"),
                 },
             }
         },

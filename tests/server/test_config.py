@@ -59,6 +59,9 @@ def test_flags_beat_environment_beat_toml(tmp_path: Path) -> None:
         ("--id", "1", "--snapshot-log-ratio", "-1"),
         ("--id", "1", "--snapshot-log-ratio", "inf"),
         ("--id", "1", "--snapshot-log-ratio", "nan"),
+        ("--id", "1", "--client-connections-max", "0"),
+        ("--id", "1", "--client-header-timeout-ms", "0"),
+        ("--id", "1", "--client-idle-timeout-ms", "-5"),
     ],
 )
 def test_bad_values_are_refused_with_the_field_named(argv: tuple[str, ...]) -> None:
@@ -94,6 +97,23 @@ def test_parse_peers() -> None:
     assert parse_peers("1=127.0.0.1:1, 2=h:2") == {1: "127.0.0.1:1", 2: "h:2"}
     with pytest.raises(ValueError):
         parse_peers("a=b")
+
+
+def test_client_connection_settings_from_every_source(tmp_path: Path) -> None:
+    defaults = load_config(_args("--id", "1"), environ={})
+    assert defaults.client_connections_max == 10_000
+    assert defaults.client_connections_per_source_max == 1_000
+    assert defaults.client_header_timeout_ms == 10_000
+    assert defaults.client_body_timeout_ms == 30_000
+    assert defaults.client_idle_timeout_ms == 60_000
+    toml = tmp_path / "kv.toml"
+    toml.write_text("id = 1\nclient-connections-max = 500\nclient_body_timeout_ms = 7000\n")
+    env = {"KVSTORE_CONFIG": str(toml), "KVSTORE_CLIENT_IDLE_TIMEOUT_MS": "1234"}
+    config = load_config(_args("--client-connections-per-source-max", "50"), environ=env)
+    assert config.client_connections_max == 500
+    assert config.client_body_timeout_ms == 7000
+    assert config.client_idle_timeout_ms == 1234
+    assert config.client_connections_per_source_max == 50
 
 
 def _readme_defaults() -> dict[str, str]:

@@ -6,6 +6,8 @@ real processes cannot provoke on demand: 507 and recovery, 429 backpressure, 504
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import random
 import threading
 import time
@@ -64,9 +66,9 @@ async def _until(condition: Any, timeout_s: float = 5.0) -> None:
 
 class Harness:
     def __init__(
-        self, client: aiohttp.ClientSession, driver: Driver, storage: FaultyStorage
+        self, client: aiohttp.ClientSession, driver: Driver, storage: FaultyStorage, port: int
     ) -> None:
-        self.client, self.driver, self.storage = client, driver, storage
+        self.client, self.driver, self.storage, self.port = client, driver, storage, port
 
 
 @pytest.fixture
@@ -95,7 +97,7 @@ async def harness(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterat
     try:
         await _until(driver.is_leader)
         await _until(lambda: driver.applied_index() >= 1)
-        yield Harness(client, driver, storage)
+        yield Harness(client, driver, storage, port)
     finally:
         storage.gate.set()
         await client.close()
@@ -305,6 +307,12 @@ async def test_a_write_during_a_handover_waits_for_the_new_leader_and_names_it(
     assert response.status == 307, await response.text()
     assert response.headers["Location"] == "http://127.0.0.1:7002/v1/kv/handover"
     assert (await response.json())["error"]["code"] == "not_leader"
+    # The Location keeps the key's percent-encoding: decoded, "a%3Fb%25FF" would become
+    # the key "a" with a query, at the leader.
+    raw = b"PUT /v1/kv/a%3Fb%25FF?x=%20 HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n"
+    answer = await _exchange(harness.port, raw)  # node 2 leads now: 307 at once
+    assert answer.startswith(b"HTTP/1.1 307 "), answer[:300]
+    assert b"Location: http://127.0.0.1:7002/v1/kv/a%3Fb%25FF?x=%20\r\n" in answer, answer
 
 
 @pytest.mark.parametrize("harness", [{"election_ticks": 20}], indirect=True)
@@ -390,3 +398,327 @@ async def test_a_failed_handover_lets_the_node_answer_as_a_leader_again(
     finally:
         driver._proposals.pop("c:1", None)
         driver._on_soft_state(1, Role.LEADER)
+
+
+# --- malformed input: always 400 with the JSON error (issue 12, items 8 and 12) -----------
+
+
+async def _json_error(response: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/json"
+    body: dict[str, Any] = (await response.json())["error"]
+    return body
+
+
+async def test_numbers_of_thousands_of_digits_are_400_not_500(harness: Harness) -> None:
+    """int() refuses over 4300 digits with ValueError: a 5000-digit If-Match,
+    Kvstore-Acked-Below or limit used to escape as a 500 with a text body."""
+    client, huge = harness.client, "9" * 5000
+    for headers in (
+        {"If-Match": huge},
+        {"If-Match": f'"{huge}"'},
+        {"Kvstore-Request-Id": "c:1", "Kvstore-Acked-Below": huge},
+        {"Kvstore-Request-Id": "c:1", "Kvstore-Acked-Below": str(1 << 64)},
+        {"If-Match": ""},
+        {"If-Match": '"5'},
+        {"Kvstore-Acked-Below": "g/8SQ%GTH"},  # checked without a request id too
+    ):
+        await _json_error(await client.put("/v1/kv/n", data=b"v", headers=headers), 400)
+        await _json_error(await client.delete("/v1/kv/n", headers=headers), 400)
+    for limit in (huge, "10001", "0", "-1", ""):
+        error = await _json_error(await client.get(f"/v1/kv?limit={limit}"), 400)
+        assert "limit" in error["message"]
+    # The forms an ETag comes in still work.
+    put = await (await client.put("/v1/kv/n", data=b"v")).json()
+    for form in ("{}", '"{}"', 'W/"{}"'):
+        if_match = form.format(put["mod_revision"])
+        response = await client.put("/v1/kv/n", data=b"w", headers={"If-Match": if_match})
+        assert response.status == 200, await response.text()
+        put = await response.json()
+
+
+async def test_keys_must_be_valid_utf8_without_control_characters(harness: Harness) -> None:
+    """`%FF%FE` (not UTF-8) used to be stored literally, naming the same key as `%25FF%25FE`;
+    U+0085 and the other C1 controls were accepted in keys."""
+    client = harness.client
+    for path in ("%FF%FE", "a%C3", "%ZZ", "a%", "%C2%85", "%C2%9F", "%7F", "a%0Ab"):
+        for method in ("PUT", "GET", "DELETE"):
+            # Raw bytes: aiohttp's client would re-quote a malformed escape.
+            request = f"{method} /v1/kv/{path} HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n"
+            answer = await _exchange(harness.port, request.encode())
+            assert answer.startswith(b"HTTP/1.1 400 "), (path, method, answer[:200])
+            assert b'"code": "bad_request"' in answer
+    assert (await client.put("/v1/kv/%25FF%25FE", data=b"literal")).status == 200
+    listing = await (await client.get("/v1/kv?prefix=%25FF")).json()
+    assert [item["key"] for item in listing["items"]] == ["%FF%FE"]
+    assert (await client.get("/v1/kv/%25FF%25FE")).status == 200
+    for prefix in ("%FF", "%C2%85", "%00"):
+        await _json_error(await client.get(f"/v1/kv?prefix={prefix}"), 400)
+    answer = await _exchange(harness.port, b"GET /v1/kv?prefix=%G1 HTTP/1.1\r\nHost: a\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    await _json_error(await client.get("/v1/kv/x?consistency=%FF"), 400)
+    # Non-control characters beyond ASCII are fine.
+    assert (await client.put("/v1/kv/caf%C3%A9/%E2%9C%93", data=b"v")).status == 200
+
+
+async def test_405_names_the_allowed_methods(harness: Harness) -> None:
+    client = harness.client
+    response = await client.post("/v1/kv/x", data=b"v")
+    assert (await _json_error(response, 405))["code"] == "method_not_allowed"
+    assert response.headers["Allow"] == "GET, HEAD, PUT, DELETE"
+    for path in ("/healthz", "/v1/kv", "/v1/status", "/v1/openapi.json"):
+        response = await client.request("DELETE", path)
+        await _json_error(response, 405)
+        assert response.headers["Allow"] == "GET", path
+
+
+async def test_an_exception_in_a_handler_is_a_json_500_without_a_traceback(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken() -> Any:
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(harness.driver, "status", broken)
+    response = await harness.client.get("/v1/status")
+    error = await _json_error(response, 500)
+    assert error["code"] == "internal"
+    assert "Traceback" not in error["message"] and "bug" not in error["message"]
+
+
+def test_the_openapi_document_is_as_strict_as_the_server() -> None:
+    import re
+
+    from kvstore.server.openapi import openapi_document
+
+    document = openapi_document()
+    kv = document["paths"]["/v1/kv/{key}"]
+    listing = document["paths"]["/v1/kv"]["get"]
+    assert {"200", "400", "503", "504"} <= set(listing["responses"])
+    key_schema = next(p for p in kv["get"]["parameters"] if p["name"] == "key")["schema"]
+    key_pattern = re.compile(key_schema["pattern"])
+    for bad in ("", "a\x00", "a\x1f", "a\x7f", "a\x85", "\x9f"):
+        assert not key_pattern.search(bad), repr(bad)
+    for good in ("a", "a/b", "caf\u00e9", "%FF"):
+        assert key_pattern.search(good), good
+    prefix_schema = next(p for p in listing["parameters"] if p["name"] == "prefix")["schema"]
+    assert not re.search(prefix_schema["pattern"], "a\x85")
+    if_match = next(p for p in kv["put"]["parameters"] if p["name"] == "If-Match")
+    pattern = re.compile(if_match["schema"]["pattern"])
+    for good in ("0", "12", '"12"', 'W/"12"'):
+        assert pattern.search(good), good
+    for bad in ("", "x", '"12', "-1", "1" * 21):
+        assert not pattern.search(bad), bad
+    assert "If-None-Match" in if_match["description"]
+    assert "400" in kv["put"]["responses"] and "408" in kv["put"]["responses"]
+
+
+# --- logs: what a client can make the node write is short and bounded (issue 12, item 11) --
+
+# Request heads without their closing blank line (`_exchange` adds "Connection: close").
+_MALFORMED = (
+    b"GET / HTTP/1.1\r\nHost: a\r\nX: \x00\r\n",  # a NUL in a header
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 TLS\r\n",  # TLS on the HTTP port
+    b"GET /v1/kv/\xc2\x85 HTTP/1.1\r\nHost: a\r\n",  # a raw non-ASCII byte
+    b"GET / HTTP/9.9\r\nHost: a\r\n",
+    b"GET /v1/kv?limit=" + b"9" * 5000 + b" HTTP/1.1\r\nHost: a\r\n",
+    b"PUT /v1/kv/k HTTP/1.1\r\nHost: a\r\nIf-Match: " + b"9" * 5000 + b"\r\n",
+    b"GET /v1/kv/%FF HTTP/1.1\r\nHost: a\r\n",
+    b"POST /v1/kv/k HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n",
+)
+
+
+async def _exchange(port: int, data: bytes, local_host: str = "127.0.0.1") -> bytes:
+    """Send `data` on a new connection and read until the server closes it (bounded)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local_host, 0))
+    try:
+        writer.write(data + b"Connection: close\r\n\r\n")
+        async with asyncio.timeout(5):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_malformed_requests_get_json_400s_and_few_log_records(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """2,000 malformed requests used to write 2,000 ERROR records with tracebacks (1 MB of
+    log in 1.8 s); now each is a JSON 4xx, and the records they cause are few and short."""
+    caplog.set_level(logging.DEBUG)
+    answers = await asyncio.gather(
+        *(_exchange(harness.port, data) for data in _MALFORMED)
+    )
+    for request, answer in zip(_MALFORMED, answers, strict=True):
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line.split(b" ")[1][:1] == b"4", (request[:40], answer[:200])
+        assert b"application/json" in rest and b'"error"' in rest, answer[:300]
+        assert b"Traceback" not in answer
+    caplog.clear()
+    sent = 0
+    while sent < 2000:
+        batch = [_MALFORMED[(sent + i) % len(_MALFORMED)] for i in range(100)]
+        await asyncio.gather(*(_exchange(harness.port, data) for data in batch))
+        sent += len(batch)
+    # The HTTP layer's records and aiohttp's (the driver may warn of a late tick: the
+    # machine is busy, and that is not something the requests made it log).
+    records = [r for r in caplog.records if r.name.startswith(("kvstore.server.http", "aiohttp"))]
+    assert len(records) <= 40, [r.getMessage()[:100] for r in records[:50]]
+    assert not [r for r in records if r.levelno >= logging.WARNING]
+    assert all(r.exc_info is None and len(r.getMessage()) < 400 for r in records)
+    assert (await harness.client.get("/healthz")).status == 200
+
+
+# --- the client port's connections: bounds and timeouts (issue 12, item 7) ----------------
+
+
+async def _open_idle(port: int, count: int, local_host: str = "127.0.0.1") -> list[Any]:
+    """Open `count` connections that send nothing; (reader, writer) pairs."""
+    return [
+        await asyncio.open_connection("127.0.0.1", port, local_addr=(local_host, 0))
+        for _ in range(count)
+    ]
+
+
+def _close_all(connections: list[Any]) -> None:
+    for _, writer in connections:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    "harness",
+    [{"client_connections_max": 200, "client_connections_per_source_max": 40}],
+    indirect=True,
+)
+async def test_connections_beyond_the_per_source_bound_are_refused_and_others_served(
+    harness: Harness,
+) -> None:
+    """100 idle connections from 127.0.0.1: 40 are held, the other 60 get a canned 503 with
+    Retry-After and are closed; a client from 127.0.0.2 is served at once."""
+    idle = await _open_idle(harness.port, 100)
+    try:
+        refused = 0
+        for reader, _ in idle[40:]:
+            async with asyncio.timeout(5):
+                answer = await reader.read()
+            assert answer.startswith(b"HTTP/1.1 503 "), answer[:100]
+            assert b"Retry-After: 1" in answer and b"too_many_connections" in answer
+            refused += 1
+        assert refused == 60
+        metrics = harness.driver.metrics
+        assert metrics.registry.get_sample_value("kvstore_client_connections") == 40
+        answer = await _exchange(harness.port, b"GET /healthz HTTP/1.1\r\nHost: a\r\n", "127.0.0.2")
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+        # The 40 held ones still work.
+        reader, writer = idle[0]
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        async with asyncio.timeout(5):
+            assert (await reader.read()).startswith(b"HTTP/1.1 200 ")
+    finally:
+        _close_all(idle)
+
+
+@pytest.mark.parametrize(
+    "harness",
+    [{"client_connections_max": 30, "client_connections_per_source_max": 30}],
+    indirect=True,
+)
+async def test_at_the_total_bound_a_new_connection_evicts_the_longest_idle(
+    harness: Harness,
+) -> None:
+    idle = await _open_idle(harness.port, 30)
+    try:
+        metrics = harness.driver.metrics
+        await _until(lambda: metrics.registry.get_sample_value("kvstore_client_connections") == 30)
+        answer = await _exchange(harness.port, b"GET /healthz HTTP/1.1\r\nHost: a\r\n", "127.0.0.2")
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+        async with asyncio.timeout(5):
+            assert await idle[0][0].read() == b""  # the oldest idle one was closed
+        evicted = metrics.client_connections_closed.labels(reason="evicted")
+        assert evicted._value.get() == 1
+    finally:
+        _close_all(idle)
+
+
+@pytest.mark.parametrize(
+    "harness",
+    [
+        {
+            "client_header_timeout_ms": 300,
+            "client_body_timeout_ms": 300,
+            "client_idle_timeout_ms": 60_000,
+        }
+    ],
+    indirect=True,
+)
+async def test_slow_heads_and_bodies_are_cut_while_others_are_served(harness: Harness) -> None:
+    """Slowloris: a head sent a byte at a time is answered 408 and closed once the head
+    timeout has passed since its first byte (the idle timeout is a minute, so only the
+    head timeout can close it); a body that never finishes is answered 408 likewise."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", harness.port)
+    started = loop.time()
+    trickle = b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Slow: " + b"x" * 1000
+
+    async def send_slowly() -> None:
+        with contextlib.suppress(ConnectionError):
+            for byte in trickle:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.02)  # pacing the slow client, not deciding anything
+
+    sender = asyncio.ensure_future(send_slowly())
+    try:
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        sender.cancel()
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+    assert loop.time() - started < 5
+    closed = harness.driver.metrics.client_connections_closed
+    assert closed.labels(reason="header_timeout")._value.get() == 1
+
+    # A body that never finishes.
+    reader, writer = await asyncio.open_connection("127.0.0.1", harness.port)
+    try:
+        writer.write(b"PUT /v1/kv/slow HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nx")
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b"request_timeout" in answer
+    assert closed.labels(reason="body_timeout")._value.get() == 1
+    assert (await harness.client.get("/v1/kv/slow")).status == 404
+    assert (await harness.client.get("/healthz")).status == 200
+
+
+@pytest.mark.parametrize("harness", [{"client_idle_timeout_ms": 200}], indirect=True)
+async def test_idle_connections_are_closed_after_the_idle_timeout(harness: Harness) -> None:
+    idle = await _open_idle(harness.port, 3)
+    try:
+        reader, writer = idle[1]
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")  # keep-alive
+        for reader, _ in idle:
+            async with asyncio.timeout(5):
+                await reader.read()  # EOF: the node closed it (after the answer, for one)
+        closed = harness.driver.metrics.client_connections_closed
+        assert closed.labels(reason="idle_timeout")._value.get() == 3
+        registry = harness.driver.metrics.registry
+        await _until(lambda: registry.get_sample_value("kvstore_client_connections") == 0)
+    finally:
+        _close_all(idle)
+
+
+def test_the_connection_bound_fits_under_the_descriptor_limit() -> None:
+    from kvstore.server.connections import FD_RESERVE, limits_from_config, raise_nofile_limit
+
+    config = ServeConfig(id=1, peers=((1, "127.0.0.1:1"),), data_dir=Path("unused"))
+    assert limits_from_config(config).connections_max == config.client_connections_max
+    assert limits_from_config(config, 1024).connections_max == 1024 - FD_RESERVE
+    assert limits_from_config(config, 1024).per_source_max == 1024 - FD_RESERVE
+    assert limits_from_config(config, 100).connections_max == 1
+    import resource
+
+    soft = raise_nofile_limit()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert soft == (None if hard == resource.RLIM_INFINITY else hard)
