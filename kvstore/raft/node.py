@@ -138,6 +138,8 @@ class RawNode:
         self._pending_read_index: list[Message] = []
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
+        # Ticks since this node started: when something was last sent to a follower.
+        self._tick_count = 0
         self._randomized_election_timeout = config.election_ticks
         self.lead_transferee = NONE
         self._uncommitted_size_bytes = 0
@@ -152,6 +154,7 @@ class RawNode:
 
     def tick(self) -> None:
         """Advance logical time by one tick."""
+        self._tick_count += 1
         if self.role is Role.LEADER:
             self._tick_heartbeat()
         else:
@@ -801,23 +804,41 @@ class RawNode:
 
     def _handle_heartbeat_response(self, m: Message, progress: Progress) -> None:
         progress.recent_active = True
-        progress.probe_sent = False
-        if progress.state is ProgressState.SNAPSHOT:
+        # The work one response may cause is bounded by time, not by responses: heartbeats
+        # go out with every ReadIndex round, and a stalled connection that resumes delivers
+        # hundreds of their responses at once; resending per response rebuilt an append of
+        # up to a message's size (or a snapshot) for each and locked the leader up.
+        ticks_since_sent = self._tick_count - progress.sent_tick
+        if (
+            progress.state is ProgressState.SNAPSHOT
+            and ticks_since_sent >= 2 * self._config.election_ticks
+        ):
             # The follower is alive but neither the snapshot's outcome nor its answer came
-            # back (a lost message the transport did not notice): after about two election
-            # timeouts, probe again, which sends a fresh snapshot if still needed.
-            progress.snapshot_heartbeats += 1
-            limit = 2 * self._config.election_ticks // self._config.heartbeat_ticks
-            if progress.snapshot_heartbeats > limit:
-                progress.pending_snapshot = 0
-                progress.become_probe()
-        if progress.match_index < self._log.last_index():
-            if progress.state is ProgressState.REPLICATE and progress.inflights.full():
-                # Appends can be lost without the transport noticing. Free one slot so that
-                # the next append goes out; if the follower lacks the entries before it, it
-                # rejects and we fall back to probing from its real match index.
+            # back (a lost message the transport did not notice): two election timeouts
+            # after the snapshot went out, probe again, which sends a fresh snapshot if
+            # still needed. Until then a pending snapshot is never sent again (a SNAPSHOT
+            # progress is paused, so `_send_append` below sends nothing).
+            progress.pending_snapshot = 0
+            progress.become_probe()
+        if (
+            progress.match_index < self._log.last_index()
+            and ticks_since_sent >= self._config.heartbeat_ticks
+        ):
+            # Whatever went to the follower last went a heartbeat interval ago and it still
+            # lags: that append may be lost without the transport noticing. Send once more
+            # (etcd-io/raft resumes a paused probe on a heartbeat response the same way).
+            if progress.state is ProgressState.PROBE:
+                progress.probe_sent = False
+            elif progress.inflights.full():
+                # Free one slot so that the next append goes out; if the follower lacks the
+                # entries before it, it rejects and we fall back to probing from its real
+                # match index.
                 progress.inflights.free_first_one()
             self._send_append(m.from_, progress)
+        self._heartbeat_read_ack(m)
+
+    def _heartbeat_read_ack(self, m: Message) -> None:
+        """A heartbeat response carrying a ReadIndex key counts as that round's ack."""
         if not m.context:
             return
         acks = self._read_only.receive_ack(m.from_, m.context)
@@ -895,6 +916,7 @@ class RawNode:
             progress.sent_entries(len(entries), sum(entry.size_bytes() for entry in entries))
         else:
             progress.sent_entries(0, 0)
+        progress.sent_tick = self._tick_count
         return True
 
     def _send_snapshot(self, to: int, progress: Progress) -> bool:
@@ -906,6 +928,7 @@ class RawNode:
             logger.warning("raft node=%d has no snapshot to send to %d", self.id, to)
             return False
         progress.become_snapshot(snapshot.metadata.index)
+        progress.sent_tick = self._tick_count
         logger.info(
             "raft node=%d sends snapshot index=%d to %d", self.id, snapshot.metadata.index, to
         )
