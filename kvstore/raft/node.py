@@ -19,6 +19,9 @@ Rules that hold in this module:
   in flight by count and bytes; rejections carry a hint for fast backtracking.
 - Raft §5.4.2: a leader counts replicas only for entries of its own term, and appends an empty
   entry when it takes office so that earlier entries commit through it.
+- A leader counts its own copy of an entry only once it is durable: its match index moves in
+  `advance()` for the entries the Ready carried, never at append time, so nothing depends on
+  when the driver steps acks relative to its save.
 - Persistence: every message produced is handed out in a Ready together with (or after) the
   hard state and entries it depends on, and the driver persists before sending.
 - Membership lives in `_voters` (from the ConfState), never in a hard-coded count.
@@ -332,8 +335,25 @@ class RawNode:
         if ready.entries:
             last = ready.entries[-1]
             log.stable_to(last.index, last.term)
+            if self.role is Role.LEADER:
+                self._self_ack()
         if ready.committed_entries:
             log.applied_to(ready.committed_entries[-1].index)
+
+    def _self_ack(self) -> None:
+        """The leader's own entries count toward commit only once durable (etcd-io/raft's
+        self-ack after stableTo): its appends may leave before its save returns, and a
+        follower's ack stepped meanwhile must not commit an entry that a crash of the leader
+        would lose from all but one follower. Raft §5.3: an entry is committed once stored on
+        a majority, and only what is on disk is stored."""
+        own = self._progress.get(self.id)
+        if own is None or not own.maybe_update(self._log.stable_last_index()):
+            return
+        # A single-voter cluster commits here.
+        if self._maybe_commit():
+            self._release_pending_read_index()
+            # The new commit index reaches followers with the next Ready's appends.
+            self._broadcast_pending = True
 
     def status(self) -> Status:
         progress: dict[int, ProgressStatus] = {}
@@ -430,7 +450,8 @@ class RawNode:
             self._progress[peer] = Progress(last_index + 1, inflights)
         own = self._progress.get(self.id)
         if own is not None:
-            own.match_index = last_index
+            # Only what is durable counts (`_self_ack`); the rest follows at advance().
+            own.match_index = self._log.stable_last_index()
             own.become_replicate()
             own.recent_active = True
         # Raft §5.4.2: an empty entry of the new term lets earlier entries commit.
@@ -858,12 +879,8 @@ class RawNode:
         return self._log.maybe_commit(index, self.term)
 
     def _append_entries(self, entries: list[Entry]) -> None:
-        last_index = self._log.append(entries)
-        own = self._progress.get(self.id)
-        if own is not None:
-            own.maybe_update(last_index)
-        # A single-voter cluster commits at once.
-        self._maybe_commit()
+        # Our own match index moves when the entries are durable (`_self_ack` in advance()).
+        self._log.append(entries)
 
     def _increase_uncommitted_size(self, size_bytes: int) -> bool:
         limit = self._config.max_uncommitted_entries_bytes
