@@ -9,7 +9,7 @@ How a driver uses it (the simulator and the server do exactly this):
     node = RawNode(config, storage, random.Random(seed))
     loop:
         node.tick() every tick; node.step(message) for each message from a peer;
-        node.propose(data) / node.read_index(context) for clients
+        node.propose(data) / context = node.read_index() for clients
         if node.has_ready():
             ready = node.ready()
             storage.save(ready.hard_state, ready.entries, ready.snapshot)   # fsync if must_sync
@@ -33,7 +33,10 @@ What a user of the core must know:
   receives one gets it in `Ready.snapshot`: persist it, restore the state machine from it.
 - Proposals, appends and commit updates go out batched at the next `ready()`; call
   `propose()` many times between two Readies for throughput.
-- `read_index(context)`: the answer is a `ReadState(index, context)` on the asking node; it
-  is lost (never answered) if leadership changes meanwhile, so callers need a deadline.
+- `context = read_index()`: the answer is a `ReadState(index, context)` on the asking node;
+  it is lost (never answered) if leadership changes meanwhile, so callers need a deadline.
+  The core makes the context (a random nonce per RawNode and a counter): give every start of
+  a node a differently seeded `random.Random`, or a restarted node could take an answer
+  meant for its predecessor for its own.
 - `report_peer_down(peer)`: the transport saw the connection to `peer` close.
 """

@@ -71,6 +71,11 @@ _PEER_DOWN_STAGGER_TICKS = 2
 """Ticks between the campaigns of successive survivors after report_peer_down (see
 RawNode._peer_down_delay_ticks): long enough for a pre-vote and a vote round trip."""
 
+_READS_OUTSTANDING_MAX = 4096
+"""ReadIndex requests a follower remembers awaiting an answer; beyond this the oldest is
+forgotten (a request or answer lost in the same term is never answered; its reader has a
+deadline)."""
+
 _RESPONSE_TYPES = frozenset(
     {
         MessageType.VOTE_RESPONSE,
@@ -112,6 +117,14 @@ class RawNode:
         self._config = config
         self._storage = storage
         self._rng = rng
+        # ReadIndex contexts are this incarnation's random nonce and a counter, so they are
+        # unique across restarts (each start gets a differently seeded rng: the server seeds
+        # from the OS, the simulator from its run's rng). An answer to a request of an
+        # earlier incarnation can never be taken for an answer to ours.
+        self._read_nonce = rng.getrandbits(64).to_bytes(8, "big")
+        self._read_sequence = 0
+        # Contexts a follower sent to the leader and awaits the answer to, oldest first.
+        self._reads_outstanding: dict[bytes, None] = {}
         self._log = RaftLog(storage)
         hard_state, conf_state = storage.initial_state()
         voters = conf_state.voters or config.peers
@@ -187,18 +200,30 @@ class RawNode:
         # made in between travels in one message per follower.
         self._broadcast_pending = True
 
-    def read_index(self, context: bytes) -> None:
-        """Ask for a linearizable read point; the answer is a ReadState with `context`."""
-        if not context:
-            raise ValueError("read_index context must not be empty")
+    def read_index(self) -> bytes:
+        """Ask for a linearizable read point (dissertation §6.4); returns the context that
+        the answer, a ReadState in a later Ready, carries. Contexts are unique across
+        restarts (see `_new_read_context`); ProposalDroppedError when no leader is known."""
         if self.role is Role.LEADER:
+            context = self._new_read_context()
             self._leader_read_index(self.id, context)
-            return
+            return context
         if self.leader_id == NONE:
             raise ProposalDroppedError(f"node {self.id} knows no leader")
+        context = self._new_read_context()
+        outstanding = self._reads_outstanding
+        outstanding[context] = None
+        if len(outstanding) > _READS_OUTSTANDING_MAX:
+            del outstanding[next(iter(outstanding))]
         self._send(
             Message(MessageType.READ_INDEX, self.leader_id, self.id, self.term, context=context)
         )
+        return context
+
+    def _new_read_context(self) -> bytes:
+        """This incarnation's nonce (8 random bytes) and a counter (8 bytes)."""
+        self._read_sequence += 1
+        return self._read_nonce + self._read_sequence.to_bytes(8, "big")
 
     def transfer_leadership(self, to: int) -> None:
         """Hand leadership to `to` (dissertation §3.10); a follower forwards to the leader."""
@@ -398,6 +423,8 @@ class RawNode:
         if term != self.term:
             self.term = term
             self.vote = NONE
+            # Answers of the older term are ignored anyway (Raft §5.1).
+            self._reads_outstanding.clear()
         self.leader_id = NONE
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
@@ -659,7 +686,15 @@ class RawNode:
             logger.info("raft node=%d campaigns on TIMEOUT_NOW from %d", self.id, m.from_)
             self._hup(transfer=True)
         elif mtype is MessageType.READ_INDEX_RESPONSE:
-            self._read_states.append(ReadState(m.index, m.context))
+            # Only the answer to a request of this incarnation that still awaits one: a node
+            # restarted in the same term must never serve a new read at the index answered
+            # to its predecessor's request, which may predate writes acknowledged since; a
+            # duplicate answer is dropped too.
+            if m.context in self._reads_outstanding:
+                del self._reads_outstanding[m.context]
+                self._read_states.append(ReadState(m.index, m.context))
+            else:
+                logger.debug("raft node=%d drops an unexpected ReadIndex answer", self.id)
         elif (
             mtype is MessageType.TRANSFER_LEADER
             and self.leader_id != NONE

@@ -185,10 +185,7 @@ class Simulation:
         for kind, payload in node.held_requests:
             self.trace(f"held {kind} n{node.id}")
             try:
-                if kind == "propose":
-                    raw.propose(payload)
-                else:
-                    raw.read_index(payload)
+                raw.propose(payload)
             except RaftError:
                 pass  # the client's request then times out
         node.held_requests.clear()
@@ -412,18 +409,18 @@ class Simulation:
             return False
         return True
 
-    def read_index(self, node: int, context: bytes) -> bool:
+    def read_index(self, node: int) -> bytes | None:
+        """The core's context for a new read on `node` (as the server's driver gets it), or
+        None when it refused. A paused node's core is asked at once too (its context is
+        needed now): its state cannot change until it resumes (no ticks, no messages, no
+        Ready), so it answers as it would then, and what it sends waits for the resume."""
         raw = self.nodes[node].raw
         if raw is None:
-            return False
-        if self.nodes[node].paused:
-            self.nodes[node].held_requests.append(("read_index", context))
-            return True
+            return None
         try:
-            raw.read_index(context)
+            return raw.read_index()
         except RaftError:
-            return False
-        return True
+            return None
 
     def applied_index(self, node: int) -> int:
         machine = self.nodes[node].machine
