@@ -217,6 +217,18 @@ class Simulation:
             self._step()
         self.workload.finish(self.now)
 
+    def run_until(self, condition: Callable[[], bool], time_limit: int) -> bool:
+        """Step until `condition()` holds (True), or `time_limit` more time units pass or
+        nothing is left to happen (False): pinned scenarios drive a run this way."""
+        end = self.now + time_limit
+        while not condition():
+            next_time = self._next_time()
+            if next_time is None or next_time > end:
+                return False
+            self.now = next_time
+            self._step()
+        return True
+
     def _next_time(self) -> int | None:
         times = [n.next_tick for n in self.nodes.values() if n.up and not n.paused]
         delivery = self.network.next_delivery_time()
