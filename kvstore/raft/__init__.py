@@ -24,7 +24,8 @@ What a user of the core must know:
   applied index (at least the storage snapshot's index), and restore the state machine from
   `storage.snapshot()` first; committed entries after it are handed out again.
 - Between `ready()` and `advance()` the driver may keep stepping messages and ticking, but
-  must not call `ready()` again.
+  must not call `ready()` again. A leader may send the Ready's appends before its own save:
+  it counts its own entries toward commit only at `advance()`.
 - Snapshots are the driver's decision: after applying, call
   `storage.create_snapshot(applied, ConfState(voters=node.voters), data)` and then
   `storage.compact(index)` (keep some entries for slow followers). A follower whose next
