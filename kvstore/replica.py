@@ -24,7 +24,9 @@ as for a corrupt disk: every replica would meet the same bytes.
 
 Restart: the state machine lives in memory only, so a replica starts from the storage's
 snapshot (if any) and the core re-delivers the committed entries after it: `RaftConfig.applied`
-is set to the snapshot's index whatever the caller passed.
+is set to the snapshot's index whatever the caller passed. Each start needs a differently
+seeded `random.Random`: the core draws the nonce of its ReadIndex contexts from it, which is
+what keeps an answer meant for a previous incarnation's read from serving a new one.
 
 This module does no I/O of its own, imports no asyncio, time, socket or threading, and takes
 its randomness from the `random.Random` it is given.

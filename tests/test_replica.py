@@ -47,6 +47,7 @@ class Cluster:
         self.log_ratio = log_ratio
         self.defer = defer
         self.storages: dict[int, DurableStorage] = storages or {i: MemoryStorage() for i in PEERS}
+        self.starts = 0
         self.replicas = {i: self._start(i) for i in PEERS}
         self.in_flight: list[Message] = []
         self.isolated: set[int] = set()
@@ -54,10 +55,14 @@ class Cluster:
         self.snapshots_restored: dict[int, list[int]] = {i: [] for i in PEERS}
 
     def _start(self, node_id: int) -> Replica:
+        # Every start gets its own seed, as every real start does (ReadIndex contexts).
+        self.starts += 1
+        first_start = self.starts <= len(PEERS)
+        seed = self.seed * 100 + node_id if first_start else f"{self.seed}/{self.starts}"
         return Replica(
             RaftConfig(id=node_id, peers=PEERS, election_ticks=10, heartbeat_ticks=2),
             self.storages[node_id],
-            random.Random(self.seed * 100 + node_id),
+            random.Random(seed),
             snapshot_entries=self.snapshot_entries,
             snapshot_catch_up_entries=self.catch_up,
             snapshot_log_ratio=self.log_ratio,
@@ -363,14 +368,14 @@ def test_read_index_answers_come_back_in_the_outcome() -> None:
     cluster.write(1, Put("k", b"v", None, 1))
     seen: list[tuple[int, bytes, int]] = []
     follower = cluster.replicas[2]
-    follower.node.read_index(b"read-1")
+    context = follower.node.read_index()
     for _ in range(20):
         for node_id, replica in cluster.replicas.items():
             while (outcome := replica.process_ready(cluster.send)) is not None:
                 seen.extend((node_id, rs.context, rs.index) for rs in outcome.read_states)
         if not cluster.deliver():
             break
-    assert [(node, context) for node, context, _ in seen] == [(2, b"read-1")]
+    assert [(node, answered) for node, answered, _ in seen] == [(2, context)]
     assert follower.applied_index >= seen[0][2]  # the driver serves the read from here on
     kv = follower.state_machine.get("k")
     assert kv is not None and kv.value == b"v"

@@ -9,7 +9,7 @@ How a driver uses it (the simulator and the server do exactly this):
     node = RawNode(config, storage, random.Random(seed))
     loop:
         node.tick() every tick; node.step(message) for each message from a peer;
-        node.propose(data) / node.read_index(context) for clients
+        node.propose(data) / context = node.read_index() for clients
         if node.has_ready():
             ready = node.ready()
             storage.save(ready.hard_state, ready.entries, ready.snapshot)   # fsync if must_sync
@@ -24,7 +24,8 @@ What a user of the core must know:
   applied index (at least the storage snapshot's index), and restore the state machine from
   `storage.snapshot()` first; committed entries after it are handed out again.
 - Between `ready()` and `advance()` the driver may keep stepping messages and ticking, but
-  must not call `ready()` again.
+  must not call `ready()` again. A leader may send the Ready's appends before its own save:
+  it counts its own entries toward commit only at `advance()`.
 - Snapshots are the driver's decision: after applying, call
   `storage.create_snapshot(applied, ConfState(voters=node.voters), data)` and then
   `storage.compact(index)` (keep some entries for slow followers). A follower whose next
@@ -33,7 +34,10 @@ What a user of the core must know:
   receives one gets it in `Ready.snapshot`: persist it, restore the state machine from it.
 - Proposals, appends and commit updates go out batched at the next `ready()`; call
   `propose()` many times between two Readies for throughput.
-- `read_index(context)`: the answer is a `ReadState(index, context)` on the asking node; it
-  is lost (never answered) if leadership changes meanwhile, so callers need a deadline.
+- `context = read_index()`: the answer is a `ReadState(index, context)` on the asking node;
+  it is lost (never answered) if leadership changes meanwhile, so callers need a deadline.
+  The core makes the context (a random nonce per RawNode and a counter): give every start of
+  a node a differently seeded `random.Random`, or a restarted node could take an answer
+  meant for its predecessor for its own.
 - `report_peer_down(peer)`: the transport saw the connection to `peer` close.
 """

@@ -59,6 +59,11 @@ class RaftLog:
             return self._unstable_snapshot.metadata.index
         return self._storage.last_index()
 
+    def stable_last_index(self) -> int:
+        """The last index of our log known to be in storage (persisted and not replaced by
+        an unstable suffix). With an unstable snapshot, its index, which is committed."""
+        return self._unstable_offset - 1
+
     def last_term(self) -> int:
         return self.term(self.last_index())
 

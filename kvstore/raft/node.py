@@ -19,6 +19,9 @@ Rules that hold in this module:
   in flight by count and bytes; rejections carry a hint for fast backtracking.
 - Raft §5.4.2: a leader counts replicas only for entries of its own term, and appends an empty
   entry when it takes office so that earlier entries commit through it.
+- A leader counts its own copy of an entry only once it is durable: its match index moves in
+  `advance()` for the entries the Ready carried, never at append time, so nothing depends on
+  when the driver steps acks relative to its save.
 - Persistence: every message produced is handed out in a Ready together with (or after) the
   hard state and entries it depends on, and the driver persists before sending.
 - Membership lives in `_voters` (from the ConfState), never in a hard-coded count.
@@ -68,6 +71,11 @@ _PEER_DOWN_STAGGER_TICKS = 2
 """Ticks between the campaigns of successive survivors after report_peer_down (see
 RawNode._peer_down_delay_ticks): long enough for a pre-vote and a vote round trip."""
 
+_READS_OUTSTANDING_MAX = 4096
+"""ReadIndex requests a follower remembers awaiting an answer; beyond this the oldest is
+forgotten (a request or answer lost in the same term is never answered; its reader has a
+deadline)."""
+
 _RESPONSE_TYPES = frozenset(
     {
         MessageType.VOTE_RESPONSE,
@@ -109,6 +117,14 @@ class RawNode:
         self._config = config
         self._storage = storage
         self._rng = rng
+        # ReadIndex contexts are this incarnation's random nonce and a counter, so they are
+        # unique across restarts (each start gets a differently seeded rng: the server seeds
+        # from the OS, the simulator from its run's rng). An answer to a request of an
+        # earlier incarnation can never be taken for an answer to ours.
+        self._read_nonce = rng.getrandbits(64).to_bytes(8, "big")
+        self._read_sequence = 0
+        # Contexts a follower sent to the leader and awaits the answer to, oldest first.
+        self._reads_outstanding: dict[bytes, None] = {}
         self._log = RaftLog(storage)
         hard_state, conf_state = storage.initial_state()
         voters = conf_state.voters or config.peers
@@ -138,6 +154,8 @@ class RawNode:
         self._pending_read_index: list[Message] = []
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
+        # Ticks since this node started: when something was last sent to a follower.
+        self._tick_count = 0
         self._randomized_election_timeout = config.election_ticks
         self.lead_transferee = NONE
         self._uncommitted_size_bytes = 0
@@ -152,6 +170,7 @@ class RawNode:
 
     def tick(self) -> None:
         """Advance logical time by one tick."""
+        self._tick_count += 1
         if self.role is Role.LEADER:
             self._tick_heartbeat()
         else:
@@ -181,18 +200,30 @@ class RawNode:
         # made in between travels in one message per follower.
         self._broadcast_pending = True
 
-    def read_index(self, context: bytes) -> None:
-        """Ask for a linearizable read point; the answer is a ReadState with `context`."""
-        if not context:
-            raise ValueError("read_index context must not be empty")
+    def read_index(self) -> bytes:
+        """Ask for a linearizable read point (dissertation §6.4); returns the context that
+        the answer, a ReadState in a later Ready, carries. Contexts are unique across
+        restarts (see `_new_read_context`); ProposalDroppedError when no leader is known."""
         if self.role is Role.LEADER:
+            context = self._new_read_context()
             self._leader_read_index(self.id, context)
-            return
+            return context
         if self.leader_id == NONE:
             raise ProposalDroppedError(f"node {self.id} knows no leader")
+        context = self._new_read_context()
+        outstanding = self._reads_outstanding
+        outstanding[context] = None
+        if len(outstanding) > _READS_OUTSTANDING_MAX:
+            del outstanding[next(iter(outstanding))]
         self._send(
             Message(MessageType.READ_INDEX, self.leader_id, self.id, self.term, context=context)
         )
+        return context
+
+    def _new_read_context(self) -> bytes:
+        """This incarnation's nonce (8 random bytes) and a counter (8 bytes)."""
+        self._read_sequence += 1
+        return self._read_nonce + self._read_sequence.to_bytes(8, "big")
 
     def transfer_leadership(self, to: int) -> None:
         """Hand leadership to `to` (dissertation §3.10); a follower forwards to the leader."""
@@ -329,8 +360,25 @@ class RawNode:
         if ready.entries:
             last = ready.entries[-1]
             log.stable_to(last.index, last.term)
+            if self.role is Role.LEADER:
+                self._self_ack()
         if ready.committed_entries:
             log.applied_to(ready.committed_entries[-1].index)
+
+    def _self_ack(self) -> None:
+        """The leader's own entries count toward commit only once durable (etcd-io/raft's
+        self-ack after stableTo): its appends may leave before its save returns, and a
+        follower's ack stepped meanwhile must not commit an entry that a crash of the leader
+        would lose from all but one follower. Raft §5.3: an entry is committed once stored on
+        a majority, and only what is on disk is stored."""
+        own = self._progress.get(self.id)
+        if own is None or not own.maybe_update(self._log.stable_last_index()):
+            return
+        # A single-voter cluster commits here.
+        if self._maybe_commit():
+            self._release_pending_read_index()
+            # The new commit index reaches followers with the next Ready's appends.
+            self._broadcast_pending = True
 
     def status(self) -> Status:
         progress: dict[int, ProgressStatus] = {}
@@ -375,6 +423,8 @@ class RawNode:
         if term != self.term:
             self.term = term
             self.vote = NONE
+            # Answers of the older term are ignored anyway (Raft §5.1).
+            self._reads_outstanding.clear()
         self.leader_id = NONE
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
@@ -427,7 +477,8 @@ class RawNode:
             self._progress[peer] = Progress(last_index + 1, inflights)
         own = self._progress.get(self.id)
         if own is not None:
-            own.match_index = last_index
+            # Only what is durable counts (`_self_ack`); the rest follows at advance().
+            own.match_index = self._log.stable_last_index()
             own.become_replicate()
             own.recent_active = True
         # Raft §5.4.2: an empty entry of the new term lets earlier entries commit.
@@ -635,7 +686,15 @@ class RawNode:
             logger.info("raft node=%d campaigns on TIMEOUT_NOW from %d", self.id, m.from_)
             self._hup(transfer=True)
         elif mtype is MessageType.READ_INDEX_RESPONSE:
-            self._read_states.append(ReadState(m.index, m.context))
+            # Only the answer to a request of this incarnation that still awaits one: a node
+            # restarted in the same term must never serve a new read at the index answered
+            # to its predecessor's request, which may predate writes acknowledged since; a
+            # duplicate answer is dropped too.
+            if m.context in self._reads_outstanding:
+                del self._reads_outstanding[m.context]
+                self._read_states.append(ReadState(m.index, m.context))
+            else:
+                logger.debug("raft node=%d drops an unexpected ReadIndex answer", self.id)
         elif (
             mtype is MessageType.TRANSFER_LEADER
             and self.leader_id != NONE
@@ -801,23 +860,41 @@ class RawNode:
 
     def _handle_heartbeat_response(self, m: Message, progress: Progress) -> None:
         progress.recent_active = True
-        progress.probe_sent = False
-        if progress.state is ProgressState.SNAPSHOT:
+        # The work one response may cause is bounded by time, not by responses: heartbeats
+        # go out with every ReadIndex round, and a stalled connection that resumes delivers
+        # hundreds of their responses at once; resending per response rebuilt an append of
+        # up to a message's size (or a snapshot) for each and locked the leader up.
+        ticks_since_sent = self._tick_count - progress.sent_tick
+        if (
+            progress.state is ProgressState.SNAPSHOT
+            and ticks_since_sent >= 2 * self._config.election_ticks
+        ):
             # The follower is alive but neither the snapshot's outcome nor its answer came
-            # back (a lost message the transport did not notice): after about two election
-            # timeouts, probe again, which sends a fresh snapshot if still needed.
-            progress.snapshot_heartbeats += 1
-            limit = 2 * self._config.election_ticks // self._config.heartbeat_ticks
-            if progress.snapshot_heartbeats > limit:
-                progress.pending_snapshot = 0
-                progress.become_probe()
-        if progress.match_index < self._log.last_index():
-            if progress.state is ProgressState.REPLICATE and progress.inflights.full():
-                # Appends can be lost without the transport noticing. Free one slot so that
-                # the next append goes out; if the follower lacks the entries before it, it
-                # rejects and we fall back to probing from its real match index.
+            # back (a lost message the transport did not notice): two election timeouts
+            # after the snapshot went out, probe again, which sends a fresh snapshot if
+            # still needed. Until then a pending snapshot is never sent again (a SNAPSHOT
+            # progress is paused, so `_send_append` below sends nothing).
+            progress.pending_snapshot = 0
+            progress.become_probe()
+        if (
+            progress.match_index < self._log.last_index()
+            and ticks_since_sent >= self._config.heartbeat_ticks
+        ):
+            # Whatever went to the follower last went a heartbeat interval ago and it still
+            # lags: that append may be lost without the transport noticing. Send once more
+            # (etcd-io/raft resumes a paused probe on a heartbeat response the same way).
+            if progress.state is ProgressState.PROBE:
+                progress.probe_sent = False
+            elif progress.inflights.full():
+                # Free one slot so that the next append goes out; if the follower lacks the
+                # entries before it, it rejects and we fall back to probing from its real
+                # match index.
                 progress.inflights.free_first_one()
             self._send_append(m.from_, progress)
+        self._heartbeat_read_ack(m)
+
+    def _heartbeat_read_ack(self, m: Message) -> None:
+        """A heartbeat response carrying a ReadIndex key counts as that round's ack."""
         if not m.context:
             return
         acks = self._read_only.receive_ack(m.from_, m.context)
@@ -837,12 +914,8 @@ class RawNode:
         return self._log.maybe_commit(index, self.term)
 
     def _append_entries(self, entries: list[Entry]) -> None:
-        last_index = self._log.append(entries)
-        own = self._progress.get(self.id)
-        if own is not None:
-            own.maybe_update(last_index)
-        # A single-voter cluster commits at once.
-        self._maybe_commit()
+        # Our own match index moves when the entries are durable (`_self_ack` in advance()).
+        self._log.append(entries)
 
     def _increase_uncommitted_size(self, size_bytes: int) -> bool:
         limit = self._config.max_uncommitted_entries_bytes
@@ -895,6 +968,7 @@ class RawNode:
             progress.sent_entries(len(entries), sum(entry.size_bytes() for entry in entries))
         else:
             progress.sent_entries(0, 0)
+        progress.sent_tick = self._tick_count
         return True
 
     def _send_snapshot(self, to: int, progress: Progress) -> bool:
@@ -906,6 +980,7 @@ class RawNode:
             logger.warning("raft node=%d has no snapshot to send to %d", self.id, to)
             return False
         progress.become_snapshot(snapshot.metadata.index)
+        progress.sent_tick = self._tick_count
         logger.info(
             "raft node=%d sends snapshot index=%d to %d", self.id, snapshot.metadata.index, to
         )

@@ -2,17 +2,22 @@
 
 Rules that hold here (as in etcd-io/raft's tracker package):
 - Invariant: match_index < next_index, always.
-- PROBE: at most one append is outstanding (`probe_sent`) until the follower answers or a
-  heartbeat response arrives; used after a rejection or when the follower's state is unknown.
+- PROBE: at most one append is outstanding (`probe_sent`) until the follower answers, or a
+  heartbeat response arrives at least a heartbeat interval after it was sent (`sent_tick`);
+  used after a rejection or when the follower's state is unknown.
 - REPLICATE: appends are pipelined optimistically (next_index advances as they are sent),
   bounded by `Inflights` in count and in bytes.
-- SNAPSHOT: nothing is sent until the snapshot is reported as applied or failed.
+- SNAPSHOT: nothing is sent until the snapshot is reported as applied or failed, or (a lost
+  report) two election timeouts after it was sent.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
+
+LONG_AGO_TICK = -(1 << 62)
+"""`Progress.sent_tick` of a follower nothing was sent to yet."""
 
 
 class ProgressState(enum.Enum):
@@ -74,7 +79,7 @@ class Progress:
         "pending_snapshot",
         "probe_sent",
         "recent_active",
-        "snapshot_heartbeats",
+        "sent_tick",
         "state",
     )
 
@@ -87,14 +92,15 @@ class Progress:
         # election timeout.
         self.recent_active = False
         self.pending_snapshot = 0
-        # Heartbeat answers seen while in SNAPSHOT: bounds the wait for report_snapshot().
-        self.snapshot_heartbeats = 0
+        # The leader's tick count when it last sent this follower an append or a snapshot:
+        # heartbeat responses resend at most once per heartbeat interval, however many of
+        # them arrive (they come with every ReadIndex round, and in bursts after a stall).
+        self.sent_tick = LONG_AGO_TICK
         self.inflights = inflights
 
     def _reset_state(self, state: ProgressState) -> None:
         self.probe_sent = False
         self.pending_snapshot = 0
-        self.snapshot_heartbeats = 0
         self.state = state
         self.inflights.reset()
 

@@ -142,7 +142,6 @@ class Driver:
         metrics.pending_proposals.set_function(lambda: self._pending_count)
         self._read_contexts: dict[bytes, list[asyncio.Future[None]]] = {}
         self._waiting_reads: list[_PendingRead] = []
-        self._read_counter = itertools.count(1)
         self._stopping = False
         self.disk_full = False
         # A save failed for want of file descriptors or memory (EMFILE, ENFILE, ENOMEM):
@@ -464,9 +463,8 @@ class Driver:
         self.metrics.proposals.inc()
 
     def _start_read_index(self, futures: list[asyncio.Future[None]]) -> None:
-        context = next(self._read_counter).to_bytes(8, "big")
         try:
-            self.node.read_index(context)
+            context: bytes = self.node.read_index()
         except ProposalDroppedError:
             error = NoLeaderError("no leader is known right now", retry_after_s=0.05)
             for future in futures:

@@ -210,10 +210,7 @@ class Simulation:
         for kind, payload in node.held_requests:
             self.trace(f"held {kind} n{node.id}")
             try:
-                if kind == "propose":
-                    raw.propose(payload)
-                else:
-                    raw.read_index(payload)
+                raw.propose(payload)
             except RaftError:
                 pass  # the client's request then times out
         node.held_requests.clear()
@@ -240,7 +237,7 @@ class Simulation:
         self._run_to(end)
         self.workload.finish(self.now)
 
-    def run_until(self, end: int) -> None:
+    def run_to(self, end: int) -> None:
         """Step through every event up to time `end` (or the first violation, or the
         liveness write's commit); the clock then reads `end` (tests step a run with this)."""
         self._run_to(end)
@@ -254,6 +251,18 @@ class Simulation:
                 break
             self.now = next_time
             self._step()
+
+    def run_until(self, condition: Callable[[], bool], time_limit: int) -> bool:
+        """Step until `condition()` holds (True), or `time_limit` more time units pass or
+        nothing is left to happen (False): pinned scenarios drive a run this way."""
+        end = self.now + time_limit
+        while not condition():
+            next_time = self._next_time()
+            if next_time is None or next_time > end:
+                return False
+            self.now = next_time
+            self._step()
+        return True
 
     def _next_time(self) -> int | None:
         times = [n.next_tick for n in self.nodes.values() if n.up and not n.stalled]
@@ -493,18 +502,18 @@ class Simulation:
             return False
         return True
 
-    def read_index(self, node: int, context: bytes) -> bool:
+    def read_index(self, node: int) -> bytes | None:
+        """The core's context for a new read on `node` (as the server's driver gets it), or
+        None when it refused. A paused node's core is asked at once too (its context is
+        needed now): its state cannot change until it resumes (no ticks, no messages, no
+        Ready), so it answers as it would then, and what it sends waits for the resume."""
         raw = self.nodes[node].raw
         if raw is None:
-            return False
-        if self.nodes[node].stalled:
-            self.nodes[node].held_requests.append(("read_index", context))
-            return True
+            return None
         try:
-            raw.read_index(context)
+            return raw.read_index()
         except RaftError:
-            return False
-        return True
+            return None
 
     def applied_index(self, node: int) -> int:
         machine = self.nodes[node].machine

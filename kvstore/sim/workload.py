@@ -36,8 +36,9 @@ class Target(Protocol):
         """Propose on `node`; False when the node refused it (not the leader, down)."""
         ...
 
-    def read_index(self, node: int, context: bytes) -> bool:
-        """Ask `node` for a ReadIndex; False when it refused at once."""
+    def read_index(self, node: int) -> bytes | None:
+        """Ask `node` for a ReadIndex: the context its answer will carry (made by the node's
+        core, as for the server's reads), or None when it refused at once."""
         ...
 
     def applied_index(self, node: int) -> int: ...
@@ -111,7 +112,6 @@ class Workload:
         self._next_process = config.clients + 1
         self._writes: dict[str, _Pending] = {}  # value -> pending write
         self._reads: dict[bytes, _Pending] = {}  # context -> pending read
-        self._context_number = 0
         self.history: list[Operation] = []
         self.stats = WorkloadStats()
         # Everything learned about writes, for `check_reads`.
@@ -155,12 +155,12 @@ class Workload:
         key = f"k{self._rng.randrange(self.config.keys)}"
         deadline = now + self.config.timeout
         if self._rng.random() < self.config.read_fraction:
-            self._context_number += 1
-            context = f"r{self._context_number}".encode()
-            pending = _Pending(client.process, OpKind.GET, key, None, node, now, deadline, context)
-            if not target.read_index(node, context):
+            context = target.read_index(node)
+            pending = _Pending(client.process, OpKind.GET, key, None, node, now, deadline)
+            if context is None:
                 self._refused(client, pending, now, target)
                 return f"read refused {client.process} n{node}"
+            pending.context = context
             self._reads[context] = pending
             client.pending = pending
             return f"read {client.process} n{node} {key}"

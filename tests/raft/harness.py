@@ -37,6 +37,7 @@ class Cluster:
         self.transforms: list[MessageTransform] = []
         self.sent: list[Message] = []
         self.snapshots_installed: list[tuple[int, int]] = []
+        self.starts: dict[int, int] = {}
         for node_id in self.ids:
             self.storages[node_id] = MemoryStorage()
             self.applied[node_id] = []
@@ -48,8 +49,13 @@ class Cluster:
         return replace(base, **self.config_overrides)  # type: ignore[arg-type]
 
     def start(self, node_id: int, applied: int = 0) -> None:
+        """(Re)start a node from its storage. Each start gets a differently seeded rng, as
+        every real start does (ReadIndex contexts depend on it); runs still replay."""
         config = replace(self.make_config(node_id), applied=applied)
-        self.nodes[node_id] = RawNode(config, self.storages[node_id], random.Random(node_id))
+        starts = self.starts.get(node_id, 0)
+        self.starts[node_id] = starts + 1
+        rng = random.Random(node_id) if starts == 0 else random.Random(f"{node_id}/{starts}")
+        self.nodes[node_id] = RawNode(config, self.storages[node_id], rng)
         self.down.discard(node_id)
 
     def crash(self, node_id: int) -> None:

@@ -17,25 +17,25 @@ def test_read_index_on_leader_confirms_with_heartbeat_round() -> None:
     cluster.propose(1, b"a")
     commit = cluster.nodes[1].status().commit_index
     cluster.sent.clear()
-    cluster.nodes[1].read_index(b"r1")
+    context = cluster.nodes[1].read_index()
     cluster.stabilize()
-    assert cluster.read_states[1] == [ReadState(commit, b"r1")]
+    assert cluster.read_states[1] == [ReadState(commit, context)]
     heartbeats = [m for m in cluster.sent if m.type is MessageType.HEARTBEAT]
     assert heartbeats and len({m.context for m in heartbeats}) == 1
     assert heartbeats[0].context  # the round carries the read's key
 
 
-def test_reads_with_equal_contexts_from_different_nodes_are_all_answered() -> None:
-    """Regression: contexts are chosen by each requester (a counter per server process), so
-    they collide across nodes; every read must still be answered."""
+def test_reads_from_every_node_are_all_answered() -> None:
+    """Regression: the leader keys reads by a sequence of its own, not by the requester's
+    context; every read of every node is answered, with its own context."""
     cluster = Cluster()
     cluster.elect(1)
     cluster.propose(1, b"a")
-    for node_id in cluster.ids:
-        cluster.nodes[node_id].read_index(b"\x00\x01")
-    cluster.nodes[2].read_index(b"\x00\x01")
+    contexts = {node_id: [cluster.nodes[node_id].read_index()] for node_id in cluster.ids}
+    contexts[2].append(cluster.nodes[2].read_index())
     cluster.stabilize()
-    assert [len(cluster.read_states[i]) for i in cluster.ids] == [1, 2, 1]
+    for node_id in cluster.ids:
+        assert [rs.context for rs in cluster.read_states[node_id]] == contexts[node_id]
 
 
 def test_read_index_on_leader_waits_without_quorum() -> None:
@@ -43,12 +43,12 @@ def test_read_index_on_leader_waits_without_quorum() -> None:
     cluster = Cluster()
     cluster.elect(1)
     cluster.isolate(1)
-    cluster.nodes[1].read_index(b"r1")
+    context = cluster.nodes[1].read_index()
     cluster.stabilize()
     assert cluster.read_states[1] == []
     cluster.heal()
     cluster.tick(5)
-    assert [rs.context for rs in cluster.read_states[1]] == [b"r1"]
+    assert [rs.context for rs in cluster.read_states[1]] == [context]
 
 
 def test_read_index_forwarded_from_follower() -> None:
@@ -56,25 +56,25 @@ def test_read_index_forwarded_from_follower() -> None:
     cluster = Cluster()
     cluster.elect(1)
     cluster.propose(1, b"a")
-    cluster.nodes[2].read_index(b"f1")
+    context = cluster.nodes[2].read_index()
     cluster.stabilize()
-    assert cluster.read_states[2] == [ReadState(cluster.nodes[1].status().commit_index, b"f1")]
+    assert cluster.read_states[2] == [ReadState(cluster.nodes[1].status().commit_index, context)]
     assert cluster.read_states[1] == []
 
 
 def test_read_index_without_leader_is_dropped() -> None:
     cluster = Cluster()
     with pytest.raises(ProposalDroppedError):
-        cluster.nodes[2].read_index(b"x")
+        cluster.nodes[2].read_index()
 
 
 def test_single_node_read_index_answers_at_once() -> None:
     """Reference: Raft dissertation §6.4"""
     cluster = Cluster(ids=(1,))
     cluster.elect(1)
-    cluster.nodes[1].read_index(b"s")
+    context = cluster.nodes[1].read_index()
     cluster.stabilize()
-    assert cluster.read_states[1] == [ReadState(1, b"s")]
+    assert cluster.read_states[1] == [ReadState(1, context)]
 
 
 def test_leader_read_index_waits_for_commit_in_its_term() -> None:
@@ -86,12 +86,12 @@ def test_leader_read_index_waits_for_commit_in_its_term() -> None:
     # Elect 2 but hold back the answers to its appends so nothing of its term commits yet.
     cluster.drop_types(MessageType.APPEND_RESPONSE)
     cluster.elect(2)
-    cluster.nodes[2].read_index(b"early")
+    context = cluster.nodes[2].read_index()
     cluster.tick(5)
     assert cluster.read_states[2] == []
     cluster.heal()
     cluster.tick(5)
-    assert [rs.context for rs in cluster.read_states[2]] == [b"early"]
+    assert [rs.context for rs in cluster.read_states[2]] == [context]
     # The read index is the leader's first commit of its own term, not the older one.
     assert cluster.read_states[2][0].index == 2
 

@@ -173,6 +173,54 @@ def test_persistence_before_send_in_ready() -> None:
     assert cluster.nodes[2].vote == 0
 
 
+def test_leader_counts_its_own_entries_only_once_they_are_persisted() -> None:
+    """The leader's own match index moves at advance(), for the entries its Ready carried
+    (etcd-io/raft's self-ack after stableTo), not when it appends them. Its appends may leave
+    before its own save (dissertation §10.2.1), so a follower's ack can be stepped before the
+    leader's copy is durable: counting that copy would commit an entry held by one follower
+    and the leader's memory, which a crash of the leader then loses. Reference: Raft §5.3"""
+    cluster = Cluster()
+    cluster.elect(1)
+    leader = cluster.nodes[1]
+    committed = leader.status().commit_index
+    leader.propose(b"w")
+    ready = leader.ready()
+    assert [entry.data for entry in ready.entries] == [b"w"]
+    index = ready.entries[-1].index
+    # Follower 2 gets the append early, stores the entry and acks it before the leader saves.
+    for message in ready.messages:
+        if message.to == 2:
+            cluster.nodes[2].step(message)
+    cluster.process_ready(2)
+    acks = [m for m in cluster.queue if m.to == 1]
+    cluster.queue.clear()
+    assert [m.type for m in acks] == [MessageType.APPEND_RESPONSE] and acks[0].index == index
+    leader.step(acks[0])
+    assert leader.status().commit_index == committed
+    # Once the leader's save returned and it advanced, its own copy counts.
+    cluster.storages[1].save(ready.hard_state, ready.entries, ready.snapshot)
+    leader.advance(ready)
+    assert leader.status().commit_index == index
+    assert leader.status().progress[1].match_index == index
+    cluster.stabilize()
+    assert cluster.data_applied(1) == [b"w"]
+
+
+def test_single_voter_commits_its_entry_once_persisted() -> None:
+    cluster = Cluster(ids=(1,))
+    cluster.elect(1)
+    node = cluster.nodes[1]
+    node.propose(b"x")
+    ready = node.ready()
+    index = ready.entries[-1].index
+    assert node.status().commit_index < index and not ready.committed_entries
+    cluster.storages[1].save(ready.hard_state, ready.entries, ready.snapshot)
+    node.advance(ready)
+    assert node.status().commit_index == index
+    cluster.stabilize()
+    assert cluster.data_applied(1) == [b"x"]
+
+
 def test_many_pipelined_appends_with_small_window_and_batches() -> None:
     """Pipelining respects the in-flight window and the byte size of each append."""
     cluster = Cluster(max_inflight_messages=2, max_size_per_message_bytes=200)

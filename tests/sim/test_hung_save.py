@@ -32,14 +32,14 @@ def _hang_the_leader(seed: int, limit: float | None) -> tuple[Simulation, SimNod
         network=NetworkConfig(drop_probability=0.0, duplicate_probability=0.0),
         keepalive_limit_elections=limit,
     )
-    simulation.run_until(1000)
+    simulation.run_to(1000)
     leader = simulation.leader()
     assert leader is not None
     simulation.hang_save(leader, HANG)
     for _ in range(200):
         if leader.hung_ready is not None:
             return simulation, leader, simulation.now
-        simulation.run_until(simulation.now + 10)
+        simulation.run_to(simulation.now + 10)
     raise AssertionError("the leader saved nothing: the workload is idle")
 
 
@@ -63,7 +63,7 @@ def test_unbounded_keepalives_keep_the_cluster_leaderless_for_the_whole_hang(see
     while leader.hung_ready is not None:
         assert not _others_leading(simulation, leader), f"t={simulation.now}"
         assert simulation.checker.committed_count() == committed, "nothing commits meanwhile"
-        simulation.run_until(simulation.now + 10)
+        simulation.run_to(simulation.now + 10)
     assert simulation.now >= hung_at - 10 + HANG, "the hang lasted its whole length"
     assert simulation.counters["keepalives"] > HANG // _election_timeout(simulation)
     assert not simulation.checker.violations
@@ -78,11 +78,11 @@ def test_bounded_keepalives_let_a_new_leader_take_over_within_a_few_election_tim
     bound = hung_at + 4 * _election_timeout(simulation)
     while not _others_leading(simulation, leader):
         assert simulation.now <= bound, "no new leader within four election timeouts"
-        simulation.run_until(simulation.now + 5)
+        simulation.run_to(simulation.now + 5)
     assert leader.hung_ready is not None, "elected while the old leader still hangs"
-    simulation.run_until(hung_at + HANG - 10)
+    simulation.run_to(hung_at + HANG - 10)
     assert simulation.checker.committed_count() > committed, "writes commit again"
     # The save returns: the old leader steps the newer term and follows.
-    simulation.run_until(hung_at + HANG + 4 * _election_timeout(simulation))
+    simulation.run_to(hung_at + HANG + 4 * _election_timeout(simulation))
     assert leader.hung_ready is None and leader.role is not Role.LEADER
     assert not simulation.checker.violations, simulation.checker.violations

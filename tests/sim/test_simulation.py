@@ -12,8 +12,9 @@ import pytest
 
 from kvstore.raft.log import RaftLog
 from kvstore.raft.node import RawNode
-from kvstore.raft.types import Entry, HardState, Snapshot
+from kvstore.raft.types import Entry, HardState, Message, MessageType, Snapshot
 from kvstore.sim.__main__ import main
+from kvstore.sim.cluster import Simulation
 from kvstore.sim.runner import SimResult, describe_failure, run_seed, run_seeds
 from kvstore.storage.memory import MemoryStorage
 
@@ -175,3 +176,23 @@ def test_seeds_fill_disks_during_compaction_and_carry_on() -> None:
     assert summary.ok, "\n".join(describe_failure(r) for r in summary.failures)
     assert summary.counters["fill_disk"] > 0
     assert summary.counters["compactions_refused"] > 0
+
+
+def test_a_restarted_node_makes_read_contexts_of_its_own() -> None:
+    """A restart must not re-seed the node's rng identically: its ReadIndex contexts (nonce
+    and counter) would repeat its predecessor's, and the core could then not tell an answer
+    meant for the predecessor from one for itself."""
+    simulation = Simulation(3, liveness=False)
+    node = simulation.nodes[1]
+
+    def first_context() -> bytes:
+        raw = node.raw
+        assert raw is not None
+        raw.step(Message(MessageType.HEARTBEAT, 1, 2, raw.term))  # learn a leader
+        return raw.read_index()
+
+    before = first_context()
+    node.crash()
+    simulation.start_node(node)
+    after = first_context()
+    assert before[:8] != after[:8] and before[8:] == after[8:]

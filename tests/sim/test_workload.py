@@ -55,11 +55,12 @@ class FakeCluster:
         self.proposed.append((node, data))
         return True
 
-    def read_index(self, node: int, context: bytes) -> bool:
+    def read_index(self, node: int) -> bytes | None:
         if node != 1:
-            return False
+            return None
+        context = f"ctx{len(self.reads)}".encode()
         self.reads.append((node, context))
-        return True
+        return context
 
     def applied_index(self, node: int) -> int:
         return self.machine.applied_index
