@@ -222,12 +222,17 @@ class LocalCluster:
 
     def terminate(self, node_id: int, timeout_s: float = 10.0) -> int:
         """SIGTERM (graceful: a leader hands over first), wait; SIGKILL after timeout_s."""
+        return self.stop_node(node_id, signal.SIGTERM, timeout_s)
+
+    def stop_node(self, node_id: int, signum: int, timeout_s: float = 10.0) -> int:
+        """Send `signum` (SIGTERM: a leader hands over first; SIGINT: it does not), wait for
+        the exit and return its status; SIGKILL after timeout_s."""
         process = self._processes.get(node_id)
         if process is None:
             raise RuntimeError(f"node {node_id} was never started")
         if process.poll() is None:
             process.send_signal(signal.SIGCONT)
-            process.terminate()
+            process.send_signal(signum)
             try:
                 process.wait(timeout_s)
             except subprocess.TimeoutExpired:

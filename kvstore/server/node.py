@@ -3,22 +3,28 @@
 `run_node(config)` is what `kvstore serve` runs (on uvloop when it is installed). It owns
 every task of the process in one TaskGroup and the order of shutdown:
 
-SIGTERM/SIGINT -> a leader hands leadership to its most up-to-date follower (waiting up to
+SIGTERM -> a leader hands leadership to its most up-to-date follower (waiting up to
 `shutdown_transfer_ms`) -> writes in flight get their answers -> the HTTP server stops
 (finishing requests in progress) -> the driver stops between two turns -> the transport
-closes -> storage closes. The data directory is consistent at every step: only completed
-saves are durable and nothing is acknowledged before its save returned.
+closes -> storage closes. SIGINT (Ctrl-C, and `kvstore cluster` stopping every node at once)
+is the same without the handover: when the whole cluster stops, a leader waiting to hand over
+to followers that are stopping too only delays it. The data directory is consistent at every
+step: only completed saves are durable and nothing is acknowledged before its save returned.
 
-A damaged data directory (CorruptionError) or a failed write (FatalDiskError) ends the process
-with a message naming the file and the offset, and exit status 2 (1 for other failures).
+Exit status 2 means a restart cannot help until a person acts (systemd's unit does not
+restart it; `kvstore cluster` leaves the node down): a damaged data directory
+(CorruptionError, naming the file and offset), a failed write or fsync (FatalDiskError), an
+address that cannot be listened on (in use, not this host's). 1 is any other failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
+import os
 import random
 import signal
 import sys
@@ -40,6 +46,18 @@ from kvstore.server.transport import PeerTransport
 logger = logging.getLogger("kvstore.server")
 
 EXIT_STORAGE = 2
+# A restart cannot help (see the module docstring); the same status as a storage failure.
+EXIT_CANNOT_START = 2
+
+
+class ListenError(Exception):
+    """A port could not be listened on: `what` (client or peer), `address`, the OS's reason."""
+
+    def __init__(self, what: str, address: str, error: OSError) -> None:
+        # asyncio's own text repeats the address ("error while attempting to bind on ..."):
+        # the errno's is enough.
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        super().__init__(f"cannot listen on {address} ({what} port): {reason.lower()}")
 
 
 def configure_logging(level: str) -> None:
@@ -51,11 +69,12 @@ def configure_logging(level: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def tune_gc() -> None:
-    """Fewer, logged garbage collections. The Raft log, the state machine and the in-flight
+def tune_gc(metrics: NodeMetrics | None = None) -> None:
+    """Fewer, measured garbage collections. The Raft log, the state machine and the in-flight
     requests are many small objects; with the default thresholds a full collection walks
     all of them every few thousand allocations, and a long one pauses heartbeats. Objects
-    alive after start-up are frozen out of collections; collections over 50 ms are logged."""
+    alive after start-up are frozen out of collections; every collection's wall time goes to
+    `kvstore_gc_pause_seconds`, and collections over 50 ms are logged."""
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     started: list[float] = []
@@ -65,6 +84,9 @@ def tune_gc() -> None:
             started[:] = [time.perf_counter()]
         elif started:
             elapsed = time.perf_counter() - started[0]
+            if metrics is not None:
+                generation = str(info.get("generation"))
+                metrics.gc_pause_seconds.labels(generation=generation).observe(elapsed)
             if elapsed > 0.05:
                 logger.warning(
                     "event=slow_gc seconds=%.3f generation=%s collected=%s",
@@ -123,8 +145,15 @@ class Node:
             on_drop=lambda peer: self.metrics.peer_dropped.inc(),
         )
         self.http = HttpApi(self.driver, config.cluster_id)
+        self.metrics.bind_node(
+            commit_index=lambda: self.driver.status().commit_index,
+            applied_index=self.driver.applied_index,
+            disk_full=lambda: 1 if self.driver.disk_full else 0,
+        )
         self._runner: web.ServerRunner | None = None
         self._stop = asyncio.Event()
+        # False after SIGINT: stop without handing leadership over (see the module docstring).
+        self._hand_over_on_stop = True
 
     def _send(self, message: Any) -> None:
         self.transport.send(message)
@@ -132,14 +161,18 @@ class Node:
     def _peer_url(self, peer: int) -> str | None:
         return self.transport.peer_urls.get(peer)
 
-    def request_stop(self) -> None:
+    def request_stop(self, *, hand_over: bool = True) -> None:
+        self._hand_over_on_stop = self._hand_over_on_stop and hand_over
         self._stop.set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.request_stop)
-        await self.transport.start()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, functools.partial(self.request_stop, hand_over=False))
+        try:
+            await self.transport.start()
+        except OSError as exc:
+            raise ListenError("peer", self.config.listen_peer, exc) from exc
         # One descriptor per client connection: raise the soft limit to the hard one and keep
         # the connection bound under it (kvstore/server/connections.py, FD_RESERVE).
         limits = limits_from_config(self.config, raise_nofile_limit())
@@ -154,7 +187,10 @@ class Node:
         )
         await self._runner.setup()
         host, port = split_host_port(self.config.listen_client)
-        await web.TCPSite(self._runner, host, port, reuse_address=True, backlog=1024).start()
+        try:
+            await web.TCPSite(self._runner, host, port, reuse_address=True, backlog=1024).start()
+        except OSError as exc:
+            raise ListenError("client", self.config.listen_client, exc) from exc
         logger.info(
             "event=started id=%s client=%s peer=%s data_dir=%s",
             self.config.id,
@@ -182,8 +218,11 @@ class Node:
             await self._close()
 
     async def _shutdown(self, driver_task: asyncio.Task[None]) -> None:
-        logger.info("event=shutdown_started id=%s", self.config.id)
-        await self._hand_over()
+        logger.info(
+            "event=shutdown_started id=%s hand_over=%s", self.config.id, self._hand_over_on_stop
+        )
+        if self._hand_over_on_stop:
+            await self._hand_over()
         await self._drain_writes(self.config.shutdown_transfer_ms / 1000)
         if self._runner is not None:
             await self._runner.cleanup()
@@ -234,7 +273,8 @@ async def _main(config: ServeConfig) -> int:
             "event=corruption path=%s offset=%s reason=%s", exc.path, exc.offset, exc.reason
         )
         print(
-            f"kvstore: cannot start: {exc} (the node must not vote or serve; see README Operations)",
+            f"kvstore: cannot start: {exc} (the node must not vote or serve; see "
+            "docs/operations.md, Fatal disk errors)",
             file=sys.stderr,
         )
         return EXIT_STORAGE
@@ -242,9 +282,13 @@ async def _main(config: ServeConfig) -> int:
         print(f"kvstore: cannot open {config.data_dir}: {exc}", file=sys.stderr)
         return EXIT_STORAGE
     node = Node(config, replica)
-    tune_gc()
+    tune_gc(node.metrics)
     try:
         await node.run()
+    except ListenError as exc:
+        logger.critical("event=cannot_listen error=%s", exc)
+        print(f"kvstore: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
     except FatalDiskError as exc:
         logger.critical("event=fatal_disk_error error=%s", exc)
         print(f"kvstore: stopping after a failed write or fsync: {exc}", file=sys.stderr)

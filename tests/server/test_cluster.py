@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -162,6 +165,11 @@ def test_three_nodes_elect_one_leader(cluster: LocalCluster) -> None:
         metrics = call(f"{base}/metrics").body
         assert b"kvstore_proposals_total" in metrics
         assert b"kvstore_storage_fsyncs_total" in metrics  # the DiskStorage's own counters
+        # Read from the running node at each scrape: a leader was elected, so its no-op
+        # entry committed everywhere.
+        commit = [line for line in metrics.splitlines() if line.startswith(b"kvstore_commit_index ")]
+        assert commit and float(commit[0].split()[1]) >= 1
+        assert b"kvstore_gc_pause_seconds" in metrics and b"process_resident_memory_bytes" in metrics
         assert "/v1/kv/{key}" in call(f"{base}/v1/openapi.json").json()["paths"]
 
 
@@ -322,6 +330,39 @@ def test_sigterm_of_the_leader_hands_leadership_over(cluster: LocalCluster) -> N
     assert elapsed < 5
     cluster.start_node(old)
     all_running(cluster)
+
+
+def test_sigint_stops_a_leader_without_handing_over(cluster: LocalCluster) -> None:
+    """SIGINT (Ctrl-C; `kvstore cluster` stopping every node) skips the handover that SIGTERM
+    makes: when the whole cluster stops, waiting to hand over to followers that are stopping
+    too only delays the stop. The others elect a new leader by themselves."""
+    all_running(cluster)
+    old = cluster.wait_for_leader()
+    assert cluster.stop_node(old, signal.SIGINT) == 0
+    log = cluster.log_path(old).read_bytes()
+    last_stop = log[log.rindex(b"event=shutdown_started") :]
+    assert b"hand_over=False" in last_stop and b"event=transfer_leadership" not in last_stop
+    assert cluster.wait_for_leader(timeout_s=10, exclude=(old,)) != old
+    cluster.start_node(old)
+    all_running(cluster)
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """Not a 36-line traceback and exit 1 (which a supervisor restarts in a loop)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "kvstore", "serve", "--id", "1",
+             "--listen-client", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "node1")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert f"kvstore: cannot listen on 127.0.0.1:{port} (client port): address already in use" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
 
 
 def test_corrupt_log_stops_the_node_with_the_file_and_offset(cluster: LocalCluster) -> None:
