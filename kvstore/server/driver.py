@@ -564,7 +564,7 @@ class Driver:
             if ready.entries:
                 self.metrics.ready_entries.observe(len(ready.entries))
             if self.disk_full or self.resources_exhausted:
-                logger.warning("event=disk_recovered: a save succeeded, accepting writes again")
+                logger.warning("event=disk_recovered writes=accepted")
                 self.disk_full = self.resources_exhausted = False
             return
 

@@ -200,7 +200,7 @@ class Node:
         )
         if self.config.unsafe_local_reads:
             logger.warning(
-                "event=unsafe_local_reads: linearizable reads skip ReadIndex (chaos drills only)"
+                "event=unsafe_local_reads read_index=skipped use=chaos_drills_only"
             )
         driver_task = loop.create_task(self.driver.run(), name="driver")
         stop_task = loop.create_task(self._stop.wait(), name="stop-signal")
@@ -247,7 +247,7 @@ class Node:
         if await driver.hand_over(target, self.config.shutdown_transfer_ms / 1000):
             logger.info("event=transfer_done leader=%s", driver.leader_id)
         else:
-            logger.warning("event=transfer_timeout: stopping as leader")
+            logger.warning("event=transfer_timeout role=leader action=stopping")
 
     async def _drain_writes(self, timeout_s: float) -> None:
         loop = asyncio.get_running_loop()

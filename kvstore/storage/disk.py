@@ -360,7 +360,7 @@ class DiskStorage:
         try:
             self.fs.unlink(prepared)
         except OSError as exc:
-            logger.warning("could not remove %s: %s", prepared, exc)
+            logger.warning("event=remove_failed path=%s error=%s", prepared, exc)
 
     def create_snapshot(
         self, index: int, conf_state: ConfState, data: bytes, prepared: str | None = None
