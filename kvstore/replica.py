@@ -197,6 +197,11 @@ class Replica:
         return self.state_machine.applied_index
 
     @property
+    def snapshot_bytes(self) -> int:
+        """Size of the newest snapshot's state machine encoding (0 if none)."""
+        return self._snapshot_bytes
+
+    @property
     def snapshot_index(self) -> int:
         return self._snapshot_index
 

@@ -16,7 +16,8 @@ them when `/metrics` is scraped (`NodeMetrics.watch_storage`).
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import prometheus_client
 from prometheus_client import (
@@ -188,6 +189,11 @@ class NodeMetrics:
         self.applied_index.set_function(applied_index)
         self.disk_full.set_function(disk_full)
 
+    def watch_node(self, read: Callable[[], NodeState]) -> None:
+        """Export `read()`'s figures at every scrape: the log's last index, each peer's lag
+        as the leader sees it, the latest snapshot and the disk the data directory takes."""
+        self.registry.register(NodeStateCollector(read))
+
     def watch_storage(self, storage: object) -> None:
         """Export `storage.metrics` (a StorageMetrics) on every scrape; storage without one
         (MemoryStorage) exports nothing."""
@@ -195,6 +201,54 @@ class NodeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    """What `NodeStateCollector` reads from a running node when scraped."""
+
+    last_index: int
+    # On the leader: peer id -> entries it lacks (last index - its match index); else empty.
+    peer_lag: Mapping[int, int]
+    snapshot_index: int
+    snapshot_bytes: int
+    # Bytes of write-ahead log segments and of snapshot files in the data directory.
+    wal_bytes: int
+    snapshot_files_bytes: int
+
+
+class NodeStateCollector(Collector):
+    """A node's log, peers and disk use, read from the node when scraped."""
+
+    def __init__(self, read: Callable[[], NodeState]) -> None:
+        self._read = read
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._read()
+        yield GaugeMetricFamily("kvstore_last_index", "Last index of the Raft log", state.last_index)
+        lag = GaugeMetricFamily(
+            "kvstore_peer_lag_entries",
+            "On the leader: entries a peer lacks (last index - its match index)",
+            labels=["peer"],
+        )
+        for peer, entries in sorted(state.peer_lag.items()):
+            lag.add_metric([str(peer)], entries)
+        yield lag
+        yield GaugeMetricFamily(
+            "kvstore_snapshot_index", "Index of the latest snapshot", state.snapshot_index
+        )
+        yield GaugeMetricFamily(
+            "kvstore_snapshot_bytes", "Size of the latest snapshot's state", state.snapshot_bytes
+        )
+        yield GaugeMetricFamily(
+            "kvstore_wal_bytes", "Write-ahead log segments on disk", state.wal_bytes
+        )
+        yield GaugeMetricFamily(
+            "kvstore_snapshot_files_bytes", "Snapshot files on disk", state.snapshot_files_bytes
+        )
 
 
 class StorageCollector(Collector):

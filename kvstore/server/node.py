@@ -40,7 +40,7 @@ from kvstore.server.connections import limits_from_config, raise_nofile_limit
 from kvstore.server.discovery import split_host_port
 from kvstore.server.driver import Driver
 from kvstore.server.http import HttpApi
-from kvstore.server.metrics import NodeMetrics
+from kvstore.server.metrics import NodeMetrics, NodeState
 from kvstore.server.transport import PeerTransport
 
 logger = logging.getLogger("kvstore.server")
@@ -150,10 +150,36 @@ class Node:
             applied_index=self.driver.applied_index,
             disk_full=lambda: 1 if self.driver.disk_full else 0,
         )
+        self.metrics.watch_node(self._node_state)
         self._runner: web.ServerRunner | None = None
         self._stop = asyncio.Event()
         # False after SIGINT: stop without handing leadership over (see the module docstring).
         self._hand_over_on_stop = True
+
+    def _node_state(self) -> NodeState:
+        """For /metrics: read at each scrape (the data directory is listed then too)."""
+        status = self.driver.status()
+        last = status.last_index
+        lag = {
+            peer: max(0, last - progress.match_index)
+            for peer, progress in status.progress.items()
+            if peer != self.config.id
+        }
+        wal_bytes = snapshot_bytes = 0
+        with contextlib.suppress(OSError), os.scandir(self.config.data_dir) as entries:
+            for entry in entries:
+                if entry.name.endswith(".wal"):
+                    wal_bytes += entry.stat().st_size
+                elif entry.name.endswith(".snap"):
+                    snapshot_bytes += entry.stat().st_size
+        return NodeState(
+            last_index=last,
+            peer_lag=lag,
+            snapshot_index=self.replica.snapshot_index,
+            snapshot_bytes=self.replica.snapshot_bytes,
+            wal_bytes=wal_bytes,
+            snapshot_files_bytes=snapshot_bytes,
+        )
 
     def _send(self, message: Any) -> None:
         self.transport.send(message)

@@ -170,6 +170,10 @@ def test_three_nodes_elect_one_leader(cluster: LocalCluster) -> None:
         commit = [line for line in metrics.splitlines() if line.startswith(b"kvstore_commit_index ")]
         assert commit and float(commit[0].split()[1]) >= 1
         assert b"kvstore_gc_pause_seconds" in metrics and b"process_resident_memory_bytes" in metrics
+        wal = [line for line in metrics.splitlines() if line.startswith(b"kvstore_wal_bytes ")]
+        assert wal and float(wal[0].split()[1]) > 0
+        lag_lines = [line for line in metrics.splitlines() if line.startswith(b"kvstore_peer_lag")]
+        assert len(lag_lines) == (2 if node_id == leader else 0)
         assert "/v1/kv/{key}" in call(f"{base}/v1/openapi.json").json()["paths"]
 
 
