@@ -34,6 +34,10 @@ class ClientConfig:
     # The longest single attempt; a hung node (SIGSTOP, partition) costs at most this much
     # before the call moves on to another replica. Always clipped to the time left.
     attempt_timeout_s: float = 1.0
+    # The longest single attempt of a stale read (any node answers from what it applied, in
+    # well under a millisecond when it runs): with two of three nodes frozen, a stale read
+    # waited 2 x attempt_timeout_s before reaching the live one.
+    stale_attempt_timeout_s: float = 0.25
     # Establishing a TCP connection; refused connections fail at once anyway.
     connect_timeout_s: float = 0.5
     # Capped exponential back-off with full jitter: before retry n (n = 0, 1, ...) the client

@@ -90,6 +90,9 @@ class _Call:
     is_write: bool = False
     # Send every attempt to this endpoint only (status of one node).
     pinned_endpoint: str | None = None
+    # Any node answers at once (a stale read): a short attempt, so a frozen node costs
+    # little before the next one is asked (ClientConfig.stale_attempt_timeout_s).
+    any_node: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +237,10 @@ class Client:
     ) -> KeyValue:
         """The value and revisions of `key`; NotFoundError if it does not exist."""
         level = Consistency(consistency or self.config.read_consistency)
-        call = _Call("get", "GET", _key_path(key), key=key, query={"consistency": level.value})
+        call = _Call(
+            "get", "GET", _key_path(key), key=key, query={"consistency": level.value},
+            any_node=level is Consistency.STALE,
+        )  # fmt: skip
         response = (await self._run(call, timeout_s)).response
         headers = response.headers
         return KeyValue(
@@ -328,7 +334,7 @@ class Client:
         query = {"prefix": prefix, "consistency": level.value}
         if limit is not None:
             query["limit"] = str(limit)
-        call = _Call("list", "GET", "/v1/kv", query=query)
+        call = _Call("list", "GET", "/v1/kv", query=query, any_node=level is Consistency.STALE)
         answer = _json_object((await self._run(call, timeout_s)).response)
         revision = _int_field(answer, "revision")
         raw_items = answer.get("items")
@@ -388,7 +394,9 @@ class Client:
         reached = False
         while True:
             endpoint = call.pinned_endpoint or hint or self._choose_endpoint()
-            attempt_timeout_s = budget.start_attempt()
+            attempt_timeout_s = budget.start_attempt(
+                self.config.stale_attempt_timeout_s if call.any_node else None
+            )
             self._counters.attempts += 1
             outcome = await self._attempt(call, seq, endpoint, attempt_timeout_s)
             if isinstance(outcome, _Answer):

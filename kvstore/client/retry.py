@@ -113,10 +113,14 @@ class CallBudget:
     def expired(self) -> bool:
         return self.remaining_s() < _ATTEMPT_TIME_MIN_S
 
-    def start_attempt(self) -> float:
-        """Count an attempt; returns the time it may take (clipped to the time left)."""
+    def start_attempt(self, limit_s: float | None = None) -> float:
+        """Count an attempt; returns the time it may take: the configured attempt timeout, or
+        `limit_s` when that is shorter, clipped to the time left."""
         self.attempts += 1
-        return min(self._policy.config.attempt_timeout_s, self.remaining_s())
+        attempt_s = self._policy.config.attempt_timeout_s
+        if limit_s is not None:
+            attempt_s = min(attempt_s, limit_s)
+        return min(attempt_s, self.remaining_s())
 
     def decide(self, failure: Failure) -> Decision:
         """What to do after `failure` ended the latest attempt."""
