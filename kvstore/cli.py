@@ -68,7 +68,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    completion = subparsers.add_parser(
+        "completion",
+        help="print a shell completion script",
+        description="Print a completion script: `source <(kvstore completion bash)` in "
+        "~/.bashrc; in zsh, `autoload -U bashcompinit && bashcompinit` first.",
+    )
+    completion.add_argument("shell", choices=("bash", "zsh"))
+    completion.set_defaults(handler=lambda args: _print_completion(parser))
     return parser
+
+
+def _print_completion(parser: argparse.ArgumentParser) -> int:
+    print(completion_script(parser))
+    return 0
+
+
+def completion_script(parser: argparse.ArgumentParser) -> str:
+    """A bash completion function for every subcommand and its options, read from the
+    parser itself so it never disagrees with it (zsh runs it through bashcompinit)."""
+    subcommands: dict[str, list[str]] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, subparser in action.choices.items():
+                options = [o for a in subparser._actions for o in a.option_strings]
+                subcommands[name] = sorted(o for o in options if o.startswith("--"))
+    cases = "\n".join(
+        f'        {name}) opts="{" ".join(options)}" ;;' for name, options in subcommands.items()
+    )
+    return f"""# kvstore completion (bash; zsh: autoload -U bashcompinit && bashcompinit)
+_kvstore() {{
+    local cur="${{COMP_WORDS[COMP_CWORD]}}" opts
+    if [[ $COMP_CWORD -eq 1 ]]; then
+        COMPREPLY=($(compgen -W "{" ".join(subcommands)} --help --version" -- "$cur"))
+        return
+    fi
+    case "${{COMP_WORDS[1]}}" in
+{cases}
+        *) opts="" ;;
+    esac
+    if [[ "$cur" == -* ]]; then
+        COMPREPLY=($(compgen -W "$opts" -- "$cur"))
+    else
+        COMPREPLY=($(compgen -f -- "$cur"))
+    fi
+}}
+complete -F _kvstore kvstore"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +142,26 @@ def test_output_json_is_the_same_as_json(capsys: pytest.CaptureFixture[str]) -> 
     assert json.loads(capsys.readouterr().out)["value"] == "hello"
     assert run("status", "-o", "json") == 0
     assert "http://127.0.0.1:7001" in json.loads(capsys.readouterr().out)
+
+
+def test_bash_completion_offers_subcommands_and_their_options(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The script comes from the parser, so it lists exactly what the parser accepts."""
+    assert cli.main(["completion", "bash"]) == 0
+    script = tmp_path / "kvstore.bash"
+    script.write_text(capsys.readouterr().out)
+
+    def complete(*words: str) -> list[str]:
+        line = " ".join(words)
+        program = (
+            f"source {script}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; _kvstore; "
+            'echo "${COMPREPLY[@]}"'
+        )
+        result = subprocess.run(["bash", "-c", program], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split()
+
+    assert complete("kvstore", "sta") == ["status"]
+    assert complete("kvstore", "put", "--if") == ["--if-revision"]
+    assert "--nodes" in complete("kvstore", "cluster", "--")
