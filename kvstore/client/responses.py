@@ -1,15 +1,17 @@
 """HTTP answers back into kvstore's types: typed errors, retry classes, node status.
 
-The server (kvstore.server.http) turns errors into `{"error": {"code", "message", "leader"}}`
-with a status code; this module does the reverse, and decides for each failed answer what
+The server (kvstore.server.http) turns errors into `{"error": {"code", "message", ...}}` with
+a status code, by the registry of kvstore.errors (`to_json`, `http_status`); this module
+reads them back with the same registry (`from_json`: the class of the code, with its fields),
+and decides for each failed answer what
 the retry policy should see (`FailureKind`) and whether a write may have been applied
 (`maybe_applied`). Pure functions of the answer: no I/O, easy to test.
 
 Status by status:
 - 307/308/421 or code not_leader: NOT_LEADER, with the leader's URL from the body, the
   Location header or Kvstore-Leader; without a usable URL it is a transient no_leader.
-- 503 and 429 (overloaded): TRANSIENT; no_leader, proposal_dropped and overloaded were never
-  proposed, any other 503 (a leader that stepped down with the write pending answers
+- 503 and 429 (overloaded): TRANSIENT; no_leader, proposal_dropped, overloaded,
+  too_many_connections and resource_exhausted were never proposed, any other 503 (a leader that stepped down with the write pending answers
   "unavailable") may have applied. The server's wait is honoured: `retry_after_ms` from the
   error body if present (precise), else the Retry-After header (whole seconds, or a date).
 - 504 (the server's own proposal deadline) and other 5xx: TRANSIENT, may have been applied.
@@ -30,26 +32,19 @@ from kvstore.client.results import NodeStatus, PeerStatus
 from kvstore.client.retry import Failure, FailureKind
 from kvstore.client.transport import HttpResponse
 from kvstore.errors import (
-    BadRequestError,
     ClusterError,
-    DeadlineExceededError,
-    DiskFullError,
     KVStoreError,
     NoLeaderError,
-    NotFoundError,
     NotLeaderError,
-    OverloadedError,
-    PayloadTooLargeError,
-    PreconditionFailedError,
     ProtocolError,
-    RequestError,
-    SessionExpiredError,
-    UnavailableError,
+    from_json,
 )
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308, 421})
 # 503 codes that mean the write was refused before it reached the log.
-_NOT_PROPOSED_CODES = frozenset({"no_leader", "proposal_dropped", "overloaded"})
+_NOT_PROPOSED_CODES = frozenset(
+    {"no_leader", "proposal_dropped", "overloaded", "too_many_connections", "resource_exhausted"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,29 +136,20 @@ def classify_failure(endpoint: str, response: HttpResponse) -> FailedAttempt:
         return FailedAttempt(
             Failure(FailureKind.NOT_LEADER, "not_leader", None, hint), error, False
         )
-    if status == 429 or status == 503:
-        cls: type[ClusterError] = {
-            429: OverloadedError,
-            503: NoLeaderError if body.code == "no_leader" else UnavailableError,
-        }[status]
-        error = cls(message, retry_after_s=retry_after_s)
+    if status < 400:
+        error = ProtocolError(f"unexpected answer: {message}")
+        return FailedAttempt(Failure(FailureKind.PERMANENT, str(status)), error, False)
+    error = from_json(status, {"error": dict(body.fields)}, message=message)
+    if isinstance(error, ClusterError):
+        error.retry_after_s = retry_after_s
+    if status in (429, 503) or (status >= 500 and status != 507):
         # A write refused before it was proposed certainly did not apply; a plain
-        # "unavailable" also covers a leader that stepped down with the write pending.
-        maybe_applied = status == 503 and body.code not in _NOT_PROPOSED_CODES
+        # "unavailable" also covers a leader that stepped down with the write pending, and
+        # 504 and other 5xx may have applied.
+        maybe_applied = status != 429 and body.code not in _NOT_PROPOSED_CODES
         failure = _transient(body.code or str(status), retry_after_s)
         return FailedAttempt(failure, error, maybe_applied)
-    if status >= 500 and status != 507:
-        error = (
-            DeadlineExceededError(message, outcome_unknown=True)
-            if status == 504
-            else UnavailableError(message)
-        )
-        return FailedAttempt(_transient(body.code or str(status), retry_after_s), error, True)
-    return FailedAttempt(
-        Failure(FailureKind.PERMANENT, body.code or str(status)),
-        _permanent_error(status, body, message),
-        False,
-    )
+    return FailedAttempt(Failure(FailureKind.PERMANENT, body.code or str(status)), error, False)
 
 
 def _retry_after_s(response: HttpResponse, body: ErrorBody) -> float | None:
@@ -177,28 +163,6 @@ def _retry_after_s(response: HttpResponse, body: ErrorBody) -> float | None:
 
 def _transient(reason: str, retry_after_s: float | None) -> Failure:
     return Failure(FailureKind.TRANSIENT, reason, retry_after_s)
-
-
-def _permanent_error(status: int, body: ErrorBody, message: str) -> KVStoreError:
-    if status == 404:
-        return NotFoundError(message)
-    if status == 409 and body.code == "session_expired":
-        return SessionExpiredError(message)
-    if status == 412:
-        current = body.fields.get("current_revision")
-        revision = current if isinstance(current, int) and not isinstance(current, bool) else None
-        return PreconditionFailedError(message, current_revision=revision)
-    if status == 413:
-        return PayloadTooLargeError(message)
-    if status == 507:
-        return DiskFullError(message)
-    if status == 400:
-        return BadRequestError(message)
-    if 400 <= status < 500:
-        error = RequestError(message)
-        error.http_status = status
-        return error
-    return ProtocolError(f"unexpected answer: {message}")
 
 
 def parse_node_status(endpoint: str, answer: Mapping[str, object]) -> NodeStatus:

@@ -31,11 +31,20 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from kvstore.errors import (
+    BadRequestError,
+    KVStoreError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    TooManyConnectionsError,
+    http_status,
+)
 from kvstore.server.logthrottle import LogThrottle, clip
 from kvstore.server.metrics import NodeMetrics
 
@@ -51,24 +60,26 @@ _LINGER_S = 1.0
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
-def _canned(status: str, code: str, message: str, extra_headers: str = "") -> bytes:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+def _canned(error: KVStoreError, extra_headers: str = "") -> bytes:
+    """A whole HTTP/1.1 answer for `error`, written on a connection before aiohttp sees it
+    (the registry's status and JSON body, like every other error answer)."""
+    status = http_status(error)
+    body = json.dumps(error.to_json()).encode()
     head = (
-        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{extra_headers}"
-        f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+        f"{extra_headers}Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
 
 
 _REFUSED = _canned(
-    "503 Service Unavailable",
-    "too_many_connections",
-    "this node holds as many connections as it allows (from this address or in all); retry",
+    TooManyConnectionsError(
+        "this node holds as many connections as it allows (from this address or in all); retry",
+        retry_after_s=1.0,
+    ),
     "Retry-After: 1\r\n",
 )
-_HEAD_TIMEOUT = _canned(
-    "408 Request Timeout", "request_timeout", "the request head did not arrive in time"
-)
+_HEAD_TIMEOUT = _canned(RequestTimeoutError("the request head did not arrive in time"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +271,7 @@ class ClientConnection(RequestHandler):
                 clip(exc),
                 exc_info=exc,
             )
-            code, text = "internal", "internal error"
+            error: KVStoreError = KVStoreError("internal error")
         else:
             self._server.throttle.log(
                 "parse_error",
@@ -271,11 +282,11 @@ class ClientConnection(RequestHandler):
                 clip(getattr(exc, "message", exc)),
             )
             reason = str(getattr(exc, "message", "") or "").strip().split("\n", 1)[0]
-            code, text = "bad_request", f"the request is not valid HTTP/1.1: {reason[:80]}"
+            error = BadRequestError(f"the request is not valid HTTP/1.1: {reason[:80]}")
             if status == 413 or status == 431:
-                code, text = "too_large", "the request line or a header is too long"
+                error = PayloadTooLargeError("the request line or a header is too long")
         response = web.Response(
-            body=json.dumps({"error": {"code": code, "message": text}}).encode(),
+            body=json.dumps(error.to_json()).encode(),
             status=status,
             content_type="application/json",
         )

@@ -4,9 +4,10 @@ Handlers never touch Raft state. A write is validated, turned into a command, an
 the driver (`Driver.write`), which proposes it and resolves a future when the entry is applied;
 a linearizable read waits on `Driver.read_barrier()` (one ReadIndex for all reads of a turn)
 and then reads the local state machine. This is the only module that turns `kvstore.errors`
-into HTTP statuses (via each error's `http_status` and `code`), in `HttpApi.handle` and
-`HttpApi._error_response`; anything else a handler raises is a bug and answers a JSON 500
-(logged, rate-limited), never a traceback.
+into HTTP answers, in `HttpApi.handle` and `HttpApi._error_response`, with the registry's
+`http_status()` and `to_json()` (the client reads them back with `from_json`); a write's
+refusal (`WriteError`) becomes its error through `_WRITE_ERRORS`. Anything else a handler
+raises is a bug and answers a JSON 500 (logged, rate-limited), never a traceback.
 
 Every input is checked before it is used: the path and the query are percent-decoded here,
 strictly (invalid UTF-8 or a malformed escape is 400, so that `%FF` and `%25FF` cannot name
@@ -14,7 +15,7 @@ the same key), keys and prefixes must not contain C0 or C1 control characters or
 every number in a header or the query is bounded in digits and value before `int()` sees it.
 Connection bounds and timeouts live in kvstore/server/connections.py.
 
-The API is described in README.md ("The HTTP API") and served as OpenAPI at /v1/openapi.json.
+The API is described in docs/api.md and served as OpenAPI at /v1/openapi.json.
 """
 
 from __future__ import annotations
@@ -37,13 +38,25 @@ from kvstore.errors import (
     ClusterError,
     DeadlineExceededError,
     KVStoreError,
+    MethodNotAllowedError,
+    NoRouteError,
     NotFoundError,
     NotLeaderError,
     PayloadTooLargeError,
     PreconditionFailedError,
+    RequestTimeoutError,
     SessionExpiredError,
+    http_status,
 )
-from kvstore.kv.commands import UINT64_MAX, Delete, Put, RequestId, parse_request_id
+from kvstore.kv.commands import (
+    UINT64_MAX,
+    Delete,
+    Put,
+    RequestId,
+    WriteError,
+    WriteResult,
+    parse_request_id,
+)
 from kvstore.server.connections import ClientServer, ConnectionLimits, limits_from_config
 from kvstore.server.driver import Driver
 from kvstore.server.logthrottle import LogThrottle, clip
@@ -66,28 +79,18 @@ _KEY_METHODS = "GET, HEAD, PUT, DELETE"
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
-class NoRouteError(NotFoundError):
-    """No such route."""
-
-    code = "no_route"
-
-
-class MethodNotAllowedError(BadRequestError):
-    """The route exists but not with this method; `allow` lists those it has."""
-
-    http_status = 405
-    code = "method_not_allowed"
-
-    def __init__(self, message: str, allow: str) -> None:
-        super().__init__(message)
-        self.allow = allow
-
-
-class BodyTimeoutError(BadRequestError):
-    """The request body did not arrive within client_body_timeout_ms (408)."""
-
-    http_status = 408
-    code = "request_timeout"
+# Why a write did not take effect -> the error its answer carries.
+_WRITE_ERRORS: dict[WriteError, type[KVStoreError]] = {
+    WriteError.SESSION_EXPIRED: SessionExpiredError,
+    WriteError.NOT_FOUND: NotFoundError,
+    WriteError.PRECONDITION_FAILED: PreconditionFailedError,
+}
+_WRITE_MESSAGES: dict[WriteError, str] = {
+    WriteError.SESSION_EXPIRED: "the request id is older than the client's session remembers; "
+    "not applied now, and whether an earlier attempt applied is unknown",
+    WriteError.NOT_FOUND: "no such key",
+    WriteError.PRECONDITION_FAILED: "the condition on the key's revision did not hold",
+}
 
 
 def _uint(text: str, name: str, maximum: int = UINT64_MAX, minimum: int = 0) -> int:
@@ -234,9 +237,7 @@ class HttpApi:
                 clip(exc),
                 exc_info=exc,
             )
-            response = _json(
-                {"error": {"code": "internal", "message": "internal error"}}, status=500
-            )
+            response = _json(KVStoreError("internal error").to_json(), status=500)
         response.headers["Kvstore-Node"] = self._node_header
         response.headers["Kvstore-Leader"] = self.driver.leader_url() or ""
         histogram = self._latency.get((route, request.method))
@@ -274,20 +275,17 @@ class HttpApi:
         assert isinstance(detail, dict)
         detail.setdefault("leader", self.driver.leader_url())
         headers: dict[str, str] = {}
-        status = error.http_status
+        status = http_status(error)
         if isinstance(error, NotLeaderError) and error.leader_url:
             # Writes on a follower: 307 to the leader's same URL, so `curl -L` works.
             status = 307
             headers["Location"] = error.leader_url.rstrip("/") + request.path_qs
         if isinstance(error, ClusterError) and error.retry_after_s is not None:
-            # The header has whole seconds only (for curl); the body has the precise value.
+            # The header has whole seconds only (for curl); the body has the precise
+            # retry_after_ms (to_json).
             headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
-            detail["retry_after_ms"] = round(error.retry_after_s * 1000)
         if isinstance(error, MethodNotAllowedError):
             headers["Allow"] = error.allow
-        extra = getattr(error, "current_revision", None)
-        if extra is not None:
-            detail["current_revision"] = extra
         if status < 500 and self.throttle.logger.isEnabledFor(logging.DEBUG):
             self.throttle.log(
                 "client_error",
@@ -300,7 +298,7 @@ class HttpApi:
                 clip(error.message),
             )
         response = _json(body, status=status, headers=headers)
-        if isinstance(error, BodyTimeoutError):
+        if isinstance(error, RequestTimeoutError):
             response.force_close()  # the rest of the body may still come: drop it
         return response
 
@@ -354,7 +352,7 @@ class HttpApi:
             raise BadRequestError("the request body is malformed") from exc
         except TimeoutError as exc:
             self.metrics.client_connections_closed.labels(reason="body_timeout").inc()
-            raise BodyTimeoutError(
+            raise RequestTimeoutError(
                 f"the body did not arrive within {self.config.client_body_timeout_ms} ms"
             ) from exc
         if len(body) > limit:
@@ -422,22 +420,15 @@ class HttpApi:
         return _json({"key": key, "revision": result.revision, "deleted": True})
 
     @staticmethod
-    def _raise_for_result(result: Any) -> None:
+    def _raise_for_result(result: WriteResult) -> None:
         if result.ok:
             return
-        if result.error == "session_expired":
-            raise SessionExpiredError(
-                "the request id is older than the client's session remembers; not applied "
-                "now, and whether an earlier attempt applied is unknown"
-            )
-        if result.error == "not_found":
-            raise NotFoundError("no such key")
-        if result.error == "precondition_failed":
-            raise PreconditionFailedError(
-                "the condition on the key's revision did not hold",
-                current_revision=result.current_revision,
-            )
-        raise BadRequestError(f"the write failed: {result.error}")
+        assert result.error is not None, "a refused write says why"
+        refusal = WriteError(result.error)
+        error = _WRITE_ERRORS[refusal](_WRITE_MESSAGES[refusal])
+        if isinstance(error, PreconditionFailedError):
+            error.current_revision = result.current_revision
+        raise error
 
     async def _barrier(self, request: web.BaseRequest) -> str:
         consistency = _query(request).get("consistency", "linearizable")

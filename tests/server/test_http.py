@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from kvstore.errors import DiskFullError, ResourceExhaustedError
+from kvstore.errors import DiskFullError, ResourceExhaustedError, http_status
 from kvstore.raft.config import RaftConfig
 from kvstore.raft.types import Entry, HardState, Role, Snapshot
 from kvstore.replica import Replica
@@ -370,7 +370,7 @@ async def test_forwarded_reads_fail_at_once_when_the_leader_changes_directly(
         assert read.done(), "the read still waits for L1's answer"
         with pytest.raises(UnavailableError) as failed:
             read.result()
-        assert failed.value.http_status == 503 and failed.value.retry_after_s
+        assert http_status(failed.value) == 503 and failed.value.retry_after_s
     finally:
         driver._read_contexts.pop(b"forwarded-to-2", None)
         driver.role, driver.leader_id = Role.LEADER, 1

@@ -17,6 +17,7 @@ from kvstore.errors import (
     DiskFullError,
     FatalDiskError,
     ResourceExhaustedError,
+    http_status,
 )
 from kvstore.raft.types import ConfState, Entry, HardState, Snapshot, SnapshotMetadata
 from kvstore.storage.disk import DiskStorage
@@ -115,7 +116,7 @@ def test_no_file_descriptor_for_a_snapshot_or_segment_is_retried_not_fatal(
         with pytest.raises(ResourceExhaustedError) as refused:
             attempt()
         assert not isinstance(refused.value, DiskFullError)
-        assert refused.value.http_status == 503
+        assert http_status(refused.value) == 503
     assert sorted(p.name for p in tmp_path.glob("*")) == before
     assert storage.last_index() == 60
     fs.heal()
