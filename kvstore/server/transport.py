@@ -19,7 +19,8 @@ Rules that hold here:
   over the bound is refused before any of the body is read.
 - Memory a peer can make us hold is bounded: at most `connections_max` inbound connections
   (`connections_per_source_max` from one address), each allowed `handshake_timeout_s` to
-  complete a handshake of at most HANDSHAKE_BYTES_MAX, then frames of at most
+  complete a handshake of at most HANDSHAKE_BYTES_MAX (a dial gives up after the shorter of
+  that and `dead_after_s`), then frames of at most
   `frame_bytes_max`. A snapshot travels as one frame, so `frame_bytes_max` must exceed the
   largest snapshot a node sends; a sender logs an error and reports the snapshot as failed
   instead of sending a frame over it.
@@ -365,8 +366,9 @@ class PeerTransport:
     async def _dial(self, peer: _Peer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         host, port = resolve_address(peer.address)
         # Bounded, and short: a dial into a partition hangs (its SYN or handshake is lost),
-        # and the first one after the heal must not wait behind it for long.
-        async with asyncio.timeout(self._handshake_timeout_s):
+        # and the first one after the heal must not wait behind it for long. A peer that has
+        # not answered within dead_after_s would count as dead on an open connection too.
+        async with asyncio.timeout(min(self._handshake_timeout_s, self._dead_after_s)):
             reader, writer = await asyncio.open_connection(host, port)
             try:
                 _tune_socket(writer, self._user_timeout_ms)
