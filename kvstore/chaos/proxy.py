@@ -7,8 +7,8 @@ it dialled itself, so the link (i, j) carries exactly the messages from i to j.
 
 Faults on a link (`LinkFaults`):
 - `stall`: what dropped packets look like to TCP, and what partitions use: a connection that
-  carries a byte while the link is stalled stops forwarding anything, both ways, and stays
-  open without an error (no RST, no FIN) for good, even after the heal, the way a real
+  carries a byte (or a FIN or RST) while the link is stalled stops forwarding anything, both
+  ways, and stays open without an error (no RST, no FIN) for good, even after the heal, the way a real
   connection sits in retransmission backoff for seconds to minutes after a partition; the
   proxy stops reading it, so the sender's buffers fill as they would. New connections are
   accepted and held the same way; after the heal, new connections work;
@@ -160,8 +160,15 @@ class LinkProxy:
         self, connection: _Connection, source: asyncio.StreamReader, sink: asyncio.StreamWriter
     ) -> None:
         while not connection.closed:
-            chunk = await source.read(_CHUNK_BYTES)
+            try:
+                chunk = await source.read(_CHUNK_BYTES)
+            except ConnectionError:
+                chunk = b""
             if not chunk:
+                if connection.stalled or self._faults.stall:
+                    # A FIN or RST is a packet too: on a stalled link it never arrives.
+                    await self._hold(connection)
+                    return
                 connection.abort()
                 return
             faults = self._faults
@@ -169,13 +176,9 @@ class LinkProxy:
                 self._break(connection, "reset")
                 return
             if faults.stall or connection.stalled:
-                if not connection.stalled:
-                    connection.stalled = True
-                    self.connections_stalled += 1
-                    logger.debug("event=link_stalled link=%s", self.name)
                 # Held, never forwarded: counted with what a blackhole swallows.
                 self.bytes_swallowed += len(chunk)
-                await connection.closed_event.wait()
+                await self._hold(connection)
                 return
             if faults.blackhole:
                 # Swallowed bytes leave a hole in the stream: once healed, the connection is
@@ -196,6 +199,14 @@ class LinkProxy:
                 return
             sink.write(chunk)
             await sink.drain()
+
+    async def _hold(self, connection: _Connection) -> None:
+        """Stall `connection` for good: stop reading and forwarding, until the proxy closes."""
+        if not connection.stalled:
+            connection.stalled = True
+            self.connections_stalled += 1
+            logger.debug("event=link_stalled link=%s", self.name)
+        await connection.closed_event.wait()
 
     def _break(self, connection: _Connection, why: str) -> None:
         self.connections_broken += 1

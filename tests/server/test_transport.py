@@ -388,6 +388,42 @@ async def test_idle_connections_stay_up_on_pings() -> None:
         await b.transport.close()
 
 
+async def test_a_one_way_stall_is_redialled_by_the_side_that_still_hears() -> None:
+    """Only 1 -> 2 stalls: node 1 still hears node 2 (its pings flow), so node 1 cannot see
+    the silence; node 2 does, and its new connection tells node 1 to redial."""
+    peers = _peers()
+    rng = random.Random(4)
+    proxies = {
+        (1, 2): LinkProxy("1->2", ("127.0.0.1", int(peers[2].split(":")[1])), rng),
+        (2, 1): LinkProxy("2->1", ("127.0.0.1", int(peers[1].split(":")[1])), rng),
+    }
+    for proxy in proxies.values():
+        await proxy.start()
+    options = {"ping_interval_s": 0.02, "dead_after_s": 0.1, "handshake_timeout_s": 0.3}
+    a = _Node(1, {1: peers[1], 2: proxies[(1, 2)].address}, listen=peers[1], **options)
+    b = _Node(2, {1: proxies[(2, 1)].address, 2: peers[2]}, listen=peers[2], **options)
+    await a.transport.start()
+    await b.transport.start()
+    try:
+        a.transport.send(_append(2, 1, 0))
+        await _wait_for(lambda: len(b.received) == 1)
+        proxies[(1, 2)].set_faults(LinkFaults(stall=True))
+        await _wait_for(lambda: 1 in b.down)  # node 2 noticed the silence
+        await _wait_for(lambda: 2 in a.down)  # ... and node 1 redialled on its new connection
+        proxies[(1, 2)].heal()
+
+        def delivered() -> bool:
+            a.transport.send(_append(2, 1, 1))
+            return any(m.index == 1 for m in b.received)
+
+        await _wait_for(delivered)
+    finally:
+        await a.transport.close()
+        await b.transport.close()
+        for proxy in proxies.values():
+            await proxy.close()
+
+
 async def test_a_stalled_link_is_redialled_and_messages_flow_after_the_heal() -> None:
     """Issue 12 item 14, end to end: a partition that stalls both directions (no RST, no
     FIN, as a network that drops packets) and then heals. The stalled connections never
