@@ -231,32 +231,40 @@ class RawNode:
             return
         if self.role is Role.FOLLOWER and peer != NONE and peer == self.leader_id:
             logger.info("raft node=%d leader=%d reported down", self.id, peer)
+            # _election_elapsed counts the ticks since we last heard from the leader (Raft
+            # §5.2), and the lease holds while it is below election_ticks (see
+            # _accept_higher_term). The mapping below is idempotent, because both of the
+            # leader's connections usually report the same silence.
             election_ticks = self._config.election_ticks
             silence_ticks = self._config.heartbeat_ticks + _PEER_DOWN_SILENCE_TICKS
-            # _election_elapsed counts the ticks since we last heard from the leader (Raft
-            # §5.2); advancing it makes the lease (`_election_elapsed < election_ticks`, see
-            # _accept_higher_term) end once that count reaches silence_ticks. Both of the
-            # leader's connections usually report, so advance only once: a count already
-            # this far along was advanced before (or the lease ends within silence_ticks).
             advance = max(0, election_ticks - silence_ticks)
-            if self._election_elapsed < advance:
-                self._election_elapsed += advance
-            self._randomized_election_timeout = self._peer_down_delay_ticks(peer)
+            elapsed = self._election_elapsed
+            if elapsed < silence_ticks:
+                # Advance the count so that the lease ends once silence_ticks have passed.
+                elapsed += advance
+            elif elapsed < advance:
+                # Silent for long enough already: the lease ends now.
+                elapsed = election_ticks
+            # (From `advance` on: advanced by an earlier report, or the lease ends within
+            # silence_ticks anyway.)
+            self._election_elapsed = elapsed
+            # Campaign after the end of the lease, staggered from there or from now
+            # (the transport also reports a connection silent for a while), whichever is
+            # later, so that the survivors never start together.
+            self._randomized_election_timeout = max(
+                elapsed, election_ticks
+            ) + self._peer_down_delay_ticks(peer)
 
     def _peer_down_delay_ticks(self, leader: int) -> int:
-        """The election timeout after the leader's connection closed: just past the end of
-        the shortened lease (report_peer_down), staggered by our rank among the other voters
-        (_PEER_DOWN_STAGGER_TICKS apart, plus 0..1 tick of jitter). All survivors notice
-        within a millisecond; staggering lets the first one win while the others, asked for
-        their vote, stand down, instead of splitting the vote. The first campaign waits one
-        tick past the lease so the others' leases (their ticks are not in step with ours)
-        have ended too. Stays within [election_ticks, 2 * election_ticks), the range of a
-        normal randomized timeout, so hearing from the leader again needs no reset."""
+        """Ticks between the end of the leader's lease (or the report, when later) and our
+        campaign: staggered by our rank among the other voters (_PEER_DOWN_STAGGER_TICKS
+        apart, plus 0..1 tick of jitter). All survivors notice within a millisecond;
+        staggering lets the first one win while the others, asked for their vote, stand
+        down, instead of splitting the vote. The first waits one tick, so that the others'
+        leases (their ticks are not in step with ours) have ended too."""
         others = [voter for voter in self._voters if voter != leader]
         rank = others.index(self.id) if self.id in others else len(others)
-        election_ticks = self._config.election_ticks
-        delay = 1 + rank * _PEER_DOWN_STAGGER_TICKS + self._rng.randint(0, 1)
-        return min(election_ticks + delay, 2 * election_ticks - 1)
+        return 1 + rank * _PEER_DOWN_STAGGER_TICKS + self._rng.randint(0, 1)
 
     def report_snapshot(self, peer: int, ok: bool) -> None:
         """The driver finished (ok) or failed to send the snapshot to `peer`."""

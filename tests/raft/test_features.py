@@ -398,3 +398,30 @@ def test_report_peer_down_on_all_followers_blip_does_not_depose_live_leader() ->
         cluster.tick(40)
         assert cluster.leaders() == [1]
         assert cluster.nodes[1].term == term
+
+
+@pytest.mark.parametrize("size", [3, 5])
+def test_report_peer_down_after_long_silence_still_staggers_the_survivors(size: int) -> None:
+    """Regression (bench/partition_heal.py, split votes at terms 4 and 5): the transport now
+    also reports a leader down after hearing nothing from it for a while, when the shortened
+    lease has long ended; the survivors' campaigns must still be staggered by rank from the
+    report, not start together at the next tick."""
+    for seed in range(20):
+        cluster = Cluster(ids=range(1, size + 1), seed=seed)
+        cluster.elect(1)
+        term = cluster.nodes[1].term
+        cluster.crash(1)
+        survivors = list(range(2, size + 1))
+        for node in survivors:
+            for _ in range(10):  # silent for 10 ticks, below the election timeout
+                cluster.nodes[node].tick()
+        for node_id in survivors:
+            cluster.nodes[node_id].report_peer_down(1)
+            cluster.nodes[node_id].report_peer_down(1)
+        ticks = 0
+        while not cluster.leaders():
+            cluster.tick(1, ids=survivors)
+            ticks += 1
+            assert ticks < 20
+        assert ticks <= 2 + 2 * (size - 2) + 1
+        assert {cluster.nodes[i].term for i in survivors} == {term + 1}, seed
