@@ -9,7 +9,7 @@ one fault into the current leader:
 - `term`    SIGTERM, a graceful stop: the leader hands leadership over first; restarted after;
 - `pause`   SIGSTOP for `--pause-s` seconds, then SIGCONT; the resumed old leader must step
             down without disturbing the new one (checked: `disturbed` in the JSON);
-- `isolate` its peer links are blackholed through kvstore.chaos.proxy's ProxyMesh for
+- `isolate` its peer links are stalled through kvstore.chaos.proxy's ProxyMesh for
             `--pause-s` seconds, then healed (clients still reach it directly).
 
 Per trial it records the timeline (milliseconds after the fault was injected): `noticed`

@@ -6,11 +6,23 @@ shapes and types and raises `ProtocolError` on anything else, because these byte
 disks and peers we do not trust blindly. Never pickle.
 
 Encodings are positional arrays (not maps) to keep hot-path frames small and fast.
+
+Bounds (checked on every decode, so a hostile or damaged value never reaches the core):
+- Integers are exact `int`s (never bool or float), non-negative.
+- A term or an index from a peer is below `WIRE_VALUE_LIMIT` (2^62); one from our own disk
+  is below `STORED_VALUE_LIMIT` (2^63). The gap is headroom: a node that adopted the largest
+  term a peer may send can still add one for each of ~2^62 elections and persist and decode
+  the result, and every value stays within msgpack's uint64. (A term of 2^64-1 from one
+  packet once made every node fail to encode its own next pre-vote, forever.)
+- A node id is below `NODE_ID_LIMIT` (2^63); a member of a configuration is at least 1, and
+  a configuration has at most `CONF_MEMBERS_MAX` members.
+- A message carries at most `MESSAGE_ENTRIES_MAX` entries and a context of at most
+  `CONTEXT_BYTES_MAX` bytes; its type and an entry's type are known enum values.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -28,6 +40,19 @@ from kvstore.raft.types import (
 
 FORMAT_VERSION = 1
 
+WIRE_VALUE_LIMIT = 1 << 62
+"""Terms and indexes from a peer are below this (see the module docstring)."""
+STORED_VALUE_LIMIT = 1 << 63
+"""Terms and indexes read back from our own disk are below this."""
+NODE_ID_LIMIT = 1 << 63
+"""Node ids (and a vote, 0 for none) are below this."""
+CONF_MEMBERS_MAX = 1024
+"""Voters plus learners of one configuration."""
+MESSAGE_ENTRIES_MAX = 1 << 20
+"""Entries in one message (the frame size bounds it first in practice)."""
+CONTEXT_BYTES_MAX = 1024
+"""A message context: a ReadIndex context or a campaign marker, a few bytes in practice."""
+
 
 # --- plain values <-> python structures ----------------------------------------------------
 
@@ -36,18 +61,15 @@ def entry_to_obj(entry: Entry) -> list[Any]:
     return [entry.term, entry.index, int(entry.type), entry.data]
 
 
-def entry_from_obj(obj: Any) -> Entry:
+def entry_from_obj(obj: Any, *, limit: int = STORED_VALUE_LIMIT) -> Entry:
+    """An entry from the disk, or from a peer with `limit=WIRE_VALUE_LIMIT`."""
     _expect_list(obj, 4, "entry")
     term, index, type_, data = obj
-    _expect_int(term, "entry.term")
-    _expect_int(index, "entry.index")
-    if not isinstance(data, bytes):
+    _expect_int(term, "entry.term", limit)
+    _expect_int(index, "entry.index", limit)
+    if type(data) is not bytes:
         raise ProtocolError("entry.data is not bytes")
-    try:
-        entry_type = EntryType(type_)
-    except ValueError as exc:
-        raise ProtocolError(f"unknown entry type {type_!r}") from exc
-    return Entry(term=term, index=index, type=entry_type, data=data)
+    return Entry(term=term, index=index, type=_expect_enum(EntryType, type_, "entry"), data=data)
 
 
 def hard_state_to_obj(state: HardState) -> list[int]:
@@ -56,9 +78,11 @@ def hard_state_to_obj(state: HardState) -> list[int]:
 
 def hard_state_from_obj(obj: Any) -> HardState:
     _expect_list(obj, 3, "hard state")
-    for value, name in zip(obj, ("term", "vote", "commit")):
-        _expect_int(value, f"hard_state.{name}")
-    return HardState(term=obj[0], vote=obj[1], commit=obj[2])
+    term, vote, commit = obj
+    _expect_int(term, "hard_state.term", STORED_VALUE_LIMIT)
+    _expect_int(vote, "hard_state.vote", NODE_ID_LIMIT)
+    _expect_int(commit, "hard_state.commit", STORED_VALUE_LIMIT)
+    return HardState(term=term, vote=vote, commit=commit)
 
 
 def conf_state_to_obj(conf: ConfState) -> list[list[int]]:
@@ -68,9 +92,14 @@ def conf_state_to_obj(conf: ConfState) -> list[list[int]]:
 def conf_state_from_obj(obj: Any) -> ConfState:
     _expect_list(obj, 2, "conf state")
     voters, learners = obj
-    for group in (voters, learners):
-        if not isinstance(group, list) or not all(isinstance(v, int) for v in group):
-            raise ProtocolError("conf state members must be lists of ints")
+    if type(voters) is not list or type(learners) is not list:
+        raise ProtocolError("conf state members must be lists of node ids")
+    if len(voters) + len(learners) > CONF_MEMBERS_MAX:
+        raise ProtocolError(f"conf state: more than {CONF_MEMBERS_MAX} members")
+    for member in (*voters, *learners):
+        _expect_int(member, "conf state member", NODE_ID_LIMIT)
+        if member < 1:
+            raise ProtocolError(f"conf state member: node ids start at 1, got {member}")
     return ConfState(voters=tuple(voters), learners=tuple(learners))
 
 
@@ -78,10 +107,12 @@ def snapshot_metadata_to_obj(meta: SnapshotMetadata) -> list[Any]:
     return [meta.index, meta.term, conf_state_to_obj(meta.conf_state)]
 
 
-def snapshot_metadata_from_obj(obj: Any) -> SnapshotMetadata:
+def snapshot_metadata_from_obj(
+    obj: Any, *, limit: int = STORED_VALUE_LIMIT
+) -> SnapshotMetadata:
     _expect_list(obj, 3, "snapshot metadata")
-    _expect_int(obj[0], "snapshot.index")
-    _expect_int(obj[1], "snapshot.term")
+    _expect_int(obj[0], "snapshot.index", limit)
+    _expect_int(obj[1], "snapshot.term", limit)
     return SnapshotMetadata(index=obj[0], term=obj[1], conf_state=conf_state_from_obj(obj[2]))
 
 
@@ -89,11 +120,11 @@ def snapshot_to_obj(snapshot: Snapshot) -> list[Any]:
     return [snapshot_metadata_to_obj(snapshot.metadata), snapshot.data]
 
 
-def snapshot_from_obj(obj: Any) -> Snapshot:
+def snapshot_from_obj(obj: Any, *, limit: int = STORED_VALUE_LIMIT) -> Snapshot:
     _expect_list(obj, 2, "snapshot")
-    if not isinstance(obj[1], bytes):
+    if type(obj[1]) is not bytes:
         raise ProtocolError("snapshot.data is not bytes")
-    return Snapshot(metadata=snapshot_metadata_from_obj(obj[0]), data=obj[1])
+    return Snapshot(metadata=snapshot_metadata_from_obj(obj[0], limit=limit), data=obj[1])
 
 
 def message_to_obj(message: Message) -> list[Any]:
@@ -114,26 +145,28 @@ def message_to_obj(message: Message) -> list[Any]:
 
 
 def message_from_obj(obj: Any) -> Message:
+    """A message from a peer: every field within the bounds of the module docstring."""
     _expect_list(obj, 12, "message")
     (type_, to, from_, term, log_term, index, entries, commit, reject, hint, snap, ctx) = obj
-    try:
-        message_type = MessageType(type_)
-    except ValueError as exc:
-        raise ProtocolError(f"unknown message type {type_!r}") from exc
+    message_type = _expect_enum(MessageType, type_, "message")
+    _expect_int(to, "message.to", NODE_ID_LIMIT)
+    _expect_int(from_, "message.from", NODE_ID_LIMIT)
     for value, name in (
-        (to, "to"),
-        (from_, "from"),
         (term, "term"),
         (log_term, "log_term"),
         (index, "index"),
         (commit, "commit"),
         (hint, "reject_hint"),
     ):
-        _expect_int(value, f"message.{name}")
-    if not isinstance(entries, list):
+        _expect_int(value, f"message.{name}", WIRE_VALUE_LIMIT)
+    if type(entries) is not list:
         raise ProtocolError("message.entries is not a list")
-    if not isinstance(reject, bool) or not isinstance(ctx, bytes):
-        raise ProtocolError("message.reject or message.context has the wrong type")
+    if len(entries) > MESSAGE_ENTRIES_MAX:
+        raise ProtocolError(f"message.entries: more than {MESSAGE_ENTRIES_MAX}")
+    if type(reject) is not bool:
+        raise ProtocolError("message.reject is not a bool")
+    if type(ctx) is not bytes or len(ctx) > CONTEXT_BYTES_MAX:
+        raise ProtocolError(f"message.context is not bytes of at most {CONTEXT_BYTES_MAX}")
     return Message(
         type=message_type,
         to=to,
@@ -141,11 +174,11 @@ def message_from_obj(obj: Any) -> Message:
         term=term,
         log_term=log_term,
         index=index,
-        entries=tuple(entry_from_obj(e) for e in entries),
+        entries=tuple(entry_from_obj(e, limit=WIRE_VALUE_LIMIT) for e in entries),
         commit=commit,
         reject=reject,
         reject_hint=hint,
-        snapshot=None if snap is None else snapshot_from_obj(snap),
+        snapshot=None if snap is None else snapshot_from_obj(snap, limit=WIRE_VALUE_LIMIT),
         context=ctx,
     )
 
@@ -191,10 +224,24 @@ def decode_entry(data: bytes) -> Entry:
 
 
 def _expect_list(obj: Any, length: int, what: str) -> None:
-    if not isinstance(obj, list) or len(obj) != length:
+    if type(obj) is not list or len(obj) != length:
         raise ProtocolError(f"{what}: expected an array of {length}")
 
 
-def _expect_int(value: Any, what: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ProtocolError(f"{what}: expected a non-negative integer, got {value!r}")
+def _expect_int(value: Any, what: str, limit: int) -> None:
+    """An exact int (not a bool, not a float) in [0, limit)."""
+    if type(value) is not int or not 0 <= value < limit:
+        raise ProtocolError(f"{what}: expected an integer in [0, {limit}), got {value!r:.40}")
+
+
+_E = TypeVar("_E", EntryType, MessageType)
+
+
+def _expect_enum(enum_type: type[_E], value: Any, what: str) -> _E:
+    # An IntEnum looks values up by equality, so True would pass as 1: demand an exact int.
+    if type(value) is not int:
+        raise ProtocolError(f"{what}: type is not an integer: {value!r:.40}")
+    try:
+        return enum_type(value)
+    except ValueError as exc:
+        raise ProtocolError(f"unknown {what} type {value!r}") from exc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from kvstore import codec
@@ -20,20 +20,23 @@ from kvstore.raft.types import (
     SnapshotMetadata,
 )
 
-ids = st.integers(min_value=0, max_value=2**31)
+# In-range values, up to the documented bounds (kvstore/codec.py module docstring).
+values = st.integers(min_value=0, max_value=codec.WIRE_VALUE_LIMIT - 1)
+node_ids = st.integers(min_value=0, max_value=codec.NODE_ID_LIMIT - 1)
+members = st.integers(min_value=1, max_value=codec.NODE_ID_LIMIT - 1)
 entries = st.builds(
-    Entry, term=ids, index=ids, type=st.sampled_from(EntryType), data=st.binary(max_size=64)
+    Entry, term=values, index=values, type=st.sampled_from(EntryType), data=st.binary(max_size=64)
 )
 snapshots = st.builds(
     Snapshot,
     metadata=st.builds(
         SnapshotMetadata,
-        index=ids,
-        term=ids,
+        index=values,
+        term=values,
         conf_state=st.builds(
             ConfState,
-            voters=st.lists(ids, max_size=5).map(tuple),
-            learners=st.lists(ids, max_size=3).map(tuple),
+            voters=st.lists(members, max_size=5).map(tuple),
+            learners=st.lists(members, max_size=3).map(tuple),
         ),
     ),
     data=st.binary(max_size=64),
@@ -41,18 +44,33 @@ snapshots = st.builds(
 messages = st.builds(
     Message,
     type=st.sampled_from(MessageType),
-    to=ids,
-    from_=ids,
-    term=ids,
-    log_term=ids,
-    index=ids,
+    to=node_ids,
+    from_=node_ids,
+    term=values,
+    log_term=values,
+    index=values,
     entries=st.lists(entries, max_size=4).map(tuple),
-    commit=ids,
+    commit=values,
     reject=st.booleans(),
-    reject_hint=ids,
+    reject_hint=values,
     snapshot=st.none() | snapshots,
-    context=st.binary(max_size=16),
+    context=st.binary(max_size=codec.CONTEXT_BYTES_MAX),
 )
+
+# Values no integer field accepts: wrong types (bool passes isinstance(x, int)) and
+# integers outside every bound, up to and past msgpack's uint64.
+not_integers = st.sampled_from([True, False, None, 1.0, 0.5, "1", b"1", [1], {"a": 1}])
+too_large = st.integers(min_value=codec.STORED_VALUE_LIMIT, max_value=2**64 - 1)
+negative = st.integers(min_value=-(2**63), max_value=-1)
+bad_integers = not_integers | too_large | negative
+# Wire terms and indexes must also leave headroom below what the disk accepts.
+bad_wire_values = bad_integers | st.integers(
+    min_value=codec.WIRE_VALUE_LIMIT, max_value=codec.STORED_VALUE_LIMIT - 1
+)
+
+# Positions of the integer fields in message_to_obj's array, with what they may not hold.
+_MESSAGE_ID_FIELDS = (1, 2)  # to, from
+_MESSAGE_VALUE_FIELDS = (3, 4, 5, 7, 9)  # term, log_term, index, commit, reject_hint
 
 
 @given(messages)
@@ -65,10 +83,126 @@ def test_entry_round_trip(entry: Entry) -> None:
     assert codec.decode_entry(codec.encode_entry(entry)) == entry
 
 
-def test_hard_state_round_trip() -> None:
-    state = HardState(term=7, vote=2, commit=41)
+@given(
+    st.builds(
+        HardState,
+        term=st.integers(0, codec.STORED_VALUE_LIMIT - 1),
+        vote=node_ids,
+        commit=st.integers(0, codec.STORED_VALUE_LIMIT - 1),
+    )
+)
+def test_hard_state_round_trip(state: HardState) -> None:
     assert (
         codec.hard_state_from_obj(codec.unpack(codec.pack(codec.hard_state_to_obj(state)))) == state
+    )
+
+
+def _redecode(obj: object) -> Message:
+    return codec.decode_message(codec.pack(obj))
+
+
+@given(messages, st.sampled_from(_MESSAGE_VALUE_FIELDS), bad_wire_values)
+def test_message_with_a_term_or_index_out_of_range_is_rejected(
+    message: Message, position: int, bad: object
+) -> None:
+    """Issue 12 item 9: a term of 2^64-1 from one packet was adopted and persisted, and the
+    node then failed to encode its own pre-vote (term + 1) forever."""
+    obj = codec.message_to_obj(message)
+    obj[position] = bad
+    with pytest.raises(ProtocolError):
+        _redecode(obj)
+
+
+@given(messages, st.sampled_from(_MESSAGE_ID_FIELDS), bad_integers)
+def test_message_with_a_node_id_out_of_range_is_rejected(
+    message: Message, position: int, bad: object
+) -> None:
+    obj = codec.message_to_obj(message)
+    obj[position] = bad
+    with pytest.raises(ProtocolError):
+        _redecode(obj)
+
+
+@given(messages, entries, st.sampled_from((0, 1, 2)), bad_wire_values)
+def test_message_with_a_bad_entry_field_is_rejected(
+    message: Message, entry: Entry, position: int, bad: object
+) -> None:
+    obj = codec.message_to_obj(message)
+    entry_obj = codec.entry_to_obj(entry)
+    entry_obj[position] = bad
+    obj[6] = [*obj[6], entry_obj]
+    with pytest.raises(ProtocolError):
+        _redecode(obj)
+
+
+@given(messages, snapshots, st.sampled_from(("index", "term", "voter", "learner")), bad_wire_values)
+def test_message_with_a_bad_snapshot_field_is_rejected(
+    message: Message, snapshot: Snapshot, field: str, bad: object
+) -> None:
+    obj = codec.message_to_obj(message)
+    snap = codec.snapshot_to_obj(snapshot)
+    if field == "index":
+        snap[0][0] = bad
+    elif field == "term":
+        snap[0][1] = bad
+    else:
+        # A member's bound is NODE_ID_LIMIT, above the wire limit of terms and indexes.
+        assume(not (type(bad) is int and 1 <= bad < codec.NODE_ID_LIMIT))
+        snap[0][2][0 if field == "voter" else 1].append(bad)
+    obj[10] = snap
+    with pytest.raises(ProtocolError):
+        _redecode(obj)
+
+
+@given(messages, not_integers | st.integers(max(MessageType) + 1, 2**64 - 1) | negative)
+def test_message_of_an_unknown_type_is_rejected(message: Message, bad: object) -> None:
+    obj = codec.message_to_obj(message)
+    obj[0] = bad
+    with pytest.raises(ProtocolError):
+        _redecode(obj)
+
+
+@pytest.mark.parametrize(
+    "field, bad",
+    [
+        ("reject", 1),
+        ("context", b"x" * (codec.CONTEXT_BYTES_MAX + 1)),
+        ("context", "text"),
+        ("entries", (None,)),
+    ],
+)
+def test_message_with_a_wrong_type_or_length_is_rejected(field: str, bad: object) -> None:
+    obj = codec.message_to_obj(Message(MessageType.HEARTBEAT, 1, 2, 3))
+    obj[{"reject": 8, "context": 11, "entries": 6}[field]] = bad
+    with pytest.raises(ProtocolError):
+        _redecode(obj)
+
+
+@given(st.sampled_from((0, 1, 2)), bad_integers)
+def test_hard_state_out_of_range_is_rejected(position: int, bad: object) -> None:
+    obj: list[object] = [7, 2, 41]
+    obj[position] = bad
+    with pytest.raises(ProtocolError):
+        codec.hard_state_from_obj(obj)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [[[0], []], [[1], [0]], [list(range(1, codec.CONF_MEMBERS_MAX + 2)), []], [(1,), []]],
+)
+def test_conf_state_out_of_range_is_rejected(obj: object) -> None:
+    with pytest.raises(ProtocolError):
+        codec.conf_state_from_obj(obj)
+
+
+def test_largest_wire_term_leaves_headroom_to_campaign_and_restart() -> None:
+    """A node that adopts the largest term a peer may send can campaign (term + 1), send
+    that, persist it and read it back."""
+    term = codec.WIRE_VALUE_LIMIT - 1
+    assert codec.decode_message(codec.encode_message(Message(MessageType.PRE_VOTE, 2, 1, term)))
+    state = HardState(term=term + 1, vote=1, commit=0)
+    assert codec.hard_state_from_obj(codec.unpack(codec.pack(codec.hard_state_to_obj(state)))) == (
+        state
     )
 
 

@@ -3,8 +3,11 @@
 Faults are named so a drill can be told which to use (`--faults kill,pause,partition`); a name
 that stands for a family (`partition`, `kill`, `disk`) picks one member at random per fault.
 Every injection is checked to have taken effect (a killed process is gone, a paused one is
-stopped, a cut link swallowed bytes), because a drill whose faults silently did nothing must
+stopped, a cut link stalled or swallowed bytes), because a drill whose faults silently did nothing must
 fail, not pass.
+
+Partitions stall the cut links (`ProxyMesh.cut_faults`): connections hang without an error,
+as they do when a network drops packets, so the nodes must notice dead connections themselves.
 
 Disk faults are applied while the victim is down, to the last WAL segment in its data
 directory: a torn tail and an unsynced tail (garbage after the last record) must be cut off on

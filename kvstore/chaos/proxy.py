@@ -6,8 +6,14 @@ can cut, slow or break exactly that direction: a symmetric partition faults both
 it dialled itself, so the link (i, j) carries exactly the messages from i to j.
 
 Faults on a link (`LinkFaults`):
-- `blackhole`: bytes are swallowed in both directions and connections stay open, the way a
-  dead switch looks to TCP; new connections are accepted and starved too;
+- `stall`: what dropped packets look like to TCP, and what partitions use: a connection that
+  carries a byte (or a FIN or RST) while the link is stalled stops forwarding anything, both
+  ways, and stays open without an error (no RST, no FIN) for good, even after the heal, the way a real
+  connection sits in retransmission backoff for seconds to minutes after a partition; the
+  proxy stops reading it, so the sender's buffers fill as they would. New connections are
+  accepted and held the same way; after the heal, new connections work;
+- `blackhole`: bytes are swallowed in both directions and connections stay open; after the
+  heal a connection that lost bytes is reset when it next carries one;
 - `delay_ms` / `jitter_ms`: every chunk is held back, in order, before it is forwarded;
 - `loss`: the probability, per chunk, that the link breaks (both sockets are reset), which is
   how packet loss surfaces to a TCP stream: a connection that stalls and is torn down;
@@ -33,6 +39,7 @@ _CHUNK_BYTES = 64 * 1024
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LinkFaults:
+    stall: bool = False
     blackhole: bool = False
     delay_ms: float = 0.0
     jitter_ms: float = 0.0
@@ -73,6 +80,7 @@ class LinkProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.connections_accepted = 0
         self.connections_broken = 0
+        self.connections_stalled = 0
         self.bytes_swallowed = 0
 
     @property
@@ -152,13 +160,25 @@ class LinkProxy:
         self, connection: _Connection, source: asyncio.StreamReader, sink: asyncio.StreamWriter
     ) -> None:
         while not connection.closed:
-            chunk = await source.read(_CHUNK_BYTES)
+            try:
+                chunk = await source.read(_CHUNK_BYTES)
+            except ConnectionError:
+                chunk = b""
             if not chunk:
+                if connection.stalled or self._faults.stall:
+                    # A FIN or RST is a packet too: on a stalled link it never arrives.
+                    await self._hold(connection)
+                    return
                 connection.abort()
                 return
             faults = self._faults
             if faults.reset:
                 self._break(connection, "reset")
+                return
+            if faults.stall or connection.stalled:
+                # Held, never forwarded: counted with what a blackhole swallows.
+                self.bytes_swallowed += len(chunk)
+                await self._hold(connection)
                 return
             if faults.blackhole:
                 # Swallowed bytes leave a hole in the stream: once healed, the connection is
@@ -180,6 +200,14 @@ class LinkProxy:
             sink.write(chunk)
             await sink.drain()
 
+    async def _hold(self, connection: _Connection) -> None:
+        """Stall `connection` for good: stop reading and forwarding, until the proxy closes."""
+        if not connection.stalled:
+            connection.stalled = True
+            self.connections_stalled += 1
+            logger.debug("event=link_stalled link=%s", self.name)
+        await connection.closed_event.wait()
+
     def _break(self, connection: _Connection, why: str) -> None:
         self.connections_broken += 1
         logger.debug("event=link_broken link=%s why=%s", self.name, why)
@@ -193,11 +221,14 @@ class _Connection:
         self.downstream = downstream
         self.upstream = upstream
         self.closed = False
+        self.closed_event = asyncio.Event()
         self.tainted = False
+        self.stalled = False
 
     def abort(self) -> None:
         if not self.closed:
             self.closed = True
+            self.closed_event.set()
             _abort(self.downstream)
             _abort(self.upstream)
 
@@ -214,9 +245,16 @@ def _abort(writer: asyncio.StreamWriter) -> None:
 class ProxyMesh:
     """A proxy on every directed link (i, j), i != j, of a cluster's peer network."""
 
-    def __init__(self, peer_targets: dict[int, tuple[str, int]], rng: random.Random) -> None:
+    def __init__(
+        self,
+        peer_targets: dict[int, tuple[str, int]],
+        rng: random.Random,
+        cut_faults: LinkFaults | None = None,
+    ) -> None:
         self._targets = dict(peer_targets)
         self._rng = rng
+        # What a partition does to a cut link: stall, as dropped packets do.
+        self.cut_faults = cut_faults or LinkFaults(stall=True)
         self.links: dict[tuple[int, int], LinkProxy] = {}
 
     async def start(self) -> None:
@@ -242,8 +280,8 @@ class ProxyMesh:
         self.links[(source, target)].set_faults(faults)
 
     def isolate(self, node: int, faults: LinkFaults | None = None) -> None:
-        """Cut `node` off from every peer, both directions."""
-        cut = faults or LinkFaults(blackhole=True)
+        """Cut `node` off from every peer, both directions (by default by stalling)."""
+        cut = faults or self.cut_faults
         for (source, target), proxy in self.links.items():
             if node in (source, target):
                 proxy.set_faults(cut)
@@ -260,7 +298,7 @@ class ProxyMesh:
         self.cut_between(left, right)
 
     def cut_between(self, sources: set[int], targets: set[int], *, one_way: bool = False) -> None:
-        cut = LinkFaults(blackhole=True)
+        cut = self.cut_faults
         for (source, target), proxy in self.links.items():
             forward = source in sources and target in targets
             backward = source in targets and target in sources

@@ -64,6 +64,14 @@ class ServeConfig:
     max_pending_proposals: int = 8192
     request_timeout_ms: int = 5000
     peer_queue_frames: int = 8192
+    # The peer port's bounds (kvstore/server/transport.py). A snapshot is sent as one frame,
+    # so peer_frame_bytes_max must exceed the largest snapshot (the whole key space).
+    peer_frame_bytes_max: int = 256 << 20
+    peer_handshake_timeout_ms: int = 1000
+    peer_connections_max: int = 64
+    peer_connections_per_source_max: int = 8
+    # A peer connection on which nothing arrived for this many heartbeat intervals is dead.
+    peer_dead_after_heartbeats: int = 5
     inbox_batch_max: int = 4096
     shutdown_transfer_ms: int = 1000
     inline_save_entries_max: int = 16
@@ -112,6 +120,11 @@ class ServeConfig:
             "max_pending_proposals",
             "request_timeout_ms",
             "peer_queue_frames",
+            "peer_frame_bytes_max",
+            "peer_handshake_timeout_ms",
+            "peer_connections_max",
+            "peer_connections_per_source_max",
+            "peer_dead_after_heartbeats",
             "inbox_batch_max",
             "client_connections_max",
             "client_connections_per_source_max",
@@ -131,6 +144,10 @@ class ServeConfig:
     @property
     def peer_addresses(self) -> dict[int, str]:
         return dict(self.peers)
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        return self.heartbeat_ticks * self.tick_interval_ms / 1000.0
 
     @property
     def client_url(self) -> str:
@@ -172,6 +189,15 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("max_pending_proposals", int, "writes in flight before answering 429"),
     ("request_timeout_ms", int, "deadline of one request inside the node"),
     ("peer_queue_frames", int, "frames queued per peer before dropping"),
+    ("peer_frame_bytes_max", int, "largest peer frame accepted; must exceed the largest snapshot"),
+    ("peer_handshake_timeout_ms", int, "time a peer connection has to complete its handshake"),
+    ("peer_connections_max", int, "inbound peer connections at most"),
+    ("peer_connections_per_source_max", int, "inbound peer connections from one address at most"),
+    (
+        "peer_dead_after_heartbeats",
+        int,
+        "heartbeat intervals without a byte before a peer connection is redialled",
+    ),
     ("inbox_batch_max", int, "items the driver takes from its inbox per turn"),
     ("shutdown_transfer_ms", int, "how long a leader waits to hand over on SIGTERM"),
     (

@@ -143,6 +143,12 @@ class Node:
             on_snapshot_status=self.driver.on_snapshot_status,
             queue_frames_max=config.peer_queue_frames,
             on_drop=lambda peer: self.metrics.peer_dropped.inc(),
+            handshake_timeout_s=config.peer_handshake_timeout_ms / 1000.0,
+            frame_bytes_max=config.peer_frame_bytes_max,
+            connections_max=config.peer_connections_max,
+            connections_per_source_max=config.peer_connections_per_source_max,
+            ping_interval_s=config.heartbeat_interval_s,
+            dead_after_s=config.peer_dead_after_heartbeats * config.heartbeat_interval_s,
         )
         self.http = HttpApi(self.driver, config.cluster_id)
         self.metrics.bind_node(

@@ -6,17 +6,36 @@ nodes has its own stream, and a slow reader never blocks the other direction.
 
 Wire format (asyncio streams on the peer port): frames of a 4-byte big-endian length, a
 4-byte big-endian CRC32 of the payload, and the payload (a proxy that drops bytes mid-stream
-must never make a garbled frame decode into a valid-looking message). The first frame each way is a handshake, `kvstore.codec.pack(["kvstore-peer", 1,
-cluster_id, node_id, client_url])`; every later frame is `kvstore.codec.encode_message`.
+must never make a garbled frame decode into a valid-looking message). The first frame each
+way is a handshake, `kvstore.codec.pack(["kvstore-peer", 1, cluster_id, node_id,
+client_url])`, of at most HANDSHAKE_BYTES_MAX; every later frame is
+`kvstore.codec.encode_message`, of at most `frame_bytes_max`, or a ping: a frame with an
+empty payload, which a writer sends when it has sent nothing for `ping_interval_s`.
 
 Rules that hold here:
 - A handshake with another cluster id, an unknown node id, a checksum mismatch, or any
-  malformed frame is logged
-  and the connection closed; nothing from it ever reaches the Raft core.
+  malformed or out-of-range frame (kvstore.codec checks every field) is logged (rate-limited)
+  and the connection closed; nothing from it ever reaches the Raft core. A length prefix
+  over the bound is refused before any of the body is read.
+- Memory a peer can make us hold is bounded: at most `connections_max` inbound connections
+  (`connections_per_source_max` from one address), each allowed `handshake_timeout_s` to
+  complete a handshake of at most HANDSHAKE_BYTES_MAX (a dial gives up after the shorter of
+  that and `dead_after_s`), then frames of at most
+  `frame_bytes_max`. A snapshot travels as one frame, so `frame_bytes_max` must exceed the
+  largest snapshot a node sends; a sender logs an error and reports the snapshot as failed
+  instead of sending a frame over it.
 - `send()` never blocks: each peer has a bounded queue, and a full queue drops the message
   (Raft retransmits; a dropped message costs latency, never safety).
 - One writer task per peer takes everything queued and writes it with one `writelines`.
 - A dropped outbound connection is redialed with capped exponential back-off and jitter.
+- Liveness: TCP alone notices a connection whose packets are dropped only after minutes of
+  retransmission. So an inbound connection on which nothing (not even a ping) has arrived for
+  `dead_after_s` is closed, and our outbound connection to that peer is redialled: the two
+  directions share the network path, and we cannot read anything on our outbound one. A peer
+  that dials us anew tells us it stopped hearing from us, so an outbound connection older than
+  `dead_after_s` is redialled then as well (a younger one was just dialled; redialling it too
+  would make the two nodes redial each other forever). Peer sockets also set SO_KEEPALIVE and
+  TCP_USER_TIMEOUT (Linux) so the kernel gives up on a stalled connection too.
 - When any connection to a peer closes, `on_peer_down(peer)` is called, so the driver can
   tell the core at once (`RawNode.report_peer_down`) instead of waiting for a timeout.
 """
@@ -27,12 +46,14 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvstore.codec import encode_message, message_from_obj, pack, unpack
+from kvstore.codec import NODE_ID_LIMIT, encode_message, message_from_obj, pack, unpack
 from kvstore.errors import ProtocolError
 from kvstore.raft.types import Message, MessageType
 from kvstore.server.discovery import resolve_address, split_host_port
@@ -42,9 +63,17 @@ logger = logging.getLogger("kvstore.server")
 _HEADER = struct.Struct(">II")  # length, crc32
 _MAGIC = "kvstore-peer"
 _VERSION = 1
-FRAME_BYTES_MAX = 256 << 20
-_HANDSHAKE_TIMEOUT_S = 5.0
+HANDSHAKE_BYTES_MAX = 4 << 10
+"""A handshake is ~100 bytes; a longer length prefix is refused before reading the body."""
+FRAME_BYTES_MAX_DEFAULT = 256 << 20
+"""Default bound of a frame after the handshake. A snapshot (the whole state machine) is one
+frame, and a follower holds that state in memory anyway; see ServeConfig.peer_frame_bytes_max."""
+_CLUSTER_ID_CHARS_MAX = 128
+_CLIENT_URL_CHARS_MAX = 2048
 _READ_CHUNK_BYTES = 256 << 10
+_PING = _HEADER.pack(0, zlib.crc32(b""))
+_LOG_INTERVAL_S = 1.0
+"""At most one line per kind of rejection per interval: a peer cannot flood the log."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,31 +101,37 @@ def encode_handshake(handshake: Handshake) -> bytes:
 
 def decode_handshake(payload: bytes) -> Handshake:
     obj = unpack(payload)
-    if not isinstance(obj, list) or len(obj) != 5 or obj[0] != _MAGIC or obj[1] != _VERSION:
+    if type(obj) is not list or len(obj) != 5 or obj[0] != _MAGIC or obj[1] != _VERSION:
         raise ProtocolError("not a kvstore peer handshake")
-    _, _, cluster_id, node_id, client_url = obj
-    if not isinstance(cluster_id, str) or not isinstance(client_url, str):
-        raise ProtocolError("handshake: cluster id and client url must be strings")
-    if not isinstance(node_id, int) or isinstance(node_id, bool) or node_id < 1:
-        raise ProtocolError(f"handshake: bad node id {node_id!r}")
+    _, version, cluster_id, node_id, client_url = obj
+    if type(version) is not int:
+        raise ProtocolError("not a kvstore peer handshake")
+    if type(cluster_id) is not str or not 0 < len(cluster_id) <= _CLUSTER_ID_CHARS_MAX:
+        raise ProtocolError(f"handshake: cluster id must be 1..{_CLUSTER_ID_CHARS_MAX} chars")
+    if type(client_url) is not str or len(client_url) > _CLIENT_URL_CHARS_MAX:
+        raise ProtocolError(f"handshake: client url must be at most {_CLIENT_URL_CHARS_MAX} chars")
+    if type(node_id) is not int or not 1 <= node_id < NODE_ID_LIMIT:
+        raise ProtocolError(f"handshake: bad node id {node_id!r:.40}")
     return Handshake(cluster_id=cluster_id, node_id=node_id, client_url=client_url)
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> bytes:
+async def _read_frame(reader: asyncio.StreamReader, bytes_max: int) -> bytes:
     header = await reader.readexactly(_HEADER.size)
     length, crc = _HEADER.unpack(header)
-    if length == 0 or length > FRAME_BYTES_MAX:
-        raise ProtocolError(f"frame length {length} out of range")
+    if length == 0 or length > bytes_max:
+        # Refused before reading (or allocating for) the body.
+        raise ProtocolError(f"frame length {length} out of range (at most {bytes_max})")
     return _check_crc(await reader.readexactly(length), crc)
 
 
 class _FrameBuffer:
-    """Splits a byte stream into frames; bounded by FRAME_BYTES_MAX per frame."""
+    """Splits a byte stream into frames of at most `bytes_max`; drops pings (empty frames)."""
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_buffer", "_bytes_max")
 
-    def __init__(self) -> None:
+    def __init__(self, bytes_max: int) -> None:
         self._buffer = bytearray()
+        self._bytes_max = bytes_max
 
     def feed(self, data: bytes) -> list[bytes]:
         self._buffer += data
@@ -106,16 +141,56 @@ class _FrameBuffer:
         header_size = _HEADER.size
         while len(buffer) - offset >= header_size:
             length, crc = _HEADER.unpack_from(buffer, offset)
-            if length == 0 or length > FRAME_BYTES_MAX:
-                raise ProtocolError(f"frame length {length} out of range")
+            if length > self._bytes_max:
+                raise ProtocolError(f"frame length {length} out of range (at most {self._bytes_max})")
             end = offset + header_size + length
             if end > len(buffer):
                 break
-            frames.append(_check_crc(bytes(buffer[offset + header_size : end]), crc))
+            if length:
+                frames.append(_check_crc(bytes(buffer[offset + header_size : end]), crc))
+            elif crc != _EMPTY_CRC:
+                raise ProtocolError("frame checksum mismatch")
             offset = end
         if offset:
             del buffer[:offset]
         return frames
+
+
+_EMPTY_CRC = zlib.crc32(b"")
+
+
+class _RateLimitedLog:
+    """One warning per kind per _LOG_INTERVAL_S; the lines in between are counted."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, kind: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -_LOG_INTERVAL_S) < _LOG_INTERVAL_S:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        suppressed = self._suppressed.pop(kind, 0)
+        logger.warning(message + " suppressed=%d", *args, suppressed)
+
+
+def _tune_socket(writer: asyncio.StreamWriter, user_timeout_ms: int) -> None:
+    """Keepalive, and TCP_USER_TIMEOUT where the platform has it: the kernel then drops a
+    connection whose sent data stays unacknowledged (dropped packets) instead of retrying
+    for minutes."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        idle_s = max(1, user_timeout_ms // 1000)
+        for option, value in (("TCP_KEEPIDLE", idle_s), ("TCP_KEEPINTVL", idle_s), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
 
 
 class _Peer:
@@ -130,6 +205,9 @@ class _Peer:
         self.redial = asyncio.Event()
         self.connected = False
         self.dropped = 0
+        # The outbound connection while it is up, and when it came up (loop time).
+        self.writer: asyncio.StreamWriter | None = None
+        self.connected_at = 0.0
 
 
 class PeerTransport:
@@ -150,8 +228,14 @@ class PeerTransport:
         queue_frames_max: int = 8192,
         on_drop: Callable[[int], None] | None = None,
         backoff_initial_s: float = 0.02,
-        backoff_max_s: float = 0.5,
+        backoff_max_s: float = 0.25,
         rng: random.Random | None = None,
+        handshake_timeout_s: float = 1.0,
+        frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT,
+        connections_max: int = 64,
+        connections_per_source_max: int = 8,
+        ping_interval_s: float = 0.05,
+        dead_after_s: float = 0.25,
     ) -> None:
         self.node_id = node_id
         self.cluster_id = cluster_id
@@ -171,6 +255,19 @@ class PeerTransport:
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         self._rng = rng or random.Random()
+        self._handshake_timeout_s = handshake_timeout_s
+        self._frame_bytes_max = frame_bytes_max
+        self._connections_max = connections_max
+        self._connections_per_source_max = connections_per_source_max
+        self._ping_interval_s = ping_interval_s
+        self._dead_after_s = dead_after_s
+        # The kernel's own limit on unacknowledged data: well past ours, so that it only
+        # matters when our check cannot run (a blocked loop), and never under 1 s.
+        self._user_timeout_ms = max(1000, int(4000 * dead_after_s))
+        # Inbound connections, in total and per source address (before and after handshake).
+        self._inbound = 0
+        self._inbound_by_source: dict[str, int] = {}
+        self._log = _RateLimitedLog()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -249,6 +346,8 @@ class PeerTransport:
                 continue
             backoff = self._backoff_initial_s
             peer.connected = True
+            peer.writer = writer
+            peer.connected_at = asyncio.get_running_loop().time()
             logger.info("event=peer_connected peer=%s direction=out", peer.id)
             try:
                 await self._pump(peer, reader, writer)
@@ -258,6 +357,7 @@ class PeerTransport:
                 logger.exception("event=peer_pump_failed peer=%s", peer.id)
             finally:
                 peer.connected = False
+                peer.writer = None
                 writer.close()
             if not self._closing:
                 logger.info("event=peer_disconnected peer=%s direction=out", peer.id)
@@ -265,11 +365,15 @@ class PeerTransport:
 
     async def _dial(self, peer: _Peer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         host, port = resolve_address(peer.address)
-        async with asyncio.timeout(_HANDSHAKE_TIMEOUT_S):
+        # Bounded, and short: a dial into a partition hangs (its SYN or handshake is lost),
+        # and the first one after the heal must not wait behind it for long. A peer that has
+        # not answered within dead_after_s would count as dead on an open connection too.
+        async with asyncio.timeout(min(self._handshake_timeout_s, self._dead_after_s)):
             reader, writer = await asyncio.open_connection(host, port)
             try:
+                _tune_socket(writer, self._user_timeout_ms)
                 writer.write(encode_handshake(self._handshake()))
-                answer = decode_handshake(await _read_frame(reader))
+                answer = decode_handshake(await _read_frame(reader, HANDSHAKE_BYTES_MAX))
                 self._check_handshake(answer, expected_id=peer.id)
             except BaseException:
                 writer.close()
@@ -281,23 +385,28 @@ class PeerTransport:
         self, peer: _Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         """Write queued frames until the connection fails; the peer never writes back, so a
-        read returning EOF means the connection is gone (the peer died or closed it)."""
+        read returning EOF means the connection is gone (the peer died or closed it). With
+        nothing to send for ping_interval_s, send a ping so the peer can tell an idle
+        connection from a dead one. `_redial` aborts the connection to end this early."""
         eof = asyncio.ensure_future(reader.read(1))
         try:
             while not eof.done():
                 if not peer.queue:
                     peer.wakeup.clear()
                     wake = asyncio.ensure_future(peer.wakeup.wait())
-                    await asyncio.wait((eof, wake), return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait(
+                        (eof, wake),
+                        timeout=self._ping_interval_s,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
                     wake.cancel()
+                    if not done:
+                        self._write(writer, [_PING])
+                        await writer.drain()
                     continue
                 batch, peer.queue = peer.queue, []
                 try:
-                    if writer.is_closing():
-                        # uvloop raises RuntimeError on a write to a transport that a reset
-                        # has already closed; it is a broken connection like any other.
-                        raise ConnectionResetError("the connection was closed under us")
-                    writer.writelines([encode_frame(encode_message(m)) for m in batch])
+                    self._write(writer, self._frames(peer.id, batch))
                     await writer.drain()
                 except BaseException:
                     self._snapshot_status(peer.id, batch, ok=False)
@@ -307,6 +416,40 @@ class PeerTransport:
             logger.debug("event=peer_write_failed peer=%s error=%r", peer.id, exc)
         finally:
             eof.cancel()
+
+    @staticmethod
+    def _write(writer: asyncio.StreamWriter, frames: list[bytes]) -> None:
+        if writer.is_closing():
+            # uvloop raises RuntimeError on a write to a transport that a reset has already
+            # closed; it is a broken connection like any other.
+            raise ConnectionResetError("the connection was closed under us")
+        writer.writelines(frames)
+
+    def _frames(self, peer_id: int, batch: list[Message]) -> list[bytes]:
+        """Encoded frames of `batch`, leaving out (with an error) any the peer would refuse."""
+        frames = []
+        for message in batch:
+            payload = encode_message(message)
+            if len(payload) > self._frame_bytes_max:
+                logger.error(
+                    "event=peer_frame_too_large peer=%s type=%s bytes=%d frame_bytes_max=%d",
+                    peer_id,
+                    message.type.name,
+                    len(payload),
+                    self._frame_bytes_max,
+                )
+                self._snapshot_status(peer_id, [message], ok=False)
+                continue
+            frames.append(encode_frame(payload))
+        return frames
+
+    def _redial(self, peer_id: int, reason: str) -> None:
+        """Drop our outbound connection to `peer_id` (if up) so that it is dialled anew."""
+        peer = self._peers.get(peer_id)
+        if peer is None or peer.writer is None:
+            return
+        logger.info("event=peer_redial peer=%s reason=%s", peer_id, reason)
+        peer.writer.transport.abort()
 
     def _snapshot_status(self, peer_id: int, batch: list[Message], *, ok: bool) -> None:
         """Tell the core whether a snapshot left (RawNode.report_snapshot)."""
@@ -322,22 +465,55 @@ class PeerTransport:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         remote = writer.get_extra_info("peername")
+        source = str(remote[0]) if isinstance(remote, tuple) and remote else str(remote)
+        if (
+            self._inbound >= self._connections_max
+            or self._inbound_by_source.get(source, 0) >= self._connections_per_source_max
+        ):
+            # Refused before reading anything: the connection costs a descriptor for a moment.
+            self.frames_rejected += 1
+            self._log.warning(
+                "peer_connection_refused",
+                "event=peer_connection_refused remote=%s inbound=%d from_source=%d",
+                remote,
+                self._inbound,
+                self._inbound_by_source.get(source, 0),
+            )
+            writer.transport.abort()
+            return
+        self._inbound += 1
+        self._inbound_by_source[source] = self._inbound_by_source.get(source, 0) + 1
         self._tasks.add(asyncio.current_task())  # type: ignore[arg-type]
         peer_id = 0
+        watchdog: asyncio.Task[None] | None = None
         try:
-            async with asyncio.timeout(_HANDSHAKE_TIMEOUT_S):
-                hello = decode_handshake(await _read_frame(reader))
+            async with asyncio.timeout(self._handshake_timeout_s):
+                hello = decode_handshake(await _read_frame(reader, HANDSHAKE_BYTES_MAX))
             self._check_handshake(hello, expected_id=None)
             peer_id = hello.node_id
+            _tune_socket(writer, self._user_timeout_ms)
             writer.write(encode_handshake(self._handshake()))
-            self._peers[peer_id].redial.set()
+            peer = self._peers[peer_id]
+            peer.redial.set()
+            loop = asyncio.get_running_loop()
+            if peer.writer is not None and loop.time() - peer.connected_at > self._dead_after_s:
+                # The peer dialled us anew: it stopped hearing from us (or restarted), so our
+                # outbound connection to it is suspect. One dialled recently is left alone,
+                # or two nodes would keep redialling each other.
+                self._redial(peer_id, "peer_redialled")
             self._learn_url(hello)
             logger.info("event=peer_connected peer=%s direction=in", peer_id)
-            await self._read_messages(peer_id, reader)
+            heard = [loop.time()]
+            watchdog = loop.create_task(self._watch_inbound(peer_id, writer, heard))
+            await self._read_messages(peer_id, reader, heard)
         except ProtocolError as exc:
             self.frames_rejected += 1
-            logger.warning(
-                "event=peer_rejected remote=%s peer=%s reason=%r", remote, peer_id, str(exc)
+            self._log.warning(
+                "peer_rejected",
+                "event=peer_rejected remote=%s peer=%s reason=%r",
+                remote,
+                peer_id,
+                str(exc)[:200],
             )
         except (asyncio.IncompleteReadError, ConnectionError, OSError, TimeoutError):
             pass
@@ -346,18 +522,54 @@ class PeerTransport:
             # stream callback logs a cancelled connection handler as an error.
             pass
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            self._inbound -= 1
+            left = self._inbound_by_source[source] - 1
+            if left:
+                self._inbound_by_source[source] = left
+            else:
+                del self._inbound_by_source[source]
             writer.close()
             self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
             if peer_id and not self._closing:
                 logger.info("event=peer_disconnected peer=%s direction=in", peer_id)
                 self._on_peer_down(peer_id)
 
-    async def _read_messages(self, peer_id: int, reader: asyncio.StreamReader) -> None:
-        frames = _FrameBuffer()
+    async def _watch_inbound(
+        self, peer_id: int, writer: asyncio.StreamWriter, heard: list[float]
+    ) -> None:
+        """Close the connection once nothing has arrived on it for dead_after_s, and redial
+        ours to the same peer (see the module docstring)."""
+        loop = asyncio.get_running_loop()
+        interval_s = self._ping_interval_s
+        last_wake = loop.time()
+        while True:
+            await asyncio.sleep(interval_s)
+            now = loop.time()
+            late = now - last_wake > 2 * interval_s
+            last_wake = now
+            if late:
+                # Our own loop was blocked: what arrived meanwhile is unread, not missing.
+                continue
+            if now - heard[0] >= self._dead_after_s:
+                logger.warning(
+                    "event=peer_silent peer=%s silent_ms=%d", peer_id, (now - heard[0]) * 1000
+                )
+                writer.transport.abort()
+                self._redial(peer_id, "peer_silent")
+                return
+
+    async def _read_messages(
+        self, peer_id: int, reader: asyncio.StreamReader, heard: list[float]
+    ) -> None:
+        frames = _FrameBuffer(self._frame_bytes_max)
+        loop = asyncio.get_running_loop()
         while True:
             data = await reader.read(_READ_CHUNK_BYTES)
             if not data:
                 return
+            heard[0] = loop.time()
             for payload in frames.feed(data):
                 message = message_from_obj(unpack(payload))
                 if message.from_ != peer_id or message.to != self.node_id:

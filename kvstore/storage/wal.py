@@ -203,7 +203,7 @@ def _decode_entries(objs: list[Any], expected: int) -> list[Entry]:
             type(term) is not int
             or type(index) is not int
             or type(data) is not bytes
-            or term < 0
+            or not 0 <= term < codec.STORED_VALUE_LIMIT
             or type_ not in _ENTRY_TYPES
         ):
             codec.entry_from_obj(item)  # raises with the precise reason

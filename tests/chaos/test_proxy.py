@@ -1,4 +1,5 @@
-"""The fault-injecting TCP proxy: pass-through, blackhole, delay, loss, reset, partitions."""
+"""The fault-injecting TCP proxy: pass-through, stall, blackhole, delay, loss, reset,
+partitions."""
 
 from __future__ import annotations
 
@@ -76,6 +77,36 @@ async def test_blackholed_connection_is_broken_after_heal(proxy: LinkProxy) -> N
     writer.close()
 
 
+async def test_stalled_connection_stays_stalled_after_heal_without_an_error(
+    proxy: LinkProxy,
+) -> None:
+    """Issue 12 item 14: a partition stalls connections (as dropped packets do) rather than
+    closing them; only new connections work after the heal."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"x")
+    await writer.drain()
+    assert await reader.readexactly(1) == b"x"
+    proxy.set_faults(LinkFaults(stall=True))
+    writer.write(b"held")
+    await writer.drain()
+    await _wait_for(lambda: proxy.connections_stalled == 1)
+    held_reader, held_writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    held_writer.write(b"new")
+    await held_writer.drain()
+    await _wait_for(lambda: proxy.connections_stalled == 2)  # accepted, then held too
+    proxy.heal()
+    writer.write(b"after")
+    await writer.drain()
+    # A new connection works at once; the stalled ones got nothing, and no error or EOF.
+    assert await _round_trip(proxy.port, b"fresh") == b"fresh"
+    for stalled in (reader, held_reader):
+        assert not stalled.at_eof() and stalled.exception() is None
+        assert len(stalled._buffer) == 0  # type: ignore[attr-defined]
+    assert proxy.connections_broken == 0
+    writer.close()
+    held_writer.close()
+
+
 async def test_reset_breaks_open_connections_and_refuses_new(proxy: LinkProxy) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(b"x")
@@ -141,7 +172,7 @@ async def test_mesh_partitions_cut_the_right_links(echo_server: tuple[str, int])
 
 
 def _cut(mesh: ProxyMesh) -> set[tuple[int, int]]:
-    return {link for link, proxy in mesh.links.items() if proxy.faults.blackhole}
+    return {link for link, proxy in mesh.links.items() if proxy.faults.stall}
 
 
 async def _wait_for(condition: object, timeout_s: float = 2.0) -> None:

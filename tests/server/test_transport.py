@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import struct
+from typing import Any
 
-from kvstore.codec import pack
+from kvstore.chaos.proxy import LinkFaults, LinkProxy
+from kvstore.codec import encode_message, message_to_obj, pack
+from kvstore.raft.config import RaftConfig
+from kvstore.raft.node import RawNode
 from kvstore.raft.types import Entry, Message, MessageType
 from kvstore.server.transport import PeerTransport, encode_frame
+from kvstore.storage.memory import MemoryStorage
 
 
 def _free_port() -> int:
@@ -24,17 +30,25 @@ async def _wait_for(condition, timeout_s: float = 5.0) -> None:
 
 
 class _Node:
-    def __init__(self, node_id: int, peers: dict[int, str], cluster_id: str = "c1") -> None:
+    def __init__(
+        self,
+        node_id: int,
+        peers: dict[int, str],
+        cluster_id: str = "c1",
+        listen: str | None = None,
+        **options: Any,
+    ) -> None:
         self.received: list[Message] = []
         self.down: list[int] = []
         self.transport = PeerTransport(
             node_id=node_id,
             cluster_id=cluster_id,
             client_url=f"http://client-{node_id}",
-            listen=peers[node_id],
+            listen=listen or peers[node_id],
             peers=peers,
             on_message=self.received.append,
             on_peer_down=self.down.append,
+            **options,
         )
 
 
@@ -180,3 +194,271 @@ async def test_a_failed_write_does_not_end_the_peer_task(monkeypatch) -> None:
     finally:
         await a.transport.close()
         await b.transport.close()
+
+
+async def _closed_by_peer(reader: asyncio.StreamReader, timeout_s: float = 2.0) -> bool:
+    """True once the other end closed (EOF or reset) within the deadline; what it sent before
+    (its handshake) is skipped."""
+    async with asyncio.timeout(timeout_s):
+        try:
+            while await reader.read(1 << 16):
+                pass
+        except ConnectionError:
+            pass
+    return True
+
+
+def _handshake_frame(node_id: int = 2, cluster_id: str = "c1") -> bytes:
+    return encode_frame(pack(["kvstore-peer", 1, cluster_id, node_id, "http://x"]))
+
+
+async def test_a_term_out_of_range_is_dropped_and_the_node_keeps_its_term() -> None:
+    """Issue 12 item 9: a message with term 2^64-1 was adopted and persisted, and the node
+    then failed to encode its own pre-vote forever. It must not reach the core."""
+    peers = _peers()
+    storage = MemoryStorage()
+    core = RawNode(RaftConfig(id=1, peers=(1, 2)), storage, random.Random(1))
+    a = _Node(1, peers)
+    a.transport._on_message = core.step
+    term = core.term
+    await a.transport.start()
+    host, port = peers[1].split(":")
+    try:
+        for bad_term in (2**64 - 1, 2**63, 2**62):
+            obj = message_to_obj(Message(MessageType.HEARTBEAT, 1, 2, 1))
+            obj[3] = bad_term
+            before = a.transport.frames_rejected
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(_handshake_frame() + encode_frame(pack(obj)))
+            await writer.drain()
+            assert await _closed_by_peer(reader)
+            assert a.transport.frames_rejected == before + 1
+            writer.close()
+        assert core.term == term
+        # ... and the node can still encode what it sends next.
+        core.campaign()
+        for message in core.ready().messages:
+            encode_message(message)
+    finally:
+        await a.transport.close()
+
+
+async def test_an_oversized_length_prefix_before_the_handshake_is_refused_unread() -> None:
+    """Issue 12 item 10: a 256 MiB frame before the handshake was read into memory. Now the
+    length prefix alone is refused: the node closes at once, without waiting for the body
+    (the handshake timeout is far away, so only the length check can close it in time)."""
+    peers = _peers()
+    a = _Node(1, peers, handshake_timeout_s=30.0)
+    await a.transport.start()
+    host, port = peers[1].split(":")
+    try:
+        for length in (200 << 20, 5 << 10):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(struct.pack(">II", length, 0) + b"x" * 100)
+            await writer.drain()
+            assert await _closed_by_peer(reader)
+            writer.close()
+        assert a.transport.frames_rejected == 2
+        assert a.transport._inbound == 0
+    finally:
+        await a.transport.close()
+
+
+async def test_a_frame_over_the_configured_bound_is_refused_after_the_handshake() -> None:
+    peers = _peers()
+    a = _Node(1, peers, frame_bytes_max=1 << 10)
+    await a.transport.start()
+    host, port = peers[1].split(":")
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(_handshake_frame() + struct.pack(">II", 2 << 10, 0))
+        await writer.drain()
+        assert await _closed_by_peer(reader)
+        assert a.transport.frames_rejected == 1 and a.received == []
+        writer.close()
+    finally:
+        await a.transport.close()
+
+
+async def test_a_message_over_the_bound_is_not_sent() -> None:
+    """The sender leaves out (and reports as failed) a snapshot the peer would refuse."""
+    peers = _peers()
+    a, b = _Node(1, peers, frame_bytes_max=1 << 10), _Node(2, peers)
+    statuses: list[tuple[int, bool]] = []
+    a.transport._on_snapshot_status = lambda peer, ok: statuses.append((peer, ok))
+    await a.transport.start()
+    await b.transport.start()
+    try:
+        big = Message(
+            MessageType.APPEND, 2, 1, 3, entries=(Entry(term=3, index=1, data=b"y" * 2048),)
+        )
+        a.transport.send(big)
+        a.transport.send(_append(2, 1, 5))
+        await _wait_for(lambda: len(b.received) == 1)
+        assert b.received[0].index == 5
+        assert b.transport.frames_rejected == 0
+    finally:
+        await a.transport.close()
+        await b.transport.close()
+
+
+async def test_a_connection_without_a_handshake_is_closed_after_the_timeout() -> None:
+    peers = _peers()
+    a = _Node(1, peers, handshake_timeout_s=0.2)
+    await a.transport.start()
+    host, port = peers[1].split(":")
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"\x00\x00")  # part of a header, then nothing
+        await writer.drain()
+        assert await _closed_by_peer(reader, timeout_s=3.0)
+        writer.close()
+    finally:
+        await a.transport.close()
+
+
+async def test_inbound_connections_are_capped_per_source_and_in_total() -> None:
+    peers = _peers()
+    a = _Node(1, peers, handshake_timeout_s=30.0, connections_max=3, connections_per_source_max=2)
+    await a.transport.start()
+    host, port = peers[1].split(":")
+    opened: list[asyncio.StreamWriter] = []
+    try:
+        # Two from 127.0.0.1 are held (waiting for a handshake); the third is closed at once.
+        for _ in range(2):
+            opened.append((await asyncio.open_connection(host, int(port)))[1])
+        await _wait_for(lambda: a.transport._inbound == 2)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        opened.append(writer)
+        assert await _closed_by_peer(reader)
+        assert a.transport._inbound == 2 and a.transport.frames_rejected == 1
+        # Another source address (127.0.0.2 is loopback too) gets one more: the total cap.
+        for refused in (False, True):
+            reader, writer = await asyncio.open_connection(
+                host, int(port), local_addr=("127.0.0.2", 0)
+            )
+            opened.append(writer)
+            if refused:
+                assert await _closed_by_peer(reader)
+            else:
+                await _wait_for(lambda: a.transport._inbound == 3)
+        assert a.transport.frames_rejected == 2
+    finally:
+        for writer in opened:
+            writer.close()
+        await a.transport.close()
+
+
+async def test_a_silent_connection_is_closed_and_the_outbound_one_redialled() -> None:
+    """Issue 12 item 14: nothing arrives on a connection whose packets are dropped, and no
+    error either; it must be noticed from the silence, not from TCP minutes later."""
+    peers = _peers()
+    a = _Node(1, peers, ping_interval_s=0.02, dead_after_s=0.15)
+    await a.transport.start()
+    host, port = peers[1].split(":")
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(_handshake_frame())  # then silence: no messages, no pings
+        await writer.drain()
+        await _wait_for(lambda: a.transport.peer_urls.get(2) == "http://x")
+        assert await _closed_by_peer(reader)
+        await _wait_for(lambda: 2 in a.down)
+        writer.close()
+    finally:
+        await a.transport.close()
+
+
+async def test_idle_connections_stay_up_on_pings() -> None:
+    peers = _peers()
+    options = {"ping_interval_s": 0.02, "dead_after_s": 0.1}
+    a, b = _Node(1, peers, **options), _Node(2, peers, **options)
+    await a.transport.start()
+    await b.transport.start()
+    try:
+        await _wait_for(lambda: a.transport.is_connected(2) and b.transport.is_connected(1))
+        # Idle for many times dead_after_s: pings keep every connection up. The barrier is a
+        # round trip through both transports, not a sleep that decides the outcome.
+        for i in range(20):
+            a.transport.send(_append(2, 1, i))
+            await _wait_for(lambda i=i: len(b.received) == i + 1)
+            await asyncio.sleep(0.03)
+        assert a.down == [] and b.down == []
+    finally:
+        await a.transport.close()
+        await b.transport.close()
+
+
+async def test_a_one_way_stall_is_redialled_by_the_side_that_still_hears() -> None:
+    """Only 1 -> 2 stalls: node 1 still hears node 2 (its pings flow), so node 1 cannot see
+    the silence; node 2 does, and its new connection tells node 1 to redial."""
+    peers = _peers()
+    rng = random.Random(4)
+    proxies = {
+        (1, 2): LinkProxy("1->2", ("127.0.0.1", int(peers[2].split(":")[1])), rng),
+        (2, 1): LinkProxy("2->1", ("127.0.0.1", int(peers[1].split(":")[1])), rng),
+    }
+    for proxy in proxies.values():
+        await proxy.start()
+    options = {"ping_interval_s": 0.02, "dead_after_s": 0.1, "handshake_timeout_s": 0.3}
+    a = _Node(1, {1: peers[1], 2: proxies[(1, 2)].address}, listen=peers[1], **options)
+    b = _Node(2, {1: proxies[(2, 1)].address, 2: peers[2]}, listen=peers[2], **options)
+    await a.transport.start()
+    await b.transport.start()
+    try:
+        a.transport.send(_append(2, 1, 0))
+        await _wait_for(lambda: len(b.received) == 1)
+        proxies[(1, 2)].set_faults(LinkFaults(stall=True))
+        await _wait_for(lambda: 1 in b.down)  # node 2 noticed the silence
+        await _wait_for(lambda: 2 in a.down)  # ... and node 1 redialled on its new connection
+        proxies[(1, 2)].heal()
+
+        def delivered() -> bool:
+            a.transport.send(_append(2, 1, 1))
+            return any(m.index == 1 for m in b.received)
+
+        await _wait_for(delivered)
+    finally:
+        await a.transport.close()
+        await b.transport.close()
+        for proxy in proxies.values():
+            await proxy.close()
+
+
+async def test_a_stalled_link_is_redialled_and_messages_flow_after_the_heal() -> None:
+    """Issue 12 item 14, end to end: a partition that stalls both directions (no RST, no
+    FIN, as a network that drops packets) and then heals. The stalled connections never
+    resume; without liveness checks nothing would reach the peer again."""
+    peers = _peers()
+    rng = random.Random(3)
+    proxies = {
+        (1, 2): LinkProxy("1->2", ("127.0.0.1", int(peers[2].split(":")[1])), rng),
+        (2, 1): LinkProxy("2->1", ("127.0.0.1", int(peers[1].split(":")[1])), rng),
+    }
+    for proxy in proxies.values():
+        await proxy.start()
+    options = {"ping_interval_s": 0.02, "dead_after_s": 0.1, "handshake_timeout_s": 0.3}
+    a = _Node(1, {1: peers[1], 2: proxies[(1, 2)].address}, listen=peers[1], **options)
+    b = _Node(2, {1: proxies[(2, 1)].address, 2: peers[2]}, listen=peers[2], **options)
+    await a.transport.start()
+    await b.transport.start()
+    try:
+        a.transport.send(_append(2, 1, 0))
+        await _wait_for(lambda: len(b.received) == 1)
+        for proxy in proxies.values():
+            proxy.set_faults(LinkFaults(stall=True))
+        await _wait_for(lambda: 2 in a.down and 1 in b.down)
+        for proxy in proxies.values():
+            proxy.heal()
+
+        def delivered() -> bool:
+            a.transport.send(_append(2, 1, 1))
+            b.transport.send(_append(1, 2, 1))
+            return any(m.index == 1 for m in b.received) and a.received != []
+
+        await _wait_for(delivered)
+        assert sum(p.connections_stalled for p in proxies.values()) >= 2
+    finally:
+        await a.transport.close()
+        await b.transport.close()
+        for proxy in proxies.values():
+            await proxy.close()
