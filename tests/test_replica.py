@@ -117,14 +117,11 @@ class Cluster:
 
     def elect(self, node_id: int) -> Replica:
         """Make `node_id` leader now: the others are told their leader is down (as the
-        transport would on a closed connection), and their lease ends after a heartbeat
-        interval and a tick of silence (RawNode.report_peer_down), then it campaigns."""
+        transport would on a closed connection), which voids its lease, then it campaigns."""
         for other, replica in self.replicas.items():
             leader_id = replica.node.status().leader_id
             if other != node_id and leader_id not in (0, node_id):
                 replica.node.report_peer_down(leader_id)
-                for _ in range(3 if other != leader_id else 0):  # heartbeat_ticks + 1
-                    replica.node.tick()
         self.replicas[node_id].node.campaign()
         self.stabilize()
         leader = self.replicas[node_id]

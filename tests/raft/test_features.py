@@ -83,8 +83,6 @@ def test_leader_read_index_waits_for_commit_in_its_term() -> None:
     cluster.elect(1)
     cluster.crash(1)
     cluster.nodes[3].report_peer_down(1)
-    # 3 grants votes once the leader has been silent for a heartbeat interval and a tick.
-    cluster.tick(6, ids=[3])
     # Elect 2 but hold back the answers to its appends so nothing of its term commits yet.
     cluster.drop_types(MessageType.APPEND_RESPONSE)
     cluster.elect(2)
@@ -362,9 +360,7 @@ def test_report_peer_down_on_all_survivors_elects_in_one_round(size: int) -> Non
             cluster.tick(1, ids=survivors)
             ticks += 1
             assert ticks < 20
-        # The lease ends after a heartbeat interval and a tick of silence (6 ticks); the
-        # first survivor campaigns 1-2 ticks later and wins.
-        assert ticks <= 6 + 2
+        assert ticks <= 2 * (size - 2) + 2
         assert {cluster.nodes[i].term for i in survivors} == {term + 1}
 
 
@@ -383,6 +379,15 @@ def test_start_refuses_a_commit_index_beyond_the_log() -> None:
         RawNode(RaftConfig(id=1, peers=(1,)), storage, random.Random(1))
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 12 item 6, decided real and not fixed yet: every follower seeing the live "
+    "leader's connections drop at once voids its lease, so pre-vote no longer protects it. "
+    "Shortening the lease instead of voiding it (a heartbeat interval of silence) fixed this "
+    "but made SIGKILL failover 3x slower (bench/failover.py --trials 10 --faults kill: p50 "
+    "219 ms vs 70 ms); the fix to make is a crash detector that tells a refused redial (the "
+    "process is gone) from one that connects (a blip)",
+)
 def test_report_peer_down_on_all_followers_blip_does_not_depose_live_leader() -> None:
     """Issue 12 item 6: a blip at a live leader's network drops the connections of every
     follower at once; they must not all void its lease and elect another leader."""
@@ -398,30 +403,3 @@ def test_report_peer_down_on_all_followers_blip_does_not_depose_live_leader() ->
         cluster.tick(40)
         assert cluster.leaders() == [1]
         assert cluster.nodes[1].term == term
-
-
-@pytest.mark.parametrize("size", [3, 5])
-def test_report_peer_down_after_long_silence_still_staggers_the_survivors(size: int) -> None:
-    """Regression (bench/partition_heal.py, split votes at terms 4 and 5): the transport now
-    also reports a leader down after hearing nothing from it for a while, when the shortened
-    lease has long ended; the survivors' campaigns must still be staggered by rank from the
-    report, not start together at the next tick."""
-    for seed in range(20):
-        cluster = Cluster(ids=range(1, size + 1), seed=seed)
-        cluster.elect(1)
-        term = cluster.nodes[1].term
-        cluster.crash(1)
-        survivors = list(range(2, size + 1))
-        for node in survivors:
-            for _ in range(10):  # silent for 10 ticks, below the election timeout
-                cluster.nodes[node].tick()
-        for node_id in survivors:
-            cluster.nodes[node_id].report_peer_down(1)
-            cluster.nodes[node_id].report_peer_down(1)
-        ticks = 0
-        while not cluster.leaders():
-            cluster.tick(1, ids=survivors)
-            ticks += 1
-            assert ticks < 20
-        assert ticks <= 2 + 2 * (size - 2) + 1
-        assert {cluster.nodes[i].term for i in survivors} == {term + 1}, seed
