@@ -1,8 +1,12 @@
 """A replica: the Raft core (`RawNode`), its durable storage and the key-value state machine.
 
-Both drivers, the simulator and the asyncio server, run a replica through the same code, so
-the simulator exercises exactly the ordering production uses (design.md §1). One Ready is
-handled in three steps, strictly in this order (Raft §5: persistence before replies):
+Both drivers, the simulator and the asyncio server, run a replica through the same code. The
+simulator does not yet exercise every ordering the server uses: the server sends a leader's
+appends before its own save returns (dissertation §10.2.1), does not fsync commit-only
+Readies, and encodes deferred snapshots on another thread while turns go on, where the
+simulator collapses the encoding into one step (docs/architecture.md §3 lists the
+differences). One Ready is handled in three steps, in this order (Raft §5: persistence
+before replies):
 
 1. `prepare()`           takes the next Ready from the core (None when there is nothing to
                          do, or while the previous Ready is not finished);

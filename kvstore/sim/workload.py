@@ -1,6 +1,6 @@
 """Simulated clients: writes proposed through Raft and ReadIndex reads, recorded as a history.
 
-Each client is one process of the history format (design.md §5) with at most one operation
+Each client is one process of the history format (kvstore/verify/history.py) with at most one operation
 in flight. A write is proposed on the node the client believes leads; it is acknowledged when
 that node applies it (as the server answers once its state machine applied the entry), and
 its outcome becomes unknown if the node crashes or the operation times out first; after an
