@@ -928,7 +928,7 @@ class RawNode:
         return True
 
     def _reduce_uncommitted_size(self, entries: tuple[Entry, ...]) -> None:
-        size = sum(len(entry.data) + 16 for entry in entries if entry.data)
+        size = sum(entry.size_bytes() for entry in entries if entry.data)
         self._uncommitted_size_bytes = max(0, self._uncommitted_size_bytes - size)
 
     def _broadcast_append(self) -> None:

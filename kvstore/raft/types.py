@@ -58,6 +58,11 @@ class MessageType(enum.IntEnum):
     TRANSFER_LEADER = 13
 
 
+ENTRY_OVERHEAD_BYTES = 16
+"""What an entry costs beside its data (term, index, type), for every size bound: in-flight
+and uncommitted bytes, batches of appends, WAL records. One number, used everywhere."""
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     term: int
@@ -69,7 +74,7 @@ class Entry:
 
     def size_bytes(self) -> int:
         """Approximate encoded size, used to bound batches and in-flight bytes."""
-        return len(self.data) + 16
+        return len(self.data) + ENTRY_OVERHEAD_BYTES
 
 
 @dataclass(frozen=True, slots=True)

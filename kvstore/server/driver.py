@@ -70,6 +70,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("kvstore.server")
 
 _DISK_FULL_RETRY_S = 0.1
+# What a refused request is told to wait before retrying (no leader, overloaded, leadership
+# lost): about one election round trip; the client's back-off takes over from there.
+_RETRY_AFTER_S = 0.05
 _DEADLINE_SWEEP_S = 0.01
 # A save or a tick this late is logged: it is how elections under load are explained.
 _SLOW_S = 0.1
@@ -220,7 +223,9 @@ class Driver:
                 "refused until a save succeeds"
             )
         if self._pending_count >= self.config.max_pending_proposals:
-            raise OverloadedError(f"{self._pending_count} writes pending", retry_after_s=0.05)
+            raise OverloadedError(
+                f"{self._pending_count} writes pending", retry_after_s=_RETRY_AFTER_S
+            )
 
     async def wait_out_handover(self) -> None:
         """While this node hands leadership over (a graceful shutdown), no write can be
@@ -268,7 +273,7 @@ class Driver:
     def _not_leader_error(self) -> KVStoreError:
         url = self.leader_url()
         if url is None or self.leader_id == self.config.id:
-            return NoLeaderError("no leader is known right now", retry_after_s=0.05)
+            return NoLeaderError("no leader is known right now", retry_after_s=_RETRY_AFTER_S)
         return NotLeaderError(
             f"node {self.config.id} is not the leader", leader_id=self.leader_id, leader_url=url
         )
@@ -280,7 +285,7 @@ class Driver:
         duplicate = self.replica.state_machine.duplicate_result(request)
         if duplicate is not None:
             return duplicate
-        key = f"{request.client_id}:{request.seq}"
+        key = str(request)
         future: asyncio.Future[Any] = self._loop.create_future()
         self._proposals.setdefault(key, []).append(future)
         self._pending_count += 1
@@ -455,7 +460,9 @@ class Driver:
                     "leadership is being transferred; retry", retry_after_s=0.01
                 )
             elif status.role is Role.LEADER:
-                error = OverloadedError("the leader refused the proposal", retry_after_s=0.05)
+                error = OverloadedError(
+                    "the leader refused the proposal", retry_after_s=_RETRY_AFTER_S
+                )
             else:
                 error = self._not_leader_error()
             proposal.future.set_exception(error)
@@ -466,7 +473,7 @@ class Driver:
         try:
             context: bytes = self.node.read_index()
         except ProposalDroppedError:
-            error = NoLeaderError("no leader is known right now", retry_after_s=0.05)
+            error = NoLeaderError("no leader is known right now", retry_after_s=_RETRY_AFTER_S)
             for future in futures:
                 future.set_exception(error)
             return
@@ -629,7 +636,7 @@ class Driver:
                 if command is None or command.request is None or item.result is None:
                     continue
                 request = command.request
-                futures = proposals.get(f"{request.client_id}:{request.seq}")
+                futures = proposals.get(str(request))
                 if futures:
                     for future in futures:
                         if not future.done():
@@ -685,14 +692,14 @@ class Driver:
             _resolve_all(waiters)
 
     def _fail_pending(self, message: str) -> None:
-        error = UnavailableError(message, retry_after_s=0.05)
+        error = UnavailableError(message, retry_after_s=_RETRY_AFTER_S)
         for futures in self._proposals.values():
             for future in futures:
                 if not future.done():
                     future.set_exception(error)
 
     def _fail_reads(self, message: str) -> None:
-        error = UnavailableError(message, retry_after_s=0.05)
+        error = UnavailableError(message, retry_after_s=_RETRY_AFTER_S)
         for futures in self._read_contexts.values():
             for future in futures:
                 if not future.done():

@@ -57,6 +57,7 @@ from kvstore.errors import (
 )
 from kvstore.raft.types import (
     EMPTY_SNAPSHOT,
+    ENTRY_OVERHEAD_BYTES,
     ConfState,
     Entry,
     EntryType,
@@ -263,7 +264,7 @@ class DiskStorage:
         total = 0
         for position in range(low - self._offset - 1, high - self._offset - 1):
             term, index, type_, data = rows[position]
-            total += len(data) + 16  # Entry.size_bytes()
+            total += len(data) + ENTRY_OVERHEAD_BYTES  # Entry.size_bytes() of the row
             if total > size_bytes_max and selected:
                 break
             selected.append(Entry(term, index, types[type_], data))

@@ -55,7 +55,7 @@ from kvstore.errors import (
     ProtocolError,
     StorageError,
 )
-from kvstore.raft.types import ConfState, Entry, EntryType, HardState
+from kvstore.raft.types import ENTRY_OVERHEAD_BYTES, ConfState, Entry, EntryType, HardState
 from kvstore.storage.fs import FileSystem, shortage_error
 
 logger = logging.getLogger("kvstore.storage")
@@ -100,7 +100,7 @@ def frame(record_type: RecordType, payload: bytes) -> bytes:
 def frame_entries(entries: Sequence[Entry]) -> list[bytes]:
     """ENTRIES records for consecutive entries, cut at about ENTRIES_RECORD_TARGET_BYTES.
     Hot path: entries become tuples (packed as arrays, EntryType as its int) in one packb."""
-    total = sum([len(entry.data) for entry in entries]) + 16 * len(entries)
+    total = sum([len(entry.data) for entry in entries]) + ENTRY_OVERHEAD_BYTES * len(entries)
     if total < ENTRIES_RECORD_TARGET_BYTES:
         batch = [(entry.term, entry.index, entry.type, entry.data) for entry in entries]
         return [frame(RecordType.ENTRIES, codec.pack(batch))]
@@ -109,7 +109,7 @@ def frame_entries(entries: Sequence[Entry]) -> list[bytes]:
     chunk_bytes = 0
     for entry in entries:
         chunk.append((entry.term, entry.index, entry.type, entry.data))
-        chunk_bytes += len(entry.data) + 16
+        chunk_bytes += len(entry.data) + ENTRY_OVERHEAD_BYTES
         if chunk_bytes >= ENTRIES_RECORD_TARGET_BYTES:
             records.append(frame(RecordType.ENTRIES, codec.pack(chunk)))
             chunk, chunk_bytes = [], 0
