@@ -17,10 +17,14 @@ import argparse
 import asyncio
 import json
 import resource
-import statistics
+import sys
 import time
 import urllib.parse
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stats import median
 
 
 async def _open(host: str, port: int, source: str) -> Any:
@@ -110,7 +114,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "held_open_by_node": alive,
         "refused_503": refused,
         "probe_statuses": statuses,
-        "probe_ms_p50": round(statistics.median(latencies) * 1000, 2),
+        "probe_ms_p50": round(median(latencies) * 1000, 2),
         "probe_ms_max": round(max(latencies) * 1000, 2),
         "node_rss_mib_before": rss_before,
         "node_rss_mib_during": _rss_mib(args.pid),
