@@ -155,7 +155,6 @@ COMPONENTS: Mapping[str, str] = {
     "kvstore.sim": "sim",
     "kvstore.client": "client",
     "kvstore.server": "server",
-    "kvstore.config": "server",  # an alias of kvstore.server.config, kept for old imports
     "kvstore.chaos": "chaos",
     "kvstore.testing": "testing",  # a local cluster for applications' tests
     "kvstore.client_cli": "cli",

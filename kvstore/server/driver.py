@@ -48,7 +48,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvstore.config import ServeConfig
 from kvstore.errors import (
     DiskFullError,
     KVStoreError,
@@ -62,6 +61,7 @@ from kvstore.errors import (
 from kvstore.keepalive import KeepalivePolicy
 from kvstore.kv.commands import RequestId, encode_command
 from kvstore.raft.types import NONE, Message, MessageType, Ready, Role
+from kvstore.server.config import ServeConfig
 from kvstore.server.metrics import NodeMetrics
 
 if TYPE_CHECKING:

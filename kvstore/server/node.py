@@ -33,9 +33,9 @@ from typing import Any
 
 from aiohttp import web
 
-from kvstore.config import ServeConfig
 from kvstore.errors import CorruptionError, FatalDiskError, StorageError
 from kvstore.raft.config import RaftConfig
+from kvstore.server.config import ServeConfig
 from kvstore.server.connections import limits_from_config, raise_nofile_limit
 from kvstore.server.discovery import split_host_port
 from kvstore.server.driver import Driver
