@@ -59,13 +59,14 @@ from kvstore.errors import (
     UnavailableError,
 )
 from kvstore.keepalive import KeepalivePolicy
-from kvstore.kv.commands import RequestId, encode_command
+from kvstore.kv.commands import Command, RequestId, WriteResult, encode_command
+from kvstore.raft.node import Status
 from kvstore.raft.types import NONE, Message, MessageType, Ready, Role
 from kvstore.server.config import ServeConfig
 from kvstore.server.metrics import NodeMetrics
 
 if TYPE_CHECKING:
-    from kvstore.replica import EncodedSnapshot, SnapshotJob
+    from kvstore.replica import EncodedSnapshot, Replica, SnapshotJob
 
 logger = logging.getLogger("kvstore.server")
 
@@ -82,16 +83,49 @@ _INLINE_SAVE_S = 0.0005
 _EARLY_TYPES = frozenset({MessageType.APPEND, MessageType.HEARTBEAT})
 
 
+# --- what the inbox holds: one type per kind of item, dispatched with `match` -------------
+
+
 @dataclass(slots=True)
 class _Proposal:
-    key: str  # "client_id:seq": how the applied result finds its futures
+    """A write to propose; `key` is str(RequestId): how the applied result finds its
+    futures."""
+
+    key: str
     data: bytes
-    future: asyncio.Future[Any]
+    future: asyncio.Future[WriteResult]
 
 
 @dataclass(slots=True)
 class _Read:
+    """A linearizable read waiting for its ReadIndex (all reads of a turn share one)."""
+
     future: asyncio.Future[None]
+
+
+@dataclass(frozen=True, slots=True)
+class _PeerDown:
+    """The transport lost its connection to `peer`."""
+
+    peer: int
+
+
+@dataclass(frozen=True, slots=True)
+class _SnapshotStatus:
+    """The transport finished (ok) or failed sending a snapshot to `peer`."""
+
+    peer: int
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """A function to run on the driver task between two steps (`Driver.call`)."""
+
+    function: Callable[[], None]
+
+
+_InboxItem = Message | _Proposal | _Read | _PeerDown | _SnapshotStatus | _Call
 
 
 @dataclass(slots=True)
@@ -106,7 +140,7 @@ class Driver:
     def __init__(
         self,
         config: ServeConfig,
-        replica: Any,
+        replica: Replica,
         metrics: NodeMetrics,
         send: Callable[[Message], None],
         peer_url: Callable[[int], str | None],
@@ -119,7 +153,7 @@ class Driver:
         self.metrics = metrics
         self._send = send
         self._peer_url = peer_url
-        self._inbox: collections.deque[object] = collections.deque()
+        self._inbox: collections.deque[_InboxItem] = collections.deque()
         self._loop = asyncio.get_running_loop()
         self._request_timeout_s = config.request_timeout_ms / 1000
         # (deadline, future) of every waiting request, in deadline order.
@@ -140,7 +174,7 @@ class Driver:
         )
         # The snapshot being encoded: its job, the encoding's future, when it began.
         self._snapshot: tuple[SnapshotJob, asyncio.Future[EncodedSnapshot], float] | None = None
-        self._proposals: dict[str, list[asyncio.Future[Any]]] = {}
+        self._proposals: dict[str, list[asyncio.Future[WriteResult]]] = {}
         self._pending_count = 0
         metrics.pending_proposals.set_function(lambda: self._pending_count)
         self._read_contexts: dict[bytes, list[asyncio.Future[None]]] = {}
@@ -175,7 +209,7 @@ class Driver:
 
     # --- inbox (called from other tasks: HTTP handlers, the transport) ---------------------
 
-    def _put(self, item: object) -> None:
+    def _put(self, item: _InboxItem) -> None:
         self._inbox.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -185,10 +219,10 @@ class Driver:
         self._put(message)
 
     def on_peer_down(self, peer: int) -> None:
-        self._put(("peer_down", peer))
+        self._put(_PeerDown(peer))
 
     def on_snapshot_status(self, peer: int, ok: bool) -> None:
-        self._put(("snapshot", peer, ok))
+        self._put(_SnapshotStatus(peer, ok))
 
     def leader_url(self) -> str | None:
         if self.leader_id == NONE:
@@ -278,7 +312,7 @@ class Driver:
             f"node {self.config.id} is not the leader", leader_id=self.leader_id, leader_url=url
         )
 
-    async def write(self, command: Any, request: RequestId) -> Any:
+    async def write(self, command: Command, request: RequestId) -> WriteResult:
         """Propose a command and wait for its applied result (a WriteResult); TimeoutError
         when the request deadline passes first (the outcome is then unknown)."""
         self.check_writable()
@@ -286,7 +320,7 @@ class Driver:
         if duplicate is not None:
             return duplicate
         key = str(request)
-        future: asyncio.Future[Any] = self._loop.create_future()
+        future: asyncio.Future[WriteResult] = self._loop.create_future()
         self._proposals.setdefault(key, []).append(future)
         self._pending_count += 1
         self._deadlines.append((self._loop.time() + self._request_timeout_s, future))
@@ -426,23 +460,23 @@ class Driver:
         if count:
             self.metrics.inbox_items.observe(count)
         for _ in range(count):
-            item = inbox.popleft()
-            if isinstance(item, Message):
-                try:
-                    node.step(item)
-                except KVStoreError as exc:
-                    logger.debug("event=step_rejected from=%s error=%r", item.from_, exc)
-            elif isinstance(item, _Proposal):
-                self._propose(item)
-            elif isinstance(item, _Read):
-                if not item.future.done():
-                    reads.append(item.future)
-            elif isinstance(item, tuple) and item[0] == "peer_down":
-                node.report_peer_down(item[1])
-            elif isinstance(item, tuple) and item[0] == "snapshot":
-                node.report_snapshot(item[1], item[2])
-            elif callable(item):
-                item()
+            match inbox.popleft():
+                case Message() as message:
+                    try:
+                        node.step(message)
+                    except KVStoreError as exc:
+                        logger.debug("event=step_rejected from=%s error=%r", message.from_, exc)
+                case _Proposal() as proposal:
+                    self._propose(proposal)
+                case _Read(future=future):
+                    if not future.done():
+                        reads.append(future)
+                case _PeerDown(peer=peer):
+                    node.report_peer_down(peer)
+                case _SnapshotStatus(peer=peer, ok=ok):
+                    node.report_snapshot(peer, ok)
+                case _Call(function=function):
+                    function()
         if reads:
             self._start_read_index(reads)
 
@@ -718,13 +752,13 @@ class Driver:
             except Exception as exc:
                 future.set_exception(exc)
 
-        self._put(run)
+        self._put(_Call(run))
         return await future
 
     def pending_writes(self) -> int:
         return self._pending_count
 
-    def status(self) -> Any:
+    def status(self) -> Status:
         return self.node.status()
 
     def applied_index(self) -> int:

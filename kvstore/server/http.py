@@ -385,6 +385,7 @@ class HttpApi:
                 self.driver.release_request_id(request_id)
         self._raise_for_result(result)
         kv = result.key_value
+        assert kv is not None, "a put that succeeded carries the key's revisions"
         return _json(
             {
                 "key": key,
