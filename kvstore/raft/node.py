@@ -76,6 +76,16 @@ _READS_OUTSTANDING_MAX = 4096
 forgotten (a request or answer lost in the same term is never answered; its reader has a
 deadline)."""
 
+# Messages that carry the term they are about rather than the sender's (see RawNode._send).
+_VOTE_TYPES = frozenset(
+    {
+        MessageType.VOTE,
+        MessageType.VOTE_RESPONSE,
+        MessageType.PRE_VOTE,
+        MessageType.PRE_VOTE_RESPONSE,
+    }
+)
+
 _RESPONSE_TYPES = frozenset(
     {
         MessageType.VOTE_RESPONSE,
@@ -151,7 +161,8 @@ class RawNode:
         self._read_states: list[ReadState] = []
         self._read_only = ReadOnly()
         # Reads that arrived before this leader committed an entry of its term (§6.4).
-        self._pending_read_index: list[Message] = []
+        # ReadIndex requests (requester, context) waiting for an entry of this term to commit.
+        self._pending_read_index: list[tuple[int, bytes]] = []
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
         # Ticks since this node started: when something was last sent to a follower.
@@ -215,9 +226,7 @@ class RawNode:
         outstanding[context] = None
         if len(outstanding) > _READS_OUTSTANDING_MAX:
             del outstanding[next(iter(outstanding))]
-        self._send(
-            Message(MessageType.READ_INDEX, self.leader_id, self.id, self.term, context=context)
-        )
+        self._send(MessageType.READ_INDEX, self.leader_id, context=context)
         return context
 
     def _new_read_context(self) -> bytes:
@@ -230,9 +239,7 @@ class RawNode:
         if self.role is Role.LEADER:
             self._leader_transfer(to)
         elif self.leader_id != NONE:
-            self._send(
-                Message(MessageType.TRANSFER_LEADER, self.leader_id, self.id, self.term, index=to)
-            )
+            self._send(MessageType.TRANSFER_LEADER, self.leader_id, index=to)
 
     def campaign(self) -> None:
         """Start an election now (with a pre-vote round when enabled)."""
@@ -559,15 +566,7 @@ class RawNode:
         for peer in self._voters:
             if peer != self.id:
                 self._send(
-                    Message(
-                        vote_type,
-                        peer,
-                        self.id,
-                        term,
-                        log_term=last_term,
-                        index=last_index,
-                        context=context,
-                    )
+                    vote_type, peer, term=term, log_term=last_term, index=last_index, context=context
                 )
 
     def _poll(self, voter: int, granted: bool) -> quorum.VoteResult:
@@ -623,11 +622,9 @@ class RawNode:
         ):
             # A leader cut off by a partition learns the new term and steps down; without
             # this, it could keep a follower from ever campaigning under check-quorum.
-            self._send(Message(MessageType.APPEND_RESPONSE, m.from_, self.id, self.term))
+            self._send(MessageType.APPEND_RESPONSE, m.from_)
         elif m.type is MessageType.PRE_VOTE:
-            self._send(
-                Message(MessageType.PRE_VOTE_RESPONSE, m.from_, self.id, self.term, reject=True)
-            )
+            self._send(MessageType.PRE_VOTE_RESPONSE, m.from_, term=self.term, reject=True)
 
     def _handle_vote_request(self, m: Message) -> None:
         """Raft §5.2, §5.4.1: one vote per term, only for an up-to-date log."""
@@ -640,12 +637,12 @@ class RawNode:
         response_type = MessageType.PRE_VOTE_RESPONSE if is_pre_vote else MessageType.VOTE_RESPONSE
         if can_vote and self._log.is_up_to_date(m.index, m.log_term):
             # The response carries the asked-for term so that the candidate counts it.
-            self._send(Message(response_type, m.from_, self.id, m.term))
+            self._send(response_type, m.from_, term=m.term)
             if not is_pre_vote:
                 self._election_elapsed = 0
                 self.vote = m.from_
         else:
-            self._send(Message(response_type, m.from_, self.id, self.term, reject=True))
+            self._send(response_type, m.from_, term=self.term, reject=True)
 
     def _step_candidate(self, m: Message) -> None:
         own_response = (
@@ -705,7 +702,7 @@ class RawNode:
         ):
             # Forward to the leader we know. (A READ_INDEX reaching a non-leader is dropped:
             # forwarding it would route the answer to the wrong node; the reader retries.)
-            self._send(Message(mtype, self.leader_id, self.id, self.term, index=m.index))
+            self._send(mtype, self.leader_id, index=m.index)
 
     def _heard_from_leader(self, leader: int) -> None:
         self._election_elapsed = 0
@@ -725,42 +722,28 @@ class RawNode:
             logger.warning("raft node=%d drops malformed append from %d", self.id, m.from_)
             return
         if m.index < log.committed:
-            self._send(
-                Message(
-                    MessageType.APPEND_RESPONSE, m.from_, self.id, self.term, index=log.committed
-                )
-            )
+            self._send(MessageType.APPEND_RESPONSE, m.from_, index=log.committed)
             return
         last_new_index = log.maybe_append(m.index, m.log_term, m.commit, m.entries)
         if last_new_index is not None:
-            self._send(
-                Message(
-                    MessageType.APPEND_RESPONSE, m.from_, self.id, self.term, index=last_new_index
-                )
-            )
+            self._send(MessageType.APPEND_RESPONSE, m.from_, index=last_new_index)
             return
         # Raft §5.3 with fast backtracking: hint the last index whose term is <= the leader's
         # log_term at m.index, and that term, so the leader skips whole terms per round trip.
         hint_index = min(m.index, log.last_index())
         hint_index, hint_term = log.find_conflict_by_term(hint_index, m.log_term)
         self._send(
-            Message(
-                MessageType.APPEND_RESPONSE,
-                m.from_,
-                self.id,
-                self.term,
-                index=m.index,
-                reject=True,
-                reject_hint=hint_index,
-                log_term=hint_term,
-            )
+            MessageType.APPEND_RESPONSE,
+            m.from_,
+            index=m.index,
+            reject=True,
+            reject_hint=hint_index,
+            log_term=hint_term,
         )
 
     def _handle_heartbeat(self, m: Message) -> None:
         self._log.commit_to(min(m.commit, self._log.last_index()))
-        self._send(
-            Message(MessageType.HEARTBEAT_RESPONSE, m.from_, self.id, self.term, context=m.context)
-        )
+        self._send(MessageType.HEARTBEAT_RESPONSE, m.from_, context=m.context)
 
     def _handle_snapshot(self, m: Message) -> None:
         snapshot = m.snapshot
@@ -771,7 +754,7 @@ class RawNode:
             index = self._log.last_index()
         else:
             index = self._log.committed
-        self._send(Message(MessageType.APPEND_RESPONSE, m.from_, self.id, self.term, index=index))
+        self._send(MessageType.APPEND_RESPONSE, m.from_, index=index)
 
     def _restore(self, snapshot: Snapshot) -> bool:
         """Raft §7 InstallSnapshot receiver; False when the snapshot brings nothing new."""
@@ -956,16 +939,12 @@ class RawNode:
         if not entries and not send_if_empty:
             return False
         self._send(
-            Message(
-                MessageType.APPEND,
-                to,
-                self.id,
-                self.term,
-                log_term=previous_term,
-                index=previous_index,
-                entries=tuple(entries),
-                commit=log.committed,
-            )
+            MessageType.APPEND,
+            to,
+            log_term=previous_term,
+            index=previous_index,
+            entries=tuple(entries),
+            commit=log.committed,
         )
         if entries:
             progress.sent_entries(len(entries), sum(entry.size_bytes() for entry in entries))
@@ -987,7 +966,7 @@ class RawNode:
         logger.info(
             "raft node=%d sends snapshot index=%d to %d", self.id, snapshot.metadata.index, to
         )
-        self._send(Message(MessageType.SNAPSHOT, to, self.id, self.term, snapshot=snapshot))
+        self._send(MessageType.SNAPSHOT, to, snapshot=snapshot)
         return True
 
     def _broadcast_heartbeat(self, context: bytes) -> None:
@@ -996,22 +975,52 @@ class RawNode:
             if peer != self.id:
                 # Never tell a follower to commit beyond what it is known to hold.
                 commit = min(progress.match_index, committed)
-                self._send(
-                    Message(
-                        MessageType.HEARTBEAT,
-                        peer,
-                        self.id,
-                        self.term,
-                        commit=commit,
-                        context=context,
-                    )
-                )
+                self._send(MessageType.HEARTBEAT, peer, commit=commit, context=context)
 
     def _send_timeout_now(self, to: int) -> None:
-        self._send(Message(MessageType.TIMEOUT_NOW, to, self.id, self.term))
+        self._send(MessageType.TIMEOUT_NOW, to)
 
-    def _send(self, message: Message) -> None:
-        self._messages.append(message)
+    def _send(
+        self,
+        type: MessageType,
+        to: int,
+        *,
+        term: int | None = None,
+        log_term: int = 0,
+        index: int = 0,
+        entries: tuple[Entry, ...] = (),
+        commit: int = 0,
+        reject: bool = False,
+        reject_hint: int = 0,
+        snapshot: Snapshot | None = None,
+        context: bytes = b"",
+    ) -> None:
+        """Queue a message from this node: the one place that stamps `from_` and `term`
+        (etcd-io/raft's `send`). Every message carries the current term, except (pre-)vote
+        requests and their answers, which carry the term they are about and must name it:
+        a pre-vote asks for term + 1 without taking it, and a granted vote echoes the
+        candidate's term (Raft §5.2, dissertation §9.6)."""
+        if type in _VOTE_TYPES:
+            assert term is not None, f"{type.name} must name its term"
+        else:
+            assert term is None, f"{type.name} always carries the current term"
+            term = self.term
+        self._messages.append(
+            Message(
+                type,
+                to,
+                self.id,
+                term,
+                log_term=log_term,
+                index=index,
+                entries=entries,
+                commit=commit,
+                reject=reject,
+                reject_hint=reject_hint,
+                snapshot=snapshot,
+                context=context,
+            )
+        )
 
     # === ReadIndex (dissertation §6.4) ========================================================
 
@@ -1024,9 +1033,7 @@ class RawNode:
             return
         if not self._committed_entry_in_current_term():
             # The commit index is not known to be current until an entry of our term commits.
-            self._pending_read_index.append(
-                Message(MessageType.READ_INDEX, self.id, requester, self.term, context=context)
-            )
+            self._pending_read_index.append((requester, context))
             return
         self._start_read(requester, context)
 
@@ -1040,23 +1047,14 @@ class RawNode:
             return
         pending = self._pending_read_index
         self._pending_read_index = []
-        for request in pending:
-            self._start_read(request.from_, request.context)
+        for requester, context in pending:
+            self._start_read(requester, context)
 
     def _answer_read(self, requester: int, index: int, context: bytes) -> None:
         if requester == self.id:
             self._read_states.append(ReadState(index, context))
         else:
-            self._send(
-                Message(
-                    MessageType.READ_INDEX_RESPONSE,
-                    requester,
-                    self.id,
-                    self.term,
-                    index=index,
-                    context=context,
-                )
-            )
+            self._send(MessageType.READ_INDEX_RESPONSE, requester, index=index, context=context)
 
     # === leadership transfer (dissertation §3.10) =============================================
 
