@@ -462,3 +462,97 @@ async def test_a_stalled_link_is_redialled_and_messages_flow_after_the_heal() ->
         await b.transport.close()
         for proxy in proxies.values():
             await proxy.close()
+
+
+def _probing(node: _Node, peer_id: int) -> bool:
+    return node.transport._peers[peer_id].probe is not None
+
+
+async def test_a_blip_that_resets_every_connection_reports_no_peer_down() -> None:
+    """Issue 12 item 6: a blip at a live node's network resets all its connections at once.
+    Every follower reporting the leader down on that voided its lease and deposed it. The
+    peer still accepts and handshakes, so the redial completes and nothing is reported."""
+    peers = _peers()
+    rng = random.Random(5)
+    proxies = {
+        (1, 2): LinkProxy("1->2", ("127.0.0.1", int(peers[2].split(":")[1])), rng),
+        (2, 1): LinkProxy("2->1", ("127.0.0.1", int(peers[1].split(":")[1])), rng),
+    }
+    for proxy in proxies.values():
+        await proxy.start()
+    a = _Node(1, {1: peers[1], 2: proxies[(1, 2)].address}, listen=peers[1], probe_window_s=2.0)
+    b = _Node(2, {1: proxies[(2, 1)].address, 2: peers[2]}, listen=peers[2], probe_window_s=2.0)
+    await a.transport.start()
+    await b.transport.start()
+    try:
+        a.transport.send(_append(2, 1, 0))
+        b.transport.send(_append(1, 2, 0))
+        await _wait_for(lambda: len(b.received) == 1 and len(a.received) == 1)
+        for proxy in proxies.values():
+            # Reset every connection of the link now; new ones are accepted again at once.
+            proxy.set_faults(LinkFaults(reset=True))
+            proxy.heal()
+
+        def delivered() -> bool:
+            a.transport.send(_append(2, 1, 1))
+            b.transport.send(_append(1, 2, 1))
+            return any(m.index == 1 for m in b.received) and any(m.index == 1 for m in a.received)
+
+        await _wait_for(delivered)
+        # Both sides probed (their connections were reset) and the probes found the peer up.
+        await _wait_for(lambda: not _probing(a, 2) and not _probing(b, 1))
+        for proxy in proxies.values():
+            assert proxy.connections_broken >= 1 and proxy.connections_accepted >= 2
+        assert a.down == [] and b.down == []
+    finally:
+        await a.transport.close()
+        await b.transport.close()
+        for proxy in proxies.values():
+            await proxy.close()
+
+
+async def test_a_peer_whose_process_is_gone_is_reported_at_once_and_once() -> None:
+    """The redial after the close is refused: reported as soon as that is known, not after
+    the probe window (SIGKILL failover must stay fast); both closed connections, one report."""
+    peers = _peers()
+    a, b = _Node(1, peers, probe_window_s=5.0), _Node(2, peers)
+    await a.transport.start()
+    await b.transport.start()
+    try:
+        await _wait_for(lambda: a.transport.is_connected(2) and b.transport.is_connected(1))
+        await b.transport.close()  # its listener and both connections close
+        await _wait_for(lambda: 2 in a.down, timeout_s=2.5)  # well before the window ends
+        assert a.down == [2] and not _probing(a, 2)
+    finally:
+        await a.transport.close()
+
+
+async def test_a_peer_that_accepts_but_never_handshakes_is_reported_after_the_window() -> None:
+    """A frozen process: its listening socket still completes TCP connects (the kernel's
+    backlog), but nobody answers the handshake. Neither refused nor answered: reported when
+    the probe window ends."""
+    window_s = 0.2
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen(8)  # never accepted
+    peers = {1: f"127.0.0.1:{_free_port()}", 2: f"127.0.0.1:{frozen.getsockname()[1]}"}
+    a = _Node(1, peers, probe_window_s=window_s, handshake_timeout_s=5.0, dead_after_s=5.0)
+    loop = asyncio.get_running_loop()
+    reported: list[float] = []
+    a.transport._on_peer_down = lambda peer: reported.append(loop.time())
+    await a.transport.start()
+    host, port = peers[1].split(":")
+    try:
+        # Node 2 dialled us before it froze; that connection now closes.
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(_handshake_frame())
+        await writer.drain()
+        await _wait_for(lambda: a.transport.peer_urls.get(2) == "http://x")
+        closed_at = loop.time()
+        writer.close()
+        await _wait_for(lambda: reported != [])
+        assert reported[0] - closed_at >= window_s - 0.005
+        assert len(reported) == 1 and not _probing(a, 2)
+    finally:
+        await a.transport.close()
+        frozen.close()
