@@ -6,13 +6,15 @@ import asyncio
 import random
 import socket
 import struct
+from pathlib import Path
 from typing import Any
 
-from kvstore.chaos.proxy import LinkFaults, LinkProxy
+from kvstore.chaos.proxy import LinkFaults, LinkProxy, ProxyMesh
 from kvstore.codec import encode_message, message_to_obj, pack
 from kvstore.raft.config import RaftConfig
 from kvstore.raft.node import RawNode
 from kvstore.raft.types import Entry, Message, MessageType
+from kvstore.server.localcluster import LocalCluster, free_port
 from kvstore.server.transport import PeerTransport, encode_frame
 from kvstore.storage.memory import MemoryStorage
 
@@ -556,3 +558,58 @@ async def test_a_peer_that_accepts_but_never_handshakes_is_reported_after_the_wi
     finally:
         await a.transport.close()
         frozen.close()
+
+
+def _probe_verdicts(cluster: LocalCluster, node_id: int, peer_id: int) -> tuple[int, int]:
+    """How many probes of `peer_id` by `node_id` ended as a blip, and how many times the core
+    was told it is down (RawNode.report_peer_down's line, whatever told it)."""
+    log = cluster.log_path(node_id).read_text(errors="replace")
+    return log.count(f"event=peer_blip peer={peer_id}\n"), log.count(
+        f"raft node={node_id} leader={peer_id} reported down"
+    )
+
+
+async def test_a_blip_at_a_live_leaders_network_does_not_depose_it(tmp_path: Path) -> None:
+    """Issue 12 item 6, end to end: three `kvstore serve` processes whose peer links pass
+    through kvstore.chaos.proxy. Every connection of the leader is reset at once, and the
+    links accept new ones at once (a blip, not an outage). Each follower's probe finds the
+    leader up and reports nothing, so the leader and its term stay. Before, both followers
+    voided its lease at once, granted each other's pre-vote and elected another leader."""
+    peer_ports = {i: free_port() for i in (1, 2, 3)}
+    mesh = ProxyMesh({i: ("127.0.0.1", port) for i, port in peer_ports.items()}, random.Random(6))
+    await mesh.start()
+    cluster = LocalCluster(
+        tmp_path, 3, peer_ports=list(peer_ports.values()), peer_addresses=mesh.dial_addresses()
+    )
+    # The proxies run on this loop: every blocking call on the cluster goes to a thread.
+    try:
+        await asyncio.to_thread(cluster.start)
+        leader = await asyncio.to_thread(cluster.wait_for_leader, 15.0)
+        followers = [i for i in cluster.ids if i != leader]
+        leader_links = [p for (source, target), p in mesh.links.items() if leader in (source, target)]
+        await _wait_for(lambda: all(p._connections for p in leader_links), 10.0)
+        status = await asyncio.to_thread(cluster.status, leader)
+        assert status is not None
+        term = status["term"]
+        before = {i: _probe_verdicts(cluster, i, leader) for i in followers}
+        for proxy in leader_links:
+            proxy.set_faults(LinkFaults(reset=True))
+            proxy.heal()
+
+        def probed() -> bool:
+            return all(
+                sum(_probe_verdicts(cluster, i, leader)) > sum(before[i]) for i in followers
+            )
+
+        # Each follower's probe of the leader has ended: its verdict is final.
+        await _wait_for(probed, 10.0)
+        for i in followers:
+            assert _probe_verdicts(cluster, i, leader)[1] == before[i][1], f"node {i} reported"
+        for i in cluster.ids:
+            status = await asyncio.to_thread(cluster.status, i)
+            assert status is not None
+            assert (status["leader_id"], status["term"]) == (leader, term), status
+        assert all(p.connections_broken >= 1 for p in leader_links)
+    finally:
+        await asyncio.to_thread(cluster.stop)
+        await mesh.close()
