@@ -36,8 +36,23 @@ Rules that hold here:
   `dead_after_s` is redialled then as well (a younger one was just dialled; redialling it too
   would make the two nodes redial each other forever). Peer sockets also set SO_KEEPALIVE and
   TCP_USER_TIMEOUT (Linux) so the kernel gives up on a stalled connection too.
-- When any connection to a peer closes, `on_peer_down(peer)` is called, so the driver can
-  tell the core at once (`RawNode.report_peer_down`) instead of waiting for a timeout.
+- A peer is reported down (`on_peer_down(peer)`, so the driver tells the core at once,
+  `RawNode.report_peer_down`, instead of waiting for an election timeout) only with evidence
+  that it is gone, because the core then voids that leader's lease: if every follower did so
+  on a blip at a live leader's network, they would depose it (issue 12 item 6). Evidence is:
+  - silence on an inbound connection for `dead_after_s` (above): reported at once;
+  - a connection to the peer closed (EOF or error), and the redial that follows is refused
+    or reset before its handshake completes: the peer's process is gone (a SIGKILL or crash
+    on the same host or LAN), reported as soon as the refusal arrives;
+  - a connection closed, and no handshake with the peer completes (either way) within
+    `probe_window_s` (0.6 heartbeat intervals by default, 30 ms): a timeout, an unreachable
+    host or a frozen process that still accepts TCP; reported after that window.
+  A handshake completed within the window (ours or the peer's redial) is a blip: nothing is
+  reported, and the leader's heartbeats flow again on the new connection. The outbound
+  writer is the probe: it redials at once when its own connection closes, and is woken from
+  its back-off when the peer's (inbound) connection closes. Closes of the same peer (inbound
+  and outbound together) share one probe; a peer is reported at most once until a handshake
+  with it completes again.
 """
 
 from __future__ import annotations
@@ -74,6 +89,14 @@ _READ_CHUNK_BYTES = 256 << 10
 _PING = _HEADER.pack(0, zlib.crc32(b""))
 _LOG_INTERVAL_S = 1.0
 """At most one line per kind of rejection per interval: a peer cannot flood the log."""
+_PROBE_WINDOW_HEARTBEATS = 0.6
+"""Default probe window after a closed connection, in heartbeat (ping) intervals: 30 ms, 3
+ticks, at the defaults. A redial to a live peer on a LAN completes in about a millisecond,
+so this leaves room for a loaded machine while staying far below the election timeout."""
+_GONE_ERRORS = (ConnectionError, asyncio.IncompleteReadError)
+"""How a dial fails when the peer's process is gone: refused (nothing listens on its port)
+or reset (or closed) before the handshake completes. Timeouts and unreachable hosts are not
+evidence: they may be the network, and wait for the probe window instead."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -208,6 +231,10 @@ class _Peer:
         # The outbound connection while it is up, and when it came up (loop time).
         self.writer: asyncio.StreamWriter | None = None
         self.connected_at = 0.0
+        # While a closed connection's probe runs: its deadline (see the module docstring).
+        self.probe: asyncio.TimerHandle | None = None
+        # Reported down and no handshake with it completed since.
+        self.reported_down = False
 
 
 class PeerTransport:
@@ -236,6 +263,7 @@ class PeerTransport:
         connections_per_source_max: int = 8,
         ping_interval_s: float = 0.05,
         dead_after_s: float = 0.25,
+        probe_window_s: float | None = None,
     ) -> None:
         self.node_id = node_id
         self.cluster_id = cluster_id
@@ -261,6 +289,9 @@ class PeerTransport:
         self._connections_per_source_max = connections_per_source_max
         self._ping_interval_s = ping_interval_s
         self._dead_after_s = dead_after_s
+        self._probe_window_s = (
+            _PROBE_WINDOW_HEARTBEATS * ping_interval_s if probe_window_s is None else probe_window_s
+        )
         # The kernel's own limit on unacknowledged data: well past ours, so that it only
         # matters when our check cannot run (a blocked loop), and never under 1 s.
         self._user_timeout_ms = max(1000, int(4000 * dead_after_s))
@@ -288,6 +319,10 @@ class PeerTransport:
 
     async def close(self) -> None:
         self._closing = True
+        for peer in self._peers.values():
+            if peer.probe is not None:
+                peer.probe.cancel()
+                peer.probe = None
         if self._server is not None:
             self._server.close()
         for task in list(self._tasks):
@@ -337,6 +372,8 @@ class PeerTransport:
                 reader, writer = await self._dial(peer)
             except (OSError, ProtocolError, asyncio.IncompleteReadError, TimeoutError) as exc:
                 logger.debug("event=dial_failed peer=%s error=%r", peer.id, exc)
+                if peer.probe is not None and isinstance(exc, _GONE_ERRORS):
+                    self._peer_gone(peer, "redial_refused")
                 # Back off, but dial at once when the peer dials us: it has just come up.
                 peer.redial.clear()
                 with contextlib.suppress(TimeoutError):
@@ -349,6 +386,7 @@ class PeerTransport:
             peer.writer = writer
             peer.connected_at = asyncio.get_running_loop().time()
             logger.info("event=peer_connected peer=%s direction=out", peer.id)
+            self._peer_alive(peer)
             try:
                 await self._pump(peer, reader, writer)
             except Exception:
@@ -359,9 +397,7 @@ class PeerTransport:
                 peer.connected = False
                 peer.writer = None
                 writer.close()
-            if not self._closing:
-                logger.info("event=peer_disconnected peer=%s direction=out", peer.id)
-                self._on_peer_down(peer.id)
+            self._connection_closed(peer.id, "out")
 
     async def _dial(self, peer: _Peer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         host, port = resolve_address(peer.address)
@@ -451,6 +487,43 @@ class PeerTransport:
         logger.info("event=peer_redial peer=%s reason=%s", peer_id, reason)
         peer.writer.transport.abort()
 
+    # --- failure detection -------------------------------------------------------------
+
+    def _connection_closed(self, peer_id: int, direction: str) -> None:
+        """A connection to `peer_id` closed: probe the peer unless a probe already runs or it
+        is reported down already (see the module docstring)."""
+        peer = self._peers.get(peer_id)
+        if peer is None or self._closing:
+            return
+        logger.info("event=peer_disconnected peer=%s direction=%s", peer_id, direction)
+        if peer.reported_down or peer.probe is not None:
+            return
+        peer.probe = asyncio.get_running_loop().call_later(
+            self._probe_window_s, self._peer_gone, peer, "no_answer"
+        )
+        # The outbound task redials at once after its own connection closed; if it is backing
+        # off from a failed dial instead, it dials now.
+        peer.redial.set()
+
+    def _peer_alive(self, peer: _Peer) -> None:
+        """A handshake with `peer` completed (either way): it is up."""
+        peer.reported_down = False
+        if peer.probe is not None:
+            peer.probe.cancel()
+            peer.probe = None
+            logger.info("event=peer_blip peer=%s", peer.id)
+
+    def _peer_gone(self, peer: _Peer, reason: str) -> None:
+        """Evidence that `peer` is gone: tell the driver, once until it is back."""
+        if peer.probe is not None:
+            peer.probe.cancel()
+            peer.probe = None
+        if peer.reported_down or self._closing:
+            return
+        peer.reported_down = True
+        logger.info("event=peer_down peer=%s reason=%s", peer.id, reason)
+        self._on_peer_down(peer.id)
+
     def _snapshot_status(self, peer_id: int, batch: list[Message], *, ok: bool) -> None:
         """Tell the core whether a snapshot left (RawNode.report_snapshot)."""
         if self._on_snapshot_status is None:
@@ -495,6 +568,7 @@ class PeerTransport:
             writer.write(encode_handshake(self._handshake()))
             peer = self._peers[peer_id]
             peer.redial.set()
+            self._peer_alive(peer)
             loop = asyncio.get_running_loop()
             if peer.writer is not None and loop.time() - peer.connected_at > self._dead_after_s:
                 # The peer dialled us anew: it stopped hearing from us (or restarted), so our
@@ -522,6 +596,9 @@ class PeerTransport:
             # stream callback logs a cancelled connection handler as an error.
             pass
         finally:
+            # The watchdog ends on its own only when it found the connection silent, and it
+            # has reported the peer then; any other end of the connection is probed.
+            silent = watchdog is not None and watchdog.done() and not watchdog.cancelled()
             if watchdog is not None:
                 watchdog.cancel()
             self._inbound -= 1
@@ -532,9 +609,8 @@ class PeerTransport:
                 del self._inbound_by_source[source]
             writer.close()
             self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
-            if peer_id and not self._closing:
-                logger.info("event=peer_disconnected peer=%s direction=in", peer_id)
-                self._on_peer_down(peer_id)
+            if peer_id and not silent:
+                self._connection_closed(peer_id, "in")
 
     async def _watch_inbound(
         self, peer_id: int, writer: asyncio.StreamWriter, heard: list[float]
@@ -556,6 +632,7 @@ class PeerTransport:
                 logger.warning(
                     "event=peer_silent peer=%s silent_ms=%d", peer_id, (now - heard[0]) * 1000
                 )
+                self._peer_gone(self._peers[peer_id], "silent")
                 writer.transport.abort()
                 self._redial(peer_id, "peer_silent")
                 return

@@ -6,13 +6,15 @@ import asyncio
 import random
 import socket
 import struct
+from pathlib import Path
 from typing import Any
 
-from kvstore.chaos.proxy import LinkFaults, LinkProxy
+from kvstore.chaos.proxy import LinkFaults, LinkProxy, ProxyMesh
 from kvstore.codec import encode_message, message_to_obj, pack
 from kvstore.raft.config import RaftConfig
 from kvstore.raft.node import RawNode
 from kvstore.raft.types import Entry, Message, MessageType
+from kvstore.server.localcluster import LocalCluster, free_port
 from kvstore.server.transport import PeerTransport, encode_frame
 from kvstore.storage.memory import MemoryStorage
 
@@ -462,3 +464,152 @@ async def test_a_stalled_link_is_redialled_and_messages_flow_after_the_heal() ->
         await b.transport.close()
         for proxy in proxies.values():
             await proxy.close()
+
+
+def _probing(node: _Node, peer_id: int) -> bool:
+    return node.transport._peers[peer_id].probe is not None
+
+
+async def test_a_blip_that_resets_every_connection_reports_no_peer_down() -> None:
+    """Issue 12 item 6: a blip at a live node's network resets all its connections at once.
+    Every follower reporting the leader down on that voided its lease and deposed it. The
+    peer still accepts and handshakes, so the redial completes and nothing is reported."""
+    peers = _peers()
+    rng = random.Random(5)
+    proxies = {
+        (1, 2): LinkProxy("1->2", ("127.0.0.1", int(peers[2].split(":")[1])), rng),
+        (2, 1): LinkProxy("2->1", ("127.0.0.1", int(peers[1].split(":")[1])), rng),
+    }
+    for proxy in proxies.values():
+        await proxy.start()
+    a = _Node(1, {1: peers[1], 2: proxies[(1, 2)].address}, listen=peers[1], probe_window_s=2.0)
+    b = _Node(2, {1: proxies[(2, 1)].address, 2: peers[2]}, listen=peers[2], probe_window_s=2.0)
+    await a.transport.start()
+    await b.transport.start()
+    try:
+        a.transport.send(_append(2, 1, 0))
+        b.transport.send(_append(1, 2, 0))
+        await _wait_for(lambda: len(b.received) == 1 and len(a.received) == 1)
+        for proxy in proxies.values():
+            # Reset every connection of the link now; new ones are accepted again at once.
+            proxy.set_faults(LinkFaults(reset=True))
+            proxy.heal()
+
+        def delivered() -> bool:
+            a.transport.send(_append(2, 1, 1))
+            b.transport.send(_append(1, 2, 1))
+            return any(m.index == 1 for m in b.received) and any(m.index == 1 for m in a.received)
+
+        await _wait_for(delivered)
+        # Both sides probed (their connections were reset) and the probes found the peer up.
+        await _wait_for(lambda: not _probing(a, 2) and not _probing(b, 1))
+        for proxy in proxies.values():
+            assert proxy.connections_broken >= 1 and proxy.connections_accepted >= 2
+        assert a.down == [] and b.down == []
+    finally:
+        await a.transport.close()
+        await b.transport.close()
+        for proxy in proxies.values():
+            await proxy.close()
+
+
+async def test_a_peer_whose_process_is_gone_is_reported_at_once_and_once() -> None:
+    """The redial after the close is refused: reported as soon as that is known, not after
+    the probe window (SIGKILL failover must stay fast); both closed connections, one report."""
+    peers = _peers()
+    a, b = _Node(1, peers, probe_window_s=5.0), _Node(2, peers)
+    await a.transport.start()
+    await b.transport.start()
+    try:
+        await _wait_for(lambda: a.transport.is_connected(2) and b.transport.is_connected(1))
+        await b.transport.close()  # its listener and both connections close
+        await _wait_for(lambda: 2 in a.down, timeout_s=2.5)  # well before the window ends
+        assert a.down == [2] and not _probing(a, 2)
+    finally:
+        await a.transport.close()
+
+
+async def test_a_peer_that_accepts_but_never_handshakes_is_reported_after_the_window() -> None:
+    """A frozen process: its listening socket still completes TCP connects (the kernel's
+    backlog), but nobody answers the handshake. Neither refused nor answered: reported when
+    the probe window ends."""
+    window_s = 0.2
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen(8)  # never accepted
+    peers = {1: f"127.0.0.1:{_free_port()}", 2: f"127.0.0.1:{frozen.getsockname()[1]}"}
+    a = _Node(1, peers, probe_window_s=window_s, handshake_timeout_s=5.0, dead_after_s=5.0)
+    loop = asyncio.get_running_loop()
+    reported: list[float] = []
+    a.transport._on_peer_down = lambda peer: reported.append(loop.time())
+    await a.transport.start()
+    host, port = peers[1].split(":")
+    try:
+        # Node 2 dialled us before it froze; that connection now closes.
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(_handshake_frame())
+        await writer.drain()
+        await _wait_for(lambda: a.transport.peer_urls.get(2) == "http://x")
+        closed_at = loop.time()
+        writer.close()
+        await _wait_for(lambda: reported != [])
+        assert reported[0] - closed_at >= window_s - 0.005
+        assert len(reported) == 1 and not _probing(a, 2)
+    finally:
+        await a.transport.close()
+        frozen.close()
+
+
+def _probe_verdicts(cluster: LocalCluster, node_id: int, peer_id: int) -> tuple[int, int]:
+    """How many probes of `peer_id` by `node_id` ended as a blip, and how many times the core
+    was told it is down (RawNode.report_peer_down's line, whatever told it)."""
+    log = cluster.log_path(node_id).read_text(errors="replace")
+    return log.count(f"event=peer_blip peer={peer_id}\n"), log.count(
+        f"raft node={node_id} leader={peer_id} reported down"
+    )
+
+
+async def test_a_blip_at_a_live_leaders_network_does_not_depose_it(tmp_path: Path) -> None:
+    """Issue 12 item 6, end to end: three `kvstore serve` processes whose peer links pass
+    through kvstore.chaos.proxy. Every connection of the leader is reset at once, and the
+    links accept new ones at once (a blip, not an outage). Each follower's probe finds the
+    leader up and reports nothing, so the leader and its term stay. Before, both followers
+    voided its lease at once, granted each other's pre-vote and elected another leader."""
+    peer_ports = {i: free_port() for i in (1, 2, 3)}
+    mesh = ProxyMesh({i: ("127.0.0.1", port) for i, port in peer_ports.items()}, random.Random(6))
+    await mesh.start()
+    cluster = LocalCluster(
+        tmp_path, 3, peer_ports=list(peer_ports.values()), peer_addresses=mesh.dial_addresses()
+    )
+    # The proxies run on this loop: every blocking call on the cluster goes to a thread.
+    try:
+        await asyncio.to_thread(cluster.start)
+        leader = await asyncio.to_thread(cluster.wait_for_leader, 15.0)
+        followers = [i for i in cluster.ids if i != leader]
+        leader_links = [p for (source, target), p in mesh.links.items() if leader in (source, target)]
+        await _wait_for(lambda: all(p._connections for p in leader_links), 10.0)
+        status = await asyncio.to_thread(cluster.status, leader)
+        assert status is not None
+        term = status["term"]
+        before = {i: _probe_verdicts(cluster, i, leader) for i in followers}
+        for proxy in leader_links:
+            proxy.set_faults(LinkFaults(reset=True))
+            proxy.heal()
+
+        def probed() -> bool:
+            return all(
+                sum(_probe_verdicts(cluster, i, leader)) > sum(before[i]) for i in followers
+            )
+
+        # Each follower's probe of the leader has ended: its verdict is final.
+        await _wait_for(probed, 10.0)
+        for i in followers:
+            assert _probe_verdicts(cluster, i, leader)[1] == before[i][1], f"node {i} reported"
+        for i in cluster.ids:
+            status = await asyncio.to_thread(cluster.status, i)
+            assert status is not None
+            assert (status["leader_id"], status["term"]) == (leader, term), status
+        assert all(p.connections_broken >= 1 for p in leader_links)
+    finally:
+        await asyncio.to_thread(cluster.stop)
+        await mesh.close()
