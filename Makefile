@@ -41,7 +41,7 @@ run: setup-runtime
 
 lint: setup
 	$(BIN)/ruff check kvstore tests bench
-	$(BIN)/mypy kvstore/raft kvstore/storage kvstore/kv kvstore/codec.py kvstore/errors.py kvstore/replica.py kvstore/sim kvstore/verify kvstore/chaos
+	$(BIN)/mypy kvstore
 
 typecheck: lint
 

@@ -251,11 +251,11 @@ class RawNode:
         A leader drops that follower back to probing. A follower that loses its leader's
         connection (a crashed process's socket is closed by the kernel) forgets the leader's
         lease and campaigns after a short staggered delay instead of a full election timeout;
-        the pre-vote round still decides, so a blip seen by one follower deposes no one. A
-        blip seen by every follower at once (at the live leader's network) does depose it:
-        each grants the other's pre-vote (tests/raft/test_features.py::
-        test_report_peer_down_on_all_followers_blip_does_not_depose_live_leader, xfail: the
-        fix tried cost SIGKILL failover 3x; see the test's reason)."""
+        the pre-vote round still decides, so a report on one follower deposes no one. The
+        core trusts the report: made on every follower at once for a live leader, it deposes
+        it (each grants the other's pre-vote; the xfail test_report_peer_down_on_all_
+        followers_blip_does_not_depose_live_leader), so the server's transport reports a
+        peer down only with evidence it is gone (a refused redial, or silence)."""
         if self.role is Role.LEADER:
             progress = self._progress.get(peer)
             if progress is not None and progress.state is ProgressState.REPLICATE:

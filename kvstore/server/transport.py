@@ -65,8 +65,9 @@ import socket
 import struct
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from kvstore.codec import NODE_ID_LIMIT, encode_message, message_from_obj, pack, unpack
 from kvstore.errors import ProtocolError
@@ -334,8 +335,8 @@ class PeerTransport:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
-    def _spawn(self, coroutine: object, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine, name=name)  # type: ignore[arg-type]
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -608,7 +609,9 @@ class PeerTransport:
             else:
                 del self._inbound_by_source[source]
             writer.close()
-            self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+            current = asyncio.current_task()
+            if current is not None:
+                self._tasks.discard(current)
             if peer_id and not silent:
                 self._connection_closed(peer_id, "in")
 

@@ -381,12 +381,12 @@ def test_start_refuses_a_commit_index_beyond_the_log() -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 12 item 6, decided real and not fixed yet: every follower seeing the live "
-    "leader's connections drop at once voids its lease, so pre-vote no longer protects it. "
-    "Shortening the lease instead of voiding it (a heartbeat interval of silence) fixed this "
-    "but made SIGKILL failover 3x slower (bench/failover.py --trials 10 --faults kill: p50 "
-    "219 ms vs 70 ms); the fix to make is a crash detector that tells a refused redial (the "
-    "process is gone) from one that connects (a blip)",
+    reason="by design: the core trusts report_peer_down (a void lease is what makes crash "
+    "failover fast), so a report on every follower at once deposes a live leader. The "
+    "transport reports a peer down only with evidence it is gone (a refused redial), so a "
+    "blip never reaches the core: tests/server/test_transport.py::"
+    "test_a_blip_at_a_live_leaders_network_does_not_depose_it. Shortening the lease in the "
+    "core instead made SIGKILL failover 3x slower (p50 219 ms vs 70 ms)",
 )
 def test_report_peer_down_on_all_followers_blip_does_not_depose_live_leader() -> None:
     """Issue 12 item 6: a blip at a live leader's network drops the connections of every
