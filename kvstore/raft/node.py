@@ -133,6 +133,8 @@ class RawNode:
         # earlier incarnation can never be taken for an answer to ours.
         self._read_nonce = rng.getrandbits(64).to_bytes(8, "big")
         self._read_sequence = 0
+        # Pre-vote rounds in a row since a leader was last heard (or elected): logging.
+        self._pre_campaigns = 0
         # Contexts a follower sent to the leader and awaits the answer to, oldest first.
         self._reads_outstanding: dict[bytes, None] = {}
         self._log = RaftLog(storage)
@@ -190,10 +192,15 @@ class RawNode:
     def step(self, message: Message) -> None:
         """Handle a message from the network."""
         if message.to != self.id:
-            logger.debug("ignoring message for %d", message.to)
+            logger.debug("event=message_ignored node=%d reason=not_for_us to=%d", self.id, message.to)
             return
         if message.type in _RESPONSE_TYPES and message.from_ not in self._known_ids:
-            logger.debug("ignoring %s from unknown node %d", message.type.name, message.from_)
+            logger.debug(
+                "event=message_ignored node=%d reason=unknown_sender type=%s from=%d",
+                self.id,
+                message.type.name,
+                message.from_,
+            )
             return
         self._step(message)
 
@@ -263,7 +270,7 @@ class RawNode:
             return
         if self.role is Role.FOLLOWER and peer != NONE and peer == self.leader_id:
             # The leader's lease is void: grant pre-votes now and campaign soon.
-            logger.info("raft node=%d leader=%d reported down", self.id, peer)
+            logger.info("event=leader_reported_down node=%d leader=%d", self.id, peer)
             self.leader_id = NONE
             self._election_elapsed = 0
             self._randomized_election_timeout = self._peer_down_delay_ticks(peer)
@@ -455,7 +462,7 @@ class RawNode:
         self._reset(term)
         self.leader_id = leader_id
         if self.role is not Role.FOLLOWER:
-            logger.info("raft node=%d became follower term=%d", self.id, term)
+            logger.info("event=became_follower node=%d term=%d", self.id, term)
         self.role = Role.FOLLOWER
 
     def _become_pre_candidate(self) -> None:
@@ -466,20 +473,27 @@ class RawNode:
         # A shortened timeout (report_peer_down) is good for one quick attempt only.
         self._reset_randomized_election_timeout()
         self.role = Role.PRE_CANDIDATE
-        logger.info("raft node=%d became pre-candidate term=%d", self.id, self.term)
+        # A node cut off from a majority campaigns every election timeout (three times a
+        # second): the 1st, 10th, 100th... attempt in a row is worth an INFO line.
+        self._pre_campaigns += 1
+        attempts = self._pre_campaigns
+        level = logging.INFO if str(attempts).strip("0") == "1" else logging.DEBUG
+        message = "event=became_pre_candidate node=%d term=%d attempt=%d"
+        logger.log(level, message, self.id, self.term, attempts)
 
     def _become_candidate(self) -> None:
         assert self.role is not Role.LEADER, "leader cannot become candidate"
         self._reset(self.term + 1)
         self.vote = self.id
         self.role = Role.CANDIDATE
-        logger.info("raft node=%d became candidate term=%d", self.id, self.term)
+        logger.info("event=became_candidate node=%d term=%d", self.id, self.term)
 
     def _become_leader(self) -> None:
         assert self.role is not Role.FOLLOWER, "follower cannot become leader directly"
         self._reset(self.term)
         self.leader_id = self.id
         self.role = Role.LEADER
+        self._pre_campaigns = 0
         last_index = self._log.last_index()
         config = self._config
         for peer in self._progress_ids():
@@ -493,7 +507,7 @@ class RawNode:
             own.recent_active = True
         # Raft §5.4.2: an empty entry of the new term lets earlier entries commit.
         self._append_entries([Entry(self.term, last_index + 1)])
-        logger.info("raft node=%d became leader term=%d", self.id, self.term)
+        logger.info("event=became_leader node=%d term=%d", self.id, self.term)
 
     # === elections ============================================================================
 
@@ -514,7 +528,9 @@ class RawNode:
             if self._config.check_quorum:
                 self._check_quorum()
             if self.role is Role.LEADER and self.lead_transferee != NONE:
-                logger.info("raft node=%d aborts transfer to %d", self.id, self.lead_transferee)
+                logger.info(
+                    "event=transfer_aborted node=%d to=%d", self.id, self.lead_transferee
+                )
                 self.lead_transferee = NONE
         if self.role is not Role.LEADER:
             return
@@ -528,7 +544,7 @@ class RawNode:
         if self.id not in active:
             active.append(self.id)
         if not quorum.quorum_active(self._voters, active):
-            logger.info("raft node=%d leader lost quorum, stepping down", self.id)
+            logger.info("event=quorum_lost node=%d action=step_down", self.id)
             self._become_follower(self.term, NONE)
             return
         for peer, pr in self._progress.items():
@@ -683,7 +699,7 @@ class RawNode:
             self._heard_from_leader(m.from_)
             self._handle_snapshot(m)
         elif mtype is MessageType.TIMEOUT_NOW:
-            logger.info("raft node=%d campaigns on TIMEOUT_NOW from %d", self.id, m.from_)
+            logger.info("event=timeout_now node=%d from=%d action=campaign", self.id, m.from_)
             self._hup(transfer=True)
         elif mtype is MessageType.READ_INDEX_RESPONSE:
             # Only the answer to a request of this incarnation that still awaits one: a node
@@ -694,7 +710,7 @@ class RawNode:
                 del self._reads_outstanding[m.context]
                 self._read_states.append(ReadState(m.index, m.context))
             else:
-                logger.debug("raft node=%d drops an unexpected ReadIndex answer", self.id)
+                logger.debug("event=read_index_answer_dropped node=%d", self.id)
         elif (
             mtype is MessageType.TRANSFER_LEADER
             and self.leader_id != NONE
@@ -707,6 +723,7 @@ class RawNode:
     def _heard_from_leader(self, leader: int) -> None:
         self._election_elapsed = 0
         self.leader_id = leader
+        self._pre_campaigns = 0
         if self._randomized_election_timeout < self._config.election_ticks:
             # report_peer_down shortened the timeout, but the leader is alive after all.
             self._reset_randomized_election_timeout()
@@ -719,7 +736,7 @@ class RawNode:
         if entries and (
             entries[0].index != m.index + 1 or entries[-1].index != m.index + len(entries)
         ):
-            logger.warning("raft node=%d drops malformed append from %d", self.id, m.from_)
+            logger.warning("event=append_dropped node=%d from=%d reason=malformed", self.id, m.from_)
             return
         if m.index < log.committed:
             self._send(MessageType.APPEND_RESPONSE, m.from_, index=log.committed)
@@ -748,7 +765,7 @@ class RawNode:
     def _handle_snapshot(self, m: Message) -> None:
         snapshot = m.snapshot
         if snapshot is None or snapshot.is_empty():
-            logger.warning("raft node=%d ignoring empty snapshot from %d", self.id, m.from_)
+            logger.warning("event=snapshot_ignored node=%d from=%d reason=empty", self.id, m.from_)
             return
         if self._restore(snapshot):
             index = self._log.last_index()
@@ -767,7 +784,7 @@ class RawNode:
             log.commit_to(metadata.index)
             return False
         logger.info(
-            "raft node=%d restores snapshot index=%d term=%d",
+            "event=snapshot_restoring node=%d index=%d term=%d",
             self.id,
             metadata.index,
             metadata.term,
@@ -817,7 +834,9 @@ class RawNode:
     def _handle_append_success(self, m: Message, progress: Progress) -> None:
         if m.index > self._log.last_index():
             # Nothing we sent can be acknowledged beyond our log: a confused peer.
-            logger.warning("raft node=%d ignores ack of %d from %d", self.id, m.index, m.from_)
+            logger.warning(
+                "event=ack_ignored node=%d index=%d from=%d reason=beyond_log", self.id, m.index, m.from_
+            )
             return
         was_paused = progress.is_paused()
         updated = progress.maybe_update(m.index)
@@ -959,12 +978,12 @@ class RawNode:
             return False
         snapshot = self._storage.snapshot()
         if snapshot.is_empty():
-            logger.warning("raft node=%d has no snapshot to send to %d", self.id, to)
+            logger.warning("event=no_snapshot_to_send node=%d to=%d", self.id, to)
             return False
         progress.become_snapshot(snapshot.metadata.index)
         progress.sent_tick = self._tick_count
         logger.info(
-            "raft node=%d sends snapshot index=%d to %d", self.id, snapshot.metadata.index, to
+            "event=snapshot_sending node=%d index=%d to=%d", self.id, snapshot.metadata.index, to
         )
         self._send(MessageType.SNAPSHOT, to, snapshot=snapshot)
         return True
@@ -1060,7 +1079,7 @@ class RawNode:
 
     def _leader_transfer(self, transferee: int) -> None:
         if transferee not in self._voters:
-            logger.info("raft node=%d ignores transfer to non-voter %d", self.id, transferee)
+            logger.info("event=transfer_ignored node=%d to=%d reason=not_a_voter", self.id, transferee)
             return
         if self.lead_transferee != NONE:
             if self.lead_transferee == transferee:
@@ -1071,7 +1090,7 @@ class RawNode:
         # The transfer must finish within an election timeout, or it is aborted.
         self._election_elapsed = 0
         self.lead_transferee = transferee
-        logger.info("raft node=%d transfers leadership to %d", self.id, transferee)
+        logger.info("event=transfer_started node=%d to=%d", self.id, transferee)
         progress = self._progress[transferee]
         if progress.match_index == self._log.last_index():
             self._send_timeout_now(transferee)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from kvstore.errors import ProposalDroppedError
@@ -403,3 +405,16 @@ def test_report_peer_down_on_all_followers_blip_does_not_depose_live_leader() ->
         cluster.tick(40)
         assert cluster.leaders() == [1]
         assert cluster.nodes[1].term == term
+
+
+def test_a_node_cut_off_logs_its_pre_campaigns_sparingly(caplog: pytest.LogCaptureFixture) -> None:
+    """A node in a minority campaigns every election timeout (three times a second); one
+    INFO line per attempt flooded its log. Now the 1st, 10th, 100th... attempt in a row."""
+    cluster = Cluster(seed=3)
+    cluster.elect(1)
+    cluster.isolate(3)
+    with caplog.at_level(logging.INFO, logger="kvstore.raft"):
+        cluster.tick(40 * 25, ids=[3])  # about 25 election timeouts
+    lines = [r.getMessage() for r in caplog.records if "became_pre_candidate node=3" in r.getMessage()]
+    attempts = [int(line.rsplit("attempt=", 1)[1]) for line in lines]
+    assert attempts == [1, 10]

@@ -565,7 +565,7 @@ def _probe_verdicts(cluster: LocalCluster, node_id: int, peer_id: int) -> tuple[
     was told it is down (RawNode.report_peer_down's line, whatever told it)."""
     log = cluster.log_path(node_id).read_text(errors="replace")
     return log.count(f"event=peer_blip peer={peer_id}\n"), log.count(
-        f"raft node={node_id} leader={peer_id} reported down"
+        f"event=leader_reported_down node={node_id} leader={peer_id}"
     )
 
 
