@@ -1,11 +1,11 @@
 """A replica: the Raft core (`RawNode`), its durable storage and the key-value state machine.
 
-Both drivers, the simulator and the asyncio server, run a replica through the same code. The
-simulator does not yet exercise every ordering the server uses: the server sends a leader's
-appends before its own save returns (dissertation §10.2.1), does not fsync commit-only
-Readies, and encodes deferred snapshots on another thread while turns go on, where the
-simulator collapses the encoding into one step (docs/architecture.md §3 lists the
-differences). One Ready is handled in three steps, in this order (Raft §5: persistence
+Both drivers, the simulator and the asyncio server, run a replica through the same code,
+snapshots included (`begin_snapshot`, `encode_snapshot`, `complete_snapshot`: the server
+encodes on a thread of its own, the simulator finishes the encoding as a later event that
+crashes can come before). The simulator does not exercise two orderings the server uses: a
+leader's appends sent before its own save returns (dissertation §10.2.1), and commit-only
+Readies not fsynced (docs/architecture.md §3). One Ready is handled in three steps, in this order (Raft §5: persistence
 before replies):
 
 1. `prepare()`           takes the next Ready from the core (None when there is nothing to
@@ -17,10 +17,10 @@ before replies):
                          no file descriptor), call it again later;
 3. `finish(ready, send)` = `send(ready, send)` (the messages), `apply(ready)` (restore the
                          snapshot if any, then apply the committed entries) and
-                         `advance(ready)` (`RawNode.advance`, then a snapshot of the state
-                         machine and log compaction every `snapshot_entries` entries).
+                         `advance(ready)` (`RawNode.advance`; without `defer_snapshots`,
+                         then `take_snapshot` when one is due).
 
-`process_ready(send)` is the three steps in one call (the simulator and simple drivers).
+`process_ready(send)` is the three steps in one call (simple synchronous drivers and tests).
 
 Errors: a committed entry or a snapshot that does not decode raises `ProtocolError` out of
 `apply` (the entries before it are applied, the node is not advanced); the process must stop,
@@ -332,11 +332,16 @@ class Replica:
         )
 
     def begin_snapshot(self) -> SnapshotJob | None:
-        """With `defer_snapshots`: when a snapshot is due, freeze the state machine at its
-        applied index and return the job (pass it to `encode_snapshot` on any thread, then to
-        `complete_snapshot`); else None. Only one job at a time."""
-        if not self.defer_snapshots or not self._snapshot_wanted():
+        """When a snapshot is due, freeze the state machine at its applied index and return
+        the job (pass it to `encode_snapshot`, on any thread, then to `complete_snapshot`);
+        else None. One job at a time. This is the only way a snapshot is taken: the server
+        encodes on a thread of its own, the simulator as a later event that crashes can
+        interleave with, `take_snapshot` all at once."""
+        if not self._snapshot_wanted():
             return None
+        return self._freeze()
+
+    def _freeze(self) -> SnapshotJob:
         term = self.storage.term(self.applied_index)
         frozen = self.state_machine.freeze()
         return SnapshotJob(frozen, term, self._conf_state, self._applied_bytes)
@@ -378,15 +383,15 @@ class Replica:
         return self._snapshot_stored(index, len(data), job.applied_bytes)
 
     def take_snapshot(self) -> int:
-        """Snapshot the state machine at its applied index now, then compact the log to
-        `snapshot_catch_up_entries` before it (storage compacts only what the durable
-        snapshot covers). Storage errors propagate."""
-        index = self.applied_index
-        if index <= self._snapshot_index:
+        """Snapshot the state machine at its applied index now, due or not, through the one
+        path (`_freeze`, `encode_snapshot`, `complete_snapshot`, all at once), then compact
+        the log to `snapshot_catch_up_entries` before it (storage compacts only what the
+        durable snapshot covers). ResourceExhaustedError from encoding propagates (see
+        `maybe_snapshot`); so does any other storage error."""
+        if self.applied_index <= self._snapshot_index:
             return 0
-        data = self.state_machine.snapshot()
-        self.storage.create_snapshot(index, self._conf_state, data)
-        return self._snapshot_stored(index, len(data), self._applied_bytes)
+        job = self._freeze()
+        return self.complete_snapshot(job, self.encode_snapshot(job))
 
     def _snapshot_stored(self, index: int, size: int, applied_bytes: int) -> int:
         """Bookkeeping after a snapshot at `index` of `size` bytes became durable, covering

@@ -521,11 +521,13 @@ class SnapshotDiskFull(MemoryStorage):
     full = False
     attempts = 0
 
-    def create_snapshot(self, index: int, conf_state: ConfState, data: bytes) -> Snapshot:
+    def create_snapshot(
+        self, index: int, conf_state: ConfState, data: bytes, prepared: str | None = None
+    ) -> Snapshot:
         if self.full:
             self.attempts += 1
             raise DiskFullError("no space left for the snapshot file")
-        return super().create_snapshot(index, conf_state, data)
+        return super().create_snapshot(index, conf_state, data, prepared)
 
 
 def test_a_full_disk_postpones_the_snapshot_and_the_node_carries_on() -> None:

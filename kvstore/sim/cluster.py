@@ -27,6 +27,7 @@ from kvstore.keepalive import KeepalivePolicy
 from kvstore.kv.commands import Put, RequestId, decode_command, encode_command
 from kvstore.raft.config import RaftConfig
 from kvstore.raft.types import Entry, Message, MessageType, ReadState, Ready, Role
+from kvstore.replica import SnapshotJob
 from kvstore.sim.faults import Nemesis
 from kvstore.sim.invariants import SafetyChecker
 from kvstore.sim.network import Network, NetworkConfig
@@ -136,7 +137,6 @@ class Simulation:
             c.snapshot_interval_min, max(c.snapshot_interval_min, c.snapshot_interval_max)
         )
         node.snapshot_keep = self.rng.randint(0, 3)
-        node.deferred_snapshots = self.rng.random() < 0.5
         return node
 
     # --- the trace and scheduled events --------------------------------------------------
@@ -480,6 +480,29 @@ class Simulation:
     def on_snapshot_taken(self, node: SimNode, index: int) -> None:
         self.counters["snapshots_taken"] += 1
         self.trace(f"snapshot n{node.id} {index}")
+
+    def on_snapshot_begun(self, node: SimNode, job: SnapshotJob) -> None:
+        """The server encodes a snapshot on a thread of its own while turns go on: here its
+        encoding finishes a few ticks later, as an event of its own, which a crash, a pause
+        or a hung save may come before (the job then dies with the process, or waits)."""
+        self.counters["snapshots_begun"] += 1
+        self.trace(f"snapshot begun n{node.id} {job.index}")
+        incarnation = node.incarnation
+
+        def encoded() -> None:
+            if node.snapshot_job is not job or node.incarnation != incarnation or not node.up:
+                return  # the process died meanwhile: the job died with it
+            if node.stalled:
+                # The storage thread is busy with a hung save, or the process is frozen:
+                # storing waits (as `Driver._tend_snapshot` waits between two saves).
+                self.schedule(node.tick_period, f"snapshot waits n{node.id}", encoded)
+                return
+            taken = node.complete_snapshot_job()
+            if taken:
+                self.on_snapshot_taken(node, taken)
+
+        delay = self.rng.randint(1, 3 * node.tick_period)
+        self.schedule(delay, f"snapshot encoded n{node.id}", encoded)
 
     # --- workload Target -------------------------------------------------------------------
 

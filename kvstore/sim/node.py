@@ -18,12 +18,12 @@ import random
 from collections.abc import Sequence
 from typing import Protocol
 
-from kvstore.errors import CompactedError, UnavailableIndexError
+from kvstore.errors import CompactedError, ResourceExhaustedError, UnavailableIndexError
 from kvstore.kv.state_machine import StateMachine
 from kvstore.raft.config import RaftConfig
 from kvstore.raft.node import RawNode
 from kvstore.raft.types import Entry, Message, ReadState, Ready, Role
-from kvstore.replica import Replica
+from kvstore.replica import Replica, SnapshotJob
 from kvstore.sim.invariants import StorageLogView
 from kvstore.storage.memory import MemoryStorage
 
@@ -64,6 +64,8 @@ class NodeObserver(Protocol):
 
     def on_snapshot_taken(self, node: SimNode, index: int) -> None: ...
 
+    def on_snapshot_begun(self, node: SimNode, job: SnapshotJob) -> None: ...
+
 
 class SimNode:
     """A node that can crash and restart; see the module docstring."""
@@ -100,9 +102,11 @@ class SimNode:
         # `snapshot_keep` entries before it so slightly lagging peers catch up by appends.
         self.snapshot_interval = 1_000_000
         self.snapshot_keep = 0
-        # Take snapshots the server's way (begin, encode, complete after `advance`) instead
-        # of inside `advance`, so the simulator runs that path too.
-        self.deferred_snapshots = False
+        # Snapshots are taken the server's way: begun after `advance`, encoded and completed
+        # by a later event (`Simulation.on_snapshot_begun`), dropped by a crash in between.
+        self.deferred_snapshots = True
+        # The snapshot begun and not yet completed (one at a time, as in the server).
+        self.snapshot_job: SnapshotJob | None = None
 
     @property
     def up(self) -> bool:
@@ -147,6 +151,7 @@ class SimNode:
         self.replica = None
         self.paused = False
         self.hung_ready = None  # a save that never returned made nothing durable
+        self.snapshot_job = None  # an encoding in progress dies with the process
         self.held_requests.clear()
         self.crash_stage = None
         self.role, self.leader_id = Role.FOLLOWER, 0
@@ -207,7 +212,7 @@ class SimNode:
         # 4. Advance (the replica may snapshot and compact here).
         taken = replica.advance(ready)
         if self.deferred_snapshots:
-            taken = self._deferred_snapshot(replica)
+            self._tend_snapshot(replica, observer)
         if taken:
             observer.on_snapshot_taken(self, taken)
 
@@ -218,17 +223,34 @@ class SimNode:
         self.hung_ready = None
         self._handle_ready(replica, ready, observer, rng)
 
-    def _deferred_snapshot(self, replica: Replica) -> int:
-        """What the server's driver does between two turns (`Driver._tend_snapshot`), its
-        encoding thread collapsed into one step: retry a compaction a full disk skipped, or
-        take a snapshot that is due. Returns the index of the snapshot taken, else 0."""
+    def _tend_snapshot(self, replica: Replica, observer: NodeObserver) -> None:
+        """What the server's driver does between two turns (`Driver._tend_snapshot`): retry
+        a compaction a full disk skipped, or begin a snapshot that is due; its encoding then
+        finishes as an event of its own (`complete_snapshot_job`), as the server's encoding
+        thread finishes while turns go on."""
+        if self.snapshot_job is not None:
+            return
         if replica.compaction_due():
             replica.retry_compaction()
-            return 0
+            return
         job = replica.begin_snapshot()
-        if job is None:
+        if job is not None:
+            self.snapshot_job = job
+            observer.on_snapshot_begun(self, job)
+
+    def complete_snapshot_job(self) -> int:
+        """The encoding of the job begun earlier finished: write it ahead and store it
+        (`Replica.encode_snapshot`, `Replica.complete_snapshot`). Returns the index of the
+        snapshot stored, 0 if it was overtaken or storage was short of space."""
+        job, replica = self.snapshot_job, self.replica
+        assert job is not None and replica is not None
+        self.snapshot_job = None
+        try:
+            encoded = replica.encode_snapshot(job)
+        except ResourceExhaustedError as exc:
+            replica.abandon_snapshot(exc)
             return 0
-        return replica.complete_snapshot(job, replica.encode_snapshot(job))
+        return replica.complete_snapshot(job, encoded)
 
     def _torn_save(self, ready: Ready, observer: NodeObserver, rng: random.Random) -> None:
         """Crash in the middle of the fsync'ed write (MemoryStorage models what a torn

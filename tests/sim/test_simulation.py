@@ -176,6 +176,9 @@ def test_seeds_fill_disks_during_compaction_and_carry_on() -> None:
     assert summary.ok, "\n".join(describe_failure(r) for r in summary.failures)
     assert summary.counters["fill_disk"] > 0
     assert summary.counters["compactions_refused"] > 0
+    # Snapshots take the server's path, their encoding finishing as an event of its own:
+    # some are begun and never stored (a crash came first, or a newer one overtook them).
+    assert summary.counters["snapshots_begun"] > summary.counters["snapshots_taken"] > 0
 
 
 def test_a_restarted_node_makes_read_contexts_of_its_own() -> None:
