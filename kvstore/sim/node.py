@@ -104,7 +104,6 @@ class SimNode:
         self.snapshot_keep = 0
         # Snapshots are taken the server's way: begun after `advance`, encoded and completed
         # by a later event (`Simulation.on_snapshot_begun`), dropped by a crash in between.
-        self.deferred_snapshots = True
         # The snapshot begun and not yet completed (one at a time, as in the server).
         self.snapshot_job: SnapshotJob | None = None
 
@@ -137,7 +136,7 @@ class SimNode:
             # Paced by count alone, so small simulated stores snapshot (and send snapshots)
             # often; pacing by size is a local policy with no part in safety.
             snapshot_log_ratio=0.0,
-            defer_snapshots=self.deferred_snapshots,
+            defer_snapshots=True,
         )
         self.incarnation += 1
         self.crash_stage = None
@@ -210,11 +209,8 @@ class SimNode:
             self.crash()
             return
         # 4. Advance (the replica may snapshot and compact here).
-        taken = replica.advance(ready)
-        if self.deferred_snapshots:
-            self._tend_snapshot(replica, observer)
-        if taken:
-            observer.on_snapshot_taken(self, taken)
+        replica.advance(ready)  # takes no snapshot: defer_snapshots
+        self._tend_snapshot(replica, observer)
 
     def finish_hung_save(self, observer: NodeObserver, rng: random.Random) -> None:
         """The hung save returns: the rest of its Ready is handled as usual."""
