@@ -145,6 +145,7 @@ COMPONENTS: Mapping[str, str] = {
     "kvstore.errors": "errors",
     "kvstore.raft.types": "raft.types",
     "kvstore.raft.storage": "raft.types",  # the Storage Protocol, written in raft.types terms
+    "kvstore.raft.confchange": "raft.types",  # membership changes as plain values
     "kvstore.raft": "raft",
     "kvstore.codec": "codec",
     "kvstore.kv": "kv",
