@@ -246,7 +246,7 @@ class RawNode:
         if self.role is Role.LEADER:
             self._leader_transfer(to)
         elif self.leader_id != NONE:
-            self._send(MessageType.TRANSFER_LEADER, self.leader_id, index=to)
+            self._send(MessageType.TRANSFER_LEADER, self.leader_id, transferee=to)
 
     def campaign(self) -> None:
         """Start an election now (with a pre-vote round when enabled)."""
@@ -722,7 +722,7 @@ class RawNode:
         ):
             # Forward to the leader we know. (A READ_INDEX reaching a non-leader is dropped:
             # forwarding it would route the answer to the wrong node; the reader retries.)
-            self._send(mtype, self.leader_id, index=m.index)
+            self._send(mtype, self.leader_id, transferee=m.transferee)
 
     def _heard_from_leader(self, leader: int) -> None:
         self._election_elapsed = 0
@@ -811,7 +811,7 @@ class RawNode:
             self._leader_read_index(m.from_, m.context)
             return
         if mtype is MessageType.TRANSFER_LEADER:
-            self._leader_transfer(m.index)
+            self._leader_transfer(m.transferee)
             return
         progress = self._progress.get(m.from_)
         if progress is None:
@@ -1027,6 +1027,7 @@ class RawNode:
         reject_hint: int = 0,
         snapshot: Snapshot | None = None,
         context: bytes = b"",
+        transferee: int = 0,
     ) -> None:
         """Queue a message from this node: the one place that stamps `from_` and `term`
         (etcd-io/raft's `send`). Every message carries the current term, except (pre-)vote
@@ -1038,6 +1039,7 @@ class RawNode:
         else:
             assert term is None, f"{type.name} always carries the current term"
             term = self.term
+        assert transferee == NONE or type is MessageType.TRANSFER_LEADER, type.name
         self._messages.append(
             Message(
                 type,
@@ -1052,6 +1054,7 @@ class RawNode:
                 reject_hint=reject_hint,
                 snapshot=snapshot,
                 context=context,
+                transferee=transferee,
             )
         )
 

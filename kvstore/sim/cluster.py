@@ -432,8 +432,8 @@ class Simulation:
 
     def on_save_hung(self, node: SimNode, duration: int) -> None:
         """A save hangs: while it does, the node sends only the keepalives the policy
-        allows (as `Driver._in_worker` does); then the save returns and the node goes on,
-        client requests that reached it meanwhile first."""
+        allows (as the server's `StorageThread.run` does); then the save returns and the
+        node goes on, client requests that reached it meanwhile first."""
         self.counters["saves_hung"] += 1
         self.trace(f"save hangs n{node.id} for {duration}")
         incarnation, since = node.incarnation, self.now
@@ -459,8 +459,8 @@ class Simulation:
         self.schedule(duration, f"save returns n{node.id}", returned)
 
     def _send_keepalives(self, node: SimNode) -> None:
-        """`Driver._send_keepalives`: a leader's heartbeats with commit 0, only in a term
-        that is already durable."""
+        """The server's `StorageThread._send_keepalives`: a leader's heartbeats with commit
+        0, only in a term that is already durable."""
         raw = node.raw
         assert raw is not None
         status = raw.status()
@@ -515,7 +515,7 @@ class Simulation:
                 return  # the process died meanwhile: the job died with it
             if node.stalled:
                 # The storage thread is busy with a hung save, or the process is frozen:
-                # storing waits (as `Driver._tend_snapshot` waits between two saves).
+                # storing waits (as `SnapshotTender.tend` waits between two saves).
                 self.schedule(node.tick_period, f"snapshot waits n{node.id}", encoded)
                 return
             taken = node.complete_snapshot_job()
