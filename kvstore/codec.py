@@ -16,6 +16,7 @@ Bounds (checked on every decode, so a hostile or damaged value never reaches the
   packet once made every node fail to encode its own next pre-vote, forever.)
 - A node id is below `NODE_ID_LIMIT` (2^63); a member of a configuration is at least 1, and
   a configuration has at most `CONF_MEMBERS_MAX` members.
+- A TRANSFER_LEADER message's transferee is a node id; it travels in the index slot.
 - A message carries at most `MESSAGE_ENTRIES_MAX` entries and a context of at most
   `CONTEXT_BYTES_MAX` bytes; its type and an entry's type are known enum values.
 """
@@ -142,13 +143,18 @@ def snapshot_from_obj(obj: Any, *, limit: int = STORED_VALUE_LIMIT) -> Snapshot:
 
 
 def message_to_obj(message: Message) -> list[Any]:
+    index = message.index
+    if message.type is MessageType.TRANSFER_LEADER:
+        # The transferee travels in the index slot (see message_from_obj).
+        assert index == 0, "TRANSFER_LEADER carries a transferee, not an index"
+        index = message.transferee
     return [
         int(message.type),
         message.to,
         message.from_,
         message.term,
         message.log_term,
-        message.index,
+        index,
         [entry_to_obj(e) for e in message.entries],
         message.commit,
         message.reject,
@@ -159,16 +165,26 @@ def message_to_obj(message: Message) -> list[Any]:
 
 
 def message_from_obj(obj: Any) -> Message:
-    """A message from a peer: every field within the bounds of the module docstring."""
+    """A message from a peer: every field within the bounds of the module docstring.
+
+    A TRANSFER_LEADER message's transferee (a node id) travels in the index slot, which that
+    message does not otherwise use: the array keeps the layout of format version 1, so nodes
+    built before `Message.transferee` existed still understand each other.
+    """
     _expect_list(obj, 12, "message")
     (type_, to, from_, term, log_term, index, entries, commit, reject, hint, snap, ctx) = obj
     message_type = _expect_enum(MessageType, type_, "message")
     _expect_int(to, "message.to", NODE_ID_LIMIT)
     _expect_int(from_, "message.from", NODE_ID_LIMIT)
+    transferee = 0
+    if message_type is MessageType.TRANSFER_LEADER:
+        _expect_int(index, "message.transferee", NODE_ID_LIMIT)
+        transferee, index = index, 0
+    else:
+        _expect_int(index, "message.index", WIRE_VALUE_LIMIT)
     for value, name in (
         (term, "term"),
         (log_term, "log_term"),
-        (index, "index"),
         (commit, "commit"),
         (hint, "reject_hint"),
     ):
@@ -194,6 +210,7 @@ def message_from_obj(obj: Any) -> Message:
         reject_hint=hint,
         snapshot=None if snap is None else snapshot_from_obj(snap, limit=WIRE_VALUE_LIMIT),
         context=ctx,
+        transferee=transferee,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgpack
 import pytest
 from hypothesis import assume, given
@@ -70,6 +72,13 @@ messages = st.builds(
     reject_hint=values,
     snapshot=st.none() | snapshots,
     context=st.binary(max_size=codec.CONTEXT_BYTES_MAX),
+).map(
+    # Only TRANSFER_LEADER names a transferee, and it carries no index (Message's invariant).
+    lambda m: (
+        dataclasses.replace(m, index=0, transferee=m.index % codec.NODE_ID_LIMIT)
+        if m.type is MessageType.TRANSFER_LEADER
+        else m
+    )
 )
 
 # Values no integer field accepts: wrong types (bool passes isinstance(x, int)) and
@@ -122,6 +131,8 @@ def test_message_with_a_term_or_index_out_of_range_is_rejected(
 ) -> None:
     """Issue 12 item 9: a term of 2^64-1 from one packet was adopted and persisted, and the
     node then failed to encode its own pre-vote (term + 1) forever."""
+    # TRANSFER_LEADER's index slot holds a node id, checked as one below.
+    assume(not (message.type is MessageType.TRANSFER_LEADER and position == 5))
     obj = codec.message_to_obj(message)
     obj[position] = bad
     with pytest.raises(ProtocolError):
@@ -136,6 +147,25 @@ def test_message_with_a_node_id_out_of_range_is_rejected(
     obj[position] = bad
     with pytest.raises(ProtocolError):
         _redecode(obj)
+
+
+@given(messages, bad_integers)
+def test_a_transferee_out_of_range_is_rejected(message: Message, bad: object) -> None:
+    obj = codec.message_to_obj(
+        dataclasses.replace(message, type=MessageType.TRANSFER_LEADER, index=0)
+    )
+    obj[5] = bad
+    with pytest.raises(ProtocolError, match="transferee"):
+        _redecode(obj)
+
+
+def test_a_transfer_request_keeps_the_wire_layout_of_format_version_1() -> None:
+    """The transferee travels in the index slot, where builds before `Message.transferee`
+    put it: a request from such a node is understood, and ours is understood by it."""
+    old_layout = [int(MessageType.TRANSFER_LEADER), 1, 2, 5, 0, 3, [], 0, False, 0, None, b""]
+    decoded = _redecode(old_layout)
+    assert (decoded.transferee, decoded.index) == (3, 0)
+    assert codec.message_to_obj(decoded) == old_layout
 
 
 @given(messages, entries, st.sampled_from((0, 1, 2)), bad_wire_values)

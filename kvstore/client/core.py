@@ -69,6 +69,7 @@ from kvstore.errors import (
     ProtocolError,
     UnavailableError,
 )
+from kvstore.request_id import RequestId, check_client_id
 
 log = logging.getLogger("kvstore.client")
 
@@ -171,7 +172,7 @@ class Client:
         self.config = config
         self.endpoints: tuple[str, ...] = tuple(dict.fromkeys(map(_normalize_url, endpoints)))
         # The session table on the servers is keyed by this; random per instance.
-        self.client_id = client_id or secrets.token_hex(8)
+        self.client_id = check_client_id(client_id) if client_id else secrets.token_hex(8)
         self._clock: Clock = clock or time.monotonic
         self._sleep: Sleep = sleep or asyncio.sleep
         self._rng = rng or random.Random()
@@ -286,7 +287,7 @@ class Client:
             create_revision=_int_field(answer, "create_revision"),
             mod_revision=_int_field(answer, "mod_revision"),
             version=_int_field(answer, "version"),
-            request_id=f"{self.client_id}:{answered.seq}",
+            request_id=str(RequestId(self.client_id, answered.seq)),
         )
 
     async def cas(
@@ -318,7 +319,7 @@ class Client:
         return DeleteResult(
             key=str(answer.get("key", key)),
             revision=_int_field(answer, "revision"),
-            request_id=f"{self.client_id}:{answered.seq}",
+            request_id=str(RequestId(self.client_id, answered.seq)),
         )
 
     async def list(
@@ -446,7 +447,7 @@ class Client:
         if not call.is_write:
             return call.headers
         headers = dict(call.headers or {})
-        headers["Kvstore-Request-Id"] = f"{self.client_id}:{seq}"
+        headers["Kvstore-Request-Id"] = str(RequestId(self.client_id, seq))
         headers["Kvstore-Acked-Below"] = str(min(self._inflight, default=self._next_seq))
         return headers
 

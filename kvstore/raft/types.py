@@ -136,6 +136,9 @@ class Message:
     snapshot: Snapshot | None = None
     # READ_INDEX / HEARTBEAT: the request context that ties answers to a read.
     context: bytes = b""
+    # TRANSFER_LEADER: the node to hand leadership to (dissertation §3.10).
+    # Invariant: non-zero only in TRANSFER_LEADER, which carries no index.
+    transferee: int = 0
 
 
 @dataclass(frozen=True, slots=True)

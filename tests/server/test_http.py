@@ -240,7 +240,7 @@ async def _keepalives_stop(harness: Harness, caplog: pytest.LogCaptureFixture) -
     await _until(lambda: "event=keepalives_stopped" in caplog.text)
     sent = _keepalives_sent(harness)
     loop = asyncio.get_running_loop()
-    quiet_until = loop.time() + 10 * harness.driver._keepalives.interval
+    quiet_until = loop.time() + 10 * harness.driver.storage.keepalives.interval
     await _until(lambda: loop.time() > quiet_until)
     assert _keepalives_sent(harness) == sent
     return sent
@@ -299,7 +299,7 @@ async def test_a_write_during_a_handover_waits_for_the_new_leader_and_names_it(
     put = asyncio.ensure_future(
         harness.client.put("/v1/kv/handover", data=b"x", allow_redirects=False)
     )
-    await _until(lambda: len(driver._leader_waiters) == 1)
+    await _until(lambda: len(driver.handover.waiters) == 1)
     assert not put.done()
     # What the driver does when a Ready reports that node 2 won the transfer.
     driver._on_soft_state(2, Role.FOLLOWER)
@@ -364,7 +364,7 @@ async def test_forwarded_reads_fail_at_once_when_the_leader_changes_directly(
     loop = asyncio.get_running_loop()
     driver.role, driver.leader_id = Role.FOLLOWER, 2
     read: asyncio.Future[None] = loop.create_future()
-    driver._read_contexts[b"forwarded-to-2"] = [read]
+    driver.pending.read_contexts[b"forwarded-to-2"] = [read]
     try:
         driver._on_soft_state(3, Role.FOLLOWER)  # L1 = 2 -> L2 = 3
         assert read.done(), "the read still waits for L1's answer"
@@ -372,7 +372,7 @@ async def test_forwarded_reads_fail_at_once_when_the_leader_changes_directly(
             read.result()
         assert http_status(failed.value) == 503 and failed.value.retry_after_s
     finally:
-        driver._read_contexts.pop(b"forwarded-to-2", None)
+        driver.pending.read_contexts.pop(b"forwarded-to-2", None)
         driver.role, driver.leader_id = Role.LEADER, 1
 
 
@@ -391,12 +391,12 @@ async def test_a_failed_handover_lets_the_node_answer_as_a_leader_again(
     assert response.status == 200
     # A write in flight when leadership is lost fails at once (503), not at its deadline.
     pending: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-    driver._proposals["c:1"] = [pending]
+    driver.pending.proposals["c:1"] = [pending]
     try:
         driver._on_soft_state(2, Role.FOLLOWER)
         assert pending.done()
     finally:
-        driver._proposals.pop("c:1", None)
+        driver.pending.proposals.pop("c:1", None)
         driver._on_soft_state(1, Role.LEADER)
 
 
