@@ -26,10 +26,11 @@ from kvstore.errors import RaftError
 from kvstore.keepalive import KeepalivePolicy
 from kvstore.kv.commands import Put, RequestId, decode_command, encode_command
 from kvstore.raft.config import RaftConfig
-from kvstore.raft.types import Entry, Message, MessageType, ReadState, Ready, Role
+from kvstore.raft.types import Entry, EntryType, Message, MessageType, ReadState, Ready, Role
 from kvstore.replica import SnapshotJob
 from kvstore.sim.faults import Nemesis
 from kvstore.sim.invariants import SafetyChecker
+from kvstore.sim.membership import Operator, stored_conf_state
 from kvstore.sim.network import Network, NetworkConfig
 from kvstore.sim.node import CrashStage, SimNode
 from kvstore.sim.workload import Workload, WorkloadConfig
@@ -62,6 +63,11 @@ class SimConfig:
     # policy, kvstore.keepalive: 1); None sends them for as long as the save hangs, as the
     # server did before issue 12 (for the test that shows why the bound is needed).
     keepalive_limit_elections: float | None = 1.0
+    # The nemesis also changes the membership: grows the cluster by a learner it then
+    # promotes, removes members, and replaces nodes whose disk it wipes (kvstore.sim.membership).
+    membership: bool = True
+    # Nodes a run may ever create (the initial ones included): bounds the growth.
+    nodes_max: int = 9
 
     @staticmethod
     def draw(rng: random.Random, **overrides: object) -> SimConfig:
@@ -111,6 +117,8 @@ class Simulation:
         # Snapshots delivered (`_snapshot_key`): a send of one of these again is a resend.
         self._snapshots_delivered: set[tuple[int, int, int, int, int]] = set()
         self.nodes = {i: self._make_node(i, ids) for i in ids}
+        # Carries out the membership changes the nemesis plans (one at a time).
+        self.operator = Operator(self)
         self.checker = SafetyChecker()
         self.workload = Workload(self.config.workload, ids, random.Random(self.rng.getrandbits(64)))
         self.nemesis = Nemesis(self, random.Random(self.rng.getrandbits(64)))
@@ -123,6 +131,7 @@ class Simulation:
             self.start_node(node)
 
     def _make_node(self, node_id: int, ids: tuple[int, ...]) -> SimNode:
+        """A node of the bootstrap configuration `ids`, or (ids empty) one that joins."""
         c = self.config
         raft_config = RaftConfig(
             id=node_id,
@@ -156,7 +165,28 @@ class Simulation:
 
     # --- node lifecycle (used by the nemesis) ----------------------------------------------
 
+    def add_node(self) -> SimNode:
+        """A new node with a never-used id, empty storage and no configuration: it takes part
+        only once the operator adds it as a learner."""
+        node_id = max(self.nodes) + 1
+        node = self._make_node(node_id, ())
+        self.nodes[node_id] = node
+        self.network.add_node(node_id)
+        self.trace(f"new node n{node_id}")
+        return node
+
+    def wipe_node(self, node: SimNode) -> None:
+        """The node's disk is lost: the process ends and its id never runs again."""
+        if node.up:
+            node.crash()
+            self._after_crash(node)
+        node.lost = True
+        self.counters["disks_lost"] += 1
+        self.trace(f"disk lost n{node.id}")
+
     def start_node(self, node: SimNode) -> None:
+        if node.lost:
+            return
         node.start(random.Random(self.rng.getrandbits(64)), self.now)
         snapshot = node.storage.snapshot().metadata.index
         self.checker.observe_restart(node.id, node.commit)
@@ -291,13 +321,21 @@ class Simulation:
             action()
         for event in self.workload.act(self.now, self):
             self.trace(event)
+        self.operator.act()
         if self.healed and self.config.liveness:
             self._drive_liveness()
         for node in self.nodes.values():
             self._process(node)
         if self._persisted:
             self._persisted = False
-            self.checker.check_electability({n.id: n.log for n in self.nodes.values()})
+            self.checker.check_electability(
+                {n.id: n.log for n in self.nodes.values() if not n.lost},
+                {
+                    n.id: stored_conf_state(n.storage, n.peers).voters
+                    for n in self.nodes.values()
+                    if not n.lost
+                },
+            )
 
     def _process(self, node: SimNode) -> None:
         if not node.up or (node.stalled and node.crash_stage is None):
@@ -379,7 +417,7 @@ class Simulation:
         )
         for node in self.nodes.values():
             if not node.up:
-                self.start_node(node)
+                self.start_node(node)  # not a lost one
             elif node.paused:
                 self.resume_node(node)
 
@@ -412,6 +450,8 @@ class Simulation:
         if ready.soft_state is not None or ready.hard_state is not None:
             checker.observe_role(node.id, node.term, node.role is Role.LEADER, node.log)
             checker.observe_commit(node.id, node.term, node.commit, node.log)
+            if node.role is Role.LEADER and node.raw is not None:
+                checker.observe_leader_voters(node.id, node.term, node.raw.voters, node.commit)
         if role_changed:
             self.trace(f"role n{node.id} {node.role.value} t{node.term}")
             if node.role is Role.LEADER:
@@ -467,11 +507,12 @@ class Simulation:
         if status.role is not Role.LEADER or node.storage.hard_state.term != status.term:
             return
         self.counters["keepalives"] += 1
+        members = status.conf_state.voters + status.conf_state.learners
         self.on_send(
             node,
             [
                 Message(type=MessageType.HEARTBEAT, to=peer, from_=node.id, term=status.term)
-                for peer in node.peers
+                for peer in members
                 if peer != node.id
             ],
         )
@@ -483,6 +524,8 @@ class Simulation:
     def on_applied(self, node: SimNode, entry: Entry) -> None:
         assert node.machine is not None
         self.checker.observe_applied(node.id, entry)
+        if entry.type is not EntryType.NORMAL:
+            return  # a membership change: no client's write
         self.workload.on_applied(node.id, entry, self.now, self)
         if self._marker is not None and self.healed:
             decoded = self.decode_put(entry.data)

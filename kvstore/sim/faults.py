@@ -10,6 +10,12 @@ believing it still leads. A node's save can hang (a dying disk): the node then n
 ticks nor steps until it returns, sending only the keepalives the server's policy allows
 (kvstore.keepalive). A node's disk can fill up for a while such that the compaction
 after a snapshot fails (the snapshot stays stored; the replica retries the compaction later).
+With `SimConfig.membership`, it also changes the membership (carried out by
+`kvstore.sim.membership.Operator`, one change at a time, under all the faults above): it grows
+the cluster by a new node (added as a learner, promoted once caught up), removes a member
+(the leader too, which then hands over), or wipes a voter's disk: that id never runs again,
+and a new node under a new id replaces it (added as a learner, the lost member removed,
+then the learner promoted).
 When a node crashes, each live peer "notices" it
 after a short random delay and calls `report_peer_down`, as the server's transport does when
 a connection closes.
@@ -23,6 +29,7 @@ import random
 from typing import TYPE_CHECKING
 
 from kvstore.errors import RaftError
+from kvstore.sim.membership import Goal, Step
 from kvstore.sim.node import CrashStage, SimNode
 
 if TYPE_CHECKING:
@@ -51,6 +58,8 @@ class Nemesis:
             (self._fill_disk, 1),
             (self._hang_disk, 1),
         ]
+        if simulation.config.membership:
+            self._actions += [(self._grow, 1), (self._shrink, 1), (self._wipe, 2)]
         self._schedule_next()
 
     def stop(self) -> None:
@@ -169,6 +178,54 @@ class Nemesis:
             node.storage.compact_disk_full = False
 
         self._sim.schedule(duration, f"disk freed n{node.id}", free)
+
+    # --- membership ----------------------------------------------------------------------
+
+    def _voters(self) -> tuple[int, ...] | None:
+        """The leader's voters when a new membership plan may start (none in progress)."""
+        leader = self._sim.leader()
+        if self._sim.operator.busy or leader is None or leader.raw is None:
+            return None
+        return leader.raw.voters
+
+    def _room(self) -> bool:
+        return len(self._sim.nodes) < self._sim.config.nodes_max
+
+    def _grow(self) -> None:
+        """A new node joins: added as a learner, promoted once caught up."""
+        voters = self._voters()
+        if voters is None or len(voters) >= 5 or not self._room():
+            return
+        node = self._sim.add_node()
+        self._sim.start_node(node)
+        self._sim.operator.plan(Goal(Step.ADD, node.id), Goal(Step.PROMOTE, node.id))
+
+    def _shrink(self) -> None:
+        """A member is removed (the leader itself, sometimes); it keeps running, removed."""
+        voters = self._voters()
+        if voters is None or len(voters) <= 3:
+            return
+        self._sim.operator.plan(Goal(Step.REMOVE, self._rng.choice(voters)))
+
+    def _wipe(self) -> None:
+        """A voter's disk is lost: a new node under a new id replaces it. Remove before
+        promote: with three voters, the majority never becomes three of four with one dead."""
+        voters = self._voters()
+        if voters is None or not self._room():
+            return
+        lost = self._sim.nodes[self._rng.choice(voters)]
+        self._sim.wipe_node(lost)
+        node = self._sim.add_node()
+        delay = self._rng.randint(10, 300)
+
+        def start() -> None:
+            if not node.up:  # the heal may have started it already
+                self._sim.start_node(node)
+
+        self._sim.schedule(delay, f"start n{node.id}", start)
+        self._sim.operator.plan(
+            Goal(Step.ADD, node.id), Goal(Step.REMOVE, lost.id), Goal(Step.PROMOTE, node.id)
+        )
 
     def on_crashed(self, node: SimNode) -> None:
         """Peers notice the closed connections a little later."""

@@ -17,6 +17,15 @@ checks are incremental so they can run after every simulation step:
   node applies indexes in order, and committed entries never change.
 - Commit index monotonic: within one incarnation a node's commit index never decreases,
   and the commit index it persists never decreases, across restarts too.
+- Membership (dissertation §4.1): a member whose removal is committed at index r is never
+  counted for anything at or after r: no leader commits an index >= r with it among its
+  voters (`observe_leader_voters`). A leader whose log holds the removal does not count the
+  member at all; one that counts it lacks the removal, so committing up to r would commit
+  a different entry there. (A deposed leader that resumes may still commit, with the old
+  configuration, an index below r that a majority of its term holds: that is no violation,
+  the entry is committed either way.)
+- Electability under changing membership: `check_electability` counts, for each possible
+  candidate, the voters of the configuration in its own log.
 - Reads (dissertation §6.4): `check_reads` — a read must reflect every write acknowledged
   before it was invoked.
 """
@@ -29,8 +38,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kvstore.errors import CompactedError, UnavailableIndexError
+from kvstore.raft import confchange
 from kvstore.raft.storage import Storage
-from kvstore.raft.types import Entry, HardState
+from kvstore.raft.types import Entry, EntryType, HardState
 
 
 class Invariant(enum.Enum):
@@ -39,6 +49,7 @@ class Invariant(enum.Enum):
     LEADER_COMPLETENESS = "leader_completeness"
     STATE_MACHINE_SAFETY = "state_machine_safety"
     COMMIT_MONOTONIC = "commit_monotonic"
+    MEMBERSHIP = "membership"
     READ_FRESHNESS = "read_freshness"
     LINEARIZABILITY = "linearizability"
 
@@ -164,6 +175,8 @@ class SafetyChecker:
         self._applied: dict[int, tuple[int, bytes]] = {}
         self._applied_index: dict[int, int] = {}
         self._state_digest: dict[int, str] = {}
+        # Members whose removal is committed, with the index of the removal.
+        self._removed: dict[int, int] = {}
 
     def _violate(self, invariant: Invariant, detail: str) -> None:
         self.violations.append(Violation(invariant, self.now, detail))
@@ -284,6 +297,10 @@ class SafetyChecker:
             known = _Committed(entry.term, entry.data, term)
             self._committed[entry.index] = known
             self._max_committed = max(self._max_committed, entry.index)
+            if entry.type is EntryType.CONF_CHANGE:
+                record = confchange.decode(entry.data)
+                if record.change.type is confchange.ConfChangeType.REMOVE:
+                    self._removed.setdefault(record.change.node_id, entry.index)
         elif known.term != entry.term or known.data != entry.data:
             self._violate(
                 Invariant.STATE_MACHINE_SAFETY,
@@ -299,6 +316,19 @@ class SafetyChecker:
             if leader_term > known.commit_term and entry.index > leader_log.snapshot_index():
                 found = leader_log.entry_at(entry.index)
                 self._check_contains(leader, leader_term, entry.index, known, found)
+
+    def observe_leader_voters(
+        self, node: int, term: int, voters: Sequence[int], commit_index: int
+    ) -> None:
+        """A leader's commit index is `commit_index`, counted over `voters`."""
+        for voter in voters:
+            removed_at = self._removed.get(voter)
+            if removed_at is not None and commit_index >= removed_at:
+                self._violate(
+                    Invariant.MEMBERSHIP,
+                    f"leader {node} of term {term} commits up to {commit_index} counting "
+                    f"node {voter}, whose removal committed at index {removed_at}",
+                )
 
     # --- application ---------------------------------------------------------------------
 
@@ -334,7 +364,9 @@ class SafetyChecker:
         """A node's state machine was replaced by a snapshot at `index`."""
         self._applied_index[node] = index
 
-    def check_electability(self, logs: Mapping[int, LogView]) -> None:
+    def check_electability(
+        self, logs: Mapping[int, LogView], voters_of: Mapping[int, Sequence[int]] | None = None
+    ) -> None:
         """No node lacking a committed entry can win an election (Raft §5.4.1, Figure 8).
 
         Raft grants a vote only to a candidate whose log is at least as up-to-date (last
@@ -342,6 +374,9 @@ class SafetyChecker:
         committing term after it, on a majority that never loses it; so a node lacking it has
         a less up-to-date log than that majority, and the voters it could win are a minority.
         `logs` are all nodes' persisted logs, crashed ones included (they restart with them).
+        `voters_of` gives each node's configuration (from its own log): a node is a
+        candidate only if it is a voter there, and needs a majority of those voters; without
+        it every node is a voter of one configuration of all of them.
         Checking this as a state invariant catches the Figure 8 hazard when it is created,
         not only in the rare run where an election then overwrites the entry.
         """
@@ -350,14 +385,21 @@ class SafetyChecker:
             return
         committed = self._committed[index]
         last = {node: (log.last_term(), log.last_index()) for node, log in logs.items()}
-        majority = len(logs) // 2 + 1
         for node, log in sorted(logs.items()):
+            voters_here = tuple(logs) if voters_of is None else tuple(voters_of.get(node, ()))
+            if node not in voters_here:
+                continue
+            majority = len(voters_here) // 2 + 1
             if log.snapshot_index() >= index:
                 continue
             entry = log.entry_at(index)
             if entry is not None and entry.term == committed.term:
                 continue
-            voters = sorted(other for other, position in last.items() if position <= last[node])
+            voters = sorted(
+                other
+                for other in voters_here
+                if other in last and last[other] <= last[node]
+            )
             if len(voters) >= majority:
                 self._violate(
                     Invariant.LEADER_COMPLETENESS,

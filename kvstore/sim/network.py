@@ -70,6 +70,11 @@ class Network:
         # a snapshot that never arrived must be reported as failed).
         self.on_drop: Callable[[Message], None] | None = None
 
+    def add_node(self, node: int) -> None:
+        """A node joins (a membership change): partitions made from now on include it."""
+        if node not in self.node_ids:
+            self.node_ids = tuple(sorted((*self.node_ids, node)))
+
     # --- links and partitions ----------------------------------------------------------
 
     def can_send(self, source: int, destination: int) -> bool:

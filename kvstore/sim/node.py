@@ -74,7 +74,10 @@ class SimNode:
         self, node_id: int, peers: tuple[int, ...], raft_config: RaftConfig, tick_period: int
     ) -> None:
         self.id = node_id
+        # The bootstrap voters; empty for a node that joins an existing cluster.
         self.peers = peers
+        # The disk was lost: this id never runs again (a new node replaces it).
+        self.lost = False
         self.raft_config = raft_config
         self.storage = MemoryStorage()
         self.log = StorageLogView(self.storage)
