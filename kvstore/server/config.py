@@ -82,6 +82,16 @@ class ServeConfig:
     client_header_timeout_ms: int = 10_000  # first byte of a request head -> whole head
     client_body_timeout_ms: int = 30_000  # whole head -> whole body
     client_idle_timeout_ms: int = 60_000  # no request in progress (keep-alive, or new)
+    # Transactions, history, watches and leases (issue 14). The history bounds decide what
+    # the replicated state holds: they must be the same on every node.
+    txn_ops_max: int = 128
+    history_revisions_max: int = 10_000
+    history_bytes_max: int = 64 << 20
+    history_age_ms: int = 0
+    watch_progress_interval_ms: int = 1000
+    watch_lag_revisions_max: int = 5_000
+    watchers_max: int = 10_000
+    lease_check_interval_ms: int = 50
     # Chaos drills only: answer "linearizable" reads from local state without ReadIndex.
     unsafe_local_reads: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
@@ -131,11 +141,18 @@ class ServeConfig:
             "client_header_timeout_ms",
             "client_body_timeout_ms",
             "client_idle_timeout_ms",
+            "txn_ops_max",
+            "history_revisions_max",
+            "history_bytes_max",
+            "watch_progress_interval_ms",
+            "watch_lag_revisions_max",
+            "watchers_max",
+            "lease_check_interval_ms",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if min(self.shutdown_transfer_ms, self.snapshot_catch_up_entries) < 0 or (
-            self.inline_save_entries_max < 0
+            self.inline_save_entries_max < 0 or self.history_age_ms < 0
         ):
             raise ValueError("shutdown_transfer_ms and snapshot_catch_up_entries must be >= 0")
         if not (0 <= self.snapshot_log_ratio < math.inf):
@@ -170,7 +187,11 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("listen_client", str, "host:port for the HTTP API"),
     ("listen_peer", str, "host:port for peer traffic"),
     ("advertise_client_url", str, "client URL other nodes give out (default http://LISTEN)"),
-    ("peers", str, "peer ports of all nodes: 1=host:port,2=host:port,3=host:port (default: this node only)"),
+    (
+        "peers",
+        str,
+        "peer ports of all nodes: 1=host:port,2=host:port,3=host:port (default: this node only)",
+    ),
     ("data_dir", str, "directory of the write-ahead log and snapshots (default data/nodeID)"),
     ("log_level", str, "debug, info, warning, error or critical"),
     ("tick_interval_ms", int, "Raft tick length in milliseconds"),
@@ -211,6 +232,30 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("client_header_timeout_ms", int, "time for a request head, from its first byte"),
     ("client_body_timeout_ms", int, "time for a request body, after its head"),
     ("client_idle_timeout_ms", int, "close a client connection idle this long"),
+    ("txn_ops_max", int, "comparisons, or operations per branch, a transaction may hold"),
+    (
+        "history_revisions_max",
+        int,
+        "revisions of history kept for watches and past reads (same on every node)",
+    ),
+    ("history_bytes_max", int, "bytes of history kept at most (same on every node)"),
+    (
+        "history_age_ms",
+        int,
+        "history older than this is compacted; 0 = no age bound (same on every node)",
+    ),
+    (
+        "watch_progress_interval_ms",
+        int,
+        "a watch with nothing to send reports its revision this often",
+    ),
+    (
+        "watch_lag_revisions_max",
+        int,
+        "a watcher this many revisions behind is cancelled as too slow",
+    ),
+    ("watchers_max", int, "watches one node serves at once"),
+    ("lease_check_interval_ms", int, "how often the leader looks for expired leases"),
     ("unsafe_local_reads", _parse_bool, "UNSAFE, for chaos drills: skip ReadIndex on reads"),
 )
 

@@ -43,7 +43,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -66,7 +66,7 @@ from kvstore.server.config import ServeConfig
 from kvstore.server.metrics import NodeMetrics
 
 if TYPE_CHECKING:
-    from kvstore.replica import EncodedSnapshot, Replica, SnapshotJob
+    from kvstore.replica import Applied, EncodedSnapshot, Replica, SnapshotJob
 
 logger = logging.getLogger("kvstore.server")
 
@@ -206,6 +206,10 @@ class Driver:
         self._client_id = f"srv{config.id}-{secrets.token_hex(6)}"
         self._seq = itertools.count(1)
         self._outstanding_seqs: set[int] = set()
+        # Told, on the driver task, of every batch of applied entries (watches, leases) and
+        # of every change of role (the lease keeper); they must not block.
+        self.apply_listeners: list[Callable[[Sequence[Applied]], None]] = []
+        self.role_listeners: list[Callable[[Role], None]] = []
 
     # --- inbox (called from other tasks: HTTP handlers, the transport) ---------------------
 
@@ -677,6 +681,8 @@ class Driver:
                             future.set_result(item.result)
         if self._waiting_reads:
             self._serve_waiting_reads()
+        for listener in self.apply_listeners:
+            listener(applied)
 
     def _on_read_states(self, ready: Ready) -> None:
         applied = self.replica.state_machine.applied_index
@@ -712,7 +718,11 @@ class Driver:
             self.metrics.elections.inc()
         was_leader = self.role is Role.LEADER
         leader_changed = leader_id != self.leader_id
+        role_changed = role is not self.role
         self.leader_id, self.role = leader_id, role
+        if role_changed:
+            for listener in self.role_listeners:
+                listener(role)
         self.metrics.is_leader.set(1 if role is Role.LEADER else 0)
         if was_leader and role is not Role.LEADER and not self.handing_over:
             self._fail_pending("leadership was lost before the write was applied; outcome unknown")

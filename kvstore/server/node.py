@@ -34,14 +34,19 @@ from typing import Any
 from aiohttp import web
 
 from kvstore.errors import CorruptionError, FatalDiskError, StorageError
+from kvstore.kv.history import HistoryConfig
+from kvstore.kv.state_machine import KvConfig
 from kvstore.raft.config import RaftConfig
 from kvstore.server.config import ServeConfig
 from kvstore.server.connections import limits_from_config, raise_nofile_limit
+from kvstore.server.coordination import CoordinationApi
 from kvstore.server.discovery import split_host_port
 from kvstore.server.driver import Driver
 from kvstore.server.http import HttpApi
+from kvstore.server.leases import LeaseService
 from kvstore.server.metrics import NodeMetrics, NodeState
 from kvstore.server.transport import PeerTransport
+from kvstore.server.watch import WatchApi, WatchHub
 
 logger = logging.getLogger("kvstore.server")
 
@@ -119,6 +124,19 @@ def open_replica(config: ServeConfig) -> Any:
         snapshot_catch_up_entries=config.snapshot_catch_up_entries,
         snapshot_log_ratio=config.snapshot_log_ratio,
         defer_snapshots=True,
+        kv_config=kv_config(config),
+    )
+
+
+def kv_config(config: ServeConfig) -> KvConfig:
+    """The state machine's configuration from the node's (it must be the same on every
+    node: it bounds replicated state)."""
+    return KvConfig(
+        history=HistoryConfig(
+            revisions_max=config.history_revisions_max,
+            bytes_max=config.history_bytes_max,
+            age_ms=config.history_age_ms,
+        )
     )
 
 
@@ -151,6 +169,10 @@ class Node:
             dead_after_s=config.peer_dead_after_heartbeats * config.heartbeat_interval_s,
         )
         self.http = HttpApi(self.driver, config.cluster_id)
+        self.leases = LeaseService(self.driver)
+        self.watch_hub = WatchHub(self.driver)
+        CoordinationApi(self.http, self.leases)
+        WatchApi(self.http, self.watch_hub)
         self.metrics.bind_node(
             commit_index=lambda: self.driver.status().commit_index,
             applied_index=self.driver.applied_index,
@@ -200,7 +222,9 @@ class Node:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
-        loop.add_signal_handler(signal.SIGINT, functools.partial(self.request_stop, hand_over=False))
+        loop.add_signal_handler(
+            signal.SIGINT, functools.partial(self.request_stop, hand_over=False)
+        )
         try:
             await self.transport.start()
         except OSError as exc:
@@ -231,10 +255,9 @@ class Node:
             self.config.data_dir,
         )
         if self.config.unsafe_local_reads:
-            logger.warning(
-                "event=unsafe_local_reads read_index=skipped use=chaos_drills_only"
-            )
+            logger.warning("event=unsafe_local_reads read_index=skipped use=chaos_drills_only")
         driver_task = loop.create_task(self.driver.run(), name="driver")
+        lease_task = loop.create_task(self.leases.run(), name="lease-expiry")
         stop_task = loop.create_task(self._stop.wait(), name="stop-signal")
         try:
             await asyncio.wait((driver_task, stop_task), return_when=asyncio.FIRST_COMPLETED)
@@ -244,6 +267,9 @@ class Node:
                 await self._shutdown(driver_task)
         finally:
             stop_task.cancel()
+            lease_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await lease_task
             driver_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await driver_task
@@ -256,6 +282,7 @@ class Node:
         if self._hand_over_on_stop:
             await self._hand_over()
         await self._drain_writes(self.config.shutdown_transfer_ms / 1000)
+        self.watch_hub.close()  # watches end now rather than hold the cleanup below
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
