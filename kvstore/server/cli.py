@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -64,6 +65,19 @@ def register(subparsers: Any) -> None:
     )
     cluster.add_argument("extra", nargs=argparse.REMAINDER, help="-- then flags for every node")
     cluster.set_defaults(handler=_cluster)
+
+    secret = subparsers.add_parser(
+        "secret",
+        help="print a new random cluster secret",
+        description="Print a new cluster secret (32 random bytes, hex) for --cluster-secret-file: "
+        "`kvstore secret > cluster.secret`, then the same file on every node.",
+    )
+    secret.set_defaults(handler=_print_secret)
+
+
+def _print_secret(args: argparse.Namespace) -> int:
+    print(secrets.token_hex(32))
+    return 0
 
 
 def _node_count(text: str) -> int:

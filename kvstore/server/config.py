@@ -15,6 +15,7 @@ field, so a bad value stops the node at start with a clear message, never later.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 import tomllib
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstore.server.discovery import split_host_port, statefulset_identity_from_environ
+from kvstore.server.peerauth import SECRET_BYTES_MIN
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -48,6 +50,13 @@ class ServeConfig:
     peers: tuple[tuple[int, str], ...]  # (id, "host:port" of its peer port), all nodes incl. this
     data_dir: Path
     cluster_id: str = "kvstore"
+    # Peer authentication (kvstore/server/peerauth.py). The secret is read from
+    # cluster_secret_file by load_config when that is given; repr never shows it.
+    cluster_secret: str = field(default="", repr=False)
+    cluster_secret_file: str = ""
+    # Listen for peers on a non-loopback address with neither a secret nor TLS: only when the
+    # network is known to reach no one but the members.
+    peer_network_trusted: bool = False
     listen_client: str = "127.0.0.1:7001"
     listen_peer: str = "127.0.0.1:7101"
     advertise_client_url: str = ""  # "" means http://<listen_client>
@@ -108,6 +117,7 @@ class ServeConfig:
             raise ValueError("cluster_id must be 1..128 characters")
         split_host_port(self.listen_client)
         split_host_port(self.listen_peer)
+        self._check_peer_authentication()
         if self.log_level.lower() not in _LOG_LEVELS:
             raise ValueError(f"log_level must be one of {_LOG_LEVELS}, got {self.log_level!r}")
         self._check_positive()
@@ -117,6 +127,22 @@ class ServeConfig:
             ("http://", "https://")
         ):
             raise ValueError("advertise_client_url must start with http:// or https://")
+
+    def _check_peer_authentication(self) -> None:
+        if self.cluster_secret and len(self.cluster_secret.encode()) < SECRET_BYTES_MIN:
+            raise ValueError(
+                f"cluster_secret must be at least {SECRET_BYTES_MIN} bytes "
+                "(`kvstore secret` prints a new one)"
+            )
+        if self.cluster_secret or self.peer_network_trusted:
+            return
+        host, _ = split_host_port(self.listen_peer)
+        if not is_loopback_host(host):
+            raise ValueError(
+                f"listen_peer {self.listen_peer} is not a loopback address, and peers would "
+                "not have to authenticate: set cluster_secret_file (or cluster_secret), or "
+                "peer_network_trusted=true if nothing but the members can reach that network"
+            )
 
     def _check_positive(self) -> None:
         for name in (
@@ -171,6 +197,17 @@ class ServeConfig:
         return self.advertise_client_url or f"http://{self.listen_client}"
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for a loopback address (127.0.0.0/8, ::1) or `localhost`; any other name counts
+    as reachable from elsewhere (what it resolves to can change)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -184,6 +221,19 @@ def _parse_bool(text: str) -> bool:
 _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("id", int, "this node's id (>= 1)"),
     ("cluster_id", str, "cluster name; peers with another cluster id are rejected"),
+    (
+        "cluster_secret",
+        str,
+        "shared secret peers prove in their handshake (at least 16 bytes; visible in ps: "
+        "prefer cluster-secret-file)",
+    ),
+    ("cluster_secret_file", str, "file holding the cluster secret (surrounding whitespace ignored)"),
+    (
+        "peer_network_trusted",
+        _parse_bool,
+        "allow a non-loopback listen-peer without a secret or TLS (only on a network that "
+        "reaches no one but the members)",
+    ),
     ("listen_client", str, "host:port for the HTTP API"),
     ("listen_peer", str, "host:port for peer traffic"),
     ("advertise_client_url", str, "client URL other nodes give out (default http://LISTEN)"),
@@ -346,9 +396,25 @@ def _build(values: dict[str, Any]) -> ServeConfig:
     if not peers:
         peers = {int(values["id"]): values.get("listen_peer", default_text("listen_peer"))}
     data_dir = Path(values.pop("data_dir", f"data/node{values['id']}"))
+    _read_secret_file(values)
     names = {f.name for f in fields(ServeConfig)}
     assert set(values) <= names, set(values) - names
     return ServeConfig(peers=tuple(sorted(peers.items())), data_dir=data_dir, **values)
+
+
+def _read_secret_file(values: dict[str, Any]) -> None:
+    path = values.get("cluster_secret_file")
+    if not path:
+        return
+    if values.get("cluster_secret"):
+        raise ValueError("cluster_secret and cluster_secret_file are both set: keep one")
+    try:
+        secret = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cluster_secret_file: cannot read {path}: {exc}") from exc
+    if not secret:
+        raise ValueError(f"cluster_secret_file: {path} is empty")
+    values["cluster_secret"] = secret
 
 
 def option_names() -> Sequence[str]:

@@ -95,7 +95,8 @@ class CoordinationApi:
         """Propose the command `build(request_id, time_ms, acked_below)` makes, exactly once
         by the request's id, and raise the error of a refusal."""
         driver = self.driver
-        await driver.wait_out_handover()
+        if driver.leader_pending():
+            await driver.wait_for_leader()
         driver.check_writable()
         request_id, acked_below, server_made = self.http._request_id(request)
         try:

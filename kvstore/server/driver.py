@@ -1,35 +1,32 @@
-"""The driver: the one asyncio task that owns the Replica (Raft core + storage + state machine).
+"""The driver: the one asyncio task that owns the Replica (Raft core + storage + state machine),
+and its Ready loop.
 
 Everything that touches Raft state happens on this task, in this order, turn after turn:
 
 1. take up to `inbox_batch_max` items from the inbox (peer messages, proposals, reads,
    control requests) and step them into the core; all reads of one turn share one ReadIndex;
 2. tick the core when the tick timer has fired;
-3. while the core has a Ready: persist it (inline while saves are fast, otherwise on a
-   single-thread executor so heartbeats and HTTP stay on time while the disk syncs), send
-   its messages, apply its committed entries, serve its read states, then advance;
-4. tend the snapshot: when one is due, freeze the state machine and encode it on a thread of
-   its own while turns go on; once encoded, store it and compact the log on the storage
-   thread between two saves (`_tend_snapshot`).
+3. while the core has a Ready: persist it (storage_thread.py: inline while saves are fast,
+   otherwise on the storage thread so heartbeats and HTTP stay on time while the disk
+   syncs), send its messages, apply its committed entries, serve its read states, then
+   advance;
+4. tend the snapshot (snapshots.py: encoded on a thread of its own while turns go on,
+   stored between two saves).
 
 HTTP handlers never touch the core: they call `write()` / `read_barrier()`, which enqueue an
-item and await a future with a deadline. Proposal futures are resolved by request id from the
-applied results, so a write is answered exactly when its entry is applied here.
+item and await a future with a deadline (pending.py). Proposal futures are resolved by
+request id from the applied results, so a write is answered exactly when its entry is
+applied here. A graceful shutdown's leadership transfer is handover.py.
 
 Rules that hold here:
 - Persist before send (Raft §5): a Ready's messages leave only after its save returned,
   with one exception: a leader whose term and vote are already durable sends its appends and
   heartbeats while it saves the same entries (dissertation §10.2.1); it counts its own
   entries toward commit only on a later turn, after the save returned (`_early_messages`).
-- A Ready that changes only the commit index is not fsynced on its own: the commit index is
-  written with the next entries (a restarted node relearns it from the leader);
+- A Ready that changes only the commit index is not saved: the commit index need not be
+  durable for safety (a restarted node relearns it from the leader), so it is written with
+  the next entries rather than with an fsync of its own on every write's critical path;
   `Replica.complete_snapshot` makes it durable up to a snapshot's index before storing it.
-- A `DiskFullError` from save refuses new writes (507) and retries the same save until it
-  succeeds, and so does any other `ResourceExhaustedError` (EMFILE, ENFILE, ENOMEM: 503);
-  a `FatalDiskError` ends the process (a retried fsync may silently lose data).
-- While a save is slow a leader sends keepalives, but for at most one election timeout of
-  the same save (kvstore.keepalive): a leader whose disk hangs, or stays full, is replaced
-  instead of holding its followers in lease for as long as it lasts.
 - Ticks never catch up in a burst after a stall: a late timer fires one tick, so CPU pressure
   delays elections rather than starting them.
 """
@@ -38,14 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
-import itertools
 import logging
-import secrets
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvstore.errors import (
@@ -58,27 +50,27 @@ from kvstore.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from kvstore.keepalive import KeepalivePolicy
 from kvstore.kv.commands import Command, RequestId, WriteResult, encode_command
 from kvstore.raft.node import Status
 from kvstore.raft.types import NONE, Message, MessageType, Ready, Role
 from kvstore.server.config import ServeConfig
+from kvstore.server.handover import Handover
 from kvstore.server.metrics import NodeMetrics
+from kvstore.server.pending import PendingRequests, ServerRequestIds
+from kvstore.server.snapshots import SnapshotTender
+from kvstore.server.storage_thread import StorageThread
 
 if TYPE_CHECKING:
-    from kvstore.replica import Applied, EncodedSnapshot, Replica, SnapshotJob
+    from kvstore.replica import Applied, Replica
 
 logger = logging.getLogger("kvstore.server")
 
-_DISK_FULL_RETRY_S = 0.1
 # What a refused request is told to wait before retrying (no leader, overloaded, leadership
 # lost): about one election round trip; the client's back-off takes over from there.
 _RETRY_AFTER_S = 0.05
 _DEADLINE_SWEEP_S = 0.01
-# A save or a tick this late is logged: it is how elections under load are explained.
-_SLOW_S = 0.1
-# Saves are run inline only while they take less than this on average.
-_INLINE_SAVE_S = 0.0005
+# A tick this late is logged: it is how elections under load are explained.
+_SLOW_TICK_S = 0.1
 # Leader messages that may be sent before the leader's own save of the same Ready.
 _EARLY_TYPES = frozenset({MessageType.APPEND, MessageType.HEARTBEAT})
 
@@ -128,14 +120,10 @@ class _Call:
 _InboxItem = Message | _Proposal | _Read | _PeerDown | _SnapshotStatus | _Call
 
 
-@dataclass(slots=True)
-class _PendingRead:
-    index: int
-    futures: list[asyncio.Future[None]] = field(default_factory=list)
-
-
 class Driver:
-    """Owns the Replica; see the module docstring."""
+    """Owns the Replica; see the module docstring. Its parts: `pending` (requests waiting
+    on it), `storage` (where saves run, the disk's health, keepalives), `snapshots` and
+    `handover`."""
 
     def __init__(
         self,
@@ -146,7 +134,7 @@ class Driver:
         peer_url: Callable[[int], str | None],
     ) -> None:
         self.config = config
-        # Snapshots are taken by `_tend_snapshot`, never inside `advance` on the loop.
+        # Snapshots are taken by `snapshots.tend`, never inside `advance` on the loop.
         assert replica.defer_snapshots, "the driver needs a Replica with defer_snapshots"
         self.replica = replica
         self.node = replica.node
@@ -155,61 +143,68 @@ class Driver:
         self._peer_url = peer_url
         self._inbox: collections.deque[_InboxItem] = collections.deque()
         self._loop = asyncio.get_running_loop()
-        self._request_timeout_s = config.request_timeout_ms / 1000
-        # (deadline, future) of every waiting request, in deadline order.
-        self._deadlines: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._tick_due = False
         self._tick_interval_s = config.tick_interval_ms / 1000
         self._heartbeat_interval_s = config.heartbeat_ticks * self._tick_interval_s
-        self._peer_ids = [peer for peer in config.peer_addresses if peer != config.id]
         self._next_tick_at = 0.0
-        self._inline_entries_max = config.inline_save_entries_max
-        # Moving average of save durations: decides inline versus worker thread.
-        self._save_seconds_average = 0.0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-fsync")
-        # Snapshot encoding: its own thread, so saves never queue behind it.
-        self._snapshot_executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="kvstore-snapshot"
-        )
-        # The snapshot being encoded: its job, the encoding's future, when it began.
-        self._snapshot: tuple[SnapshotJob, asyncio.Future[EncodedSnapshot], float] | None = None
-        self._proposals: dict[str, list[asyncio.Future[WriteResult]]] = {}
-        self._pending_count = 0
-        metrics.pending_proposals.set_function(lambda: self._pending_count)
-        self._read_contexts: dict[bytes, list[asyncio.Future[None]]] = {}
-        self._waiting_reads: list[_PendingRead] = []
         self._stopping = False
-        self.disk_full = False
-        # A save failed for want of file descriptors or memory (EMFILE, ENFILE, ENOMEM):
-        # treated as a full disk (the save is retried, writes refused meanwhile) but 503.
-        self.resources_exhausted = False
-        # Set during a graceful shutdown's leadership transfer: writes in flight then stay
-        # pending, since the new leader commits them and this node still applies them.
-        self.handing_over = False
-        # Requests held during a handover until the new leader is known (wait_out_handover).
-        self._leader_waiters: list[asyncio.Future[None]] = []
-        self._election_timeout_s = config.election_ticks * self._tick_interval_s
-        # Keepalives during one stalled save stop after an election timeout (keepalive.py).
-        self._keepalives = KeepalivePolicy.for_timeouts(
-            self._heartbeat_interval_s, self._election_timeout_s
-        )
-        self._keepalives_stopped_for = -1.0  # when the stall last logged began
         status = self.node.status()
         self.leader_id: int = status.leader_id
         self.role: Role = status.role
         self.term: int = status.term
-        # (term, vote) as last made durable: a leader's early appends need them unchanged.
-        hard_state = replica.storage.initial_state()[0]
-        self._durable_term_vote = (hard_state.term, hard_state.vote)
-        # Server-generated request ids for clients that send none (curl).
-        self._client_id = f"srv{config.id}-{secrets.token_hex(6)}"
-        self._seq = itertools.count(1)
-        self._outstanding_seqs: set[int] = set()
+        election_timeout_s = config.election_ticks * self._tick_interval_s
+        self.pending = PendingRequests(self._loop, config.request_timeout_ms / 1000)
+        metrics.pending_proposals.set_function(lambda: self.pending.count)
+        self.storage = StorageThread(
+            replica,
+            metrics,
+            node_id=config.id,
+            peer_ids=[peer for peer in config.peer_addresses if peer != config.id],
+            send=send,
+            is_leader=self.is_leader,
+            inline_entries_max=config.inline_save_entries_max,
+            heartbeat_interval_s=self._heartbeat_interval_s,
+            election_timeout_s=election_timeout_s,
+        )
+        self.snapshots = SnapshotTender(replica, self.storage, metrics)
+        self.handover = Handover(
+            self._loop, config.id, election_timeout_s, lambda: (self.role, self.leader_id)
+        )
+        self._request_ids = ServerRequestIds(config.id)
         # Told, on the driver task, of every batch of applied entries (watches, leases) and
         # of every change of role (the lease keeper); they must not block.
         self.apply_listeners: list[Callable[[Sequence[Applied]], None]] = []
         self.role_listeners: list[Callable[[Role], None]] = []
+
+    # --- the parts' state, under the names the HTTP layer and the node read -----------------
+
+    @property
+    def disk_full(self) -> bool:
+        """The last save failed for want of disk space: writes are refused (507)."""
+        return self.storage.disk_full
+
+    @disk_full.setter
+    def disk_full(self, value: bool) -> None:
+        self.storage.disk_full = value
+
+    @property
+    def resources_exhausted(self) -> bool:
+        """The last save failed for want of file descriptors or memory (503)."""
+        return self.storage.resources_exhausted
+
+    @resources_exhausted.setter
+    def resources_exhausted(self, value: bool) -> None:
+        self.storage.resources_exhausted = value
+
+    @property
+    def handing_over(self) -> bool:
+        """A graceful shutdown's leadership transfer is under way (handover.py)."""
+        return self.handover.active
+
+    @handing_over.setter
+    def handing_over(self, value: bool) -> None:
+        self.handover.active = value
 
     # --- inbox (called from other tasks: HTTP handlers, the transport) ---------------------
 
@@ -240,13 +235,10 @@ class Driver:
 
     def new_request_id(self) -> tuple[RequestId, int]:
         """A server-made request id and the acked_below that goes with it."""
-        seq = next(self._seq)
-        self._outstanding_seqs.add(seq)
-        return RequestId(client_id=self._client_id, seq=seq), min(self._outstanding_seqs)
+        return self._request_ids.new()
 
     def release_request_id(self, request: RequestId) -> None:
-        if request.client_id == self._client_id:
-            self._outstanding_seqs.discard(request.seq)
+        self._request_ids.release(request)
 
     def check_writable(self) -> None:
         """Raise the error a write would get right now, before any work is done for it."""
@@ -260,53 +252,28 @@ class Driver:
                 "the node is out of file descriptors or memory for its disk: writes are "
                 "refused until a save succeeds"
             )
-        if self._pending_count >= self.config.max_pending_proposals:
+        if self.pending.count >= self.config.max_pending_proposals:
             raise OverloadedError(
-                f"{self._pending_count} writes pending", retry_after_s=_RETRY_AFTER_S
+                f"{self.pending.count} writes pending", retry_after_s=_RETRY_AFTER_S
             )
 
-    async def wait_out_handover(self) -> None:
-        """While this node hands leadership over (a graceful shutdown), no write can be
-        proposed here and the new leader is about one round trip away: hold the request until
-        a leader other than this node is known (at most one election timeout), so the answer
-        names it (not_leader with its URL, which the client follows at once) instead of
-        no_leader, which sends the client into back-off. Returns at once without a handover."""
-        if not self.handing_over:
-            return
-        deadline = self._loop.time() + self._election_timeout_s
-        while self.handing_over and self.leader_id in (NONE, self.config.id):
-            left = deadline - self._loop.time()
-            if left <= 0:
-                return
-            waiter: asyncio.Future[None] = self._loop.create_future()
-            self._leader_waiters.append(waiter)
-            try:
-                await asyncio.wait((waiter,), timeout=left)
-            finally:
-                if waiter in self._leader_waiters:
-                    self._leader_waiters.remove(waiter)
+    def leader_pending(self) -> bool:
+        """No request can be served here now, but a leader is about to be known: a graceful
+        shutdown's handover is under way, or this node knows no leader (an election is under
+        way, e.g. the leader's process died a few milliseconds ago); `Handover`."""
+        return self.handover.leader_pending()
+
+    async def wait_for_leader(self) -> None:
+        """While `leader_pending()`, hold a request until a leader is known (at most one
+        election timeout), so the answer names it (`Handover.wait_for_leader`)."""
+        await self.handover.wait_for_leader()
 
     async def hand_over(self, target: int, timeout_s: float) -> bool:
         """Transfer leadership to `target` (a graceful shutdown, dissertation §3.10) and wait
-        up to `timeout_s` for another leader to be known; True if one is. Meanwhile
-        `handing_over` holds writes as pending (the new leader commits them and this node
-        still applies them). If the transfer fails or times out, `handing_over` is reset, so
-        the node again answers as any leader: a later loss of leadership fails its pending
-        writes at once and requests are no longer held (it stayed set for good before)."""
-        self.handing_over = True
-        succeeded = False
-        try:
-            await self.call(lambda: self.node.transfer_leadership(target))
-            deadline = self._loop.time() + timeout_s
-            while self._loop.time() < deadline:
-                if self.role is not Role.LEADER and self.leader_id not in (NONE, self.config.id):
-                    succeeded = True
-                    return True
-                await asyncio.sleep(0.002)
-            return False
-        finally:
-            if not succeeded:
-                self.handing_over = False
+        up to `timeout_s` for another leader to be known; True if one is (`Handover.run`:
+        writes in flight stay pending meanwhile; a failed transfer resets `handing_over`)."""
+        transfer = self.call(lambda: self.node.transfer_leadership(target))
+        return await self.handover.run(transfer, timeout_s)
 
     def _not_leader_error(self) -> KVStoreError:
         url = self.leader_url()
@@ -324,39 +291,24 @@ class Driver:
         if duplicate is not None:
             return duplicate
         key = str(request)
-        future: asyncio.Future[WriteResult] = self._loop.create_future()
-        self._proposals.setdefault(key, []).append(future)
-        self._pending_count += 1
-        self._deadlines.append((self._loop.time() + self._request_timeout_s, future))
+        future = self.pending.add_write(key)
         try:
             self._put(_Proposal(key, encode_command(command), future))
             return await future
         finally:
-            self._pending_count -= 1
-            futures = self._proposals.get(key)
-            if futures is not None:
-                if future in futures:
-                    futures.remove(future)
-                if not futures:
-                    del self._proposals[key]
+            self.pending.remove_write(key, future)
 
     async def read_barrier(self) -> None:
         """Wait until a linearizable read may be served from the local state machine."""
-        future: asyncio.Future[None] = self._loop.create_future()
-        self._deadlines.append((self._loop.time() + self._request_timeout_s, future))
+        future = self.pending.add_read()
         self._put(_Read(future))
         await future
 
     def _expire_deadlines(self) -> None:
-        """Fail requests whose deadline passed. One deadline for all requests, so the deque
-        is in deadline order and only its head needs looking at (cheaper than a timer each).
-        Runs on its own timer, so deadlines hold even while the driver waits for a save."""
-        now = self._loop.time()
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now:
-            _, future = deadlines.popleft()
-            if not future.done():
-                future.set_exception(TimeoutError())
+        """Fail requests whose deadline passed. Runs on its own timer (one sweep for all
+        requests is cheaper than a timer each), so deadlines hold even while the driver
+        waits for a save."""
+        self.pending.expire()
         if not self._stopping:
             self._deadline_timer = self._loop.call_later(_DEADLINE_SWEEP_S, self._expire_deadlines)
 
@@ -378,7 +330,7 @@ class Driver:
                     now = loop.time()
                     lag = now - self._next_tick_at
                     self.metrics.loop_lag_seconds.observe(max(0.0, lag))
-                    if lag > _SLOW_S:
+                    if lag > _SLOW_TICK_S:
                         logger.warning("event=late_tick seconds=%.3f", lag)
                     self._next_tick_at = now + self._tick_interval_s
                     timer = loop.call_at(self._next_tick_at, self._on_tick_timer)
@@ -388,7 +340,7 @@ class Driver:
                         await self._process_ready()
                 self._drain_inbox()
                 await self._process_ready()
-                await self._tend_snapshot()
+                await self.snapshots.tend()
         finally:
             timer.cancel()
             self._deadline_timer.cancel()
@@ -404,57 +356,8 @@ class Driver:
         self._on_tick_timer()
 
     def close(self) -> None:
-        self._snapshot_executor.shutdown(wait=False, cancel_futures=True)
-        self._executor.shutdown(wait=True)
-
-    async def _tend_snapshot(self) -> None:
-        """Snapshots without stopping the driver. When one is due, the state machine is
-        frozen here (copies of references: about 0.1 s for a million keys) and encoded, its
-        file written and fsynced, on a thread of its own while the driver goes on committing
-        and applying; then the file is renamed into place, named in the log and the log
-        compacted on the storage thread, between two saves, the driver waiting only for that.
-        Taken in line with `advance`, encoding a million-key store stopped writes for 3-8 s
-        on all three nodes at once; with the file written on the storage thread, followers'
-        drivers waited a second for a 100 MB snapshot, answered nothing, and the leader, still
-        encoding, lost its quorum."""
-        if self._snapshot is None:
-            if self.replica.compaction_due():
-                # A full disk skipped the compaction after the last snapshot: try it again.
-                await self._in_worker(self.replica.retry_compaction)
-                return
-            started = time.perf_counter()
-            job = self.replica.begin_snapshot()
-            if job is not None:
-                encoding = self._loop.run_in_executor(
-                    self._snapshot_executor, self.replica.encode_snapshot, job
-                )
-                self._snapshot = (job, encoding, started)
-                frozen_s = time.perf_counter() - started
-                if frozen_s > _SLOW_S:
-                    logger.warning("event=slow_snapshot_freeze seconds=%.3f", frozen_s)
-            return
-        job, encoding, began = self._snapshot
-        if not encoding.done():
-            return
-        self._snapshot = None
-        try:
-            encoded = encoding.result()
-        except ResourceExhaustedError as exc:
-            self.replica.abandon_snapshot(exc)
-            return
-        encoded_s = time.perf_counter() - began
-        started = time.perf_counter()
-        complete = functools.partial(self.replica.complete_snapshot, job, encoded)
-        taken = await self._in_worker(complete)
-        if taken:
-            self.metrics.snapshots.inc()
-            logger.info(
-                "event=snapshot_taken index=%s bytes=%d encode_seconds=%.3f store_seconds=%.3f",
-                taken,
-                len(encoded.data),
-                encoded_s,
-                time.perf_counter() - started,
-            )
+        self.snapshots.close()
+        self.storage.close()
 
     def _drain_inbox(self) -> None:
         node = self.node
@@ -516,7 +419,7 @@ class Driver:
                 future.set_exception(error)
             return
         self.metrics.read_index_calls.inc()
-        self._read_contexts[context] = futures
+        self.pending.reads_started(context, futures)
 
     # --- Ready processing --------------------------------------------------------------
 
@@ -529,20 +432,12 @@ class Driver:
             early = self._early_messages(ready)
             for message in early:
                 send(message)
-            # must_sync: entries, a snapshot or a new term/vote (a commit-only Ready is not
-            # saved; see below).
+            # must_sync: entries, a snapshot or a new term/vote; a Ready that changes only
+            # the commit index is not saved (the module docstring says why).
             if ready.must_sync:
-                # A small save on a fast disk runs inline: the thread hop would cost more than
-                # the fsync it hides. On a slow disk (recent saves slow) every save goes to the
-                # worker thread so the loop keeps serving.
-                inline = (
-                    ready.snapshot is None
-                    and len(ready.entries) <= self._inline_entries_max
-                    and self._save_seconds_average < _INLINE_SAVE_S
-                )
-                await self._persist(ready, inline=inline)
+                await self.storage.persist(ready)
             if ready.hard_state is not None:
-                self._durable_term_vote = (ready.hard_state.term, ready.hard_state.vote)
+                self.storage.durable_term_vote = (ready.hard_state.term, ready.hard_state.vote)
             for message in ready.messages:
                 if message.type not in _EARLY_TYPES or not early:
                     send(message)
@@ -550,10 +445,6 @@ class Driver:
                 self._apply(ready)
             if ready.read_states:
                 self._on_read_states(ready)
-            # A Ready that changes only the commit index is not saved: the commit index need
-            # not be durable for safety (a node relearns it from the leader), so it is written
-            # with the next entries rather than with an fsync of its own on every write's
-            # critical path; `Replica.complete_snapshot` makes it durable up to a snapshot.
             self._advance(ready)
 
     def _early_messages(self, ready: Ready) -> list[Message]:
@@ -566,7 +457,10 @@ class Driver:
         if self.role is not Role.LEADER or not ready.messages:
             return []
         hard_state = ready.hard_state
-        if hard_state is not None and (hard_state.term, hard_state.vote) != self._durable_term_vote:
+        if (
+            hard_state is not None
+            and (hard_state.term, hard_state.vote) != self.storage.durable_term_vote
+        ):
             return []
         return [m for m in ready.messages if m.type in _EARLY_TYPES]
 
@@ -575,86 +469,6 @@ class Driver:
         if ready.hard_state is not None:
             self.term = ready.hard_state.term
             self.metrics.term.set(self.term)
-
-    async def _persist(self, ready: Ready, *, inline: bool) -> None:
-        # One stall for the keepalive bound, however many times a full disk makes us retry.
-        stalled_since = self._loop.time()
-        while True:
-            started = time.perf_counter()
-            try:
-                if inline:
-                    self.replica.persist(ready)
-                else:
-                    save = functools.partial(self.replica.persist, ready)
-                    await self._in_worker(save, stalled_since=stalled_since)
-            except ResourceExhaustedError as exc:
-                if not (self.disk_full or self.resources_exhausted):
-                    logger.error(
-                        "event=%s error=%r: refusing writes until a save succeeds", exc.code, exc
-                    )
-                full = isinstance(exc, DiskFullError)
-                self.disk_full, self.resources_exhausted = full, not full
-                await asyncio.sleep(_DISK_FULL_RETRY_S)
-                continue
-            elapsed = time.perf_counter() - started
-            self.metrics.fsync_seconds.observe(elapsed)
-            self._save_seconds_average += (elapsed - self._save_seconds_average) * 0.1
-            if elapsed > _SLOW_S:
-                logger.warning(
-                    "event=slow_save seconds=%.3f entries=%s inline=%s",
-                    elapsed,
-                    len(ready.entries),
-                    inline,
-                )
-            if ready.entries:
-                self.metrics.ready_entries.observe(len(ready.entries))
-            if self.disk_full or self.resources_exhausted:
-                logger.warning("event=disk_recovered writes=accepted")
-                self.disk_full = self.resources_exhausted = False
-            return
-
-    async def _in_worker(
-        self, function: Callable[[], Any], *, stalled_since: float | None = None
-    ) -> Any:
-        """Run `function()` on the storage thread; a leader sends keepalives while it waits,
-        for as long as the keepalive policy allows since `stalled_since` (default: now).
-        Past that bound the followers are let go: a leader whose disk hangs is replaced
-        instead of holding the cluster in lease for as long as it hangs (keepalive.py)."""
-        loop = self._loop
-        started = loop.time() if stalled_since is None else stalled_since
-        work = loop.run_in_executor(self._executor, function)
-        while not work.done():
-            await asyncio.wait((work,), timeout=self._keepalives.interval)
-            if work.done():
-                break
-            stalled_s = loop.time() - started
-            if self._keepalives.allows(stalled_s):
-                self._send_keepalives()
-            elif self.role is Role.LEADER and self._keepalives_stopped_for != started:
-                self._keepalives_stopped_for = started  # logged once per stalled save
-                logger.warning(
-                    "event=keepalives_stopped seconds=%.3f: the save has stalled for an "
-                    "election timeout; the followers may elect another leader",
-                    stalled_s,
-                )
-        return work.result()
-
-    def _send_keepalives(self) -> None:
-        """A leader whose save is slow (a busy disk can take hundreds of milliseconds) still
-        tells its followers it is alive, so a slow disk does not start elections. The
-        heartbeat carries commit 0, which moves nothing; it is sent only in a term that is
-        already durable, and the core's state cannot change while the driver waits. Only
-        for as long as `_in_worker`'s keepalive policy allows (one election timeout)."""
-        if self.role is not Role.LEADER:
-            return
-        term = self.node.status().term
-        if self._durable_term_vote[0] != term:
-            return
-        for peer in self._peer_ids:
-            self._send(
-                Message(type=MessageType.HEARTBEAT, to=peer, from_=self.config.id, term=term)
-            )
-        self.metrics.keepalives.inc()
 
     def _apply(self, ready: Ready) -> None:
         applied = self.replica.apply(ready)
@@ -667,43 +481,12 @@ class Driver:
             )
         self.metrics.commits.inc(len(ready.committed_entries))
         self.metrics.applies.inc(len(applied))
-        proposals = self._proposals
-        if proposals:
-            for item in applied:
-                command = item.command
-                if command is None or command.request is None or item.result is None:
-                    continue
-                request = command.request
-                futures = proposals.get(str(request))
-                if futures:
-                    for future in futures:
-                        if not future.done():
-                            future.set_result(item.result)
-        if self._waiting_reads:
-            self._serve_waiting_reads()
+        self.pending.on_applied(applied, self.replica.state_machine.applied_index)
         for listener in self.apply_listeners:
             listener(applied)
 
     def _on_read_states(self, ready: Ready) -> None:
-        applied = self.replica.state_machine.applied_index
-        for read_state in ready.read_states:
-            futures = self._read_contexts.pop(read_state.context, None)
-            if not futures:
-                continue
-            if read_state.index <= applied:
-                _resolve_all(futures)
-            else:
-                self._waiting_reads.append(_PendingRead(read_state.index, futures))
-
-    def _serve_waiting_reads(self) -> None:
-        applied = self.replica.state_machine.applied_index
-        still: list[_PendingRead] = []
-        for pending in self._waiting_reads:
-            if pending.index <= applied:
-                _resolve_all(pending.futures)
-            else:
-                still.append(pending)
-        self._waiting_reads = still
+        self.pending.on_read_states(ready.read_states, self.replica.state_machine.applied_index)
 
     def _on_soft_state(self, leader_id: int, role: Role) -> None:
         if leader_id != self.leader_id:
@@ -724,31 +507,19 @@ class Driver:
             for listener in self.role_listeners:
                 listener(role)
         self.metrics.is_leader.set(1 if role is Role.LEADER else 0)
-        if was_leader and role is not Role.LEADER and not self.handing_over:
-            self._fail_pending("leadership was lost before the write was applied; outcome unknown")
+        if was_leader and role is not Role.LEADER and not self.handover.active:
+            self.pending.fail_writes(
+                "leadership was lost before the write was applied; outcome unknown",
+                _RETRY_AFTER_S,
+            )
         if leader_changed or leader_id == NONE or was_leader != (role is Role.LEADER):
             # A ReadIndex request is answered by the leader it went to or by no one: when
             # the leader changes, even straight from one to another, waiting for the answer
             # only runs into the deadline (504), so the read is failed now, retryably.
-            self._fail_reads("the leader changed while the read waited; retry")
-        if self._leader_waiters and leader_id not in (NONE, self.config.id):
-            waiters, self._leader_waiters = self._leader_waiters, []
-            _resolve_all(waiters)
-
-    def _fail_pending(self, message: str) -> None:
-        error = UnavailableError(message, retry_after_s=_RETRY_AFTER_S)
-        for futures in self._proposals.values():
-            for future in futures:
-                if not future.done():
-                    future.set_exception(error)
-
-    def _fail_reads(self, message: str) -> None:
-        error = UnavailableError(message, retry_after_s=_RETRY_AFTER_S)
-        for futures in self._read_contexts.values():
-            for future in futures:
-                if not future.done():
-                    future.set_exception(error)
-        self._read_contexts.clear()
+            self.pending.fail_reads(
+                "the leader changed while the read waited; retry", _RETRY_AFTER_S
+            )
+        self.handover.on_leader(leader_id)
 
     # --- control (run on the driver task) ----------------------------------------------
 
@@ -766,16 +537,10 @@ class Driver:
         return await future
 
     def pending_writes(self) -> int:
-        return self._pending_count
+        return self.pending.count
 
     def status(self) -> Status:
         return self.node.status()
 
     def applied_index(self) -> int:
         return int(self.replica.state_machine.applied_index)
-
-
-def _resolve_all(futures: list[asyncio.Future[None]]) -> None:
-    for future in futures:
-        if not future.done():
-            future.set_result(None)

@@ -15,9 +15,11 @@ Waiting is done by polling a condition with a deadline; nothing here sleeps to d
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -91,6 +93,7 @@ class LocalCluster:
         client_ports: Sequence[int] | None = None,
         peer_ports: Sequence[int] | None = None,
         cluster_id: str = "kvstore",
+        cluster_secret: str | None = None,
         python: str = sys.executable,
         die_with_parent: bool = False,
     ) -> None:
@@ -106,6 +109,9 @@ class LocalCluster:
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
         self.cluster_id = cluster_id
+        # Peers prove this secret in their handshake (kvstore/server/peerauth.py). It goes to
+        # each node in a file readable by the owner only, never on the command line (ps).
+        self.cluster_secret = cluster_secret or secrets.token_hex(32)
         self.python = python
         self.die_with_parent = die_with_parent
         client = list(client_ports) if client_ports else [free_port() for _ in self.ids]
@@ -144,6 +150,20 @@ class LocalCluster:
     def log_path(self, node_id: int) -> Path:
         return self.base_dir / f"node{node_id}.log"
 
+    @property
+    def secret_path(self) -> Path:
+        return self.base_dir / "cluster.secret"
+
+    def _write_secret(self) -> None:
+        """Write the secret file (owner-only) unless it already holds this secret."""
+        path = self.secret_path
+        with contextlib.suppress(OSError):
+            if path.read_text(encoding="utf-8").strip() == self.cluster_secret:
+                return
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(self.cluster_secret + "\n")
+
     def command(self, node_id: int) -> list[str]:
         peers = ",".join(f"{p}={a}" for p, a in sorted(self.peer_maps[node_id].items()))
         return [
@@ -155,6 +175,8 @@ class LocalCluster:
             str(node_id),
             "--cluster-id",
             self.cluster_id,
+            "--cluster-secret-file",
+            str(self.secret_path),
             "--listen-client",
             f"127.0.0.1:{self.client_ports[node_id]}",
             "--listen-peer",
@@ -177,6 +199,7 @@ class LocalCluster:
         if self.pid(node_id) is not None:
             raise RuntimeError(f"node {node_id} is already running")
         self.base_dir.mkdir(parents=True, exist_ok=True)
+        self._write_secret()
         env = dict(os.environ)
         env.update(self.env)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH")]))

@@ -158,6 +158,7 @@ class Node:
             peers=config.peer_addresses,
             on_message=self.driver.on_message,
             on_peer_down=self.driver.on_peer_down,
+            cluster_secret=config.cluster_secret.encode(),
             on_snapshot_status=self.driver.on_snapshot_status,
             queue_frames_max=config.peer_queue_frames,
             on_drop=lambda peer: self.metrics.peer_dropped.inc(),

@@ -7,16 +7,21 @@ nodes has its own stream, and a slow reader never blocks the other direction.
 Wire format (asyncio streams on the peer port): frames of a 4-byte big-endian length, a
 4-byte big-endian CRC32 of the payload, and the payload (a proxy that drops bytes mid-stream
 must never make a garbled frame decode into a valid-looking message). The first frame each
-way is a handshake, `kvstore.codec.pack(["kvstore-peer", 1, cluster_id, node_id,
-client_url])`, of at most HANDSHAKE_BYTES_MAX; every later frame is
+frames are the authenticated handshake of kvstore/server/peerauth.py (hello, answer, proof),
+each of at most HANDSHAKE_BYTES_MAX; every later frame (dialer to acceptor only) is
 `kvstore.codec.encode_message`, of at most `frame_bytes_max`, or a ping: a frame with an
 empty payload, which a writer sends when it has sent nothing for `ping_interval_s`.
 
 Rules that hold here:
-- A handshake with another cluster id, an unknown node id, a checksum mismatch, or any
-  malformed or out-of-range frame (kvstore.codec checks every field) is logged (rate-limited)
-  and the connection closed; nothing from it ever reaches the Raft core. A length prefix
-  over the bound is refused before any of the body is read.
+- Nothing from a connection counts before its handshake has completed, the peer's proof of
+  the cluster secret included: no Raft frame is read from it, no client URL is learnt from
+  it (the leader URL that a follower's 307 gives out comes only from an authenticated
+  member), and it wakes no redial and ends no probe. A connection that closes before then
+  is no evidence about any peer either.
+- A handshake with another cluster id, an unknown node id, a failed proof, a checksum
+  mismatch, or any malformed or out-of-range frame (kvstore.codec checks every field) is
+  logged (rate-limited) and the connection closed; nothing from it ever reaches the Raft
+  core. A length prefix over the bound is refused before any of the body is read.
 - Memory a peer can make us hold is bounded: at most `connections_max` inbound connections
   (`connections_per_source_max` from one address), each allowed `handshake_timeout_s` to
   complete a handshake of at most HANDSHAKE_BYTES_MAX (a dial gives up after the shorter of
@@ -66,26 +71,23 @@ import struct
 import time
 import zlib
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
-from kvstore.codec import NODE_ID_LIMIT, encode_message, message_from_obj, pack, unpack
+from kvstore.codec import encode_message, message_from_obj, unpack
 from kvstore.errors import ProtocolError
 from kvstore.raft.types import Message, MessageType
+from kvstore.server import peerauth
 from kvstore.server.discovery import resolve_address, split_host_port
+from kvstore.server.peerauth import Handshake
 
 logger = logging.getLogger("kvstore.server")
 
 _HEADER = struct.Struct(">II")  # length, crc32
-_MAGIC = "kvstore-peer"
-_VERSION = 1
 HANDSHAKE_BYTES_MAX = 4 << 10
-"""A handshake is ~100 bytes; a longer length prefix is refused before reading the body."""
+"""A handshake is ~200 bytes; a longer length prefix is refused before reading the body."""
 FRAME_BYTES_MAX_DEFAULT = 256 << 20
 """Default bound of a frame after the handshake. A snapshot (the whole state machine) is one
 frame, and a follower holds that state in memory anyway; see ServeConfig.peer_frame_bytes_max."""
-_CLUSTER_ID_CHARS_MAX = 128
-_CLIENT_URL_CHARS_MAX = 2048
 _READ_CHUNK_BYTES = 256 << 10
 _PING = _HEADER.pack(0, zlib.crc32(b""))
 _LOG_INTERVAL_S = 1.0
@@ -100,13 +102,6 @@ or reset (or closed) before the handshake completes. Timeouts and unreachable ho
 evidence: they may be the network, and wait for the probe window instead."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Handshake:
-    cluster_id: str
-    node_id: int
-    client_url: str
-
-
 def encode_frame(payload: bytes) -> bytes:
     return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
@@ -115,28 +110,6 @@ def _check_crc(payload: bytes, crc: int) -> bytes:
     if zlib.crc32(payload) != crc:
         raise ProtocolError("frame checksum mismatch")
     return payload
-
-
-def encode_handshake(handshake: Handshake) -> bytes:
-    return encode_frame(
-        pack([_MAGIC, _VERSION, handshake.cluster_id, handshake.node_id, handshake.client_url])
-    )
-
-
-def decode_handshake(payload: bytes) -> Handshake:
-    obj = unpack(payload)
-    if type(obj) is not list or len(obj) != 5 or obj[0] != _MAGIC or obj[1] != _VERSION:
-        raise ProtocolError("not a kvstore peer handshake")
-    _, version, cluster_id, node_id, client_url = obj
-    if type(version) is not int:
-        raise ProtocolError("not a kvstore peer handshake")
-    if type(cluster_id) is not str or not 0 < len(cluster_id) <= _CLUSTER_ID_CHARS_MAX:
-        raise ProtocolError(f"handshake: cluster id must be 1..{_CLUSTER_ID_CHARS_MAX} chars")
-    if type(client_url) is not str or len(client_url) > _CLIENT_URL_CHARS_MAX:
-        raise ProtocolError(f"handshake: client url must be at most {_CLIENT_URL_CHARS_MAX} chars")
-    if type(node_id) is not int or not 1 <= node_id < NODE_ID_LIMIT:
-        raise ProtocolError(f"handshake: bad node id {node_id!r:.40}")
-    return Handshake(cluster_id=cluster_id, node_id=node_id, client_url=client_url)
 
 
 async def _read_frame(reader: asyncio.StreamReader, bytes_max: int) -> bytes:
@@ -251,6 +224,7 @@ class PeerTransport:
         peers: dict[int, str],
         on_message: Callable[[Message], None],
         on_peer_down: Callable[[int], None],
+        cluster_secret: bytes = b"",
         on_peer_url: Callable[[int, str], None] | None = None,
         on_snapshot_status: Callable[[int, bool], None] | None = None,
         queue_frames_max: int = 8192,
@@ -275,6 +249,8 @@ class PeerTransport:
             for peer_id, address in peers.items()
             if peer_id != node_id
         }
+        # The key of the handshake's proofs (kvstore/server/peerauth.py); b"" proves nothing.
+        self._secret = cluster_secret
         self._on_message = on_message
         self._on_peer_down = on_peer_down
         self._on_peer_url = on_peer_url
@@ -305,6 +281,8 @@ class PeerTransport:
         self._closing = False
         self.peer_urls: dict[int, str] = {}
         self.frames_rejected = 0
+        # Inbound connections that ended before their handshake completed (refused or not).
+        self.handshakes_failed = 0
         self.bound_port = 0
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -409,9 +387,20 @@ class PeerTransport:
             reader, writer = await asyncio.open_connection(host, port)
             try:
                 _tune_socket(writer, self._user_timeout_ms)
-                writer.write(encode_handshake(self._handshake()))
-                answer = decode_handshake(await _read_frame(reader, HANDSHAKE_BYTES_MAX))
+                hello = peerauth.new_hello(
+                    cluster_id=self.cluster_id,
+                    node_id=self.node_id,
+                    to=peer.id,
+                    client_url=self.client_url,
+                )
+                writer.write(encode_frame(peerauth.encode_handshake(hello)))
+                answer = peerauth.decode_handshake(
+                    await _read_frame(reader, HANDSHAKE_BYTES_MAX)
+                )
                 self._check_handshake(answer, expected_id=peer.id)
+                peerauth.check_proof(self._secret, peerauth.ACCEPTOR, hello, answer, answer.proof)
+                proof = peerauth.prove(self._secret, peerauth.DIALER, hello, answer)
+                writer.write(encode_frame(peerauth.encode_proof(proof)))
             except BaseException:
                 writer.close()
                 raise
@@ -562,11 +551,8 @@ class PeerTransport:
         watchdog: asyncio.Task[None] | None = None
         try:
             async with asyncio.timeout(self._handshake_timeout_s):
-                hello = decode_handshake(await _read_frame(reader, HANDSHAKE_BYTES_MAX))
-            self._check_handshake(hello, expected_id=None)
+                hello = await self._accept_handshake(reader, writer)
             peer_id = hello.node_id
-            _tune_socket(writer, self._user_timeout_ms)
-            writer.write(encode_handshake(self._handshake()))
             peer = self._peers[peer_id]
             peer.redial.set()
             self._peer_alive(peer)
@@ -583,6 +569,8 @@ class PeerTransport:
             await self._read_messages(peer_id, reader, heard)
         except ProtocolError as exc:
             self.frames_rejected += 1
+            if not peer_id:
+                self.handshakes_failed += 1
             self._log.warning(
                 "peer_rejected",
                 "event=peer_rejected remote=%s peer=%s reason=%r",
@@ -591,7 +579,8 @@ class PeerTransport:
                 str(exc)[:200],
             )
         except (asyncio.IncompleteReadError, ConnectionError, OSError, TimeoutError):
-            pass
+            if not peer_id:
+                self.handshakes_failed += 1
         except asyncio.CancelledError:
             # Closing the transport cancels this task; end it normally, because asyncio's
             # stream callback logs a cancelled connection handler as an error.
@@ -660,10 +649,25 @@ class PeerTransport:
 
     # --- handshake ---------------------------------------------------------------------
 
-    def _handshake(self) -> Handshake:
-        return Handshake(
-            cluster_id=self.cluster_id, node_id=self.node_id, client_url=self.client_url
+    async def _accept_handshake(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Handshake:
+        """Read the dialer's hello, answer it with our proof and check the dialer's proof;
+        the dialer's hello once it has proven the secret (see kvstore/server/peerauth.py)."""
+        hello = peerauth.decode_handshake(await _read_frame(reader, HANDSHAKE_BYTES_MAX))
+        self._check_handshake(hello, expected_id=None)
+        answer = peerauth.answer_to(
+            hello,
+            secret=self._secret,
+            cluster_id=self.cluster_id,
+            node_id=self.node_id,
+            client_url=self.client_url,
         )
+        _tune_socket(writer, self._user_timeout_ms)
+        writer.write(encode_frame(peerauth.encode_handshake(answer)))
+        proof = peerauth.decode_proof(await _read_frame(reader, HANDSHAKE_BYTES_MAX))
+        peerauth.check_proof(self._secret, peerauth.DIALER, hello, answer, proof)
+        return hello
 
     def _check_handshake(self, hello: Handshake, *, expected_id: int | None) -> None:
         if hello.cluster_id != self.cluster_id:
@@ -672,6 +676,8 @@ class PeerTransport:
             )
         if expected_id is not None and hello.node_id != expected_id:
             raise ProtocolError(f"expected node {expected_id}, reached node {hello.node_id}")
+        if hello.to != self.node_id:
+            raise ProtocolError(f"node {hello.node_id} meant to reach node {hello.to}")
         if hello.node_id not in self._peers:
             raise ProtocolError(f"node {hello.node_id} is not a peer of node {self.node_id}")
 

@@ -108,6 +108,8 @@ class Simulation:
         ids = tuple(range(1, self.config.nodes + 1))
         self.network = Network(ids, self.config.network, random.Random(self.rng.getrandbits(64)))
         self.network.on_drop = self._on_drop
+        # Snapshots delivered (`_snapshot_key`): a send of one of these again is a resend.
+        self._snapshots_delivered: set[tuple[int, int, int, int, int]] = set()
         self.nodes = {i: self._make_node(i, ids) for i in ids}
         self.checker = SafetyChecker()
         self.workload = Workload(self.config.workload, ids, random.Random(self.rng.getrandbits(64)))
@@ -324,6 +326,7 @@ class Simulation:
             raw.step(message)
             if message.type is MessageType.SNAPSHOT:
                 self.counters["snapshots_delivered"] += 1
+                self._snapshots_delivered.add(self._snapshot_key(message))
                 self._report_snapshot(message, ok=True)
 
     def _tick(self) -> None:
@@ -333,6 +336,22 @@ class Simulation:
                 node.raw.tick()
                 node.next_tick = self.now + node.tick_period
                 self.ticks += 1
+
+    def _snapshot_key(self, message: Message) -> tuple[int, int, int, int, int]:
+        """One need for a snapshot: which leader (and term) sends which snapshot to which
+        incarnation of a follower."""
+        assert message.snapshot is not None
+        recipient = self.nodes[message.to].incarnation
+        index = message.snapshot.metadata.index
+        return (message.from_, message.term, message.to, recipient, index)
+
+    def _count_snapshot_send(self, message: Message) -> None:
+        """A snapshot goes to a follower once per need: sending one that the same
+        incarnation of the follower already received from the same leader in the same term
+        is counted as `snapshots_resent` (tests/sim assert there are none)."""
+        self.counters["snapshots_sent"] += 1
+        if self._snapshot_key(message) in self._snapshots_delivered:
+            self.counters["snapshots_resent"] += 1
 
     def _on_drop(self, message: Message) -> None:
         if message.type is MessageType.SNAPSHOT:
@@ -406,13 +425,15 @@ class Simulation:
 
     def on_send(self, node: SimNode, messages: Sequence[Message]) -> None:
         for message in messages:
+            if message.type is MessageType.SNAPSHOT:
+                self._count_snapshot_send(message)
             # Through the wire format, as the server's transport does.
             self.network.send(decode_message(encode_message(message)), self.now)
 
     def on_save_hung(self, node: SimNode, duration: int) -> None:
         """A save hangs: while it does, the node sends only the keepalives the policy
-        allows (as `Driver._in_worker` does); then the save returns and the node goes on,
-        client requests that reached it meanwhile first."""
+        allows (as the server's `StorageThread.run` does); then the save returns and the
+        node goes on, client requests that reached it meanwhile first."""
         self.counters["saves_hung"] += 1
         self.trace(f"save hangs n{node.id} for {duration}")
         incarnation, since = node.incarnation, self.now
@@ -438,8 +459,8 @@ class Simulation:
         self.schedule(duration, f"save returns n{node.id}", returned)
 
     def _send_keepalives(self, node: SimNode) -> None:
-        """`Driver._send_keepalives`: a leader's heartbeats with commit 0, only in a term
-        that is already durable."""
+        """The server's `StorageThread._send_keepalives`: a leader's heartbeats with commit
+        0, only in a term that is already durable."""
         raw = node.raw
         assert raw is not None
         status = raw.status()
@@ -494,7 +515,7 @@ class Simulation:
                 return  # the process died meanwhile: the job died with it
             if node.stalled:
                 # The storage thread is busy with a hung save, or the process is frozen:
-                # storing waits (as `Driver._tend_snapshot` waits between two saves).
+                # storing waits (as `SnapshotTender.tend` waits between two saves).
                 self.schedule(node.tick_period, f"snapshot waits n{node.id}", encoded)
                 return
             taken = node.complete_snapshot_job()

@@ -220,7 +220,7 @@ class SimNode:
         self._handle_ready(replica, ready, observer, rng)
 
     def _tend_snapshot(self, replica: Replica, observer: NodeObserver) -> None:
-        """What the server's driver does between two turns (`Driver._tend_snapshot`): retry
+        """What the server's driver does between two turns (`SnapshotTender.tend`): retry
         a compaction a full disk skipped, or begin a snapshot that is due; its encoding then
         finishes as an event of its own (`complete_snapshot_job`), as the server's encoding
         thread finishes while turns go on."""

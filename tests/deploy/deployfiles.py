@@ -10,7 +10,9 @@ kvstore.server.discovery, so renaming one there breaks these tests instead of th
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -160,9 +162,30 @@ def cli_environment_names() -> set[str]:
     return {client_cli.ENDPOINTS_ENV}
 
 
+SECRET_FILE_VARIABLE = "KVSTORE_CLUSTER_SECRET_FILE"
+
+
+def local_secret_file() -> str:
+    """A cluster secret file standing in for the one a deployment mounts (a Kubernetes
+    Secret, a Compose secret, /etc/kvstore/cluster.secret), which this machine lacks."""
+    path = Path(tempfile.gettempdir()) / f"kvstore-deploy-test-{os.getuid()}.secret"
+    if not path.exists():
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write("deploy-test-secret-0123456789abcdef\n")
+    return str(path)
+
+
+def with_test_secret(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` with its cluster secret file replaced by local_secret_file()."""
+    assert SECRET_FILE_VARIABLE in environ, "the deployment sets no cluster secret file"
+    return {**environ, SECRET_FILE_VARIABLE: local_secret_file()}
+
+
 def load_serve_config(environ: Mapping[str, str]) -> Any:
-    """The ServeConfig `kvstore serve` would build from this environment alone."""
-    return _config_module().load_config(None, environ=dict(environ))
+    """The ServeConfig `kvstore serve` would build from this environment alone (with the
+    mounted secret file replaced by a local one)."""
+    return _config_module().load_config(None, environ=with_test_secret(environ))
 
 
 def _config_module() -> Any:

@@ -6,7 +6,8 @@ deploy/kubernetes/: ConfigMap, env, downward-API fields, $(VAR) references; no K
 KVSTORE_PEERS), the Compose services, and the systemd unit (its ExecStart arguments with the
 instance id, and the example environment file). Only what cannot be the same on one machine is
 changed: the listen addresses (free 127.0.0.1 ports instead of 0.0.0.0:7001/7101), the data
-directory, and KVSTORE_RESOLVE, which maps each node's peer address (kvstore-N.kvstore-peer:7101,
+directory, the cluster secret file (a local file for the Secret or file a deployment mounts),
+and KVSTORE_RESOLVE, which maps each node's peer address (kvstore-N.kvstore-peer:7101,
 kvstore-N:7101, kvN.example.internal:7101) to its 127.0.0.1 peer port, the way DNS maps it to
 the pod's or host's IP.
 """
@@ -41,6 +42,7 @@ from tests.deploy.deployfiles import (
     env_file,
     kubernetes_object,
     pod_environment,
+    with_test_secret,
 )
 
 REPLICAS = 3
@@ -153,7 +155,7 @@ def process_environment(node: Node, nodes: list[Node], data_dir: Path) -> dict[s
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
     return {
         **inherited,
-        **node.launch.env,
+        **with_test_secret(node.launch.env),
         "KVSTORE_LISTEN_CLIENT": f"127.0.0.1:{node.client_port}",
         "KVSTORE_LISTEN_PEER": f"127.0.0.1:{node.peer_port}",
         "KVSTORE_DATA_DIR": str(data_dir),

@@ -240,7 +240,7 @@ async def _keepalives_stop(harness: Harness, caplog: pytest.LogCaptureFixture) -
     await _until(lambda: "event=keepalives_stopped" in caplog.text)
     sent = _keepalives_sent(harness)
     loop = asyncio.get_running_loop()
-    quiet_until = loop.time() + 10 * harness.driver._keepalives.interval
+    quiet_until = loop.time() + 10 * harness.driver.storage.keepalives.interval
     await _until(lambda: loop.time() > quiet_until)
     assert _keepalives_sent(harness) == sent
     return sent
@@ -299,7 +299,7 @@ async def test_a_write_during_a_handover_waits_for_the_new_leader_and_names_it(
     put = asyncio.ensure_future(
         harness.client.put("/v1/kv/handover", data=b"x", allow_redirects=False)
     )
-    await _until(lambda: len(driver._leader_waiters) == 1)
+    await _until(lambda: len(driver.handover.waiters) == 1)
     assert not put.done()
     # What the driver does when a Ready reports that node 2 won the transfer.
     driver._on_soft_state(2, Role.FOLLOWER)
@@ -325,6 +325,50 @@ async def test_a_handover_that_finds_no_new_leader_answers_within_an_election_ti
     harness.driver.handing_over = True
     response = await harness.client.put("/v1/kv/no-new-leader", data=b"x")
     assert response.status == 200, await response.text()
+
+
+async def test_a_write_to_a_node_that_knows_no_leader_waits_for_the_election(
+    harness: Harness,
+) -> None:
+    """Issue 15: a write reaching a node during an election (its leader's process just died,
+    so it knows no leader) is held until a leader is known and answered not_leader with its
+    URL, which the client follows at once; it used to answer no_leader with a 50 ms
+    Retry-After, and the client slept through the end of the election."""
+    driver = harness.driver
+    driver._peer_url = lambda peer: "http://127.0.0.1:7002" if peer == 2 else None  # type: ignore[method-assign]
+    driver.role, driver.leader_id = Role.FOLLOWER, 0
+    try:
+        put = asyncio.ensure_future(
+            harness.client.put("/v1/kv/election", data=b"x", allow_redirects=False)
+        )
+        read = asyncio.ensure_future(harness.client.get("/v1/kv/election"))
+        await _until(lambda: len(driver.handover.waiters) == 2)
+        assert not put.done() and not read.done()
+        driver._on_soft_state(2, Role.FOLLOWER)  # node 2 won the election
+        response = await put
+        assert response.status == 307, await response.text()
+        assert response.headers["Location"] == "http://127.0.0.1:7002/v1/kv/election"
+        assert (await response.json())["error"]["code"] == "not_leader"
+    finally:
+        driver._on_soft_state(1, Role.LEADER)
+    await read  # forwarded to the ReadIndex path once a leader is known; its answer varies
+
+
+@pytest.mark.parametrize("harness", [{"election_ticks": 20}], indirect=True)
+async def test_the_wait_for_a_leader_is_bounded_by_an_election_timeout(
+    harness: Harness,
+) -> None:
+    """With no leader at all, the write is held one election timeout (20 ticks of 1 ms
+    here), then answered 503 no_leader with a retry hint, and nothing waits any more."""
+    driver = harness.driver
+    driver.role, driver.leader_id = Role.FOLLOWER, 0
+    try:
+        response = await harness.client.put("/v1/kv/nobody", data=b"x")
+        assert response.status == 503, await response.text()
+        assert (await response.json())["error"]["code"] == "no_leader"
+        assert driver.handover.waiters == []
+    finally:
+        driver._on_soft_state(1, Role.LEADER)
 
 
 async def test_a_follower_with_a_full_disk_sends_writes_to_the_leader(harness: Harness) -> None:
@@ -364,7 +408,7 @@ async def test_forwarded_reads_fail_at_once_when_the_leader_changes_directly(
     loop = asyncio.get_running_loop()
     driver.role, driver.leader_id = Role.FOLLOWER, 2
     read: asyncio.Future[None] = loop.create_future()
-    driver._read_contexts[b"forwarded-to-2"] = [read]
+    driver.pending.read_contexts[b"forwarded-to-2"] = [read]
     try:
         driver._on_soft_state(3, Role.FOLLOWER)  # L1 = 2 -> L2 = 3
         assert read.done(), "the read still waits for L1's answer"
@@ -372,7 +416,7 @@ async def test_forwarded_reads_fail_at_once_when_the_leader_changes_directly(
             read.result()
         assert http_status(failed.value) == 503 and failed.value.retry_after_s
     finally:
-        driver._read_contexts.pop(b"forwarded-to-2", None)
+        driver.pending.read_contexts.pop(b"forwarded-to-2", None)
         driver.role, driver.leader_id = Role.LEADER, 1
 
 
@@ -391,12 +435,12 @@ async def test_a_failed_handover_lets_the_node_answer_as_a_leader_again(
     assert response.status == 200
     # A write in flight when leadership is lost fails at once (503), not at its deadline.
     pending: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-    driver._proposals["c:1"] = [pending]
+    driver.pending.proposals["c:1"] = [pending]
     try:
         driver._on_soft_state(2, Role.FOLLOWER)
         assert pending.done()
     finally:
-        driver._proposals.pop("c:1", None)
+        driver.pending.proposals.pop("c:1", None)
         driver._on_soft_state(1, Role.LEADER)
 
 

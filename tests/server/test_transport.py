@@ -14,6 +14,7 @@ from kvstore.codec import encode_message, message_to_obj, pack
 from kvstore.raft.config import RaftConfig
 from kvstore.raft.node import RawNode
 from kvstore.raft.types import Entry, Message, MessageType
+from kvstore.server import peerauth
 from kvstore.server.localcluster import LocalCluster, free_port
 from kvstore.server.transport import PeerTransport, encode_frame
 from kvstore.storage.memory import MemoryStorage
@@ -146,12 +147,16 @@ async def test_garbage_and_forged_frames_are_rejected() -> None:
             struct.pack(">II", 1 << 30, 0) + b"xx",
             struct.pack(">II", 5, 12345) + b"hello",  # checksum mismatch
             encode_frame(b"\x01\xc1garbage"),
+            # the handshake of version 1, which proved nothing
+            encode_frame(pack(["kvstore-peer", 1, "c1", 2, "http://x"])),
             # a valid handshake followed by a message claiming to come from someone else
-            encode_frame(pack(["kvstore-peer", 1, "c1", 2, "http://x"]))
-            + encode_frame(pack([5, 1, 3, 1, 0, 0, [], 0, False, 0, None, b""])),
+            None,
         ):
             before = a.transport.frames_rejected
             reader, writer = await asyncio.open_connection(host, int(port))
+            if payload is None:
+                await _handshake_as(reader, writer)
+                payload = encode_frame(pack([5, 1, 3, 1, 0, 0, [], 0, False, 0, None, b""]))
             writer.write(payload)
             await writer.drain()
             await _wait_for(lambda before=before: a.transport.frames_rejected > before)
@@ -210,8 +215,25 @@ async def _closed_by_peer(reader: asyncio.StreamReader, timeout_s: float = 2.0) 
     return True
 
 
-def _handshake_frame(node_id: int = 2, cluster_id: str = "c1") -> bytes:
-    return encode_frame(pack(["kvstore-peer", 1, cluster_id, node_id, "http://x"]))
+async def _handshake_as(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    node_id: int = 2,
+    *,
+    cluster_id: str = "c1",
+    secret: bytes = b"",
+    to: int = 1,
+    url: str = "http://x",
+) -> peerauth.Handshake:
+    """Complete the peer handshake by hand as `node_id`, proving `secret`; the answer."""
+    hello = peerauth.new_hello(cluster_id=cluster_id, node_id=node_id, to=to, client_url=url)
+    writer.write(encode_frame(peerauth.encode_handshake(hello)))
+    length, _ = struct.unpack(">II", await reader.readexactly(8))
+    answer = peerauth.decode_handshake(await reader.readexactly(length))
+    proof = peerauth.prove(secret, peerauth.DIALER, hello, answer)
+    writer.write(encode_frame(peerauth.encode_proof(proof)))
+    await writer.drain()
+    return answer
 
 
 async def test_a_term_out_of_range_is_dropped_and_the_node_keeps_its_term() -> None:
@@ -231,7 +253,8 @@ async def test_a_term_out_of_range_is_dropped_and_the_node_keeps_its_term() -> N
             obj[3] = bad_term
             before = a.transport.frames_rejected
             reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(_handshake_frame() + encode_frame(pack(obj)))
+            await _handshake_as(reader, writer)
+            writer.write(encode_frame(pack(obj)))
             await writer.drain()
             assert await _closed_by_peer(reader)
             assert a.transport.frames_rejected == before + 1
@@ -273,7 +296,8 @@ async def test_a_frame_over_the_configured_bound_is_refused_after_the_handshake(
     host, port = peers[1].split(":")
     try:
         reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(_handshake_frame() + struct.pack(">II", 2 << 10, 0))
+        await _handshake_as(reader, writer)
+        writer.write(struct.pack(">II", 2 << 10, 0))
         await writer.drain()
         assert await _closed_by_peer(reader)
         assert a.transport.frames_rejected == 1 and a.received == []
@@ -360,8 +384,7 @@ async def test_a_silent_connection_is_closed_and_the_outbound_one_redialled() ->
     host, port = peers[1].split(":")
     try:
         reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(_handshake_frame())  # then silence: no messages, no pings
-        await writer.drain()
+        await _handshake_as(reader, writer)  # then silence: no messages, no pings
         await _wait_for(lambda: a.transport.peer_urls.get(2) == "http://x")
         assert await _closed_by_peer(reader)
         await _wait_for(lambda: 2 in a.down)
@@ -546,9 +569,8 @@ async def test_a_peer_that_accepts_but_never_handshakes_is_reported_after_the_wi
     host, port = peers[1].split(":")
     try:
         # Node 2 dialled us before it froze; that connection now closes.
-        _, writer = await asyncio.open_connection(host, int(port))
-        writer.write(_handshake_frame())
-        await writer.drain()
+        reader, writer = await asyncio.open_connection(host, int(port))
+        await _handshake_as(reader, writer)
         await _wait_for(lambda: a.transport.peer_urls.get(2) == "http://x")
         closed_at = loop.time()
         writer.close()
