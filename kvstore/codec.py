@@ -16,6 +16,7 @@ Bounds (checked on every decode, so a hostile or damaged value never reaches the
   packet once made every node fail to encode its own next pre-vote, forever.)
 - A node id is below `NODE_ID_LIMIT` (2^63); a member of a configuration is at least 1, and
   a configuration has at most `CONF_MEMBERS_MAX` members.
+- A TRANSFER_LEADER message's transferee is a node id; it travels in the index slot.
 - A message carries at most `MESSAGE_ENTRIES_MAX` entries and a context of at most
   `CONTEXT_BYTES_MAX` bytes; its type and an entry's type are known enum values.
 """
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 import msgpack
 
 from kvstore.errors import ProtocolError
+from kvstore.raft import confchange
 from kvstore.raft.types import (
     ConfState,
     Entry,
@@ -69,7 +71,14 @@ def entry_from_obj(obj: Any, *, limit: int = STORED_VALUE_LIMIT) -> Entry:
     _expect_int(index, "entry.index", limit)
     if type(data) is not bytes:
         raise ProtocolError("entry.data is not bytes")
-    return Entry(term=term, index=index, type=_expect_enum(EntryType, type_, "entry"), data=data)
+    entry_type = _expect_enum(EntryType, type_, "entry")
+    if entry_type is EntryType.CONF_CHANGE:
+        # The core adopts the configuration such an entry names: check it before it gets there.
+        try:
+            confchange.decode(data)
+        except ValueError as exc:
+            raise ProtocolError(f"entry {index}: {exc}") from None
+    return Entry(term=term, index=index, type=entry_type, data=data)
 
 
 def hard_state_to_obj(state: HardState) -> list[int]:
@@ -86,21 +95,27 @@ def hard_state_from_obj(obj: Any) -> HardState:
 
 
 def conf_state_to_obj(conf: ConfState) -> list[list[int]]:
-    return [list(conf.voters), list(conf.learners)]
+    return [list(conf.voters), list(conf.learners), list(conf.removed)]
 
 
 def conf_state_from_obj(obj: Any) -> ConfState:
-    _expect_list(obj, 2, "conf state")
-    voters, learners = obj
-    if type(voters) is not list or type(learners) is not list:
+    """[voters, learners, removed]; a directory written before membership changes holds
+    [voters, learners] (nothing removed yet)."""
+    if type(obj) is list and len(obj) == 2:
+        obj = [*obj, []]
+    _expect_list(obj, 3, "conf state")
+    voters, learners, removed = obj
+    if type(voters) is not list or type(learners) is not list or type(removed) is not list:
         raise ProtocolError("conf state members must be lists of node ids")
     if len(voters) + len(learners) > CONF_MEMBERS_MAX:
         raise ProtocolError(f"conf state: more than {CONF_MEMBERS_MAX} members")
-    for member in (*voters, *learners):
+    if len(removed) > confchange.REMOVED_MAX:
+        raise ProtocolError(f"conf state: more than {confchange.REMOVED_MAX} removed ids")
+    for member in (*voters, *learners, *removed):
         _expect_int(member, "conf state member", NODE_ID_LIMIT)
         if member < 1:
             raise ProtocolError(f"conf state member: node ids start at 1, got {member}")
-    return ConfState(voters=tuple(voters), learners=tuple(learners))
+    return ConfState(voters=tuple(voters), learners=tuple(learners), removed=tuple(removed))
 
 
 def snapshot_metadata_to_obj(meta: SnapshotMetadata) -> list[Any]:
@@ -128,13 +143,18 @@ def snapshot_from_obj(obj: Any, *, limit: int = STORED_VALUE_LIMIT) -> Snapshot:
 
 
 def message_to_obj(message: Message) -> list[Any]:
+    index = message.index
+    if message.type is MessageType.TRANSFER_LEADER:
+        # The transferee travels in the index slot (see message_from_obj).
+        assert index == 0, "TRANSFER_LEADER carries a transferee, not an index"
+        index = message.transferee
     return [
         int(message.type),
         message.to,
         message.from_,
         message.term,
         message.log_term,
-        message.index,
+        index,
         [entry_to_obj(e) for e in message.entries],
         message.commit,
         message.reject,
@@ -145,16 +165,26 @@ def message_to_obj(message: Message) -> list[Any]:
 
 
 def message_from_obj(obj: Any) -> Message:
-    """A message from a peer: every field within the bounds of the module docstring."""
+    """A message from a peer: every field within the bounds of the module docstring.
+
+    A TRANSFER_LEADER message's transferee (a node id) travels in the index slot, which that
+    message does not otherwise use: the array keeps the layout of format version 1, so nodes
+    built before `Message.transferee` existed still understand each other.
+    """
     _expect_list(obj, 12, "message")
     (type_, to, from_, term, log_term, index, entries, commit, reject, hint, snap, ctx) = obj
     message_type = _expect_enum(MessageType, type_, "message")
     _expect_int(to, "message.to", NODE_ID_LIMIT)
     _expect_int(from_, "message.from", NODE_ID_LIMIT)
+    transferee = 0
+    if message_type is MessageType.TRANSFER_LEADER:
+        _expect_int(index, "message.transferee", NODE_ID_LIMIT)
+        transferee, index = index, 0
+    else:
+        _expect_int(index, "message.index", WIRE_VALUE_LIMIT)
     for value, name in (
         (term, "term"),
         (log_term, "log_term"),
-        (index, "index"),
         (commit, "commit"),
         (hint, "reject_hint"),
     ):
@@ -180,6 +210,7 @@ def message_from_obj(obj: Any) -> Message:
         reject_hint=hint,
         snapshot=None if snap is None else snapshot_from_obj(snap, limit=WIRE_VALUE_LIMIT),
         context=ctx,
+        transferee=transferee,
     )
 
 

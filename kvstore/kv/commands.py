@@ -3,7 +3,8 @@
 A command is what a leader proposes: `Put` or `Delete`, each optionally conditional
 (compare-and-set on the key's `mod_revision`, where 0 means "the key is absent"; `Put` may
 also be create-only) and optionally tagged with a `RequestId` for exactly-once application
-(Raft dissertation §6.3, see `kvstore.kv.sessions`).
+(Raft dissertation §6.3, see `kvstore.kv.sessions`; the id and its text form live in
+`kvstore.request_id`, below the client and the server, and are re-exported here).
 
 Encoding: one version byte (`COMMAND_FORMAT_VERSION`) followed by a msgpack array whose first
 element is the `CommandKind`. Decoding is strict and raises `ProtocolError` on anything
@@ -21,21 +22,23 @@ Rules that hold here:
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
-from kvstore.errors import BadRequestError, ProtocolError
+from kvstore.errors import ProtocolError
+
+# Re-exported: the state machine's callers name them from here.
+from kvstore.request_id import RequestId as RequestId
+from kvstore.request_id import parse_request_id as parse_request_id
 
 COMMAND_FORMAT_VERSION = 1
 """The first byte of every encoded command. Bump it when the array layout changes."""
 
 UINT64_MAX = (1 << 64) - 1
-"""The largest integer msgpack encodes: seqs, revisions and times must fit."""
-
-_CLIENT_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+"""The largest integer msgpack encodes: revisions and times must fit (seqs too:
+`kvstore.request_id.SEQ_MAX`)."""
 
 
 class CommandKind(enum.IntEnum):
@@ -56,34 +59,6 @@ class WriteError(enum.StrEnum):
     # applied long ago (its answer was discarded) or never; it is not applied now. To the
     # client the outcome of that request is unknown.
     SESSION_EXPIRED = "session_expired"
-
-
-@dataclass(frozen=True, slots=True)
-class RequestId:
-    """Identifies one client request for exactly-once application (dissertation §6.3)."""
-
-    client_id: str
-    seq: int
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.client_id, str) or not _CLIENT_ID.fullmatch(self.client_id):
-            raise ValueError(f"client_id must match [A-Za-z0-9_.-]{{1,64}}: {self.client_id!r}")
-        if not _is_count(self.seq) or self.seq < 1:
-            raise ValueError(f"seq must be an integer in 1..2**64-1: {self.seq!r}")
-
-    def __str__(self) -> str:
-        return f"{self.client_id}:{self.seq}"
-
-
-def parse_request_id(text: str) -> RequestId:
-    """Parse the `Kvstore-Request-Id` header (`<client_id>:<seq>`); BadRequestError if bad."""
-    client_id, sep, seq_text = text.strip().rpartition(":")
-    if not sep or not seq_text.isascii() or not seq_text.isdigit() or len(seq_text) > 20:
-        raise BadRequestError(f"request id must be <client_id>:<seq>, got {text!r}")
-    try:
-        return RequestId(client_id, int(seq_text))
-    except ValueError as exc:
-        raise BadRequestError(f"bad request id {text!r}: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)

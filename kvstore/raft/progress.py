@@ -9,6 +9,11 @@ Rules that hold here (as in etcd-io/raft's tracker package):
   bounded by `Inflights` in count and in bytes.
 - SNAPSHOT: nothing is sent until the snapshot is reported as applied or failed, or (a lost
   report) two election timeouts after it was sent.
+- A snapshot goes to a follower once per need: after it is reported delivered, the leader
+  probes from just after it and waits for the follower's answer; answers to appends sent
+  before it (a reconnecting follower answers every one queued while it was away) move the
+  match index but neither restart replication below the snapshot nor count as rejections
+  (`snapshot_answer_due`), either of which would send the same snapshot again.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class Progress:
         "probe_sent",
         "recent_active",
         "sent_tick",
+        "snapshot_answer_due",
         "state",
     )
 
@@ -92,6 +98,10 @@ class Progress:
         # election timeout.
         self.recent_active = False
         self.pending_snapshot = 0
+        # PROBE after a snapshot reported delivered, before any append went out since: the
+        # follower's answer to the snapshot is due, and no rejection can be an answer to
+        # anything sent since (`maybe_decrease_to` ignores them all).
+        self.snapshot_answer_due = False
         # The leader's tick count when it last sent this follower an append or a snapshot:
         # heartbeat responses resend at most once per heartbeat interval, however many of
         # them arrive (they come with every ReadIndex round, and in bursts after a stall).
@@ -101,6 +111,7 @@ class Progress:
     def _reset_state(self, state: ProgressState) -> None:
         self.probe_sent = False
         self.pending_snapshot = 0
+        self.snapshot_answer_due = False
         self.state = state
         self.inflights.reset()
 
@@ -141,7 +152,9 @@ class Progress:
                 return False
             self.next_index = self.match_index + 1
             return True
-        if self.next_index - 1 != rejected:
+        if self.next_index - 1 != rejected or self.snapshot_answer_due:
+            # Not an answer to the probe outstanding: to an earlier append, or (no append
+            # sent since a snapshot) to one sent before the snapshot, at its index.
             return False
         self.next_index = max(min(rejected, match_hint + 1), self.match_index + 1)
         self.probe_sent = False
@@ -162,3 +175,4 @@ class Progress:
                 self.inflights.add(self.next_index - 1, size_bytes)
         elif self.state is ProgressState.PROBE:
             self.probe_sent = True
+            self.snapshot_answer_due = False

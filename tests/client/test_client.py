@@ -24,6 +24,7 @@ from kvstore.errors import (
     SessionExpiredError,
     UnavailableError,
 )
+from kvstore.request_id import RequestId, parse_request_id
 
 from .fakes import (
     FakeClock,
@@ -457,3 +458,21 @@ async def test_a_stale_read_moves_past_frozen_nodes_quickly() -> None:
     client._round_robin = 0
     await client.get("k", consistency="linearizable")
     assert transport.sent[0].timeout_s == 1.0
+
+
+async def test_the_request_id_a_client_sends_is_the_one_the_server_parses() -> None:
+    """The client writes the Kvstore-Request-Id header with kvstore.request_id, the module
+    the server parses it with: the id each attempt carries, and the one the result names,
+    read back to the client's id and the write's seq."""
+    client, transport, _ = make_client(lambda request: put_ok("k", 1))
+    result = await client.put("k", b"v")
+    header = transport.sent[0].headers["Kvstore-Request-Id"]
+    assert header == result.request_id
+    assert parse_request_id(header) == RequestId("testclient", 1)
+
+
+@pytest.mark.parametrize("client_id", ["has:colon", "x" * 65, "sp ace", "é"])
+def test_a_client_id_the_server_would_refuse_is_refused_at_once(client_id: str) -> None:
+    """Every write of such a client would get 400 bad_request from the server."""
+    with pytest.raises(ValueError, match="client_id"):
+        Client([A], client_id=client_id)

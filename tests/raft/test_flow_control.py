@@ -127,3 +127,116 @@ def test_snapshot_failures_are_retried_at_most_once_per_heartbeat_interval() -> 
             snapshots += 1
             node.report_snapshot(3, False)
     assert snapshots == 1
+
+
+def _leader_with_compacted_log(cluster: Cluster) -> int:
+    """Node 1 leads; node 3 was cut off and the leader compacted past it. Returns the
+    follower's match index as the leader knows it."""
+    cluster.elect(1)
+    match = cluster.nodes[1].status().progress[3].match_index
+    cluster.isolate(3)
+    for i in range(10):
+        cluster.propose(1, f"v{i}".encode())
+    applied = cluster.nodes[1].status().applied_index
+    cluster.storages[1].create_snapshot(applied, ConfState(voters=(1, 2, 3)), b"state")
+    cluster.storages[1].compact(applied)
+    cluster.nodes[1].report_peer_down(3)
+    cluster.tick(cluster.make_config(1).heartbeat_ticks, ids=[1])
+    cluster.heal()
+    return match
+
+
+def test_snapshot_reported_sent_is_not_resent_for_stale_answers() -> None:
+    """A follower that reconnects answers, at once, every append the leader queued for it
+    while it was away: each answer names the index it already had (the leader's match
+    index). The leader sends the snapshot once; the transport reports it delivered within
+    a millisecond; the stale answers that keep arriving afterwards must not make it send
+    the same snapshot again (a black-box run logged about 100 sends of one snapshot to one
+    follower within 4 ms of its reconnecting). The follower's answer to the snapshot
+    itself, at the snapshot's index, is what moves the leader on."""
+    cluster = Cluster()
+    match = _leader_with_compacted_log(cluster)
+    node = cluster.nodes[1]
+    cluster.queue.clear()
+    snapshots = 0
+    node.step(Message(MessageType.HEARTBEAT_RESPONSE, 1, 3, node.term))
+    for _ in range(100):
+        cluster.process_ready(1)
+        sent = [m for m in cluster.queue if m.to == 3 and m.type is MessageType.SNAPSHOT]
+        cluster.queue.clear()
+        snapshots += len(sent)
+        if sent:
+            node.report_snapshot(3, True)  # the transport delivered it
+        node.step(Message(MessageType.APPEND_RESPONSE, 1, 3, node.term, index=match))
+    assert snapshots == 1, f"{snapshots} snapshots of the same index for 100 stale answers"
+    # The follower's answer to the snapshot resumes replication from after it.
+    snapshot_index = cluster.storages[1].snapshot().metadata.index
+    node.step(Message(MessageType.APPEND_RESPONSE, 1, 3, node.term, index=snapshot_index))
+    progress = node.status().progress[3]
+    assert progress.state is ProgressState.REPLICATE
+    assert progress.match_index == snapshot_index
+
+
+def test_snapshot_reported_sent_but_never_installed_is_sent_again_once() -> None:
+    """The report says the snapshot arrived, but the follower never answers it (it crashed
+    before installing it): a heartbeat interval later the leader probes from after the
+    snapshot (one append), the follower rejects that, and the snapshot goes out again,
+    once."""
+    cluster = Cluster()
+    match = _leader_with_compacted_log(cluster)
+    node = cluster.nodes[1]
+    snapshot_index = cluster.storages[1].snapshot().metadata.index
+    node.step(Message(MessageType.HEARTBEAT_RESPONSE, 1, 3, node.term))
+    cluster.process_ready(1)
+    assert [m.type for m in cluster.queue if m.to == 3] == [MessageType.SNAPSHOT]
+    node.report_snapshot(3, True)
+    cluster.queue.clear()
+    assert _burst_of_heartbeat_responses(cluster, 1, 3) == []
+    for _ in range(cluster.make_config(1).heartbeat_ticks):
+        node.tick()  # the follower stays silent: nothing is delivered
+    cluster.process_ready(1)
+    sent = _burst_of_heartbeat_responses(cluster, 1, 3)
+    assert [(m.type, m.index) for m in sent] == [(MessageType.APPEND, snapshot_index)]
+    rejection = Message(
+        MessageType.APPEND_RESPONSE,
+        1,
+        3,
+        node.term,
+        index=snapshot_index,
+        reject=True,
+        reject_hint=match,
+    )
+    cluster.queue.clear()
+    for _ in range(10):
+        node.step(rejection)
+    cluster.process_ready(1)
+    assert [m.type for m in cluster.queue if m.to == 3] == [MessageType.SNAPSHOT]
+
+
+def test_rejection_sent_before_the_snapshot_does_not_resend_it() -> None:
+    """An append at the snapshot's own index, sent before the snapshot and rejected by the
+    follower before it installed it, may be answered after the transport reported the
+    snapshot delivered (the network held the answer, or duplicated it). Since then the
+    leader has sent no append, so no rejection can be an answer to one: it is stale."""
+    cluster = Cluster()
+    match = _leader_with_compacted_log(cluster)
+    node = cluster.nodes[1]
+    snapshot_index = cluster.storages[1].snapshot().metadata.index
+    node.step(Message(MessageType.HEARTBEAT_RESPONSE, 1, 3, node.term))
+    cluster.process_ready(1)
+    assert [m.type for m in cluster.queue if m.to == 3] == [MessageType.SNAPSHOT]
+    node.report_snapshot(3, True)
+    cluster.queue.clear()
+    stale = Message(
+        MessageType.APPEND_RESPONSE,
+        1,
+        3,
+        node.term,
+        index=snapshot_index,
+        reject=True,
+        reject_hint=match,
+    )
+    for _ in range(10):
+        node.step(stale)
+    cluster.process_ready(1)
+    assert [m for m in cluster.queue if m.to == 3] == []
