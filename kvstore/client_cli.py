@@ -35,6 +35,13 @@ from kvstore.errors import (
 DEFAULT_ENDPOINTS = "http://127.0.0.1:7001,http://127.0.0.1:7002,http://127.0.0.1:7003"
 ENDPOINTS_ENV = "KVSTORE_ENDPOINTS"
 
+# https:// endpoints: (flag, variable, help).
+_TLS_FLAGS = (
+    ("--ca", "KVSTORE_CA", "CA file (PEM) that signs the nodes' certificates"),
+    ("--cert", "KVSTORE_CERT", "client certificate file (PEM) to present"),
+    ("--key", "KVSTORE_KEY", "the key file (PEM) of --cert"),
+)
+
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
 EXIT_PRECONDITION_FAILED = 3
@@ -105,6 +112,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="table: for people (the default); json: one JSON document, for scripts",
     )
     common.add_argument("--json", action="store_true", help="the same as --output json")
+    for flag, variable, help_text in _TLS_FLAGS:
+        common.add_argument(
+            flag,
+            dest="tls_" + flag.lstrip("-"),  # not `key`: that is the key of get/put/...
+            default=os.environ.get(variable, ""),
+            help=f"{help_text} (default ${variable})",
+        )
 
     get = subparsers.add_parser("get", parents=[common], help="read a key")
     get.add_argument("key")
@@ -167,7 +181,12 @@ def _handle(action: Action) -> Callable[[argparse.Namespace], int]:
         args.json = args.json or args.output == "json"
 
         async def run() -> int:
-            config = ClientConfig(timeout_s=args.timeout)
+            config = ClientConfig(
+                timeout_s=args.timeout,
+                ca_file=args.tls_ca,
+                cert_file=args.tls_cert,
+                key_file=args.tls_key,
+            )
             async with Client(args.endpoints, config=config) as client:
                 return await action(client, args)
 
@@ -179,6 +198,9 @@ def _handle(action: Action) -> Callable[[argparse.Namespace], int]:
         except ValueError as exc:
             print(f"kvstore: {exc}", file=sys.stderr)
             return EXIT_REJECTED
+        except OSError as exc:  # ssl.SSLError included
+            print(f"kvstore: cannot load the TLS files: {exc}", file=sys.stderr)
+            return 2
 
     return handler
 

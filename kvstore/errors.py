@@ -417,9 +417,7 @@ def _set_fields(error: KVStoreError, fields: Mapping[str, object]) -> None:
         error.attempts, error.outcome_unknown = 0, True
     if isinstance(error, PreconditionFailedError):
         current = fields.get("current_revision")
-        error.current_revision = (
-            current if isinstance(current, int) and _is_count(current) else None
-        )
+        error.current_revision = current if isinstance(current, int) and _is_count(current) else None
     if isinstance(error, MethodNotAllowedError):
         error.allow = ""
     if isinstance(error, CorruptionError):

@@ -192,7 +192,11 @@ class Client:
         self._rng = rng or random.Random()
         self._policy = RetryPolicy(config, clock=self._clock, rng=self._rng)
         self._transport: Transport = transport or AiohttpTransport(
-            connect_timeout_s=config.connect_timeout_s, max_connections=config.max_connections
+            connect_timeout_s=config.connect_timeout_s,
+            max_connections=config.max_connections,
+            ca_file=config.ca_file,
+            cert_file=config.cert_file,
+            key_file=config.key_file,
         )
         self._breakers: dict[str, CircuitBreaker] = {}
         self._round_robin = self._rng.randrange(len(self.endpoints))

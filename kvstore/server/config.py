@@ -28,6 +28,7 @@ from kvstore.server.discovery import split_host_port, statefulset_identity_from_
 from kvstore.server.peerauth import SECRET_BYTES_MIN
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_CLIENT_CERT_AUTH = ("none", "optional", "required")
 
 
 def parse_peers(text: str) -> dict[int, str]:
@@ -57,6 +58,16 @@ class ServeConfig:
     # Listen for peers on a non-loopback address with neither a secret nor TLS: only when the
     # network is known to reach no one but the members.
     peer_network_trusted: bool = False
+    # TLS (kvstore/server/tls.py). The client port: its certificate and key, and the CA of
+    # client certificates (asked for per client_cert_auth: none, optional or required).
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""
+    client_cert_auth: str = "none"
+    # The peer port: mutual TLS, all three or none.
+    peer_cert_file: str = ""
+    peer_key_file: str = ""
+    peer_ca_file: str = ""
     listen_client: str = "127.0.0.1:7001"
     listen_peer: str = "127.0.0.1:7101"
     advertise_client_url: str = ""  # "" means http://<listen_client>
@@ -128,20 +139,48 @@ class ServeConfig:
         ):
             raise ValueError("advertise_client_url must start with http:// or https://")
 
+    @property
+    def client_tls(self) -> bool:
+        return bool(self.cert_file)
+
+    @property
+    def peer_tls(self) -> bool:
+        return bool(self.peer_cert_file)
+
+    def _check_tls(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together (the client port's TLS)")
+        if self.ca_file and not self.cert_file:
+            raise ValueError("ca_file needs cert_file and key_file (TLS on the client port)")
+        if self.client_cert_auth not in _CLIENT_CERT_AUTH:
+            raise ValueError(f"client_cert_auth must be one of {_CLIENT_CERT_AUTH}")
+        if self.client_cert_auth != "none" and not self.ca_file:
+            raise ValueError("client_cert_auth needs ca_file (the CA of client certificates)")
+        peer = (self.peer_cert_file, self.peer_key_file, self.peer_ca_file)
+        if any(peer) and not all(peer):
+            raise ValueError(
+                "peer_cert_file, peer_key_file and peer_ca_file go together (mutual TLS "
+                "between peers)"
+            )
+        if self.advertise_client_url.startswith("http://") and self.client_tls:
+            raise ValueError("advertise_client_url must be https:// with TLS on the client port")
+
     def _check_peer_authentication(self) -> None:
+        self._check_tls()
         if self.cluster_secret and len(self.cluster_secret.encode()) < SECRET_BYTES_MIN:
             raise ValueError(
                 f"cluster_secret must be at least {SECRET_BYTES_MIN} bytes "
                 "(`kvstore secret` prints a new one)"
             )
-        if self.cluster_secret or self.peer_network_trusted:
+        if self.cluster_secret or self.peer_tls or self.peer_network_trusted:
             return
         host, _ = split_host_port(self.listen_peer)
         if not is_loopback_host(host):
             raise ValueError(
                 f"listen_peer {self.listen_peer} is not a loopback address, and peers would "
-                "not have to authenticate: set cluster_secret_file (or cluster_secret), or "
-                "peer_network_trusted=true if nothing but the members can reach that network"
+                "not have to authenticate: set cluster_secret_file (or cluster_secret) or peer "
+                "TLS (peer_cert_file, peer_key_file, peer_ca_file), or peer_network_trusted="
+                "true if nothing but the members can reach that network"
             )
 
     def _check_positive(self) -> None:
@@ -194,7 +233,8 @@ class ServeConfig:
 
     @property
     def client_url(self) -> str:
-        return self.advertise_client_url or f"http://{self.listen_client}"
+        scheme = "https" if self.client_tls else "http"
+        return self.advertise_client_url or f"{scheme}://{self.listen_client}"
 
 
 def is_loopback_host(host: str) -> bool:
@@ -234,14 +274,17 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
         "allow a non-loopback listen-peer without a secret or TLS (only on a network that "
         "reaches no one but the members)",
     ),
+    ("cert_file", str, "TLS on the client port: this node's certificate chain (PEM)"),
+    ("key_file", str, "TLS on the client port: the key of cert-file (PEM)"),
+    ("ca_file", str, "TLS on the client port: the CA of client certificates (PEM)"),
+    ("client_cert_auth", str, "ask clients for a certificate signed by ca-file: none, optional, required"),
+    ("peer_cert_file", str, "mutual TLS between peers: this node's certificate chain (PEM)"),
+    ("peer_key_file", str, "mutual TLS between peers: the key of peer-cert-file (PEM)"),
+    ("peer_ca_file", str, "mutual TLS between peers: the CA that signs every member's certificate"),
     ("listen_client", str, "host:port for the HTTP API"),
     ("listen_peer", str, "host:port for peer traffic"),
-    ("advertise_client_url", str, "client URL other nodes give out (default http://LISTEN)"),
-    (
-        "peers",
-        str,
-        "peer ports of all nodes: 1=host:port,2=host:port,3=host:port (default: this node only)",
-    ),
+    ("advertise_client_url", str, "client URL other nodes give out (default http(s)://LISTEN)"),
+    ("peers", str, "peer ports of all nodes: 1=host:port,2=host:port,3=host:port (default: this node only)"),
     ("data_dir", str, "directory of the write-ahead log and snapshots (default data/nodeID)"),
     ("log_level", str, "debug, info, warning, error or critical"),
     ("tick_interval_ms", int, "Raft tick length in milliseconds"),

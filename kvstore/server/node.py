@@ -27,6 +27,7 @@ import logging
 import os
 import random
 import signal
+import ssl
 import sys
 import time
 from typing import Any
@@ -45,6 +46,7 @@ from kvstore.server.driver import Driver
 from kvstore.server.http import HttpApi
 from kvstore.server.leases import LeaseService
 from kvstore.server.metrics import NodeMetrics, NodeState
+from kvstore.server.tls import TlsContexts, contexts_from_config, install_sighup
 from kvstore.server.transport import PeerTransport
 from kvstore.server.watch import WatchApi, WatchHub
 
@@ -140,11 +142,39 @@ def kv_config(config: ServeConfig) -> KvConfig:
     )
 
 
+class _ClientSite(web.TCPSite):
+    """aiohttp's TCPSite with a bound on the TLS handshake: a connection is counted against
+    the client port's bounds (kvstore/server/connections.py) only once its handshake is
+    done, so the handshake gets the head's timeout instead of asyncio's 60 s."""
+
+    def __init__(self, *args: Any, ssl_handshake_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ssl_handshake_timeout_s = ssl_handshake_timeout_s
+
+    async def start(self) -> None:
+        if self._ssl_context is None:
+            await super().start()
+            return
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            ssl_handshake_timeout=self._ssl_handshake_timeout_s,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+        )
+
+
 class Node:
     """The running parts of one node and their shutdown order."""
 
-    def __init__(self, config: ServeConfig, replica: Any) -> None:
+    def __init__(self, config: ServeConfig, replica: Any, tls: TlsContexts | None = None) -> None:
         self.config = config
+        self.tls = tls
         self.replica = replica
         self.metrics = NodeMetrics(config.id)
         self.metrics.watch_storage(replica.storage)
@@ -159,6 +189,7 @@ class Node:
             on_message=self.driver.on_message,
             on_peer_down=self.driver.on_peer_down,
             cluster_secret=config.cluster_secret.encode(),
+            tls=tls if config.peer_tls else None,
             on_snapshot_status=self.driver.on_snapshot_status,
             queue_frames_max=config.peer_queue_frames,
             on_drop=lambda peer: self.metrics.peer_dropped.inc(),
@@ -226,6 +257,18 @@ class Node:
         loop.add_signal_handler(
             signal.SIGINT, functools.partial(self.request_stop, hand_over=False)
         )
+        watch_task: asyncio.Task[None] | None = None
+        if self.tls is not None:
+            tls = self.tls
+            install_sighup(loop, lambda: tls.reload("sighup"))
+            watch_task = loop.create_task(tls.watch(), name="tls-watch")
+        try:
+            await self._run(loop)
+        finally:
+            if watch_task is not None:
+                watch_task.cancel()
+
+    async def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             await self.transport.start()
         except OSError as exc:
@@ -245,15 +288,30 @@ class Node:
         await self._runner.setup()
         host, port = split_host_port(self.config.listen_client)
         try:
-            await web.TCPSite(self._runner, host, port, reuse_address=True, backlog=1024).start()
+            listener = None if self.tls is None else self.tls.client_listener
+            await _ClientSite(
+                self._runner,
+                host,
+                port,
+                reuse_address=True,
+                backlog=1024,
+                ssl_context=listener,
+                ssl_handshake_timeout_s=self.config.client_header_timeout_ms / 1000,
+            ).start()
         except OSError as exc:
             raise ListenError("client", self.config.listen_client, exc) from exc
+        peer_auth = "+".join(
+            name
+            for name, on in (("tls", self.config.peer_tls), ("secret", self.config.cluster_secret))
+            if on
+        )
         logger.info(
-            "event=started id=%s client=%s peer=%s data_dir=%s",
+            "event=started id=%s client=%s peer=%s data_dir=%s peer_auth=%s",
             self.config.id,
             self.config.client_url,
             self.config.listen_peer,
             self.config.data_dir,
+            peer_auth or "none",
         )
         if self.config.unsafe_local_reads:
             logger.warning("event=unsafe_local_reads read_index=skipped use=chaos_drills_only")
@@ -327,6 +385,11 @@ class Node:
 
 async def _main(config: ServeConfig) -> int:
     try:
+        tls = contexts_from_config(config)
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        print(f"kvstore: cannot load the TLS files: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    try:
         replica = open_replica(config)
     except CorruptionError as exc:
         logger.critical(
@@ -341,7 +404,7 @@ async def _main(config: ServeConfig) -> int:
     except StorageError as exc:
         print(f"kvstore: cannot open {config.data_dir}: {exc}", file=sys.stderr)
         return EXIT_STORAGE
-    node = Node(config, replica)
+    node = Node(config, replica, tls)
     tune_gc(node.metrics)
     try:
         await node.run()
