@@ -25,6 +25,11 @@ class RaftConfig:
     # Committed entries handed out per Ready (at least one): bounds the work of one Ready,
     # e.g. when a restarted node replays a long log.
     max_committed_size_per_ready_bytes: int = 8 << 20
+    # A snapshot sent and neither reported delivered or failed (`RawNode.report_snapshot`)
+    # nor answered is sent again after this many ticks (0: two election timeouts). A
+    # transport that always reports, as the server's does, can afford a long one: a large
+    # snapshot takes longer than two election timeouts to travel.
+    snapshot_timeout_ticks: int = 0
     # The state machine's applied index on restart: committed entries up to it are not
     # handed out again.
     applied: int = 0
@@ -53,5 +58,7 @@ class RaftConfig:
             raise ValueError("max_uncommitted_entries_bytes must be >= 1")
         if self.max_committed_size_per_ready_bytes < 1:
             raise ValueError("max_committed_size_per_ready_bytes must be >= 1")
+        if self.snapshot_timeout_ticks < 0:
+            raise ValueError("snapshot_timeout_ticks must be >= 0")
         if self.applied < 0:
             raise ValueError(f"applied must be >= 0, got {self.applied}")
