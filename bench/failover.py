@@ -113,8 +113,15 @@ async def run_fault(
 
 # --- running the comparison -----------------------------------------------------------------
 
+def client_config(args: argparse.Namespace) -> ClientConfig:
+    """The client's defaults unless told otherwise: what an untuned application sees."""
+    if args.attempt_timeout_ms is None:
+        return ClientConfig()
+    return ClientConfig(attempt_timeout_s=args.attempt_timeout_ms / 1000)
+
+
 def make_systems(fault: str, base: Path, args: argparse.Namespace) -> list[System]:
-    config = ClientConfig(attempt_timeout_s=args.attempt_timeout_ms / 1000, timeout_s=5.0)
+    config: ClientConfig = args.client_config
     systems: list[System] = [
         KvstoreSystem(base / f"kvstore-{fault}", config, proxies=fault == "isolate")
     ]
@@ -146,8 +153,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--faults", default="kill,term,pause", help=f"from {','.join(FAULTS)}")
     parser.add_argument("--compare", choices=["etcd"], help="also run three-node etcd")
     parser.add_argument("--writers", type=int, default=8, help="concurrent writers")
-    parser.add_argument("--attempt-timeout-ms", type=float, default=100.0,
-                        help="per-attempt timeout of both clients (default 100)")  # fmt: skip
+    parser.add_argument("--attempt-timeout-ms", type=float, default=None,
+                        help="per-attempt timeout of both clients (default: the kvstore "
+                             "client's default, ClientConfig.attempt_timeout_s)")  # fmt: skip
     parser.add_argument("--pause-s", type=float, default=2.0, help="SIGSTOP/isolation length")
     parser.add_argument("--settle-s", type=float, default=0.5, help="load before each fault")
     parser.add_argument("--post-s", type=float, default=0.5,
@@ -212,10 +220,16 @@ def main(argv: list[str] | None = None) -> int:
         return _plot_from(args.plot_from, png or output_path(None, "failover.png"))
     run = RunInfo(argv)
     args.run = run
+    args.client_config = client_config(args)
     scratch = ScratchDir(args.base_dir, keep=args.keep, prefix="kvfailover-")
+    attempt = (
+        f"attempt timeout {args.attempt_timeout_ms:.0f} ms"
+        if args.attempt_timeout_ms is not None
+        else "the client's default ClientConfig"
+    )
     print(
-        f"failover benchmark: {run.describe()}; {args.writers} writers, attempt timeout "
-        f"{args.attempt_timeout_ms:.0f} ms; data and logs under {scratch.path}",
+        f"failover benchmark: {run.describe()}; {args.writers} writers, {attempt}; "
+        f"data and logs under {scratch.path}",
         flush=True,
     )
     try:

@@ -8,6 +8,7 @@ import math
 import random
 import sys
 from dataclasses import asdict
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,12 @@ def write_json(results: list[dict[str, Any]], args: argparse.Namespace, path: Pa
             "compare": args.compare,
             "writers": args.writers,
             "attempt_timeout_ms": args.attempt_timeout_ms,
+            # The ClientConfig every kvstore writer used (the defaults unless
+            # --attempt-timeout-ms); etcd's writers use its attempt timeout and deadline.
+            "client_config": {
+                name: str(value) if isinstance(value, StrEnum) else value
+                for name, value in asdict(args.client_config).items()
+            },
             "pause_s": args.pause_s,
             "settle_s": args.settle_s,
             "post_s": args.post_s,

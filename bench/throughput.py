@@ -49,6 +49,7 @@ from etcdcluster import EtcdCluster, etcd_binary, etcd_status
 from runinfo import RunInfo, ScratchDir, output_path
 from stats import percentile
 
+from kvstore.request_id import RequestId
 from kvstore.server.localcluster import LocalCluster
 
 KEY_BYTES = 16
@@ -157,7 +158,8 @@ async def _worker(
                 status, body = await _get(session, target, read_url, key, workload.stale)
             else:
                 key = f"{worker:05d}-{seq:010d}"[:KEY_BYTES].ljust(KEY_BYTES, "k")
-                status, body = await _put(session, target, key, value, f"{client_id}:{seq}")
+                request = str(RequestId(client_id, seq))
+                status, body = await _put(session, target, key, value, request)
         except (aiohttp.ClientError, TimeoutError) as exc:
             errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
             continue

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kvstore.client import Client, ClientConfig, KeyValue, NodeStatus
+from kvstore.client.config import Consistency
 from kvstore.errors import (
     ClusterError,
     KVStoreError,
@@ -77,6 +78,9 @@ def timeout_arg(text: str) -> float:
     return seconds
 
 
+CONSISTENCIES = tuple(consistency.value for consistency in Consistency)
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the client subcommands to the `kvstore` command."""
     common = argparse.ArgumentParser(add_help=False)
@@ -86,8 +90,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=os.environ.get(ENDPOINTS_ENV, DEFAULT_ENDPOINTS),
         help=f"comma-separated client URLs (default: ${ENDPOINTS_ENV} or {DEFAULT_ENDPOINTS})",
     )
+    defaults = ClientConfig()  # the one place the client's defaults are written
     common.add_argument(
-        "--timeout", type=timeout_arg, default=5.0, help="deadline per call, seconds"
+        "--timeout",
+        type=timeout_arg,
+        default=defaults.timeout_s,
+        help="deadline per call, seconds (default %(default)s)",
     )
     common.add_argument(
         "-o",
@@ -100,7 +108,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     get = subparsers.add_parser("get", parents=[common], help="read a key")
     get.add_argument("key")
-    get.add_argument("--consistency", choices=("linearizable", "stale"), default="linearizable")
+    get.add_argument(
+        "--consistency", choices=CONSISTENCIES, default=defaults.read_consistency.value
+    )
     get.add_argument("--raw", action="store_true", help="print the value without a newline")
     get.set_defaults(handler=_handle(_get))
 
@@ -128,7 +138,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     listing.add_argument("prefix", nargs="?", default="")
     listing.add_argument("--limit", type=int)
     listing.add_argument("--keys-only", action="store_true")
-    listing.add_argument("--consistency", choices=("linearizable", "stale"), default="linearizable")
+    listing.add_argument(
+        "--consistency", choices=CONSISTENCIES, default=defaults.read_consistency.value
+    )
     listing.set_defaults(handler=_handle(_list))
 
     status = subparsers.add_parser("status", parents=[common], help="status of every endpoint")

@@ -94,6 +94,13 @@ class ProposalDroppedError(RaftError):
     code = "proposal_dropped"
 
 
+class ConfChangeRefusedError(RaftError):
+    """A membership change cannot be made now or at all (one already in flight, an invalid
+    change, a learner not caught up); nothing was changed."""
+
+    code = "conf_change_refused"
+
+
 class CompactedError(RaftError):
     """The requested log index has been compacted into a snapshot."""
 
@@ -305,6 +312,7 @@ class ProtocolError(KVStoreError):
 HTTP_STATUS: Mapping[type[KVStoreError], int] = {
     KVStoreError: 500,
     ProposalDroppedError: 503,
+    ConfChangeRefusedError: 409,
     ResourceExhaustedError: 503,
     DiskFullError: 507,
     ClusterError: 503,

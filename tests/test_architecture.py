@@ -146,6 +146,7 @@ COMPONENTS: Mapping[str, str] = {
     "kvstore.request_id": "request_id",
     "kvstore.raft.types": "raft.types",
     "kvstore.raft.storage": "raft.types",  # the Storage Protocol, written in raft.types terms
+    "kvstore.raft.confchange": "raft.types",  # membership changes as plain values
     "kvstore.raft": "raft",
     "kvstore.codec": "codec",
     "kvstore.kv": "kv",

@@ -1,7 +1,7 @@
 """Workloads for chaos drills: client processes that record what they asked and what came back.
 
-Each logical process runs one operation at a time and records it in the history format of the
-design notes (§5): `invoke` before the first attempt, `return` after the final answer (the
+Each logical process runs one operation at a time and records it in the history format of
+kvstore/verify/history.py: `invoke` before the first attempt, `return` after the final answer (the
 client library's retries happen inside one operation), `return: None` when the outcome is
 unknown (after which the process continues under a new process id), `ok: False` for a definite
 failure that did not take effect.
@@ -52,7 +52,7 @@ WORKLOADS = ("register", "counter", "append")
 
 @dataclass(slots=True)
 class History:
-    """Operations in the design notes' format, in the order they completed."""
+    """Operations in kvstore/verify/history.py's format, in the order they completed."""
 
     operations: list[dict[str, Any]] = field(default_factory=list)
     _next_process: itertools.count[int] = field(default_factory=lambda: itertools.count(0))

@@ -32,8 +32,18 @@ class ClientConfig:
     # safety net against hot loops; with the back-off below the deadline is what binds.
     max_attempts: int = 50
     # The longest single attempt; a hung node (SIGSTOP, partition) costs at most this much
-    # before the call moves on to another replica. Always clipped to the time left.
+    # before the call moves on to another replica. Always clipped to the time left. A frozen
+    # leader rarely costs that much: see leader_probe_after_s.
     attempt_timeout_s: float = 1.0
+    # An attempt with no answer after this long asks the other nodes who leads (GET /healthz:
+    # every answer names the leader), again every leader_probe_interval_s while it waits; as
+    # soon as one names a leader other than the node waited on, the attempt is abandoned and
+    # the call goes there (a write keeps its request id, so it still applies once). A frozen
+    # leader then costs about one election instead of attempt_timeout_s; a slow but live
+    # leader, which the others still name, is waited for. One probe round at a time per
+    # client, shared by all its waiting calls.
+    leader_probe_after_s: float = 0.1
+    leader_probe_interval_s: float = 0.05
     # The longest single attempt of a stale read (any node answers from what it applied, in
     # well under a millisecond when it runs): with two of three nodes frozen, a stale read
     # waited 2 x attempt_timeout_s before reaching the live one.

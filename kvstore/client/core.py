@@ -14,6 +14,12 @@ injected `Transport`, governed by the pure `RetryPolicy` (kvstore.client.retry):
   applied write with the first answer instead of applying it twice. `Kvstore-Acked-Below`
   is the lowest seq still awaiting its answer, so the cluster may forget older answers.
 - **Circuit breakers** per endpoint skip a replica that keeps failing at the transport level.
+- **Failover without waiting out timeouts.** A node that does not answer (refused, reset) is
+  left for another node at once, and a hint naming a node that already failed in this call
+  is not followed. An attempt with no answer after `leader_probe_after_s` asks the other
+  nodes who leads (`_LeaderProbe`, one round at a time per client); as soon as one names
+  another leader, the attempt is abandoned and the call goes there. So a frozen leader
+  (SIGSTOP, a hung disk) costs an application about one election, not the attempt timeout.
 
 Errors are the types of kvstore.errors. A call that gives up raises:
 - `UnavailableError` when no node could be reached at all (every attempt failed to connect:
@@ -38,10 +44,12 @@ import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from urllib.parse import quote
 
 from kvstore.client.config import ClientConfig, Consistency
+from kvstore.client.probe import LeaderProbe, normalize_url
 from kvstore.client.responses import FailedAttempt, classify_failure, parse_node_status
 from kvstore.client.results import (
     ClientStats,
@@ -66,6 +74,7 @@ from kvstore.errors import (
     BadRequestError,
     DeadlineExceededError,
     KVStoreError,
+    NotLeaderError,
     ProtocolError,
     UnavailableError,
 )
@@ -97,6 +106,14 @@ class _Call:
 
 
 @dataclass(frozen=True, slots=True)
+class _LeaderMoved:
+    """An attempt abandoned: no answer for `waited_s` while another node names a leader."""
+
+    leader_url: str
+    waited_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class _Answer:
     """A successful attempt: who answered, and the answer."""
 
@@ -120,13 +137,6 @@ class _Counters:
     def __init__(self) -> None:
         self.calls = self.attempts = self.retries = self.redirects = 0
         self.leader_changes = self.failures = self.deadline_exceeded = 0
-
-
-def _normalize_url(url: str) -> str:
-    url = url.strip().rstrip("/")
-    if "://" not in url:
-        url = "http://" + url
-    return url
 
 
 def _key_path(key: str) -> str:
@@ -170,7 +180,7 @@ class Client:
         if timeout_s is not None:
             config = replace(config, timeout_s=timeout_s)
         self.config = config
-        self.endpoints: tuple[str, ...] = tuple(dict.fromkeys(map(_normalize_url, endpoints)))
+        self.endpoints: tuple[str, ...] = tuple(dict.fromkeys(map(normalize_url, endpoints)))
         # The session table on the servers is keyed by this; random per instance.
         self.client_id = check_client_id(client_id) if client_id else secrets.token_hex(8)
         self._clock: Clock = clock or time.monotonic
@@ -190,6 +200,7 @@ class Client:
         self._next_seq = 1
         self._inflight: set[int] = set()
         self._counters = _Counters()
+        self._probe = LeaderProbe(self._transport, self.endpoints, config, self._clock)
         self._closed = False
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -203,6 +214,7 @@ class Client:
     async def close(self) -> None:
         """Close the pooled HTTP session. Calls after close raise RuntimeError."""
         self._closed = True
+        await self._probe.close()
         await self._transport.close()
 
     # --- observability --------------------------------------------------------------------
@@ -348,7 +360,7 @@ class Client:
         self, endpoint: str | None = None, *, timeout_s: float | None = None
     ) -> NodeStatus:
         """`GET /v1/status` of `endpoint`, or of whichever node answers (the leader first)."""
-        pinned = None if endpoint is None else _normalize_url(endpoint)
+        pinned = None if endpoint is None else normalize_url(endpoint)
         call = _Call("status", "GET", "/v1/status", pinned_endpoint=pinned)
         answer = await self._run(call, timeout_s)
         return parse_node_status(answer.endpoint, _json_object(answer.response))
@@ -393,8 +405,11 @@ class Client:
         # Whether any attempt reached a node (an HTTP answer, or a request that may have
         # been sent): if none did, the cluster is unreachable rather than slow.
         reached = False
+        # Endpoints that did not answer in this call: avoided, and their hints not followed.
+        down: set[str] = set()
+        distrusted: set[str] = set()
         while True:
-            endpoint = call.pinned_endpoint or hint or self._choose_endpoint()
+            endpoint = call.pinned_endpoint or hint or self._choose_endpoint(avoid=down)
             attempt_timeout_s = budget.start_attempt(
                 self.config.stale_attempt_timeout_s if call.any_node else None
             )
@@ -404,13 +419,24 @@ class Client:
                 return outcome
             maybe_applied = maybe_applied or outcome.maybe_applied
             reached = reached or not _connect_failure(outcome.error)
-            decision = budget.decide(outcome.failure)
+            failure = outcome.failure
+            if failure.kind is FailureKind.NODE_DOWN:
+                down.add(endpoint)
+            elif failure.kind is FailureKind.NOT_LEADER and failure.leader_url in down:
+                if failure.leader_url in distrusted:
+                    # Named again after a back-off: it may lead by now (a cluster starting).
+                    down.discard(failure.leader_url)
+                else:
+                    # A live node still names the leader that just failed us: it has not
+                    # noticed yet. Not followed (a hot loop between the two): back off.
+                    distrusted.add(failure.leader_url)
+                    failure = Failure(FailureKind.TRANSIENT, "stale_hint", failure.retry_after_s)
+            decision = budget.decide(failure)
             if not decision.retry:
                 error = self._give_up(
                     call, budget, decision, outcome.error, maybe_applied, reached=reached
                 )
                 raise error from (None if error is outcome.error else outcome.error)
-            failure = outcome.failure
             hint = failure.leader_url if failure.kind is FailureKind.NOT_LEADER else None
             self._note_retry(call, endpoint, budget, failure, decision)
             if decision.delay_s > 0:
@@ -423,17 +449,25 @@ class Client:
         breaker = self._breaker(endpoint)
         breaker.before_call()
         try:
-            response = await self._transport.request(
-                endpoint, call.method, call.path, query=call.query,
-                headers=self._headers(call, seq), body=call.body, timeout_s=timeout_s,
-            )  # fmt: skip
+            response = await self._exchange(call, seq, endpoint, timeout_s)
         except TransportError as exc:
             breaker.record_failure()
             if self._leader_url == endpoint:
                 self._set_leader(None)
             reason = "timeout" if exc.timed_out else "transport"
-            failure = Failure(FailureKind.TRANSIENT, reason)
+            failure = Failure(FailureKind.NODE_DOWN, reason)
             return FailedAttempt(failure, exc, maybe_applied=call.is_write and exc.maybe_sent)
+        if isinstance(response, _LeaderMoved):
+            # Abandoned: the node did not answer while another names a new leader.
+            breaker.record_failure()
+            self._set_leader(response.leader_url)
+            error = NotLeaderError(
+                f"{endpoint}: no answer in {response.waited_s:.3f}s while another node names "
+                f"{response.leader_url} as the leader",
+                leader_url=response.leader_url,
+            )
+            failure = Failure(FailureKind.NOT_LEADER, "leader_moved", None, response.leader_url)
+            return FailedAttempt(failure, error, maybe_applied=call.is_write)
         breaker.record_success()
         self._learn_leader(response)
         if response.status < 300:
@@ -442,6 +476,42 @@ class Client:
         if not call.is_write:
             failed = replace(failed, maybe_applied=False)
         return failed
+
+    async def _exchange(
+        self, call: _Call, seq: int, endpoint: str, timeout_s: float
+    ) -> HttpResponse | _LeaderMoved:
+        """The attempt's request; past `leader_probe_after_s` without an answer, the other
+        nodes are asked who leads until it answers (then its answer) or one of them names
+        another leader (then `_LeaderMoved`, and the request is cancelled)."""
+        request = self._transport.request(
+            endpoint, call.method, call.path, query=call.query,
+            headers=self._headers(call, seq), body=call.body, timeout_s=timeout_s,
+        )  # fmt: skip
+        config = self.config
+        if (
+            call.pinned_endpoint is not None
+            or call.any_node
+            or len(self.endpoints) < 2
+            or config.leader_probe_after_s >= timeout_s
+        ):
+            return await request
+        started = self._clock()
+        task = asyncio.ensure_future(request)
+        try:
+            done, _ = await asyncio.wait((task,), timeout=config.leader_probe_after_s)
+            while not done:
+                leader = await self._probe.named_leader(besides=endpoint, answered=task)
+                if task.done():
+                    break
+                if leader is not None:
+                    return _LeaderMoved(leader, self._clock() - started)
+                done, _ = await asyncio.wait((task,), timeout=config.leader_probe_interval_s)
+            return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                with suppress(asyncio.CancelledError, TransportError):
+                    await task
 
     def _headers(self, call: _Call, seq: int) -> Mapping[str, str] | None:
         if not call.is_write:
@@ -506,18 +576,20 @@ class Client:
             breaker = self._breakers[endpoint] = CircuitBreaker(self.config, clock=self._clock)
         return breaker
 
-    def _choose_endpoint(self) -> str:
-        """The leader if known and not broken, else the next endpoint whose breaker allows."""
+    def _choose_endpoint(self, avoid: set[str] | frozenset[str] = frozenset()) -> str:
+        """The leader if known and not broken, else the next endpoint whose breaker allows;
+        endpoints in `avoid` (they did not answer in this call) only when no other is left."""
         leader = self._leader_url
-        if leader is not None and self._breaker(leader).allows():
+        if leader is not None and leader not in avoid and self._breaker(leader).allows():
             return leader
         count = len(self.endpoints)
-        for step in range(count):
-            index = (self._round_robin + step) % count
-            endpoint = self.endpoints[index]
-            if endpoint != leader and self._breaker(endpoint).allows():
-                self._round_robin = (index + 1) % count
-                return endpoint
+        for skip in (avoid, frozenset()):
+            for step in range(count):
+                index = (self._round_robin + step) % count
+                endpoint = self.endpoints[index]
+                if endpoint != leader and endpoint not in skip and self._breaker(endpoint).allows():
+                    self._round_robin = (index + 1) % count
+                    return endpoint
         # Every breaker is open: probe the one whose cool-down ends first.
         return min(self.endpoints, key=lambda endpoint: self._breaker(endpoint).reopens_at())
 
@@ -525,7 +597,7 @@ class Client:
         if "kvstore-leader" not in response.headers:
             return
         named = response.headers["kvstore-leader"].strip()
-        self._set_leader(_normalize_url(named) if named else None)
+        self._set_leader(normalize_url(named) if named else None)
 
     def _set_leader(self, url: str | None) -> None:
         if url == self._leader_url:

@@ -10,8 +10,11 @@ The rules, in order:
 - a failure that cannot succeed on retry (400, 404, 412, 413, ...) ends the call;
 - a not-leader answer with a hint is followed at once (no back-off), up to
   `immediate_redirects_max` hints in a row, after which hints are treated as stale;
-- any other transient failure (refused or reset connection, timeout, 503, 429, 504,
-  no leader yet) sleeps `uniform(0, min(cap, base * 2**n))` (full jitter, AWS architecture
+- a node that did not answer (refused or reset connection, timeout) is left for another
+  node at once, the first time in a row: a dead leader's in-flight calls move without a
+  back-off; from the second such failure in a row on, it backs off like the rest;
+- any other transient failure (503, 429, 504, no leader yet, a second dead node in a row)
+  sleeps `uniform(0, min(cap, base * 2**n))` (full jitter, AWS architecture
   blog "Exponential Backoff and Jitter"), or the server's Retry-After if that is longer;
 - the call stops when its attempts are used up, or when the next attempt could not start
   before the deadline.
@@ -39,6 +42,9 @@ class FailureKind(enum.Enum):
     NOT_LEADER = "not_leader"
     # May succeed later or elsewhere: back off, then try again.
     TRANSIENT = "transient"
+    # The node did not answer (refused, reset, timed out): another node at once, once in a
+    # row; then as TRANSIENT.
+    NODE_DOWN = "node_down"
     # Cannot succeed on retry: the call ends with this error.
     PERMANENT = "permanent"
 
@@ -106,6 +112,7 @@ class CallBudget:
         self.attempts = 0
         self.backoffs = 0
         self._redirects_in_a_row = 0
+        self._nodes_down_in_a_row = 0
 
     def remaining_s(self) -> float:
         return max(0.0, self.deadline - self._policy.clock())
@@ -131,12 +138,18 @@ class CallBudget:
             return Decision(Verdict.GIVE_UP_ATTEMPTS)
         if self.expired():
             return Decision(Verdict.GIVE_UP_DEADLINE)
-        if failure.kind is FailureKind.NOT_LEADER and failure.leader_url:
+        # Both counts run across each other (a dead leader and a node still naming it would
+        # otherwise alternate without end); any other failure resets them.
+        if failure.kind is FailureKind.NODE_DOWN:
+            self._nodes_down_in_a_row += 1
+            if self._nodes_down_in_a_row == 1:
+                return Decision(Verdict.RETRY, 0.0)
+        elif failure.kind is FailureKind.NOT_LEADER and failure.leader_url:
             self._redirects_in_a_row += 1
             if self._redirects_in_a_row <= config.immediate_redirects_max:
                 return Decision(Verdict.RETRY, 0.0)
         else:
-            self._redirects_in_a_row = 0
+            self._redirects_in_a_row = self._nodes_down_in_a_row = 0
         delay = self._policy.backoff_s(self.backoffs)
         if failure.retry_after_s is not None:
             delay = max(delay, min(failure.retry_after_s, config.retry_after_max_s))

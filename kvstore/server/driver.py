@@ -253,11 +253,16 @@ class Driver:
                 f"{self.pending.count} writes pending", retry_after_s=_RETRY_AFTER_S
             )
 
-    async def wait_out_handover(self) -> None:
-        """While this node hands leadership over (a graceful shutdown), hold a request until
-        the new leader is known, so the answer names it (`Handover.wait_out`). Returns at
-        once without a handover."""
-        await self.handover.wait_out()
+    def leader_pending(self) -> bool:
+        """No request can be served here now, but a leader is about to be known: a graceful
+        shutdown's handover is under way, or this node knows no leader (an election is under
+        way, e.g. the leader's process died a few milliseconds ago); `Handover`."""
+        return self.handover.leader_pending()
+
+    async def wait_for_leader(self) -> None:
+        """While `leader_pending()`, hold a request until a leader is known (at most one
+        election timeout), so the answer names it (`Handover.wait_for_leader`)."""
+        await self.handover.wait_for_leader()
 
     async def hand_over(self, target: int, timeout_s: float) -> bool:
         """Transfer leadership to `target` (a graceful shutdown, dissertation §3.10) and wait

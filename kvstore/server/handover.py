@@ -7,7 +7,9 @@ what the server does around it.
 - A request that reaches the node meanwhile is held until a leader other than this node is
   known (at most one election timeout), so its answer names the new leader (not_leader with
   its URL, which the client follows at once) instead of no_leader, which sends the client
-  into back-off.
+  into back-off. The same hold serves a node that knows no leader at all (an election is
+  under way: the leader's process died a few milliseconds ago), with or without a handover:
+  its answer then names the winner, or it serves the request itself if it won (issue 15).
 - A transfer that fails or times out resets `active`, so the node answers as any leader
   again.
 
@@ -42,19 +44,25 @@ class Handover:
         # (role, leader id) as the driver last learned them from a Ready.
         self._leadership = leadership
         self.active = False
-        # Requests held until the new leader is known (`wait_out`).
+        # Requests held until a leader is known (`wait_for_leader`).
         self.waiters: list[asyncio.Future[None]] = []
 
     def _other_leader_known(self) -> bool:
         return self._leadership()[1] not in (NONE, self._node_id)
 
-    async def wait_out(self) -> None:
-        """Hold a request while a handover is under way, until a leader other than this
-        node is known or one election timeout has passed; at once without a handover."""
-        if not self.active:
-            return
+    def leader_pending(self) -> bool:
+        """No request can be served here now, but a leader is about to be known: a handover
+        is under way and no other leader is known yet, or no leader is known at all."""
+        if self.active:
+            return not self._other_leader_known()
+        role, leader_id = self._leadership()
+        return leader_id == NONE and role is not Role.LEADER
+
+    async def wait_for_leader(self) -> None:
+        """Hold a request while `leader_pending()`, until a leader is known or one election
+        timeout has passed; at once when a leader is known."""
         deadline = self._loop.time() + self._election_timeout_s
-        while self.active and not self._other_leader_known():
+        while self.leader_pending():
             left = deadline - self._loop.time()
             if left <= 0:
                 return
@@ -67,9 +75,9 @@ class Handover:
                     self.waiters.remove(waiter)
 
     def on_leader(self, leader_id: int) -> None:
-        """The driver learned of leader `leader_id`: release the held requests if it is
-        another node."""
-        if self.waiters and leader_id not in (NONE, self._node_id):
+        """The driver learned of leader `leader_id`: release the held requests, each of
+        which looks again whether the leader it waits for is known."""
+        if self.waiters and leader_id != NONE:
             waiters, self.waiters = self.waiters, []
             resolve_all(waiters)
 

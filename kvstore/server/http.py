@@ -364,7 +364,8 @@ class HttpApi:
     async def put_key(self, request: web.BaseRequest) -> web.Response:
         key = self._key(request)
         if_revision, create_only = self._conditions(request)
-        await self.driver.wait_out_handover()
+        if self.driver.leader_pending():
+            await self.driver.wait_for_leader()
         self.driver.check_writable()
         value = await self._body(request)
         request_id, acked_below, server_made = self._request_id(request)
@@ -401,7 +402,8 @@ class HttpApi:
         if_revision, create_only = self._conditions(request)
         if create_only:
             raise BadRequestError("If-None-Match makes no sense on DELETE")
-        await self.driver.wait_out_handover()
+        if self.driver.leader_pending():
+            await self.driver.wait_for_leader()
         self.driver.check_writable()
         request_id, acked_below, server_made = self._request_id(request)
         try:
@@ -435,6 +437,8 @@ class HttpApi:
         consistency = _query(request).get("consistency", "linearizable")
         if consistency == "linearizable":
             if not self.config.unsafe_local_reads:
+                if self.driver.leader_pending():
+                    await self.driver.wait_for_leader()
                 await self.driver.read_barrier()
         elif consistency != "stale":
             raise BadRequestError("consistency must be linearizable or stale")

@@ -264,3 +264,34 @@ def test_a_probe_that_never_reports_does_not_block_forever() -> None:
     breaker.before_call()  # the probe's call is then cancelled: no success or failure
     clock.now += 1.5
     assert breaker.allows()
+
+
+def test_a_node_that_did_not_answer_is_left_at_once_the_first_time_in_a_row() -> None:
+    """Issue 15: a dead leader's in-flight calls move to another node without a back-off;
+    a second dead node in a row backs off as any transient failure, and an answer in
+    between (here a 503) starts the count again."""
+    policy, _ = make_policy(TopOfRange(), backoff_base_s=0.01, backoff_cap_s=0.1)
+    budget = policy.begin()
+    node_down = Failure(FailureKind.NODE_DOWN, "transport")
+    delays = []
+    for failure in (node_down, node_down, node_down, TRANSIENT, node_down):
+        budget.start_attempt()
+        decision = budget.decide(failure)
+        assert decision.verdict is Verdict.RETRY
+        delays.append(decision.delay_s)
+    assert delays == pytest.approx([0.0, 0.01, 0.02, 0.04, 0.0])
+
+
+def test_a_dead_node_and_a_hint_naming_it_do_not_alternate_without_back_off() -> None:
+    policy, _ = make_policy(TopOfRange(), immediate_redirects_max=3, backoff_base_s=0.01)
+    budget = policy.begin()
+    hint = Failure(FailureKind.NOT_LEADER, "not_leader", leader_url="http://n1")
+    node_down = Failure(FailureKind.NODE_DOWN, "transport")
+    delays = []
+    for failure in (hint, node_down) * 4:
+        budget.start_attempt()
+        delays.append(budget.decide(failure).delay_s)
+    assert delays[:3] == [0.0, 0.0, 0.0]
+    # At most immediate_redirects_max hints and one dead node go without a back-off.
+    assert sum(1 for delay in delays if delay == 0) <= 3 + 1, delays
+    assert all(delay > 0 for delay in delays[-3:]), delays

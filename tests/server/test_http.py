@@ -327,6 +327,50 @@ async def test_a_handover_that_finds_no_new_leader_answers_within_an_election_ti
     assert response.status == 200, await response.text()
 
 
+async def test_a_write_to_a_node_that_knows_no_leader_waits_for_the_election(
+    harness: Harness,
+) -> None:
+    """Issue 15: a write reaching a node during an election (its leader's process just died,
+    so it knows no leader) is held until a leader is known and answered not_leader with its
+    URL, which the client follows at once; it used to answer no_leader with a 50 ms
+    Retry-After, and the client slept through the end of the election."""
+    driver = harness.driver
+    driver._peer_url = lambda peer: "http://127.0.0.1:7002" if peer == 2 else None  # type: ignore[method-assign]
+    driver.role, driver.leader_id = Role.FOLLOWER, 0
+    try:
+        put = asyncio.ensure_future(
+            harness.client.put("/v1/kv/election", data=b"x", allow_redirects=False)
+        )
+        read = asyncio.ensure_future(harness.client.get("/v1/kv/election"))
+        await _until(lambda: len(driver.handover.waiters) == 2)
+        assert not put.done() and not read.done()
+        driver._on_soft_state(2, Role.FOLLOWER)  # node 2 won the election
+        response = await put
+        assert response.status == 307, await response.text()
+        assert response.headers["Location"] == "http://127.0.0.1:7002/v1/kv/election"
+        assert (await response.json())["error"]["code"] == "not_leader"
+    finally:
+        driver._on_soft_state(1, Role.LEADER)
+    await read  # forwarded to the ReadIndex path once a leader is known; its answer varies
+
+
+@pytest.mark.parametrize("harness", [{"election_ticks": 20}], indirect=True)
+async def test_the_wait_for_a_leader_is_bounded_by_an_election_timeout(
+    harness: Harness,
+) -> None:
+    """With no leader at all, the write is held one election timeout (20 ticks of 1 ms
+    here), then answered 503 no_leader with a retry hint, and nothing waits any more."""
+    driver = harness.driver
+    driver.role, driver.leader_id = Role.FOLLOWER, 0
+    try:
+        response = await harness.client.put("/v1/kv/nobody", data=b"x")
+        assert response.status == 503, await response.text()
+        assert (await response.json())["error"]["code"] == "no_leader"
+        assert driver.handover.waiters == []
+    finally:
+        driver._on_soft_state(1, Role.LEADER)
+
+
 async def test_a_follower_with_a_full_disk_sends_writes_to_the_leader(harness: Harness) -> None:
     """A write reaching a follower whose own disk is full goes to the leader (who may well
     have space), not back to the client as 507, which the client does not retry."""
