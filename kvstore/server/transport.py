@@ -15,6 +15,11 @@ frame of a snapshot stream (kvstore/server/snapshot_stream.py: its payloads star
 byte that no encoded message starts with; the follower's ACK goes on its own connection to
 the leader).
 
+With TLS on the peer port (kvstore/server/tls.py) the dial is a TLS connection and an
+inbound connection is upgraded with `start_tls` once it has passed the connection bounds, both
+within the handshake's time; each end checks that the other's certificate names the member
+it claims to be before answering, and the handshake above then runs inside TLS.
+
 Rules that hold here:
 - Nothing from a connection counts before its handshake has completed, the peer's proof of
   the cluster secret included: no Raft frame is read from it, no client URL is learnt from
@@ -70,6 +75,7 @@ import contextlib
 import logging
 import random
 import socket
+import ssl
 import struct
 import time
 import zlib
@@ -88,6 +94,7 @@ from kvstore.server.snapshot_stream import (
     SnapshotStreams,
     is_stream_payload,
 )
+from kvstore.server.tls import TlsContexts, check_peer_identity
 
 logger = logging.getLogger("kvstore.server")
 
@@ -235,6 +242,7 @@ class PeerTransport:
         on_message: Callable[[Message], None],
         on_peer_down: Callable[[int], None],
         cluster_secret: bytes = b"",
+        tls: TlsContexts | None = None,
         on_peer_url: Callable[[int, str], None] | None = None,
         on_snapshot_status: Callable[[int, bool], None] | None = None,
         queue_frames_max: int = 8192,
@@ -264,6 +272,9 @@ class PeerTransport:
         }
         # The key of the handshake's proofs (kvstore/server/peerauth.py); b"" proves nothing.
         self._secret = cluster_secret
+        # Mutual TLS on this port (kvstore/server/tls.py): contexts read at each connection,
+        # so a reload applies to the next one.
+        self._tls = tls
         self._on_message = on_message
         self._on_peer_down = on_peer_down
         self._on_peer_url = on_peer_url
@@ -381,6 +392,15 @@ class PeerTransport:
             try:
                 reader, writer = await self._dial(peer)
             except (OSError, ProtocolError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                if isinstance(exc, ProtocolError | ssl.SSLError):
+                    # The peer answered but did not authenticate (or refused us): a setting
+                    # differs (secret, certificate, CA), or it is not our peer at all.
+                    self._log.warning(
+                        "peer_dial_rejected",
+                        "event=peer_dial_rejected peer=%s error=%r",
+                        peer.id,
+                        str(exc)[:200],
+                    )
                 logger.debug("event=dial_failed peer=%s error=%r", peer.id, exc)
                 if peer.probe is not None and isinstance(exc, _GONE_ERRORS):
                     self._peer_gone(peer, "redial_refused")
@@ -415,9 +435,14 @@ class PeerTransport:
         # and the first one after the heal must not wait behind it for long. A peer that has
         # not answered within dead_after_s would count as dead on an open connection too.
         async with asyncio.timeout(min(self._handshake_timeout_s, self._dead_after_s)):
-            reader, writer = await asyncio.open_connection(host, port)
+            context = None if self._tls is None else self._tls.peer_dial
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=context, server_hostname=host if context else None
+            )
             try:
                 _tune_socket(writer, self._user_timeout_ms)
+                if context is not None:
+                    check_peer_identity(writer.get_extra_info("peercert"), peer.id, peer.address)
                 hello = peerauth.new_hello(
                     cluster_id=self.cluster_id,
                     node_id=self.node_id,
@@ -591,6 +616,9 @@ class PeerTransport:
         watchdog: asyncio.Task[None] | None = None
         try:
             async with asyncio.timeout(self._handshake_timeout_s):
+                if self._tls is not None and self._tls.peer_server is not None:
+                    # After the connection bounds above, within the handshake's time.
+                    await writer.start_tls(self._tls.peer_server)
                 hello = await self._accept_handshake(reader, writer)
             peer_id = hello.node_id
             peer = self._peers[peer_id]
@@ -607,7 +635,7 @@ class PeerTransport:
             heard = [loop.time()]
             watchdog = loop.create_task(self._watch_inbound(peer_id, writer, heard))
             await self._read_messages(peer_id, reader, heard)
-        except ProtocolError as exc:
+        except (ProtocolError, ssl.SSLError) as exc:
             self.frames_rejected += 1
             if not peer_id:
                 self.handshakes_failed += 1
@@ -713,6 +741,10 @@ class PeerTransport:
         the dialer's hello once it has proven the secret (see kvstore/server/peerauth.py)."""
         hello = peerauth.decode_handshake(await _read_frame(reader, HANDSHAKE_BYTES_MAX))
         self._check_handshake(hello, expected_id=None)
+        if self._tls is not None:
+            check_peer_identity(
+                writer.get_extra_info("peercert"), hello.node_id, self._peers[hello.node_id].address
+            )
         answer = peerauth.answer_to(
             hello,
             secret=self._secret,
