@@ -46,11 +46,8 @@ from kvstore.server.driver import Driver
 from kvstore.server.http import HttpApi
 from kvstore.server.leases import LeaseService
 from kvstore.server.metrics import NodeMetrics, NodeState
-<<<<<<< HEAD
 from kvstore.server.snapshot_stream import snapshot_file_opener
-=======
 from kvstore.server.tls import TlsContexts, contexts_from_config, install_sighup
->>>>>>> main
 from kvstore.server.transport import PeerTransport
 from kvstore.server.watch import WatchApi, WatchHub
 
