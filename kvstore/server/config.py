@@ -84,8 +84,8 @@ class ServeConfig:
     max_pending_proposals: int = 8192
     request_timeout_ms: int = 5000
     peer_queue_frames: int = 8192
-    # The peer port's bounds (kvstore/server/transport.py). A snapshot is sent as one frame,
-    # so peer_frame_bytes_max must exceed the largest snapshot (the whole key space).
+    # The peer port's bounds (kvstore/server/transport.py). A snapshot streams in chunks
+    # (snapshot_stream.py), so peer_frame_bytes_max bounds messages, not the store.
     peer_frame_bytes_max: int = 256 << 20
     peer_handshake_timeout_ms: int = 1000
     peer_connections_max: int = 64
@@ -303,7 +303,7 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("max_pending_proposals", int, "writes in flight before answering 429"),
     ("request_timeout_ms", int, "deadline of one request inside the node"),
     ("peer_queue_frames", int, "frames queued per peer before dropping"),
-    ("peer_frame_bytes_max", int, "largest peer frame accepted; must exceed the largest snapshot"),
+    ("peer_frame_bytes_max", int, "largest peer frame accepted (snapshots stream in smaller chunks)"),
     ("peer_handshake_timeout_ms", int, "time a peer connection has to complete its handshake"),
     ("peer_connections_max", int, "inbound peer connections at most"),
     ("peer_connections_per_source_max", int, "inbound peer connections from one address at most"),

@@ -46,6 +46,7 @@ from kvstore.server.driver import Driver
 from kvstore.server.http import HttpApi
 from kvstore.server.leases import LeaseService
 from kvstore.server.metrics import NodeMetrics, NodeState
+from kvstore.server.snapshot_stream import snapshot_file_opener
 from kvstore.server.tls import TlsContexts, contexts_from_config, install_sighup
 from kvstore.server.transport import PeerTransport
 from kvstore.server.watch import WatchApi, WatchHub
@@ -105,6 +106,9 @@ def tune_gc(metrics: NodeMetrics | None = None) -> None:
     gc.callbacks.append(on_gc)
 
 
+_SNAPSHOT_TIMEOUT_MS = 60_000
+
+
 def open_replica(config: ServeConfig) -> Any:
     """Open (recover) the data directory and build the Replica; raises StorageError."""
     from kvstore.replica import Replica
@@ -117,6 +121,11 @@ def open_replica(config: ServeConfig) -> Any:
         peers=tuple(sorted(config.peer_addresses)),
         election_ticks=config.election_ticks,
         heartbeat_ticks=config.heartbeat_ticks,
+        # The transport reports every snapshot stream's outcome (snapshot_stream.py); the
+        # core's own timeout is only a backstop, and must outlast a large transfer.
+        snapshot_timeout_ticks=max(
+            2 * config.election_ticks, _SNAPSHOT_TIMEOUT_MS // config.tick_interval_ms
+        ),
     )
     return Replica(
         raft_config,
@@ -199,6 +208,8 @@ class Node:
             connections_per_source_max=config.peer_connections_per_source_max,
             ping_interval_s=config.heartbeat_interval_s,
             dead_after_s=config.peer_dead_after_heartbeats * config.heartbeat_interval_s,
+            snapshot_directory=str(config.data_dir),
+            open_snapshot=snapshot_file_opener(str(config.data_dir)),
         )
         self.http = HttpApi(self.driver, config.cluster_id)
         self.leases = LeaseService(self.driver)
