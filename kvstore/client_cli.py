@@ -170,6 +170,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     coord_cli.register(subparsers, common)
 
+    from kvstore import member_cli
+
+    member_cli.register(subparsers, common)
+
 
 Action = Callable[[Client, argparse.Namespace], Awaitable[int]]
 

@@ -161,6 +161,7 @@ COMPONENTS: Mapping[str, str] = {
     "kvstore.testing": "testing",  # a local cluster for applications' tests
     "kvstore.client_cli": "cli",
     "kvstore.coord_cli": "cli",
+    "kvstore.member_cli": "cli",
     "kvstore.cli": "cli",
     "kvstore.__main__": "cli",
 }

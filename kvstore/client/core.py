@@ -476,6 +476,41 @@ class Client:
             )
         return tuple(infos)
 
+    # --- membership (docs/api.md, "Membership") ------------------------------------------
+
+    async def members(self, *, timeout_s: float | None = None) -> dict[str, object]:
+        """`GET /v1/members` of the leader (or whichever node answers): voters, learners,
+        removed ids and, from the leader, each member's lag."""
+        call = _Call("members", "GET", "/v1/members")
+        return _json_object((await self._run(call, timeout_s)).response)
+
+    async def promote_member(
+        self, member: int, *, timeout_s: float | None = None
+    ) -> dict[str, object]:
+        """Promote learner `member` to voter once caught up; the new member list."""
+        return await self._member_change("promote", member, timeout_s)
+
+    async def remove_member(
+        self, member: int, *, timeout_s: float | None = None
+    ) -> dict[str, object]:
+        """Remove `member` (its id is never used again); the new member list."""
+        return await self._member_change("remove", member, timeout_s)
+
+    async def transfer_leader(self, to: int, *, timeout_s: float | None = None) -> int:
+        """Hand leadership to voter `to`; the new leader's id."""
+        body = json.dumps({"to": to}).encode()
+        answered = await self._post("transfer_leader", "/v1/leader/transfer", body, timeout_s,
+                                    is_write=True)  # fmt: skip
+        return _int_field(_json_object(answered.response), "leader_id")
+
+    async def _member_change(
+        self, action: str, member: int, timeout_s: float | None
+    ) -> dict[str, object]:
+        body = json.dumps({"id": member}).encode()
+        answered = await self._post(f"member_{action}", f"/v1/members/{action}", body,
+                                    timeout_s, is_write=True)  # fmt: skip
+        return _json_object(answered.response)
+
     def lease(self, ttl_s: float, *, on_lost: OnLost | None = None) -> Lease:
         """A lease kept alive in the background: `async with kv.lease(5) as lease:`
         (kvstore.client.lease)."""

@@ -550,6 +550,8 @@ class HttpApi:
             "applied_index": self.driver.applied_index(),
             "last_index": status.last_index,
             "disk_full": self.driver.disk_full,
+            "voters": list(status.conf_state.voters),
+            "learners": list(status.conf_state.learners),
         }
         if self.config.unsafe_local_reads:
             document["unsafe_local_reads"] = True

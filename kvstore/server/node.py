@@ -45,6 +45,7 @@ from kvstore.server.discovery import split_host_port
 from kvstore.server.driver import Driver
 from kvstore.server.http import HttpApi
 from kvstore.server.leases import LeaseService
+from kvstore.server.membership import MembershipApi
 from kvstore.server.metrics import NodeMetrics, NodeState
 from kvstore.server.snapshot_stream import snapshot_file_opener
 from kvstore.server.tls import TlsContexts, contexts_from_config, install_sighup
@@ -215,6 +216,7 @@ class Node:
         self.leases = LeaseService(self.driver)
         self.watch_hub = WatchHub(self.driver)
         CoordinationApi(self.http, self.leases)
+        MembershipApi(self.http)
         WatchApi(self.http, self.watch_hub)
         self.metrics.bind_node(
             commit_index=lambda: self.driver.status().commit_index,

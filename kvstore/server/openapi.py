@@ -92,7 +92,10 @@ def openapi_document() -> dict[str, Any]:
             "version": "1",
             "description": "Raft-replicated key-value store",
         },
-        "paths": _key_value_paths() | _operations_paths() | _coordination_paths(),
+        "paths": _key_value_paths()
+        | _operations_paths()
+        | _coordination_paths()
+        | _membership_paths(),
         "components": _components(),
     }
 
@@ -274,6 +277,28 @@ def _coordination_paths() -> dict[str, Any]:
                 },
             }
         },
+    }
+
+
+def _membership_paths() -> dict[str, Any]:
+    """Membership admin routes (kvstore/server/membership.py; docs/api.md "Membership")."""
+    refused = "conf_change_refused: nothing changed (see docs/api.md)"
+    return {
+        "/v1/members": {
+            "get": {
+                "summary": "Voters, learners, removed ids and (on the leader) each one's lag",
+                "responses": {"200": {"description": "members"}},
+            }
+        },
+        "/v1/members/promote": _json_post(
+            "Promote a caught-up learner to voter", ["id"], **{"409": refused}
+        ),
+        "/v1/members/remove": _json_post(
+            "Remove a member; its id is never used again", ["id"], **{"409": refused}
+        ),
+        "/v1/leader/transfer": _json_post(
+            "Hand leadership to a voter", ["to"], **{"409": refused}
+        ),
     }
 
 

@@ -215,7 +215,8 @@ async def test_validation_errors(harness: Harness) -> None:
 
 async def test_openapi_describes_every_route(harness: Harness) -> None:
     document = await (await harness.client.get("/v1/openapi.json")).json()
-    for route in ("/v1/kv/{key}", "/v1/kv", "/healthz", "/readyz", "/v1/status", "/metrics"):
+    routes = ("/v1/kv/{key}", "/v1/kv", "/healthz", "/readyz", "/v1/status", "/metrics")
+    for route in (*routes, "/v1/members", "/v1/members/remove", "/v1/leader/transfer"):
         assert route in document["paths"]
     metrics = await (await harness.client.get("/metrics")).text()
     assert "kvstore_fsync_seconds_bucket" in metrics

@@ -3,6 +3,8 @@ invariants for a changing membership, and that the seeds exercise every kind of 
 
 from __future__ import annotations
 
+import pytest
+
 from kvstore.raft import confchange
 from kvstore.raft.types import ConfState, Entry, EntryType
 from kvstore.sim.cluster import Simulation
@@ -36,36 +38,36 @@ def _replace(simulation: Simulation, victim: int) -> int:
     return node.id
 
 
-def test_a_node_whose_disk_was_lost_is_replaced_while_writes_continue() -> None:
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_node_whose_disk_was_lost_is_replaced_while_writes_continue(seed: int) -> None:
     """The lost voter never runs again; a new node under a new id joins as a learner,
     catches up, the lost member is removed, the learner promoted, and the new member holds
     every write acknowledged before and during the replacement."""
-    for seed in (1, 2, 3):
-        simulation = _quiet(seed)
-        simulation.run_to(1500)
-        leader = simulation.leader()
-        assert leader is not None
-        victim = next(i for i in sorted(simulation.nodes) if i != leader.id)
-        replacement = _replace(simulation, victim)
-        done = simulation.run_until(lambda: not simulation.operator.busy, 20_000)
-        assert done, f"seed {seed}: replacement unfinished at t={simulation.now}"
-        simulation.workload.enabled = False
-        simulation.run_to(simulation.now + 2000)
-        assert not simulation.checker.violations
-        leader = simulation.leader()
-        assert leader is not None and leader.raw is not None
-        voters = tuple(sorted(i for i in (1, 2, 3, replacement) if i != victim))
-        assert leader.raw.conf_state == ConfState(voters=voters, removed=(victim,))
-        new, old = simulation.nodes[replacement], simulation.nodes[victim]
-        assert old.lost and not old.up
-        assert new.machine is not None and leader.machine is not None
-        assert new.machine.applied_index == leader.machine.applied_index
-        assert new.machine.digest() == leader.machine.digest()
-        assert simulation.workload.acknowledged_values(), "the workload wrote during the run"
-        # The history checkers (linearizability, reads, no lost or duplicated write) over
-        # every operation of the run, and log matching over every log, the lost one's too.
-        result = final_checks(simulation)
-        assert result.ok, result.violations
+    simulation = _quiet(seed)
+    simulation.run_to(1500)
+    leader = simulation.leader()
+    assert leader is not None
+    victim = next(i for i in sorted(simulation.nodes) if i != leader.id)
+    replacement = _replace(simulation, victim)
+    done = simulation.run_until(lambda: not simulation.operator.busy, 20_000)
+    assert done, f"seed {seed}: replacement unfinished at t={simulation.now}"
+    simulation.workload.enabled = False
+    simulation.run_to(simulation.now + 2000)
+    assert not simulation.checker.violations
+    leader = simulation.leader()
+    assert leader is not None and leader.raw is not None
+    voters = tuple(sorted(i for i in (1, 2, 3, replacement) if i != victim))
+    assert leader.raw.conf_state == ConfState(voters=voters, removed=(victim,))
+    new, old = simulation.nodes[replacement], simulation.nodes[victim]
+    assert old.lost and not old.up
+    assert new.machine is not None and leader.machine is not None
+    assert new.machine.applied_index == leader.machine.applied_index
+    assert new.machine.digest() == leader.machine.digest()
+    assert simulation.workload.acknowledged_values(), "the workload wrote during the run"
+    # The history checkers (linearizability, reads, no lost or duplicated write) over
+    # every operation of the run, and log matching over every log, the lost one's too.
+    result = final_checks(simulation)
+    assert result.ok, result.violations
 
 
 def test_a_removed_member_counted_by_a_leader_is_a_violation() -> None:
