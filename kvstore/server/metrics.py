@@ -215,6 +215,9 @@ class NodeState:
     # Bytes of write-ahead log segments and of snapshot files in the data directory.
     wal_bytes: int
     snapshot_files_bytes: int
+    # The configuration in force on this node (docs/architecture.md section 11).
+    voters: int = 0
+    learners: int = 0
 
 
 class NodeStateCollector(Collector):
@@ -248,6 +251,12 @@ class NodeStateCollector(Collector):
         )
         yield GaugeMetricFamily(
             "kvstore_snapshot_files_bytes", "Snapshot files on disk", state.snapshot_files_bytes
+        )
+        yield GaugeMetricFamily(
+            "kvstore_voters", "Voters in the configuration in force here", state.voters
+        )
+        yield GaugeMetricFamily(
+            "kvstore_learners", "Learners in the configuration in force here", state.learners
         )
 
 

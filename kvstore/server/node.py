@@ -252,6 +252,8 @@ class Node:
             snapshot_bytes=self.replica.snapshot_bytes,
             wal_bytes=wal_bytes,
             snapshot_files_bytes=snapshot_bytes,
+            voters=len(status.conf_state.voters),
+            learners=len(status.conf_state.learners),
         )
 
     def _send(self, message: Any) -> None:

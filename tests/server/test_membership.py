@@ -43,6 +43,8 @@ def test_every_node_lists_the_three_voters(cluster: LocalCluster) -> None:
         status = cluster.status(node_id)
         assert status is not None and status["voters"] == [1, 2, 3]
     leader = cluster.wait_for_leader()
+    metrics = call(f"{cluster.client_url(leader)}/metrics").body.decode()
+    assert "kvstore_voters 3.0" in metrics and "kvstore_learners 0.0" in metrics
     document = call(f"{cluster.client_url(leader)}/v1/members").json()
     follower = next(i for i in cluster.ids if i != leader)
     assert document["members"][str(follower)]["role"] == "voter"
