@@ -35,6 +35,7 @@ from aiohttp import web
 
 from kvstore.errors import CorruptionError, FatalDiskError, StorageError
 from kvstore.raft.config import RaftConfig
+from kvstore.server import stream
 from kvstore.server.config import ServeConfig
 from kvstore.server.connections import limits_from_config, raise_nofile_limit
 from kvstore.server.discovery import split_host_port
@@ -152,6 +153,7 @@ class Node:
             dead_after_s=config.peer_dead_after_heartbeats * config.heartbeat_interval_s,
         )
         self.http = HttpApi(self.driver, config.cluster_id)
+        stream.install(self.http)
         self.metrics.bind_node(
             commit_index=lambda: self.driver.status().commit_index,
             applied_index=self.driver.applied_index,
