@@ -36,8 +36,9 @@ setup-runtime: $(RUNTIME_STAMP)
 
 setup: $(STAMP)
 
+# `make run TLS=1`: the same cluster with TLS on both ports (a development CA in data/certs).
 run: setup-runtime
-	$(BIN)/kvstore cluster
+	$(BIN)/kvstore cluster $(if $(TLS),--tls)
 
 lint: setup
 	$(BIN)/ruff check kvstore tests bench

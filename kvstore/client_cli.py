@@ -35,6 +35,13 @@ from kvstore.errors import (
 DEFAULT_ENDPOINTS = "http://127.0.0.1:7001,http://127.0.0.1:7002,http://127.0.0.1:7003"
 ENDPOINTS_ENV = "KVSTORE_ENDPOINTS"
 
+# https:// endpoints: (flag, variable, help).
+_TLS_FLAGS = (
+    ("--ca", "KVSTORE_CA", "CA file (PEM) that signs the nodes' certificates"),
+    ("--cert", "KVSTORE_CERT", "client certificate file (PEM) to present"),
+    ("--key", "KVSTORE_KEY", "the key file (PEM) of --cert"),
+)
+
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
 EXIT_PRECONDITION_FAILED = 3
@@ -105,6 +112,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="table: for people (the default); json: one JSON document, for scripts",
     )
     common.add_argument("--json", action="store_true", help="the same as --output json")
+    for flag, variable, help_text in _TLS_FLAGS:
+        common.add_argument(
+            flag,
+            dest="tls_" + flag.lstrip("-"),  # not `key`: that is the key of get/put/...
+            default=os.environ.get(variable, ""),
+            help=f"{help_text} (default ${variable})",
+        )
 
     get = subparsers.add_parser("get", parents=[common], help="read a key")
     get.add_argument("key")
@@ -112,6 +126,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--consistency", choices=CONSISTENCIES, default=defaults.read_consistency.value
     )
     get.add_argument("--raw", action="store_true", help="print the value without a newline")
+    get.add_argument("--revision", type=int, help="the value as it was at this revision")
     get.set_defaults(handler=_handle(_get))
 
     put = subparsers.add_parser("put", parents=[common], help="write a key")
@@ -119,6 +134,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     put.add_argument("value", nargs="?", default="-", help="the value; '-' or absent: stdin")
     put.add_argument("--if-revision", type=int, help="only if the key's mod_revision is this")
     put.add_argument("--create-only", action="store_true", help="only if the key is absent")
+    put.add_argument("--lease", type=int, default=0, help="attach the key to this lease")
     put.set_defaults(handler=_handle(_put))
 
     cas = subparsers.add_parser("cas", parents=[common], help="compare-and-set a key")
@@ -132,12 +148,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     delete = subparsers.add_parser("delete", parents=[common], help="delete a key")
     delete.add_argument("key")
     delete.add_argument("--if-revision", type=int, help="only if the key's mod_revision is this")
+    delete.add_argument("--prefix", action="store_true", help="every key under KEY")
     delete.set_defaults(handler=_handle(_delete))
 
     listing = subparsers.add_parser("list", parents=[common], help="list keys by prefix")
     listing.add_argument("prefix", nargs="?", default="")
     listing.add_argument("--limit", type=int)
     listing.add_argument("--keys-only", action="store_true")
+    listing.add_argument("--start", help="from this key on (a previous page's next)")
+    listing.add_argument("--revision", type=int, help="the keys as they were at this revision")
+    listing.add_argument("--all", action="store_true", help="follow every page")
     listing.add_argument(
         "--consistency", choices=CONSISTENCIES, default=defaults.read_consistency.value
     )
@@ -145,6 +165,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     status = subparsers.add_parser("status", parents=[common], help="status of every endpoint")
     status.set_defaults(handler=_handle(_status))
+
+    from kvstore import coord_cli
+
+    coord_cli.register(subparsers, common)
 
 
 Action = Callable[[Client, argparse.Namespace], Awaitable[int]]
@@ -157,7 +181,12 @@ def _handle(action: Action) -> Callable[[argparse.Namespace], int]:
         args.json = args.json or args.output == "json"
 
         async def run() -> int:
-            config = ClientConfig(timeout_s=args.timeout)
+            config = ClientConfig(
+                timeout_s=args.timeout,
+                ca_file=args.tls_ca,
+                cert_file=args.tls_cert,
+                key_file=args.tls_key,
+            )
             async with Client(args.endpoints, config=config) as client:
                 return await action(client, args)
 
@@ -169,6 +198,9 @@ def _handle(action: Action) -> Callable[[argparse.Namespace], int]:
         except ValueError as exc:
             print(f"kvstore: {exc}", file=sys.stderr)
             return EXIT_REJECTED
+        except OSError as exc:  # ssl.SSLError included
+            print(f"kvstore: cannot load the TLS files: {exc}", file=sys.stderr)
+            return 2
 
     return handler
 
@@ -223,7 +255,7 @@ def _key_value_json(item: KeyValue) -> dict[str, Any]:
 
 
 async def _get(client: Client, args: argparse.Namespace) -> int:
-    item = await client.get(args.key, consistency=args.consistency)
+    item = await client.get(args.key, consistency=args.consistency, revision=args.revision)
     if args.json:
         _print_json(_key_value_json(item))
     else:
@@ -238,6 +270,7 @@ async def _put(client: Client, args: argparse.Namespace) -> int:
         _value_arg(args.value),
         if_revision=args.if_revision,
         create_only=args.create_only,
+        lease=args.lease,
     )
     _print_write(args, result.key, result.revision, result.mod_revision, result.version)
     return EXIT_OK
@@ -280,6 +313,16 @@ def _print_write(
 
 
 async def _delete(client: Client, args: argparse.Namespace) -> int:
+    if args.prefix:
+        if args.if_revision is not None:
+            raise ValueError("--if-revision does not go with --prefix")
+        result = await client.delete_prefix(args.key)
+        if args.json:
+            _print_json({"prefix": args.key, "revision": result.revision,
+                         "deleted": result.deleted})  # fmt: skip
+        else:
+            print(f"OK revision={result.revision} deleted={result.deleted}")
+        return EXIT_OK
     result = await client.delete(args.key, if_revision=args.if_revision)
     if args.json:
         _print_json({"key": result.key, "revision": result.revision, "deleted": True})
@@ -289,17 +332,30 @@ async def _delete(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _list(client: Client, args: argparse.Namespace) -> int:
-    listing = await client.list(args.prefix, limit=args.limit, consistency=args.consistency)
+    listing = await client.list(
+        args.prefix, limit=args.limit, start=args.start, revision=args.revision,
+        consistency=args.consistency,
+    )  # fmt: skip
+    items = list(listing)
+    # --all: every page at the first page's revision, so the pages fit together.
+    while args.all and listing.next is not None:
+        listing = await client.list(
+            args.prefix, limit=args.limit, start=listing.next, revision=listing.revision,
+            consistency=args.consistency,
+        )  # fmt: skip
+        items.extend(listing)
     if args.json:
-        items = [_key_value_json(item) for item in listing]
-        _print_json({"revision": listing.revision, "more": listing.more, "items": items})
+        body = [_key_value_json(item) for item in items]
+        _print_json({"revision": listing.revision, "more": listing.more, "items": body,
+                     "next": listing.next})  # fmt: skip
         return EXIT_OK
     out = sys.stdout.buffer
-    for item in listing:
+    for item in items:
         out.write(item.key.encode("utf-8"))
         out.write(b"\n" if args.keys_only else b"\t" + item.value + b"\n")
     if listing.more:
-        print(f"# more keys after the first {len(listing)}", file=sys.stderr)
+        print(f"# more keys after {len(items)}; next page: --start {listing.next}",
+              file=sys.stderr)  # fmt: skip
     sys.stdout.flush()
     return EXIT_OK
 

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import msgpack
 
 from kvstore.errors import ProtocolError
+from kvstore.raft import confchange
 from kvstore.raft.types import (
     ConfState,
     Entry,
@@ -70,7 +71,14 @@ def entry_from_obj(obj: Any, *, limit: int = STORED_VALUE_LIMIT) -> Entry:
     _expect_int(index, "entry.index", limit)
     if type(data) is not bytes:
         raise ProtocolError("entry.data is not bytes")
-    return Entry(term=term, index=index, type=_expect_enum(EntryType, type_, "entry"), data=data)
+    entry_type = _expect_enum(EntryType, type_, "entry")
+    if entry_type is EntryType.CONF_CHANGE:
+        # The core adopts the configuration such an entry names: check it before it gets there.
+        try:
+            confchange.decode(data)
+        except ValueError as exc:
+            raise ProtocolError(f"entry {index}: {exc}") from None
+    return Entry(term=term, index=index, type=entry_type, data=data)
 
 
 def hard_state_to_obj(state: HardState) -> list[int]:
@@ -87,21 +95,27 @@ def hard_state_from_obj(obj: Any) -> HardState:
 
 
 def conf_state_to_obj(conf: ConfState) -> list[list[int]]:
-    return [list(conf.voters), list(conf.learners)]
+    return [list(conf.voters), list(conf.learners), list(conf.removed)]
 
 
 def conf_state_from_obj(obj: Any) -> ConfState:
-    _expect_list(obj, 2, "conf state")
-    voters, learners = obj
-    if type(voters) is not list or type(learners) is not list:
+    """[voters, learners, removed]; a directory written before membership changes holds
+    [voters, learners] (nothing removed yet)."""
+    if type(obj) is list and len(obj) == 2:
+        obj = [*obj, []]
+    _expect_list(obj, 3, "conf state")
+    voters, learners, removed = obj
+    if type(voters) is not list or type(learners) is not list or type(removed) is not list:
         raise ProtocolError("conf state members must be lists of node ids")
     if len(voters) + len(learners) > CONF_MEMBERS_MAX:
         raise ProtocolError(f"conf state: more than {CONF_MEMBERS_MAX} members")
-    for member in (*voters, *learners):
+    if len(removed) > confchange.REMOVED_MAX:
+        raise ProtocolError(f"conf state: more than {confchange.REMOVED_MAX} removed ids")
+    for member in (*voters, *learners, *removed):
         _expect_int(member, "conf state member", NODE_ID_LIMIT)
         if member < 1:
             raise ProtocolError(f"conf state member: node ids start at 1, got {member}")
-    return ConfState(voters=tuple(voters), learners=tuple(learners))
+    return ConfState(voters=tuple(voters), learners=tuple(learners), removed=tuple(removed))
 
 
 def snapshot_metadata_to_obj(meta: SnapshotMetadata) -> list[Any]:

@@ -94,6 +94,13 @@ class ProposalDroppedError(RaftError):
     code = "proposal_dropped"
 
 
+class ConfChangeRefusedError(RaftError):
+    """A membership change cannot be made now or at all (one already in flight, an invalid
+    change, a learner not caught up); nothing was changed."""
+
+    code = "conf_change_refused"
+
+
 class CompactedError(RaftError):
     """The requested log index has been compacted into a snapshot."""
 
@@ -293,6 +300,38 @@ class SessionExpiredError(RequestError):
     code = "session_expired"
 
 
+class RevisionCompactedError(RequestError):
+    """The revision asked for (a watch's start, a read's) is older than the history keeps."""
+
+    code = "revision_compacted"
+    json_fields: ClassVar[tuple[str, ...]] = ("oldest_revision",)
+
+    def __init__(self, message: str = "", *, oldest_revision: int | None = None) -> None:
+        super().__init__(message)
+        # The oldest revision still kept: watch or read from it or later.
+        self.oldest_revision = oldest_revision
+
+
+class ConflictError(RequestError):
+    """The request conflicts with the current state (a lease id already in use)."""
+
+    code = "conflict"
+
+
+class WatchCanceledError(ClusterError):
+    """The server ended a watch (a slow watcher, a compaction past it, a shutdown); resume
+    from the next revision, on this node or another."""
+
+    code = "watch_canceled"
+
+
+class LeaseLostError(ClusterError):
+    """A lease the client held is no longer certainly alive (no keepalive acknowledged
+    within its TTL, or the server revoked it): what it guarded may belong to another."""
+
+    code = "lease_lost"
+
+
 class ProtocolError(KVStoreError):
     """A peer sent a malformed frame or belongs to another cluster."""
 
@@ -305,6 +344,7 @@ class ProtocolError(KVStoreError):
 HTTP_STATUS: Mapping[type[KVStoreError], int] = {
     KVStoreError: 500,
     ProposalDroppedError: 503,
+    ConfChangeRefusedError: 409,
     ResourceExhaustedError: 503,
     DiskFullError: 507,
     ClusterError: 503,
@@ -318,6 +358,8 @@ HTTP_STATUS: Mapping[type[KVStoreError], int] = {
     NotFoundError: 404,
     PreconditionFailedError: 412,
     SessionExpiredError: 409,
+    RevisionCompactedError: 410,
+    ConflictError: 409,
     ProtocolError: 400,
 }
 

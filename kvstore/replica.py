@@ -163,15 +163,8 @@ class Replica:
         self.snapshot_catch_up_entries = snapshot_catch_up_entries
         self.state_machine = StateMachine(kv_config)
         snapshot = storage.snapshot()
-        if snapshot.is_empty():
-            conf_state = storage.initial_state()[1]
-        else:
+        if not snapshot.is_empty():
             self.state_machine.restore(snapshot.data, snapshot.metadata.index)
-            conf_state = snapshot.metadata.conf_state
-        if not conf_state.voters:
-            conf_state = ConfState(voters=tuple(sorted(config.peers)))
-        # The membership recorded in the snapshots we take (static membership today).
-        self._conf_state = conf_state
         # Invariant: the index of the newest snapshot in storage (0 if none).
         self._snapshot_index = snapshot.metadata.index
         # Size of that snapshot, and bytes of entry data applied since it was taken (or
@@ -344,7 +337,10 @@ class Replica:
     def _freeze(self) -> SnapshotJob:
         term = self.storage.term(self.applied_index)
         frozen = self.state_machine.freeze()
-        return SnapshotJob(frozen, term, self._conf_state, self._applied_bytes)
+        # The membership as of the snapshot's index, not the one in force: a change appended
+        # after it is not part of the state the snapshot stands for (dissertation §4.1).
+        conf_state = self.node.conf_state_at(frozen.applied_index)
+        return SnapshotJob(frozen, term, conf_state, self._applied_bytes)
 
     def encode_snapshot(self, job: SnapshotJob) -> EncodedSnapshot:
         """Encode the job's frozen state and have the storage write its file ahead
@@ -444,7 +440,5 @@ class Replica:
         if snapshot is None or snapshot.is_empty():
             return
         self.state_machine.restore(snapshot.data, snapshot.metadata.index)
-        if snapshot.metadata.conf_state.voters:
-            self._conf_state = snapshot.metadata.conf_state
         self._snapshot_index = max(self._snapshot_index, snapshot.metadata.index)
         self._snapshot_bytes, self._applied_bytes = len(snapshot.data), 0

@@ -146,6 +146,7 @@ COMPONENTS: Mapping[str, str] = {
     "kvstore.request_id": "request_id",
     "kvstore.raft.types": "raft.types",
     "kvstore.raft.storage": "raft.types",  # the Storage Protocol, written in raft.types terms
+    "kvstore.raft.confchange": "raft.types",  # membership changes as plain values
     "kvstore.raft": "raft",
     "kvstore.codec": "codec",
     "kvstore.kv": "kv",
@@ -159,6 +160,7 @@ COMPONENTS: Mapping[str, str] = {
     "kvstore.chaos": "chaos",
     "kvstore.testing": "testing",  # a local cluster for applications' tests
     "kvstore.client_cli": "cli",
+    "kvstore.coord_cli": "cli",
     "kvstore.cli": "cli",
     "kvstore.__main__": "cli",
 }
@@ -179,7 +181,9 @@ ALLOWED_IMPORTS: Mapping[str, frozenset[str]] = {
     "storage": frozenset({"raft.types", "codec", "errors"}),
     "verify": frozenset({"errors"}),
     "replica": frozenset({"raft", "raft.types", "storage", "kv", "errors"}),
-    "sim": frozenset({"replica", "raft", "raft.types", "storage", "kv", "codec", "verify", "errors"}),
+    "sim": frozenset(
+        {"replica", "raft", "raft.types", "storage", "kv", "codec", "verify", "errors"}
+    ),
     "server": frozenset(
         {"replica", "raft", "raft.types", "storage", "kv", "codec", "errors", "api"}
     ),

@@ -72,6 +72,11 @@ class ClientConfig:
     # many requests in flight (kvstore.client.stream); False for HTTP only. Either way a
     # node that does not offer the stream is used over HTTP, as are lists and status.
     binary_stream: bool = True
+    # TLS (https:// endpoints): the CA that signs the nodes' certificates ("" = the system's
+    # trust store), and a client certificate and its key to present ("" = none). Files (PEM).
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -87,5 +92,7 @@ class ClientConfig:
                 f"ClientConfig.backoff_cap_s ({self.backoff_cap_s}) must be >= "
                 f"backoff_base_s ({self.backoff_base_s})"
             )
+        if self.key_file and not self.cert_file:
+            raise ValueError("ClientConfig.key_file needs cert_file")
         if not isinstance(self.read_consistency, Consistency):
             object.__setattr__(self, "read_consistency", Consistency(self.read_consistency))

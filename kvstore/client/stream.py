@@ -44,6 +44,10 @@ _BATCH_BYTES_MAX = 256 * 1024
 # Values larger than this go over HTTP (one message must hold one value with room to spare).
 _STREAM_VALUE_BYTES_MAX = 512 * 1024
 _KEY_PREFIX = "/v1/kv/"
+# What a stream request carries; a key operation with any other header goes over HTTP.
+_STREAM_HEADERS = frozenset(
+    {"Kvstore-Request-Id", "Kvstore-Acked-Below", "If-Match", "If-None-Match"}
+)
 
 
 class _Connection:
@@ -274,12 +278,14 @@ def _frame(
         return None
     key = unquote(path[len(_KEY_PREFIX) :], errors="strict")
     headers = headers or {}
+    if set(headers) - _STREAM_HEADERS:
+        return None  # something the stream does not carry (a lease, ...): over HTTP
     if method == "GET":
         if query and set(query) - {"consistency"}:
             return None
         return [0, "get", key, (query or {}).get("consistency", "linearizable")]
-    if method not in ("PUT", "DELETE") or "Kvstore-Request-Id" not in headers:
-        return None
+    if method not in ("PUT", "DELETE") or query or "Kvstore-Request-Id" not in headers:
+        return None  # a query (a lease, ...) the stream does not carry: over HTTP
     if_match = headers.get("If-Match")
     if_revision = int(if_match) if if_match is not None and if_match.isdigit() else None
     if if_match is not None and if_revision is None:

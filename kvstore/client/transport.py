@@ -14,6 +14,7 @@ that failed that way certainly did not apply.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -44,6 +45,17 @@ class TransportError(UnavailableError):
         self.timed_out = timed_out
 
 
+def tls_context(ca_file: str = "", cert_file: str = "", key_file: str = "") -> ssl.SSLContext:
+    """The context of https:// endpoints: TLS 1.2 at least, the server's certificate checked
+    against `ca_file` (or the system's trust store) and its host name; a client certificate
+    presented when `cert_file` is given."""
+    context = ssl.create_default_context(cafile=ca_file or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file or None)
+    return context
+
+
 class Transport(Protocol):
     async def request(
         self,
@@ -65,14 +77,26 @@ class Transport(Protocol):
 class AiohttpTransport:
     """`Transport` over one pooled aiohttp session, created lazily inside the running loop."""
 
-    def __init__(self, *, connect_timeout_s: float = 0.5, max_connections: int = 100) -> None:
+    def __init__(
+        self,
+        *,
+        connect_timeout_s: float = 0.5,
+        max_connections: int = 100,
+        ca_file: str = "",
+        cert_file: str = "",
+        key_file: str = "",
+    ) -> None:
         self._connect_timeout_s = connect_timeout_s
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        # Made now, so that a missing or bad file fails at construction, not on a call.
+        self._ssl = tls_context(ca_file, cert_file, key_file)
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=60)
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections, ttl_dns_cache=60, ssl=self._ssl
+            )
             # No cookies, no automatic decompression surprises: the API is plain bytes and JSON.
             self._session = aiohttp.ClientSession(
                 connector=connector,
@@ -111,6 +135,11 @@ class AiohttpTransport:
                 payload = await response.read()
                 answer_headers = {name.lower(): value for name, value in response.headers.items()}
                 return HttpResponse(response.status, answer_headers, payload)
+        except aiohttp.ClientConnectorCertificateError as exc:
+            # The server's certificate did not check out: nothing was sent.
+            raise TransportError(
+                f"{endpoint}: TLS: {exc.certificate_error}", maybe_sent=False
+            ) from exc
         except aiohttp.ClientConnectorError as exc:
             # Includes connection refused: nothing was sent. aiohttp's own text ("Cannot
             # connect to host ... ssl:default [...]") says less than the OS error does.

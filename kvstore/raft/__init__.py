@@ -2,7 +2,8 @@
 
 Modules: `config` (RaftConfig), `node` (RawNode, Status), `log` (RaftLog: stable storage plus
 the unstable tail), `progress` (Progress, Inflights), `quorum` (pure majority arithmetic),
-`read_only` (ReadIndex bookkeeping), `types` (values), `storage` (the read-only Protocol).
+`read_only` (ReadIndex bookkeeping), `types` (values), `storage` (the read-only Protocol),
+`confchange` (membership changes: `node.propose_conf_change(ConfChange(...))`).
 
 How a driver uses it (the simulator and the server do exactly this):
 
@@ -27,7 +28,7 @@ What a user of the core must know:
   must not call `ready()` again. A leader may send the Ready's appends before its own save:
   it counts its own entries toward commit only at `advance()`.
 - Snapshots are the driver's decision: after applying, call
-  `storage.create_snapshot(applied, ConfState(voters=node.voters), data)` and then
+  `storage.create_snapshot(applied, node.conf_state_at(applied), data)` and then
   `storage.compact(index)` (keep some entries for slow followers). A follower whose next
   entry was compacted gets `storage.snapshot()` in a SNAPSHOT message; the transport must
   call `report_snapshot(peer, ok)` once it has sent (or failed to send) it. A follower that
@@ -40,4 +41,8 @@ What a user of the core must know:
   a node a differently seeded `random.Random`, or a restarted node could take an answer
   meant for its predecessor for its own.
 - `report_peer_down(peer)`: the transport saw the connection to `peer` close.
+- Membership (docs/architecture.md section 11): `propose_conf_change` adds a learner,
+  promotes one or removes a member, one at a time; the configuration in force is
+  `node.conf_state` (the last CONF_CHANGE entry in the log, committed or not). A node that
+  joins an existing cluster starts with `RaftConfig.peers=()` and empty storage.
 """

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RaftConfig:
     id: int
-    # All voters including `id`; used only when storage holds no membership yet.
+    # All voters including `id`, the configuration of a new cluster; used only when storage
+    # holds no membership yet. Empty for a node joining an existing cluster: it starts with
+    # no configuration, takes no part in elections, and learns the membership from the
+    # leader (a snapshot or a CONF_CHANGE entry).
     peers: tuple[int, ...]
     election_ticks: int = 20
     heartbeat_ticks: int = 5
@@ -25,6 +28,14 @@ class RaftConfig:
     # Committed entries handed out per Ready (at least one): bounds the work of one Ready,
     # e.g. when a restarted node replays a long log.
     max_committed_size_per_ready_bytes: int = 8 << 20
+    # A snapshot sent and neither reported delivered or failed (`RawNode.report_snapshot`)
+    # nor answered is sent again after this many ticks (0: two election timeouts). A
+    # transport that always reports, as the server's does, can afford a long one: a large
+    # snapshot takes longer than two election timeouts to travel.
+    snapshot_timeout_ticks: int = 0
+    # A learner is promoted only when at most this many entries behind the leader's log
+    # (dissertation §4.2.1; Consul's 250).
+    promote_lag_entries_max: int = 250
     # The state machine's applied index on restart: committed entries up to it are not
     # handed out again.
     applied: int = 0
@@ -53,5 +64,9 @@ class RaftConfig:
             raise ValueError("max_uncommitted_entries_bytes must be >= 1")
         if self.max_committed_size_per_ready_bytes < 1:
             raise ValueError("max_committed_size_per_ready_bytes must be >= 1")
+        if self.snapshot_timeout_ticks < 0:
+            raise ValueError("snapshot_timeout_ticks must be >= 0")
+        if self.promote_lag_entries_max < 0:
+            raise ValueError("promote_lag_entries_max must be >= 0")
         if self.applied < 0:
             raise ValueError(f"applied must be >= 0, got {self.applied}")

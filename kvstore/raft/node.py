@@ -24,7 +24,17 @@ Rules that hold in this module:
   when the driver steps acks relative to its save.
 - Persistence: every message produced is handed out in a Ready together with (or after) the
   hard state and entries it depends on, and the driver persists before sending.
-- Membership lives in `_voters` (from the ConfState), never in a hard-coded count.
+- Membership lives in `_voters` and `_learners` (from the ConfState), never in a hard-coded
+  count. Dissertation §4.1: a configuration takes effect on a node as soon as its entry is
+  in the node's log (appended, not committed), and a truncated entry takes its
+  configuration with it (`_sync_conf`); at most one change is in flight (a leader proposes
+  the next only once the last is committed), and a leader proposes one only after an entry
+  of its own term committed (the fix §4.1 gives for single-server changes). Quorums,
+  commit, check-quorum, ReadIndex and leadership transfer all use the current
+  configuration; learners get the log but never vote nor count. A leader that removed
+  itself hands leadership to the most up-to-date voter once the removal commits
+  (dissertation §4.2.2), then steps down; (pre-)vote messages from removed ids are dropped
+  (dissertation §4.2.3).
 """
 
 from __future__ import annotations
@@ -35,11 +45,12 @@ from dataclasses import dataclass, field
 
 from kvstore.errors import (
     CompactedError,
+    ConfChangeRefusedError,
     ProposalDroppedError,
     StorageError,
     UnavailableIndexError,
 )
-from kvstore.raft import quorum
+from kvstore.raft import confchange, quorum
 from kvstore.raft.config import RaftConfig
 from kvstore.raft.log import RaftLog
 from kvstore.raft.progress import Inflights, Progress, ProgressState
@@ -49,6 +60,7 @@ from kvstore.raft.types import (
     NONE,
     ConfState,
     Entry,
+    EntryType,
     HardState,
     Message,
     MessageType,
@@ -98,6 +110,15 @@ _RESPONSE_TYPES = frozenset(
 
 
 @dataclass(frozen=True, slots=True)
+class ConfEntry:
+    """A CONF_CHANGE entry of the log and the configuration it starts."""
+
+    index: int
+    term: int
+    conf_state: ConfState
+
+
+@dataclass(frozen=True, slots=True)
 class ProgressStatus:
     match_index: int
     next_index: int
@@ -117,6 +138,9 @@ class Status:
     last_index: int
     lead_transferee: int
     progress: dict[int, ProgressStatus] = field(default_factory=dict)
+    conf_state: ConfState = field(default_factory=ConfState)
+    # The index of the last membership change in the log, and whether it is committed.
+    conf_index: int = 0
 
 
 class RawNode:
@@ -139,11 +163,22 @@ class RawNode:
         self._reads_outstanding: dict[bytes, None] = {}
         self._log = RaftLog(storage)
         hard_state, conf_state = storage.initial_state()
-        voters = conf_state.voters or config.peers
-        if self.id not in voters and not conf_state.voters:
-            raise ValueError(f"config.peers {config.peers} must include id {self.id}")
-        self._voters: tuple[int, ...] = tuple(sorted(voters))
-        self._learners: tuple[int, ...] = tuple(sorted(conf_state.learners))
+        if not conf_state.voters and config.peers:
+            # A new cluster's first start: the bootstrap configuration. A node that joins an
+            # existing cluster starts with no configuration and learns it from the leader.
+            if self.id not in config.peers:
+                raise ValueError(f"config.peers {config.peers} must include id {self.id}")
+            conf_state = ConfState(voters=tuple(sorted(config.peers)))
+        self._voters: tuple[int, ...] = ()
+        self._learners: tuple[int, ...] = ()
+        self._removed: frozenset[int] = frozenset()
+        self._known_ids: frozenset[int] = frozenset()
+        # The configuration before the first entry of `_conf_entries`: the snapshot's, or one
+        # folded in from an applied conf entry (`_fold_applied_conf`).
+        self._conf_base = conf_state
+        # Invariant: the CONF_CHANGE entries of the log after `_conf_base`, in index order;
+        # the last one (else the base) is the configuration in force (dissertation §4.1).
+        self._conf_entries: list[ConfEntry] = self._read_conf_entries(storage)
         self.term = hard_state.term
         self.vote = hard_state.vote
         if hard_state.commit > self._log.last_index():
@@ -170,13 +205,14 @@ class RawNode:
         # Ticks since this node started: when something was last sent to a follower.
         self._tick_count = 0
         self._randomized_election_timeout = config.election_ticks
+        self._snapshot_timeout_ticks = config.snapshot_timeout_ticks or 2 * config.election_ticks
         self.lead_transferee = NONE
         self._uncommitted_size_bytes = 0
         self._prev_hard_state = HardState(self.term, self.vote, self._log.committed)
         self._prev_soft_state = SoftState(NONE, Role.FOLLOWER)
         self._ready_outstanding = False
         self._broadcast_pending = False
-        self._known_ids = frozenset(self._progress_ids())
+        self._set_conf(self.conf_state)
         self._become_follower(self.term, NONE)
 
     # === public API ===========================================================================
@@ -194,6 +230,14 @@ class RawNode:
         if message.to != self.id:
             logger.debug("event=message_ignored node=%d reason=not_for_us to=%d", self.id, message.to)
             return
+        if message.from_ in self._removed and message.type in _VOTE_TYPES:
+            # Dissertation §4.2.3: a removed server must not disrupt the cluster with
+            # elections. (A leader that removed itself still replicates until the removal
+            # commits, then sends TIMEOUT_NOW: those messages are taken.)
+            logger.debug(
+                "event=message_ignored node=%d reason=removed_sender from=%d", self.id, message.from_
+            )
+            return
         if message.type in _RESPONSE_TYPES and message.from_ not in self._known_ids:
             logger.debug(
                 "event=message_ignored node=%d reason=unknown_sender type=%s from=%d",
@@ -210,6 +254,8 @@ class RawNode:
             raise ProposalDroppedError(f"node {self.id} is not the leader")
         if self.lead_transferee != NONE:
             raise ProposalDroppedError(f"leadership transfer to {self.lead_transferee} under way")
+        if self.id not in self._voters:
+            raise ProposalDroppedError(f"node {self.id} is leaving the cluster")
         entry = Entry(self.term, self._log.last_index() + 1, data=data)
         if not self._increase_uncommitted_size(entry.size_bytes()):
             raise ProposalDroppedError("too many uncommitted bytes")
@@ -217,6 +263,61 @@ class RawNode:
         # Appends go out when the driver asks for the next Ready, so that every proposal
         # made in between travels in one message per follower.
         self._broadcast_pending = True
+
+    def propose_conf_change(self, change: confchange.ConfChange) -> int:
+        """Append a membership change (dissertation §4.1, one server at a time); returns its
+        index. It takes effect here at once, and on each node when appended there.
+
+        ProposalDroppedError when not the leader (or a transfer is under way);
+        ConfChangeRefusedError when a change is still uncommitted, when no entry of this
+        term has committed yet (§4.1's fix: otherwise a change of a deposed leader's term
+        and ours could both be counted by majorities that do not overlap), when the change
+        is not valid from the current configuration, or when promoting a learner that has
+        not caught up (§4.2.1: it would stall commits while it does)."""
+        if self.role is not Role.LEADER:
+            raise ProposalDroppedError(f"node {self.id} is not the leader")
+        if self.lead_transferee != NONE:
+            raise ProposalDroppedError(f"leadership transfer to {self.lead_transferee} under way")
+        if not self._committed_entry_in_current_term():
+            raise ConfChangeRefusedError(
+                f"leader {self.id} has not committed an entry of term {self.term} yet"
+            )
+        pending = self._last_conf_index()
+        if pending > self._log.committed:
+            raise ConfChangeRefusedError(f"the membership change at index {pending} is not committed yet")
+        try:
+            conf = confchange.apply_change(self.conf_state, change)
+        except ValueError as exc:
+            raise ConfChangeRefusedError(str(exc)) from None
+        if change.type is confchange.ConfChangeType.PROMOTE:
+            self._check_caught_up(change.node_id)
+        data = confchange.encode(confchange.ConfChangeEntry(change, conf))
+        entry = Entry(self.term, self._log.last_index() + 1, EntryType.CONF_CHANGE, data)
+        if not self._increase_uncommitted_size(entry.size_bytes()):
+            raise ProposalDroppedError("too many uncommitted bytes")
+        logger.info(
+            "event=conf_change_proposed node=%d index=%d change=%s member=%d",
+            self.id,
+            entry.index,
+            change.type.name,
+            change.node_id,
+        )
+        self._append_entries([entry])
+        self._broadcast_pending = True
+        return entry.index
+
+    def _check_caught_up(self, learner: int) -> None:
+        """Dissertation §4.2.1 (etcd's "learner in sync", Consul's "stable and at most 250
+        entries behind"): promote only a learner that is alive and close to our log."""
+        progress = self._progress.get(learner)
+        lag_max = self._config.promote_lag_entries_max
+        if progress is None or not progress.recent_active:
+            raise ConfChangeRefusedError(f"learner {learner} has not been heard from lately")
+        lag = self._log.last_index() - progress.match_index
+        if lag > lag_max or progress.state is not ProgressState.REPLICATE:
+            raise ConfChangeRefusedError(
+                f"learner {learner} is {lag} entries behind (at most {lag_max} to be promoted)"
+            )
 
     def read_index(self) -> bytes:
         """Ask for a linearizable read point (dissertation §6.4); returns the context that
@@ -385,6 +486,8 @@ class RawNode:
                 self._self_ack()
         if ready.committed_entries:
             log.applied_to(ready.committed_entries[-1].index)
+        if self._conf_entries and self._conf_entries[0].index <= log.applied:
+            self._fold_applied_conf()
 
     def _self_ack(self) -> None:
         """The leader's own entries count toward commit only once durable (etcd-io/raft's
@@ -396,10 +499,18 @@ class RawNode:
         if own is None or not own.maybe_update(self._log.stable_last_index()):
             return
         # A single-voter cluster commits here.
-        if self._maybe_commit():
-            self._release_pending_read_index()
-            # The new commit index reaches followers with the next Ready's appends.
-            self._broadcast_pending = True
+        self._after_match_changed()
+
+    def _after_match_changed(self) -> bool:
+        """A match index or the voters changed: commit what a majority now holds; True when
+        the commit index moved."""
+        if not self._maybe_commit():
+            return False
+        self._release_pending_read_index()
+        # The new commit index reaches followers with the next Ready's appends.
+        self._broadcast_pending = True
+        self._maybe_hand_over()
+        return True
 
     def status(self) -> Status:
         progress: dict[int, ProgressStatus] = {}
@@ -419,6 +530,8 @@ class RawNode:
             last_index=self._log.last_index(),
             lead_transferee=self.lead_transferee,
             progress=progress,
+            conf_state=self.conf_state,
+            conf_index=self._last_conf_index(),
         )
 
     @property
@@ -426,9 +539,137 @@ class RawNode:
         return self._voters
 
     @property
+    def learners(self) -> tuple[int, ...]:
+        return self._learners
+
+    @property
     def conf_state(self) -> ConfState:
-        """The membership, as a snapshot must record it."""
-        return ConfState(voters=self._voters, learners=self._learners)
+        """The membership in force: that of the last CONF_CHANGE entry in the log, committed
+        or not (dissertation §4.1), else the snapshot's."""
+        if self._conf_entries:
+            return self._conf_entries[-1].conf_state
+        return self._conf_base
+
+    def conf_state_at(self, index: int) -> ConfState:
+        """The membership as of log index `index` (at least the applied index): what a
+        snapshot taken at `index` must record."""
+        assert index >= self._log.applied, f"conf_state_at({index}) below applied"
+        conf = self._conf_base
+        for conf_entry in self._conf_entries:
+            if conf_entry.index > index:
+                break
+            conf = conf_entry.conf_state
+        return conf
+
+    @property
+    def is_removed(self) -> bool:
+        """This node was removed from the configuration (it takes no further part)."""
+        return self.id in self._removed
+
+    # === membership (dissertation §4) ==========================================================
+
+    def _read_conf_entries(self, storage: Storage) -> list[ConfEntry]:
+        """The CONF_CHANGE entries of the stored log, read once at start (the write-ahead log
+        holds every change after the snapshot, whose metadata holds the configuration before
+        them: together they give the configuration after a crash)."""
+        found: list[ConfEntry] = []
+        low, high = storage.first_index(), storage.last_index() + 1
+        while low < high:
+            entries = storage.entries(low, high, 8 << 20)
+            for entry in entries:
+                if entry.type is EntryType.CONF_CHANGE:
+                    found.append(ConfEntry(entry.index, entry.term, _decode_conf(entry)))
+            low = entries[-1].index + 1
+        return found
+
+    def _last_conf_index(self) -> int:
+        return self._conf_entries[-1].index if self._conf_entries else 0
+
+    def _sync_conf(self, entries: tuple[Entry, ...] | list[Entry]) -> None:
+        """The log just changed by appending `entries` (possibly after truncating an
+        uncommitted suffix): forget the configurations of truncated entries, adopt those of
+        new CONF_CHANGE entries (dissertation §4.1: in force once in the log)."""
+        if not entries:
+            return
+        log, conf_entries = self._log, self._conf_entries
+        before = self.conf_state
+        # An append replaces at most the suffix from its first entry on.
+        first = entries[0].index
+        while (
+            conf_entries
+            and conf_entries[-1].index >= first
+            and not log.match_term(conf_entries[-1].index, conf_entries[-1].term)
+        ):
+            conf_entries.pop()
+        last = self._last_conf_index()
+        for entry in entries:
+            if (
+                entry.type is EntryType.CONF_CHANGE
+                and entry.index > last
+                and log.match_term(entry.index, entry.term)
+            ):
+                conf_entries.append(ConfEntry(entry.index, entry.term, _decode_conf(entry)))
+                last = entry.index
+        after = self.conf_state
+        if after != before:
+            self._set_conf(after)
+
+    def _fold_applied_conf(self) -> None:
+        """Fold the conf entries at or below the applied index into the base: they are
+        committed (never truncated), and snapshots are never taken below applied."""
+        conf_entries, applied = self._conf_entries, self._log.applied
+        folded = 0
+        while folded < len(conf_entries) and conf_entries[folded].index <= applied:
+            folded += 1
+        if folded:
+            self._conf_base = conf_entries[folded - 1].conf_state
+            del conf_entries[:folded]
+
+    def _set_conf(self, conf: ConfState) -> None:
+        """Make `conf` the configuration in force: who votes, who counts, who is replicated."""
+        self._voters = tuple(sorted(conf.voters))
+        self._learners = tuple(sorted(conf.learners))
+        self._removed = frozenset(conf.removed)
+        self._known_ids = frozenset(self._progress_ids())
+        logger.info(
+            "event=conf_changed node=%d voters=%s learners=%s",
+            self.id,
+            ",".join(map(str, self._voters)),
+            ",".join(map(str, self._learners)),
+        )
+        if self.role is not Role.LEADER:
+            return
+        if self.lead_transferee != NONE and self.lead_transferee not in self._voters:
+            self.lead_transferee = NONE
+        config = self._config
+        for peer in self._known_ids - self._progress.keys():
+            inflights = Inflights(config.max_inflight_messages, config.max_inflight_bytes)
+            self._progress[peer] = Progress(self._log.last_index() + 1, inflights)
+        for peer in self._progress.keys() - self._known_ids - {self.id}:
+            del self._progress[peer]
+        # The majority changed: entries may commit now (e.g. a slow voter was removed).
+        self._after_match_changed()
+
+    def _maybe_hand_over(self) -> None:
+        """Dissertation §4.2.2: a leader that is not in the configuration it committed steps
+        down, first telling the most up-to-date voter to campaign at once (TIMEOUT_NOW)."""
+        if (
+            self.role is not Role.LEADER
+            or self.id in self._voters
+            or self._last_conf_index() > self._log.committed
+        ):
+            return
+        candidates = [
+            (progress.match_index, peer)
+            for peer, progress in self._progress.items()
+            if peer in self._voters
+        ]
+        logger.info("event=leader_removed node=%d term=%d action=step_down", self.id, self.term)
+        if candidates:
+            _, successor = max(candidates)
+            self._send_timeout_now(successor)
+        self._become_follower(self.term, NONE)
+
 
     @property
     def raft_log(self) -> RaftLog:
@@ -746,6 +987,11 @@ class RawNode:
             self._send(MessageType.APPEND_RESPONSE, m.from_, index=log.committed)
             return
         last_new_index = log.maybe_append(m.index, m.log_term, m.commit, m.entries)
+        if last_new_index is not None and (
+            (self._conf_entries and self._conf_entries[-1].index > m.index)
+            or any(entry.type is EntryType.CONF_CHANGE for entry in entries)
+        ):
+            self._sync_conf(entries)
         if last_new_index is not None:
             self._send(MessageType.APPEND_RESPONSE, m.from_, index=last_new_index)
             return
@@ -798,10 +1044,11 @@ class RawNode:
         return True
 
     def _apply_conf_state(self, conf_state: ConfState) -> None:
+        """A snapshot replaced the whole log: its configuration is the one in force."""
         if conf_state.voters:
-            self._voters = tuple(sorted(conf_state.voters))
-            self._learners = tuple(sorted(conf_state.learners))
-            self._known_ids = frozenset(self._progress_ids())
+            self._conf_base = conf_state
+            self._conf_entries.clear()
+            self._set_conf(conf_state)
 
     # === leader ===============================================================================
 
@@ -866,10 +1113,9 @@ class RawNode:
                 progress.become_replicate()
         else:
             progress.inflights.free_le(m.index)
-        if self._maybe_commit():
-            self._release_pending_read_index()
-            # The new commit index reaches followers with the next Ready's appends.
-            self._broadcast_pending = True
+        if self._after_match_changed():
+            if self.role is not Role.LEADER:
+                return  # a removal of this leader committed: it handed over
         elif was_paused:
             self._send_append(m.from_, progress)
         while self._send_append(m.from_, progress, send_if_empty=False):
@@ -886,11 +1132,11 @@ class RawNode:
         ticks_since_sent = self._tick_count - progress.sent_tick
         if (
             progress.state is ProgressState.SNAPSHOT
-            and ticks_since_sent >= 2 * self._config.election_ticks
+            and ticks_since_sent >= self._snapshot_timeout_ticks
         ):
             # The follower is alive but neither the snapshot's outcome nor its answer came
-            # back (a lost message the transport did not notice): two election timeouts
-            # after the snapshot went out, probe again, which sends a fresh snapshot if
+            # back (a lost message the transport did not notice): `snapshot_timeout_ticks`
+            # (two election timeouts by default) after the snapshot went out, probe again, which sends a fresh snapshot if
             # still needed. Until then a pending snapshot is never sent again (a SNAPSHOT
             # progress is paused, so `_send_append` below sends nothing).
             progress.pending_snapshot = 0
@@ -935,6 +1181,8 @@ class RawNode:
     def _append_entries(self, entries: list[Entry]) -> None:
         # Our own match index moves when the entries are durable (`_self_ack` in advance()).
         self._log.append(entries)
+        if any(entry.type is EntryType.CONF_CHANGE for entry in entries):
+            self._sync_conf(entries)
 
     def _increase_uncommitted_size(self, size_bytes: int) -> bool:
         limit = self._config.max_uncommitted_entries_bytes
@@ -1064,7 +1312,7 @@ class RawNode:
         return self._log.term_or_zero(self._log.committed) == self.term
 
     def _leader_read_index(self, requester: int, context: bytes) -> None:
-        if len(self._voters) == 1:
+        if self._voters == (self.id,):
             self._answer_read(requester, self._log.committed, context)
             return
         if not self._committed_entry_in_current_term():
@@ -1113,3 +1361,13 @@ class RawNode:
             self._send_timeout_now(transferee)
         else:
             self._send_append(transferee, progress)
+
+
+def _decode_conf(entry: Entry) -> ConfState:
+    """The configuration a CONF_CHANGE entry starts. Its bytes were checked by the codec
+    when they came from a peer or the disk, and made by a leader's `apply_change`: a
+    failure here is our own bug."""
+    try:
+        return confchange.decode(entry.data).conf_state
+    except ValueError as exc:
+        raise AssertionError(f"CONF_CHANGE entry {entry.index} does not decode: {exc}") from None

@@ -29,8 +29,7 @@ class Role(enum.Enum):
 
 class EntryType(enum.IntEnum):
     NORMAL = 0
-    # Reserved for membership changes (Raft §6 / dissertation §4); the core treats them as
-    # opaque today, so adding them later does not change the log format.
+    # A membership change (dissertation §4.1); its data is a `confchange.ConfChangeEntry`.
     CONF_CHANGE = 1
 
 
@@ -91,10 +90,13 @@ class HardState:
 
 @dataclass(frozen=True, slots=True)
 class ConfState:
-    """The cluster membership. Only voters today; learners are reserved for later."""
+    """The cluster membership (dissertation §4): voters count in elections and commit
+    quorums; learners receive the log but never vote nor count; `removed` lists every id
+    ever removed, which is never used again (see `kvstore.raft.confchange`)."""
 
     voters: tuple[int, ...] = ()
     learners: tuple[int, ...] = ()
+    removed: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,12 @@ def register(subparsers: Any) -> None:
     cluster.add_argument(
         "--peer-port", type=int, default=peer_port, help="first peer port (default %(default)s)"
     )
+    cluster.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS on both ports with a development CA under DATA_DIR/certs (kvstore certs init); "
+        "clients need --ca DATA_DIR/certs/ca.pem",
+    )
     cluster.add_argument("extra", nargs=argparse.REMAINDER, help="-- then flags for every node")
     cluster.set_defaults(handler=_cluster)
 
@@ -73,6 +79,44 @@ def register(subparsers: Any) -> None:
         "`kvstore secret > cluster.secret`, then the same file on every node.",
     )
     secret.set_defaults(handler=_print_secret)
+
+    certs = subparsers.add_parser(
+        "certs", help="development certificates", description="Development certificates."
+    )
+    certs_commands = certs.add_subparsers(dest="certs_command", metavar="COMMAND", required=True)
+    init = certs_commands.add_parser(
+        "init",
+        help="make a development CA and node and client certificates",
+        description="Write a development CA (reused if DIR already has one), node<N>.pem for "
+        "nodes 1..N (URI SAN urn:kvstore:node:<N>, localhost, 127.0.0.1, ::1 and every --host) "
+        "and client-<NAME>.pem for every --client, with their keys (mode 0600). For "
+        "development and tests; production certificates come from your CA or cert-manager.",
+    )
+    init.add_argument("--dir", default="certs", help="output directory (default %(default)s)")
+    init.add_argument("--nodes", type=_node_count, default=size, help="node certificates 1..N")
+    init.add_argument(
+        "--host", action="append", default=[], help="another DNS name or IP in node certificates"
+    )
+    init.add_argument(
+        "--client", action="append", default=None, help="a client certificate for NAME (default admin)"
+    )
+    init.add_argument("--days", type=int, default=365, help="validity (default %(default)s)")
+    init.set_defaults(handler=_certs_init)
+
+
+def _certs_init(args: argparse.Namespace) -> int:
+    from kvstore.server.certs import init_pki
+
+    written = init_pki(
+        Path(args.dir),
+        nodes=args.nodes,
+        hosts=args.host,
+        clients=args.client or ["admin"],
+        days=args.days,
+    )
+    for path in written:
+        print(path)
+    return 0
 
 
 def _print_secret(args: argparse.Namespace) -> int:
@@ -121,6 +165,7 @@ def _cluster(args: argparse.Namespace) -> int:
         extra_args=extra,
         client_ports=client_ports,
         peer_ports=peer_ports,
+        tls=args.tls,
         die_with_parent=True,
     )
     supervisor = _Supervisor(cluster)
@@ -136,7 +181,15 @@ def _cluster(args: argparse.Namespace) -> int:
             f"{cluster.peer_ports[node_id]}  pid {cluster.pid(node_id)}  "
             f"log {cluster.log_path(node_id)}"
         )
-    print(f"try: curl -L -X PUT --data hello {cluster.client_url(1)}/v1/kv/greeting")
+    if cluster.tls:
+        print(
+            f"try: curl --cacert {cluster.ca_file} -L -X PUT --data hello "
+            f"{cluster.client_url(1)}/v1/kv/greeting\n"
+            f"     kvstore status --ca {cluster.ca_file} --endpoints "
+            f"{','.join(cluster.client_urls)}"
+        )
+    else:
+        print(f"try: curl -L -X PUT --data hello {cluster.client_url(1)}/v1/kv/greeting")
     print(
         f"Ctrl-C stops all nodes; a node stopped with SIGTERM stays down until "
         f"`kill -USR1 {os.getpid()}`.",

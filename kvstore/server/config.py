@@ -28,6 +28,7 @@ from kvstore.server.discovery import split_host_port, statefulset_identity_from_
 from kvstore.server.peerauth import SECRET_BYTES_MIN
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_CLIENT_CERT_AUTH = ("none", "optional", "required")
 
 
 def parse_peers(text: str) -> dict[int, str]:
@@ -57,6 +58,16 @@ class ServeConfig:
     # Listen for peers on a non-loopback address with neither a secret nor TLS: only when the
     # network is known to reach no one but the members.
     peer_network_trusted: bool = False
+    # TLS (kvstore/server/tls.py). The client port: its certificate and key, and the CA of
+    # client certificates (asked for per client_cert_auth: none, optional or required).
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""
+    client_cert_auth: str = "none"
+    # The peer port: mutual TLS, all three or none.
+    peer_cert_file: str = ""
+    peer_key_file: str = ""
+    peer_ca_file: str = ""
     listen_client: str = "127.0.0.1:7001"
     listen_peer: str = "127.0.0.1:7101"
     advertise_client_url: str = ""  # "" means http://<listen_client>
@@ -73,8 +84,8 @@ class ServeConfig:
     max_pending_proposals: int = 8192
     request_timeout_ms: int = 5000
     peer_queue_frames: int = 8192
-    # The peer port's bounds (kvstore/server/transport.py). A snapshot is sent as one frame,
-    # so peer_frame_bytes_max must exceed the largest snapshot (the whole key space).
+    # The peer port's bounds (kvstore/server/transport.py). A snapshot streams in chunks
+    # (snapshot_stream.py), so peer_frame_bytes_max bounds messages, not the store.
     peer_frame_bytes_max: int = 256 << 20
     peer_handshake_timeout_ms: int = 1000
     peer_connections_max: int = 64
@@ -91,6 +102,16 @@ class ServeConfig:
     client_header_timeout_ms: int = 10_000  # first byte of a request head -> whole head
     client_body_timeout_ms: int = 30_000  # whole head -> whole body
     client_idle_timeout_ms: int = 60_000  # no request in progress (keep-alive, or new)
+    # Transactions, history, watches and leases (issue 14). The history bounds decide what
+    # the replicated state holds: they must be the same on every node.
+    txn_ops_max: int = 128
+    history_revisions_max: int = 10_000
+    history_bytes_max: int = 64 << 20
+    history_age_ms: int = 0
+    watch_progress_interval_ms: int = 1000
+    watch_lag_revisions_max: int = 5_000
+    watchers_max: int = 10_000
+    lease_check_interval_ms: int = 50
     # Chaos drills only: answer "linearizable" reads from local state without ReadIndex.
     unsafe_local_reads: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
@@ -118,20 +139,48 @@ class ServeConfig:
         ):
             raise ValueError("advertise_client_url must start with http:// or https://")
 
+    @property
+    def client_tls(self) -> bool:
+        return bool(self.cert_file)
+
+    @property
+    def peer_tls(self) -> bool:
+        return bool(self.peer_cert_file)
+
+    def _check_tls(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together (the client port's TLS)")
+        if self.ca_file and not self.cert_file:
+            raise ValueError("ca_file needs cert_file and key_file (TLS on the client port)")
+        if self.client_cert_auth not in _CLIENT_CERT_AUTH:
+            raise ValueError(f"client_cert_auth must be one of {_CLIENT_CERT_AUTH}")
+        if self.client_cert_auth != "none" and not self.ca_file:
+            raise ValueError("client_cert_auth needs ca_file (the CA of client certificates)")
+        peer = (self.peer_cert_file, self.peer_key_file, self.peer_ca_file)
+        if any(peer) and not all(peer):
+            raise ValueError(
+                "peer_cert_file, peer_key_file and peer_ca_file go together (mutual TLS "
+                "between peers)"
+            )
+        if self.advertise_client_url.startswith("http://") and self.client_tls:
+            raise ValueError("advertise_client_url must be https:// with TLS on the client port")
+
     def _check_peer_authentication(self) -> None:
+        self._check_tls()
         if self.cluster_secret and len(self.cluster_secret.encode()) < SECRET_BYTES_MIN:
             raise ValueError(
                 f"cluster_secret must be at least {SECRET_BYTES_MIN} bytes "
                 "(`kvstore secret` prints a new one)"
             )
-        if self.cluster_secret or self.peer_network_trusted:
+        if self.cluster_secret or self.peer_tls or self.peer_network_trusted:
             return
         host, _ = split_host_port(self.listen_peer)
         if not is_loopback_host(host):
             raise ValueError(
                 f"listen_peer {self.listen_peer} is not a loopback address, and peers would "
-                "not have to authenticate: set cluster_secret_file (or cluster_secret), or "
-                "peer_network_trusted=true if nothing but the members can reach that network"
+                "not have to authenticate: set cluster_secret_file (or cluster_secret) or peer "
+                "TLS (peer_cert_file, peer_key_file, peer_ca_file), or peer_network_trusted="
+                "true if nothing but the members can reach that network"
             )
 
     def _check_positive(self) -> None:
@@ -157,11 +206,18 @@ class ServeConfig:
             "client_header_timeout_ms",
             "client_body_timeout_ms",
             "client_idle_timeout_ms",
+            "txn_ops_max",
+            "history_revisions_max",
+            "history_bytes_max",
+            "watch_progress_interval_ms",
+            "watch_lag_revisions_max",
+            "watchers_max",
+            "lease_check_interval_ms",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if min(self.shutdown_transfer_ms, self.snapshot_catch_up_entries) < 0 or (
-            self.inline_save_entries_max < 0
+            self.inline_save_entries_max < 0 or self.history_age_ms < 0
         ):
             raise ValueError("shutdown_transfer_ms and snapshot_catch_up_entries must be >= 0")
         if not (0 <= self.snapshot_log_ratio < math.inf):
@@ -177,7 +233,8 @@ class ServeConfig:
 
     @property
     def client_url(self) -> str:
-        return self.advertise_client_url or f"http://{self.listen_client}"
+        scheme = "https" if self.client_tls else "http"
+        return self.advertise_client_url or f"{scheme}://{self.listen_client}"
 
 
 def is_loopback_host(host: str) -> bool:
@@ -217,9 +274,16 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
         "allow a non-loopback listen-peer without a secret or TLS (only on a network that "
         "reaches no one but the members)",
     ),
+    ("cert_file", str, "TLS on the client port: this node's certificate chain (PEM)"),
+    ("key_file", str, "TLS on the client port: the key of cert-file (PEM)"),
+    ("ca_file", str, "TLS on the client port: the CA of client certificates (PEM)"),
+    ("client_cert_auth", str, "ask clients for a certificate signed by ca-file: none, optional, required"),
+    ("peer_cert_file", str, "mutual TLS between peers: this node's certificate chain (PEM)"),
+    ("peer_key_file", str, "mutual TLS between peers: the key of peer-cert-file (PEM)"),
+    ("peer_ca_file", str, "mutual TLS between peers: the CA that signs every member's certificate"),
     ("listen_client", str, "host:port for the HTTP API"),
     ("listen_peer", str, "host:port for peer traffic"),
-    ("advertise_client_url", str, "client URL other nodes give out (default http://LISTEN)"),
+    ("advertise_client_url", str, "client URL other nodes give out (default http(s)://LISTEN)"),
     ("peers", str, "peer ports of all nodes: 1=host:port,2=host:port,3=host:port (default: this node only)"),
     ("data_dir", str, "directory of the write-ahead log and snapshots (default data/nodeID)"),
     ("log_level", str, "debug, info, warning, error or critical"),
@@ -239,7 +303,7 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("max_pending_proposals", int, "writes in flight before answering 429"),
     ("request_timeout_ms", int, "deadline of one request inside the node"),
     ("peer_queue_frames", int, "frames queued per peer before dropping"),
-    ("peer_frame_bytes_max", int, "largest peer frame accepted; must exceed the largest snapshot"),
+    ("peer_frame_bytes_max", int, "largest peer frame accepted (snapshots stream in smaller chunks)"),
     ("peer_handshake_timeout_ms", int, "time a peer connection has to complete its handshake"),
     ("peer_connections_max", int, "inbound peer connections at most"),
     ("peer_connections_per_source_max", int, "inbound peer connections from one address at most"),
@@ -261,6 +325,30 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("client_header_timeout_ms", int, "time for a request head, from its first byte"),
     ("client_body_timeout_ms", int, "time for a request body, after its head"),
     ("client_idle_timeout_ms", int, "close a client connection idle this long"),
+    ("txn_ops_max", int, "comparisons, or operations per branch, a transaction may hold"),
+    (
+        "history_revisions_max",
+        int,
+        "revisions of history kept for watches and past reads (same on every node)",
+    ),
+    ("history_bytes_max", int, "bytes of history kept at most (same on every node)"),
+    (
+        "history_age_ms",
+        int,
+        "history older than this is compacted; 0 = no age bound (same on every node)",
+    ),
+    (
+        "watch_progress_interval_ms",
+        int,
+        "a watch with nothing to send reports its revision this often",
+    ),
+    (
+        "watch_lag_revisions_max",
+        int,
+        "a watcher this many revisions behind is cancelled as too slow",
+    ),
+    ("watchers_max", int, "watches one node serves at once"),
+    ("lease_check_interval_ms", int, "how often the leader looks for expired leases"),
     ("unsafe_local_reads", _parse_bool, "UNSAFE, for chaos drills: skip ReadIndex on reads"),
 )
 

@@ -37,7 +37,7 @@ import asyncio
 import collections
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +62,7 @@ from kvstore.server.snapshots import SnapshotTender
 from kvstore.server.storage_thread import StorageThread
 
 if TYPE_CHECKING:
-    from kvstore.replica import Replica
+    from kvstore.replica import Applied, Replica
 
 logger = logging.getLogger("kvstore.server")
 
@@ -173,6 +173,10 @@ class Driver:
             self._loop, config.id, election_timeout_s, lambda: (self.role, self.leader_id)
         )
         self._request_ids = ServerRequestIds(config.id)
+        # Told, on the driver task, of every batch of applied entries (watches, leases) and
+        # of every change of role (the lease keeper); they must not block.
+        self.apply_listeners: list[Callable[[Sequence[Applied]], None]] = []
+        self.role_listeners: list[Callable[[Role], None]] = []
 
     # --- the parts' state, under the names the HTTP layer and the node read -----------------
 
@@ -493,6 +497,8 @@ class Driver:
         self.metrics.commits.inc(len(ready.committed_entries))
         self.metrics.applies.inc(len(applied))
         self.pending.on_applied(applied, self.replica.state_machine.applied_index)
+        for listener in self.apply_listeners:
+            listener(applied)
 
     def _on_read_states(self, ready: Ready) -> None:
         self.pending.on_read_states(ready.read_states, self.replica.state_machine.applied_index)
@@ -510,7 +516,11 @@ class Driver:
             self.metrics.elections.inc()
         was_leader = self.role is Role.LEADER
         leader_changed = leader_id != self.leader_id
+        role_changed = role is not self.role
         self.leader_id, self.role = leader_id, role
+        if role_changed:
+            for listener in self.role_listeners:
+                listener(role)
         self.metrics.is_leader.set(1 if role is Role.LEADER else 0)
         if was_leader and role is not Role.LEADER and not self.handover.active:
             self.pending.fail_writes(

@@ -36,6 +36,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from kvstore.errors import (
     BadRequestError,
     ClusterError,
+    ConflictError,
     DeadlineExceededError,
     KVStoreError,
     MethodNotAllowedError,
@@ -84,12 +85,18 @@ _WRITE_ERRORS: dict[WriteError, type[KVStoreError]] = {
     WriteError.SESSION_EXPIRED: SessionExpiredError,
     WriteError.NOT_FOUND: NotFoundError,
     WriteError.PRECONDITION_FAILED: PreconditionFailedError,
+    WriteError.LEASE_NOT_FOUND: NotFoundError,
+    WriteError.LEASE_EXISTS: ConflictError,
+    WriteError.FUTURE_REVISION: BadRequestError,
 }
 _WRITE_MESSAGES: dict[WriteError, str] = {
     WriteError.SESSION_EXPIRED: "the request id is older than the client's session remembers; "
     "not applied now, and whether an earlier attempt applied is unknown",
     WriteError.NOT_FOUND: "no such key",
     WriteError.PRECONDITION_FAILED: "the condition on the key's revision did not hold",
+    WriteError.LEASE_NOT_FOUND: "no such lease",
+    WriteError.LEASE_EXISTS: "a lease with that id exists",
+    WriteError.FUTURE_REVISION: "the revision is beyond the store's",
 }
 
 
@@ -205,9 +212,10 @@ class HttpApi:
             ("/v1/kv", "GET"): self.list_keys,
         }
 
-    def add_route(self, path: str, method: str, handler: Handler) -> None:
-        """Serve `method path` with `handler` (the binary stream installs itself here)."""
-        self._plain_routes[(path, method)] = handler
+    def add_routes(self, routes: dict[tuple[str, str], Handler]) -> None:
+        """Serve more plain routes ((path, method) -> handler): the coordination API
+        (kvstore/server/coordination.py, watch.py) registers its own this way."""
+        self._plain_routes.update(routes)
 
     def build_server(self, limits: ConnectionLimits | None = None) -> ClientServer:
         """aiohttp's low-level server with our own dispatch (the Application router and
@@ -290,9 +298,10 @@ class HttpApi:
                 raise MethodNotAllowedError(
                     f"{clip(method, 20)} is not allowed on a key", allow=_KEY_METHODS
                 )
-            if (path, "GET") in self._plain_routes:
+            allowed = [m for (p, m) in self._plain_routes if p == path]
+            if allowed:
                 raise MethodNotAllowedError(
-                    f"{clip(method, 20)} is not allowed on {path}", allow="GET"
+                    f"{clip(method, 20)} is not allowed on {path}", allow=", ".join(allowed)
                 )
             raise NoRouteError(f"no route {clip(path, 80)}")
         return route, handler
@@ -387,6 +396,7 @@ class HttpApi:
     async def put_key(self, request: web.BaseRequest) -> web.Response:
         key = self._key(request)
         if_revision, create_only = self._conditions(request)
+        lease = _uint(_query(request).get("lease", "0"), "lease", (1 << 63) - 1)
         if self.driver.leader_pending():
             await self.driver.wait_for_leader()
         self.driver.check_writable()
@@ -402,6 +412,7 @@ class HttpApi:
                 if_revision=if_revision,
                 create_only=create_only,
                 acked_below=acked_below,
+                lease=lease,
             )
             result = await self.driver.write(command, request_id)
         finally:
@@ -463,9 +474,10 @@ class HttpApi:
 
     async def get_key(self, request: web.BaseRequest) -> web.Response:
         key = self._key(request)
+        revision = _uint(_query(request).get("revision", "0"), "revision")
         await self._barrier(request)
         state_machine = self.driver.replica.state_machine
-        kv = state_machine.get(key)
+        kv = state_machine.get(key) if not revision else state_machine.get_at(key, revision)
         if kv is None:
             raise NotFoundError("no such key")
         return web.Response(
@@ -489,12 +501,19 @@ class HttpApi:
                 "characters"
             )
         limit = _uint(query.get("limit", "1000"), "limit", _LIST_LIMIT_MAX, minimum=1)
+        start = query.get("start", "")
+        if _CONTROL.search(start) or len(start.encode()) > self.config.max_key_bytes:
+            raise BadRequestError("start must be a key (a list's `next`)")
+        revision = _uint(query.get("revision", "0"), "revision")
         await self._barrier(request)
         state_machine = self.driver.replica.state_machine
-        items, more = state_machine.list(prefix, limit)
+        if revision:
+            items, following = state_machine.range_at(prefix, limit, start, revision)
+        else:
+            items, following = state_machine.range(prefix, limit, start)
         return _json(
             {
-                "revision": state_machine.revision,
+                "revision": revision or state_machine.revision,
                 "items": [
                     {
                         "key": kv.key,
@@ -505,7 +524,8 @@ class HttpApi:
                     }
                     for kv in items
                 ],
-                "more": more,
+                "more": following is not None,
+                "next": following,
             }
         )
 

@@ -22,6 +22,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -94,6 +95,7 @@ class LocalCluster:
         peer_ports: Sequence[int] | None = None,
         cluster_id: str = "kvstore",
         cluster_secret: str | None = None,
+        tls: bool = False,
         python: str = sys.executable,
         die_with_parent: bool = False,
     ) -> None:
@@ -112,6 +114,10 @@ class LocalCluster:
         # Peers prove this secret in their handshake (kvstore/server/peerauth.py). It goes to
         # each node in a file readable by the owner only, never on the command line (ps).
         self.cluster_secret = cluster_secret or secrets.token_hex(32)
+        # TLS on both ports with a development CA under <base_dir>/certs (`kvstore certs
+        # init`'s files): https:// client URLs, mutual TLS between peers.
+        self.tls = tls
+        self.certs_dir = self.base_dir / "certs"
         self.python = python
         self.die_with_parent = die_with_parent
         client = list(client_ports) if client_ports else [free_port() for _ in self.ids]
@@ -142,7 +148,30 @@ class LocalCluster:
     # --- addresses ------------------------------------------------------------------
 
     def client_url(self, node_id: int) -> str:
-        return f"http://127.0.0.1:{self.client_ports[node_id]}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.client_ports[node_id]}"
+
+    @property
+    def ca_file(self) -> str:
+        """The CA of the nodes' certificates ("" without TLS)."""
+        return str(self.certs_dir / "ca.pem") if self.tls else ""
+
+    def _ensure_certificates(self) -> None:
+        if not self.tls or all(
+            (self.certs_dir / f"node{i}.pem").exists() for i in self.ids
+        ):
+            return
+        from kvstore.server.certs import init_pki
+
+        init_pki(self.certs_dir, nodes=max(self.ids))
+
+    def _opener(self) -> urllib.request.OpenerDirector:
+        if not self.tls:
+            return _OPENER
+        context = ssl.create_default_context(cafile=self.ca_file)
+        return urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+        )
 
     def data_dir(self, node_id: int) -> Path:
         return self.base_dir / f"node{node_id}"
@@ -185,8 +214,16 @@ class LocalCluster:
             peers,
             "--data-dir",
             str(self.data_dir(node_id)),
+            *self._tls_args(node_id),
             *self.extra_args,
         ]
+
+    def _tls_args(self, node_id: int) -> list[str]:
+        if not self.tls:
+            return []
+        from kvstore.server.certs import node_tls_args
+
+        return node_tls_args(self.certs_dir, node_id)
 
     # --- processes ------------------------------------------------------------------
 
@@ -200,6 +237,7 @@ class LocalCluster:
             raise RuntimeError(f"node {node_id} is already running")
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self._write_secret()
+        self._ensure_certificates()
         env = dict(os.environ)
         env.update(self.env)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH")]))
@@ -300,7 +338,7 @@ class LocalCluster:
             return None
         try:
             url = self.client_url(node_id) + "/v1/status"
-            with _OPENER.open(url, timeout=timeout_s) as response:
+            with self._opener().open(url, timeout=timeout_s) as response:
                 document: dict[str, Any] = json.loads(response.read())
                 return document
         except (OSError, urllib.error.URLError, ValueError):

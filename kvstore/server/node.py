@@ -27,6 +27,7 @@ import logging
 import os
 import random
 import signal
+import ssl
 import sys
 import time
 from typing import Any
@@ -34,15 +35,22 @@ from typing import Any
 from aiohttp import web
 
 from kvstore.errors import CorruptionError, FatalDiskError, StorageError
+from kvstore.kv.history import HistoryConfig
+from kvstore.kv.state_machine import KvConfig
 from kvstore.raft.config import RaftConfig
 from kvstore.server import stream
 from kvstore.server.config import ServeConfig
 from kvstore.server.connections import limits_from_config, raise_nofile_limit
+from kvstore.server.coordination import CoordinationApi
 from kvstore.server.discovery import split_host_port
 from kvstore.server.driver import Driver
 from kvstore.server.http import HttpApi
+from kvstore.server.leases import LeaseService
 from kvstore.server.metrics import NodeMetrics, NodeState
+from kvstore.server.snapshot_stream import snapshot_file_opener
+from kvstore.server.tls import TlsContexts, contexts_from_config, install_sighup
 from kvstore.server.transport import PeerTransport
+from kvstore.server.watch import WatchApi, WatchHub
 
 logger = logging.getLogger("kvstore.server")
 
@@ -99,6 +107,9 @@ def tune_gc(metrics: NodeMetrics | None = None) -> None:
     gc.callbacks.append(on_gc)
 
 
+_SNAPSHOT_TIMEOUT_MS = 60_000
+
+
 def open_replica(config: ServeConfig) -> Any:
     """Open (recover) the data directory and build the Replica; raises StorageError."""
     from kvstore.replica import Replica
@@ -111,6 +122,11 @@ def open_replica(config: ServeConfig) -> Any:
         peers=tuple(sorted(config.peer_addresses)),
         election_ticks=config.election_ticks,
         heartbeat_ticks=config.heartbeat_ticks,
+        # The transport reports every snapshot stream's outcome (snapshot_stream.py); the
+        # core's own timeout is only a backstop, and must outlast a large transfer.
+        snapshot_timeout_ticks=max(
+            2 * config.election_ticks, _SNAPSHOT_TIMEOUT_MS // config.tick_interval_ms
+        ),
     )
     return Replica(
         raft_config,
@@ -120,14 +136,55 @@ def open_replica(config: ServeConfig) -> Any:
         snapshot_catch_up_entries=config.snapshot_catch_up_entries,
         snapshot_log_ratio=config.snapshot_log_ratio,
         defer_snapshots=True,
+        kv_config=kv_config(config),
     )
+
+
+def kv_config(config: ServeConfig) -> KvConfig:
+    """The state machine's configuration from the node's (it must be the same on every
+    node: it bounds replicated state)."""
+    return KvConfig(
+        history=HistoryConfig(
+            revisions_max=config.history_revisions_max,
+            bytes_max=config.history_bytes_max,
+            age_ms=config.history_age_ms,
+        )
+    )
+
+
+class _ClientSite(web.TCPSite):
+    """aiohttp's TCPSite with a bound on the TLS handshake: a connection is counted against
+    the client port's bounds (kvstore/server/connections.py) only once its handshake is
+    done, so the handshake gets the head's timeout instead of asyncio's 60 s."""
+
+    def __init__(self, *args: Any, ssl_handshake_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ssl_handshake_timeout_s = ssl_handshake_timeout_s
+
+    async def start(self) -> None:
+        if self._ssl_context is None:
+            await super().start()
+            return
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            ssl_handshake_timeout=self._ssl_handshake_timeout_s,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+        )
 
 
 class Node:
     """The running parts of one node and their shutdown order."""
 
-    def __init__(self, config: ServeConfig, replica: Any) -> None:
+    def __init__(self, config: ServeConfig, replica: Any, tls: TlsContexts | None = None) -> None:
         self.config = config
+        self.tls = tls
         self.replica = replica
         self.metrics = NodeMetrics(config.id)
         self.metrics.watch_storage(replica.storage)
@@ -142,6 +199,7 @@ class Node:
             on_message=self.driver.on_message,
             on_peer_down=self.driver.on_peer_down,
             cluster_secret=config.cluster_secret.encode(),
+            tls=tls if config.peer_tls else None,
             on_snapshot_status=self.driver.on_snapshot_status,
             queue_frames_max=config.peer_queue_frames,
             on_drop=lambda peer: self.metrics.peer_dropped.inc(),
@@ -151,9 +209,15 @@ class Node:
             connections_per_source_max=config.peer_connections_per_source_max,
             ping_interval_s=config.heartbeat_interval_s,
             dead_after_s=config.peer_dead_after_heartbeats * config.heartbeat_interval_s,
+            snapshot_directory=str(config.data_dir),
+            open_snapshot=snapshot_file_opener(str(config.data_dir)),
         )
         self.http = HttpApi(self.driver, config.cluster_id)
         stream.install(self.http)
+        self.leases = LeaseService(self.driver)
+        self.watch_hub = WatchHub(self.driver)
+        CoordinationApi(self.http, self.leases)
+        WatchApi(self.http, self.watch_hub)
         self.metrics.bind_node(
             commit_index=lambda: self.driver.status().commit_index,
             applied_index=self.driver.applied_index,
@@ -203,7 +267,21 @@ class Node:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
-        loop.add_signal_handler(signal.SIGINT, functools.partial(self.request_stop, hand_over=False))
+        loop.add_signal_handler(
+            signal.SIGINT, functools.partial(self.request_stop, hand_over=False)
+        )
+        watch_task: asyncio.Task[None] | None = None
+        if self.tls is not None:
+            tls = self.tls
+            install_sighup(loop, lambda: tls.reload("sighup"))
+            watch_task = loop.create_task(tls.watch(), name="tls-watch")
+        try:
+            await self._run(loop)
+        finally:
+            if watch_task is not None:
+                watch_task.cancel()
+
+    async def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             await self.transport.start()
         except OSError as exc:
@@ -223,21 +301,35 @@ class Node:
         await self._runner.setup()
         host, port = split_host_port(self.config.listen_client)
         try:
-            await web.TCPSite(self._runner, host, port, reuse_address=True, backlog=1024).start()
+            listener = None if self.tls is None else self.tls.client_listener
+            await _ClientSite(
+                self._runner,
+                host,
+                port,
+                reuse_address=True,
+                backlog=1024,
+                ssl_context=listener,
+                ssl_handshake_timeout_s=self.config.client_header_timeout_ms / 1000,
+            ).start()
         except OSError as exc:
             raise ListenError("client", self.config.listen_client, exc) from exc
+        peer_auth = "+".join(
+            name
+            for name, on in (("tls", self.config.peer_tls), ("secret", self.config.cluster_secret))
+            if on
+        )
         logger.info(
-            "event=started id=%s client=%s peer=%s data_dir=%s",
+            "event=started id=%s client=%s peer=%s data_dir=%s peer_auth=%s",
             self.config.id,
             self.config.client_url,
             self.config.listen_peer,
             self.config.data_dir,
+            peer_auth or "none",
         )
         if self.config.unsafe_local_reads:
-            logger.warning(
-                "event=unsafe_local_reads read_index=skipped use=chaos_drills_only"
-            )
+            logger.warning("event=unsafe_local_reads read_index=skipped use=chaos_drills_only")
         driver_task = loop.create_task(self.driver.run(), name="driver")
+        lease_task = loop.create_task(self.leases.run(), name="lease-expiry")
         stop_task = loop.create_task(self._stop.wait(), name="stop-signal")
         try:
             await asyncio.wait((driver_task, stop_task), return_when=asyncio.FIRST_COMPLETED)
@@ -247,6 +339,9 @@ class Node:
                 await self._shutdown(driver_task)
         finally:
             stop_task.cancel()
+            lease_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await lease_task
             driver_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await driver_task
@@ -259,6 +354,7 @@ class Node:
         if self._hand_over_on_stop:
             await self._hand_over()
         await self._drain_writes(self.config.shutdown_transfer_ms / 1000)
+        self.watch_hub.close()  # watches end now rather than hold the cleanup below
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -302,6 +398,11 @@ class Node:
 
 async def _main(config: ServeConfig) -> int:
     try:
+        tls = contexts_from_config(config)
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        print(f"kvstore: cannot load the TLS files: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    try:
         replica = open_replica(config)
     except CorruptionError as exc:
         logger.critical(
@@ -316,7 +417,7 @@ async def _main(config: ServeConfig) -> int:
     except StorageError as exc:
         print(f"kvstore: cannot open {config.data_dir}: {exc}", file=sys.stderr)
         return EXIT_STORAGE
-    node = Node(config, replica)
+    node = Node(config, replica, tls)
     tune_gc(node.metrics)
     try:
         await node.run()

@@ -55,8 +55,7 @@ from kvstore.errors import (
     PayloadTooLargeError,
     http_status,
 )
-from kvstore.kv.commands import UINT64_MAX, Delete, Put, RequestId, WriteResult
-from kvstore.request_id import parse_request_id
+from kvstore.kv.commands import UINT64_MAX, Delete, Put, RequestId, WriteResult, parse_request_id
 from kvstore.server.http import HttpApi, check_key, raise_for_result
 
 logger = logging.getLogger("kvstore.server.http")
@@ -470,4 +469,4 @@ def install(api: HttpApi) -> None:
         await StreamSession(api, ws).run()
         return ws
 
-    api.add_route("/v1/stream", "GET", stream)
+    api.add_routes({("/v1/stream", "GET"): stream})

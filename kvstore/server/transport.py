@@ -9,8 +9,16 @@ Wire format (asyncio streams on the peer port): frames of a 4-byte big-endian le
 must never make a garbled frame decode into a valid-looking message). The first frame each
 frames are the authenticated handshake of kvstore/server/peerauth.py (hello, answer, proof),
 each of at most HANDSHAKE_BYTES_MAX; every later frame (dialer to acceptor only) is
-`kvstore.codec.encode_message`, of at most `frame_bytes_max`, or a ping: a frame with an
-empty payload, which a writer sends when it has sent nothing for `ping_interval_s`.
+`kvstore.codec.encode_message`, of at most `frame_bytes_max`, a ping: a frame with an
+empty payload, which a writer sends when it has sent nothing for `ping_interval_s`, or a
+frame of a snapshot stream (kvstore/server/snapshot_stream.py: its payloads start with a tag
+byte that no encoded message starts with; the follower's ACK goes on its own connection to
+the leader).
+
+With TLS on the peer port (kvstore/server/tls.py) the dial is a TLS connection and an
+inbound connection is upgraded with `start_tls` once it has passed the connection bounds, both
+within the handshake's time; each end checks that the other's certificate names the member
+it claims to be before answering, and the handshake above then runs inside TLS.
 
 Rules that hold here:
 - Nothing from a connection counts before its handshake has completed, the peer's proof of
@@ -26,9 +34,9 @@ Rules that hold here:
   (`connections_per_source_max` from one address), each allowed `handshake_timeout_s` to
   complete a handshake of at most HANDSHAKE_BYTES_MAX (a dial gives up after the shorter of
   that and `dead_after_s`), then frames of at most
-  `frame_bytes_max`. A snapshot travels as one frame, so `frame_bytes_max` must exceed the
-  largest snapshot a node sends; a sender logs an error and reports the snapshot as failed
-  instead of sending a frame over it.
+  `frame_bytes_max`; a sender logs an error instead of sending a frame over it. A snapshot
+  is not one frame: it streams in chunks of `snapshot_chunk_bytes`, interleaved with the
+  messages (snapshot_stream.py), so no bound limits the size of the store.
 - `send()` never blocks: each peer has a bounded queue, and a full queue drops the message
   (Raft retransmits; a dropped message costs latency, never safety).
 - One writer task per peer takes everything queued and writes it with one `writelines`.
@@ -67,6 +75,7 @@ import contextlib
 import logging
 import random
 import socket
+import ssl
 import struct
 import time
 import zlib
@@ -79,6 +88,13 @@ from kvstore.raft.types import Message, MessageType
 from kvstore.server import peerauth
 from kvstore.server.discovery import resolve_address, split_host_port
 from kvstore.server.peerauth import Handshake
+from kvstore.server.snapshot_stream import (
+    CHUNK_BYTES_DEFAULT,
+    OpenSnapshot,
+    SnapshotStreams,
+    is_stream_payload,
+)
+from kvstore.server.tls import TlsContexts, check_peer_identity
 
 logger = logging.getLogger("kvstore.server")
 
@@ -86,8 +102,8 @@ _HEADER = struct.Struct(">II")  # length, crc32
 HANDSHAKE_BYTES_MAX = 4 << 10
 """A handshake is ~200 bytes; a longer length prefix is refused before reading the body."""
 FRAME_BYTES_MAX_DEFAULT = 256 << 20
-"""Default bound of a frame after the handshake. A snapshot (the whole state machine) is one
-frame, and a follower holds that state in memory anyway; see ServeConfig.peer_frame_bytes_max."""
+"""Default bound of a frame after the handshake (an append carries at most about 1 MiB of
+entries; a snapshot streams in small chunks); see ServeConfig.peer_frame_bytes_max."""
 _READ_CHUNK_BYTES = 256 << 10
 _PING = _HEADER.pack(0, zlib.crc32(b""))
 _LOG_INTERVAL_S = 1.0
@@ -196,7 +212,8 @@ class _Peer:
     def __init__(self, peer_id: int, address: str, queue_frames_max: int) -> None:
         self.id = peer_id
         self.address = address
-        self.queue: list[Message] = []
+        # Raft messages, and (bytes) payloads of snapshot stream frames (an ACK).
+        self.queue: list[Message | bytes] = []
         self.queue_frames_max = queue_frames_max
         self.wakeup = asyncio.Event()
         self.redial = asyncio.Event()
@@ -225,6 +242,7 @@ class PeerTransport:
         on_message: Callable[[Message], None],
         on_peer_down: Callable[[int], None],
         cluster_secret: bytes = b"",
+        tls: TlsContexts | None = None,
         on_peer_url: Callable[[int, str], None] | None = None,
         on_snapshot_status: Callable[[int, bool], None] | None = None,
         queue_frames_max: int = 8192,
@@ -239,6 +257,9 @@ class PeerTransport:
         ping_interval_s: float = 0.05,
         dead_after_s: float = 0.25,
         probe_window_s: float | None = None,
+        snapshot_directory: str | None = None,
+        open_snapshot: OpenSnapshot | None = None,
+        snapshot_chunk_bytes: int = CHUNK_BYTES_DEFAULT,
     ) -> None:
         self.node_id = node_id
         self.cluster_id = cluster_id
@@ -251,10 +272,22 @@ class PeerTransport:
         }
         # The key of the handshake's proofs (kvstore/server/peerauth.py); b"" proves nothing.
         self._secret = cluster_secret
+        # Mutual TLS on this port (kvstore/server/tls.py): contexts read at each connection,
+        # so a reload applies to the next one.
+        self._tls = tls
         self._on_message = on_message
         self._on_peer_down = on_peer_down
         self._on_peer_url = on_peer_url
         self._on_snapshot_status = on_snapshot_status
+        # Snapshots travel as streams of chunks beside the Raft messages (snapshot_stream.py).
+        self.snapshots = SnapshotStreams(
+            directory=snapshot_directory,
+            open_snapshot=open_snapshot,
+            on_message=on_message,
+            on_snapshot_status=on_snapshot_status,
+            send_payload=self._send_payload,
+            chunk_bytes=min(snapshot_chunk_bytes, frame_bytes_max - 32),
+        )
         # Told the peer's id for every message dropped on a full queue (the metrics count it).
         self._on_drop = on_drop
         self._backoff_initial_s = backoff_initial_s
@@ -298,6 +331,7 @@ class PeerTransport:
 
     async def close(self) -> None:
         self._closing = True
+        await self.snapshots.close()
         for peer in self._peers.values():
             if peer.probe is not None:
                 peer.probe.cancel()
@@ -330,11 +364,19 @@ class PeerTransport:
             peer.dropped += 1
             if self._on_drop is not None:
                 self._on_drop(peer.id)
-            if message.type is MessageType.SNAPSHOT:
-                self._snapshot_status(peer.id, [message], ok=False)
+            if message.type is MessageType.SNAPSHOT and self._on_snapshot_status is not None:
+                self._on_snapshot_status(peer.id, False)
             return
         peer.queue.append(message)
         peer.wakeup.set()
+
+    def _send_payload(self, peer_id: int, payload: bytes) -> None:
+        """Queue a snapshot stream frame (an ACK) for `peer_id`, never dropped: one per
+        stream, and the stream's leader waits for it."""
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            peer.queue.append(payload)
+            peer.wakeup.set()
 
     def is_connected(self, peer_id: int) -> bool:
         peer = self._peers.get(peer_id)
@@ -350,6 +392,15 @@ class PeerTransport:
             try:
                 reader, writer = await self._dial(peer)
             except (OSError, ProtocolError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                if isinstance(exc, ProtocolError | ssl.SSLError):
+                    # The peer answered but did not authenticate (or refused us): a setting
+                    # differs (secret, certificate, CA), or it is not our peer at all.
+                    self._log.warning(
+                        "peer_dial_rejected",
+                        "event=peer_dial_rejected peer=%s error=%r",
+                        peer.id,
+                        str(exc)[:200],
+                    )
                 logger.debug("event=dial_failed peer=%s error=%r", peer.id, exc)
                 if peer.probe is not None and isinstance(exc, _GONE_ERRORS):
                     self._peer_gone(peer, "redial_refused")
@@ -384,9 +435,14 @@ class PeerTransport:
         # and the first one after the heal must not wait behind it for long. A peer that has
         # not answered within dead_after_s would count as dead on an open connection too.
         async with asyncio.timeout(min(self._handshake_timeout_s, self._dead_after_s)):
-            reader, writer = await asyncio.open_connection(host, port)
+            context = None if self._tls is None else self._tls.peer_dial
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=context, server_hostname=host if context else None
+            )
             try:
                 _tune_socket(writer, self._user_timeout_ms)
+                if context is not None:
+                    check_peer_identity(writer.get_extra_info("peercert"), peer.id, peer.address)
                 hello = peerauth.new_hello(
                     cluster_id=self.cluster_id,
                     node_id=self.node_id,
@@ -413,35 +469,43 @@ class PeerTransport:
         """Write queued frames until the connection fails; the peer never writes back, so a
         read returning EOF means the connection is gone (the peer died or closed it). With
         nothing to send for ping_interval_s, send a ping so the peer can tell an idle
-        connection from a dead one. `_redial` aborts the connection to end this early."""
+        connection from a dead one. `_redial` aborts the connection to end this early.
+
+        A snapshot stream's chunks (snapshot_stream.py) alternate with the batches of queued
+        messages, one chunk after each batch: a heartbeat or an append waits behind one chunk
+        at most, and a steady flow of messages cannot starve the stream either."""
         eof = asyncio.ensure_future(reader.read(1))
         try:
             while not eof.done():
-                if not peer.queue:
-                    peer.wakeup.clear()
-                    wake = asyncio.ensure_future(peer.wakeup.wait())
-                    done, _ = await asyncio.wait(
-                        (eof, wake),
-                        timeout=self._ping_interval_s,
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                    wake.cancel()
-                    if not done:
-                        self._write(writer, [_PING])
-                        await writer.drain()
-                    continue
-                batch, peer.queue = peer.queue, []
-                try:
+                if peer.queue:
+                    batch, peer.queue = peer.queue, []
                     self._write(writer, self._frames(peer.id, batch))
                     await writer.drain()
-                except BaseException:
-                    self._snapshot_status(peer.id, batch, ok=False)
-                    raise
-                self._snapshot_status(peer.id, batch, ok=True)
+                    if not self.snapshots.has_chunks(peer.id):
+                        continue
+                if self.snapshots.has_chunks(peer.id):
+                    payload = await self.snapshots.next_chunk(peer.id)
+                    if payload is not None:
+                        self._write(writer, [encode_frame(payload)])
+                        await writer.drain()
+                    continue
+                peer.wakeup.clear()
+                wake = asyncio.ensure_future(peer.wakeup.wait())
+                done, _ = await asyncio.wait(
+                    (eof, wake),
+                    timeout=self._ping_interval_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                wake.cancel()
+                if not done:
+                    self._write(writer, [_PING])
+                    await writer.drain()
         except (OSError, ConnectionError) as exc:
             logger.debug("event=peer_write_failed peer=%s error=%r", peer.id, exc)
         finally:
             eof.cancel()
+            # A stream under way cannot go on over a new connection: it failed.
+            self.snapshots.connection_lost(peer.id)
 
     @staticmethod
     def _write(writer: asyncio.StreamWriter, frames: list[bytes]) -> None:
@@ -451,10 +515,20 @@ class PeerTransport:
             raise ConnectionResetError("the connection was closed under us")
         writer.writelines(frames)
 
-    def _frames(self, peer_id: int, batch: list[Message]) -> list[bytes]:
-        """Encoded frames of `batch`, leaving out (with an error) any the peer would refuse."""
+    def _frames(self, peer_id: int, batch: list[Message | bytes]) -> list[bytes]:
+        """Encoded frames of `batch`, leaving out (with an error) any the peer would refuse.
+        A SNAPSHOT message begins a stream (snapshot_stream.py): its frame is the stream's
+        BEGIN, and its chunks follow between later batches."""
         frames = []
         for message in batch:
+            if isinstance(message, bytes):
+                frames.append(encode_frame(message))
+                continue
+            if message.type is MessageType.SNAPSHOT:
+                begin = self.snapshots.begin(peer_id, message)
+                if begin is not None:
+                    frames.append(encode_frame(begin))
+                continue
             payload = encode_message(message)
             if len(payload) > self._frame_bytes_max:
                 logger.error(
@@ -464,7 +538,6 @@ class PeerTransport:
                     len(payload),
                     self._frame_bytes_max,
                 )
-                self._snapshot_status(peer_id, [message], ok=False)
                 continue
             frames.append(encode_frame(payload))
         return frames
@@ -514,14 +587,6 @@ class PeerTransport:
         logger.info("event=peer_down peer=%s reason=%s", peer.id, reason)
         self._on_peer_down(peer.id)
 
-    def _snapshot_status(self, peer_id: int, batch: list[Message], *, ok: bool) -> None:
-        """Tell the core whether a snapshot left (RawNode.report_snapshot)."""
-        if self._on_snapshot_status is None:
-            return
-        for message in batch:
-            if message.type is MessageType.SNAPSHOT:
-                self._on_snapshot_status(peer_id, ok)
-
     # --- receiving ---------------------------------------------------------------------
 
     async def _serve_inbound(
@@ -551,6 +616,9 @@ class PeerTransport:
         watchdog: asyncio.Task[None] | None = None
         try:
             async with asyncio.timeout(self._handshake_timeout_s):
+                if self._tls is not None and self._tls.peer_server is not None:
+                    # After the connection bounds above, within the handshake's time.
+                    await writer.start_tls(self._tls.peer_server)
                 hello = await self._accept_handshake(reader, writer)
             peer_id = hello.node_id
             peer = self._peers[peer_id]
@@ -567,7 +635,7 @@ class PeerTransport:
             heard = [loop.time()]
             watchdog = loop.create_task(self._watch_inbound(peer_id, writer, heard))
             await self._read_messages(peer_id, reader, heard)
-        except ProtocolError as exc:
+        except (ProtocolError, ssl.SSLError) as exc:
             self.frames_rejected += 1
             if not peer_id:
                 self.handshakes_failed += 1
@@ -634,12 +702,29 @@ class PeerTransport:
     ) -> None:
         frames = _FrameBuffer(self._frame_bytes_max)
         loop = asyncio.get_running_loop()
+        try:
+            await self._read_frames(peer_id, reader, heard, frames, loop)
+        finally:
+            # A partial snapshot stream from this peer is useless once its connection is gone.
+            self.snapshots.discard_incoming(peer_id)
+
+    async def _read_frames(
+        self,
+        peer_id: int,
+        reader: asyncio.StreamReader,
+        heard: list[float],
+        frames: _FrameBuffer,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         while True:
             data = await reader.read(_READ_CHUNK_BYTES)
             if not data:
                 return
             heard[0] = loop.time()
             for payload in frames.feed(data):
+                if is_stream_payload(payload):
+                    self.snapshots.receive(peer_id, payload)
+                    continue
                 message = message_from_obj(unpack(payload))
                 if message.from_ != peer_id or message.to != self.node_id:
                     raise ProtocolError(
@@ -656,6 +741,10 @@ class PeerTransport:
         the dialer's hello once it has proven the secret (see kvstore/server/peerauth.py)."""
         hello = peerauth.decode_handshake(await _read_frame(reader, HANDSHAKE_BYTES_MAX))
         self._check_handshake(hello, expected_id=None)
+        if self._tls is not None:
+            check_peer_identity(
+                writer.get_extra_info("peercert"), hello.node_id, self._peers[hello.node_id].address
+            )
         answer = peerauth.answer_to(
             hello,
             secret=self._secret,

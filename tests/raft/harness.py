@@ -38,6 +38,8 @@ class Cluster:
         self.sent: list[Message] = []
         self.snapshots_installed: list[tuple[int, int]] = []
         self.starts: dict[int, int] = {}
+        # Nodes started to join an existing cluster (no bootstrap configuration).
+        self.joining: set[int] = set()
         for node_id in self.ids:
             self.storages[node_id] = MemoryStorage()
             self.applied[node_id] = []
@@ -45,7 +47,8 @@ class Cluster:
             self.start(node_id)
 
     def make_config(self, node_id: int) -> RaftConfig:
-        base = RaftConfig(id=node_id, peers=self.ids)
+        peers = () if node_id in self.joining else tuple(i for i in self.ids if i not in self.joining)
+        base = RaftConfig(id=node_id, peers=peers)
         return replace(base, **self.config_overrides)  # type: ignore[arg-type]
 
     def start(self, node_id: int, applied: int = 0) -> None:
@@ -57,6 +60,16 @@ class Cluster:
         rng = random.Random(node_id) if starts == 0 else random.Random(f"{node_id}/{starts}")
         self.nodes[node_id] = RawNode(config, self.storages[node_id], rng)
         self.down.discard(node_id)
+
+    def add_node(self, node_id: int) -> None:
+        """Start a node that joins the existing cluster: empty storage, no configuration
+        (the leader must add it as a learner for it to hear anything)."""
+        self.ids = (*self.ids, node_id)
+        self.joining.add(node_id)
+        self.storages[node_id] = MemoryStorage()
+        self.applied[node_id] = []
+        self.read_states[node_id] = []
+        self.start(node_id)
 
     def crash(self, node_id: int) -> None:
         """Lose the node's volatile state; storage (what it persisted) survives."""
@@ -88,7 +101,7 @@ class Cluster:
             self.nodes[message.from_].report_snapshot(message.to, delivered)
 
     def _deliver(self, message: Message) -> bool:
-        if message.to in self.down or message.from_ in self.down:
+        if message.to in self.down or message.from_ in self.down or message.to not in self.nodes:
             return False
         if (message.from_, message.to) in self.cut:
             return False

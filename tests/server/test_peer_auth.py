@@ -368,6 +368,14 @@ def _request(method: str, url: str, data: bytes | None = None) -> tuple[int, dic
         return error.code, dict(error.headers), error.read()
 
 
+def _status(cluster: LocalCluster, node_id: int) -> dict[str, Any]:
+    """The node's /v1/status, waiting for an answer (a loaded machine may miss one)."""
+    status: dict[str, Any] = cluster.wait_until(
+        lambda: cluster.status(node_id), 10.0, f"node {node_id}'s status"
+    )
+    return status
+
+
 async def test_the_issues_attacks_on_a_real_cluster_change_nothing(tmp_path: Path) -> None:
     """Every attack of issue 16 against a follower, by a process that knows the cluster id
     (served by /v1/status) but not the secret, claiming to be the leader: a forged append at
@@ -383,8 +391,8 @@ async def test_the_issues_attacks_on_a_real_cluster_change_nothing(tmp_path: Pat
             _request, "PUT", cluster.client_url(leader) + "/v1/kv/real", b"acknowledged"
         )
         assert put[0] == 200, put
-        status = await asyncio.to_thread(cluster.status, follower)
-        assert status is not None and status["cluster_id"] == "kvstore"
+        status = await asyncio.to_thread(_status, cluster, follower)
+        assert status["cluster_id"] == "kvstore"
         term, last = status["term"], status["last_index"]
         evil = Put(key="real", value=b"forged", request=None, time_ms=0)
         forged = [
@@ -432,8 +440,7 @@ async def test_the_issues_attacks_on_a_real_cluster_change_nothing(tmp_path: Pat
         )
         assert put[0] == 200, put
         for node_id in cluster.ids:
-            status = await asyncio.to_thread(cluster.status, node_id)
-            assert status is not None
+            status = await asyncio.to_thread(_status, cluster, node_id)
             assert (status["leader_id"], status["term"]) == (leader, term), (node_id, status)
         code, _, body = await asyncio.to_thread(
             _request, "GET", cluster.client_url(follower) + "/v1/kv/real"

@@ -38,6 +38,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvstore.errors import KVStoreError
+from kvstore.raft import confchange
 from kvstore.raft.types import (
     ConfState,
     Entry,
@@ -116,9 +117,17 @@ class SideBySide(RuleBasedStateMachine):
         entries = []
         for index in range(first, first + count):
             self.serial += 1
-            kind = EntryType.CONF_CHANGE if self.serial % 11 == 0 else EntryType.NORMAL
+            if self.serial % 11 == 0:
+                # A CONF_CHANGE entry must hold a well-formed change (recovery checks it).
+                change = confchange.ConfChange(
+                    confchange.ConfChangeType.ADD_LEARNER, 4, bytes([self.serial % 256]) * size
+                )
+                record = confchange.ConfChangeEntry(change, ConfState((1, 2, 3), (4,)))
+                data = confchange.encode(record)
+                entries.append(Entry(self.term, index, EntryType.CONF_CHANGE, data))
+                continue
             data = b"" if size == 0 else bytes([self.serial % 256]) * size
-            entries.append(Entry(self.term, index, kind, data))
+            entries.append(Entry(self.term, index, EntryType.NORMAL, data))
         return entries
 
     def _hard_state(self, vote: int = 1) -> HardState:

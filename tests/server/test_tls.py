@@ -1,0 +1,281 @@
+"""TLS on both ports (kvstore/server/tls.py): mutual TLS between peers with the member identity
+check, reload without a restart, the client port over https, and `kvstore certs init`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvstore.client import Client, ClientConfig
+from kvstore.errors import ProtocolError, UnavailableError
+from kvstore.raft.types import Message, MessageType
+from kvstore.server.certs import init_pki
+from kvstore.server.config import ServeConfig
+from kvstore.server.localcluster import LocalCluster
+from kvstore.server.tls import TlsContexts, TlsFiles, check_peer_identity
+from kvstore.server.transport import PeerTransport
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("pki")
+    init_pki(directory, nodes=3)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def other_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("other-pki")
+    init_pki(directory, nodes=3)
+    return directory
+
+
+def _files(directory: Path, node_id: int) -> TlsFiles:
+    return TlsFiles(
+        cert=str(directory / f"node{node_id}.pem"),
+        key=str(directory / f"node{node_id}-key.pem"),
+        ca=str(directory / "ca.pem"),
+    )
+
+
+def _contexts(directory: Path, node_id: int) -> TlsContexts:
+    return TlsContexts(client_files=None, peer_files=_files(directory, node_id))
+
+
+# --- the identity rule -----------------------------------------------------------------------
+
+
+def test_a_node_uri_names_exactly_that_member() -> None:
+    certificate: dict[str, object] = {
+        "subjectAltName": (("URI", "urn:kvstore:node:2"), ("IP Address", "127.0.0.1"))
+    }
+    check_peer_identity(certificate, 2, "127.0.0.1:7102")
+    # The IP matches too, but a certificate naming a member is only that member.
+    with pytest.raises(ProtocolError, match="claimed to be node 3"):
+        check_peer_identity(certificate, 3, "127.0.0.1:7103")
+
+
+def test_without_a_node_uri_the_host_of_the_members_address_must_match() -> None:
+    wildcard: dict[str, object] = {"subjectAltName": (("DNS", "*.kvstore-peer.prod.svc"),)}
+    check_peer_identity(wildcard, 1, "kvstore-0.kvstore-peer.prod.svc:7101")
+    for address in ("kvstore-peer.prod.svc:7101", "a.b.kvstore-peer.prod.svc:7101", "evil:7101"):
+        with pytest.raises(ProtocolError, match="does not name"):
+            check_peer_identity(wildcard, 1, address)
+    by_ip: dict[str, object] = {"subjectAltName": (("IP Address", "10.0.0.7"),)}
+    check_peer_identity(by_ip, 1, "10.0.0.7:7101")
+    with pytest.raises(ProtocolError):
+        check_peer_identity(by_ip, 1, "10.0.0.8:7101")
+    with pytest.raises(ProtocolError, match="no certificate"):
+        check_peer_identity(None, 1, "10.0.0.7:7101")
+
+
+# --- the peer port ---------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _wait_for(condition: Any, timeout_s: float = 5.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+class _Node:
+    def __init__(self, node_id: int, peers: dict[int, str], tls: TlsContexts | None) -> None:
+        self.received: list[Message] = []
+        self.transport = PeerTransport(
+            node_id=node_id,
+            cluster_id="c1",
+            client_url=f"https://client-{node_id}",
+            listen=peers[node_id],
+            peers=peers,
+            on_message=self.received.append,
+            on_peer_down=lambda peer: None,
+            tls=tls,
+        )
+
+
+def _heartbeat(to: int, from_: int) -> Message:
+    return Message(MessageType.HEARTBEAT, to=to, from_=from_, term=3)
+
+
+async def _exchange(a: _Node, b: _Node) -> None:
+    await a.transport.start()
+    await b.transport.start()
+
+
+async def test_peers_with_certificates_of_the_cluster_ca_talk(pki: Path) -> None:
+    peers = {1: f"127.0.0.1:{_free_port()}", 2: f"127.0.0.1:{_free_port()}"}
+    a, b = _Node(1, peers, _contexts(pki, 1)), _Node(2, peers, _contexts(pki, 2))
+    await _exchange(a, b)
+    try:
+        a.transport.send(_heartbeat(2, 1))
+        b.transport.send(_heartbeat(1, 2))
+        await _wait_for(lambda: len(a.received) == 1 and len(b.received) == 1)
+        assert a.transport.peer_urls == {2: "https://client-2"}
+    finally:
+        await a.transport.close()
+        await b.transport.close()
+
+
+@pytest.mark.parametrize("forgery", ["another member's certificate", "another CA", "no TLS"])
+async def test_a_forged_peer_is_refused_and_nothing_reaches_raft(
+    forgery: str, pki: Path, other_pki: Path
+) -> None:
+    """Node 2's place is taken by a process that knows the cluster id: with node 3's
+    certificate (right CA, wrong member), with a certificate of another CA, or without TLS."""
+    peers = {1: f"127.0.0.1:{_free_port()}", 2: f"127.0.0.1:{_free_port()}"}
+    tls = {
+        "another member's certificate": _contexts(pki, 3),
+        "another CA": _contexts(other_pki, 2),
+        "no TLS": None,
+    }[forgery]
+    a, forged = _Node(1, peers, _contexts(pki, 1)), _Node(2, peers, tls)
+    await _exchange(a, forged)
+    try:
+        forged.transport.send(_heartbeat(1, 2))
+        await _wait_for(lambda: a.transport.handshakes_failed >= 2)
+        assert a.received == [] and a.transport.peer_urls == {}
+        assert not forged.transport.is_connected(1)
+    finally:
+        await a.transport.close()
+        await forged.transport.close()
+
+
+async def test_rotated_certificates_are_used_after_a_reload(
+    pki: Path, other_pki: Path, tmp_path: Path
+) -> None:
+    """Node 1's files are replaced by certificates of a new CA and reloaded: a peer with the
+    new CA's certificate gets in, one of the old CA no longer does; no restart."""
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("node1.pem", "node1-key.pem", "ca.pem"):
+        shutil.copy(pki / name, live / name)
+    contexts = _contexts(live, 1)
+    peers = {1: f"127.0.0.1:{_free_port()}", 2: f"127.0.0.1:{_free_port()}"}
+    a = _Node(1, peers, contexts)
+    old = _Node(2, peers, _contexts(pki, 2))
+    await _exchange(a, old)
+    try:
+        old.transport.send(_heartbeat(1, 2))
+        await _wait_for(lambda: len(a.received) == 1)
+        await old.transport.close()
+        assert not contexts.changed()
+        for name in ("node1.pem", "node1-key.pem", "ca.pem"):
+            shutil.copy(other_pki / name, live / name)
+        assert contexts.changed()
+        assert contexts.reload("test")
+        rejected = a.transport.handshakes_failed
+        stale = _Node(2, peers, _contexts(pki, 2))
+        await stale.transport.start()
+        stale.transport.send(_heartbeat(1, 2))
+        await _wait_for(lambda: a.transport.handshakes_failed > rejected)
+        await stale.transport.close()
+        new = _Node(2, peers, _contexts(other_pki, 2))
+        await new.transport.start()
+        try:
+            new.transport.send(_heartbeat(1, 2))
+            await _wait_for(lambda: len(a.received) == 2)
+        finally:
+            await new.transport.close()
+        # A half-written rotation (a bad file) keeps the working contexts.
+        (live / "node1-key.pem").write_text("not a key")
+        assert not contexts.reload("test") and contexts.peer_dial is not None
+    finally:
+        await a.transport.close()
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def _config(**values: Any) -> ServeConfig:
+    return ServeConfig(id=1, peers=((1, "127.0.0.1:7101"),), data_dir=Path("d"), **values)
+
+
+def test_tls_settings_are_checked_at_start() -> None:
+    with pytest.raises(ValueError, match="go together"):
+        _config(cert_file="c.pem")
+    with pytest.raises(ValueError, match="go together"):
+        _config(peer_cert_file="c.pem", peer_key_file="k.pem")
+    with pytest.raises(ValueError, match="needs ca_file"):
+        _config(cert_file="c.pem", key_file="k.pem", client_cert_auth="required")
+    with pytest.raises(ValueError, match="client_cert_auth must be"):
+        _config(cert_file="c.pem", key_file="k.pem", ca_file="ca.pem", client_cert_auth="yes")
+    assert _config(cert_file="c.pem", key_file="k.pem").client_url == "https://127.0.0.1:7001"
+    # Peer TLS alone is enough to listen beyond loopback.
+    ServeConfig(
+        id=1,
+        peers=((1, "0.0.0.0:7101"),),
+        data_dir=Path("d"),
+        listen_peer="0.0.0.0:7101",
+        peer_cert_file="c.pem",
+        peer_key_file="k.pem",
+        peer_ca_file="ca.pem",
+    )
+
+
+def test_certs_init_writes_a_ca_and_certificates_that_verify(tmp_path: Path) -> None:
+    from kvstore.cli import main
+
+    assert main(["certs", "init", "--dir", str(tmp_path), "--nodes", "2", "--client", "app"]) == 0
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == [
+        "ca-key.pem", "ca.pem", "client-app-key.pem", "client-app.pem",
+        "node1-key.pem", "node1.pem", "node2-key.pem", "node2.pem",
+    ]  # fmt: skip
+    assert (tmp_path / "node1-key.pem").stat().st_mode & 0o777 == 0o600
+    context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    context.load_cert_chain(str(tmp_path / "client-app.pem"), str(tmp_path / "client-app-key.pem"))
+    ca_before = (tmp_path / "ca.pem").read_bytes()
+    assert main(["certs", "init", "--dir", str(tmp_path), "--nodes", "3"]) == 0
+    assert (tmp_path / "ca.pem").read_bytes() == ca_before  # the CA is reused
+    assert (tmp_path / "node3.pem").exists()
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+
+async def test_a_tls_cluster_serves_https_and_reloads_on_sighup(tmp_path: Path) -> None:
+    cluster = LocalCluster(tmp_path, 3, tls=True)
+    try:
+        await asyncio.to_thread(cluster.start)
+        leader = await asyncio.to_thread(cluster.wait_for_leader, 15.0)
+        assert cluster.client_url(leader).startswith("https://")
+        config = ClientConfig(ca_file=cluster.ca_file, timeout_s=5.0)
+        async with Client(cluster.client_urls, config=config) as client:
+            await client.put("k", b"v")
+            assert (await client.get("k")).value == b"v"
+        # Without the CA the node's certificate is not trusted: nothing is sent.
+        async with Client(cluster.client_urls, config=ClientConfig(timeout_s=1.0)) as client:
+            with pytest.raises(UnavailableError, match="CERTIFICATE_VERIFY_FAILED"):
+                await client.get("k")
+        pid = cluster.pid(leader)
+        assert pid is not None
+        os.kill(pid, signal.SIGHUP)
+        await asyncio.to_thread(
+            cluster.wait_until,
+            lambda: (
+                "event=tls_reloaded reason=sighup"
+                in cluster.log_path(leader).read_text(errors="replace")
+            ),
+            10.0,
+            "reload",
+        )
+        assert cluster.pid(leader) == pid
+        async with Client(cluster.client_urls, config=config) as client:
+            await client.put("k", b"w")
+            assert (await client.get("k")).value == b"w"
+    finally:
+        await asyncio.to_thread(cluster.stop)
