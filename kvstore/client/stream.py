@@ -240,6 +240,11 @@ class StreamTransport:
         except aiohttp.WSServerHandshakeError:
             self._http_only_until[endpoint] = time.monotonic() + _HTTP_ONLY_S
             return None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            # The node's certificate did not check out: nothing was sent.
+            raise TransportError(
+                f"{endpoint}: TLS: {exc.certificate_error}", maybe_sent=False
+            ) from exc
         except aiohttp.ClientConnectorError as exc:
             error = exc.os_error
             reason = os.strerror(error.errno) if error.errno else str(error)
