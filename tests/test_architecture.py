@@ -160,6 +160,7 @@ COMPONENTS: Mapping[str, str] = {
     "kvstore.chaos": "chaos",
     "kvstore.testing": "testing",  # a local cluster for applications' tests
     "kvstore.client_cli": "cli",
+    "kvstore.backup_cli": "cli",
     "kvstore.coord_cli": "cli",
     "kvstore.cli": "cli",
     "kvstore.__main__": "cli",

@@ -39,6 +39,7 @@ from kvstore.kv.history import HistoryConfig
 from kvstore.kv.state_machine import KvConfig
 from kvstore.raft.config import RaftConfig
 from kvstore.server import stream
+from kvstore.server.backup import SnapshotApi
 from kvstore.server.config import ServeConfig
 from kvstore.server.connections import limits_from_config, raise_nofile_limit
 from kvstore.server.coordination import CoordinationApi
@@ -218,6 +219,7 @@ class Node:
         self.watch_hub = WatchHub(self.driver)
         CoordinationApi(self.http, self.leases)
         WatchApi(self.http, self.watch_hub)
+        SnapshotApi(self.http, self.driver)
         self.metrics.bind_node(
             commit_index=lambda: self.driver.status().commit_index,
             applied_index=self.driver.applied_index,

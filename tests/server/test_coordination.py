@@ -276,3 +276,13 @@ async def test_revoking_a_lease_deletes_its_keys_at_once(node: Node) -> None:
     assert (await node.client.get("/v1/kv/r/1")).status == 404
     for body in ({"ttl_ms": 0}, {"ttl_ms": "5"}, {}):
         assert (await node.client.post("/v1/lease/grant", json=body)).status == 400
+
+
+def test_the_openapi_document_names_the_coordination_routes() -> None:
+    from kvstore.server.openapi import openapi_document
+
+    paths = openapi_document()["paths"]
+    for route in ("/v1/txn", "/v1/watch", "/v1/compact", "/v1/lease/grant", "/v1/leases"):
+        assert route in paths, route
+    assert "delete" in paths["/v1/kv"]
+    assert any(p["name"] == "start" for p in paths["/v1/kv"]["get"]["parameters"])
