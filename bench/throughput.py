@@ -17,12 +17,15 @@ and `--value-sizes 100,1000,...` sweeps the PUT value size at `--sweep-concurren
 
 `--compare etcd` runs the same levels, workloads and sweep against a three-node etcd 3.4 on
 loopback (defaults, fsyncing; its JSON gateway: POST /v3/kv/put, /v3/kv/range) in the same
-run, after kvstore, and prints the ratios.
+run, after kvstore, and prints the ratios. `--tls` runs the same plan on a second kvstore
+cluster with TLS on both ports (mutual TLS between peers, https for the workers) after the
+plain one, and prints TLS / plain ratios.
 
     python bench/throughput.py                       # N = 1, 16, 64, 256; 10 s each
     python bench/throughput.py --quick               # a few seconds; what the test runs
     python bench/throughput.py --workloads write,read90,stale90 --value-sizes 100,10000,100000 \
         --compare etcd
+    python bench/throughput.py --tls                 # and on a TLS cluster: the cost of TLS
     python bench/throughput.py --endpoint http://127.0.0.1:7001   # an already running cluster
 """
 
@@ -34,6 +37,7 @@ import base64
 import json
 import os
 import random
+import ssl
 import sys
 import time
 from dataclasses import dataclass
@@ -70,10 +74,16 @@ class Workload:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where the operations go: kvstore (`urls[0]` is the leader) or etcd (any member)."""
+    """Where the operations go: kvstore (`urls[0]` is the leader) or etcd (any member);
+    `tls`: the context of https:// URLs (kvstore-tls: the cluster's development CA)."""
 
     system: str
     urls: tuple[str, ...]
+    tls: ssl.SSLContext | None = None
+
+    def session(self, **kwargs: Any) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=0, ssl=self.tls if self.tls else True)
+        return aiohttp.ClientSession(connector=connector, trust_env=False, **kwargs)
 
     def read_url(self, worker: int, stale: bool) -> str:
         # Stale reads are spread over every node; linearizable ones go to the leader.
@@ -204,11 +214,8 @@ async def run_level(
     warmup_s: float,
     pids: dict[int, int] | None = None,
 ) -> dict[str, Any]:
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, trust_env=False
-    ) as session:
+    async with target.session(timeout=timeout) as session:
         before = await _leader_term(session, target)
         record_from = time.perf_counter() + warmup_s
         stop_at = record_from + duration_s
@@ -325,7 +332,7 @@ async def _bench(
 ) -> list[dict[str, Any]]:
     plan = _plan(args)
     if any(workload.read_fraction for workload, _ in plan):
-        async with aiohttp.ClientSession(trust_env=False) as session:
+        async with target.session() as session:
             await _preload(session, target)
     results = []
     for workload, concurrency in plan:
@@ -362,17 +369,27 @@ def _run_with_cluster(args: argparse.Namespace) -> list[Any]:
         p50, p99 = raw_fsync_ms(base)
         args.raw_fsync_ms = {"p50": p50, "p99": p99}
         print(f"raw fdatasync on this disk: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
-        extra = args.node_args.split() if args.node_args else []
-        with LocalCluster(base, 3, extra_args=extra) as cluster:
-            leader = cluster.wait_for_leader(timeout_s=20)
-            url = cluster.client_url(leader)
-            print(f"cluster under {base}; leader is node {leader} at {url}", flush=True)
-            pids = {node: pid for node in cluster.ids if (pid := cluster.pid(node)) is not None}
-            others = [cluster.client_url(n) for n in cluster.ids if n != leader]
-            results = _run(Target("kvstore", (url, *others)), args, pids)
+        results = _run_kvstore(base / "plain", args, tls=False)
+        if args.tls:
+            results += _run_kvstore(base / "tls", args, tls=True)
         if args.compare == "etcd":
             results += _run_etcd(base / "etcd", args)
     return results
+
+
+def _run_kvstore(base: Path, args: argparse.Namespace, *, tls: bool) -> list[Any]:
+    """The plan against a fresh three-node kvstore cluster (with TLS on both ports: system
+    `kvstore-tls`, its clients verifying the cluster's development CA)."""
+    extra = args.node_args.split() if args.node_args else []
+    with LocalCluster(base, 3, extra_args=extra, tls=tls) as cluster:
+        leader = cluster.wait_for_leader(timeout_s=20)
+        url = cluster.client_url(leader)
+        print(f"cluster under {base}; leader is node {leader} at {url}", flush=True)
+        pids = {node: pid for node in cluster.ids if (pid := cluster.pid(node)) is not None}
+        others = [cluster.client_url(n) for n in cluster.ids if n != leader]
+        context = ssl.create_default_context(cafile=cluster.ca_file) if tls else None
+        system = "kvstore-tls" if tls else "kvstore"
+        return list(_run(Target(system, (url, *others), context), args, pids))
 
 
 def _run_etcd(base: Path, args: argparse.Namespace) -> list[Any]:
@@ -444,6 +461,28 @@ def print_ratios(results: list[dict[str, Any]]) -> None:
         )
 
 
+def print_tls_cost(results: list[dict[str, Any]]) -> None:
+    """kvstore-tls / kvstore for each (workload, value size, N) both ran."""
+    plain = {
+        (r["workload"], r["value_bytes"], r["concurrency"]): r
+        for r in results
+        if r["system"] == "kvstore"
+    }
+    tls = [r for r in results if r["system"] == "kvstore-tls"]
+    if not tls:
+        return
+    print("\nTLS / plain (same run): throughput ratio, p50 and p99 latency ratios")
+    for r in tls:
+        mine = plain.get((r["workload"], r["value_bytes"], r["concurrency"]))
+        if mine is None or not mine["ops_per_s"] or not mine["p50_ms"]:
+            continue
+        print(
+            f"{r['workload']:<8}{r['value_bytes']:>7} B N={r['concurrency']:<4}"
+            f" ops/s {r['ops_per_s'] / mine['ops_per_s']:5.2f}x"
+            f"  p50 {r['p50_ms'] / mine['p50_ms']:5.2f}x  p99 {r['p99_ms'] / mine['p99_ms']:5.2f}x"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -462,6 +501,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--value-sizes", default="", help="PUT value sizes to sweep (bytes)")
     parser.add_argument("--sweep-concurrency", type=int, default=16, help="N of the sweep")
     parser.add_argument("--compare", choices=["etcd"], help="also run three-node etcd")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also run the plan on a cluster with TLS on both ports (system kvstore-tls) and "
+        "print TLS / plain ratios",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.concurrency, args.duration, args.warmup = "1,16", 1.0, 0.3
@@ -471,8 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     args.value_sizes = [int(size) for size in args.value_sizes.split(",") if size]
     if args.compare == "etcd" and etcd_binary() is None:
         parser.error("--compare etcd needs an etcd binary on PATH (apt-get install etcd-server)")
-    if args.compare and args.endpoint:
-        parser.error("--compare starts its own clusters; it cannot use --endpoint")
+    if (args.compare or args.tls) and args.endpoint:
+        parser.error("--compare and --tls start their own clusters; they cannot use --endpoint")
     run = RunInfo(argv)
     print(f"throughput benchmark: {run.describe()}", flush=True)
     try:
@@ -484,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: the clusters were stopped", file=sys.stderr)
         return 130
     print_ratios(results)
+    print_tls_cost(results)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json_path:
         document = {
@@ -500,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                 "endpoint": args.endpoint,
                 "node_args": args.node_args,
                 "compare": args.compare,
+                "tls": args.tls,
             },
             "key_bytes": KEY_BYTES,
             "value_bytes": VALUE_BYTES,

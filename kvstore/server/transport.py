@@ -15,10 +15,11 @@ frame of a snapshot stream (kvstore/server/snapshot_stream.py: its payloads star
 byte that no encoded message starts with; the follower's ACK goes on its own connection to
 the leader).
 
-With TLS on the peer port (kvstore/server/tls.py) the dial is a TLS connection and an
-inbound connection is upgraded with `start_tls` once it has passed the connection bounds, both
-within the handshake's time; each end checks that the other's certificate names the member
-it claims to be before answering, and the handshake above then runs inside TLS.
+With TLS on the peer port (kvstore/server/tls.py) both ends speak TLS from the first byte:
+the listener completes the TLS handshake within `handshake_timeout_s` before the connection
+counts against the bounds below (an upgrade with `start_tls` after the bounds hangs under
+uvloop 0.23 on the server side), then each end checks that the other's certificate names the
+member it claims to be before answering, and the handshake above runs inside TLS.
 
 Rules that hold here:
 - Nothing from a connection counts before its handshake has completed, the peer's proof of
@@ -317,14 +318,23 @@ class PeerTransport:
         self.frames_rejected = 0
         # Inbound connections that ended before their handshake completed (refused or not).
         self.handshakes_failed = 0
+        # Dials whose handshake (TLS or ours) the other end failed, or we failed on its answer.
+        self.dials_rejected = 0
         self.bound_port = 0
 
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         host, port = split_host_port(self.listen)
+        listener = None if self._tls is None else self._tls.peer_listener
         self._server = await asyncio.start_server(
-            self._serve_inbound, host, port, limit=_READ_CHUNK_BYTES, reuse_address=True
+            self._serve_inbound,
+            host,
+            port,
+            limit=_READ_CHUNK_BYTES,
+            reuse_address=True,
+            ssl=listener,
+            ssl_handshake_timeout=self._handshake_timeout_s if listener else None,
         )
         self.bound_port = self._server.sockets[0].getsockname()[1]
         for peer in self._peers.values():
@@ -399,6 +409,7 @@ class PeerTransport:
                 reader, writer = await self._dial(peer)
             except (OSError, ProtocolError, asyncio.IncompleteReadError, TimeoutError) as exc:
                 if isinstance(exc, ProtocolError | ssl.SSLError):
+                    self.dials_rejected += 1
                     # The peer answered but did not authenticate (or refused us): a setting
                     # differs (secret, certificate, CA), or it is not our peer at all.
                     self._log.warning(
@@ -623,9 +634,6 @@ class PeerTransport:
         watchdog: asyncio.Task[None] | None = None
         try:
             async with asyncio.timeout(self._handshake_timeout_s):
-                if self._tls is not None and self._tls.peer_server is not None:
-                    # After the connection bounds above, within the handshake's time.
-                    await writer.start_tls(self._tls.peer_server)
                 hello = await self._accept_handshake(reader, writer)
             peer_id = hello.node_id
             peer = self._peers[peer_id]
