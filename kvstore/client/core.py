@@ -72,6 +72,7 @@ from kvstore.client.retry import (
     RetryPolicy,
     Verdict,
 )
+from kvstore.client.stream import StreamTransport
 from kvstore.client.transport import AiohttpTransport, HttpResponse, Transport, TransportError
 from kvstore.client.txn import Compare, Op, TxnResult, txn_body, txn_result_from_json
 from kvstore.client.watch import Watch
@@ -192,13 +193,7 @@ class Client:
         self._sleep: Sleep = sleep or asyncio.sleep
         self._rng = rng or random.Random()
         self._policy = RetryPolicy(config, clock=self._clock, rng=self._rng)
-        self._transport: Transport = transport or AiohttpTransport(
-            connect_timeout_s=config.connect_timeout_s,
-            max_connections=config.max_connections,
-            ca_file=config.ca_file,
-            cert_file=config.cert_file,
-            key_file=config.key_file,
-        )
+        self._transport: Transport = transport or _default_transport(config)
         self._breakers: dict[str, CircuitBreaker] = {}
         self._round_robin = self._rng.randrange(len(self.endpoints))
         # Invariant: the URL the latest answer named as leader, or None while unknown.
@@ -819,6 +814,19 @@ class Client:
             self._last_leader_seen = url
             self._counters.leader_changes += 1
             log.debug("leader url=%s", url)
+
+
+def _default_transport(config: ClientConfig) -> Transport:
+    http = AiohttpTransport(
+        connect_timeout_s=config.connect_timeout_s,
+        max_connections=config.max_connections,
+        ca_file=config.ca_file,
+        cert_file=config.cert_file,
+        key_file=config.key_file,
+    )
+    if not config.binary_stream:
+        return http
+    return StreamTransport(http, connect_timeout_s=config.connect_timeout_s)
 
 
 def _connect_failure(error: KVStoreError) -> bool:

@@ -153,6 +153,28 @@ def _query(request: web.BaseRequest) -> dict[str, str]:
     return query
 
 
+def check_key(key: str, max_key_bytes: int) -> str:
+    """`key` (already percent-decoded) if it may name a key; BadRequestError otherwise. The
+    HTTP API and the binary stream (kvstore/server/stream.py) check keys here."""
+    if len(key) > max_key_bytes or len(key.encode()) > max_key_bytes:
+        raise BadRequestError(f"key is over {max_key_bytes} bytes")
+    if _CONTROL.search(key):
+        raise BadRequestError("key contains control characters")
+    return key
+
+
+def raise_for_result(result: WriteResult) -> None:
+    """Raise the error of a write the state machine refused (nothing when it applied)."""
+    if result.ok:
+        return
+    assert result.error is not None, "a refused write says why"
+    refusal = WriteError(result.error)
+    error = _WRITE_ERRORS[refusal](_WRITE_MESSAGES[refusal])
+    if isinstance(error, PreconditionFailedError):
+        error.current_revision = result.current_revision
+    raise error
+
+
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         body=json.dumps(body).encode(), status=status, content_type=_JSON, headers=headers
@@ -264,6 +286,8 @@ class HttpApi:
                 exc_info=exc,
             )
             response = _json(KVStoreError("internal error").to_json(), status=500)
+        if response.prepared:
+            return response  # a WebSocket (the binary stream): its headers went long ago
         response.headers["Kvstore-Node"] = self._node_header
         response.headers["Kvstore-Leader"] = self.driver.leader_url() or ""
         histogram = self._latency.get((route, request.method))
@@ -339,12 +363,7 @@ class HttpApi:
     # --- validation ---------------------------------------------------------------------
 
     def _key(self, request: web.BaseRequest) -> str:
-        key = _path(request)[7:]  # after "/v1/kv/", percent-decoded
-        if len(key) > self.config.max_key_bytes or len(key.encode()) > self.config.max_key_bytes:
-            raise BadRequestError(f"key is over {self.config.max_key_bytes} bytes")
-        if _CONTROL.search(key):
-            raise BadRequestError("key contains control characters")
-        return key
+        return check_key(_path(request)[7:], self.config.max_key_bytes)  # after "/v1/kv/"
 
     def _request_id(self, request: web.BaseRequest) -> tuple[RequestId, int, bool]:
         """(request id, acked_below, server_made) for a write."""
@@ -460,14 +479,7 @@ class HttpApi:
 
     @staticmethod
     def _raise_for_result(result: WriteResult) -> None:
-        if result.ok:
-            return
-        assert result.error is not None, "a refused write says why"
-        refusal = WriteError(result.error)
-        error = _WRITE_ERRORS[refusal](_WRITE_MESSAGES[refusal])
-        if isinstance(error, PreconditionFailedError):
-            error.current_revision = result.current_revision
-        raise error
+        raise_for_result(result)
 
     async def _barrier(self, request: web.BaseRequest) -> str:
         consistency = _query(request).get("consistency", "linearizable")

@@ -38,6 +38,7 @@ from kvstore.errors import CorruptionError, FatalDiskError, StorageError
 from kvstore.kv.history import HistoryConfig
 from kvstore.kv.state_machine import KvConfig
 from kvstore.raft.config import RaftConfig
+from kvstore.server import stream
 from kvstore.server.auth import AuthApi, AuthGate, read_root_token
 from kvstore.server.backup import SnapshotApi
 from kvstore.server.config import ServeConfig
@@ -228,6 +229,7 @@ class Node:
                 protect_status=config.auth_protect_status,
                 protect_metrics=config.auth_protect_metrics,
             )
+        stream.install(self.http)
         self.leases = LeaseService(self.driver)
         self.watch_hub = WatchHub(self.driver)
         CoordinationApi(self.http, self.leases)

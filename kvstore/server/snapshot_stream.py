@@ -69,6 +69,8 @@ STREAM_TAGS = frozenset({TAG_BEGIN, TAG_CHUNK, TAG_END, TAG_ACK})
 
 CHUNK_BYTES_DEFAULT = 64 << 10
 """A heartbeat queued behind a chunk waits for at most this many bytes to be written."""
+READ_AHEAD_BYTES = 1 << 20
+"""The leader reads its snapshot file this much at a time (one worker-thread hop each)."""
 SNAPSHOT_BYTES_MAX = 1 << 50
 """A declared stream size above this is refused (a range check, not a product limit)."""
 _STREAM_ID_MAX = 1 << 63
@@ -111,6 +113,11 @@ class _Outgoing:
     file: BinaryIO
     size: int
     offset: int = 0
+    # Read ahead from the file (one worker-thread hop per READ_AHEAD_BYTES), not yet sent.
+    ahead: bytes = b""
+    ahead_offset: int = 0
+    # The read ahead under way on a worker thread, if any.
+    reading: asyncio.Future[bytes] | None = None
     # All bytes written; waiting for the follower's ACK.
     sent: bool = False
 
@@ -129,13 +136,16 @@ class _Incoming:
     size: int
     path: str
     fd: int
+    # Loop time when BEGIN arrived: the transfer's duration is logged at END.
+    begun_at: float
     received: int = 0
 
 
 class SnapshotStreams:
     """Both ends of the snapshot streams of one node (see the module docstring). The
-    transport calls `begin` (a SNAPSHOT message to send), `next_chunk` (while `has_chunks`),
-    `connection_lost`, and `receive` for every stream frame that arrives."""
+    transport calls `begin` (a SNAPSHOT message to send), `ready_chunk` (whenever it could
+    write; `wake` tells it when a chunk has become ready), `connection_lost`, and `receive`
+    for every stream frame that arrives."""
 
     def __init__(
         self,
@@ -145,6 +155,7 @@ class SnapshotStreams:
         on_message: Callable[[Message], None],
         on_snapshot_status: Callable[[int, bool], None] | None,
         send_payload: Callable[[int, bytes], None],
+        wake: Callable[[int], None],
         chunk_bytes: int = CHUNK_BYTES_DEFAULT,
     ) -> None:
         assert chunk_bytes >= 1
@@ -153,6 +164,7 @@ class SnapshotStreams:
         self._on_message = on_message
         self._on_snapshot_status = on_snapshot_status
         self._send_payload = send_payload
+        self._wake = wake
         self.chunk_bytes = chunk_bytes
         self._next_stream_id = 1
         self._outgoing: dict[int, _Outgoing] = {}
@@ -206,32 +218,50 @@ class SnapshotStreams:
         content = encode_snapshot_file(snapshot)
         return io.BytesIO(content), len(content)
 
-    def has_chunks(self, peer_id: int) -> bool:
+    def ready_chunk(self, peer_id: int) -> bytes | None:
+        """The next CHUNK (after the last, the END) payload for `peer_id` if it can be sent
+        now, else None. The file is read ahead on a worker thread, READ_AHEAD_BYTES at a
+        time; while a read is pending this answers None at once (the transport goes on
+        sending messages meanwhile) and `wake(peer_id)` is called when it completes."""
         stream = self._outgoing.get(peer_id)
-        return stream is not None and not stream.sent
-
-    async def next_chunk(self, peer_id: int) -> bytes | None:
-        """The next CHUNK (or, after the last, the END) payload for `peer_id`; the file is
-        read on a worker thread. None when the stream ended meanwhile."""
-        stream = self._outgoing.get(peer_id)
-        if stream is None or stream.sent:
+        if stream is None or stream.sent or stream.reading is not None:
             return None
         if stream.offset >= stream.size:
             stream.sent = True
             return _END.pack(TAG_END, stream.stream_id, stream.size)
-        length = min(self.chunk_bytes, stream.size - stream.offset)
-        data = await asyncio.get_running_loop().run_in_executor(None, stream.file.read, length)
-        if self._outgoing.get(peer_id) is not stream:
-            return None  # replaced or failed while the file was read
-        if len(data) != length:
-            # The file shrank under us: it is not the snapshot we announced.
-            logger.error("event=snapshot_stream_short_read peer=%s", peer_id)
-            self._fail_outgoing(peer_id)
+        if stream.ahead_offset >= len(stream.ahead):
+            self._read_ahead(peer_id, stream)
             return None
+        start = stream.ahead_offset
+        chunk = stream.ahead[start : start + self.chunk_bytes]
+        stream.ahead_offset += len(chunk)
         offset = stream.offset
-        stream.offset += length
-        self.bytes_sent += length
-        return _CHUNK_HEADER.pack(TAG_CHUNK, stream.stream_id, offset) + data
+        stream.offset += len(chunk)
+        self.bytes_sent += len(chunk)
+        return _CHUNK_HEADER.pack(TAG_CHUNK, stream.stream_id, offset) + chunk
+
+    def _read_ahead(self, peer_id: int, stream: _Outgoing) -> None:
+        wanted = min(max(READ_AHEAD_BYTES, self.chunk_bytes), stream.size - stream.offset)
+        loop = asyncio.get_running_loop()
+        reading = loop.run_in_executor(None, stream.file.read, wanted)
+        stream.reading = reading
+
+        def done(future: asyncio.Future[bytes]) -> None:
+            if self._outgoing.get(peer_id) is not stream:
+                if not future.cancelled():
+                    future.exception()  # the stream ended meanwhile: nothing to report
+                return
+            stream.reading = None
+            data = None if future.cancelled() or future.exception() else future.result()
+            if data is None or len(data) != wanted:
+                # Unreadable, or shorter than announced: not the snapshot we began.
+                logger.error("event=snapshot_stream_read_failed peer=%s", peer_id)
+                self._fail_outgoing(peer_id)
+            else:
+                stream.ahead, stream.ahead_offset = data, 0
+            self._wake(peer_id)
+
+        reading.add_done_callback(done)
 
     def connection_lost(self, peer_id: int) -> None:
         """Our connection to `peer_id` closed: its stream (if any) failed."""
@@ -315,7 +345,8 @@ class SnapshotStreams:
             raise ProtocolError("this node takes no snapshot streams")
         path = os.path.join(self._directory, f"{INCOMING_PREFIX}{peer_id}{INCOMING_SUFFIX}")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        self._incoming[peer_id] = _Incoming(stream_id, message, size, path, fd)
+        begun_at = asyncio.get_running_loop().time()
+        self._incoming[peer_id] = _Incoming(stream_id, message, size, path, fd, begun_at)
 
     def _on_chunk(self, peer_id: int, payload: bytes) -> None:
         if len(payload) < _CHUNK_HEADER.size:
@@ -349,7 +380,15 @@ class SnapshotStreams:
             self._refuse(peer_id, f"ended at {stream.received} of {stream.size} bytes")
             return
         del self._incoming[peer_id]
-        task = asyncio.get_running_loop().create_task(
+        loop = asyncio.get_running_loop()
+        logger.info(
+            "event=snapshot_stream_end peer=%s stream=%d bytes=%d seconds=%.3f",
+            peer_id,
+            stream_id,
+            size,
+            loop.time() - stream.begun_at,
+        )
+        task = loop.create_task(
             self._install(peer_id, stream), name=f"snapshot-verify-{peer_id}"
         )
         self._tasks.add(task)

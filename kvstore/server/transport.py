@@ -287,6 +287,7 @@ class PeerTransport:
             on_message=on_message,
             on_snapshot_status=on_snapshot_status,
             send_payload=self._send_payload,
+            wake=self._wake,
             chunk_bytes=min(snapshot_chunk_bytes, frame_bytes_max - 32),
         )
         # Told the peer's id for every message dropped on a full queue (the metrics count it).
@@ -379,6 +380,11 @@ class PeerTransport:
             return
         peer.queue.append(message)
         peer.wakeup.set()
+
+    def _wake(self, peer_id: int) -> None:
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            peer.wakeup.set()
 
     def _send_payload(self, peer_id: int, payload: bytes) -> None:
         """Queue a snapshot stream frame (an ACK) for `peer_id`, never dropped: one per
@@ -484,7 +490,9 @@ class PeerTransport:
 
         A snapshot stream's chunks (snapshot_stream.py) alternate with the batches of queued
         messages, one chunk after each batch: a heartbeat or an append waits behind one chunk
-        at most, and a steady flow of messages cannot starve the stream either."""
+        at most, and a steady flow of messages cannot starve the stream either. The file is
+        read ahead on a worker thread; the writer never waits for it (a completed read sets
+        `wakeup`)."""
         eof = asyncio.ensure_future(reader.read(1))
         try:
             while not eof.done():
@@ -492,13 +500,12 @@ class PeerTransport:
                     batch, peer.queue = peer.queue, []
                     self._write(writer, self._frames(peer.id, batch))
                     await writer.drain()
-                    if not self.snapshots.has_chunks(peer.id):
-                        continue
-                if self.snapshots.has_chunks(peer.id):
-                    payload = await self.snapshots.next_chunk(peer.id)
-                    if payload is not None:
-                        self._write(writer, [encode_frame(payload)])
-                        await writer.drain()
+                chunk = self.snapshots.ready_chunk(peer.id)
+                if chunk is not None:
+                    self._write(writer, [encode_frame(chunk)])
+                    await writer.drain()
+                    continue
+                if peer.queue:
                     continue
                 peer.wakeup.clear()
                 wake = asyncio.ensure_future(peer.wakeup.wait())

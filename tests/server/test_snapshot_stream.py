@@ -150,12 +150,13 @@ async def test_the_leader_streams_its_snapshot_file(tmp_path: Path) -> None:
 
 
 async def test_heartbeats_flow_while_a_snapshot_streams(tmp_path: Path) -> None:
-    """Messages queued during a transfer go out between two chunks, not after the stream:
-    each heartbeat sent mid-transfer arrives while the snapshot is still incomplete."""
-    snapshot = _snapshot(1 << 20)
+    """Messages queued during a transfer go out between two chunks, not after the stream,
+    and never wait for the leader's disk: each heartbeat sent mid-transfer arrives while the
+    snapshot is still incomplete, although every read of the file takes 60 ms."""
+    snapshot = _snapshot(4 << 20)
     content = encode_snapshot_file(snapshot)
-    # 64 chunks read 5 ms apart: about 0.3 s of transfer.
-    async with _Pair(tmp_path, file_bytes=content, delay_s=0.005) as pair:
+    # Four reads ahead of 1 MiB, 60 ms each: about 0.25 s of transfer.
+    async with _Pair(tmp_path, file_bytes=content, delay_s=0.06) as pair:
         pair.leader.send(_message(snapshot))
         streams = pair.follower.snapshots
         await _wait_for(lambda: streams.bytes_received > 0)
@@ -179,9 +180,9 @@ async def test_heartbeats_flow_while_a_snapshot_streams(tmp_path: Path) -> None:
 async def test_a_dropped_connection_fails_the_stream_and_the_next_starts_over(
     tmp_path: Path,
 ) -> None:
-    snapshot = _snapshot(1 << 20)
+    snapshot = _snapshot(4 << 20)
     content = encode_snapshot_file(snapshot)
-    async with _Pair(tmp_path, file_bytes=content, delay_s=0.002) as pair:
+    async with _Pair(tmp_path, file_bytes=content, delay_s=0.05) as pair:
         pair.leader.send(_message(snapshot))
         streams = pair.follower.snapshots
         await _wait_for(lambda: streams.bytes_received >= 4 * CHUNK_BYTES)
@@ -214,9 +215,9 @@ async def test_a_damaged_stream_is_refused_and_reported_failed(tmp_path: Path) -
 async def test_the_same_snapshot_sent_again_joins_the_stream_under_way(tmp_path: Path) -> None:
     """The core may time a large pending snapshot out and send it again while it is still
     travelling: that neither restarts the stream nor reports twice."""
-    snapshot = _snapshot(512 << 10)
+    snapshot = _snapshot(4 << 20)
     content = encode_snapshot_file(snapshot)
-    async with _Pair(tmp_path, file_bytes=content, delay_s=0.003) as pair:
+    async with _Pair(tmp_path, file_bytes=content, delay_s=0.05) as pair:
         pair.leader.send(_message(snapshot))
         await _wait_for(lambda: pair.follower.snapshots.bytes_received > 0)
         pair.leader.send(_message(snapshot))
