@@ -8,6 +8,7 @@ construction, not on the first call in production. The names carry their units l
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from enum import StrEnum
 
@@ -77,6 +78,8 @@ class ClientConfig:
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
+    # A bearer token (nodes with --auth): sent as `Authorization: Bearer` on every request.
+    token: str = dataclasses.field(default="", repr=False)
 
     def __post_init__(self) -> None:
         for field in fields(self):

@@ -47,6 +47,7 @@ from kvstore.errors import (
     PreconditionFailedError,
     RequestTimeoutError,
     SessionExpiredError,
+    UnauthenticatedError,
     http_status,
 )
 from kvstore.kv.commands import (
@@ -58,6 +59,7 @@ from kvstore.kv.commands import (
     WriteResult,
     parse_request_id,
 )
+from kvstore.server.auth import AuthGate
 from kvstore.server.connections import ClientServer, ConnectionLimits, limits_from_config
 from kvstore.server.driver import Driver
 from kvstore.server.logthrottle import LogThrottle, clip
@@ -88,6 +90,7 @@ _WRITE_ERRORS: dict[WriteError, type[KVStoreError]] = {
     WriteError.LEASE_NOT_FOUND: NotFoundError,
     WriteError.LEASE_EXISTS: ConflictError,
     WriteError.FUTURE_REVISION: BadRequestError,
+    WriteError.AUTH_NOT_FOUND: NotFoundError,
 }
 _WRITE_MESSAGES: dict[WriteError, str] = {
     WriteError.SESSION_EXPIRED: "the request id is older than the client's session remembers; "
@@ -97,6 +100,7 @@ _WRITE_MESSAGES: dict[WriteError, str] = {
     WriteError.LEASE_NOT_FOUND: "no such lease",
     WriteError.LEASE_EXISTS: "a lease with that id exists",
     WriteError.FUTURE_REVISION: "the revision is beyond the store's",
+    WriteError.AUTH_NOT_FOUND: "no such user, role or token (a user's roles must exist first)",
 }
 
 
@@ -211,6 +215,14 @@ class HttpApi:
             ("/v1/openapi.json", "GET"): self.openapi,
             ("/v1/kv", "GET"): self.list_keys,
         }
+        self._prefix_routes: dict[tuple[str, str], Handler] = {}
+        # Client authentication and authorization (kvstore/server/auth.py); None: off.
+        self.auth_gate: AuthGate | None = None
+
+    def add_prefix_routes(self, routes: dict[tuple[str, str], Handler]) -> None:
+        """Serve routes whose path starts with a prefix ((prefix, method) -> handler; the
+        route's name for metrics and auth is the prefix + "{name}"): /v1/auth/users/NAME."""
+        self._prefix_routes.update(routes)
 
     def add_routes(self, routes: dict[tuple[str, str], Handler]) -> None:
         """Serve more plain routes ((path, method) -> handler): the coordination API
@@ -244,6 +256,8 @@ class HttpApi:
         route = "unmatched"
         try:
             route, handler = self._route(request)
+            if self.auth_gate is not None:
+                request["kvstore_user"] = self.auth_gate.check(request, route, _path(request))
             response = await handler(request)
         except KVStoreError as exc:
             response = self._error_response(request, exc)
@@ -291,6 +305,10 @@ class HttpApi:
         else:
             handler = self._plain_routes.get((path, method))
             route = path
+            if handler is None and self._prefix_routes:
+                for (prefix, route_method), candidate in self._prefix_routes.items():
+                    if route_method == method and path.startswith(prefix) and path != prefix:
+                        return prefix + "{name}", candidate
         if handler is None:
             if path.startswith("/v1/kv/") and method in self._key_routes:
                 raise BadRequestError("the key is empty")
@@ -323,6 +341,9 @@ class HttpApi:
             headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
         if isinstance(error, MethodNotAllowedError):
             headers["Allow"] = error.allow
+        if isinstance(error, UnauthenticatedError):
+            headers["WWW-Authenticate"] = 'Bearer realm="kvstore"'
+
         if status < 500 and self.throttle.logger.isEnabledFor(logging.DEBUG):
             self.throttle.log(
                 "client_error",
