@@ -8,16 +8,17 @@ one outcome, `RawNode.report_snapshot(peer, ok)`. Between the two, this module m
     CHUNK  stream id, offset, bytes            (many) ->  appends them (offset must follow on)
     END    stream id, size                            ->  fsyncs, verifies the file (magic,
                                                           length, crc32 of the body, metadata
-                                                          equal to BEGIN's), loads it, steps
-                                                          the SNAPSHOT message into its node
+                                                          equal to BEGIN's), loads it, ACKs,
+                                                          steps the SNAPSHOT message into
+                                                          its node
     ACK    stream id, ok           <- (on the follower's own connection to the leader)
     report_snapshot(follower, ok)
 
-What is sent is the leader's snapshot file itself (`kvstore.storage.snapshot`), read
-`chunk_bytes` at a time on a worker thread; the follower writes each chunk to a temporary file
-as it arrives and reads it back only once the whole file is there and verified. So neither side
-holds more than a chunk of the stream in memory beyond the state machine it holds anyway, and
-there is no size limit: a chunk is a frame of at most `chunk_bytes`, far under the transport's
+What is sent is the leader's snapshot file itself (`kvstore.storage.snapshot`), read ahead
+READ_AHEAD_BYTES at a time on a worker thread and sent `chunk_bytes` at a time; the follower
+writes each chunk to a temporary file as it arrives and reads it back only once the whole file
+is there. So the stream itself holds at most a read-ahead (leader) or a chunk (follower) in
+memory, beyond the state machine each holds anyway, and there is no size limit: a chunk is a frame of at most `chunk_bytes`, far under the transport's
 frame bound (a snapshot was one frame before, and a store of about 2 million 100-byte keys could
 no longer be sent).
 
@@ -30,8 +31,8 @@ Rules that hold here:
 - One stream per follower. A SNAPSHOT message for the same index and term as the stream under
   way joins it (the core may time its pending snapshot out and send it again while a large one
   is still travelling); one for another snapshot replaces it, silently.
-- Every stream ends with exactly one report: ACK ok (verified and stepped into the follower's
-  node), ACK failed (the follower found the file damaged or out of order), or failed because
+- Every stream ends with exactly one report: ACK ok (verified, and stepped into the
+  follower's node right after), ACK failed (the follower found the file damaged or out of order), or failed because
   the leader's connection to the follower closed before the ACK. A follower that sees its
   leader's connection close discards the partial file. A later SNAPSHOT starts over from the
   first byte (restartable, not resumable).
@@ -413,6 +414,10 @@ class SnapshotStreams:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(stream.path)
+        # The ACK is queued first: installing a large snapshot can hold this node's loop for
+        # seconds (the state machine is restored on it), and an ACK written only after that
+        # would find the leader's connection closed as silent, and the stream failed.
+        self._send_payload(peer_id, _ACK.pack(TAG_ACK, stream.stream_id, True))
         self._on_message(replace(stream.message, snapshot=snapshot))
         logger.info(
             "event=snapshot_stream_received peer=%s stream=%d index=%d bytes=%d",
@@ -421,7 +426,6 @@ class SnapshotStreams:
             snapshot.metadata.index,
             stream.size,
         )
-        self._send_payload(peer_id, _ACK.pack(TAG_ACK, stream.stream_id, True))
 
     def _verify(self, stream: _Incoming) -> Snapshot:
         """fsync, then load and check the file (magic, length, crc32, metadata)."""
