@@ -6,12 +6,13 @@ one outcome, `RawNode.report_snapshot(peer, ok)`. Between the two, this module m
     leader                                          follower
     BEGIN  [stream id, size, the message without data]  ->  opens <dir>/incoming-<peer>.part
     CHUNK  stream id, offset, bytes            (many) ->  appends them (offset must follow on)
-    END    stream id, size                            ->  fsyncs, verifies the file (magic,
-                                                          length, crc32 of the body, metadata
-                                                          equal to BEGIN's), loads it, ACKs,
-                                                          steps the SNAPSHOT message into
-                                                          its node
+    END    stream id, size                            ->  checks magic, length and the crc32
+                                                          of the body (computed as it came)
     ACK    stream id, ok           <- (on the follower's own connection to the leader)
+                                                          fsyncs, loads and checks the file
+                                                          again (metadata equal to BEGIN's)
+                                                          and steps the SNAPSHOT message into
+                                                          its node
     report_snapshot(follower, ok)
 
 What is sent is the leader's snapshot file itself (`kvstore.storage.snapshot`), read ahead
@@ -48,6 +49,7 @@ import io
 import logging
 import os
 import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import BinaryIO
@@ -56,7 +58,13 @@ from kvstore.codec import encode_message, message_from_obj, pack, unpack
 from kvstore.errors import CorruptionError, ProtocolError
 from kvstore.raft.types import Message, MessageType, Snapshot
 from kvstore.storage.fs import FileSystem
-from kvstore.storage.snapshot import encode_snapshot_file, load_snapshot, snapshot_name
+from kvstore.storage.snapshot import (
+    HEADER_BYTES,
+    encode_snapshot_file,
+    load_snapshot,
+    read_header,
+    snapshot_name,
+)
 
 logger = logging.getLogger("kvstore.server")
 
@@ -140,6 +148,10 @@ class _Incoming:
     # Loop time when BEGIN arrived: the transfer's duration is logged at END.
     begun_at: float
     received: int = 0
+    # The file's header (its first HEADER_BYTES) and the crc32 of the body received so far:
+    # the stream is checked against the header's checksum the moment it ends.
+    header: bytes = b""
+    crc: int = 0
 
 
 class SnapshotStreams:
@@ -360,6 +372,10 @@ class SnapshotStreams:
         if offset != stream.received or stream.received + len(data) > stream.size:
             self._refuse(peer_id, f"chunk at {offset}, expected {stream.received}")
             return
+        in_header = max(0, min(len(data), HEADER_BYTES - offset))
+        if in_header:
+            stream.header += bytes(data[:in_header])
+        stream.crc = zlib.crc32(data[in_header:], stream.crc)
         try:
             while data:
                 written = os.write(stream.fd, data)
@@ -380,6 +396,14 @@ class SnapshotStreams:
         if size != stream.size or stream.received != stream.size:
             self._refuse(peer_id, f"ended at {stream.received} of {stream.size} bytes")
             return
+        try:
+            crc, length = read_header(stream.path, stream.header)
+        except CorruptionError as exc:
+            self._refuse(peer_id, str(exc))
+            return
+        if length != size - HEADER_BYTES or crc != stream.crc:
+            self._refuse(peer_id, "checksum or length of the snapshot does not match its header")
+            return
         del self._incoming[peer_id]
         loop = asyncio.get_running_loop()
         logger.info(
@@ -396,28 +420,30 @@ class SnapshotStreams:
         task.add_done_callback(self._tasks.discard)
 
     async def _install(self, peer_id: int, stream: _Incoming) -> None:
-        """Verify the whole file on a worker thread (the frames kept arriving meanwhile),
-        then step the SNAPSHOT message into the node and ACK."""
+        """The stream matched its checksum: ACK at once, then fsync, load and check the file
+        on a worker thread (frames keep arriving meanwhile) and step the SNAPSHOT message
+        into the node. The ACK does not wait for the load: decoding a large snapshot holds
+        this process for seconds, and an ACK written only after it found the leader's
+        connection closed as silent and the stream failed (1M keys, 128 MB)."""
+        self._send_payload(peer_id, _ACK.pack(TAG_ACK, stream.stream_id, True))
         try:
             snapshot = await asyncio.get_running_loop().run_in_executor(
                 None, self._verify, stream
             )
         except (CorruptionError, OSError) as exc:
+            # Its checksum matched, so the file that arrived is the leader's: this is our
+            # disk (or a damaged file on the leader). Not installed; the leader, told it was
+            # delivered, sends it again when the follower's answer does not come.
             logger.error(
                 "event=snapshot_stream_rejected peer=%s stream=%d error=%s",
                 peer_id,
                 stream.stream_id,
                 exc,
             )
-            self._send_payload(peer_id, _ACK.pack(TAG_ACK, stream.stream_id, False))
             return
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(stream.path)
-        # The ACK is queued first: installing a large snapshot can hold this node's loop for
-        # seconds (the state machine is restored on it), and an ACK written only after that
-        # would find the leader's connection closed as silent, and the stream failed.
-        self._send_payload(peer_id, _ACK.pack(TAG_ACK, stream.stream_id, True))
         self._on_message(replace(stream.message, snapshot=snapshot))
         logger.info(
             "event=snapshot_stream_received peer=%s stream=%d index=%d bytes=%d",

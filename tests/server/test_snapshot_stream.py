@@ -128,6 +128,7 @@ async def test_a_snapshot_larger_than_any_frame_arrives_whole_and_is_reported(
         pair.leader.send(_message(snapshot))
         await _wait_for(lambda: pair.statuses)
         assert pair.statuses == [(2, True)]
+        await _wait_for(pair.snapshots)  # ACKed once checked, stepped once loaded
         [received] = pair.snapshots()
         assert received.snapshot == snapshot
         assert (received.term, received.from_, received.to) == (2, 1, 2)
@@ -146,6 +147,7 @@ async def test_the_leader_streams_its_snapshot_file(tmp_path: Path) -> None:
         await _wait_for(lambda: pair.statuses)
         assert pair.statuses == [(2, True)]
         assert pair.opened == 1
+        await _wait_for(pair.snapshots)
         assert pair.snapshots()[0].snapshot == snapshot
 
 
@@ -174,6 +176,7 @@ async def test_heartbeats_flow_while_a_snapshot_streams(tmp_path: Path) -> None:
         assert heartbeats_during == 5, f"only {heartbeats_during} of 5 arrived mid-transfer"
         await _wait_for(lambda: pair.statuses)
         assert pair.statuses == [(2, True)]
+        await _wait_for(pair.snapshots)
         assert pair.snapshots()[0].snapshot == snapshot
 
 
@@ -196,6 +199,7 @@ async def test_a_dropped_connection_fails_the_stream_and_the_next_starts_over(
         pair.leader.send(_message(snapshot))
         await _wait_for(lambda: len(pair.statuses) == 2)
         assert pair.statuses == [(2, False), (2, True)]
+        await _wait_for(pair.snapshots)
         assert [m.snapshot for m in pair.snapshots()] == [snapshot]
         assert pair.leader.snapshots.streams_started == 2
 
@@ -224,4 +228,5 @@ async def test_the_same_snapshot_sent_again_joins_the_stream_under_way(tmp_path:
         await _wait_for(lambda: pair.statuses)
         assert pair.statuses == [(2, True)]
         assert pair.leader.snapshots.streams_started == 1
+        await _wait_for(pair.snapshots)
         assert len(pair.snapshots()) == 1
