@@ -4,7 +4,7 @@ The Raft core hands the transport a SNAPSHOT message (Raft §7 InstallSnapshot) 
 one outcome, `RawNode.report_snapshot(peer, ok)`. Between the two, this module moves the bytes:
 
     leader                                          follower
-    BEGIN  [stream id, size, the message without data]  ->  opens <dir>/incoming-<peer>.part
+    BEGIN  [stream id, size, the message without data]  ->  opens <dir>/incoming-<peer>-<id>.part
     CHUNK  stream id, offset, bytes            (many) ->  appends them (offset must follow on)
     END    stream id, size                            ->  checks magic, length and the crc32
                                                           of the body (computed as it came)
@@ -83,6 +83,8 @@ READ_AHEAD_BYTES = 1 << 20
 SNAPSHOT_BYTES_MAX = 1 << 50
 """A declared stream size above this is refused (a range check, not a product limit)."""
 _STREAM_ID_MAX = 1 << 63
+_HELD_TYPES = frozenset({MessageType.APPEND, MessageType.SNAPSHOT})
+_HELD_MAX = 1024
 _CHUNK_HEADER = struct.Struct(">BQQ")  # tag, stream id, offset
 _END = struct.Struct(">BQQ")  # tag, stream id, size
 _ACK = struct.Struct(">BQ?")  # tag, stream id, ok
@@ -182,6 +184,8 @@ class SnapshotStreams:
         self._next_stream_id = 1
         self._outgoing: dict[int, _Outgoing] = {}
         self._incoming: dict[int, _Incoming] = {}
+        # Messages from a leader whose snapshot is ACKed and loading (`hold`).
+        self._held: dict[int, list[Message]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._fs = FileSystem()
         if directory is not None:
@@ -356,7 +360,8 @@ class SnapshotStreams:
         self.discard_incoming(peer_id)
         if self._directory is None:
             raise ProtocolError("this node takes no snapshot streams")
-        path = os.path.join(self._directory, f"{INCOMING_PREFIX}{peer_id}{INCOMING_SUFFIX}")
+        name = f"{INCOMING_PREFIX}{peer_id}-{stream_id}{INCOMING_SUFFIX}"
+        path = os.path.join(self._directory, name)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         begun_at = asyncio.get_running_loop().time()
         self._incoming[peer_id] = _Incoming(stream_id, message, size, path, fd, begun_at)
@@ -405,6 +410,7 @@ class SnapshotStreams:
             self._refuse(peer_id, "checksum or length of the snapshot does not match its header")
             return
         del self._incoming[peer_id]
+        self._held.setdefault(peer_id, [])
         loop = asyncio.get_running_loop()
         logger.info(
             "event=snapshot_stream_end peer=%s stream=%d bytes=%d seconds=%.3f",
@@ -431,6 +437,7 @@ class SnapshotStreams:
                 None, self._verify, stream
             )
         except (CorruptionError, OSError) as exc:
+            self._release_held(peer_id)
             # Its checksum matched, so the file that arrived is the leader's: this is our
             # disk (or a damaged file on the leader). Not installed; the leader, told it was
             # delivered, sends it again when the follower's answer does not come.
@@ -452,6 +459,24 @@ class SnapshotStreams:
             snapshot.metadata.index,
             stream.size,
         )
+        self._release_held(peer_id)
+
+    def hold(self, peer_id: int, message: Message) -> bool:
+        """While a snapshot from `peer_id` is ACKed but not yet stepped (it loads), its
+        appends wait (up to _HELD_MAX, then they are dropped: Raft sends them again) and are
+        stepped after it, in order: the leader, told the snapshot arrived, probes from after
+        it, and the follower must not answer that probe with the log it had before the
+        snapshot (a rejection that would send the snapshot again). True if held."""
+        held = self._held.get(peer_id)
+        if held is None or message.type not in _HELD_TYPES:
+            return False
+        if len(held) < _HELD_MAX:
+            held.append(message)
+        return True
+
+    def _release_held(self, peer_id: int) -> None:
+        for message in self._held.pop(peer_id, []):
+            self._on_message(message)
 
     def _verify(self, stream: _Incoming) -> Snapshot:
         """fsync, then load and check the file (magic, length, crc32, metadata)."""
