@@ -15,9 +15,18 @@ Workloads (`--workloads`, comma-separated; each runs at every N):
             (`consistency=stale`; etcd: serializable range requests);
 and `--value-sizes 100,1000,...` sweeps the PUT value size at `--sweep-concurrency` writers.
 
+Client paths (`--client-paths`, comma-separated; kvstore runs every level once per path):
+- `http`    bare aiohttp, one keep-alive connection per worker (the default);
+- `binary`  the client library (`kvstore.Client`, default ClientConfig) shared by all
+            workers: key operations over its binary stream, one WebSocket per node with every
+            worker's requests in flight on it (kvstore/client/stream.py);
+- `client-http` the same Client with `binary_stream=False`: the library over HTTP.
+
 `--compare etcd` runs the same levels, workloads and sweep against a three-node etcd 3.4 on
 loopback (defaults, fsyncing; its JSON gateway: POST /v3/kv/put, /v3/kv/range) in the same
-run, after kvstore, and prints the ratios. `--tls` runs the same plan on a second kvstore
+run, after kvstore, and prints the ratios (etcd over its gateway against every kvstore path).
+CPU per operation is reported per node role: the leader, the two followers together, and
+the benchmark's own process (the client). `--tls` runs the same plan on a second kvstore
 cluster with TLS on both ports (mutual TLS between peers, https for the workers) after the
 plain one, and prints TLS / plain ratios.
 
@@ -53,6 +62,8 @@ from etcdcluster import EtcdCluster, etcd_binary, etcd_status
 from runinfo import RunInfo, ScratchDir, output_path
 from stats import percentile
 
+from kvstore.client import Client, ClientConfig
+from kvstore.errors import KVStoreError
 from kvstore.request_id import RequestId
 from kvstore.server.localcluster import LocalCluster
 
@@ -60,6 +71,7 @@ KEY_BYTES = 16
 VALUE_BYTES = 100
 READ_KEYS = 1000
 WORKLOADS = {"write": (0.0, False), "read90": (0.9, False), "stale90": (0.9, True)}
+CLIENT_PATHS = ("http", "binary", "client-http")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +92,10 @@ class Target:
     system: str
     urls: tuple[str, ...]
     tls: ssl.SSLContext | None = None
+    # How kvstore is driven (CLIENT_PATHS); etcd always over its JSON gateway ("http").
+    client_path: str = "http"
+    # The CA of a TLS cluster, for the client library's paths.
+    ca_file: str = ""
 
     def session(self, **kwargs: Any) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=0, ssl=self.tls if self.tls else True)
@@ -181,6 +197,38 @@ async def _worker(
             latencies[kind].append(finished - started)
 
 
+async def _client_worker(
+    client: Client,
+    workload: Workload,
+    worker: int,
+    stop_at: float,
+    record_from: float,
+    latencies: dict[str, list[float]],
+    errors: dict[str, int],
+) -> None:
+    """One worker's loop through the client library (request ids, retries: its own)."""
+    value = b"v" * workload.value_bytes
+    consistency = "stale" if workload.stale else "linearizable"
+    rng = random.Random(worker)
+    seq = 0
+    while time.perf_counter() < stop_at:
+        seq += 1
+        kind = "read" if rng.random() < workload.read_fraction else "write"
+        started = time.perf_counter()
+        try:
+            if kind == "read":
+                await client.get(_read_key(rng.randrange(READ_KEYS)), consistency=consistency)
+            else:
+                key = f"{worker:05d}-{seq:010d}"[:KEY_BYTES].ljust(KEY_BYTES, "k")
+                await client.put(key, value)
+        except KVStoreError as exc:
+            errors[exc.code] = errors.get(exc.code, 0) + 1
+            errors.setdefault(f"first_{exc.code}", str(exc)[:200])
+            continue
+        if started >= record_from:
+            latencies[kind].append(time.perf_counter() - started)
+
+
 async def _preload(session: aiohttp.ClientSession, target: Target) -> None:
     """The keys the read mixes read, written once (32 at a time)."""
     value = b"r" * VALUE_BYTES
@@ -225,28 +273,43 @@ async def run_level(
         latencies: dict[str, list[float]] = {"read": [], "write": []}
         level_id = f"{workload.name}-{workload.value_bytes}-{concurrency}-{time.time_ns():x}"
         errors: dict[str, int] = {}
-        await asyncio.gather(
-            *(
-                _worker(
-                    session,
-                    target,
-                    workload,
-                    level_id,
-                    w,
-                    stop_at,
-                    record_from,
-                    latencies,
-                    errors,
+        if target.client_path == "http":
+            await asyncio.gather(
+                *(
+                    _worker(
+                        session,
+                        target,
+                        workload,
+                        level_id,
+                        w,
+                        stop_at,
+                        record_from,
+                        latencies,
+                        errors,
+                    )
+                    for w in range(concurrency)
                 )
-                for w in range(concurrency)
             )
-        )
+        else:
+            # One client for all workers: its requests share its connections (the binary
+            # stream pipelines them on one WebSocket per node).
+            config = ClientConfig(
+                binary_stream=target.client_path == "binary", ca_file=target.ca_file
+            )
+            async with Client(list(target.urls), config=config) as client:
+                await asyncio.gather(
+                    *(
+                        _client_worker(client, workload, w, stop_at, record_from, latencies, errors)
+                        for w in range(concurrency)
+                    )
+                )
         cpu_after = {node: _cpu_seconds(pid) for node, pid in pids.items()}
         client_cpu_s = time.process_time() - client_before
         after = await _leader_term(session, target)
     cpu = {node: cpu_after[node] - cpu_before[node] for node in pids}
     return {
         "system": target.system,
+        "client_path": target.client_path,
         "workload": workload.name,
         "value_bytes": workload.value_bytes,
         "concurrency": concurrency,
@@ -286,6 +349,9 @@ def _cpu_figures(
     operations = max(1, len(latencies["read"]) + len(latencies["write"]))
     return {
         "leader_cpu_ms_per_write": cpu.get(leader_id, 0.0) * 1000 / operations if cpu else None,
+        "followers_cpu_ms_per_write": (
+            (sum(cpu.values()) - cpu.get(leader_id, 0.0)) * 1000 / operations if cpu else None
+        ),
         "cluster_cpu_ms_per_write": sum(cpu.values()) * 1000 / operations if cpu else None,
         "client_cpu_ms_per_write": client_cpu_s * 1000 / operations,
     }
@@ -298,13 +364,17 @@ def _print(result: dict[str, Any]) -> None:
         if mix
         else f"{result['writes_per_s']:>9,.0f} writes/s"
     )
+    system = result["system"]
+    if system.startswith("kvstore"):
+        system = f"{system.replace('kvstore', 'kv')}/{result.get('client_path', 'http')}"
     print(
-        f"{result['system']:<8}{result['workload']:<8}{result['value_bytes']:>7} B "
+        f"{system:<15}{result['workload']:<8}{result['value_bytes']:>7} B "
         f"N={result['concurrency']:<4} {rate}  "
         f"p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
         f"leader changed: {'YES' if result['leader_changed'] else 'no'}"
         + (
             f"  cpu/op leader {result['leader_cpu_ms_per_write']:.2f} ms"
+            f" followers {result['followers_cpu_ms_per_write']:.2f} ms"
             f" cluster {result['cluster_cpu_ms_per_write']:.2f} ms"
             f" client {result['client_cpu_ms_per_write']:.2f} ms"
             if result.get("leader_cpu_ms_per_write") is not None
@@ -389,7 +459,12 @@ def _run_kvstore(base: Path, args: argparse.Namespace, *, tls: bool) -> list[Any
         others = [cluster.client_url(n) for n in cluster.ids if n != leader]
         context = ssl.create_default_context(cafile=cluster.ca_file) if tls else None
         system = "kvstore-tls" if tls else "kvstore"
-        return list(_run(Target(system, (url, *others), context), args, pids))
+        ca_file = cluster.ca_file if tls else ""
+        results: list[Any] = []
+        for path in args.client_paths:
+            target = Target(system, (url, *others), context, path, ca_file)
+            results += _run(target, args, pids)
+        return results
 
 
 def _run_etcd(base: Path, args: argparse.Namespace) -> list[Any]:
@@ -440,31 +515,34 @@ def _run(target: Target, args: argparse.Namespace, pids: dict[int, int] | None =
 
 
 def print_ratios(results: list[dict[str, Any]]) -> None:
-    """etcd / kvstore for each (workload, value size, N) both ran."""
-    kvstore = {
+    """kvstore / etcd for each client path and (workload, value size, N) both ran: above 1
+    means kvstore did more operations per second; for latency, above 1 means kvstore was
+    slower."""
+    etcd = {
         (r["workload"], r["value_bytes"], r["concurrency"]): r
         for r in results
-        if r["system"] == "kvstore"
+        if r["system"] == "etcd"
     }
-    etcd = [r for r in results if r["system"] == "etcd"]
-    if not etcd:
+    mine = [r for r in results if r["system"] == "kvstore"]
+    if not etcd or not mine:
         return
-    print("\netcd / kvstore (same run): throughput ratio, p50 and p99 latency ratios")
-    for r in etcd:
-        mine = kvstore.get((r["workload"], r["value_bytes"], r["concurrency"]))
-        if mine is None or not mine["ops_per_s"] or not mine["p50_ms"]:
+    print("\nkvstore / etcd (same run): ops/s ratio (> 1: kvstore faster), p50 and p99 ratios")
+    for r in mine:
+        theirs = etcd.get((r["workload"], r["value_bytes"], r["concurrency"]))
+        if theirs is None or not theirs["ops_per_s"] or not theirs["p50_ms"]:
             continue
         print(
-            f"{r['workload']:<8}{r['value_bytes']:>7} B N={r['concurrency']:<4}"
-            f" ops/s {r['ops_per_s'] / mine['ops_per_s']:5.2f}x"
-            f"  p50 {r['p50_ms'] / mine['p50_ms']:5.2f}x  p99 {r['p99_ms'] / mine['p99_ms']:5.2f}x"
+            f"{r.get('client_path', 'http'):<12}{r['workload']:<8}{r['value_bytes']:>7} B "
+            f"N={r['concurrency']:<4} ops/s {r['ops_per_s'] / theirs['ops_per_s']:5.2f}x"
+            f"  p50 {r['p50_ms'] / theirs['p50_ms']:5.2f}x"
+            f"  p99 {r['p99_ms'] / theirs['p99_ms']:5.2f}x"
         )
 
 
 def print_tls_cost(results: list[dict[str, Any]]) -> None:
     """kvstore-tls / kvstore for each (workload, value size, N) both ran."""
     plain = {
-        (r["workload"], r["value_bytes"], r["concurrency"]): r
+        (r["client_path"], r["workload"], r["value_bytes"], r["concurrency"]): r
         for r in results
         if r["system"] == "kvstore"
     }
@@ -473,11 +551,11 @@ def print_tls_cost(results: list[dict[str, Any]]) -> None:
         return
     print("\nTLS / plain (same run): throughput ratio, p50 and p99 latency ratios")
     for r in tls:
-        mine = plain.get((r["workload"], r["value_bytes"], r["concurrency"]))
+        mine = plain.get((r["client_path"], r["workload"], r["value_bytes"], r["concurrency"]))
         if mine is None or not mine["ops_per_s"] or not mine["p50_ms"]:
             continue
         print(
-            f"{r['workload']:<8}{r['value_bytes']:>7} B N={r['concurrency']:<4}"
+            f"{r['client_path']:<12}{r['workload']:<8}{r['value_bytes']:>7} B N={r['concurrency']:<4}"
             f" ops/s {r['ops_per_s'] / mine['ops_per_s']:5.2f}x"
             f"  p50 {r['p50_ms'] / mine['p50_ms']:5.2f}x  p99 {r['p99_ms'] / mine['p99_ms']:5.2f}x"
         )
@@ -501,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--value-sizes", default="", help="PUT value sizes to sweep (bytes)")
     parser.add_argument("--sweep-concurrency", type=int, default=16, help="N of the sweep")
     parser.add_argument("--compare", choices=["etcd"], help="also run three-node etcd")
+    parser.add_argument("--client-paths", default="http",
+                        help=f"how kvstore is driven, from {','.join(CLIENT_PATHS)}")  # fmt: skip
     parser.add_argument(
         "--tls",
         action="store_true",
@@ -508,6 +588,9 @@ def main(argv: list[str] | None = None) -> int:
         "print TLS / plain ratios",
     )
     args = parser.parse_args(argv)
+    args.client_paths = [path for path in args.client_paths.split(",") if path]
+    if not args.client_paths or set(args.client_paths) - set(CLIENT_PATHS):
+        parser.error(f"unknown client paths; choose from {','.join(CLIENT_PATHS)}")
     if args.quick:
         args.concurrency, args.duration, args.warmup = "1,16", 1.0, 0.3
     args.workloads = [w for w in args.workloads.split(",") if w]
@@ -522,7 +605,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"throughput benchmark: {run.describe()}", flush=True)
     try:
         if args.endpoint:
-            results = _run(Target("kvstore", (args.endpoint.rstrip("/"),)), args)
+            url = args.endpoint.rstrip("/")
+            results = []
+            for path in args.client_paths:
+                results += _run(Target("kvstore", (url,), None, path), args)
         else:
             results = _run_with_cluster(args)
     except KeyboardInterrupt:
@@ -547,6 +633,7 @@ def main(argv: list[str] | None = None) -> int:
                 "node_args": args.node_args,
                 "compare": args.compare,
                 "tls": args.tls,
+                "client_paths": args.client_paths,
             },
             "key_bytes": KEY_BYTES,
             "value_bytes": VALUE_BYTES,

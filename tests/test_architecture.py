@@ -162,6 +162,7 @@ COMPONENTS: Mapping[str, str] = {
     "kvstore.client_cli": "cli",
     "kvstore.backup_cli": "cli",
     "kvstore.coord_cli": "cli",
+    "kvstore.auth_cli": "cli",
     "kvstore.cli": "cli",
     "kvstore.__main__": "cli",
 }
