@@ -16,6 +16,10 @@ the cluster by a new node (added as a learner, promoted once caught up), removes
 (the leader too, which then hands over), or wipes a voter's disk: that id never runs again,
 and a new node under a new id replaces it (added as a learner, the lost member removed,
 then the learner promoted).
+Snapshot streams can break for a while (`snapshot_stream_outcome`): a snapshot's connection
+drops mid-stream (the follower never gets it) or after its last chunk but before the
+follower's ACK reached the leader (the follower installs it, the leader hears it failed), as
+with the server's streamed snapshots (kvstore/server/snapshot_stream.py).
 When a node crashes, each live peer "notices" it
 after a short random delay and calls `report_peer_down`, as the server's transport does when
 a connection closes.
@@ -57,9 +61,12 @@ class Nemesis:
             (self._pause, 2),
             (self._fill_disk, 1),
             (self._hang_disk, 1),
+            (self._break_snapshot_streams, 1),
         ]
         if simulation.config.membership:
             self._actions += [(self._grow, 1), (self._shrink, 1), (self._wipe, 2)]
+        # Until this time, snapshot streams break (`snapshot_stream_outcome`).
+        self._streams_broken_until = -1
         self._schedule_next()
 
     def stop(self) -> None:
@@ -226,6 +233,19 @@ class Nemesis:
         self._sim.operator.plan(
             Goal(Step.ADD, node.id), Goal(Step.REMOVE, lost.id), Goal(Step.PROMOTE, node.id)
         )
+    def _break_snapshot_streams(self) -> None:
+        duration = self._rng.randint(50, 600)
+        self._streams_broken_until = self._sim.now + duration
+        self._sim.trace(f"snapshot streams break for {duration}")
+
+    def snapshot_stream_outcome(self) -> str:
+        """How the stream of a snapshot being delivered now ends: "ok", "cut" (the
+        connection dropped mid-stream: nothing arrives, the leader hears it failed) or
+        "ack_lost" (it dropped after the last chunk: the follower installs the snapshot, the
+        leader hears it failed)."""
+        if self._sim.now >= self._streams_broken_until:
+            return "ok"
+        return "cut" if self._rng.random() < 0.5 else "ack_lost"
 
     def on_crashed(self, node: SimNode) -> None:
         """Peers notice the closed connections a little later."""
