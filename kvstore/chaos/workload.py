@@ -18,6 +18,9 @@ failure that did not take effect.
   the first answer.
 - `append`: each operation appends a unique element to a key's list through a cas loop; the
   final lists must hold every acknowledged element exactly once.
+- `watch`: the register workload, with watchers beside it (kvstore/chaos/coordination.py).
+- `lock`: processes take a `Lock` in turns and act on a resource with their fencing token
+  (kvstore/chaos/coordination.py); the holders' writes go into the register history.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any
 
 import aiohttp
 
+from kvstore.chaos.coordination import LockWorkload
 from kvstore.client import Client, ClientConfig, PutResult
 from kvstore.errors import (
     ClusterError,
@@ -47,7 +51,7 @@ from kvstore.errors import (
 
 logger = logging.getLogger("kvstore.chaos")
 
-WORKLOADS = ("register", "counter", "append")
+WORKLOADS = ("register", "counter", "append", "watch", "lock")
 
 
 @dataclass(slots=True)
@@ -124,11 +128,23 @@ class Workload:
         self._stop = asyncio.Event()
         self._started_ns = clock_ns()
         self.keys_used: set[str] = set()
+        self.lock: LockWorkload | None = None
 
     def stop(self) -> None:
         self._stop.set()
+        if self.lock is not None:
+            self.lock.stop()
 
     async def run(self) -> None:
+        if self.config.kind == "lock":
+            self.keys_used.add("lock-owner")
+            self.lock = LockWorkload(
+                self.endpoints, self.config.processes, self._rng, self._record
+            )
+            if self._stop.is_set():
+                self.lock.stop()
+            await self.lock.run(self.history.new_process)
+            return
         client_config = ClientConfig(timeout_s=self.config.operation_timeout_s)
         async with contextlib.AsyncExitStack() as stack:
             client = await stack.enter_async_context(Client(self.endpoints, config=client_config))
@@ -149,7 +165,7 @@ class Workload:
         process = self.history.new_process()
         serial = itertools.count(1)
         while not self._stop.is_set():
-            if self.config.kind == "register":
+            if self.config.kind in ("register", "watch"):
                 known = await self._register_step(client, raw, process, slot, serial, rng)
             elif self.config.kind == "counter":
                 known = await self._counter_step(client, raw, process, rng)
