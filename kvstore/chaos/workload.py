@@ -11,7 +11,8 @@ failure that did not take effect.
   names the write it saw. Reads go to a random node (followers answer through ReadIndex), so
   a node that answers from stale state is caught wherever it sits. A cas compares on the key's revision, which (values being unique)
   is the same as comparing on the value the process last read; it is recorded as a
-  value-compare `cas` for the checker.
+  value-compare `cas` for the checker. Half the cas go through a transaction
+  (`POST /v1/txn`: compare the revision, then put), so the checker covers transactions too.
 - `counter`: a retry storm: every increment is a cas read-modify-write with a request id, and
   each attempt is also fired again, concurrently, with the same request id at other nodes; the
   counter must end within [acknowledged, acknowledged + unknown], and every duplicate must get
@@ -40,7 +41,7 @@ from typing import Any
 import aiohttp
 
 from kvstore.chaos.coordination import LockWorkload
-from kvstore.client import Client, ClientConfig, PutResult
+from kvstore.client import Client, ClientConfig, Compare, Op, PutResult
 from kvstore.errors import (
     ClusterError,
     DeadlineExceededError,
@@ -246,7 +247,17 @@ class Workload:
             return True
         invoke = self._clock_ns()
         try:
-            await client.cas(key, value.encode(), mod_revision=revision)
+            if len(value) % 2:
+                # Half the compare-and-sets go through POST /v1/txn, so transactions are in
+                # the linearizability check too (issue 14).
+                result = await client.txn(
+                    compare=[Compare.mod_revision(key, "=", revision)],
+                    success=[Op.put(key, value.encode())],
+                )
+                if not result.succeeded:
+                    raise PreconditionFailedError("the transaction's comparison failed")
+            else:
+                await client.cas(key, value.encode(), mod_revision=revision)
         except PreconditionFailedError:
             self._record(
                 process, "cas", key, value, expected, invoke, self._clock_ns(), True, False
