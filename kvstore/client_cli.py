@@ -120,6 +120,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             help=f"{help_text} (default ${variable})",
         )
 
+    common.add_argument(
+        "--token",
+        dest="auth_token",
+        default=os.environ.get("KVSTORE_TOKEN", ""),
+        help="bearer token for nodes with --auth (default $KVSTORE_TOKEN)",
+    )
+
     get = subparsers.add_parser("get", parents=[common], help="read a key")
     get.add_argument("key")
     get.add_argument(
@@ -166,9 +173,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     status = subparsers.add_parser("status", parents=[common], help="status of every endpoint")
     status.set_defaults(handler=_handle(_status))
 
-    from kvstore import coord_cli
+    from kvstore import auth_cli, coord_cli
 
     coord_cli.register(subparsers, common)
+    auth_cli.register(subparsers, common)
 
 
 Action = Callable[[Client, argparse.Namespace], Awaitable[int]]
@@ -186,6 +194,7 @@ def _handle(action: Action) -> Callable[[argparse.Namespace], int]:
                 ca_file=args.tls_ca,
                 cert_file=args.tls_cert,
                 key_file=args.tls_key,
+                token=args.auth_token,
             )
             async with Client(args.endpoints, config=config) as client:
                 return await action(client, args)

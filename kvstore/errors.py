@@ -269,6 +269,19 @@ class PayloadTooLargeError(RequestError):
     code = "too_large"
 
 
+class UnauthenticatedError(RequestError):
+    """Authentication is on and the request proves no known identity: no credentials, an
+    unknown or revoked token, or a client certificate naming no user (401)."""
+
+    code = "unauthenticated"
+
+
+class PermissionDeniedError(RequestError):
+    """The authenticated user's roles do not grant what the request needs (403)."""
+
+    code = "permission_denied"
+
+
 class NotFoundError(RequestError):
     """No such key."""
 
@@ -355,6 +368,8 @@ HTTP_STATUS: Mapping[type[KVStoreError], int] = {
     MethodNotAllowedError: 405,
     RequestTimeoutError: 408,
     PayloadTooLargeError: 413,
+    UnauthenticatedError: 401,
+    PermissionDeniedError: 403,
     NotFoundError: 404,
     PreconditionFailedError: 412,
     SessionExpiredError: 409,

@@ -160,7 +160,9 @@ COMPONENTS: Mapping[str, str] = {
     "kvstore.chaos": "chaos",
     "kvstore.testing": "testing",  # a local cluster for applications' tests
     "kvstore.client_cli": "cli",
+    "kvstore.backup_cli": "cli",
     "kvstore.coord_cli": "cli",
+    "kvstore.auth_cli": "cli",
     "kvstore.cli": "cli",
     "kvstore.__main__": "cli",
 }
@@ -188,7 +190,9 @@ ALLOWED_IMPORTS: Mapping[str, frozenset[str]] = {
         {"replica", "raft", "raft.types", "storage", "kv", "codec", "errors", "api"}
     ),
     "client": frozenset({"request_id", "errors"}),
-    "chaos": frozenset({"server", "client", "storage", "kv", "raft.types", "verify", "errors"}),
+    "chaos": frozenset(
+        {"server", "client", "storage", "kv", "raft.types", "codec", "verify", "errors"}
+    ),
     "testing": frozenset({"server", "client"}),
     "cli": frozenset({"server", "client", "chaos", "errors", "api"}),
     "api": frozenset({"client"}),

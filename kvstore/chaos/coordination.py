@@ -50,16 +50,19 @@ class _Recorded:
 class WatchRecorder:
     """See the module docstring."""
 
-    def __init__(self, endpoints: Sequence[str], rng: random.Random) -> None:
+    def __init__(
+        self, endpoints: Sequence[str], rng: random.Random, client_config: ClientConfig
+    ) -> None:
         self.endpoints = list(endpoints)
         self._rng = rng
+        self._client_config = client_config
         self._client: Client | None = None
         self._recorded: list[_Recorded] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.start_revision = 0
 
     async def start(self) -> None:
-        self._client = Client(self.endpoints, config=ClientConfig(timeout_s=10.0))
+        self._client = Client(self.endpoints, config=self._client_config)
         listing = await self._client.list(WATCH_PREFIX, limit=1)
         self.start_revision = listing.revision + 1
         for number in range(WATCHERS):
@@ -163,8 +166,9 @@ class LockWorkload:
     """See the module docstring; `run` until `stop`."""
 
     def __init__(self, endpoints: Sequence[str], processes: int, rng: random.Random,
-                 record: Any) -> None:  # fmt: skip
+                 record: Any, client_config: ClientConfig | None = None) -> None:  # fmt: skip
         self.endpoints = list(endpoints)
+        self._client_config = client_config or ClientConfig(timeout_s=5.0)
         self.processes = processes
         self._rng = rng
         self._record = record  # Workload._record's signature: the register history
@@ -178,7 +182,7 @@ class LockWorkload:
         self._stop.set()
 
     async def run(self, new_process: Any) -> None:
-        config = ClientConfig(timeout_s=5.0)
+        config = self._client_config
         async with Client(self.endpoints, config=config) as client, asyncio.TaskGroup() as group:
             for slot in range(self.processes):
                 rng = random.Random(self._rng.getrandbits(64))

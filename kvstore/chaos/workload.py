@@ -42,6 +42,7 @@ import aiohttp
 
 from kvstore.chaos.coordination import LockWorkload
 from kvstore.client import Client, ClientConfig, Compare, Op, PutResult
+from kvstore.client.transport import tls_context
 from kvstore.errors import (
     ClusterError,
     DeadlineExceededError,
@@ -91,6 +92,10 @@ class WorkloadConfig:
     # Pause between a process's operations, so faults, not the workload, decide the load.
     think_s: float = 0.005
     storm_copies: int = 3
+    # A cluster with TLS and --auth (a drill's --secure): the CA of the nodes' certificates
+    # and the bearer token every request carries ("" for neither).
+    ca_file: str = ""
+    token: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in WORKLOADS:
@@ -137,19 +142,27 @@ class Workload:
             self.lock.stop()
 
     async def run(self) -> None:
-        if self.config.kind == "lock":
+        config = self.config
+        client_config = ClientConfig(
+            timeout_s=config.operation_timeout_s, ca_file=config.ca_file, token=config.token
+        )
+        if config.kind == "lock":
             self.keys_used.add("lock-owner")
             self.lock = LockWorkload(
-                self.endpoints, self.config.processes, self._rng, self._record
+                self.endpoints, config.processes, self._rng, self._record, client_config
             )
             if self._stop.is_set():
                 self.lock.stop()
             await self.lock.run(self.history.new_process)
             return
-        client_config = ClientConfig(timeout_s=self.config.operation_timeout_s)
         async with contextlib.AsyncExitStack() as stack:
             client = await stack.enter_async_context(Client(self.endpoints, config=client_config))
-            raw = await stack.enter_async_context(aiohttp.ClientSession())
+            raw = await stack.enter_async_context(
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(ssl=tls_context(config.ca_file)),
+                    headers={"Authorization": f"Bearer {config.token}"} if config.token else None,
+                )
+            )
             async with asyncio.TaskGroup() as group:
                 for slot in range(self.config.processes):
                     seed = self._rng.getrandbits(64)

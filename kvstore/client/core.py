@@ -46,6 +46,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, replace
+from typing import Any
 from urllib.parse import quote
 
 from kvstore.client.config import ClientConfig, Consistency
@@ -71,7 +72,14 @@ from kvstore.client.retry import (
     RetryPolicy,
     Verdict,
 )
-from kvstore.client.transport import AiohttpTransport, HttpResponse, Transport, TransportError
+from kvstore.client.stream import StreamTransport
+from kvstore.client.transport import (
+    AiohttpTransport,
+    HttpResponse,
+    Transport,
+    TransportError,
+    tls_context,
+)
 from kvstore.client.txn import Compare, Op, TxnResult, txn_body, txn_result_from_json
 from kvstore.client.watch import Watch
 from kvstore.errors import (
@@ -191,13 +199,7 @@ class Client:
         self._sleep: Sleep = sleep or asyncio.sleep
         self._rng = rng or random.Random()
         self._policy = RetryPolicy(config, clock=self._clock, rng=self._rng)
-        self._transport: Transport = transport or AiohttpTransport(
-            connect_timeout_s=config.connect_timeout_s,
-            max_connections=config.max_connections,
-            ca_file=config.ca_file,
-            cert_file=config.cert_file,
-            key_file=config.key_file,
-        )
+        self._transport: Transport = transport or _default_transport(config)
         self._breakers: dict[str, CircuitBreaker] = {}
         self._round_robin = self._rng.randrange(len(self.endpoints))
         # Invariant: the URL the latest answer named as leader, or None while unknown.
@@ -497,6 +499,10 @@ class Client:
             self.endpoints, key=key, prefix=prefix, start_revision=start_revision,
             prev_kv=prev_kv, progress=progress, progress_interval_s=progress_interval_s,
             connect_timeout_s=self.config.connect_timeout_s, rng=self._rng,
+            ssl_context=tls_context(self.config.ca_file, self.config.cert_file,
+                                    self.config.key_file),
+            headers={"Authorization": f"Bearer {self.config.token}"} if self.config.token
+            else None,
         )  # fmt: skip
 
     async def _post(
@@ -507,6 +513,62 @@ class Client:
             is_write=is_write,
         )  # fmt: skip
         return await self._run(call, timeout_s)
+
+    # --- users, roles and tokens (admin; docs/security.md) ---------------------------------
+
+    async def auth_show(self, *, timeout_s: float | None = None) -> dict[str, Any]:
+        """Every user with its roles, every role with its permissions, every token's id and
+        user (GET /v1/auth)."""
+        call = _Call("auth_show", "GET", "/v1/auth")
+        return _json_object((await self._run(call, timeout_s)).response)
+
+    async def auth_put_role(
+        self, name: str, permissions: Sequence[tuple[str, str]], *, timeout_s: float | None = None
+    ) -> None:
+        """Create or replace role `name`: (prefix, "read" | "write" | "admin") pairs."""
+        body = {"permissions": [{"prefix": p, "access": a} for p, a in permissions]}
+        await self._auth_write("auth_put_role", "PUT", f"/v1/auth/roles/{name}", body, timeout_s)
+
+    async def auth_delete_role(self, name: str, *, timeout_s: float | None = None) -> None:
+        await self._auth_write(
+            "auth_delete_role", "DELETE", f"/v1/auth/roles/{name}", None, timeout_s
+        )
+
+    async def auth_put_user(
+        self, name: str, roles: Sequence[str], *, timeout_s: float | None = None
+    ) -> None:
+        """Create or replace user `name` with `roles` (which must exist)."""
+        body = {"roles": list(roles)}
+        await self._auth_write("auth_put_user", "PUT", f"/v1/auth/users/{name}", body, timeout_s)
+
+    async def auth_delete_user(self, name: str, *, timeout_s: float | None = None) -> None:
+        """Delete user `name` and every token of it."""
+        await self._auth_write(
+            "auth_delete_user", "DELETE", f"/v1/auth/users/{name}", None, timeout_s
+        )
+
+    async def auth_new_token(self, user: str, *, timeout_s: float | None = None) -> tuple[str, str]:
+        """A new token for `user`: (token, id). The token is shown only now."""
+        answer = await self._auth_write(
+            "auth_new_token", "POST", "/v1/auth/tokens", {"user": user}, timeout_s
+        )
+        return str(answer.get("token", "")), str(answer.get("id", ""))
+
+    async def auth_delete_token(self, token_id: str, *, timeout_s: float | None = None) -> None:
+        await self._auth_write(
+            "auth_delete_token", "DELETE", f"/v1/auth/tokens/{token_id}", None, timeout_s
+        )
+
+    async def _auth_write(
+        self, name: str, method: str, path: str, body: Any, timeout_s: float | None
+    ) -> dict[str, Any]:
+        call = _Call(
+            name, method, path,
+            headers=None if body is None else {"Content-Type": "application/json"},
+            body=None if body is None else json.dumps(body).encode(),
+            is_write=True,
+        )  # fmt: skip
+        return _json_object((await self._run(call, timeout_s)).response)
 
     async def status(
         self, endpoint: str | None = None, *, timeout_s: float | None = None
@@ -666,9 +728,12 @@ class Client:
                     await task
 
     def _headers(self, call: _Call, seq: int) -> Mapping[str, str] | None:
+        base = call.headers
+        if self.config.token:
+            base = {**(base or {}), "Authorization": f"Bearer {self.config.token}"}
         if not call.is_write:
-            return call.headers
-        headers = dict(call.headers or {})
+            return base
+        headers = dict(base or {})
         headers["Kvstore-Request-Id"] = str(RequestId(self.client_id, seq))
         headers["Kvstore-Acked-Below"] = str(min(self._inflight, default=self._next_seq))
         return headers
@@ -759,6 +824,19 @@ class Client:
             self._last_leader_seen = url
             self._counters.leader_changes += 1
             log.debug("leader url=%s", url)
+
+
+def _default_transport(config: ClientConfig) -> Transport:
+    http = AiohttpTransport(
+        connect_timeout_s=config.connect_timeout_s,
+        max_connections=config.max_connections,
+        ca_file=config.ca_file,
+        cert_file=config.cert_file,
+        key_file=config.key_file,
+    )
+    if not config.binary_stream:
+        return http
+    return StreamTransport(http, connect_timeout_s=config.connect_timeout_s)
 
 
 def _connect_failure(error: KVStoreError) -> bool:

@@ -34,6 +34,7 @@ from kvstore.request_id import RequestId as RequestId
 from kvstore.request_id import parse_request_id as parse_request_id
 
 if TYPE_CHECKING:
+    from kvstore.kv.auth import AuthChange
     from kvstore.kv.history import Compact
     from kvstore.kv.leases import LeaseGrant, LeaseRevoke
     from kvstore.kv.txn import Txn, TxnOutcome
@@ -56,6 +57,7 @@ class CommandKind(enum.IntEnum):
     LEASE_GRANT = 11  # kvstore.kv.leases
     LEASE_REVOKE = 12
     COMPACT = 13  # kvstore.kv.history
+    AUTH = 20  # kvstore.kv.auth: users, roles, tokens (issue 16)
 
 
 class WriteError(enum.StrEnum):
@@ -75,6 +77,8 @@ class WriteError(enum.StrEnum):
     LEASE_EXISTS = "lease_exists"
     # A compaction beyond the store's revision (HTTP 400).
     FUTURE_REVISION = "future_revision"
+    # An auth change names a user, role or token that does not exist (HTTP 404).
+    AUTH_NOT_FOUND = "auth_not_found"
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +123,7 @@ class Delete:
 
 
 # Every command of the log. The newer ones live beside the logic that applies them.
-Command: TypeAlias = "Put | Delete | Txn | LeaseGrant | LeaseRevoke | Compact"
+Command: TypeAlias = "Put | Delete | Txn | LeaseGrant | LeaseRevoke | Compact | AuthChange"
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,11 +229,13 @@ def decode_command(data: bytes) -> Command:
 def _newer_decoders() -> dict[int, Any]:
     """The decoders of the commands that live in modules of their own (imported here, late,
     because those modules build on this one)."""
+    from kvstore.kv.auth import AuthChange
     from kvstore.kv.history import Compact
     from kvstore.kv.leases import LeaseGrant, LeaseRevoke
     from kvstore.kv.txn import txn_from_obj
 
     return {
+        CommandKind.AUTH: AuthChange.from_obj,
         CommandKind.TXN: txn_from_obj,
         CommandKind.LEASE_GRANT: LeaseGrant.from_obj,
         CommandKind.LEASE_REVOKE: LeaseRevoke.from_obj,

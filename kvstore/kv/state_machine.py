@@ -16,7 +16,8 @@ leader's wall clock, carried in the entry); session expiry uses it and nothing e
 
 Beyond the keys, the replicated state holds the revision history (kvstore.kv.history: what
 watches and reads at a past revision are served from), the leases (kvstore.kv.leases) and
-transactions' effects (kvstore.kv.txn); all of it is in snapshots (format version 2, which
+transactions' effects (kvstore.kv.txn), and who may do what (kvstore.kv.auth: users, roles,
+token hashes; the section "auth", present once there is any); all of it is in snapshots (format version 2, which
 appends one map of these sections to version 1's array; version 1 still restores).
 
 Entries that carry no command (a new leader's empty entry, CONF_CHANGE) advance
@@ -44,6 +45,7 @@ import msgpack
 from sortedcontainers import SortedList
 
 from kvstore.errors import BadRequestError, ProtocolError, RevisionCompactedError
+from kvstore.kv.auth import AuthChange, AuthTable
 from kvstore.kv.commands import (
     Command,
     Delete,
@@ -127,6 +129,7 @@ class StateMachine:
         self._sessions = SessionTable(self.config.sessions)
         self.history = History(self.config.history)
         self.leases = LeaseTable()
+        self.auth = AuthTable()
 
     # --- apply ---------------------------------------------------------------------------
 
@@ -174,6 +177,8 @@ class StateMachine:
                 result = self._lease_revoke(command)
             case Compact():
                 result = self._compact(command)
+            case AuthChange():
+                result = self._auth_change(command)
         if request is not None:
             kept = result
             if result.txn is not None:
@@ -353,6 +358,11 @@ class StateMachine:
         self.history.compact(command.revision)
         return WriteResult(ok=True, revision=self.revision, key_value=None, prev=None, error=None)
 
+    def _auth_change(self, command: AuthChange) -> WriteResult:
+        if self.auth.apply(command) is not None:
+            return self._refusal(WriteError.AUTH_NOT_FOUND)
+        return WriteResult(ok=True, revision=self.revision, key_value=None, prev=None, error=None)
+
     def _refusal(
         self, error: WriteError, key: str = "", current: _Record | None = None
     ) -> WriteResult:
@@ -488,7 +498,11 @@ class StateMachine:
 
     def _sections(self) -> dict[str, Any]:
         """The snapshot's map of state beyond keys and sessions (format version 2)."""
-        return {"history": self.history.to_obj(), "leases": self.leases.to_obj()}
+        sections = {"history": self.history.to_obj(), "leases": self.leases.to_obj()}
+        if self.auth.users or self.auth.roles:
+            # Only when there is some: the snapshot of a store without auth is unchanged.
+            sections["auth"] = self.auth.to_obj()
+        return sections
 
     def freeze(self) -> FrozenState:
         """A copy of the state as of now that `FrozenState.encode` can encode on another
@@ -529,9 +543,12 @@ class StateMachine:
         sessions = SessionTable(self.config.sessions)
         sessions.load_obj(sessions_obj)
         history, leases = _sections_from_obj(sections, self.config.history, revision, data_map)
+        auth = AuthTable()
+        if isinstance(sections, dict) and "auth" in sections:
+            auth.load_obj(sections["auth"])
         self.applied_index, self.revision, self.clock_ms = applied_index, revision, clock_ms
         self._data, self._keys, self._sessions = data_map, SortedList(data_map), sessions
-        self.history, self.leases = history, leases
+        self.history, self.leases, self.auth = history, leases, auth
 
     def digest(self) -> str:
         """sha256 (hex) of the canonical encoding: equal states give equal digests."""
@@ -634,7 +651,7 @@ def _sections_from_obj(
 ) -> tuple[History, LeaseTable]:
     """The history and leases of a snapshot's sections map (empty when absent: a version 1
     snapshot, whose history starts at its revision)."""
-    if not isinstance(sections, dict) or not set(sections) <= {"history", "leases"}:
+    if not isinstance(sections, dict) or not set(sections) <= {"history", "leases", "auth"}:
         raise ProtocolError("state machine snapshot: sections must be a map of known names")
     history = History(config)
     if "history" in sections:

@@ -68,6 +68,12 @@ class ServeConfig:
     peer_cert_file: str = ""
     peer_key_file: str = ""
     peer_ca_file: str = ""
+    # Client authentication and authorization (kvstore/server/auth.py): on or off on every
+    # node alike; the root token (bootstrap: the first admin) from a file.
+    auth: bool = False
+    auth_root_token_file: str = ""
+    auth_protect_status: bool = False
+    auth_protect_metrics: bool = False
     listen_client: str = "127.0.0.1:7001"
     listen_peer: str = "127.0.0.1:7101"
     advertise_client_url: str = ""  # "" means http://<listen_client>
@@ -281,6 +287,10 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("peer_cert_file", str, "mutual TLS between peers: this node's certificate chain (PEM)"),
     ("peer_key_file", str, "mutual TLS between peers: the key of peer-cert-file (PEM)"),
     ("peer_ca_file", str, "mutual TLS between peers: the CA that signs every member's certificate"),
+    ("auth", _parse_bool, "require a token or client certificate and check roles on the client port"),
+    ("auth_root_token_file", str, "file holding the root token (user root, may do everything)"),
+    ("auth_protect_status", _parse_bool, "with auth: /v1/status needs an authenticated user"),
+    ("auth_protect_metrics", _parse_bool, "with auth: /metrics needs an authenticated user"),
     ("listen_client", str, "host:port for the HTTP API"),
     ("listen_peer", str, "host:port for peer traffic"),
     ("advertise_client_url", str, "client URL other nodes give out (default http(s)://LISTEN)"),

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -286,23 +287,37 @@ class Driver:
     async def write(self, command: Command, request: RequestId) -> WriteResult:
         """Propose a command and wait for its applied result (a WriteResult); TimeoutError
         when the request deadline passes first (the outcome is then unknown)."""
+        return await self.submit(command, request)
+
+    def submit(self, command: Command, request: RequestId) -> asyncio.Future[WriteResult]:
+        """Propose a command; the future resolves with its applied result, or fails with
+        TimeoutError at the request deadline. Without a task of its own per write: the
+        binary stream (kvstore/server/stream.py) answers from the future's callback."""
         self.check_writable()
         duplicate = self.replica.state_machine.duplicate_result(request)
         if duplicate is not None:
-            return duplicate
+            done: asyncio.Future[WriteResult] = self._loop.create_future()
+            done.set_result(duplicate)
+            return done
         key = str(request)
         future = self.pending.add_write(key)
-        try:
-            self._put(_Proposal(key, encode_command(command), future))
-            return await future
-        finally:
-            self.pending.remove_write(key, future)
+        future.add_done_callback(functools.partial(self._write_done, key))
+        self._put(_Proposal(key, encode_command(command), future))
+        return future
+
+    def _write_done(self, key: str, future: asyncio.Future[WriteResult]) -> None:
+        self.pending.remove_write(key, future)
 
     async def read_barrier(self) -> None:
         """Wait until a linearizable read may be served from the local state machine."""
+        await self.start_read()
+
+    def start_read(self) -> asyncio.Future[None]:
+        """A future that resolves once a linearizable read may be served here (its ReadIndex
+        confirmed and applied), or fails (no leader, leader changed, deadline)."""
         future = self.pending.add_read()
         self._put(_Read(future))
-        await future
+        return future
 
     def _expire_deadlines(self) -> None:
         """Fail requests whose deadline passed. Runs on its own timer (one sweep for all

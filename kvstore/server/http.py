@@ -47,6 +47,7 @@ from kvstore.errors import (
     PreconditionFailedError,
     RequestTimeoutError,
     SessionExpiredError,
+    UnauthenticatedError,
     http_status,
 )
 from kvstore.kv.commands import (
@@ -58,6 +59,7 @@ from kvstore.kv.commands import (
     WriteResult,
     parse_request_id,
 )
+from kvstore.server.auth import AuthGate
 from kvstore.server.connections import ClientServer, ConnectionLimits, limits_from_config
 from kvstore.server.driver import Driver
 from kvstore.server.logthrottle import LogThrottle, clip
@@ -88,6 +90,7 @@ _WRITE_ERRORS: dict[WriteError, type[KVStoreError]] = {
     WriteError.LEASE_NOT_FOUND: NotFoundError,
     WriteError.LEASE_EXISTS: ConflictError,
     WriteError.FUTURE_REVISION: BadRequestError,
+    WriteError.AUTH_NOT_FOUND: NotFoundError,
 }
 _WRITE_MESSAGES: dict[WriteError, str] = {
     WriteError.SESSION_EXPIRED: "the request id is older than the client's session remembers; "
@@ -97,6 +100,7 @@ _WRITE_MESSAGES: dict[WriteError, str] = {
     WriteError.LEASE_NOT_FOUND: "no such lease",
     WriteError.LEASE_EXISTS: "a lease with that id exists",
     WriteError.FUTURE_REVISION: "the revision is beyond the store's",
+    WriteError.AUTH_NOT_FOUND: "no such user, role or token (a user's roles must exist first)",
 }
 
 
@@ -149,6 +153,28 @@ def _query(request: web.BaseRequest) -> dict[str, str]:
     return query
 
 
+def check_key(key: str, max_key_bytes: int) -> str:
+    """`key` (already percent-decoded) if it may name a key; BadRequestError otherwise. The
+    HTTP API and the binary stream (kvstore/server/stream.py) check keys here."""
+    if len(key) > max_key_bytes or len(key.encode()) > max_key_bytes:
+        raise BadRequestError(f"key is over {max_key_bytes} bytes")
+    if _CONTROL.search(key):
+        raise BadRequestError("key contains control characters")
+    return key
+
+
+def raise_for_result(result: WriteResult) -> None:
+    """Raise the error of a write the state machine refused (nothing when it applied)."""
+    if result.ok:
+        return
+    assert result.error is not None, "a refused write says why"
+    refusal = WriteError(result.error)
+    error = _WRITE_ERRORS[refusal](_WRITE_MESSAGES[refusal])
+    if isinstance(error, PreconditionFailedError):
+        error.current_revision = result.current_revision
+    raise error
+
+
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         body=json.dumps(body).encode(), status=status, content_type=_JSON, headers=headers
@@ -189,6 +215,14 @@ class HttpApi:
             ("/v1/openapi.json", "GET"): self.openapi,
             ("/v1/kv", "GET"): self.list_keys,
         }
+        self._prefix_routes: dict[tuple[str, str], Handler] = {}
+        # Client authentication and authorization (kvstore/server/auth.py); None: off.
+        self.auth_gate: AuthGate | None = None
+
+    def add_prefix_routes(self, routes: dict[tuple[str, str], Handler]) -> None:
+        """Serve routes whose path starts with a prefix ((prefix, method) -> handler; the
+        route's name for metrics and auth is the prefix + "{name}"): /v1/auth/users/NAME."""
+        self._prefix_routes.update(routes)
 
     def add_routes(self, routes: dict[tuple[str, str], Handler]) -> None:
         """Serve more plain routes ((path, method) -> handler): the coordination API
@@ -222,6 +256,8 @@ class HttpApi:
         route = "unmatched"
         try:
             route, handler = self._route(request)
+            if self.auth_gate is not None:
+                request["kvstore_user"] = self.auth_gate.check(request, route, _path(request))
             response = await handler(request)
         except KVStoreError as exc:
             response = self._error_response(request, exc)
@@ -250,6 +286,8 @@ class HttpApi:
                 exc_info=exc,
             )
             response = _json(KVStoreError("internal error").to_json(), status=500)
+        if response.prepared:
+            return response  # a WebSocket (the binary stream): its headers went long ago
         response.headers["Kvstore-Node"] = self._node_header
         response.headers["Kvstore-Leader"] = self.driver.leader_url() or ""
         histogram = self._latency.get((route, request.method))
@@ -267,6 +305,10 @@ class HttpApi:
         else:
             handler = self._plain_routes.get((path, method))
             route = path
+            if handler is None and self._prefix_routes:
+                for (prefix, route_method), candidate in self._prefix_routes.items():
+                    if route_method == method and path.startswith(prefix) and path != prefix:
+                        return prefix + "{name}", candidate
         if handler is None:
             if path.startswith("/v1/kv/") and method in self._key_routes:
                 raise BadRequestError("the key is empty")
@@ -299,6 +341,9 @@ class HttpApi:
             headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
         if isinstance(error, MethodNotAllowedError):
             headers["Allow"] = error.allow
+        if isinstance(error, UnauthenticatedError):
+            headers["WWW-Authenticate"] = 'Bearer realm="kvstore"'
+
         if status < 500 and self.throttle.logger.isEnabledFor(logging.DEBUG):
             self.throttle.log(
                 "client_error",
@@ -318,12 +363,7 @@ class HttpApi:
     # --- validation ---------------------------------------------------------------------
 
     def _key(self, request: web.BaseRequest) -> str:
-        key = _path(request)[7:]  # after "/v1/kv/", percent-decoded
-        if len(key) > self.config.max_key_bytes or len(key.encode()) > self.config.max_key_bytes:
-            raise BadRequestError(f"key is over {self.config.max_key_bytes} bytes")
-        if _CONTROL.search(key):
-            raise BadRequestError("key contains control characters")
-        return key
+        return check_key(_path(request)[7:], self.config.max_key_bytes)  # after "/v1/kv/"
 
     def _request_id(self, request: web.BaseRequest) -> tuple[RequestId, int, bool]:
         """(request id, acked_below, server_made) for a write."""
@@ -439,14 +479,7 @@ class HttpApi:
 
     @staticmethod
     def _raise_for_result(result: WriteResult) -> None:
-        if result.ok:
-            return
-        assert result.error is not None, "a refused write says why"
-        refusal = WriteError(result.error)
-        error = _WRITE_ERRORS[refusal](_WRITE_MESSAGES[refusal])
-        if isinstance(error, PreconditionFailedError):
-            error.current_revision = result.current_revision
-        raise error
+        raise_for_result(result)
 
     async def _barrier(self, request: web.BaseRequest) -> str:
         consistency = _query(request).get("consistency", "linearizable")

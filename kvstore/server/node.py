@@ -38,6 +38,9 @@ from kvstore.errors import CorruptionError, FatalDiskError, StorageError
 from kvstore.kv.history import HistoryConfig
 from kvstore.kv.state_machine import KvConfig
 from kvstore.raft.config import RaftConfig
+from kvstore.server import stream
+from kvstore.server.auth import AuthApi, AuthGate, read_root_token
+from kvstore.server.backup import SnapshotApi
 from kvstore.server.config import ServeConfig
 from kvstore.server.connections import limits_from_config, raise_nofile_limit
 from kvstore.server.coordination import CoordinationApi
@@ -181,7 +184,13 @@ class _ClientSite(web.TCPSite):
 class Node:
     """The running parts of one node and their shutdown order."""
 
-    def __init__(self, config: ServeConfig, replica: Any, tls: TlsContexts | None = None) -> None:
+    def __init__(
+        self,
+        config: ServeConfig,
+        replica: Any,
+        tls: TlsContexts | None = None,
+        root_token_digest: str = "",
+    ) -> None:
         self.config = config
         self.tls = tls
         self.replica = replica
@@ -212,10 +221,20 @@ class Node:
             open_snapshot=snapshot_file_opener(str(config.data_dir)),
         )
         self.http = HttpApi(self.driver, config.cluster_id)
+        AuthApi(self.http)
+        if config.auth:
+            self.http.auth_gate = AuthGate(
+                table=lambda: self.replica.state_machine.auth,
+                root_digest=root_token_digest,
+                protect_status=config.auth_protect_status,
+                protect_metrics=config.auth_protect_metrics,
+            )
+        stream.install(self.http)
         self.leases = LeaseService(self.driver)
         self.watch_hub = WatchHub(self.driver)
         CoordinationApi(self.http, self.leases)
         WatchApi(self.http, self.watch_hub)
+        SnapshotApi(self.http, self.driver)
         self.metrics.bind_node(
             commit_index=lambda: self.driver.status().commit_index,
             applied_index=self.driver.applied_index,
@@ -401,6 +420,11 @@ async def _main(config: ServeConfig) -> int:
         print(f"kvstore: cannot load the TLS files: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
     try:
+        root_token_digest = read_root_token(config.auth_root_token_file)
+    except ValueError as exc:
+        print(f"kvstore: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    try:
         replica = open_replica(config)
     except CorruptionError as exc:
         logger.critical(
@@ -415,7 +439,7 @@ async def _main(config: ServeConfig) -> int:
     except StorageError as exc:
         print(f"kvstore: cannot open {config.data_dir}: {exc}", file=sys.stderr)
         return EXIT_STORAGE
-    node = Node(config, replica, tls)
+    node = Node(config, replica, tls, root_token_digest)
     tune_gc(node.metrics)
     try:
         await node.run()

@@ -306,6 +306,18 @@ def _operations_paths() -> dict[str, Any]:
                 "responses": {"200": {"description": "metrics"}},
             }
         },
+        "/v1/snapshot": {
+            "get": {
+                "summary": "A fresh snapshot of the whole store (backup; docs/operations.md)",
+                "responses": {
+                    "200": {
+                        "description": "a snapshot file with Kvstore-Snapshot-Index and -Term",
+                        "content": {"application/vnd.kvstore.snapshot": {}},
+                    },
+                    "503": {"description": "another save runs on this node"},
+                },
+            }
+        },
         "/v1/openapi.json": {
             "get": {
                 "summary": "This document",

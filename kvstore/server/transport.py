@@ -15,10 +15,11 @@ frame of a snapshot stream (kvstore/server/snapshot_stream.py: its payloads star
 byte that no encoded message starts with; the follower's ACK goes on its own connection to
 the leader).
 
-With TLS on the peer port (kvstore/server/tls.py) the dial is a TLS connection and an
-inbound connection is upgraded with `start_tls` once it has passed the connection bounds, both
-within the handshake's time; each end checks that the other's certificate names the member
-it claims to be before answering, and the handshake above then runs inside TLS.
+With TLS on the peer port (kvstore/server/tls.py) both ends speak TLS from the first byte:
+the listener completes the TLS handshake within `handshake_timeout_s` before the connection
+counts against the bounds below (an upgrade with `start_tls` after the bounds hangs under
+uvloop 0.23 on the server side), then each end checks that the other's certificate names the
+member it claims to be before answering, and the handshake above runs inside TLS.
 
 Rules that hold here:
 - Nothing from a connection counts before its handshake has completed, the peer's proof of
@@ -286,6 +287,7 @@ class PeerTransport:
             on_message=on_message,
             on_snapshot_status=on_snapshot_status,
             send_payload=self._send_payload,
+            wake=self._wake,
             chunk_bytes=min(snapshot_chunk_bytes, frame_bytes_max - 32),
         )
         # Told the peer's id for every message dropped on a full queue (the metrics count it).
@@ -316,14 +318,23 @@ class PeerTransport:
         self.frames_rejected = 0
         # Inbound connections that ended before their handshake completed (refused or not).
         self.handshakes_failed = 0
+        # Dials whose handshake (TLS or ours) the other end failed, or we failed on its answer.
+        self.dials_rejected = 0
         self.bound_port = 0
 
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         host, port = split_host_port(self.listen)
+        listener = None if self._tls is None else self._tls.peer_listener
         self._server = await asyncio.start_server(
-            self._serve_inbound, host, port, limit=_READ_CHUNK_BYTES, reuse_address=True
+            self._serve_inbound,
+            host,
+            port,
+            limit=_READ_CHUNK_BYTES,
+            reuse_address=True,
+            ssl=listener,
+            ssl_handshake_timeout=self._handshake_timeout_s if listener else None,
         )
         self.bound_port = self._server.sockets[0].getsockname()[1]
         for peer in self._peers.values():
@@ -370,6 +381,11 @@ class PeerTransport:
         peer.queue.append(message)
         peer.wakeup.set()
 
+    def _wake(self, peer_id: int) -> None:
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            peer.wakeup.set()
+
     def _send_payload(self, peer_id: int, payload: bytes) -> None:
         """Queue a snapshot stream frame (an ACK) for `peer_id`, never dropped: one per
         stream, and the stream's leader waits for it."""
@@ -393,6 +409,7 @@ class PeerTransport:
                 reader, writer = await self._dial(peer)
             except (OSError, ProtocolError, asyncio.IncompleteReadError, TimeoutError) as exc:
                 if isinstance(exc, ProtocolError | ssl.SSLError):
+                    self.dials_rejected += 1
                     # The peer answered but did not authenticate (or refused us): a setting
                     # differs (secret, certificate, CA), or it is not our peer at all.
                     self._log.warning(
@@ -473,7 +490,9 @@ class PeerTransport:
 
         A snapshot stream's chunks (snapshot_stream.py) alternate with the batches of queued
         messages, one chunk after each batch: a heartbeat or an append waits behind one chunk
-        at most, and a steady flow of messages cannot starve the stream either."""
+        at most, and a steady flow of messages cannot starve the stream either. The file is
+        read ahead on a worker thread; the writer never waits for it (a completed read sets
+        `wakeup`)."""
         eof = asyncio.ensure_future(reader.read(1))
         try:
             while not eof.done():
@@ -481,13 +500,12 @@ class PeerTransport:
                     batch, peer.queue = peer.queue, []
                     self._write(writer, self._frames(peer.id, batch))
                     await writer.drain()
-                    if not self.snapshots.has_chunks(peer.id):
-                        continue
-                if self.snapshots.has_chunks(peer.id):
-                    payload = await self.snapshots.next_chunk(peer.id)
-                    if payload is not None:
-                        self._write(writer, [encode_frame(payload)])
-                        await writer.drain()
+                chunk = self.snapshots.ready_chunk(peer.id)
+                if chunk is not None:
+                    self._write(writer, [encode_frame(chunk)])
+                    await writer.drain()
+                    continue
+                if peer.queue:
                     continue
                 peer.wakeup.clear()
                 wake = asyncio.ensure_future(peer.wakeup.wait())
@@ -616,9 +634,6 @@ class PeerTransport:
         watchdog: asyncio.Task[None] | None = None
         try:
             async with asyncio.timeout(self._handshake_timeout_s):
-                if self._tls is not None and self._tls.peer_server is not None:
-                    # After the connection bounds above, within the handshake's time.
-                    await writer.start_tls(self._tls.peer_server)
                 hello = await self._accept_handshake(reader, writer)
             peer_id = hello.node_id
             peer = self._peers[peer_id]
@@ -730,7 +745,8 @@ class PeerTransport:
                     raise ProtocolError(
                         f"message from {message.from_} to {message.to} on the stream of {peer_id}"
                     )
-                self._on_message(message)
+                if not self.snapshots.hold(peer_id, message):
+                    self._on_message(message)
 
     # --- handshake ---------------------------------------------------------------------
 
