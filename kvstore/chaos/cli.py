@@ -49,11 +49,15 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the report(s) as JSON")
     parser.add_argument(
         "--matrix", choices=sorted(MATRICES), default=None,
-        help="run a named set of drills instead (smoke: 16 short runs; full: the long matrix)",
+        help="run a named set of drills instead (smoke: 17 short runs; full: the long matrix)",
     )  # fmt: skip
     parser.add_argument(
         "--unsafe-local-reads", action="store_true",
         help="UNSAFE: nodes answer reads without ReadIndex (to see the checkers fail)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--secure", action="store_true",
+        help="TLS on both ports and client authentication (--auth, a root token) on the nodes",
     )  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument(
@@ -148,6 +152,7 @@ def _configs(args: argparse.Namespace) -> list[DrillConfig]:
         "processes": args.processes,
         "keep": args.keep,
         "unsafe_local_reads": args.unsafe_local_reads,
+        "secure": args.secure,
     }
     if args.matrix is None:
         return [
