@@ -197,6 +197,12 @@ def _tune_socket(writer: asyncio.StreamWriter, user_timeout_ms: int) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
 
 
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    """Resolve a pump's wait, if it is still waiting."""
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
 class _Peer:
     """The outbound side of one peer: its queue, its connection task and its state."""
 
@@ -205,7 +211,9 @@ class _Peer:
         self.address = address
         self.queue: list[Message] = []
         self.queue_frames_max = queue_frames_max
-        self.wakeup = asyncio.Event()
+        # While the pump waits for something to send: what `send` (or the connection's
+        # end, or the ping interval) resolves to wake it.
+        self.waiter: asyncio.Future[None] | None = None
         self.redial = asyncio.Event()
         self.connected = False
         self.dropped = 0
@@ -345,7 +353,7 @@ class PeerTransport:
                 self._snapshot_status(peer.id, [message], ok=False)
             return
         peer.queue.append(message)
-        peer.wakeup.set()
+        _wake(peer.waiter)
 
     def is_connected(self, peer_id: int) -> bool:
         peer = self._peers.get(peer_id)
@@ -439,19 +447,24 @@ class PeerTransport:
         read returning EOF means the connection is gone (the peer died or closed it). With
         nothing to send for ping_interval_s, send a ping so the peer can tell an idle
         connection from a dead one. `_redial` aborts the connection to end this early."""
+        loop = asyncio.get_running_loop()
         eof = asyncio.ensure_future(reader.read(1))
+        eof.add_done_callback(lambda _: _wake(peer.waiter))
         try:
             while not eof.done():
                 if not peer.queue:
-                    peer.wakeup.clear()
-                    wake = asyncio.ensure_future(peer.wakeup.wait())
-                    done, _ = await asyncio.wait(
-                        (eof, wake),
-                        timeout=self._ping_interval_s,
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                    wake.cancel()
-                    if not done:
+                    # One future and one timer per wait: an Event waited on by a task of its
+                    # own, under asyncio.wait, cost about 8 us more per wake, and a leader's
+                    # pumps wake for every write.
+                    waiter = peer.waiter = loop.create_future()
+                    timer = loop.call_later(self._ping_interval_s, _wake, waiter)
+                    try:
+                        await waiter
+                    finally:
+                        timer.cancel()
+                        peer.waiter = None
+                    if not peer.queue and not eof.done():
+                        # Nothing to send for a ping interval.
                         self._write(writer, [_PING])
                         await writer.drain()
                     continue
