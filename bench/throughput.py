@@ -15,14 +15,26 @@ Workloads (`--workloads`, comma-separated; each runs at every N):
             (`consistency=stale`; etcd: serializable range requests);
 and `--value-sizes 100,1000,...` sweeps the PUT value size at `--sweep-concurrency` writers.
 
+Client paths (`--client-paths`, comma-separated; kvstore runs every level once per path):
+- `http`    bare aiohttp, one keep-alive connection per worker (the default);
+- `binary`  the client library (`kvstore.Client`, default ClientConfig) shared by all
+            workers: key operations over its binary stream, one WebSocket per node with every
+            worker's requests in flight on it (kvstore/client/stream.py);
+- `client-http` the same Client with `binary_stream=False`: the library over HTTP.
+
 `--compare etcd` runs the same levels, workloads and sweep against a three-node etcd 3.4 on
 loopback (defaults, fsyncing; its JSON gateway: POST /v3/kv/put, /v3/kv/range) in the same
-run, after kvstore, and prints the ratios.
+run, after kvstore, and prints the ratios (etcd over its gateway against every kvstore path).
+CPU per operation is reported per node role: the leader, the two followers together, and
+the benchmark's own process (the client). `--tls` runs the same plan on a second kvstore
+cluster with TLS on both ports (mutual TLS between peers, https for the workers) after the
+plain one, and prints TLS / plain ratios.
 
     python bench/throughput.py                       # N = 1, 16, 64, 256; 10 s each
     python bench/throughput.py --quick               # a few seconds; what the test runs
     python bench/throughput.py --workloads write,read90,stale90 --value-sizes 100,10000,100000 \
         --compare etcd
+    python bench/throughput.py --tls                 # and on a TLS cluster: the cost of TLS
     python bench/throughput.py --endpoint http://127.0.0.1:7001   # an already running cluster
 """
 
@@ -34,6 +46,7 @@ import base64
 import json
 import os
 import random
+import ssl
 import sys
 import time
 from dataclasses import dataclass
@@ -49,6 +62,8 @@ from etcdcluster import EtcdCluster, etcd_binary, etcd_status
 from runinfo import RunInfo, ScratchDir, output_path
 from stats import percentile
 
+from kvstore.client import Client, ClientConfig
+from kvstore.errors import KVStoreError
 from kvstore.request_id import RequestId
 from kvstore.server.localcluster import LocalCluster
 
@@ -56,6 +71,7 @@ KEY_BYTES = 16
 VALUE_BYTES = 100
 READ_KEYS = 1000
 WORKLOADS = {"write": (0.0, False), "read90": (0.9, False), "stale90": (0.9, True)}
+CLIENT_PATHS = ("http", "binary", "client-http")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +86,20 @@ class Workload:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where the operations go: kvstore (`urls[0]` is the leader) or etcd (any member)."""
+    """Where the operations go: kvstore (`urls[0]` is the leader) or etcd (any member);
+    `tls`: the context of https:// URLs (kvstore-tls: the cluster's development CA)."""
 
     system: str
     urls: tuple[str, ...]
+    tls: ssl.SSLContext | None = None
+    # How kvstore is driven (CLIENT_PATHS); etcd always over its JSON gateway ("http").
+    client_path: str = "http"
+    # The CA of a TLS cluster, for the client library's paths.
+    ca_file: str = ""
+
+    def session(self, **kwargs: Any) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=0, ssl=self.tls if self.tls else True)
+        return aiohttp.ClientSession(connector=connector, trust_env=False, **kwargs)
 
     def read_url(self, worker: int, stale: bool) -> str:
         # Stale reads are spread over every node; linearizable ones go to the leader.
@@ -171,6 +197,38 @@ async def _worker(
             latencies[kind].append(finished - started)
 
 
+async def _client_worker(
+    client: Client,
+    workload: Workload,
+    worker: int,
+    stop_at: float,
+    record_from: float,
+    latencies: dict[str, list[float]],
+    errors: dict[str, int],
+) -> None:
+    """One worker's loop through the client library (request ids, retries: its own)."""
+    value = b"v" * workload.value_bytes
+    consistency = "stale" if workload.stale else "linearizable"
+    rng = random.Random(worker)
+    seq = 0
+    while time.perf_counter() < stop_at:
+        seq += 1
+        kind = "read" if rng.random() < workload.read_fraction else "write"
+        started = time.perf_counter()
+        try:
+            if kind == "read":
+                await client.get(_read_key(rng.randrange(READ_KEYS)), consistency=consistency)
+            else:
+                key = f"{worker:05d}-{seq:010d}"[:KEY_BYTES].ljust(KEY_BYTES, "k")
+                await client.put(key, value)
+        except KVStoreError as exc:
+            errors[exc.code] = errors.get(exc.code, 0) + 1
+            errors.setdefault(f"first_{exc.code}", str(exc)[:200])
+            continue
+        if started >= record_from:
+            latencies[kind].append(time.perf_counter() - started)
+
+
 async def _preload(session: aiohttp.ClientSession, target: Target) -> None:
     """The keys the read mixes read, written once (32 at a time)."""
     value = b"r" * VALUE_BYTES
@@ -204,11 +262,8 @@ async def run_level(
     warmup_s: float,
     pids: dict[int, int] | None = None,
 ) -> dict[str, Any]:
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, trust_env=False
-    ) as session:
+    async with target.session(timeout=timeout) as session:
         before = await _leader_term(session, target)
         record_from = time.perf_counter() + warmup_s
         stop_at = record_from + duration_s
@@ -218,28 +273,43 @@ async def run_level(
         latencies: dict[str, list[float]] = {"read": [], "write": []}
         level_id = f"{workload.name}-{workload.value_bytes}-{concurrency}-{time.time_ns():x}"
         errors: dict[str, int] = {}
-        await asyncio.gather(
-            *(
-                _worker(
-                    session,
-                    target,
-                    workload,
-                    level_id,
-                    w,
-                    stop_at,
-                    record_from,
-                    latencies,
-                    errors,
+        if target.client_path == "http":
+            await asyncio.gather(
+                *(
+                    _worker(
+                        session,
+                        target,
+                        workload,
+                        level_id,
+                        w,
+                        stop_at,
+                        record_from,
+                        latencies,
+                        errors,
+                    )
+                    for w in range(concurrency)
                 )
-                for w in range(concurrency)
             )
-        )
+        else:
+            # One client for all workers: its requests share its connections (the binary
+            # stream pipelines them on one WebSocket per node).
+            config = ClientConfig(
+                binary_stream=target.client_path == "binary", ca_file=target.ca_file
+            )
+            async with Client(list(target.urls), config=config) as client:
+                await asyncio.gather(
+                    *(
+                        _client_worker(client, workload, w, stop_at, record_from, latencies, errors)
+                        for w in range(concurrency)
+                    )
+                )
         cpu_after = {node: _cpu_seconds(pid) for node, pid in pids.items()}
         client_cpu_s = time.process_time() - client_before
         after = await _leader_term(session, target)
     cpu = {node: cpu_after[node] - cpu_before[node] for node in pids}
     return {
         "system": target.system,
+        "client_path": target.client_path,
         "workload": workload.name,
         "value_bytes": workload.value_bytes,
         "concurrency": concurrency,
@@ -279,6 +349,9 @@ def _cpu_figures(
     operations = max(1, len(latencies["read"]) + len(latencies["write"]))
     return {
         "leader_cpu_ms_per_write": cpu.get(leader_id, 0.0) * 1000 / operations if cpu else None,
+        "followers_cpu_ms_per_write": (
+            (sum(cpu.values()) - cpu.get(leader_id, 0.0)) * 1000 / operations if cpu else None
+        ),
         "cluster_cpu_ms_per_write": sum(cpu.values()) * 1000 / operations if cpu else None,
         "client_cpu_ms_per_write": client_cpu_s * 1000 / operations,
     }
@@ -291,13 +364,17 @@ def _print(result: dict[str, Any]) -> None:
         if mix
         else f"{result['writes_per_s']:>9,.0f} writes/s"
     )
+    system = result["system"]
+    if system.startswith("kvstore"):
+        system = f"{system.replace('kvstore', 'kv')}/{result.get('client_path', 'http')}"
     print(
-        f"{result['system']:<8}{result['workload']:<8}{result['value_bytes']:>7} B "
+        f"{system:<15}{result['workload']:<8}{result['value_bytes']:>7} B "
         f"N={result['concurrency']:<4} {rate}  "
         f"p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
         f"leader changed: {'YES' if result['leader_changed'] else 'no'}"
         + (
             f"  cpu/op leader {result['leader_cpu_ms_per_write']:.2f} ms"
+            f" followers {result['followers_cpu_ms_per_write']:.2f} ms"
             f" cluster {result['cluster_cpu_ms_per_write']:.2f} ms"
             f" client {result['client_cpu_ms_per_write']:.2f} ms"
             if result.get("leader_cpu_ms_per_write") is not None
@@ -325,7 +402,7 @@ async def _bench(
 ) -> list[dict[str, Any]]:
     plan = _plan(args)
     if any(workload.read_fraction for workload, _ in plan):
-        async with aiohttp.ClientSession(trust_env=False) as session:
+        async with target.session() as session:
             await _preload(session, target)
     results = []
     for workload, concurrency in plan:
@@ -362,17 +439,32 @@ def _run_with_cluster(args: argparse.Namespace) -> list[Any]:
         p50, p99 = raw_fsync_ms(base)
         args.raw_fsync_ms = {"p50": p50, "p99": p99}
         print(f"raw fdatasync on this disk: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
-        extra = args.node_args.split() if args.node_args else []
-        with LocalCluster(base, 3, extra_args=extra) as cluster:
-            leader = cluster.wait_for_leader(timeout_s=20)
-            url = cluster.client_url(leader)
-            print(f"cluster under {base}; leader is node {leader} at {url}", flush=True)
-            pids = {node: pid for node in cluster.ids if (pid := cluster.pid(node)) is not None}
-            others = [cluster.client_url(n) for n in cluster.ids if n != leader]
-            results = _run(Target("kvstore", (url, *others)), args, pids)
+        results = _run_kvstore(base / "plain", args, tls=False)
+        if args.tls:
+            results += _run_kvstore(base / "tls", args, tls=True)
         if args.compare == "etcd":
             results += _run_etcd(base / "etcd", args)
     return results
+
+
+def _run_kvstore(base: Path, args: argparse.Namespace, *, tls: bool) -> list[Any]:
+    """The plan against a fresh three-node kvstore cluster (with TLS on both ports: system
+    `kvstore-tls`, its clients verifying the cluster's development CA)."""
+    extra = args.node_args.split() if args.node_args else []
+    with LocalCluster(base, 3, extra_args=extra, tls=tls) as cluster:
+        leader = cluster.wait_for_leader(timeout_s=20)
+        url = cluster.client_url(leader)
+        print(f"cluster under {base}; leader is node {leader} at {url}", flush=True)
+        pids = {node: pid for node in cluster.ids if (pid := cluster.pid(node)) is not None}
+        others = [cluster.client_url(n) for n in cluster.ids if n != leader]
+        context = ssl.create_default_context(cafile=cluster.ca_file) if tls else None
+        system = "kvstore-tls" if tls else "kvstore"
+        ca_file = cluster.ca_file if tls else ""
+        results: list[Any] = []
+        for path in args.client_paths:
+            target = Target(system, (url, *others), context, path, ca_file)
+            results += _run(target, args, pids)
+        return results
 
 
 def _run_etcd(base: Path, args: argparse.Namespace) -> list[Any]:
@@ -423,22 +515,47 @@ def _run(target: Target, args: argparse.Namespace, pids: dict[int, int] | None =
 
 
 def print_ratios(results: list[dict[str, Any]]) -> None:
-    """etcd / kvstore for each (workload, value size, N) both ran."""
-    kvstore = {
+    """kvstore / etcd for each client path and (workload, value size, N) both ran: above 1
+    means kvstore did more operations per second; for latency, above 1 means kvstore was
+    slower."""
+    etcd = {
         (r["workload"], r["value_bytes"], r["concurrency"]): r
+        for r in results
+        if r["system"] == "etcd"
+    }
+    mine = [r for r in results if r["system"] == "kvstore"]
+    if not etcd or not mine:
+        return
+    print("\nkvstore / etcd (same run): ops/s ratio (> 1: kvstore faster), p50 and p99 ratios")
+    for r in mine:
+        theirs = etcd.get((r["workload"], r["value_bytes"], r["concurrency"]))
+        if theirs is None or not theirs["ops_per_s"] or not theirs["p50_ms"]:
+            continue
+        print(
+            f"{r.get('client_path', 'http'):<12}{r['workload']:<8}{r['value_bytes']:>7} B "
+            f"N={r['concurrency']:<4} ops/s {r['ops_per_s'] / theirs['ops_per_s']:5.2f}x"
+            f"  p50 {r['p50_ms'] / theirs['p50_ms']:5.2f}x"
+            f"  p99 {r['p99_ms'] / theirs['p99_ms']:5.2f}x"
+        )
+
+
+def print_tls_cost(results: list[dict[str, Any]]) -> None:
+    """kvstore-tls / kvstore for each (workload, value size, N) both ran."""
+    plain = {
+        (r["client_path"], r["workload"], r["value_bytes"], r["concurrency"]): r
         for r in results
         if r["system"] == "kvstore"
     }
-    etcd = [r for r in results if r["system"] == "etcd"]
-    if not etcd:
+    tls = [r for r in results if r["system"] == "kvstore-tls"]
+    if not tls:
         return
-    print("\netcd / kvstore (same run): throughput ratio, p50 and p99 latency ratios")
-    for r in etcd:
-        mine = kvstore.get((r["workload"], r["value_bytes"], r["concurrency"]))
+    print("\nTLS / plain (same run): throughput ratio, p50 and p99 latency ratios")
+    for r in tls:
+        mine = plain.get((r["client_path"], r["workload"], r["value_bytes"], r["concurrency"]))
         if mine is None or not mine["ops_per_s"] or not mine["p50_ms"]:
             continue
         print(
-            f"{r['workload']:<8}{r['value_bytes']:>7} B N={r['concurrency']:<4}"
+            f"{r['client_path']:<12}{r['workload']:<8}{r['value_bytes']:>7} B N={r['concurrency']:<4}"
             f" ops/s {r['ops_per_s'] / mine['ops_per_s']:5.2f}x"
             f"  p50 {r['p50_ms'] / mine['p50_ms']:5.2f}x  p99 {r['p99_ms'] / mine['p99_ms']:5.2f}x"
         )
@@ -462,7 +579,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--value-sizes", default="", help="PUT value sizes to sweep (bytes)")
     parser.add_argument("--sweep-concurrency", type=int, default=16, help="N of the sweep")
     parser.add_argument("--compare", choices=["etcd"], help="also run three-node etcd")
+    parser.add_argument("--client-paths", default="http",
+                        help=f"how kvstore is driven, from {','.join(CLIENT_PATHS)}")  # fmt: skip
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also run the plan on a cluster with TLS on both ports (system kvstore-tls) and "
+        "print TLS / plain ratios",
+    )
     args = parser.parse_args(argv)
+    args.client_paths = [path for path in args.client_paths.split(",") if path]
+    if not args.client_paths or set(args.client_paths) - set(CLIENT_PATHS):
+        parser.error(f"unknown client paths; choose from {','.join(CLIENT_PATHS)}")
     if args.quick:
         args.concurrency, args.duration, args.warmup = "1,16", 1.0, 0.3
     args.workloads = [w for w in args.workloads.split(",") if w]
@@ -471,19 +599,23 @@ def main(argv: list[str] | None = None) -> int:
     args.value_sizes = [int(size) for size in args.value_sizes.split(",") if size]
     if args.compare == "etcd" and etcd_binary() is None:
         parser.error("--compare etcd needs an etcd binary on PATH (apt-get install etcd-server)")
-    if args.compare and args.endpoint:
-        parser.error("--compare starts its own clusters; it cannot use --endpoint")
+    if (args.compare or args.tls) and args.endpoint:
+        parser.error("--compare and --tls start their own clusters; they cannot use --endpoint")
     run = RunInfo(argv)
     print(f"throughput benchmark: {run.describe()}", flush=True)
     try:
         if args.endpoint:
-            results = _run(Target("kvstore", (args.endpoint.rstrip("/"),)), args)
+            url = args.endpoint.rstrip("/")
+            results = []
+            for path in args.client_paths:
+                results += _run(Target("kvstore", (url,), None, path), args)
         else:
             results = _run_with_cluster(args)
     except KeyboardInterrupt:
         print("interrupted: the clusters were stopped", file=sys.stderr)
         return 130
     print_ratios(results)
+    print_tls_cost(results)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json_path:
         document = {
@@ -500,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
                 "endpoint": args.endpoint,
                 "node_args": args.node_args,
                 "compare": args.compare,
+                "tls": args.tls,
+                "client_paths": args.client_paths,
             },
             "key_bytes": KEY_BYTES,
             "value_bytes": VALUE_BYTES,

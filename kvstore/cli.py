@@ -18,6 +18,7 @@ from kvstore import __version__
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "kvstore.server.cli",
     "kvstore.client_cli",
+    "kvstore.backup_cli",
     "kvstore.chaos.cli",
 )
 

@@ -120,12 +120,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             help=f"{help_text} (default ${variable})",
         )
 
+    common.add_argument(
+        "--token",
+        dest="auth_token",
+        default=os.environ.get("KVSTORE_TOKEN", ""),
+        help="bearer token for nodes with --auth (default $KVSTORE_TOKEN)",
+    )
+
     get = subparsers.add_parser("get", parents=[common], help="read a key")
     get.add_argument("key")
     get.add_argument(
         "--consistency", choices=CONSISTENCIES, default=defaults.read_consistency.value
     )
     get.add_argument("--raw", action="store_true", help="print the value without a newline")
+    get.add_argument("--revision", type=int, help="the value as it was at this revision")
     get.set_defaults(handler=_handle(_get))
 
     put = subparsers.add_parser("put", parents=[common], help="write a key")
@@ -133,6 +141,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     put.add_argument("value", nargs="?", default="-", help="the value; '-' or absent: stdin")
     put.add_argument("--if-revision", type=int, help="only if the key's mod_revision is this")
     put.add_argument("--create-only", action="store_true", help="only if the key is absent")
+    put.add_argument("--lease", type=int, default=0, help="attach the key to this lease")
     put.set_defaults(handler=_handle(_put))
 
     cas = subparsers.add_parser("cas", parents=[common], help="compare-and-set a key")
@@ -146,12 +155,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     delete = subparsers.add_parser("delete", parents=[common], help="delete a key")
     delete.add_argument("key")
     delete.add_argument("--if-revision", type=int, help="only if the key's mod_revision is this")
+    delete.add_argument("--prefix", action="store_true", help="every key under KEY")
     delete.set_defaults(handler=_handle(_delete))
 
     listing = subparsers.add_parser("list", parents=[common], help="list keys by prefix")
     listing.add_argument("prefix", nargs="?", default="")
     listing.add_argument("--limit", type=int)
     listing.add_argument("--keys-only", action="store_true")
+    listing.add_argument("--start", help="from this key on (a previous page's next)")
+    listing.add_argument("--revision", type=int, help="the keys as they were at this revision")
+    listing.add_argument("--all", action="store_true", help="follow every page")
     listing.add_argument(
         "--consistency", choices=CONSISTENCIES, default=defaults.read_consistency.value
     )
@@ -159,6 +172,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     status = subparsers.add_parser("status", parents=[common], help="status of every endpoint")
     status.set_defaults(handler=_handle(_status))
+
+    from kvstore import auth_cli, coord_cli
+
+    coord_cli.register(subparsers, common)
+    auth_cli.register(subparsers, common)
 
 
 Action = Callable[[Client, argparse.Namespace], Awaitable[int]]
@@ -176,6 +194,7 @@ def _handle(action: Action) -> Callable[[argparse.Namespace], int]:
                 ca_file=args.tls_ca,
                 cert_file=args.tls_cert,
                 key_file=args.tls_key,
+                token=args.auth_token,
             )
             async with Client(args.endpoints, config=config) as client:
                 return await action(client, args)
@@ -245,7 +264,7 @@ def _key_value_json(item: KeyValue) -> dict[str, Any]:
 
 
 async def _get(client: Client, args: argparse.Namespace) -> int:
-    item = await client.get(args.key, consistency=args.consistency)
+    item = await client.get(args.key, consistency=args.consistency, revision=args.revision)
     if args.json:
         _print_json(_key_value_json(item))
     else:
@@ -260,6 +279,7 @@ async def _put(client: Client, args: argparse.Namespace) -> int:
         _value_arg(args.value),
         if_revision=args.if_revision,
         create_only=args.create_only,
+        lease=args.lease,
     )
     _print_write(args, result.key, result.revision, result.mod_revision, result.version)
     return EXIT_OK
@@ -302,6 +322,16 @@ def _print_write(
 
 
 async def _delete(client: Client, args: argparse.Namespace) -> int:
+    if args.prefix:
+        if args.if_revision is not None:
+            raise ValueError("--if-revision does not go with --prefix")
+        result = await client.delete_prefix(args.key)
+        if args.json:
+            _print_json({"prefix": args.key, "revision": result.revision,
+                         "deleted": result.deleted})  # fmt: skip
+        else:
+            print(f"OK revision={result.revision} deleted={result.deleted}")
+        return EXIT_OK
     result = await client.delete(args.key, if_revision=args.if_revision)
     if args.json:
         _print_json({"key": result.key, "revision": result.revision, "deleted": True})
@@ -311,17 +341,30 @@ async def _delete(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _list(client: Client, args: argparse.Namespace) -> int:
-    listing = await client.list(args.prefix, limit=args.limit, consistency=args.consistency)
+    listing = await client.list(
+        args.prefix, limit=args.limit, start=args.start, revision=args.revision,
+        consistency=args.consistency,
+    )  # fmt: skip
+    items = list(listing)
+    # --all: every page at the first page's revision, so the pages fit together.
+    while args.all and listing.next is not None:
+        listing = await client.list(
+            args.prefix, limit=args.limit, start=listing.next, revision=listing.revision,
+            consistency=args.consistency,
+        )  # fmt: skip
+        items.extend(listing)
     if args.json:
-        items = [_key_value_json(item) for item in listing]
-        _print_json({"revision": listing.revision, "more": listing.more, "items": items})
+        body = [_key_value_json(item) for item in items]
+        _print_json({"revision": listing.revision, "more": listing.more, "items": body,
+                     "next": listing.next})  # fmt: skip
         return EXIT_OK
     out = sys.stdout.buffer
-    for item in listing:
+    for item in items:
         out.write(item.key.encode("utf-8"))
         out.write(b"\n" if args.keys_only else b"\t" + item.value + b"\n")
     if listing.more:
-        print(f"# more keys after the first {len(listing)}", file=sys.stderr)
+        print(f"# more keys after {len(items)}; next page: --start {listing.next}",
+              file=sys.stderr)  # fmt: skip
     sys.stdout.flush()
     return EXIT_OK
 

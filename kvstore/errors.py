@@ -269,6 +269,19 @@ class PayloadTooLargeError(RequestError):
     code = "too_large"
 
 
+class UnauthenticatedError(RequestError):
+    """Authentication is on and the request proves no known identity: no credentials, an
+    unknown or revoked token, or a client certificate naming no user (401)."""
+
+    code = "unauthenticated"
+
+
+class PermissionDeniedError(RequestError):
+    """The authenticated user's roles do not grant what the request needs (403)."""
+
+    code = "permission_denied"
+
+
 class NotFoundError(RequestError):
     """No such key."""
 
@@ -300,6 +313,38 @@ class SessionExpiredError(RequestError):
     code = "session_expired"
 
 
+class RevisionCompactedError(RequestError):
+    """The revision asked for (a watch's start, a read's) is older than the history keeps."""
+
+    code = "revision_compacted"
+    json_fields: ClassVar[tuple[str, ...]] = ("oldest_revision",)
+
+    def __init__(self, message: str = "", *, oldest_revision: int | None = None) -> None:
+        super().__init__(message)
+        # The oldest revision still kept: watch or read from it or later.
+        self.oldest_revision = oldest_revision
+
+
+class ConflictError(RequestError):
+    """The request conflicts with the current state (a lease id already in use)."""
+
+    code = "conflict"
+
+
+class WatchCanceledError(ClusterError):
+    """The server ended a watch (a slow watcher, a compaction past it, a shutdown); resume
+    from the next revision, on this node or another."""
+
+    code = "watch_canceled"
+
+
+class LeaseLostError(ClusterError):
+    """A lease the client held is no longer certainly alive (no keepalive acknowledged
+    within its TTL, or the server revoked it): what it guarded may belong to another."""
+
+    code = "lease_lost"
+
+
 class ProtocolError(KVStoreError):
     """A peer sent a malformed frame or belongs to another cluster."""
 
@@ -323,9 +368,13 @@ HTTP_STATUS: Mapping[type[KVStoreError], int] = {
     MethodNotAllowedError: 405,
     RequestTimeoutError: 408,
     PayloadTooLargeError: 413,
+    UnauthenticatedError: 401,
+    PermissionDeniedError: 403,
     NotFoundError: 404,
     PreconditionFailedError: 412,
     SessionExpiredError: 409,
+    RevisionCompactedError: 410,
+    ConflictError: 409,
     ProtocolError: 400,
 }
 

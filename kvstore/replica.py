@@ -334,6 +334,12 @@ class Replica:
             return None
         return self._freeze()
 
+    def freeze_for_backup(self) -> SnapshotJob:
+        """The state machine frozen at its applied index, with that index's term and
+        membership, for a backup (`kvstore.server.backup`: encoded on another thread, sent
+        to an operator, never stored here, nothing compacted)."""
+        return self._freeze()
+
     def _freeze(self) -> SnapshotJob:
         term = self.storage.term(self.applied_index)
         frozen = self.state_machine.freeze()

@@ -160,6 +160,9 @@ COMPONENTS: Mapping[str, str] = {
     "kvstore.chaos": "chaos",
     "kvstore.testing": "testing",  # a local cluster for applications' tests
     "kvstore.client_cli": "cli",
+    "kvstore.backup_cli": "cli",
+    "kvstore.coord_cli": "cli",
+    "kvstore.auth_cli": "cli",
     "kvstore.cli": "cli",
     "kvstore.__main__": "cli",
 }
@@ -180,7 +183,9 @@ ALLOWED_IMPORTS: Mapping[str, frozenset[str]] = {
     "storage": frozenset({"raft.types", "codec", "errors"}),
     "verify": frozenset({"errors"}),
     "replica": frozenset({"raft", "raft.types", "storage", "kv", "errors"}),
-    "sim": frozenset({"replica", "raft", "raft.types", "storage", "kv", "codec", "verify", "errors"}),
+    "sim": frozenset(
+        {"replica", "raft", "raft.types", "storage", "kv", "codec", "verify", "errors"}
+    ),
     "server": frozenset(
         {"replica", "raft", "raft.types", "storage", "kv", "codec", "errors", "api"}
     ),

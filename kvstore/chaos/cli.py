@@ -55,6 +55,10 @@ def register(subparsers: Any) -> None:
         "--unsafe-local-reads", action="store_true",
         help="UNSAFE: nodes answer reads without ReadIndex (to see the checkers fail)",
     )  # fmt: skip
+    parser.add_argument(
+        "--secure", action="store_true",
+        help="TLS on both ports and client authentication (--auth, a root token) on the nodes",
+    )  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="no progress on stderr, only the report"
@@ -148,6 +152,7 @@ def _configs(args: argparse.Namespace) -> list[DrillConfig]:
         "processes": args.processes,
         "keep": args.keep,
         "unsafe_local_reads": args.unsafe_local_reads,
+        "secure": args.secure,
     }
     if args.matrix is None:
         return [

@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import random
+import secrets
 import shutil
 import statistics
 import tempfile
@@ -140,6 +141,9 @@ class DrillConfig:
     # linearizable reads from its local state without ReadIndex.
     unsafe_local_reads: bool = False
     node_args: tuple[str, ...] = DRILL_NODE_ARGS
+    # TLS on both ports and client authentication (--auth, a root token): the drill's
+    # clients speak https with the cluster's CA and carry the token.
+    secure: bool = False
 
     def __post_init__(self) -> None:
         if self.duration_s <= self.warmup_s + self.tail_s:
@@ -189,6 +193,7 @@ class DrillReport:
             "faults": config.faults,
             "duration_s": config.duration_s,
             "unsafe_local_reads": config.unsafe_local_reads,
+            "secure": config.secure,
             "wall_s": self.wall_s,
             "counts": self.counts,
             "timeline": [event.to_json() for event in self.timeline],
@@ -365,6 +370,8 @@ class Drill:
         self._watched = _Watched()
         self.hard_states: dict[int, list[tuple[int, int]]] = {}
         self.report = DrillReport(config=config, run_dir=self.run_dir)
+        # The root token of a secure drill ("" otherwise): every client of the drill uses it.
+        self.token = secrets.token_urlsafe(24) if config.secure else ""
 
     def now_s(self) -> float:
         return self._clock() - self.started_at
@@ -375,6 +382,9 @@ class Drill:
         if observed is not None:
             self.hard_states.setdefault(node, []).append(observed)
 
+    def _client_config(self, timeout_s: float) -> ClientConfig:
+        return ClientConfig(timeout_s=timeout_s, ca_file=self.cluster.ca_file, token=self.token)
+
     async def run(self) -> DrillReport:
         config = self.config
         peer_ports = {node: free_port() for node in (1, 2, 3)}
@@ -383,9 +393,15 @@ class Drill:
         extra = list(config.node_args)
         if config.unsafe_local_reads:
             extra += ["--unsafe-local-reads", "true"]
+        if config.secure:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            root_file = self.run_dir / "root.token"
+            root_file.write_text(self.token + "\n")
+            extra += ["--auth", "true", "--auth-root-token-file", str(root_file)]
         self.cluster = LocalCluster(
             self.run_dir,
             3,
+            tls=config.secure,
             extra_args=extra,
             peer_ports=[peer_ports[n] for n in (1, 2, 3)],
             peer_addresses=self.mesh.dial_addresses(),
@@ -400,7 +416,12 @@ class Drill:
             )
             workload = Workload(
                 self.cluster.client_urls,
-                WorkloadConfig(kind=config.workload, processes=config.processes),
+                WorkloadConfig(
+                    kind=config.workload,
+                    processes=config.processes,
+                    ca_file=self.cluster.ca_file,
+                    token=self.token,
+                ),
                 random.Random(self.rng.getrandbits(64)),
             )
             self.workload = workload
@@ -502,16 +523,14 @@ class Drill:
             for e in nemesis.timeline
             if e.healed_at_s is None
         )
-        observer.progress(
-            DrillProgress(now, self.config.duration_s, ok, failed, unknown, in_force)
-        )
+        observer.progress(DrillProgress(now, self.config.duration_s, ok, failed, unknown, in_force))
 
     async def _fault_cycles(self, nemesis: Nemesis, workload_task: asyncio.Task[None]) -> None:
         config = self.config
         faults = expand_faults(config.faults)
         await asyncio.sleep(config.warmup_s)
         end_s = config.duration_s - config.tail_s
-        async with Client(self.cluster.client_urls, config=ClientConfig(timeout_s=2.0)) as probe:
+        async with Client(self.cluster.client_urls, config=self._client_config(2.0)) as probe:
             while self.now_s() < end_s and not workload_task.done():
                 name = self.rng.choice(faults)
                 event = await nemesis.inject(name)
@@ -558,7 +577,7 @@ class Drill:
         reads also go into the history as ordinary reads."""
         final: dict[str, str | None] = {}
         history = workload.history
-        config = ClientConfig(timeout_s=10.0)
+        config = self._client_config(10.0)
         async with Client(self.cluster.client_urls, config=config) as client:
             for key in sorted(workload.keys_used):
                 process = history.new_process()

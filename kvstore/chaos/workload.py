@@ -37,6 +37,7 @@ from typing import Any
 import aiohttp
 
 from kvstore.client import Client, ClientConfig, PutResult
+from kvstore.client.transport import tls_context
 from kvstore.errors import (
     ClusterError,
     DeadlineExceededError,
@@ -86,6 +87,10 @@ class WorkloadConfig:
     # Pause between a process's operations, so faults, not the workload, decide the load.
     think_s: float = 0.005
     storm_copies: int = 3
+    # A cluster with TLS and --auth (a drill's --secure): the CA of the nodes' certificates
+    # and the bearer token every request carries ("" for neither).
+    ca_file: str = ""
+    token: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in WORKLOADS:
@@ -129,10 +134,18 @@ class Workload:
         self._stop.set()
 
     async def run(self) -> None:
-        client_config = ClientConfig(timeout_s=self.config.operation_timeout_s)
+        config = self.config
+        client_config = ClientConfig(
+            timeout_s=config.operation_timeout_s, ca_file=config.ca_file, token=config.token
+        )
         async with contextlib.AsyncExitStack() as stack:
             client = await stack.enter_async_context(Client(self.endpoints, config=client_config))
-            raw = await stack.enter_async_context(aiohttp.ClientSession())
+            raw = await stack.enter_async_context(
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(ssl=tls_context(config.ca_file)),
+                    headers={"Authorization": f"Bearer {config.token}"} if config.token else None,
+                )
+            )
             async with asyncio.TaskGroup() as group:
                 for slot in range(self.config.processes):
                     seed = self._rng.getrandbits(64)

@@ -8,6 +8,7 @@ construction, not on the first call in production. The names carry their units l
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from enum import StrEnum
 
@@ -68,11 +69,17 @@ class ClientConfig:
     read_consistency: Consistency = Consistency.LINEARIZABLE
     # Pooled HTTP connections in total (aiohttp's TCPConnector limit).
     max_connections: int = 100
+    # Key operations (put, delete, get) over the binary stream: one WebSocket per node with
+    # many requests in flight (kvstore.client.stream); False for HTTP only. Either way a
+    # node that does not offer the stream is used over HTTP, as are lists and status.
+    binary_stream: bool = True
     # TLS (https:// endpoints): the CA that signs the nodes' certificates ("" = the system's
     # trust store), and a client certificate and its key to present ("" = none). Files (PEM).
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
+    # A bearer token (nodes with --auth): sent as `Authorization: Bearer` on every request.
+    token: str = dataclasses.field(default="", repr=False)
 
     def __post_init__(self) -> None:
         for field in fields(self):

@@ -46,15 +46,18 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, replace
+from typing import Any
 from urllib.parse import quote
 
 from kvstore.client.config import ClientConfig, Consistency
+from kvstore.client.lease import Lease, OnLost
 from kvstore.client.probe import LeaderProbe, normalize_url
 from kvstore.client.responses import FailedAttempt, classify_failure, parse_node_status
 from kvstore.client.results import (
     ClientStats,
     DeleteResult,
     KeyValue,
+    LeaseInfo,
     ListResult,
     NodeStatus,
     PutResult,
@@ -69,7 +72,10 @@ from kvstore.client.retry import (
     RetryPolicy,
     Verdict,
 )
+from kvstore.client.stream import StreamTransport
 from kvstore.client.transport import AiohttpTransport, HttpResponse, Transport, TransportError
+from kvstore.client.txn import Compare, Op, TxnResult, txn_body, txn_result_from_json
+from kvstore.client.watch import Watch
 from kvstore.errors import (
     BadRequestError,
     DeadlineExceededError,
@@ -187,13 +193,7 @@ class Client:
         self._sleep: Sleep = sleep or asyncio.sleep
         self._rng = rng or random.Random()
         self._policy = RetryPolicy(config, clock=self._clock, rng=self._rng)
-        self._transport: Transport = transport or AiohttpTransport(
-            connect_timeout_s=config.connect_timeout_s,
-            max_connections=config.max_connections,
-            ca_file=config.ca_file,
-            cert_file=config.cert_file,
-            key_file=config.key_file,
-        )
+        self._transport: Transport = transport or _default_transport(config)
         self._breakers: dict[str, CircuitBreaker] = {}
         self._round_robin = self._rng.randrange(len(self.endpoints))
         # Invariant: the URL the latest answer named as leader, or None while unknown.
@@ -243,6 +243,10 @@ class Client:
         """The leader the client currently believes in, if any."""
         return self._leader_url
 
+    def clock(self) -> float:
+        """The client's monotonic clock, in seconds (injected for tests)."""
+        return self._clock()
+
     # --- operations -----------------------------------------------------------------------
 
     async def get(
@@ -250,12 +254,17 @@ class Client:
         key: str,
         *,
         consistency: Consistency | str | None = None,
+        revision: int | None = None,
         timeout_s: float | None = None,
     ) -> KeyValue:
-        """The value and revisions of `key`; NotFoundError if it does not exist."""
+        """The value and revisions of `key`; NotFoundError if it does not exist. With
+        `revision`, as it was then (RevisionCompactedError once the history dropped it)."""
         level = Consistency(consistency or self.config.read_consistency)
+        query = {"consistency": level.value}
+        if revision:
+            query["revision"] = str(revision)
         call = _Call(
-            "get", "GET", _key_path(key), key=key, query={"consistency": level.value},
+            "get", "GET", _key_path(key), key=key, query=query,
             any_node=level is Consistency.STALE,
         )  # fmt: skip
         response = (await self._run(call, timeout_s)).response
@@ -276,9 +285,11 @@ class Client:
         *,
         if_revision: int | None = None,
         create_only: bool = False,
+        lease: int = 0,
         timeout_s: float | None = None,
     ) -> PutResult:
         """Write `value` under `key`, exactly once even across retries and failovers.
+        `lease`: attach the key to that lease (it goes when the lease does).
 
         `if_revision`: write only if the key's mod_revision equals it (0: only if absent);
         `create_only`: write only if the key does not exist. A failed condition raises
@@ -294,6 +305,7 @@ class Client:
         call = _Call(
             "put", "PUT", _key_path(key), key=key, headers=headers,
             body=_as_bytes(value), is_write=True,
+            query={"lease": str(lease)} if lease else None,
         )  # fmt: skip
         answered = await self._run(call, timeout_s)
         answer = _json_object(answered.response)
@@ -343,14 +355,22 @@ class Client:
         prefix: str = "",
         *,
         limit: int | None = None,
+        start: str | None = None,
+        revision: int | None = None,
         consistency: Consistency | str | None = None,
         timeout_s: float | None = None,
     ) -> ListResult:
-        """The keys starting with `prefix`, in order, at most `limit` (server default if None)."""
+        """The keys starting with `prefix`, in order, from `start` on (a previous page's
+        `next`), at most `limit` (server default if None); with `revision`, as they were
+        then."""
         level = Consistency(consistency or self.config.read_consistency)
         query = {"prefix": prefix, "consistency": level.value}
         if limit is not None:
             query["limit"] = str(limit)
+        if start:
+            query["start"] = start
+        if revision:
+            query["revision"] = str(revision)
         call = _Call("list", "GET", "/v1/kv", query=query, any_node=level is Consistency.STALE)
         answer = _json_object((await self._run(call, timeout_s)).response)
         revision = _int_field(answer, "revision")
@@ -358,7 +378,187 @@ class Client:
         if not isinstance(raw_items, list):
             raise ProtocolError("list answer without an items array")
         items = tuple(_list_item(item, revision) for item in raw_items)
-        return ListResult(revision=revision, items=items, more=bool(answer.get("more", False)))
+        following = answer.get("next")
+        return ListResult(
+            revision=revision,
+            items=items,
+            more=bool(answer.get("more", False)),
+            next=following if isinstance(following, str) else None,
+        )
+
+    async def delete_prefix(self, prefix: str, *, timeout_s: float | None = None) -> DeleteResult:
+        """Delete every key starting with `prefix` (non-empty) in one revision."""
+        if not prefix:
+            raise BadRequestError("delete_prefix needs a non-empty prefix")
+        call = _Call(
+            "delete_prefix", "DELETE", "/v1/kv", key=prefix, query={"prefix": prefix},
+            is_write=True,
+        )  # fmt: skip
+        answered = await self._run(call, timeout_s)
+        answer = _json_object(answered.response)
+        return DeleteResult(
+            key=prefix,
+            revision=_int_field(answer, "revision"),
+            request_id=f"{self.client_id}:{answered.seq}",
+            deleted=_int_field(answer, "deleted"),
+        )
+
+    # --- coordination: transactions, compaction, leases, watches --------------------------
+
+    async def txn(
+        self,
+        compare: Sequence[Compare | Mapping[str, object]] = (),
+        success: Sequence[Op | Mapping[str, object]] = (),
+        failure: Sequence[Op | Mapping[str, object]] = (),
+        *,
+        timeout_s: float | None = None,
+    ) -> TxnResult:
+        """If every comparison holds run `success`, else `failure`, atomically in one
+        revision and exactly once (see kvstore.client.txn)."""
+        body = json.dumps(txn_body(compare, success, failure)).encode()
+        answered = await self._post("txn", "/v1/txn", body, timeout_s, is_write=True)
+        return txn_result_from_json(
+            _json_object(answered.response), f"{self.client_id}:{answered.seq}"
+        )
+
+    async def compact(self, revision: int, *, timeout_s: float | None = None) -> int:
+        """Drop the history up to `revision`; returns the oldest revision still kept."""
+        body = json.dumps({"revision": revision}).encode()
+        answered = await self._post("compact", "/v1/compact", body, timeout_s, is_write=True)
+        return _int_field(_json_object(answered.response), "oldest_revision")
+
+    async def lease_grant(
+        self, ttl_ms: int, *, lease_id: int = 0, timeout_s: float | None = None
+    ) -> int:
+        """Grant a lease of `ttl_ms` (the server picks the id unless given); its id."""
+        body = json.dumps({"ttl_ms": ttl_ms, "id": lease_id}).encode()
+        answered = await self._post("lease_grant", "/v1/lease/grant", body, timeout_s,
+                                    is_write=True)  # fmt: skip
+        return _int_field(_json_object(answered.response), "id")
+
+    async def lease_keepalive(self, lease_id: int, *, timeout_s: float | None = None) -> int:
+        """Renew the lease on the leader; its TTL in ms (NotFoundError once it is gone)."""
+        body = json.dumps({"id": lease_id}).encode()
+        answered = await self._post("lease_keepalive", "/v1/lease/keepalive", body, timeout_s)
+        return _int_field(_json_object(answered.response), "ttl_ms")
+
+    async def lease_revoke(self, lease_id: int, *, timeout_s: float | None = None) -> int:
+        """Revoke the lease; its keys are deleted in one revision. Returns how many."""
+        body = json.dumps({"id": lease_id}).encode()
+        answered = await self._post("lease_revoke", "/v1/lease/revoke", body, timeout_s,
+                                    is_write=True)  # fmt: skip
+        return _int_field(_json_object(answered.response), "deleted")
+
+    async def leases(self, *, timeout_s: float | None = None) -> tuple[LeaseInfo, ...]:
+        """Every lease, with (up to 100 of) its keys."""
+        call = _Call("leases", "GET", "/v1/leases")
+        answer = _json_object((await self._run(call, timeout_s)).response)
+        raw = answer.get("leases")
+        if not isinstance(raw, list):
+            raise ProtocolError("leases answer without a leases array")
+        infos = []
+        for item in raw:
+            if not isinstance(item, dict):
+                raise ProtocolError(f"a lease is not an object: {item!r}")
+            remaining = item.get("remaining_ms")
+            infos.append(
+                LeaseInfo(
+                    id=_int_field(item, "id"),
+                    ttl_ms=_int_field(item, "ttl_ms"),
+                    keys=tuple(str(key) for key in item.get("keys", [])),
+                    key_count=_int_field(item, "key_count"),
+                    remaining_ms=remaining if isinstance(remaining, int) else None,
+                )
+            )
+        return tuple(infos)
+
+    def lease(self, ttl_s: float, *, on_lost: OnLost | None = None) -> Lease:
+        """A lease kept alive in the background: `async with kv.lease(5) as lease:`
+        (kvstore.client.lease)."""
+        return Lease(self, ttl_s, on_lost=on_lost, sleep=self._sleep)
+
+    def watch(
+        self,
+        *,
+        key: str | None = None,
+        prefix: str | None = None,
+        start_revision: int = 0,
+        prev_kv: bool = False,
+        progress: bool = False,
+        progress_interval_s: float = 1.0,
+    ) -> Watch:
+        """Events of `key` or of every key under `prefix` from `start_revision` (0: from
+        now), across failovers, each once and in order (kvstore.client.watch)."""
+        return Watch(
+            self.endpoints, key=key, prefix=prefix, start_revision=start_revision,
+            prev_kv=prev_kv, progress=progress, progress_interval_s=progress_interval_s,
+            connect_timeout_s=self.config.connect_timeout_s, rng=self._rng,
+        )  # fmt: skip
+
+    async def _post(
+        self, name: str, path: str, body: bytes, timeout_s: float | None, *, is_write: bool = False
+    ) -> _Answer:
+        call = _Call(
+            name, "POST", path, headers={"Content-Type": "application/json"}, body=body,
+            is_write=is_write,
+        )  # fmt: skip
+        return await self._run(call, timeout_s)
+
+    # --- users, roles and tokens (admin; docs/security.md) ---------------------------------
+
+    async def auth_show(self, *, timeout_s: float | None = None) -> dict[str, Any]:
+        """Every user with its roles, every role with its permissions, every token's id and
+        user (GET /v1/auth)."""
+        call = _Call("auth_show", "GET", "/v1/auth")
+        return _json_object((await self._run(call, timeout_s)).response)
+
+    async def auth_put_role(
+        self, name: str, permissions: Sequence[tuple[str, str]], *, timeout_s: float | None = None
+    ) -> None:
+        """Create or replace role `name`: (prefix, "read" | "write" | "admin") pairs."""
+        body = {"permissions": [{"prefix": p, "access": a} for p, a in permissions]}
+        await self._auth_write("auth_put_role", "PUT", f"/v1/auth/roles/{name}", body, timeout_s)
+
+    async def auth_delete_role(self, name: str, *, timeout_s: float | None = None) -> None:
+        await self._auth_write(
+            "auth_delete_role", "DELETE", f"/v1/auth/roles/{name}", None, timeout_s
+        )
+
+    async def auth_put_user(
+        self, name: str, roles: Sequence[str], *, timeout_s: float | None = None
+    ) -> None:
+        """Create or replace user `name` with `roles` (which must exist)."""
+        body = {"roles": list(roles)}
+        await self._auth_write("auth_put_user", "PUT", f"/v1/auth/users/{name}", body, timeout_s)
+
+    async def auth_delete_user(self, name: str, *, timeout_s: float | None = None) -> None:
+        """Delete user `name` and every token of it."""
+        await self._auth_write(
+            "auth_delete_user", "DELETE", f"/v1/auth/users/{name}", None, timeout_s
+        )
+
+    async def auth_new_token(self, user: str, *, timeout_s: float | None = None) -> tuple[str, str]:
+        """A new token for `user`: (token, id). The token is shown only now."""
+        answer = await self._auth_write(
+            "auth_new_token", "POST", "/v1/auth/tokens", {"user": user}, timeout_s
+        )
+        return str(answer.get("token", "")), str(answer.get("id", ""))
+
+    async def auth_delete_token(self, token_id: str, *, timeout_s: float | None = None) -> None:
+        await self._auth_write(
+            "auth_delete_token", "DELETE", f"/v1/auth/tokens/{token_id}", None, timeout_s
+        )
+
+    async def _auth_write(
+        self, name: str, method: str, path: str, body: Any, timeout_s: float | None
+    ) -> dict[str, Any]:
+        call = _Call(
+            name, method, path,
+            headers=None if body is None else {"Content-Type": "application/json"},
+            body=None if body is None else json.dumps(body).encode(),
+            is_write=True,
+        )  # fmt: skip
+        return _json_object((await self._run(call, timeout_s)).response)
 
     async def status(
         self, endpoint: str | None = None, *, timeout_s: float | None = None
@@ -518,9 +718,12 @@ class Client:
                     await task
 
     def _headers(self, call: _Call, seq: int) -> Mapping[str, str] | None:
+        base = call.headers
+        if self.config.token:
+            base = {**(base or {}), "Authorization": f"Bearer {self.config.token}"}
         if not call.is_write:
-            return call.headers
-        headers = dict(call.headers or {})
+            return base
+        headers = dict(base or {})
         headers["Kvstore-Request-Id"] = str(RequestId(self.client_id, seq))
         headers["Kvstore-Acked-Below"] = str(min(self._inflight, default=self._next_seq))
         return headers
@@ -611,6 +814,19 @@ class Client:
             self._last_leader_seen = url
             self._counters.leader_changes += 1
             log.debug("leader url=%s", url)
+
+
+def _default_transport(config: ClientConfig) -> Transport:
+    http = AiohttpTransport(
+        connect_timeout_s=config.connect_timeout_s,
+        max_connections=config.max_connections,
+        ca_file=config.ca_file,
+        cert_file=config.cert_file,
+        key_file=config.key_file,
+    )
+    if not config.binary_stream:
+        return http
+    return StreamTransport(http, connect_timeout_s=config.connect_timeout_s)
 
 
 def _connect_failure(error: KVStoreError) -> bool:

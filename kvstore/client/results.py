@@ -51,6 +51,8 @@ class DeleteResult:
     key: str
     revision: int
     request_id: str = ""
+    # How many keys went (1 for a key; any number for a prefix).
+    deleted: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,8 @@ class ListResult:
     revision: int
     items: tuple[KeyValue, ...]
     more: bool
+    # With `more`: the key to pass as `start` for the next page.
+    next: str | None = None
 
     def __iter__(self) -> Iterator[KeyValue]:
         return iter(self.items)
@@ -119,3 +123,14 @@ class ClientStats:
     deadline_exceeded: int
     # Times an endpoint's circuit breaker opened.
     breaker_opens: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseInfo:
+    """One lease as `GET /v1/leases` lists it; `remaining_ms` only from the leader."""
+
+    id: int
+    ttl_ms: int
+    keys: tuple[str, ...]
+    key_count: int
+    remaining_ms: int | None = None

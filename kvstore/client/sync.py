@@ -15,7 +15,7 @@ import asyncio
 import itertools
 import threading
 import weakref
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from kvstore.client.config import ClientConfig, Consistency
@@ -24,10 +24,13 @@ from kvstore.client.results import (
     ClientStats,
     DeleteResult,
     KeyValue,
+    LeaseInfo,
     ListResult,
     NodeStatus,
     PutResult,
 )
+from kvstore.client.txn import Compare, Op, TxnResult
+from kvstore.client.watch import WatchEvent, WatchProgress
 
 T = TypeVar("T")
 
@@ -130,9 +133,12 @@ class SyncClient:
         key: str,
         *,
         consistency: Consistency | str | None = None,
+        revision: int | None = None,
         timeout_s: float | None = None,
     ) -> KeyValue:
-        return self._run(self._client.get(key, consistency=consistency, timeout_s=timeout_s))
+        return self._run(
+            self._client.get(key, consistency=consistency, revision=revision, timeout_s=timeout_s)
+        )
 
     def put(
         self,
@@ -141,11 +147,17 @@ class SyncClient:
         *,
         if_revision: int | None = None,
         create_only: bool = False,
+        lease: int = 0,
         timeout_s: float | None = None,
     ) -> PutResult:
         return self._run(
             self._client.put(
-                key, value, if_revision=if_revision, create_only=create_only, timeout_s=timeout_s
+                key,
+                value,
+                if_revision=if_revision,
+                create_only=create_only,
+                lease=lease,
+                timeout_s=timeout_s,
             )
         )
 
@@ -174,12 +186,77 @@ class SyncClient:
         prefix: str = "",
         *,
         limit: int | None = None,
+        start: str | None = None,
+        revision: int | None = None,
         consistency: Consistency | str | None = None,
         timeout_s: float | None = None,
     ) -> ListResult:
         return self._run(
-            self._client.list(prefix, limit=limit, consistency=consistency, timeout_s=timeout_s)
+            self._client.list(
+                prefix,
+                limit=limit,
+                start=start,
+                revision=revision,
+                consistency=consistency,
+                timeout_s=timeout_s,
+            )
         )
+
+    def delete_prefix(self, prefix: str, *, timeout_s: float | None = None) -> DeleteResult:
+        return self._run(self._client.delete_prefix(prefix, timeout_s=timeout_s))
+
+    def txn(
+        self,
+        compare: Sequence[Compare | Mapping[str, object]] = (),
+        success: Sequence[Op | Mapping[str, object]] = (),
+        failure: Sequence[Op | Mapping[str, object]] = (),
+        *,
+        timeout_s: float | None = None,
+    ) -> TxnResult:
+        return self._run(self._client.txn(compare, success, failure, timeout_s=timeout_s))
+
+    def compact(self, revision: int, *, timeout_s: float | None = None) -> int:
+        return self._run(self._client.compact(revision, timeout_s=timeout_s))
+
+    def lease_grant(self, ttl_ms: int, *, lease_id: int = 0, timeout_s: float | None = None) -> int:
+        return self._run(self._client.lease_grant(ttl_ms, lease_id=lease_id, timeout_s=timeout_s))
+
+    def lease_keepalive(self, lease_id: int, *, timeout_s: float | None = None) -> int:
+        return self._run(self._client.lease_keepalive(lease_id, timeout_s=timeout_s))
+
+    def lease_revoke(self, lease_id: int, *, timeout_s: float | None = None) -> int:
+        return self._run(self._client.lease_revoke(lease_id, timeout_s=timeout_s))
+
+    def leases(self, *, timeout_s: float | None = None) -> tuple[LeaseInfo, ...]:
+        return self._run(self._client.leases(timeout_s=timeout_s))
+
+    def watch(
+        self,
+        *,
+        key: str | None = None,
+        prefix: str | None = None,
+        start_revision: int = 0,
+        prev_kv: bool = False,
+        progress: bool = False,
+    ) -> Iterator[WatchEvent | WatchProgress]:
+        """The async watch as a blocking iterator (close it, or leave the loop, to stop)."""
+        watch = self._client.watch(
+            key=key, prefix=prefix, start_revision=start_revision, prev_kv=prev_kv,
+            progress=progress,
+        )  # fmt: skip
+        iterator = aiter(watch)
+
+        async def step() -> WatchEvent | WatchProgress | None:
+            try:
+                return await anext(iterator)
+            except StopAsyncIteration:
+                return None
+
+        try:
+            while (item := self._run(step())) is not None:
+                yield item
+        finally:
+            self._run(watch.close())
 
     def status(self, endpoint: str | None = None, *, timeout_s: float | None = None) -> NodeStatus:
         return self._run(self._client.status(endpoint, timeout_s=timeout_s))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import msgpack
 
@@ -32,6 +32,12 @@ from kvstore.errors import ProtocolError
 # Re-exported: the state machine's callers name them from here.
 from kvstore.request_id import RequestId as RequestId
 from kvstore.request_id import parse_request_id as parse_request_id
+
+if TYPE_CHECKING:
+    from kvstore.kv.auth import AuthChange
+    from kvstore.kv.history import Compact
+    from kvstore.kv.leases import LeaseGrant, LeaseRevoke
+    from kvstore.kv.txn import Txn, TxnOutcome
 
 COMMAND_FORMAT_VERSION = 1
 """The first byte of every encoded command. Bump it when the array layout changes."""
@@ -46,6 +52,12 @@ class CommandKind(enum.IntEnum):
 
     PUT = 1
     DELETE = 2
+    # Issue 14's commands start at 10, leaving 3..9 to other additions.
+    TXN = 10  # kvstore.kv.txn
+    LEASE_GRANT = 11  # kvstore.kv.leases
+    LEASE_REVOKE = 12
+    COMPACT = 13  # kvstore.kv.history
+    AUTH = 20  # kvstore.kv.auth: users, roles, tokens (issue 16)
 
 
 class WriteError(enum.StrEnum):
@@ -59,6 +71,14 @@ class WriteError(enum.StrEnum):
     # applied long ago (its answer was discarded) or never; it is not applied now. To the
     # client the outcome of that request is unknown.
     SESSION_EXPIRED = "session_expired"
+    # A put names a lease that does not exist, or a revocation one that is gone (HTTP 404).
+    LEASE_NOT_FOUND = "lease_not_found"
+    # A grant names a lease id already in use (HTTP 409).
+    LEASE_EXISTS = "lease_exists"
+    # A compaction beyond the store's revision (HTTP 400).
+    FUTURE_REVISION = "future_revision"
+    # An auth change names a user, role or token that does not exist (HTTP 404).
+    AUTH_NOT_FOUND = "auth_not_found"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,13 +94,16 @@ class Put:
     if_revision: int | None = None
     create_only: bool = False
     acked_below: int = 0
+    lease: int = 0
 
     def __post_init__(self) -> None:
-        _check_common(self.key, self.request, self.time_ms, self.if_revision, self.acked_below)
+        check_common(self.key, self.request, self.time_ms, self.if_revision, self.acked_below)
         if not isinstance(self.value, bytes):
             raise ValueError("value must be bytes")
         if not isinstance(self.create_only, bool):
             raise ValueError("create_only must be a bool")
+        if not _is_count(self.lease):
+            raise ValueError(f"lease must be an integer in 0..2**64-1: {self.lease!r}")
         if self.create_only and self.if_revision is not None:
             raise ValueError("create_only and if_revision are exclusive (create_only = 0)")
 
@@ -96,10 +119,11 @@ class Delete:
     acked_below: int = 0
 
     def __post_init__(self) -> None:
-        _check_common(self.key, self.request, self.time_ms, self.if_revision, self.acked_below)
+        check_common(self.key, self.request, self.time_ms, self.if_revision, self.acked_below)
 
 
-Command = Put | Delete
+# Every command of the log. The newer ones live beside the logic that applies them.
+Command: TypeAlias = "Put | Delete | Txn | LeaseGrant | LeaseRevoke | Compact | AuthChange"
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +150,9 @@ class WriteResult:
       overwritten or deleted key, for a failed precondition the key's current state (None if
       absent), so `prev.mod_revision` is the "current_revision" of a 412.
     - `error`: a `WriteError` value, or None when ok.
+    - `txn`: for a transaction, which branch ran and what each operation did.
+    - `deleted`: for a lease revocation, how many keys went with the lease.
+    - `lease_id`: for a lease grant, the lease's id.
     """
 
     ok: bool
@@ -133,6 +160,9 @@ class WriteResult:
     key_value: KeyValue | None
     prev: KeyValue | None
     error: str | None
+    txn: TxnOutcome | None = None
+    deleted: int = 0
+    lease_id: int = 0
 
     @property
     def current_revision(self) -> int:
@@ -145,7 +175,7 @@ class WriteResult:
 
 def encode_command(command: Command) -> bytes:
     """Encode a command for the log: version byte + msgpack array."""
-    request = None if command.request is None else [command.request.client_id, command.request.seq]
+    request = request_to_obj(command.request)
     obj: list[Any]
     if isinstance(command, Put):
         obj = [
@@ -158,7 +188,10 @@ def encode_command(command: Command) -> bytes:
             command.create_only,
             command.acked_below,
         ]
-    else:
+        if command.lease:
+            # Only when set, so the bytes of a put without a lease are what they were.
+            obj.append(command.lease)
+    elif isinstance(command, Delete):
         obj = [
             int(CommandKind.DELETE),
             command.key,
@@ -167,6 +200,8 @@ def encode_command(command: Command) -> bytes:
             command.if_revision,
             command.acked_below,
         ]
+    else:
+        obj = command.to_obj()
     body: bytes = msgpack.packb(obj, use_bin_type=True)
     return bytes((COMMAND_FORMAT_VERSION,)) + body
 
@@ -182,23 +217,48 @@ def decode_command(data: bytes) -> Command:
             return _put_from_obj(obj)
         if kind == CommandKind.DELETE and _is_int(kind):
             return _delete_from_obj(obj)
+        decoder = _newer_decoders().get(kind) if _is_int(kind) else None
+        if decoder is not None:
+            command: Command = decoder(obj)
+            return command
     except ValueError as exc:
         raise ProtocolError(f"invalid command: {exc}") from exc
     raise ProtocolError(f"unknown command kind {kind!r}")
 
 
+def _newer_decoders() -> dict[int, Any]:
+    """The decoders of the commands that live in modules of their own (imported here, late,
+    because those modules build on this one)."""
+    from kvstore.kv.auth import AuthChange
+    from kvstore.kv.history import Compact
+    from kvstore.kv.leases import LeaseGrant, LeaseRevoke
+    from kvstore.kv.txn import txn_from_obj
+
+    return {
+        CommandKind.AUTH: AuthChange.from_obj,
+        CommandKind.TXN: txn_from_obj,
+        CommandKind.LEASE_GRANT: LeaseGrant.from_obj,
+        CommandKind.LEASE_REVOKE: LeaseRevoke.from_obj,
+        CommandKind.COMPACT: Compact.from_obj,
+    }
+
+
 def _put_from_obj(obj: list[Any]) -> Put:
-    if len(obj) != 8:
-        raise ProtocolError("put: expected an array of 8")
-    _, key, value, request, time_ms, if_revision, create_only, acked_below = obj
+    if len(obj) not in (8, 9):
+        raise ProtocolError("put: expected an array of 8 or 9")
+    _, key, value, request, time_ms, if_revision, create_only, acked_below = obj[:8]
+    lease = obj[8] if len(obj) == 9 else 0
+    if len(obj) == 9 and lease == 0:
+        raise ProtocolError("put: a lease of 0 is encoded by leaving it out")
     return Put(
         key=key,
         value=value,
-        request=_request_from_obj(request),
+        request=request_from_obj(request),
         time_ms=time_ms,
         if_revision=if_revision,
         create_only=create_only,
         acked_below=acked_below,
+        lease=lease,
     )
 
 
@@ -208,14 +268,18 @@ def _delete_from_obj(obj: list[Any]) -> Delete:
     _, key, request, time_ms, if_revision, acked_below = obj
     return Delete(
         key=key,
-        request=_request_from_obj(request),
+        request=request_from_obj(request),
         time_ms=time_ms,
         if_revision=if_revision,
         acked_below=acked_below,
     )
 
 
-def _request_from_obj(obj: Any) -> RequestId | None:
+def request_to_obj(request: RequestId | None) -> list[Any] | None:
+    return None if request is None else [request.client_id, request.seq]
+
+
+def request_from_obj(obj: Any) -> RequestId | None:
     if obj is None:
         return None
     if not isinstance(obj, list) or len(obj) != 2:
@@ -248,10 +312,11 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= UINT64_MAX
 
 
-def _check_common(
+def check_common(
     key: object, request: object, time_ms: object, if_revision: object, acked_below: object
 ) -> None:
-    if not isinstance(key, str) or not key:
+    """The checks every command shares (`key` None: a command without a key)."""
+    if key is not None and (not isinstance(key, str) or not key):
         raise ValueError("key must be a non-empty string")
     if request is not None and not isinstance(request, RequestId):
         raise ValueError("request must be a RequestId or None")

@@ -43,6 +43,7 @@ from typing import Any
 
 from kvstore.errors import ProtocolError
 from kvstore.kv.commands import KeyValue, RequestId, WriteError, WriteResult
+from kvstore.kv.txn import outcome_from_obj, outcome_to_obj
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -351,19 +352,31 @@ def key_value_from_obj(obj: Any) -> KeyValue:
 
 
 def result_to_obj(result: WriteResult) -> list[Any]:
-    return [
+    """[ok, revision, key_value, prev, error], then [deleted, lease_id, txn] only when one of
+    those is set (so results of puts and deletes encode as they always did)."""
+    obj = [
         result.ok,
         result.revision,
         None if result.key_value is None else key_value_to_obj(result.key_value),
         None if result.prev is None else key_value_to_obj(result.prev),
         result.error,
     ]
+    if result.deleted or result.lease_id or result.txn is not None:
+        outcome = None if result.txn is None else outcome_to_obj(result.txn)
+        obj.extend((result.deleted, result.lease_id, outcome))
+    return obj
 
 
 def result_from_obj(obj: Any) -> WriteResult:
-    if not isinstance(obj, list) or len(obj) != 5:
-        raise ProtocolError("result: expected an array of 5")
-    ok, revision, key_value, prev, error = obj
+    if not isinstance(obj, list) or len(obj) not in (5, 8):
+        raise ProtocolError("result: expected an array of 5 or 8")
+    deleted, lease_id, txn = 0, 0, None
+    if len(obj) == 8:
+        deleted, lease_id, outcome = obj[5:]
+        _expect_count(deleted, "result.deleted")
+        _expect_count(lease_id, "result.lease_id")
+        txn = None if outcome is None else outcome_from_obj(outcome)
+    ok, revision, key_value, prev, error = obj[:5]
     if not isinstance(ok, bool):
         raise ProtocolError("result.ok is not a bool")
     _expect_count(revision, "result.revision")
@@ -375,6 +388,9 @@ def result_from_obj(obj: Any) -> WriteResult:
         key_value=None if key_value is None else key_value_from_obj(key_value),
         prev=None if prev is None else key_value_from_obj(prev),
         error=error,
+        txn=txn,
+        deleted=deleted,
+        lease_id=lease_id,
     )
 
 

@@ -14,6 +14,12 @@ compare-and-set that failed answers the same failure.
 Time: `clock_ms` is the largest `time_ms` of any command applied so far (the proposing
 leader's wall clock, carried in the entry); session expiry uses it and nothing else.
 
+Beyond the keys, the replicated state holds the revision history (kvstore.kv.history: what
+watches and reads at a past revision are served from), the leases (kvstore.kv.leases) and
+transactions' effects (kvstore.kv.txn), and who may do what (kvstore.kv.auth: users, roles,
+token hashes; the section "auth", present once there is any); all of it is in snapshots (format version 2, which
+appends one map of these sections to version 1's array; version 1 still restores).
+
 Entries that carry no command (a new leader's empty entry, CONF_CHANGE) advance
 `applied_index` only. A committed entry whose bytes do not decode raises `ProtocolError`
 and leaves the state untouched: it means a bug, a foreign leader or damage, and must stop
@@ -29,6 +35,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -37,7 +44,8 @@ from typing import Any, Final
 import msgpack
 from sortedcontainers import SortedList
 
-from kvstore.errors import ProtocolError
+from kvstore.errors import BadRequestError, ProtocolError, RevisionCompactedError
+from kvstore.kv.auth import AuthChange, AuthTable
 from kvstore.kv.commands import (
     Command,
     Delete,
@@ -49,14 +57,25 @@ from kvstore.kv.commands import (
     decode_command,
     unpack_versioned,
 )
+from kvstore.kv.history import EVENT_DELETE, EVENT_PUT, Compact, Event, History, HistoryConfig
+from kvstore.kv.leases import LeaseGrant, LeaseRevoke, LeaseTable
 from kvstore.kv.sessions import (
     SessionConfig,
     SessionTable,
 )
+from kvstore.kv.txn import (
+    OpResponse,
+    Txn,
+    TxnDelete,
+    TxnGet,
+    TxnOutcome,
+    TxnPut,
+    compare_holds,
+)
 from kvstore.raft.types import Entry, EntryType
 
-SNAPSHOT_FORMAT_VERSION = 1
-"""The first byte of `StateMachine.snapshot()`'s encoding."""
+SNAPSHOT_FORMAT_VERSION = 2
+"""The first byte of `StateMachine.snapshot()`'s encoding (1: without the sections map)."""
 
 
 # One key's state inside the store (the key itself is the dict key): (value, create_revision,
@@ -91,6 +110,7 @@ class KvConfig:
     """Configuration of the state machine; identical on every replica (see module doc)."""
 
     sessions: SessionConfig = field(default_factory=SessionConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
 
 
 class StateMachine:
@@ -107,6 +127,9 @@ class StateMachine:
         # Invariant: sorted(self._data).
         self._keys: SortedList = SortedList()
         self._sessions = SessionTable(self.config.sessions)
+        self.history = History(self.config.history)
+        self.leases = LeaseTable()
+        self.auth = AuthTable()
 
     # --- apply ---------------------------------------------------------------------------
 
@@ -141,13 +164,69 @@ class StateMachine:
                 return earlier
             if earlier is WriteError.SESSION_EXPIRED:
                 return self._refusal(WriteError.SESSION_EXPIRED)
-        if isinstance(command, Put):
-            result = self._put(command)
-        else:
-            result = self._delete(command)
+        match command:
+            case Put():
+                result = self._put(command)
+            case Delete():
+                result = self._delete(command)
+            case Txn():
+                result = self._txn(command)
+            case LeaseGrant():
+                result = self._lease_grant(command)
+            case LeaseRevoke():
+                result = self._lease_revoke(command)
+            case Compact():
+                result = self._compact(command)
+            case AuthChange():
+                result = self._auth_change(command)
         if request is not None:
-            self._sessions.record(request, result)
+            kept = result
+            if result.txn is not None:
+                kept = dataclasses.replace(result, txn=result.txn.strip_reads())
+            self._sessions.record(request, kept)
         return result
+
+    # --- the primitives every write goes through (events, leases, the key index) -------------
+
+    def _write_key(self, key: str, value: bytes, lease: int, revision: int) -> _Record:
+        """Set `key` at `revision` (the caller sets `self.revision`); returns the new record."""
+        current = self._data.get(key)
+        if current is None:
+            new: _Record = (value, revision, revision, 1)
+            self._keys.add(key)
+        else:
+            new = (value, current[_CREATE], revision, current[_VERSION] + 1)
+        self._data[key] = new
+        self.leases.attach(key, lease)
+        self.history.record(
+            Event(
+                EVENT_PUT,
+                KeyValue(key, *new),
+                None if current is None else KeyValue(key, *current),
+                self.clock_ms,
+            )
+        )
+        return new
+
+    def _remove_key(self, key: str, revision: int) -> _Record:
+        """Delete the existing `key` at `revision`; returns the record it had."""
+        current = self._data.pop(key)
+        self._keys.remove(key)
+        self.leases.detach(key)
+        self.history.record(
+            Event(
+                EVENT_DELETE,
+                KeyValue(key, b"", 0, revision, 0),
+                KeyValue(key, *current),
+                self.clock_ms,
+            )
+        )
+        return current
+
+    def _wrote(self, revision: int) -> None:
+        """The writes of one command are done: `revision` is the store's, bounds apply."""
+        self.revision = revision
+        self.history.trim(revision, self.clock_ms)
 
     def _put(self, command: Put) -> WriteResult:
         key = command.key
@@ -156,13 +235,10 @@ class StateMachine:
             current, command.if_revision
         ):
             return self._refusal(WriteError.PRECONDITION_FAILED, key, current)
-        self.revision += 1
-        if current is None:
-            new: _Record = (command.value, self.revision, self.revision, 1)
-            self._keys.add(key)
-        else:
-            new = (command.value, current[_CREATE], self.revision, current[_VERSION] + 1)
-        self._data[key] = new
+        if command.lease and command.lease not in self.leases:
+            return self._refusal(WriteError.LEASE_NOT_FOUND)
+        new = self._write_key(key, command.value, command.lease, self.revision + 1)
+        self._wrote(self.revision + 1)
         return WriteResult(
             ok=True,
             revision=self.revision,
@@ -177,9 +253,8 @@ class StateMachine:
             return self._refusal(WriteError.PRECONDITION_FAILED, command.key, current)
         if current is None:
             return self._refusal(WriteError.NOT_FOUND, command.key, None)
-        self.revision += 1
-        del self._data[command.key]
-        self._keys.remove(command.key)
+        self._remove_key(command.key, self.revision + 1)
+        self._wrote(self.revision + 1)
         return WriteResult(
             ok=True,
             revision=self.revision,
@@ -187,6 +262,106 @@ class StateMachine:
             prev=_metadata(command.key, current),
             error=None,
         )
+
+    def _txn(self, txn: Txn) -> WriteResult:
+        """Compare, then run one branch in one revision (kvstore.kv.txn)."""
+        succeeded = all(compare_holds(compare, self.get(compare.key)) for compare in txn.compares)
+        ops = txn.success if succeeded else txn.failure
+        for op in ops:
+            if isinstance(op, TxnPut) and op.lease and op.lease not in self.leases:
+                return self._refusal(WriteError.LEASE_NOT_FOUND)
+        revision = self.revision + 1
+        wrote = False
+        responses: list[OpResponse] = []
+        for op in ops:
+            if isinstance(op, TxnPut):
+                current = self._data.get(op.key)
+                self._write_key(op.key, op.value, op.lease, revision)
+                prev = None if current is None else _metadata(op.key, current)
+                responses.append(OpResponse("put", revision=revision, prev=prev))
+                wrote = True
+            elif isinstance(op, TxnDelete):
+                doomed = self._prefix_keys(op.key) if op.prefix else [op.key]
+                doomed = [key for key in doomed if key in self._data]
+                for key in doomed:
+                    self._remove_key(key, revision)
+                responses.append(OpResponse("delete", deleted=len(doomed)))
+                wrote = wrote or bool(doomed)
+            elif isinstance(op, TxnGet):
+                kv = self.get(op.key)
+                kvs = () if kv is None else (kv,)
+                responses.append(OpResponse("get", kvs=kvs, count=len(kvs)))
+            else:
+                items, next_key = self.range(op.prefix, op.limit, op.start)
+                responses.append(
+                    OpResponse(
+                        "range", kvs=tuple(items), more=next_key is not None, count=len(items)
+                    )
+                )
+        if wrote:
+            self._wrote(revision)
+        return WriteResult(
+            ok=True,
+            revision=self.revision,
+            key_value=None,
+            prev=None,
+            error=None,
+            txn=TxnOutcome(succeeded, tuple(responses)),
+        )
+
+    def evaluate_read_only(self, txn: Txn) -> WriteResult:
+        """A transaction that writes nothing, evaluated against the current state without
+        being applied (a server serves it after a ReadIndex; it changes nothing)."""
+        assert not txn.writes, "only a transaction without writes is evaluated in place"
+        return self._txn(txn)
+
+    def _prefix_keys(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        for key in self._keys.irange(minimum=prefix):
+            if not key.startswith(prefix):
+                break
+            keys.append(key)
+        return keys
+
+    def _lease_grant(self, command: LeaseGrant) -> WriteResult:
+        lease_id = command.lease_id
+        if lease_id == 0:
+            # The entry's index: unique and the same on every replica.
+            lease_id = self.applied_index + 1
+            while lease_id in self.leases:
+                lease_id += 1
+        elif lease_id in self.leases:
+            return self._refusal(WriteError.LEASE_EXISTS)
+        self.leases.grant(lease_id, command.ttl_ms)
+        return WriteResult(
+            ok=True, revision=self.revision, key_value=None, prev=None, error=None,
+            lease_id=lease_id,
+        )  # fmt: skip
+
+    def _lease_revoke(self, command: LeaseRevoke) -> WriteResult:
+        if command.lease_id not in self.leases:
+            return self._refusal(WriteError.LEASE_NOT_FOUND)
+        keys = self.leases.revoke(command.lease_id)
+        if keys:
+            revision = self.revision + 1
+            for key in keys:
+                self._remove_key(key, revision)
+            self._wrote(revision)
+        return WriteResult(
+            ok=True, revision=self.revision, key_value=None, prev=None, error=None,
+            deleted=len(keys),
+        )  # fmt: skip
+
+    def _compact(self, command: Compact) -> WriteResult:
+        if command.revision > self.revision:
+            return self._refusal(WriteError.FUTURE_REVISION)
+        self.history.compact(command.revision)
+        return WriteResult(ok=True, revision=self.revision, key_value=None, prev=None, error=None)
+
+    def _auth_change(self, command: AuthChange) -> WriteResult:
+        if self.auth.apply(command) is not None:
+            return self._refusal(WriteError.AUTH_NOT_FOUND)
+        return WriteResult(ok=True, revision=self.revision, key_value=None, prev=None, error=None)
 
     def _refusal(
         self, error: WriteError, key: str = "", current: _Record | None = None
@@ -204,6 +379,63 @@ class StateMachine:
     def get(self, key: str) -> KeyValue | None:
         record = self._data.get(key)
         return None if record is None else KeyValue(key, *record)
+
+    def range(self, prefix: str, limit: int, start: str = "") -> tuple[list[KeyValue], str | None]:
+        """Keys starting with `prefix`, from `start` on (inclusive), sorted, at most `limit`
+        (>= 1); and the next key there is (the continuation), None if none."""
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        items: list[KeyValue] = []
+        data = self._data
+        for key in self._keys.irange(minimum=max(prefix, start)):
+            if not key.startswith(prefix):
+                break
+            if len(items) == limit:
+                return items, key
+            items.append(KeyValue(key, *data[key]))
+        return items, None
+
+    def check_revision(self, revision: int) -> None:
+        """Refuse a read at `revision` the history cannot serve: compacted, or ahead of the
+        store (BadRequestError)."""
+        if revision > self.revision:
+            raise BadRequestError(
+                f"revision {revision} is in the future (the store is at {self.revision})"
+            )
+        if revision <= self.history.compacted:
+            raise RevisionCompactedError(
+                f"revision {revision} is compacted; the oldest kept is {self.history.oldest}",
+                oldest_revision=self.history.oldest,
+            )
+
+    def get_at(self, key: str, revision: int) -> KeyValue | None:
+        """`key` as it was at `revision` (checked with `check_revision`)."""
+        self.check_revision(revision)
+        return self.history.state_at(key, revision, self.get(key))
+
+    def range_at(
+        self, prefix: str, limit: int, start: str, revision: int
+    ) -> tuple[list[KeyValue], str | None]:
+        """`range` as the store was at `revision` (checked with `check_revision`)."""
+        self.check_revision(revision)
+        if revision == self.revision:
+            return self.range(prefix, limit, start)
+        low = max(prefix, start)
+        changed = {
+            key: state
+            for key, state in self.history.keys_changed_since(revision, prefix).items()
+            if key >= low
+        }
+        current = (key for key in self._keys.irange(minimum=low) if key not in changed)
+        items: list[KeyValue] = []
+        for key in _merge_sorted(current, sorted(changed), prefix):
+            state = changed[key] if key in changed else self.get(key)
+            if state is None:
+                continue
+            if len(items) == limit:
+                return items, key
+            items.append(state)
+        return items, None
 
     def list(self, prefix: str, limit: int) -> tuple[list[KeyValue], bool]:
         """Keys starting with `prefix`, sorted, at most `limit` (0 = no limit); `more` says
@@ -246,6 +478,10 @@ class StateMachine:
             assert 0 < record[_CREATE] <= record[_MOD] <= self.revision
             assert record[_VERSION] >= 1
         self._sessions.check_invariants()
+        self.history.check_invariants(self.revision)
+        self.leases.check_invariants()
+        for lease in self.leases.leases():
+            assert all(key in self._data for key in lease.keys), "a lease holds a missing key"
 
     # --- snapshots -----------------------------------------------------------------------
 
@@ -257,7 +493,16 @@ class StateMachine:
             self._keys,
             self._data,
             self._sessions.to_obj(),
+            self._sections(),
         )
+
+    def _sections(self) -> dict[str, Any]:
+        """The snapshot's map of state beyond keys and sessions (format version 2)."""
+        sections = {"history": self.history.to_obj(), "leases": self.leases.to_obj()}
+        if self.auth.users or self.auth.roles:
+            # Only when there is some: the snapshot of a store without auth is unchanged.
+            sections["auth"] = self.auth.to_obj()
+        return sections
 
     def freeze(self) -> FrozenState:
         """A copy of the state as of now that `FrozenState.encode` can encode on another
@@ -269,15 +514,22 @@ class StateMachine:
             list(self._keys),
             _Records(self._data),
             self._sessions.to_obj(),
+            self._sections(),
         )
 
     def restore(self, data: bytes, index: int) -> None:
         """Replace the whole state by a snapshot taken at applied `index`; ProtocolError if
         the bytes are malformed (the state is then unchanged)."""
-        obj = unpack_versioned(data, SNAPSHOT_FORMAT_VERSION, "state machine snapshot")
-        if not isinstance(obj, list) or len(obj) != 5:
-            raise ProtocolError("state machine snapshot: expected an array of 5")
-        applied_index, revision, clock_ms, items, sessions_obj = obj
+        version = data[:1]
+        if version == b"\x01":  # before issue 14: no sections
+            obj = unpack_versioned(data, 1, "state machine snapshot")
+            if isinstance(obj, list) and len(obj) == 5:
+                obj.append({})
+        else:
+            obj = unpack_versioned(data, SNAPSHOT_FORMAT_VERSION, "state machine snapshot")
+        if not isinstance(obj, list) or len(obj) != 6:
+            raise ProtocolError("state machine snapshot: expected an array of 6")
+        applied_index, revision, clock_ms, items, sessions_obj, sections = obj
         for value, name in ((applied_index, "applied_index"), (revision, "revision")):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ProtocolError(f"state machine snapshot: bad {name} {value!r}")
@@ -290,8 +542,13 @@ class StateMachine:
         data_map = _data_from_items(items, revision)
         sessions = SessionTable(self.config.sessions)
         sessions.load_obj(sessions_obj)
+        history, leases = _sections_from_obj(sections, self.config.history, revision, data_map)
+        auth = AuthTable()
+        if isinstance(sections, dict) and "auth" in sections:
+            auth.load_obj(sections["auth"])
         self.applied_index, self.revision, self.clock_ms = applied_index, revision, clock_ms
         self._data, self._keys, self._sessions = data_map, SortedList(data_map), sessions
+        self.history, self.leases, self.auth = history, leases, auth
 
     def digest(self) -> str:
         """sha256 (hex) of the canonical encoding: equal states give equal digests."""
@@ -306,6 +563,7 @@ class FrozenState:
     keys: list[str]
     data: dict[str, _Record]
     sessions: Any
+    sections: dict[str, Any]
 
     @property
     def applied_index(self) -> int:
@@ -313,7 +571,7 @@ class FrozenState:
 
     def encode(self) -> bytes:
         """The bytes `StateMachine.snapshot` gave at the moment of `freeze`."""
-        return _encode_snapshot(self.header, self.keys, self.data, self.sessions)
+        return _encode_snapshot(self.header, self.keys, self.data, self.sessions, self.sections)
 
 
 def _encode_snapshot(
@@ -321,8 +579,10 @@ def _encode_snapshot(
     keys: Iterable[str],
     data: Mapping[str, _Record],
     sessions_obj: Any,
+    sections: dict[str, Any],
 ) -> bytes:
-    """version byte + msgpack [applied_index, revision, clock_ms, flat keys, sessions].
+    """version byte + msgpack [applied_index, revision, clock_ms, flat keys, sessions,
+    sections] (sections: {"history": ..., "leases": ...}, see kv/history.py, kv/leases.py).
 
     Keys as one flat array (key, value, create, mod, version, key, ...): no per-key arrays to
     build or to decode, which is most of the cost for a large store. The array is packed in
@@ -333,7 +593,7 @@ def _encode_snapshot(
     packer = msgpack.Packer(use_bin_type=True)
     parts = [
         bytes((SNAPSHOT_FORMAT_VERSION,)),
-        packer.pack_array_header(5),
+        packer.pack_array_header(6),
         *(packer.pack(number) for number in header),
         packer.pack_array_header(5 * len(data)),
     ]
@@ -347,6 +607,7 @@ def _encode_snapshot(
     if chunk:
         parts.append(_pack_elements(packer, chunk))
     parts.append(packer.pack(sessions_obj))
+    parts.append(packer.pack(sections))
     return b"".join(parts)
 
 
@@ -383,6 +644,40 @@ def _data_from_items(flat: list[Any], revision: int) -> _Records:
         data[key] = (value, create_revision, mod_revision, version)
         previous = key
     return data
+
+
+def _sections_from_obj(
+    sections: Any, config: HistoryConfig, revision: int, data: Mapping[str, _Record]
+) -> tuple[History, LeaseTable]:
+    """The history and leases of a snapshot's sections map (empty when absent: a version 1
+    snapshot, whose history starts at its revision)."""
+    if not isinstance(sections, dict) or not set(sections) <= {"history", "leases", "auth"}:
+        raise ProtocolError("state machine snapshot: sections must be a map of known names")
+    history = History(config)
+    if "history" in sections:
+        history.load_obj(sections["history"], revision)
+    else:
+        history.compact(revision)
+    leases = LeaseTable()
+    if "leases" in sections:
+        leases.load_obj(sections["leases"], data.keys())
+    return history, leases
+
+
+def _merge_sorted(first: Iterable[str], second: list[str], prefix: str) -> Iterable[str]:
+    """The keys of two sorted streams in order, stopping at the first not under `prefix`."""
+    other = iter(second)
+    pending = next(other, None)
+    for key in first:
+        if not key.startswith(prefix):
+            break
+        while pending is not None and pending < key:
+            yield pending
+            pending = next(other, None)
+        yield key
+    while pending is not None:
+        yield pending
+        pending = next(other, None)
 
 
 def _matches(current: _Record | None, if_revision: int | None) -> bool:

@@ -28,6 +28,11 @@ class RaftConfig:
     # Committed entries handed out per Ready (at least one): bounds the work of one Ready,
     # e.g. when a restarted node replays a long log.
     max_committed_size_per_ready_bytes: int = 8 << 20
+    # A snapshot sent and neither reported delivered or failed (`RawNode.report_snapshot`)
+    # nor answered is sent again after this many ticks (0: two election timeouts). A
+    # transport that always reports, as the server's does, can afford a long one: a large
+    # snapshot takes longer than two election timeouts to travel.
+    snapshot_timeout_ticks: int = 0
     # A learner is promoted only when at most this many entries behind the leader's log
     # (dissertation §4.2.1; Consul's 250).
     promote_lag_entries_max: int = 250
@@ -59,6 +64,8 @@ class RaftConfig:
             raise ValueError("max_uncommitted_entries_bytes must be >= 1")
         if self.max_committed_size_per_ready_bytes < 1:
             raise ValueError("max_committed_size_per_ready_bytes must be >= 1")
+        if self.snapshot_timeout_ticks < 0:
+            raise ValueError("snapshot_timeout_ticks must be >= 0")
         if self.promote_lag_entries_max < 0:
             raise ValueError("promote_lag_entries_max must be >= 0")
         if self.applied < 0:

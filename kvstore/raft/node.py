@@ -205,6 +205,7 @@ class RawNode:
         # Ticks since this node started: when something was last sent to a follower.
         self._tick_count = 0
         self._randomized_election_timeout = config.election_ticks
+        self._snapshot_timeout_ticks = config.snapshot_timeout_ticks or 2 * config.election_ticks
         self.lead_transferee = NONE
         self._uncommitted_size_bytes = 0
         self._prev_hard_state = HardState(self.term, self.vote, self._log.committed)
@@ -1131,11 +1132,11 @@ class RawNode:
         ticks_since_sent = self._tick_count - progress.sent_tick
         if (
             progress.state is ProgressState.SNAPSHOT
-            and ticks_since_sent >= 2 * self._config.election_ticks
+            and ticks_since_sent >= self._snapshot_timeout_ticks
         ):
             # The follower is alive but neither the snapshot's outcome nor its answer came
-            # back (a lost message the transport did not notice): two election timeouts
-            # after the snapshot went out, probe again, which sends a fresh snapshot if
+            # back (a lost message the transport did not notice): `snapshot_timeout_ticks`
+            # (two election timeouts by default) after the snapshot went out, probe again, which sends a fresh snapshot if
             # still needed. Until then a pending snapshot is never sent again (a SNAPSHOT
             # progress is paused, so `_send_append` below sends nothing).
             progress.pending_snapshot = 0

@@ -69,6 +69,12 @@ def register(subparsers: Any) -> None:
         help="TLS on both ports with a development CA under DATA_DIR/certs (kvstore certs init); "
         "clients need --ca DATA_DIR/certs/ca.pem",
     )
+    cluster.add_argument(
+        "--restore",
+        metavar="FILE",
+        help="start a new cluster from a snapshot saved by `kvstore snapshot save` (every "
+        "node's data directory must be absent or empty)",
+    )
     cluster.add_argument("extra", nargs=argparse.REMAINDER, help="-- then flags for every node")
     cluster.set_defaults(handler=_cluster)
 
@@ -168,6 +174,8 @@ def _cluster(args: argparse.Namespace) -> int:
         tls=args.tls,
         die_with_parent=True,
     )
+    if args.restore and not _restore_cluster(cluster, args.restore):
+        return 2
     supervisor = _Supervisor(cluster)
     # SIGHUP too: closing the terminal must not leave the nodes running.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -203,6 +211,25 @@ def _cluster(args: argparse.Namespace) -> int:
         # stopping too.
         cluster.stop(signal.SIGINT)
     return 0
+
+
+def _restore_cluster(cluster: Any, snapshot_file: str) -> bool:
+    """Make every node's data directory from the snapshot, all with this cluster's ids as
+    the members (kvstore/server/backup.py); False (and why, on stderr) if any fails."""
+    from kvstore.errors import KVStoreError
+    from kvstore.server.backup import restore_data_dir
+
+    for node_id in cluster.ids:
+        try:
+            snapshot = restore_data_dir(
+                snapshot_file, str(cluster.data_dir(node_id)), tuple(cluster.ids)
+            )
+        except (KVStoreError, ValueError, OSError) as exc:
+            print(f"kvstore cluster: cannot restore node {node_id}: {exc}", file=sys.stderr)
+            return False
+    metadata = snapshot.metadata
+    print(f"kvstore cluster: restored {snapshot_file} (index {metadata.index}) into every node")
+    return True
 
 
 def _busy_ports(ports: list[int]) -> list[int]:

@@ -68,6 +68,12 @@ class ServeConfig:
     peer_cert_file: str = ""
     peer_key_file: str = ""
     peer_ca_file: str = ""
+    # Client authentication and authorization (kvstore/server/auth.py): on or off on every
+    # node alike; the root token (bootstrap: the first admin) from a file.
+    auth: bool = False
+    auth_root_token_file: str = ""
+    auth_protect_status: bool = False
+    auth_protect_metrics: bool = False
     listen_client: str = "127.0.0.1:7001"
     listen_peer: str = "127.0.0.1:7101"
     advertise_client_url: str = ""  # "" means http://<listen_client>
@@ -84,8 +90,8 @@ class ServeConfig:
     max_pending_proposals: int = 8192
     request_timeout_ms: int = 5000
     peer_queue_frames: int = 8192
-    # The peer port's bounds (kvstore/server/transport.py). A snapshot is sent as one frame,
-    # so peer_frame_bytes_max must exceed the largest snapshot (the whole key space).
+    # The peer port's bounds (kvstore/server/transport.py). A snapshot streams in chunks
+    # (snapshot_stream.py), so peer_frame_bytes_max bounds messages, not the store.
     peer_frame_bytes_max: int = 256 << 20
     peer_handshake_timeout_ms: int = 1000
     peer_connections_max: int = 64
@@ -102,6 +108,16 @@ class ServeConfig:
     client_header_timeout_ms: int = 10_000  # first byte of a request head -> whole head
     client_body_timeout_ms: int = 30_000  # whole head -> whole body
     client_idle_timeout_ms: int = 60_000  # no request in progress (keep-alive, or new)
+    # Transactions, history, watches and leases (issue 14). The history bounds decide what
+    # the replicated state holds: they must be the same on every node.
+    txn_ops_max: int = 128
+    history_revisions_max: int = 10_000
+    history_bytes_max: int = 64 << 20
+    history_age_ms: int = 0
+    watch_progress_interval_ms: int = 1000
+    watch_lag_revisions_max: int = 5_000
+    watchers_max: int = 10_000
+    lease_check_interval_ms: int = 50
     # Chaos drills only: answer "linearizable" reads from local state without ReadIndex.
     unsafe_local_reads: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
@@ -196,11 +212,18 @@ class ServeConfig:
             "client_header_timeout_ms",
             "client_body_timeout_ms",
             "client_idle_timeout_ms",
+            "txn_ops_max",
+            "history_revisions_max",
+            "history_bytes_max",
+            "watch_progress_interval_ms",
+            "watch_lag_revisions_max",
+            "watchers_max",
+            "lease_check_interval_ms",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if min(self.shutdown_transfer_ms, self.snapshot_catch_up_entries) < 0 or (
-            self.inline_save_entries_max < 0
+            self.inline_save_entries_max < 0 or self.history_age_ms < 0
         ):
             raise ValueError("shutdown_transfer_ms and snapshot_catch_up_entries must be >= 0")
         if not (0 <= self.snapshot_log_ratio < math.inf):
@@ -264,6 +287,10 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("peer_cert_file", str, "mutual TLS between peers: this node's certificate chain (PEM)"),
     ("peer_key_file", str, "mutual TLS between peers: the key of peer-cert-file (PEM)"),
     ("peer_ca_file", str, "mutual TLS between peers: the CA that signs every member's certificate"),
+    ("auth", _parse_bool, "require a token or client certificate and check roles on the client port"),
+    ("auth_root_token_file", str, "file holding the root token (user root, may do everything)"),
+    ("auth_protect_status", _parse_bool, "with auth: /v1/status needs an authenticated user"),
+    ("auth_protect_metrics", _parse_bool, "with auth: /metrics needs an authenticated user"),
     ("listen_client", str, "host:port for the HTTP API"),
     ("listen_peer", str, "host:port for peer traffic"),
     ("advertise_client_url", str, "client URL other nodes give out (default http(s)://LISTEN)"),
@@ -286,7 +313,7 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("max_pending_proposals", int, "writes in flight before answering 429"),
     ("request_timeout_ms", int, "deadline of one request inside the node"),
     ("peer_queue_frames", int, "frames queued per peer before dropping"),
-    ("peer_frame_bytes_max", int, "largest peer frame accepted; must exceed the largest snapshot"),
+    ("peer_frame_bytes_max", int, "largest peer frame accepted (snapshots stream in smaller chunks)"),
     ("peer_handshake_timeout_ms", int, "time a peer connection has to complete its handshake"),
     ("peer_connections_max", int, "inbound peer connections at most"),
     ("peer_connections_per_source_max", int, "inbound peer connections from one address at most"),
@@ -308,6 +335,30 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("client_header_timeout_ms", int, "time for a request head, from its first byte"),
     ("client_body_timeout_ms", int, "time for a request body, after its head"),
     ("client_idle_timeout_ms", int, "close a client connection idle this long"),
+    ("txn_ops_max", int, "comparisons, or operations per branch, a transaction may hold"),
+    (
+        "history_revisions_max",
+        int,
+        "revisions of history kept for watches and past reads (same on every node)",
+    ),
+    ("history_bytes_max", int, "bytes of history kept at most (same on every node)"),
+    (
+        "history_age_ms",
+        int,
+        "history older than this is compacted; 0 = no age bound (same on every node)",
+    ),
+    (
+        "watch_progress_interval_ms",
+        int,
+        "a watch with nothing to send reports its revision this often",
+    ),
+    (
+        "watch_lag_revisions_max",
+        int,
+        "a watcher this many revisions behind is cancelled as too slow",
+    ),
+    ("watchers_max", int, "watches one node serves at once"),
+    ("lease_check_interval_ms", int, "how often the leader looks for expired leases"),
     ("unsafe_local_reads", _parse_bool, "UNSAFE, for chaos drills: skip ReadIndex on reads"),
 )
 

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +62,7 @@ from kvstore.server.snapshots import SnapshotTender
 from kvstore.server.storage_thread import StorageThread
 
 if TYPE_CHECKING:
-    from kvstore.replica import Replica
+    from kvstore.replica import Applied, Replica
 
 logger = logging.getLogger("kvstore.server")
 
@@ -172,6 +173,10 @@ class Driver:
             self._loop, config.id, election_timeout_s, lambda: (self.role, self.leader_id)
         )
         self._request_ids = ServerRequestIds(config.id)
+        # Told, on the driver task, of every batch of applied entries (watches, leases) and
+        # of every change of role (the lease keeper); they must not block.
+        self.apply_listeners: list[Callable[[Sequence[Applied]], None]] = []
+        self.role_listeners: list[Callable[[Role], None]] = []
 
     # --- the parts' state, under the names the HTTP layer and the node read -----------------
 
@@ -282,23 +287,37 @@ class Driver:
     async def write(self, command: Command, request: RequestId) -> WriteResult:
         """Propose a command and wait for its applied result (a WriteResult); TimeoutError
         when the request deadline passes first (the outcome is then unknown)."""
+        return await self.submit(command, request)
+
+    def submit(self, command: Command, request: RequestId) -> asyncio.Future[WriteResult]:
+        """Propose a command; the future resolves with its applied result, or fails with
+        TimeoutError at the request deadline. Without a task of its own per write: the
+        binary stream (kvstore/server/stream.py) answers from the future's callback."""
         self.check_writable()
         duplicate = self.replica.state_machine.duplicate_result(request)
         if duplicate is not None:
-            return duplicate
+            done: asyncio.Future[WriteResult] = self._loop.create_future()
+            done.set_result(duplicate)
+            return done
         key = str(request)
         future = self.pending.add_write(key)
-        try:
-            self._put(_Proposal(key, encode_command(command), future))
-            return await future
-        finally:
-            self.pending.remove_write(key, future)
+        future.add_done_callback(functools.partial(self._write_done, key))
+        self._put(_Proposal(key, encode_command(command), future))
+        return future
+
+    def _write_done(self, key: str, future: asyncio.Future[WriteResult]) -> None:
+        self.pending.remove_write(key, future)
 
     async def read_barrier(self) -> None:
         """Wait until a linearizable read may be served from the local state machine."""
+        await self.start_read()
+
+    def start_read(self) -> asyncio.Future[None]:
+        """A future that resolves once a linearizable read may be served here (its ReadIndex
+        confirmed and applied), or fails (no leader, leader changed, deadline)."""
         future = self.pending.add_read()
         self._put(_Read(future))
-        await future
+        return future
 
     def _expire_deadlines(self) -> None:
         """Fail requests whose deadline passed. Runs on its own timer (one sweep for all
@@ -478,6 +497,8 @@ class Driver:
         self.metrics.commits.inc(len(ready.committed_entries))
         self.metrics.applies.inc(len(applied))
         self.pending.on_applied(applied, self.replica.state_machine.applied_index)
+        for listener in self.apply_listeners:
+            listener(applied)
 
     def _on_read_states(self, ready: Ready) -> None:
         self.pending.on_read_states(ready.read_states, self.replica.state_machine.applied_index)
@@ -495,7 +516,11 @@ class Driver:
             self.metrics.elections.inc()
         was_leader = self.role is Role.LEADER
         leader_changed = leader_id != self.leader_id
+        role_changed = role is not self.role
         self.leader_id, self.role = leader_id, role
+        if role_changed:
+            for listener in self.role_listeners:
+                listener(role)
         self.metrics.is_leader.set(1 if role is Role.LEADER else 0)
         if was_leader and role is not Role.LEADER and not self.handover.active:
             self.pending.fail_writes(

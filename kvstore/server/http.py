@@ -36,6 +36,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from kvstore.errors import (
     BadRequestError,
     ClusterError,
+    ConflictError,
     DeadlineExceededError,
     KVStoreError,
     MethodNotAllowedError,
@@ -46,6 +47,7 @@ from kvstore.errors import (
     PreconditionFailedError,
     RequestTimeoutError,
     SessionExpiredError,
+    UnauthenticatedError,
     http_status,
 )
 from kvstore.kv.commands import (
@@ -57,6 +59,7 @@ from kvstore.kv.commands import (
     WriteResult,
     parse_request_id,
 )
+from kvstore.server.auth import AuthGate
 from kvstore.server.connections import ClientServer, ConnectionLimits, limits_from_config
 from kvstore.server.driver import Driver
 from kvstore.server.logthrottle import LogThrottle, clip
@@ -84,12 +87,20 @@ _WRITE_ERRORS: dict[WriteError, type[KVStoreError]] = {
     WriteError.SESSION_EXPIRED: SessionExpiredError,
     WriteError.NOT_FOUND: NotFoundError,
     WriteError.PRECONDITION_FAILED: PreconditionFailedError,
+    WriteError.LEASE_NOT_FOUND: NotFoundError,
+    WriteError.LEASE_EXISTS: ConflictError,
+    WriteError.FUTURE_REVISION: BadRequestError,
+    WriteError.AUTH_NOT_FOUND: NotFoundError,
 }
 _WRITE_MESSAGES: dict[WriteError, str] = {
     WriteError.SESSION_EXPIRED: "the request id is older than the client's session remembers; "
     "not applied now, and whether an earlier attempt applied is unknown",
     WriteError.NOT_FOUND: "no such key",
     WriteError.PRECONDITION_FAILED: "the condition on the key's revision did not hold",
+    WriteError.LEASE_NOT_FOUND: "no such lease",
+    WriteError.LEASE_EXISTS: "a lease with that id exists",
+    WriteError.FUTURE_REVISION: "the revision is beyond the store's",
+    WriteError.AUTH_NOT_FOUND: "no such user, role or token (a user's roles must exist first)",
 }
 
 
@@ -142,6 +153,28 @@ def _query(request: web.BaseRequest) -> dict[str, str]:
     return query
 
 
+def check_key(key: str, max_key_bytes: int) -> str:
+    """`key` (already percent-decoded) if it may name a key; BadRequestError otherwise. The
+    HTTP API and the binary stream (kvstore/server/stream.py) check keys here."""
+    if len(key) > max_key_bytes or len(key.encode()) > max_key_bytes:
+        raise BadRequestError(f"key is over {max_key_bytes} bytes")
+    if _CONTROL.search(key):
+        raise BadRequestError("key contains control characters")
+    return key
+
+
+def raise_for_result(result: WriteResult) -> None:
+    """Raise the error of a write the state machine refused (nothing when it applied)."""
+    if result.ok:
+        return
+    assert result.error is not None, "a refused write says why"
+    refusal = WriteError(result.error)
+    error = _WRITE_ERRORS[refusal](_WRITE_MESSAGES[refusal])
+    if isinstance(error, PreconditionFailedError):
+        error.current_revision = result.current_revision
+    raise error
+
+
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         body=json.dumps(body).encode(), status=status, content_type=_JSON, headers=headers
@@ -182,6 +215,19 @@ class HttpApi:
             ("/v1/openapi.json", "GET"): self.openapi,
             ("/v1/kv", "GET"): self.list_keys,
         }
+        self._prefix_routes: dict[tuple[str, str], Handler] = {}
+        # Client authentication and authorization (kvstore/server/auth.py); None: off.
+        self.auth_gate: AuthGate | None = None
+
+    def add_prefix_routes(self, routes: dict[tuple[str, str], Handler]) -> None:
+        """Serve routes whose path starts with a prefix ((prefix, method) -> handler; the
+        route's name for metrics and auth is the prefix + "{name}"): /v1/auth/users/NAME."""
+        self._prefix_routes.update(routes)
+
+    def add_routes(self, routes: dict[tuple[str, str], Handler]) -> None:
+        """Serve more plain routes ((path, method) -> handler): the coordination API
+        (kvstore/server/coordination.py, watch.py) registers its own this way."""
+        self._plain_routes.update(routes)
 
     def build_server(self, limits: ConnectionLimits | None = None) -> ClientServer:
         """aiohttp's low-level server with our own dispatch (the Application router and
@@ -210,6 +256,8 @@ class HttpApi:
         route = "unmatched"
         try:
             route, handler = self._route(request)
+            if self.auth_gate is not None:
+                request["kvstore_user"] = self.auth_gate.check(request, route, _path(request))
             response = await handler(request)
         except KVStoreError as exc:
             response = self._error_response(request, exc)
@@ -238,6 +286,8 @@ class HttpApi:
                 exc_info=exc,
             )
             response = _json(KVStoreError("internal error").to_json(), status=500)
+        if response.prepared:
+            return response  # a WebSocket (the binary stream): its headers went long ago
         response.headers["Kvstore-Node"] = self._node_header
         response.headers["Kvstore-Leader"] = self.driver.leader_url() or ""
         histogram = self._latency.get((route, request.method))
@@ -255,6 +305,10 @@ class HttpApi:
         else:
             handler = self._plain_routes.get((path, method))
             route = path
+            if handler is None and self._prefix_routes:
+                for (prefix, route_method), candidate in self._prefix_routes.items():
+                    if route_method == method and path.startswith(prefix) and path != prefix:
+                        return prefix + "{name}", candidate
         if handler is None:
             if path.startswith("/v1/kv/") and method in self._key_routes:
                 raise BadRequestError("the key is empty")
@@ -262,9 +316,10 @@ class HttpApi:
                 raise MethodNotAllowedError(
                     f"{clip(method, 20)} is not allowed on a key", allow=_KEY_METHODS
                 )
-            if (path, "GET") in self._plain_routes:
+            allowed = [m for (p, m) in self._plain_routes if p == path]
+            if allowed:
                 raise MethodNotAllowedError(
-                    f"{clip(method, 20)} is not allowed on {path}", allow="GET"
+                    f"{clip(method, 20)} is not allowed on {path}", allow=", ".join(allowed)
                 )
             raise NoRouteError(f"no route {clip(path, 80)}")
         return route, handler
@@ -286,6 +341,9 @@ class HttpApi:
             headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
         if isinstance(error, MethodNotAllowedError):
             headers["Allow"] = error.allow
+        if isinstance(error, UnauthenticatedError):
+            headers["WWW-Authenticate"] = 'Bearer realm="kvstore"'
+
         if status < 500 and self.throttle.logger.isEnabledFor(logging.DEBUG):
             self.throttle.log(
                 "client_error",
@@ -305,12 +363,7 @@ class HttpApi:
     # --- validation ---------------------------------------------------------------------
 
     def _key(self, request: web.BaseRequest) -> str:
-        key = _path(request)[7:]  # after "/v1/kv/", percent-decoded
-        if len(key) > self.config.max_key_bytes or len(key.encode()) > self.config.max_key_bytes:
-            raise BadRequestError(f"key is over {self.config.max_key_bytes} bytes")
-        if _CONTROL.search(key):
-            raise BadRequestError("key contains control characters")
-        return key
+        return check_key(_path(request)[7:], self.config.max_key_bytes)  # after "/v1/kv/"
 
     def _request_id(self, request: web.BaseRequest) -> tuple[RequestId, int, bool]:
         """(request id, acked_below, server_made) for a write."""
@@ -369,6 +422,7 @@ class HttpApi:
     async def put_key(self, request: web.BaseRequest) -> web.Response:
         key = self._key(request)
         if_revision, create_only = self._conditions(request)
+        lease = _uint(_query(request).get("lease", "0"), "lease", (1 << 63) - 1)
         if self.driver.leader_pending():
             await self.driver.wait_for_leader()
         self.driver.check_writable()
@@ -384,6 +438,7 @@ class HttpApi:
                 if_revision=if_revision,
                 create_only=create_only,
                 acked_below=acked_below,
+                lease=lease,
             )
             result = await self.driver.write(command, request_id)
         finally:
@@ -429,14 +484,7 @@ class HttpApi:
 
     @staticmethod
     def _raise_for_result(result: WriteResult) -> None:
-        if result.ok:
-            return
-        assert result.error is not None, "a refused write says why"
-        refusal = WriteError(result.error)
-        error = _WRITE_ERRORS[refusal](_WRITE_MESSAGES[refusal])
-        if isinstance(error, PreconditionFailedError):
-            error.current_revision = result.current_revision
-        raise error
+        raise_for_result(result)
 
     async def _barrier(self, request: web.BaseRequest) -> str:
         consistency = _query(request).get("consistency", "linearizable")
@@ -452,9 +500,10 @@ class HttpApi:
 
     async def get_key(self, request: web.BaseRequest) -> web.Response:
         key = self._key(request)
+        revision = _uint(_query(request).get("revision", "0"), "revision")
         await self._barrier(request)
         state_machine = self.driver.replica.state_machine
-        kv = state_machine.get(key)
+        kv = state_machine.get(key) if not revision else state_machine.get_at(key, revision)
         if kv is None:
             raise NotFoundError("no such key")
         return web.Response(
@@ -478,12 +527,19 @@ class HttpApi:
                 "characters"
             )
         limit = _uint(query.get("limit", "1000"), "limit", _LIST_LIMIT_MAX, minimum=1)
+        start = query.get("start", "")
+        if _CONTROL.search(start) or len(start.encode()) > self.config.max_key_bytes:
+            raise BadRequestError("start must be a key (a list's `next`)")
+        revision = _uint(query.get("revision", "0"), "revision")
         await self._barrier(request)
         state_machine = self.driver.replica.state_machine
-        items, more = state_machine.list(prefix, limit)
+        if revision:
+            items, following = state_machine.range_at(prefix, limit, start, revision)
+        else:
+            items, following = state_machine.range(prefix, limit, start)
         return _json(
             {
-                "revision": state_machine.revision,
+                "revision": revision or state_machine.revision,
                 "items": [
                     {
                         "key": kv.key,
@@ -494,7 +550,8 @@ class HttpApi:
                     }
                     for kv in items
                 ],
-                "more": more,
+                "more": following is not None,
+                "next": following,
             }
         )
 

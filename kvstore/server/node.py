@@ -35,15 +35,24 @@ from typing import Any
 from aiohttp import web
 
 from kvstore.errors import CorruptionError, FatalDiskError, StorageError
+from kvstore.kv.history import HistoryConfig
+from kvstore.kv.state_machine import KvConfig
 from kvstore.raft.config import RaftConfig
+from kvstore.server import stream
+from kvstore.server.auth import AuthApi, AuthGate, read_root_token
+from kvstore.server.backup import SnapshotApi
 from kvstore.server.config import ServeConfig
 from kvstore.server.connections import limits_from_config, raise_nofile_limit
+from kvstore.server.coordination import CoordinationApi
 from kvstore.server.discovery import split_host_port
 from kvstore.server.driver import Driver
 from kvstore.server.http import HttpApi
+from kvstore.server.leases import LeaseService
 from kvstore.server.metrics import NodeMetrics, NodeState
+from kvstore.server.snapshot_stream import snapshot_file_opener
 from kvstore.server.tls import TlsContexts, contexts_from_config, install_sighup
 from kvstore.server.transport import PeerTransport
+from kvstore.server.watch import WatchApi, WatchHub
 
 logger = logging.getLogger("kvstore.server")
 
@@ -100,6 +109,9 @@ def tune_gc(metrics: NodeMetrics | None = None) -> None:
     gc.callbacks.append(on_gc)
 
 
+_SNAPSHOT_TIMEOUT_MS = 60_000
+
+
 def open_replica(config: ServeConfig) -> Any:
     """Open (recover) the data directory and build the Replica; raises StorageError."""
     from kvstore.replica import Replica
@@ -112,6 +124,11 @@ def open_replica(config: ServeConfig) -> Any:
         peers=tuple(sorted(config.peer_addresses)),
         election_ticks=config.election_ticks,
         heartbeat_ticks=config.heartbeat_ticks,
+        # The transport reports every snapshot stream's outcome (snapshot_stream.py); the
+        # core's own timeout is only a backstop, and must outlast a large transfer.
+        snapshot_timeout_ticks=max(
+            2 * config.election_ticks, _SNAPSHOT_TIMEOUT_MS // config.tick_interval_ms
+        ),
     )
     return Replica(
         raft_config,
@@ -121,6 +138,19 @@ def open_replica(config: ServeConfig) -> Any:
         snapshot_catch_up_entries=config.snapshot_catch_up_entries,
         snapshot_log_ratio=config.snapshot_log_ratio,
         defer_snapshots=True,
+        kv_config=kv_config(config),
+    )
+
+
+def kv_config(config: ServeConfig) -> KvConfig:
+    """The state machine's configuration from the node's (it must be the same on every
+    node: it bounds replicated state)."""
+    return KvConfig(
+        history=HistoryConfig(
+            revisions_max=config.history_revisions_max,
+            bytes_max=config.history_bytes_max,
+            age_ms=config.history_age_ms,
+        )
     )
 
 
@@ -154,7 +184,13 @@ class _ClientSite(web.TCPSite):
 class Node:
     """The running parts of one node and their shutdown order."""
 
-    def __init__(self, config: ServeConfig, replica: Any, tls: TlsContexts | None = None) -> None:
+    def __init__(
+        self,
+        config: ServeConfig,
+        replica: Any,
+        tls: TlsContexts | None = None,
+        root_token_digest: str = "",
+    ) -> None:
         self.config = config
         self.tls = tls
         self.replica = replica
@@ -181,8 +217,24 @@ class Node:
             connections_per_source_max=config.peer_connections_per_source_max,
             ping_interval_s=config.heartbeat_interval_s,
             dead_after_s=config.peer_dead_after_heartbeats * config.heartbeat_interval_s,
+            snapshot_directory=str(config.data_dir),
+            open_snapshot=snapshot_file_opener(str(config.data_dir)),
         )
         self.http = HttpApi(self.driver, config.cluster_id)
+        AuthApi(self.http)
+        if config.auth:
+            self.http.auth_gate = AuthGate(
+                table=lambda: self.replica.state_machine.auth,
+                root_digest=root_token_digest,
+                protect_status=config.auth_protect_status,
+                protect_metrics=config.auth_protect_metrics,
+            )
+        stream.install(self.http)
+        self.leases = LeaseService(self.driver)
+        self.watch_hub = WatchHub(self.driver)
+        CoordinationApi(self.http, self.leases)
+        WatchApi(self.http, self.watch_hub)
+        SnapshotApi(self.http, self.driver)
         self.metrics.bind_node(
             commit_index=lambda: self.driver.status().commit_index,
             applied_index=self.driver.applied_index,
@@ -294,6 +346,7 @@ class Node:
         if self.config.unsafe_local_reads:
             logger.warning("event=unsafe_local_reads read_index=skipped use=chaos_drills_only")
         driver_task = loop.create_task(self.driver.run(), name="driver")
+        lease_task = loop.create_task(self.leases.run(), name="lease-expiry")
         stop_task = loop.create_task(self._stop.wait(), name="stop-signal")
         try:
             await asyncio.wait((driver_task, stop_task), return_when=asyncio.FIRST_COMPLETED)
@@ -303,6 +356,9 @@ class Node:
                 await self._shutdown(driver_task)
         finally:
             stop_task.cancel()
+            lease_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await lease_task
             driver_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await driver_task
@@ -315,6 +371,7 @@ class Node:
         if self._hand_over_on_stop:
             await self._hand_over()
         await self._drain_writes(self.config.shutdown_transfer_ms / 1000)
+        self.watch_hub.close()  # watches end now rather than hold the cleanup below
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -363,6 +420,11 @@ async def _main(config: ServeConfig) -> int:
         print(f"kvstore: cannot load the TLS files: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
     try:
+        root_token_digest = read_root_token(config.auth_root_token_file)
+    except ValueError as exc:
+        print(f"kvstore: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    try:
         replica = open_replica(config)
     except CorruptionError as exc:
         logger.critical(
@@ -377,7 +439,7 @@ async def _main(config: ServeConfig) -> int:
     except StorageError as exc:
         print(f"kvstore: cannot open {config.data_dir}: {exc}", file=sys.stderr)
         return EXIT_STORAGE
-    node = Node(config, replica, tls)
+    node = Node(config, replica, tls, root_token_digest)
     tune_gc(node.metrics)
     try:
         await node.run()

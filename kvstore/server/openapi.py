@@ -92,7 +92,7 @@ def openapi_document() -> dict[str, Any]:
             "version": "1",
             "description": "Raft-replicated key-value store",
         },
-        "paths": _key_value_paths() | _operations_paths(),
+        "paths": _key_value_paths() | _operations_paths() | _coordination_paths(),
         "components": _components(),
     }
 
@@ -100,7 +100,17 @@ def openapi_document() -> dict[str, Any]:
 def _key_value_paths() -> dict[str, Any]:
     paths = _kv_paths()
     key = paths["/v1/kv/{key}"]
+    key["get"]["parameters"] = [*key["get"]["parameters"], _REVISION]
     key["head"] = key["get"] | {"summary": "GET without the body (headers only)"}
+    lease = {"name": "lease", "in": "query", "description": "attach the key to this lease",
+             "schema": {"type": "integer", "minimum": 0}}  # fmt: skip
+    key["put"]["parameters"] = [*key["put"]["parameters"], lease]
+    paths["/v1/kv"]["delete"] = {
+        "summary": "Delete every key under a non-empty prefix, in one revision",
+        "parameters": [{"name": "prefix", "in": "query", "required": True,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 1024}}],
+        "responses": {"200": {"description": "revision and deleted"}} | _WRITE_ERRORS,
+    }  # fmt: skip
     return paths
 
 
@@ -175,6 +185,13 @@ def _kv_paths() -> dict[str, Any]:
                         "in": "query",
                         "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
                     },
+                    {
+                        "name": "start",
+                        "in": "query",
+                        "description": "the first key of the page (a previous answer's next)",
+                        "schema": {"type": "string", "maxLength": 1024},
+                    },
+                    _REVISION,
                     _CONSISTENCY,
                 ],
                 "responses": {
@@ -185,6 +202,75 @@ def _kv_paths() -> dict[str, Any]:
                     "400": _error("bad_request: invalid prefix, limit or consistency"),
                     "503": _error("no_leader; Retry-After"),
                     "504": _error("timeout: the read could not be confirmed in time"),
+                },
+            }
+        },
+    }
+
+
+_REVISION = {
+    "name": "revision",
+    "in": "query",
+    "description": "read the store as it was at this revision (while the history keeps it)",
+    "schema": {"type": "integer", "minimum": 0},
+}
+
+
+def _json_post(summary: str, required: list[str], **errors: Any) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {
+                "content": {
+                    "application/json": {"schema": {"type": "object", "required": required}}
+                }
+            },
+            "responses": {"200": {"description": "done", "content": {"application/json": {}}}}
+            | {status: _error(text) for status, text in errors.items()}
+            | _WRITE_ERRORS,
+        }
+    }
+
+
+def _coordination_paths() -> dict[str, Any]:
+    """Transactions, compaction, leases and watches (docs/api.md has the bodies)."""
+    watch_parameters = [
+        {"name": name, "in": "query", "schema": {"type": "string", "maxLength": 1024}}
+        for name in ("key", "prefix")
+    ] + [
+        {"name": name, "in": "query", "schema": {"type": kind}}
+        for name, kind in (
+            ("start_revision", "integer"),
+            ("prev_kv", "boolean"),
+            ("progress_ms", "integer"),
+        )
+    ]
+    return {
+        "/v1/txn": _json_post(
+            "Compare, then the success or failure operations, in one revision",
+            [],
+        ),
+        "/v1/compact": _json_post("Drop the history up to a revision", ["revision"]),
+        "/v1/lease/grant": _json_post("Grant a lease of ttl_ms", ["ttl_ms"]),
+        "/v1/lease/keepalive": _json_post(
+            "Renew a lease (on the leader)", ["id"], **{"404": "no such lease"}
+        ),
+        "/v1/lease/revoke": _json_post("Revoke a lease and delete its keys", ["id"]),
+        "/v1/leases": {
+            "get": {
+                "summary": "Every lease and its keys",
+                "responses": {"200": {"description": "leases"}},
+            }
+        },
+        "/v1/watch": {
+            "get": {
+                "summary": "Stream a key's or a prefix's events (NDJSON lines)",
+                "parameters": watch_parameters,
+                "responses": {
+                    "200": {"description": "events", "content": {"application/x-ndjson": {}}},
+                    "400": _error("bad_request: need exactly one of key and prefix"),
+                    "410": _error("revision_compacted: includes oldest_revision"),
+                    "429": _error("overloaded: too many watches on this node"),
                 },
             }
         },
@@ -218,6 +304,18 @@ def _operations_paths() -> dict[str, Any]:
             "get": {
                 "summary": "Prometheus text format",
                 "responses": {"200": {"description": "metrics"}},
+            }
+        },
+        "/v1/snapshot": {
+            "get": {
+                "summary": "A fresh snapshot of the whole store (backup; docs/operations.md)",
+                "responses": {
+                    "200": {
+                        "description": "a snapshot file with Kvstore-Snapshot-Index and -Term",
+                        "content": {"application/vnd.kvstore.snapshot": {}},
+                    },
+                    "503": {"description": "another save runs on this node"},
+                },
             }
         },
         "/v1/openapi.json": {

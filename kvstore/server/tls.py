@@ -169,6 +169,9 @@ class TlsContexts:
         self._client_listener = self.client_server
         if self._client_listener is not None:
             self._client_listener.sni_callback = self._switch_client
+        self._peer_listener = self.peer_server
+        if self._peer_listener is not None:
+            self._peer_listener.sni_callback = self._switch_peer
 
     def _paths(self) -> tuple[str, ...]:
         return tuple(
@@ -196,11 +199,22 @@ class TlsContexts:
         """The context to give the client port's listener (it follows reloads)."""
         return self._client_listener
 
+    @property
+    def peer_listener(self) -> ssl.SSLContext | None:
+        """The context to give the peer port's listener (it follows reloads)."""
+        return self._peer_listener
+
     def _switch_client(
         self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: object
     ) -> None:
         if self.client_server is not None and connection.context is not self.client_server:
             connection.context = self.client_server
+
+    def _switch_peer(
+        self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: object
+    ) -> None:
+        if self.peer_server is not None and connection.context is not self.peer_server:
+            connection.context = self.peer_server
 
     def reload(self, reason: str) -> bool:
         """Rebuild every context from the files; keep the old ones if that fails."""

@@ -9,13 +9,17 @@ Wire format (asyncio streams on the peer port): frames of a 4-byte big-endian le
 must never make a garbled frame decode into a valid-looking message). The first frame each
 frames are the authenticated handshake of kvstore/server/peerauth.py (hello, answer, proof),
 each of at most HANDSHAKE_BYTES_MAX; every later frame (dialer to acceptor only) is
-`kvstore.codec.encode_message`, of at most `frame_bytes_max`, or a ping: a frame with an
-empty payload, which a writer sends when it has sent nothing for `ping_interval_s`.
+`kvstore.codec.encode_message`, of at most `frame_bytes_max`, a ping: a frame with an
+empty payload, which a writer sends when it has sent nothing for `ping_interval_s`, or a
+frame of a snapshot stream (kvstore/server/snapshot_stream.py: its payloads start with a tag
+byte that no encoded message starts with; the follower's ACK goes on its own connection to
+the leader).
 
-With TLS on the peer port (kvstore/server/tls.py) the dial is a TLS connection and an
-inbound connection is upgraded with `start_tls` once it has passed the connection bounds, both
-within the handshake's time; each end checks that the other's certificate names the member
-it claims to be before answering, and the handshake above then runs inside TLS.
+With TLS on the peer port (kvstore/server/tls.py) both ends speak TLS from the first byte:
+the listener completes the TLS handshake within `handshake_timeout_s` before the connection
+counts against the bounds below (an upgrade with `start_tls` after the bounds hangs under
+uvloop 0.23 on the server side), then each end checks that the other's certificate names the
+member it claims to be before answering, and the handshake above runs inside TLS.
 
 Rules that hold here:
 - Nothing from a connection counts before its handshake has completed, the peer's proof of
@@ -31,9 +35,9 @@ Rules that hold here:
   (`connections_per_source_max` from one address), each allowed `handshake_timeout_s` to
   complete a handshake of at most HANDSHAKE_BYTES_MAX (a dial gives up after the shorter of
   that and `dead_after_s`), then frames of at most
-  `frame_bytes_max`. A snapshot travels as one frame, so `frame_bytes_max` must exceed the
-  largest snapshot a node sends; a sender logs an error and reports the snapshot as failed
-  instead of sending a frame over it.
+  `frame_bytes_max`; a sender logs an error instead of sending a frame over it. A snapshot
+  is not one frame: it streams in chunks of `snapshot_chunk_bytes`, interleaved with the
+  messages (snapshot_stream.py), so no bound limits the size of the store.
 - `send()` never blocks: each peer has a bounded queue, and a full queue drops the message
   (Raft retransmits; a dropped message costs latency, never safety).
 - One writer task per peer takes everything queued and writes it with one `writelines`.
@@ -85,6 +89,12 @@ from kvstore.raft.types import Message, MessageType
 from kvstore.server import peerauth
 from kvstore.server.discovery import resolve_address, split_host_port
 from kvstore.server.peerauth import Handshake
+from kvstore.server.snapshot_stream import (
+    CHUNK_BYTES_DEFAULT,
+    OpenSnapshot,
+    SnapshotStreams,
+    is_stream_payload,
+)
 from kvstore.server.tls import TlsContexts, check_peer_identity
 
 logger = logging.getLogger("kvstore.server")
@@ -93,8 +103,8 @@ _HEADER = struct.Struct(">II")  # length, crc32
 HANDSHAKE_BYTES_MAX = 4 << 10
 """A handshake is ~200 bytes; a longer length prefix is refused before reading the body."""
 FRAME_BYTES_MAX_DEFAULT = 256 << 20
-"""Default bound of a frame after the handshake. A snapshot (the whole state machine) is one
-frame, and a follower holds that state in memory anyway; see ServeConfig.peer_frame_bytes_max."""
+"""Default bound of a frame after the handshake (an append carries at most about 1 MiB of
+entries; a snapshot streams in small chunks); see ServeConfig.peer_frame_bytes_max."""
 _READ_CHUNK_BYTES = 256 << 10
 _PING = _HEADER.pack(0, zlib.crc32(b""))
 _LOG_INTERVAL_S = 1.0
@@ -197,10 +207,10 @@ def _tune_socket(writer: asyncio.StreamWriter, user_timeout_ms: int) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
 
 
-def _wake(waiter: asyncio.Future[None] | None) -> None:
-    """Resolve a pump's wait, if it is still waiting."""
+def _resolve_wait(waiter: asyncio.Future[bool] | None, timed_out: bool = False) -> None:
+    """End a pump's wait, if it is still waiting; `timed_out`: by the ping interval."""
     if waiter is not None and not waiter.done():
-        waiter.set_result(None)
+        waiter.set_result(timed_out)
 
 
 class _Peer:
@@ -209,11 +219,12 @@ class _Peer:
     def __init__(self, peer_id: int, address: str, queue_frames_max: int) -> None:
         self.id = peer_id
         self.address = address
-        self.queue: list[Message] = []
+        # Raft messages, and (bytes) payloads of snapshot stream frames (an ACK).
+        self.queue: list[Message | bytes] = []
         self.queue_frames_max = queue_frames_max
-        # While the pump waits for something to send: what `send` (or the connection's
-        # end, or the ping interval) resolves to wake it.
-        self.waiter: asyncio.Future[None] | None = None
+        # While the pump waits for something to send: what `send`, a ready snapshot chunk,
+        # the connection's end or the ping interval resolves to wake it (`_resolve_wait`).
+        self.waiter: asyncio.Future[bool] | None = None
         self.redial = asyncio.Event()
         self.connected = False
         self.dropped = 0
@@ -255,6 +266,9 @@ class PeerTransport:
         ping_interval_s: float = 0.05,
         dead_after_s: float = 0.25,
         probe_window_s: float | None = None,
+        snapshot_directory: str | None = None,
+        open_snapshot: OpenSnapshot | None = None,
+        snapshot_chunk_bytes: int = CHUNK_BYTES_DEFAULT,
     ) -> None:
         self.node_id = node_id
         self.cluster_id = cluster_id
@@ -274,6 +288,16 @@ class PeerTransport:
         self._on_peer_down = on_peer_down
         self._on_peer_url = on_peer_url
         self._on_snapshot_status = on_snapshot_status
+        # Snapshots travel as streams of chunks beside the Raft messages (snapshot_stream.py).
+        self.snapshots = SnapshotStreams(
+            directory=snapshot_directory,
+            open_snapshot=open_snapshot,
+            on_message=on_message,
+            on_snapshot_status=on_snapshot_status,
+            send_payload=self._send_payload,
+            wake=self._wake,
+            chunk_bytes=min(snapshot_chunk_bytes, frame_bytes_max - 32),
+        )
         # Told the peer's id for every message dropped on a full queue (the metrics count it).
         self._on_drop = on_drop
         self._backoff_initial_s = backoff_initial_s
@@ -302,14 +326,23 @@ class PeerTransport:
         self.frames_rejected = 0
         # Inbound connections that ended before their handshake completed (refused or not).
         self.handshakes_failed = 0
+        # Dials whose handshake (TLS or ours) the other end failed, or we failed on its answer.
+        self.dials_rejected = 0
         self.bound_port = 0
 
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         host, port = split_host_port(self.listen)
+        listener = None if self._tls is None else self._tls.peer_listener
         self._server = await asyncio.start_server(
-            self._serve_inbound, host, port, limit=_READ_CHUNK_BYTES, reuse_address=True
+            self._serve_inbound,
+            host,
+            port,
+            limit=_READ_CHUNK_BYTES,
+            reuse_address=True,
+            ssl=listener,
+            ssl_handshake_timeout=self._handshake_timeout_s if listener else None,
         )
         self.bound_port = self._server.sockets[0].getsockname()[1]
         for peer in self._peers.values():
@@ -317,6 +350,7 @@ class PeerTransport:
 
     async def close(self) -> None:
         self._closing = True
+        await self.snapshots.close()
         for peer in self._peers.values():
             if peer.probe is not None:
                 peer.probe.cancel()
@@ -349,11 +383,24 @@ class PeerTransport:
             peer.dropped += 1
             if self._on_drop is not None:
                 self._on_drop(peer.id)
-            if message.type is MessageType.SNAPSHOT:
-                self._snapshot_status(peer.id, [message], ok=False)
+            if message.type is MessageType.SNAPSHOT and self._on_snapshot_status is not None:
+                self._on_snapshot_status(peer.id, False)
             return
         peer.queue.append(message)
-        _wake(peer.waiter)
+        _resolve_wait(peer.waiter)
+
+    def _wake(self, peer_id: int) -> None:
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            _resolve_wait(peer.waiter)
+
+    def _send_payload(self, peer_id: int, payload: bytes) -> None:
+        """Queue a snapshot stream frame (an ACK) for `peer_id`, never dropped: one per
+        stream, and the stream's leader waits for it."""
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            peer.queue.append(payload)
+            _resolve_wait(peer.waiter)
 
     def is_connected(self, peer_id: int) -> bool:
         peer = self._peers.get(peer_id)
@@ -370,6 +417,7 @@ class PeerTransport:
                 reader, writer = await self._dial(peer)
             except (OSError, ProtocolError, asyncio.IncompleteReadError, TimeoutError) as exc:
                 if isinstance(exc, ProtocolError | ssl.SSLError):
+                    self.dials_rejected += 1
                     # The peer answered but did not authenticate (or refused us): a setting
                     # differs (secret, certificate, CA), or it is not our peer at all.
                     self._log.warning(
@@ -446,40 +494,49 @@ class PeerTransport:
         """Write queued frames until the connection fails; the peer never writes back, so a
         read returning EOF means the connection is gone (the peer died or closed it). With
         nothing to send for ping_interval_s, send a ping so the peer can tell an idle
-        connection from a dead one. `_redial` aborts the connection to end this early."""
+        connection from a dead one. `_redial` aborts the connection to end this early.
+
+        A snapshot stream's chunks (snapshot_stream.py) alternate with the batches of queued
+        messages, one chunk after each batch: a heartbeat or an append waits behind one chunk
+        at most, and a steady flow of messages cannot starve the stream either. The file is
+        read ahead on a worker thread; the writer never waits for it (a completed read calls
+        `_wake`)."""
         loop = asyncio.get_running_loop()
         eof = asyncio.ensure_future(reader.read(1))
-        eof.add_done_callback(lambda _: _wake(peer.waiter))
+        eof.add_done_callback(lambda _: _resolve_wait(peer.waiter))
         try:
             while not eof.done():
-                if not peer.queue:
-                    # One future and one timer per wait: an Event waited on by a task of its
-                    # own, under asyncio.wait, cost about 8 us more per wake, and a leader's
-                    # pumps wake for every write.
-                    waiter = peer.waiter = loop.create_future()
-                    timer = loop.call_later(self._ping_interval_s, _wake, waiter)
-                    try:
-                        await waiter
-                    finally:
-                        timer.cancel()
-                        peer.waiter = None
-                    if not peer.queue and not eof.done():
-                        # Nothing to send for a ping interval.
-                        self._write(writer, [_PING])
-                        await writer.drain()
-                    continue
-                batch, peer.queue = peer.queue, []
-                try:
+                if peer.queue:
+                    batch, peer.queue = peer.queue, []
                     self._write(writer, self._frames(peer.id, batch))
                     await writer.drain()
-                except BaseException:
-                    self._snapshot_status(peer.id, batch, ok=False)
-                    raise
-                self._snapshot_status(peer.id, batch, ok=True)
+                chunk = self.snapshots.ready_chunk(peer.id)
+                if chunk is not None:
+                    self._write(writer, [encode_frame(chunk)])
+                    await writer.drain()
+                    continue
+                if peer.queue:
+                    continue
+                # One future and one timer per wait: an Event waited on by a task of its own,
+                # under asyncio.wait, cost about 8 us more per wake (and a cancelled task, a
+                # turn of the loop), and a leader's pumps wake for every write.
+                waiter = peer.waiter = loop.create_future()
+                timer = loop.call_later(self._ping_interval_s, _resolve_wait, waiter, True)
+                try:
+                    timed_out = await waiter
+                finally:
+                    timer.cancel()
+                    peer.waiter = None
+                if timed_out:
+                    # Nothing to send for a ping interval.
+                    self._write(writer, [_PING])
+                    await writer.drain()
         except (OSError, ConnectionError) as exc:
             logger.debug("event=peer_write_failed peer=%s error=%r", peer.id, exc)
         finally:
             eof.cancel()
+            # A stream under way cannot go on over a new connection: it failed.
+            self.snapshots.connection_lost(peer.id)
 
     @staticmethod
     def _write(writer: asyncio.StreamWriter, frames: list[bytes]) -> None:
@@ -489,10 +546,20 @@ class PeerTransport:
             raise ConnectionResetError("the connection was closed under us")
         writer.writelines(frames)
 
-    def _frames(self, peer_id: int, batch: list[Message]) -> list[bytes]:
-        """Encoded frames of `batch`, leaving out (with an error) any the peer would refuse."""
+    def _frames(self, peer_id: int, batch: list[Message | bytes]) -> list[bytes]:
+        """Encoded frames of `batch`, leaving out (with an error) any the peer would refuse.
+        A SNAPSHOT message begins a stream (snapshot_stream.py): its frame is the stream's
+        BEGIN, and its chunks follow between later batches."""
         frames = []
         for message in batch:
+            if isinstance(message, bytes):
+                frames.append(encode_frame(message))
+                continue
+            if message.type is MessageType.SNAPSHOT:
+                begin = self.snapshots.begin(peer_id, message)
+                if begin is not None:
+                    frames.append(encode_frame(begin))
+                continue
             payload = encode_message(message)
             if len(payload) > self._frame_bytes_max:
                 logger.error(
@@ -502,7 +569,6 @@ class PeerTransport:
                     len(payload),
                     self._frame_bytes_max,
                 )
-                self._snapshot_status(peer_id, [message], ok=False)
                 continue
             frames.append(encode_frame(payload))
         return frames
@@ -552,14 +618,6 @@ class PeerTransport:
         logger.info("event=peer_down peer=%s reason=%s", peer.id, reason)
         self._on_peer_down(peer.id)
 
-    def _snapshot_status(self, peer_id: int, batch: list[Message], *, ok: bool) -> None:
-        """Tell the core whether a snapshot left (RawNode.report_snapshot)."""
-        if self._on_snapshot_status is None:
-            return
-        for message in batch:
-            if message.type is MessageType.SNAPSHOT:
-                self._on_snapshot_status(peer_id, ok)
-
     # --- receiving ---------------------------------------------------------------------
 
     async def _serve_inbound(
@@ -589,9 +647,6 @@ class PeerTransport:
         watchdog: asyncio.Task[None] | None = None
         try:
             async with asyncio.timeout(self._handshake_timeout_s):
-                if self._tls is not None and self._tls.peer_server is not None:
-                    # After the connection bounds above, within the handshake's time.
-                    await writer.start_tls(self._tls.peer_server)
                 hello = await self._accept_handshake(reader, writer)
             peer_id = hello.node_id
             peer = self._peers[peer_id]
@@ -675,12 +730,29 @@ class PeerTransport:
     ) -> None:
         frames = _FrameBuffer(self._frame_bytes_max)
         loop = asyncio.get_running_loop()
+        try:
+            await self._read_frames(peer_id, reader, heard, frames, loop)
+        finally:
+            # A partial snapshot stream from this peer is useless once its connection is gone.
+            self.snapshots.discard_incoming(peer_id)
+
+    async def _read_frames(
+        self,
+        peer_id: int,
+        reader: asyncio.StreamReader,
+        heard: list[float],
+        frames: _FrameBuffer,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         while True:
             data = await reader.read(_READ_CHUNK_BYTES)
             if not data:
                 return
             heard[0] = loop.time()
             for payload in frames.feed(data):
+                if is_stream_payload(payload):
+                    self.snapshots.receive(peer_id, payload)
+                    continue
                 message = message_from_obj(unpack(payload))
                 if message.from_ != peer_id or message.to != self.node_id:
                     raise ProtocolError(

@@ -318,6 +318,14 @@ class Simulation:
                 continue
             raw = node.raw
             assert raw is not None
+            outcome = "ok"
+            if message.type is MessageType.SNAPSHOT:
+                outcome = self.nemesis.snapshot_stream_outcome()
+                if outcome == "cut":
+                    self.counters["snapshot_streams_cut"] += 1
+                    self.trace(f"snapshot stream cut {message.from_}>{message.to}")
+                    self._report_snapshot(message, ok=False)
+                    continue
             self.trace(
                 f"deliver {message.type.name} {message.from_}>{message.to} t{message.term} "
                 f"i{message.index} lt{message.log_term} n{len(message.entries)} "
@@ -326,6 +334,12 @@ class Simulation:
             raw.step(message)
             if message.type is MessageType.SNAPSHOT:
                 self.counters["snapshots_delivered"] += 1
+                if outcome == "ack_lost":
+                    # Installed, but the leader hears the stream failed: sending it again
+                    # is then a new need, not a resend (the leader could not know).
+                    self.counters["snapshot_acks_lost"] += 1
+                    self._report_snapshot(message, ok=False)
+                    continue
                 self._snapshots_delivered.add(self._snapshot_key(message))
                 self._report_snapshot(message, ok=True)
 

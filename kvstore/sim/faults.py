@@ -10,6 +10,10 @@ believing it still leads. A node's save can hang (a dying disk): the node then n
 ticks nor steps until it returns, sending only the keepalives the server's policy allows
 (kvstore.keepalive). A node's disk can fill up for a while such that the compaction
 after a snapshot fails (the snapshot stays stored; the replica retries the compaction later).
+Snapshot streams can break for a while (`snapshot_stream_outcome`): a snapshot's connection
+drops mid-stream (the follower never gets it) or after its last chunk but before the
+follower's ACK reached the leader (the follower installs it, the leader hears it failed), as
+with the server's streamed snapshots (kvstore/server/snapshot_stream.py).
 When a node crashes, each live peer "notices" it
 after a short random delay and calls `report_peer_down`, as the server's transport does when
 a connection closes.
@@ -50,7 +54,10 @@ class Nemesis:
             (self._pause, 2),
             (self._fill_disk, 1),
             (self._hang_disk, 1),
+            (self._break_snapshot_streams, 1),
         ]
+        # Until this time, snapshot streams break (`snapshot_stream_outcome`).
+        self._streams_broken_until = -1
         self._schedule_next()
 
     def stop(self) -> None:
@@ -169,6 +176,20 @@ class Nemesis:
             node.storage.compact_disk_full = False
 
         self._sim.schedule(duration, f"disk freed n{node.id}", free)
+
+    def _break_snapshot_streams(self) -> None:
+        duration = self._rng.randint(50, 600)
+        self._streams_broken_until = self._sim.now + duration
+        self._sim.trace(f"snapshot streams break for {duration}")
+
+    def snapshot_stream_outcome(self) -> str:
+        """How the stream of a snapshot being delivered now ends: "ok", "cut" (the
+        connection dropped mid-stream: nothing arrives, the leader hears it failed) or
+        "ack_lost" (it dropped after the last chunk: the follower installs the snapshot, the
+        leader hears it failed)."""
+        if self._sim.now >= self._streams_broken_until:
+            return "ok"
+        return "cut" if self._rng.random() < 0.5 else "ack_lost"
 
     def on_crashed(self, node: SimNode) -> None:
         """Peers notice the closed connections a little later."""

@@ -94,3 +94,13 @@ def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     args = build_parser().parse_args(["chaos", "--faults", "meteor"])
     assert chaos_main(args) == 2
     assert "unknown fault 'meteor'" in capsys.readouterr().err
+
+
+def test_a_drill_with_tls_and_auth_passes() -> None:
+    """Issue 16: TLS on both ports (mutual TLS between peers, through the fault proxies) and
+    --auth with a root token that every client of the drill carries; the checkers pass."""
+    report = _run(
+        DrillConfig(duration_s=16.0, faults="kill,partition", seed=16, secure=True, plot=False)
+    )
+    assert report.ok, report.render()
+    assert report.to_json()["secure"] is True

@@ -159,7 +159,7 @@ def cli_environment_names() -> set[str]:
     """KVSTORE_* variables the `kvstore` client commands read (set for `kubectl exec`)."""
     from kvstore import client_cli
 
-    return {client_cli.ENDPOINTS_ENV}
+    return {client_cli.ENDPOINTS_ENV, "KVSTORE_TOKEN"} | {v for _, v, _ in client_cli._TLS_FLAGS}
 
 
 SECRET_FILE_VARIABLE = "KVSTORE_CLUSTER_SECRET_FILE"

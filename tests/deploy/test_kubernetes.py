@@ -34,7 +34,25 @@ def _id(item: tuple[Path, Document]) -> str:
 
 def test_manifests_are_found() -> None:
     kinds = sorted(document["kind"] for _, document in DOCUMENTS)
-    assert kinds == ["ConfigMap", "PodDisruptionBudget", "Service", "Service", "StatefulSet"]
+    assert kinds == [
+        "ConfigMap", "NetworkPolicy", "PodDisruptionBudget", "Service", "Service", "StatefulSet"
+    ]  # fmt: skip
+
+
+def test_only_members_reach_the_peer_port() -> None:
+    """Issue 16: any pod could dial the peer port. The policy selects the kvstore pods and
+    lets the peer port be reached from kvstore pods only; the client port from anywhere."""
+    policy = kubernetes_object("NetworkPolicy")["spec"]
+    pod_labels = kubernetes_object("StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    by_port = {rule["ports"][0]["port"]: rule["from"] for rule in policy["ingress"]}
+    assert set(by_port) == {"peer", "client"}
+    assert by_port["peer"] == [{"podSelector": {"matchLabels": LABELS}}]
+    container_ports = {
+        p["name"] for p in statefulset_container(kubernetes_object("StatefulSet"))["ports"]
+    }
+    assert set(by_port) <= container_ports
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)

@@ -245,6 +245,7 @@ def test_chunked_snapshot_is_byte_for_byte_one_msgpack_array(keys: int) -> None:
         machine.clock_ms,
         flat,
         machine.sessions.to_obj(),
+        {"history": machine.history.to_obj(), "leases": machine.leases.to_obj()},
     ]
     expected = bytes((SNAPSHOT_FORMAT_VERSION,)) + msgpack.packb(whole, use_bin_type=True)
     assert machine.snapshot() == expected
@@ -260,7 +261,7 @@ def test_restore_rejects_a_wrong_index_and_garbage() -> None:
     other = StateMachine()
     with pytest.raises(ProtocolError):
         other.restore(data, 2)
-    for bad in (b"", b"\x02" + data[1:], data[:-3], b"\x01\xc0"):
+    for bad in (b"", b"\x03" + data[1:], data[:-3], b"\x02\xc0", b"\x01\xc0"):
         with pytest.raises(ProtocolError):
             other.restore(bad, 1)
     assert other.applied_index == 0 and other.get("a") is None

@@ -25,6 +25,8 @@ def test_throughput_benchmark_runs(tmp_path: Path) -> None:
             sys.executable,
             str(ROOT / "bench" / "throughput.py"),
             "--quick",
+            "--client-paths",
+            "http,binary",
             "--json",
             str(out),
             "--base-dir",
@@ -36,5 +38,8 @@ def test_throughput_benchmark_runs(tmp_path: Path) -> None:
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     document = json.loads(out.read_text())
-    assert [r["concurrency"] for r in document["results"]] == [1, 16]
-    assert all(r["writes"] > 0 for r in document["results"])
+    assert [(r["client_path"], r["concurrency"]) for r in document["results"]] == [
+        ("http", 1), ("http", 16), ("binary", 1), ("binary", 16),
+    ]  # fmt: skip
+    assert all(r["writes"] > 0 and not r["errors"] for r in document["results"])
+    assert all(r["followers_cpu_ms_per_write"] is not None for r in document["results"])

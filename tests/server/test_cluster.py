@@ -305,6 +305,8 @@ def test_restarted_node_catches_up_through_a_snapshot(cluster: LocalCluster) -> 
     wait_until(lambda: try_body(url) == str(last).encode(), 20, "caught up by snapshot")
     log = cluster.log_path(lagging).read_bytes()
     assert b"event=snapshot_restored" in log
+    # It came as a stream of chunks, verified before it was installed (snapshot_stream.py).
+    assert b"event=snapshot_stream_received" in log
     leader_status = cluster.status(leader)
     lagging_status = wait_until(lambda: cluster.status(lagging), 10, "status")
     assert leader_status is not None

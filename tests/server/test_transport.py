@@ -307,7 +307,8 @@ async def test_a_frame_over_the_configured_bound_is_refused_after_the_handshake(
 
 
 async def test_a_message_over_the_bound_is_not_sent() -> None:
-    """The sender leaves out (and reports as failed) a snapshot the peer would refuse."""
+    """The sender leaves out a message the peer would refuse (snapshots stream in chunks:
+    tests/server/test_snapshot_stream.py)."""
     peers = _peers()
     a, b = _Node(1, peers, frame_bytes_max=1 << 10), _Node(2, peers)
     statuses: list[tuple[int, bool]] = []

@@ -207,10 +207,15 @@ def test_a_snapshot_goes_to_a_follower_once_per_need() -> None:
     term (`snapshots_resent`). Before the send-once fix, 3 of these 20 seeds did:
     stale answers (and rejections) that arrived after the snapshot was reported delivered
     sent it again."""
-    sent = resent = 0
+    sent = resent = broken = 0
     for seed in range(1, 21):
-        counters = dict(run_seed(seed).counters)
+        result = run_seed(seed)
+        assert result.ok, describe_failure(result)
+        counters = dict(result.counters)
         sent += counters.get("snapshots_sent", 0)
         resent += counters.get("snapshots_resent", 0)
+        broken += counters.get("snapshot_streams_cut", 0) + counters.get("snapshot_acks_lost", 0)
     assert sent > 20
     assert resent == 0, f"{resent} of {sent} snapshots sent again to a follower that had them"
+    # The nemesis broke streams too (cut mid-stream, or the ACK lost after the install).
+    assert broken > 0

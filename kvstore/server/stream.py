@@ -1,0 +1,472 @@
+"""The binary stream: the client library's pipelined path, msgpack frames over one WebSocket
+on the client port (`GET /v1/stream`), many requests in flight per connection.
+
+HTTP/1.1 answers one request at a time per connection, and each costs the node a request
+parse, a task and a response object; here one WebSocket message carries a batch of requests
+and one message carries a batch of answers, and a write is answered from its future's
+callback (`Driver.submit`), without a task of its own. HTTP stays for curl and everything
+else; the client falls back to it where a node does not offer the stream.
+
+A message from the client is a msgpack array of 1..`BATCH_MAX` requests:
+
+    [id, "put", key, value, request_id, acked_below, if_revision, create_only]
+    [id, "delete", key, request_id, acked_below, if_revision]
+    [id, "get", key, consistency]
+
+(`id` an integer the answer echoes; `key` and `request_id` strings, `value` bytes,
+`if_revision` an integer or nil, `create_only` a boolean, `consistency` "linearizable" or
+"stale"). A message from the node is a msgpack array of answers `[id, status, headers, body]`:
+exactly the status, the (lower-case) headers the client reads and the body that the HTTP API
+gives for the same request, errors included (kvstore/errors.py's registry), so the client's
+retry loop, its exactly-once bookkeeping and its error classification are the same for both.
+
+Bounds and checks (every one answers or closes, never grows without limit):
+- the connection is one of the client port's connections (kvstore/server/connections.py
+  bounds their number per source and in all);
+- a message is at most `message_bytes_max` (aiohttp closes the connection with 1009 beyond),
+  holds at most `BATCH_MAX` requests, and is read only while the connection has fewer than
+  `IN_FLIGHT_MAX` requests waiting for answers (the client is not read meanwhile: TCP pushes
+  back);
+- a connection with nothing in flight and no message for the client idle timeout is closed;
+- every field is type- and range-checked before use; a request that does not parse is
+  answered 400 by id when it has one, and a message that does not parse at all closes the
+  connection (1003 or 1007) after a last answer with id 0;
+- every request waits at most the request timeout (the driver's deadlines), then 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from kvstore.errors import (
+    BadRequestError,
+    DeadlineExceededError,
+    KVStoreError,
+    NotFoundError,
+    NotLeaderError,
+    PayloadTooLargeError,
+    http_status,
+)
+from kvstore.kv.commands import UINT64_MAX, Delete, Put, RequestId, WriteResult, parse_request_id
+from kvstore.server.http import HttpApi, check_key, raise_for_result
+
+logger = logging.getLogger("kvstore.server.http")
+
+# Requests in one message, and waiting for answers on one connection.
+BATCH_MAX = 1024
+IN_FLIGHT_MAX = 4096
+# Room for a message's framing and fields beside one value at the limit.
+_MESSAGE_SLACK_BYTES = 64 * 1024
+_MESSAGE_BYTES_MIN = 1 << 20
+# How often a busy connection's reader looks again (it waits on answers, not on the client).
+_BACKPRESSURE_CHECK_S = 0.05
+
+Answer = list[Any]
+
+
+def message_bytes_max(max_value_bytes: int) -> int:
+    """The largest message a node reads: one value at the limit with room to spare."""
+    return max(_MESSAGE_BYTES_MIN, max_value_bytes + _MESSAGE_SLACK_BYTES)
+
+
+def _uint_field(value: object, name: str, *, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= UINT64_MAX:
+        raise BadRequestError(f"{name} must be an integer in 0..{UINT64_MAX}")
+    return value
+
+
+def _str_field(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise BadRequestError(f"{name} must be a string")
+    return value
+
+
+class StreamSession:
+    """One client's stream: reads batches of requests, answers each as it completes."""
+
+    def __init__(self, api: HttpApi, ws: web.WebSocketResponse) -> None:
+        self._api = api
+        self._driver = api.driver
+        self._config = api.config
+        self._ws = ws
+        self._loop = asyncio.get_running_loop()
+        self._outbox: list[Answer] = []
+        self._outbox_ready = asyncio.Event()
+        self._in_flight = 0
+        # Requests waiting for a leader to be known (rare: an election is under way), each
+        # a task owned here, cancelled when the connection ends.
+        self._held: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def run(self) -> None:
+        writer = asyncio.ensure_future(self._write_answers())
+        try:
+            await self._read_requests()
+        finally:
+            self._closed = True
+            for task in list(self._held):
+                task.cancel()
+            writer.cancel()
+            try:
+                await writer
+            except asyncio.CancelledError:
+                pass
+
+    # --- reading ------------------------------------------------------------------------
+
+    async def _read_requests(self) -> None:
+        idle_s = self._config.client_idle_timeout_ms / 1000
+        ws = self._ws
+        while not ws.closed:
+            if self._in_flight >= IN_FLIGHT_MAX:
+                await asyncio.sleep(_BACKPRESSURE_CHECK_S)
+                continue
+            try:
+                message = await ws.receive(timeout=idle_s)
+            except TimeoutError:
+                if self._in_flight == 0 and not self._outbox:
+                    await ws.close(code=WSCloseCode.GOING_AWAY, message=b"idle")
+                    return
+                continue
+            if message.type is WSMsgType.BINARY:
+                refusal = self._handle_message(message.data)
+                if refusal is not None:
+                    await self._refuse(*refusal)
+                    return
+            elif message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
+            elif message.type is WSMsgType.ERROR:
+                logger.debug("event=stream_error error=%r", ws.exception())
+                return
+            else:  # TEXT: the protocol is binary
+                await self._refuse(WSCloseCode.UNSUPPORTED_DATA, "messages must be binary msgpack")
+                return
+
+    def _handle_message(self, data: bytes) -> tuple[int, str] | None:
+        """Start every request of one message; (close code, why) when the connection must
+        close instead."""
+        try:
+            batch = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+        except (ValueError, msgpack.UnpackException, TypeError) as exc:
+            return WSCloseCode.INVALID_TEXT, f"not msgpack: {exc}"
+        if not isinstance(batch, list) or not 1 <= len(batch) <= BATCH_MAX:
+            return (
+                WSCloseCode.UNSUPPORTED_DATA,
+                f"a message must be an array of 1..{BATCH_MAX} requests",
+            )
+        for request in batch:
+            self._start(request)
+        return None
+
+    def _schedule(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._held.add(task)
+        task.add_done_callback(self._held.discard)
+
+    async def _refuse(self, code: int, message: str) -> None:
+        """A last answer (id 0, 400) naming the problem, then close."""
+        self._answer_error(0, BadRequestError(message))
+        await self._flush()
+        await self._ws.close(code=code, message=message[:120].encode())
+
+    def _start(self, request: object) -> None:
+        answer_id = request[0] if isinstance(request, list) and request else 0
+        if isinstance(answer_id, bool) or not isinstance(answer_id, int):
+            answer_id = 0
+        self._in_flight += 1
+        try:
+            if not isinstance(request, list) or len(request) < 3:
+                raise BadRequestError("a request must be [id, op, key, ...]")
+            _uint_field(answer_id, "id")
+            op = request[1]
+            if op == "put":
+                self._start_put(answer_id, request)
+            elif op == "delete":
+                self._start_delete(answer_id, request)
+            elif op == "get":
+                self._start_get(answer_id, request)
+            else:
+                raise BadRequestError("op must be put, delete or get")
+        except KVStoreError as exc:
+            self._answer_error(answer_id if 0 <= answer_id <= UINT64_MAX else 0, exc)
+
+    # --- the operations -----------------------------------------------------------------
+
+    def _key(self, value: object) -> str:
+        key = _str_field(value, "key")
+        if not key:
+            raise BadRequestError("the key is empty")
+        return check_key(key, self._config.max_key_bytes)
+
+    def _write_fields(self, request: list[Any], first: int) -> tuple[RequestId, int, int | None]:
+        request_id = parse_request_id(_str_field(request[first], "request_id"))
+        acked_below = _uint_field(request[first + 1], "acked_below")
+        if_revision = _uint_field(request[first + 2], "if_revision", optional=True)
+        assert acked_below is not None
+        return request_id, acked_below, if_revision
+
+    def _start_put(self, answer_id: int, request: list[Any]) -> None:
+        if len(request) != 8:
+            raise BadRequestError(
+                "put is [id, op, key, value, request_id, acked_below, if_revision, create_only]"
+            )
+        key = self._key(request[2])
+        value = request[3]
+        if not isinstance(value, bytes):
+            raise BadRequestError("value must be bytes (msgpack bin)")
+        if len(value) > self._config.max_value_bytes:
+            raise PayloadTooLargeError(f"value is over {self._config.max_value_bytes} bytes")
+        request_id, acked_below, if_revision = self._write_fields(request, 4)
+        create_only = request[7]
+        if not isinstance(create_only, bool):
+            raise BadRequestError("create_only must be a boolean")
+        if create_only and if_revision is not None:
+            raise BadRequestError("use either if_revision or create_only, not both")
+        command = Put(
+            key=key,
+            value=value,
+            request=request_id,
+            time_ms=int(time.time() * 1000),
+            if_revision=if_revision,
+            create_only=create_only,
+            acked_below=acked_below,
+        )
+        self._submit(answer_id, command, request_id, lambda result: _put_body(key, result))
+
+    def _start_delete(self, answer_id: int, request: list[Any]) -> None:
+        if len(request) != 6:
+            raise BadRequestError("delete is [id, op, key, request_id, acked_below, if_revision]")
+        key = self._key(request[2])
+        request_id, acked_below, if_revision = self._write_fields(request, 3)
+        command = Delete(
+            key=key,
+            request=request_id,
+            time_ms=int(time.time() * 1000),
+            if_revision=if_revision,
+            acked_below=acked_below,
+        )
+        self._submit(answer_id, command, request_id, lambda result: _delete_body(key, result))
+
+    def _submit(
+        self,
+        answer_id: int,
+        command: Put | Delete,
+        request_id: RequestId,
+        body: Callable[[WriteResult], bytes],
+    ) -> None:
+        driver = self._driver
+        if driver.leader_pending():
+            self._schedule(self._held_write(answer_id, command, request_id, body))
+            return
+        future = driver.submit(command, request_id)
+
+        def done(future: asyncio.Future[WriteResult]) -> None:
+            self._answer_write(answer_id, future, body)
+
+        if future.done():
+            done(future)
+        else:
+            future.add_done_callback(done)
+
+    async def _held_write(
+        self,
+        answer_id: int,
+        command: Put | Delete,
+        request_id: RequestId,
+        body: Callable[[WriteResult], bytes],
+    ) -> None:
+        """A write reaching the node during an election: held until a leader is known (as
+        over HTTP), then proposed here or answered not_leader with the winner's URL."""
+        try:
+            await self._driver.wait_for_leader()
+            self._submit_now(answer_id, command, request_id, body)
+        except KVStoreError as exc:
+            self._answer_error(answer_id, exc)
+
+    def _submit_now(
+        self,
+        answer_id: int,
+        command: Put | Delete,
+        request_id: RequestId,
+        body: Callable[[WriteResult], bytes],
+    ) -> None:
+        future = self._driver.submit(command, request_id)
+        future.add_done_callback(lambda done: self._answer_write(answer_id, done, body))
+
+    def _answer_write(
+        self,
+        answer_id: int,
+        future: asyncio.Future[WriteResult],
+        body: Callable[[WriteResult], bytes],
+    ) -> None:
+        if future.cancelled():
+            self._in_flight -= 1
+            return
+        error = future.exception()
+        if error is None:
+            result = future.result()
+            try:
+                raise_for_result(result)
+            except KVStoreError as exc:
+                self._answer_error(answer_id, exc)
+                return
+            self._answer(answer_id, 200, self._headers(), body(result))
+        elif isinstance(error, KVStoreError):
+            self._answer_error(answer_id, error)
+        elif isinstance(error, TimeoutError):
+            self._answer_error(
+                answer_id,
+                DeadlineExceededError(
+                    "the deadline passed before an answer; a write's outcome is unknown",
+                    outcome_unknown=True,
+                ),
+            )
+        else:
+            raise error  # a bug of ours: the loop's exception handler logs it
+
+    def _start_get(self, answer_id: int, request: list[Any]) -> None:
+        if len(request) != 4:
+            raise BadRequestError("get is [id, op, key, consistency]")
+        key = self._key(request[2])
+        consistency = request[3]
+        if consistency == "stale" or (
+            consistency == "linearizable" and self._config.unsafe_local_reads
+        ):
+            self._api.metrics.reads.labels(consistency=consistency).inc()
+            self._answer_get(answer_id, key)
+            return
+        if consistency != "linearizable":
+            raise BadRequestError("consistency must be linearizable or stale")
+        self._api.metrics.reads.labels(consistency=consistency).inc()
+        if self._driver.leader_pending():
+            self._schedule(self._held_read(answer_id, key))
+            return
+        self._read_when_ready(answer_id, key, self._driver.start_read())
+
+    async def _held_read(self, answer_id: int, key: str) -> None:
+        await self._driver.wait_for_leader()
+        self._read_when_ready(answer_id, key, self._driver.start_read())
+
+    def _read_when_ready(self, answer_id: int, key: str, future: asyncio.Future[None]) -> None:
+        def done(future: asyncio.Future[None]) -> None:
+            if future.cancelled():
+                self._in_flight -= 1
+                return
+            error = future.exception()
+            if error is None:
+                self._answer_get(answer_id, key)
+            elif isinstance(error, KVStoreError):
+                self._answer_error(answer_id, error)
+            elif isinstance(error, TimeoutError):
+                self._answer_error(
+                    answer_id, DeadlineExceededError("the deadline passed before an answer")
+                )
+            else:
+                raise error
+
+        future.add_done_callback(done)
+
+    def _answer_get(self, answer_id: int, key: str) -> None:
+        state_machine = self._driver.replica.state_machine
+        kv = state_machine.get(key)
+        if kv is None:
+            self._answer_error(answer_id, NotFoundError("no such key"))
+            return
+        headers = self._headers()
+        headers["kvstore-revision"] = str(state_machine.revision)
+        headers["kvstore-create-revision"] = str(kv.create_revision)
+        headers["kvstore-mod-revision"] = str(kv.mod_revision)
+        headers["kvstore-version"] = str(kv.version)
+        self._answer(answer_id, 200, headers, kv.value)
+
+    # --- answering ----------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        return {"kvstore-leader": self._driver.leader_url() or ""}
+
+    def _answer_error(self, answer_id: int, error: KVStoreError) -> None:
+        body = error.to_json()
+        detail = body["error"]
+        assert isinstance(detail, dict)
+        leader = self._driver.leader_url()
+        detail.setdefault("leader", leader)
+        status = http_status(error)
+        headers = self._headers()
+        if isinstance(error, NotLeaderError) and error.leader_url:
+            status = 307
+            headers["location"] = error.leader_url.rstrip("/")
+        self._answer(answer_id, status, headers, _json_bytes(body))
+
+    def _answer(self, answer_id: int, status: int, headers: dict[str, str], body: bytes) -> None:
+        self._in_flight -= 1
+        if self._closed:
+            return
+        self._outbox.append([answer_id, status, headers, body])
+        self._outbox_ready.set()
+
+    async def _write_answers(self) -> None:
+        """The connection's one writer: every answer ready since its last send goes out in
+        one message."""
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._outbox or self._ws.closed:
+            return
+        answers, self._outbox = self._outbox, []
+        try:
+            await self._ws.send_bytes(msgpack.packb(answers, use_bin_type=True))
+        except ConnectionError:
+            self._closed = True
+
+
+def _json_bytes(document: object) -> bytes:
+    return json.dumps(document).encode()
+
+
+def _put_body(key: str, result: WriteResult) -> bytes:
+    kv = result.key_value
+    assert kv is not None, "a put that succeeded carries the key's revisions"
+    return _json_bytes(
+        {
+            "key": key,
+            "revision": result.revision,
+            "create_revision": kv.create_revision,
+            "mod_revision": kv.mod_revision,
+            "version": kv.version,
+        }
+    )
+
+
+def _delete_body(key: str, result: WriteResult) -> bytes:
+    return _json_bytes({"key": key, "revision": result.revision, "deleted": True})
+
+
+def install(api: HttpApi) -> None:
+    """Serve the stream at `GET /v1/stream` on `api`'s client port."""
+    limit = message_bytes_max(api.config.max_value_bytes)
+    heartbeat_s = max(1.0, api.config.client_idle_timeout_ms / 4000)
+
+    async def stream(request: web.BaseRequest) -> web.StreamResponse:
+        ws = web.WebSocketResponse(
+            max_msg_size=limit, heartbeat=heartbeat_s, autoping=True, compress=False
+        )
+        if not ws.can_prepare(request).ok:
+            raise BadRequestError("GET /v1/stream is a WebSocket: send Upgrade: websocket")
+        await ws.prepare(request)
+        await StreamSession(api, ws).run()
+        return ws
+
+    api.add_routes({("/v1/stream", "GET"): stream})

@@ -1,0 +1,227 @@
+"""Streamed snapshots between two real transports on 127.0.0.1 (no Raft core).
+
+The frame bound is lowered to 64 KiB here, so every snapshot in these tests is larger than
+the largest frame either side accepts: before streaming, such a snapshot could never be sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from kvstore.raft.types import ConfState, Message, MessageType, Snapshot, SnapshotMetadata
+from kvstore.server.snapshot_stream import INCOMING_SUFFIX
+from kvstore.server.transport import PeerTransport
+from kvstore.storage.snapshot import encode_snapshot_file
+
+FRAME_BYTES_MAX = 64 << 10
+CHUNK_BYTES = 16 << 10
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _wait_for(condition: Any, timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.002)
+
+
+class _SlowFile(io.BytesIO):
+    """A snapshot file whose reads take `delay_s` each (on the sender's worker thread), so
+    a transfer lasts long enough to see what happens during it."""
+
+    def __init__(self, content: bytes, delay_s: float) -> None:
+        super().__init__(content)
+        self.delay_s = delay_s
+
+    def read(self, size: int | None = -1) -> bytes:
+        time.sleep(self.delay_s)
+        return super().read(size)
+
+
+class _Pair:
+    """Node 1 (the leader, sending) and node 2 (the follower, receiving into `directory`)."""
+
+    def __init__(self, directory: Path, *, file_bytes: bytes | None = None, delay_s: float = 0.0):
+        peers = {1: f"127.0.0.1:{_free_port()}", 2: f"127.0.0.1:{_free_port()}"}
+        self.directory = directory
+        self.received: list[Message] = []
+        self.statuses: list[tuple[int, bool]] = []
+        self.file_bytes = file_bytes
+        self.delay_s = delay_s
+        self.opened = 0
+        common: dict[str, Any] = {
+            "cluster_id": "c1",
+            "peers": peers,
+            "on_peer_down": lambda peer: None,
+            "frame_bytes_max": FRAME_BYTES_MAX,
+            "snapshot_chunk_bytes": CHUNK_BYTES,
+        }
+        self.leader = PeerTransport(
+            node_id=1,
+            client_url="http://client-1",
+            listen=peers[1],
+            on_message=lambda message: None,
+            on_snapshot_status=lambda peer, ok: self.statuses.append((peer, ok)),
+            open_snapshot=self._open,
+            **common,
+        )
+        self.follower = PeerTransport(
+            node_id=2,
+            client_url="http://client-2",
+            listen=peers[2],
+            on_message=self.received.append,
+            snapshot_directory=str(directory),
+            **common,
+        )
+
+    def _open(self, index: int, term: int) -> tuple[BinaryIO, int] | None:
+        if self.file_bytes is None:
+            return None
+        self.opened += 1
+        return _SlowFile(self.file_bytes, self.delay_s), len(self.file_bytes)
+
+    async def __aenter__(self) -> _Pair:
+        await self.leader.start()
+        await self.follower.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.leader.close()
+        await self.follower.close()
+
+    def snapshots(self) -> list[Message]:
+        return [m for m in self.received if m.type is MessageType.SNAPSHOT]
+
+    def partial_files(self) -> list[str]:
+        return [name for name in os.listdir(self.directory) if name.endswith(INCOMING_SUFFIX)]
+
+
+def _snapshot(size: int, index: int = 7) -> Snapshot:
+    data = os.urandom(size)
+    metadata = SnapshotMetadata(index=index, term=2, conf_state=ConfState(voters=(1, 2, 3)))
+    return Snapshot(metadata=metadata, data=data)
+
+
+def _message(snapshot: Snapshot) -> Message:
+    return Message(MessageType.SNAPSHOT, 2, 1, 2, snapshot=snapshot)
+
+
+def _heartbeat() -> Message:
+    return Message(MessageType.HEARTBEAT, 2, 1, 2)
+
+
+async def test_a_snapshot_larger_than_any_frame_arrives_whole_and_is_reported(
+    tmp_path: Path,
+) -> None:
+    snapshot = _snapshot(1 << 20)  # 16 times the frame bound
+    async with _Pair(tmp_path) as pair:  # no file: the in-memory encoding is streamed
+        pair.leader.send(_message(snapshot))
+        await _wait_for(lambda: pair.statuses)
+        assert pair.statuses == [(2, True)]
+        [received] = pair.snapshots()
+        assert received.snapshot == snapshot
+        assert (received.term, received.from_, received.to) == (2, 1, 2)
+        assert pair.partial_files() == []
+        streams = pair.leader.snapshots
+        assert streams.streams_started == streams.streams_completed == 1
+        assert streams.bytes_sent == len(encode_snapshot_file(snapshot))
+
+
+async def test_the_leader_streams_its_snapshot_file(tmp_path: Path) -> None:
+    """With a file (as a DiskStorage has), the file's bytes are what travels."""
+    snapshot = _snapshot(300 << 10)
+    async with _Pair(tmp_path, file_bytes=encode_snapshot_file(snapshot)) as pair:
+        # The message's data is not what is sent: the file is.
+        pair.leader.send(_message(Snapshot(metadata=snapshot.metadata, data=b"stale")))
+        await _wait_for(lambda: pair.statuses)
+        assert pair.statuses == [(2, True)]
+        assert pair.opened == 1
+        assert pair.snapshots()[0].snapshot == snapshot
+
+
+async def test_heartbeats_flow_while_a_snapshot_streams(tmp_path: Path) -> None:
+    """Messages queued during a transfer go out between two chunks, not after the stream,
+    and never wait for the leader's disk: each heartbeat sent mid-transfer arrives while the
+    snapshot is still incomplete, although every read of the file takes 60 ms."""
+    snapshot = _snapshot(4 << 20)
+    content = encode_snapshot_file(snapshot)
+    # Four reads ahead of 1 MiB, 60 ms each: about 0.25 s of transfer.
+    async with _Pair(tmp_path, file_bytes=content, delay_s=0.06) as pair:
+        pair.leader.send(_message(snapshot))
+        streams = pair.follower.snapshots
+        await _wait_for(lambda: streams.bytes_received > 0)
+        heartbeats_during = 0
+        for _ in range(5):
+            pair.leader.send(_heartbeat())
+            sent = len([m for m in pair.received if m.type is MessageType.HEARTBEAT])
+            await _wait_for(
+                lambda sent=sent: (
+                    len([m for m in pair.received if m.type is MessageType.HEARTBEAT]) > sent
+                )
+            )
+            if not pair.snapshots():
+                heartbeats_during += 1
+        assert heartbeats_during == 5, f"only {heartbeats_during} of 5 arrived mid-transfer"
+        await _wait_for(lambda: pair.statuses)
+        assert pair.statuses == [(2, True)]
+        assert pair.snapshots()[0].snapshot == snapshot
+
+
+async def test_a_dropped_connection_fails_the_stream_and_the_next_starts_over(
+    tmp_path: Path,
+) -> None:
+    snapshot = _snapshot(4 << 20)
+    content = encode_snapshot_file(snapshot)
+    async with _Pair(tmp_path, file_bytes=content, delay_s=0.05) as pair:
+        pair.leader.send(_message(snapshot))
+        streams = pair.follower.snapshots
+        await _wait_for(lambda: streams.bytes_received >= 4 * CHUNK_BYTES)
+        pair.leader._redial(2, "test")  # the connection drops mid-stream
+        await _wait_for(lambda: pair.statuses)
+        assert pair.statuses == [(2, False)]
+        await _wait_for(lambda: pair.partial_files() == [])
+        assert pair.snapshots() == []
+        # The core sends it again later: a new stream, from the first byte.
+        pair.file_bytes, pair.delay_s = content, 0.0
+        pair.leader.send(_message(snapshot))
+        await _wait_for(lambda: len(pair.statuses) == 2)
+        assert pair.statuses == [(2, False), (2, True)]
+        assert [m.snapshot for m in pair.snapshots()] == [snapshot]
+        assert pair.leader.snapshots.streams_started == 2
+
+
+async def test_a_damaged_stream_is_refused_and_reported_failed(tmp_path: Path) -> None:
+    snapshot = _snapshot(200 << 10)
+    content = bytearray(encode_snapshot_file(snapshot))
+    content[len(content) // 2] ^= 0xFF  # one bit flips on the leader's disk
+    async with _Pair(tmp_path, file_bytes=bytes(content)) as pair:
+        pair.leader.send(_message(snapshot))
+        await _wait_for(lambda: pair.statuses)
+        assert pair.statuses == [(2, False)]
+        assert pair.snapshots() == []
+        assert pair.partial_files() == []
+
+
+async def test_the_same_snapshot_sent_again_joins_the_stream_under_way(tmp_path: Path) -> None:
+    """The core may time a large pending snapshot out and send it again while it is still
+    travelling: that neither restarts the stream nor reports twice."""
+    snapshot = _snapshot(4 << 20)
+    content = encode_snapshot_file(snapshot)
+    async with _Pair(tmp_path, file_bytes=content, delay_s=0.05) as pair:
+        pair.leader.send(_message(snapshot))
+        await _wait_for(lambda: pair.follower.snapshots.bytes_received > 0)
+        pair.leader.send(_message(snapshot))
+        await _wait_for(lambda: pair.statuses)
+        assert pair.statuses == [(2, True)]
+        assert pair.leader.snapshots.streams_started == 1
+        assert len(pair.snapshots()) == 1
