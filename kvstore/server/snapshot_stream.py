@@ -4,20 +4,22 @@ The Raft core hands the transport a SNAPSHOT message (Raft §7 InstallSnapshot) 
 one outcome, `RawNode.report_snapshot(peer, ok)`. Between the two, this module moves the bytes:
 
     leader                                          follower
-    BEGIN  [stream id, size, the message without data]  ->  opens <dir>/incoming-<peer>.part
+    BEGIN  [stream id, size, the message without data]  ->  opens <dir>/incoming-<peer>-<id>.part
     CHUNK  stream id, offset, bytes            (many) ->  appends them (offset must follow on)
-    END    stream id, size                            ->  fsyncs, verifies the file (magic,
-                                                          length, crc32 of the body, metadata
-                                                          equal to BEGIN's), loads it, steps
-                                                          the SNAPSHOT message into its node
+    END    stream id, size                            ->  checks magic, length and the crc32
+                                                          of the body (computed as it came)
     ACK    stream id, ok           <- (on the follower's own connection to the leader)
+                                                          fsyncs, loads and checks the file
+                                                          again (metadata equal to BEGIN's)
+                                                          and steps the SNAPSHOT message into
+                                                          its node
     report_snapshot(follower, ok)
 
-What is sent is the leader's snapshot file itself (`kvstore.storage.snapshot`), read
-`chunk_bytes` at a time on a worker thread; the follower writes each chunk to a temporary file
-as it arrives and reads it back only once the whole file is there and verified. So neither side
-holds more than a chunk of the stream in memory beyond the state machine it holds anyway, and
-there is no size limit: a chunk is a frame of at most `chunk_bytes`, far under the transport's
+What is sent is the leader's snapshot file itself (`kvstore.storage.snapshot`), read ahead
+READ_AHEAD_BYTES at a time on a worker thread and sent `chunk_bytes` at a time; the follower
+writes each chunk to a temporary file as it arrives and reads it back only once the whole file
+is there. So the stream itself holds at most a read-ahead (leader) or a chunk (follower) in
+memory, beyond the state machine each holds anyway, and there is no size limit: a chunk is a frame of at most `chunk_bytes`, far under the transport's
 frame bound (a snapshot was one frame before, and a store of about 2 million 100-byte keys could
 no longer be sent).
 
@@ -30,8 +32,8 @@ Rules that hold here:
 - One stream per follower. A SNAPSHOT message for the same index and term as the stream under
   way joins it (the core may time its pending snapshot out and send it again while a large one
   is still travelling); one for another snapshot replaces it, silently.
-- Every stream ends with exactly one report: ACK ok (verified and stepped into the follower's
-  node), ACK failed (the follower found the file damaged or out of order), or failed because
+- Every stream ends with exactly one report: ACK ok (verified, and stepped into the
+  follower's node right after), ACK failed (the follower found the file damaged or out of order), or failed because
   the leader's connection to the follower closed before the ACK. A follower that sees its
   leader's connection close discards the partial file. A later SNAPSHOT starts over from the
   first byte (restartable, not resumable).
@@ -47,6 +49,7 @@ import io
 import logging
 import os
 import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import BinaryIO
@@ -55,7 +58,13 @@ from kvstore.codec import encode_message, message_from_obj, pack, unpack
 from kvstore.errors import CorruptionError, ProtocolError
 from kvstore.raft.types import Message, MessageType, Snapshot
 from kvstore.storage.fs import FileSystem
-from kvstore.storage.snapshot import encode_snapshot_file, load_snapshot, snapshot_name
+from kvstore.storage.snapshot import (
+    HEADER_BYTES,
+    encode_snapshot_file,
+    load_snapshot,
+    read_header,
+    snapshot_name,
+)
 
 logger = logging.getLogger("kvstore.server")
 
@@ -74,6 +83,8 @@ READ_AHEAD_BYTES = 1 << 20
 SNAPSHOT_BYTES_MAX = 1 << 50
 """A declared stream size above this is refused (a range check, not a product limit)."""
 _STREAM_ID_MAX = 1 << 63
+_HELD_TYPES = frozenset({MessageType.APPEND, MessageType.SNAPSHOT})
+_HELD_MAX = 1024
 _CHUNK_HEADER = struct.Struct(">BQQ")  # tag, stream id, offset
 _END = struct.Struct(">BQQ")  # tag, stream id, size
 _ACK = struct.Struct(">BQ?")  # tag, stream id, ok
@@ -139,6 +150,10 @@ class _Incoming:
     # Loop time when BEGIN arrived: the transfer's duration is logged at END.
     begun_at: float
     received: int = 0
+    # The file's header (its first HEADER_BYTES) and the crc32 of the body received so far:
+    # the stream is checked against the header's checksum the moment it ends.
+    header: bytes = b""
+    crc: int = 0
 
 
 class SnapshotStreams:
@@ -169,6 +184,8 @@ class SnapshotStreams:
         self._next_stream_id = 1
         self._outgoing: dict[int, _Outgoing] = {}
         self._incoming: dict[int, _Incoming] = {}
+        # Messages from a leader whose snapshot is ACKed and loading (`hold`).
+        self._held: dict[int, list[Message]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._fs = FileSystem()
         if directory is not None:
@@ -343,7 +360,8 @@ class SnapshotStreams:
         self.discard_incoming(peer_id)
         if self._directory is None:
             raise ProtocolError("this node takes no snapshot streams")
-        path = os.path.join(self._directory, f"{INCOMING_PREFIX}{peer_id}{INCOMING_SUFFIX}")
+        name = f"{INCOMING_PREFIX}{peer_id}-{stream_id}{INCOMING_SUFFIX}"
+        path = os.path.join(self._directory, name)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         begun_at = asyncio.get_running_loop().time()
         self._incoming[peer_id] = _Incoming(stream_id, message, size, path, fd, begun_at)
@@ -359,6 +377,10 @@ class SnapshotStreams:
         if offset != stream.received or stream.received + len(data) > stream.size:
             self._refuse(peer_id, f"chunk at {offset}, expected {stream.received}")
             return
+        in_header = max(0, min(len(data), HEADER_BYTES - offset))
+        if in_header:
+            stream.header += bytes(data[:in_header])
+        stream.crc = zlib.crc32(data[in_header:], stream.crc)
         try:
             while data:
                 written = os.write(stream.fd, data)
@@ -379,7 +401,16 @@ class SnapshotStreams:
         if size != stream.size or stream.received != stream.size:
             self._refuse(peer_id, f"ended at {stream.received} of {stream.size} bytes")
             return
+        try:
+            crc, length = read_header(stream.path, stream.header)
+        except CorruptionError as exc:
+            self._refuse(peer_id, str(exc))
+            return
+        if length != size - HEADER_BYTES or crc != stream.crc:
+            self._refuse(peer_id, "checksum or length of the snapshot does not match its header")
+            return
         del self._incoming[peer_id]
+        self._held.setdefault(peer_id, [])
         loop = asyncio.get_running_loop()
         logger.info(
             "event=snapshot_stream_end peer=%s stream=%d bytes=%d seconds=%.3f",
@@ -395,20 +426,27 @@ class SnapshotStreams:
         task.add_done_callback(self._tasks.discard)
 
     async def _install(self, peer_id: int, stream: _Incoming) -> None:
-        """Verify the whole file on a worker thread (the frames kept arriving meanwhile),
-        then step the SNAPSHOT message into the node and ACK."""
+        """The stream matched its checksum: ACK at once, then fsync, load and check the file
+        on a worker thread (frames keep arriving meanwhile) and step the SNAPSHOT message
+        into the node. The ACK does not wait for the load: decoding a large snapshot holds
+        this process for seconds, and an ACK written only after it found the leader's
+        connection closed as silent and the stream failed (1M keys, 128 MB)."""
+        self._send_payload(peer_id, _ACK.pack(TAG_ACK, stream.stream_id, True))
         try:
             snapshot = await asyncio.get_running_loop().run_in_executor(
                 None, self._verify, stream
             )
         except (CorruptionError, OSError) as exc:
+            self._release_held(peer_id)
+            # Its checksum matched, so the file that arrived is the leader's: this is our
+            # disk (or a damaged file on the leader). Not installed; the leader, told it was
+            # delivered, sends it again when the follower's answer does not come.
             logger.error(
                 "event=snapshot_stream_rejected peer=%s stream=%d error=%s",
                 peer_id,
                 stream.stream_id,
                 exc,
             )
-            self._send_payload(peer_id, _ACK.pack(TAG_ACK, stream.stream_id, False))
             return
         finally:
             with contextlib.suppress(OSError):
@@ -421,7 +459,24 @@ class SnapshotStreams:
             snapshot.metadata.index,
             stream.size,
         )
-        self._send_payload(peer_id, _ACK.pack(TAG_ACK, stream.stream_id, True))
+        self._release_held(peer_id)
+
+    def hold(self, peer_id: int, message: Message) -> bool:
+        """While a snapshot from `peer_id` is ACKed but not yet stepped (it loads), its
+        appends wait (up to _HELD_MAX, then they are dropped: Raft sends them again) and are
+        stepped after it, in order: the leader, told the snapshot arrived, probes from after
+        it, and the follower must not answer that probe with the log it had before the
+        snapshot (a rejection that would send the snapshot again). True if held."""
+        held = self._held.get(peer_id)
+        if held is None or message.type not in _HELD_TYPES:
+            return False
+        if len(held) < _HELD_MAX:
+            held.append(message)
+        return True
+
+    def _release_held(self, peer_id: int) -> None:
+        for message in self._held.pop(peer_id, []):
+            self._on_message(message)
 
     def _verify(self, stream: _Incoming) -> Snapshot:
         """fsync, then load and check the file (magic, length, crc32, metadata)."""

@@ -758,7 +758,8 @@ class PeerTransport:
                     raise ProtocolError(
                         f"message from {message.from_} to {message.to} on the stream of {peer_id}"
                     )
-                self._on_message(message)
+                if not self.snapshots.hold(peer_id, message):
+                    self._on_message(message)
 
     # --- handshake ---------------------------------------------------------------------
 

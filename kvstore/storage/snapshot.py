@@ -131,6 +131,21 @@ def _write_file(fs: FileSystem, path: str, content: bytes) -> int:
     return fsyncs
 
 
+HEADER_BYTES = _HEADER.size
+
+
+def read_header(path: str, header: bytes) -> tuple[int, int]:
+    """(crc32 of the body, length of the body) from the first HEADER_BYTES of a snapshot
+    file (a stream receiving one checks its body as it arrives); CorruptionError if they
+    are not a snapshot file's."""
+    if len(header) < _HEADER.size:
+        raise CorruptionError(path, 0, "snapshot file shorter than its header")
+    magic, crc, length = _HEADER.unpack_from(header, 0)
+    if magic != MAGIC:
+        raise CorruptionError(path, 0, "bad snapshot magic")
+    return crc, length
+
+
 def load_snapshot(fs: FileSystem, path: str) -> Snapshot:
     """Read and verify a snapshot file; CorruptionError(path, offset, reason) on damage."""
     data = fs.read_file(path)

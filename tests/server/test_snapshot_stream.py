@@ -128,6 +128,7 @@ async def test_a_snapshot_larger_than_any_frame_arrives_whole_and_is_reported(
         pair.leader.send(_message(snapshot))
         await _wait_for(lambda: pair.statuses)
         assert pair.statuses == [(2, True)]
+        await _wait_for(pair.snapshots)  # ACKed once checked, stepped once loaded
         [received] = pair.snapshots()
         assert received.snapshot == snapshot
         assert (received.term, received.from_, received.to) == (2, 1, 2)
@@ -146,6 +147,7 @@ async def test_the_leader_streams_its_snapshot_file(tmp_path: Path) -> None:
         await _wait_for(lambda: pair.statuses)
         assert pair.statuses == [(2, True)]
         assert pair.opened == 1
+        await _wait_for(pair.snapshots)
         assert pair.snapshots()[0].snapshot == snapshot
 
 
@@ -174,6 +176,7 @@ async def test_heartbeats_flow_while_a_snapshot_streams(tmp_path: Path) -> None:
         assert heartbeats_during == 5, f"only {heartbeats_during} of 5 arrived mid-transfer"
         await _wait_for(lambda: pair.statuses)
         assert pair.statuses == [(2, True)]
+        await _wait_for(pair.snapshots)
         assert pair.snapshots()[0].snapshot == snapshot
 
 
@@ -196,6 +199,7 @@ async def test_a_dropped_connection_fails_the_stream_and_the_next_starts_over(
         pair.leader.send(_message(snapshot))
         await _wait_for(lambda: len(pair.statuses) == 2)
         assert pair.statuses == [(2, False), (2, True)]
+        await _wait_for(pair.snapshots)
         assert [m.snapshot for m in pair.snapshots()] == [snapshot]
         assert pair.leader.snapshots.streams_started == 2
 
@@ -224,4 +228,36 @@ async def test_the_same_snapshot_sent_again_joins_the_stream_under_way(tmp_path:
         await _wait_for(lambda: pair.statuses)
         assert pair.statuses == [(2, True)]
         assert pair.leader.snapshots.streams_started == 1
+        await _wait_for(pair.snapshots)
         assert len(pair.snapshots()) == 1
+
+
+async def test_appends_wait_for_the_snapshot_that_was_acked_before_it_loaded(
+    tmp_path: Path,
+) -> None:
+    """The follower ACKs once the stream matches its checksum and loads the file afterwards:
+    an append that the leader sends meanwhile (its probe from after the snapshot) must reach
+    the follower's node after the snapshot, or the follower would reject it with its old log
+    and the leader would send the snapshot again. Heartbeats are not held."""
+    snapshot = _snapshot(256 << 10)
+    async with _Pair(tmp_path) as pair:
+        streams = pair.follower.snapshots
+        verify = streams._verify
+
+        def slow_verify(stream: Any) -> Snapshot:
+            time.sleep(0.3)  # a large snapshot loads for a while (on the worker thread)
+            return verify(stream)
+
+        streams._verify = slow_verify  # type: ignore[method-assign]
+        pair.leader.send(_message(snapshot))
+        await _wait_for(lambda: pair.statuses)
+        assert pair.statuses == [(2, True)]
+        append = Message(MessageType.APPEND, 2, 1, 2, index=7, log_term=2)
+        pair.leader.send(append)
+        pair.leader.send(_heartbeat())
+        await _wait_for(lambda: len(pair.received) == 3)
+        assert [m.type for m in pair.received] == [
+            MessageType.HEARTBEAT,
+            MessageType.SNAPSHOT,
+            MessageType.APPEND,
+        ]
