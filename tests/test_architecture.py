@@ -190,7 +190,9 @@ ALLOWED_IMPORTS: Mapping[str, frozenset[str]] = {
         {"replica", "raft", "raft.types", "storage", "kv", "codec", "errors", "api"}
     ),
     "client": frozenset({"request_id", "errors"}),
-    "chaos": frozenset({"server", "client", "storage", "kv", "raft.types", "verify", "errors"}),
+    "chaos": frozenset(
+        {"server", "client", "storage", "kv", "raft.types", "codec", "verify", "errors"}
+    ),
     "testing": frozenset({"server", "client"}),
     "cli": frozenset({"server", "client", "chaos", "errors", "api"}),
     "api": frozenset({"client"}),

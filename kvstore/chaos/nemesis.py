@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvstore.chaos.impostor import Impostor
 from kvstore.chaos.proxy import LinkFaults, ProxyMesh
 from kvstore.server.localcluster import LocalCluster
 from kvstore.storage.wal import (
@@ -52,6 +53,8 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "slow": ("slow-links",),
     "lossy": ("lossy-links",),
     "disk": ("disk-torn-tail", "disk-unsynced-tail", "disk-bitflip"),
+    # Forged peers attacking the followers' peer ports (kvstore/chaos/impostor.py).
+    "impostor": ("impostor-leader",),
 }
 ALL_FAULTS: tuple[str, ...] = tuple(name for names in FAMILIES.values() for name in names)
 
@@ -132,6 +135,7 @@ class Nemesis:
         self.timeline: list[FaultEvent] = []
         self._paused: set[int] = set()
         self._down: set[int] = set()
+        self._impostor_attacks: Impostor | None = None
 
     def now_s(self) -> float:
         return self._clock() - self._started_at
@@ -166,7 +170,20 @@ class Nemesis:
             return event
         if name.startswith("disk-"):
             return await self._disk(name)
+        if name == "impostor-leader":
+            return await self._impostor(name, nodes)
         return await self._network(name, nodes)
+
+    async def _impostor(self, name: str, nodes: list[int]) -> FaultEvent:
+        self._impostor_attacks = Impostor(self.cluster, self._rng)
+        self._impostor_attacks.start()
+        event = self._event(name, tuple(nodes))
+        # It counts once a node has refused a forged connection.
+        deadline = self._clock() + 5.0
+        while self._clock() < deadline and self._impostor_attacks.refused == 0:
+            await asyncio.sleep(0.05)
+        event.took_effect = self._impostor_attacks.refused > 0
+        return event
 
     async def _kill(self, name: str, targets: tuple[int, ...]) -> FaultEvent:
         for node in targets:
@@ -276,6 +293,10 @@ class Nemesis:
     # --- heal ------------------------------------------------------------------------------
 
     async def heal(self, event: FaultEvent) -> None:
+        if self._impostor_attacks is not None:
+            await self._impostor_attacks.stop()
+            event.note = self._impostor_attacks.summary()
+            self._impostor_attacks = None
         self.mesh.heal()
         for node in sorted(self._paused):
             self.cluster.resume(node)
