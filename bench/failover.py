@@ -53,6 +53,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -115,9 +116,10 @@ async def run_fault(
 
 def client_config(args: argparse.Namespace) -> ClientConfig:
     """The client's defaults unless told otherwise: what an untuned application sees."""
+    config = ClientConfig(binary_stream=not args.http_only)
     if args.attempt_timeout_ms is None:
-        return ClientConfig()
-    return ClientConfig(attempt_timeout_s=args.attempt_timeout_ms / 1000)
+        return config
+    return replace(config, attempt_timeout_s=args.attempt_timeout_ms / 1000)
 
 
 def make_systems(fault: str, base: Path, args: argparse.Namespace) -> list[System]:
@@ -156,6 +158,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--attempt-timeout-ms", type=float, default=None,
                         help="per-attempt timeout of both clients (default: the kvstore "
                              "client's default, ClientConfig.attempt_timeout_s)")  # fmt: skip
+    parser.add_argument("--http-only", action="store_true",
+                        help="kvstore writers over HTTP only (ClientConfig.binary_stream=False; "
+                             "default: the client's binary stream)")  # fmt: skip
     parser.add_argument("--pause-s", type=float, default=2.0, help="SIGSTOP/isolation length")
     parser.add_argument("--settle-s", type=float, default=0.5, help="load before each fault")
     parser.add_argument("--post-s", type=float, default=0.5,

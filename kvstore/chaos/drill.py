@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from kvstore.chaos.coordination import WatchRecorder
 from kvstore.chaos.nemesis import FaultEvent, Nemesis, expand_faults
 from kvstore.chaos.proxy import ProxyMesh
 from kvstore.chaos.workload import WORKLOADS, Workload, WorkloadConfig
@@ -425,6 +426,14 @@ class Drill:
                 random.Random(self.rng.getrandbits(64)),
             )
             self.workload = workload
+            recorder = None
+            if config.workload == "watch":
+                recorder = WatchRecorder(
+                    self.cluster.client_urls,
+                    random.Random(self.rng.getrandbits(64)),
+                    self._client_config(10.0),
+                )
+                await recorder.start()
             workload_task = asyncio.create_task(workload.run(), name="workload")
             nemesis = Nemesis(
                 self.cluster,
@@ -453,16 +462,33 @@ class Drill:
             converged = await self._converge()
             self._say(f"reading the final value of {len(workload.keys_used)} key(s)")
             final = await self._final_reads(workload)
+            coordination = await self._coordination_check(workload, recorder)
             await asyncio.to_thread(self.cluster.stop)
             self._say(
                 f"checking {len(workload.history.operations)} operation(s) and the nodes' "
                 "data directories"
             )
             self._check(workload, final, converged)
+            if coordination is not None:
+                self.report.checks.append(coordination)
         finally:
             await asyncio.to_thread(self.cluster.stop)
             await self.mesh.close()
         return self.report
+
+    async def _coordination_check(
+        self, workload: Workload, recorder: WatchRecorder | None
+    ) -> CheckOutcome | None:
+        """The watch workload's and the lock workload's own checks (chaos/coordination.py)."""
+        started = time.monotonic()
+        if recorder is not None:
+            self._say("letting the watchers catch up and reading the history")
+            ok, detail = await recorder.finish()
+            return CheckOutcome("watch", ok, detail, time.monotonic() - started)
+        if workload.lock is not None:
+            ok, detail = workload.lock.check()
+            return CheckOutcome("lock", ok, detail, time.monotonic() - started)
+        return None
 
     # --- progress: read-only, beside the fault schedule -------------------------------------
 
@@ -590,7 +616,7 @@ class Drill:
                     logger.warning("event=final_read_failed key=%s error=%s", key, exc)
                     continue
                 final[key] = value
-                if self.config.workload == "register":
+                if self.config.workload in ("register", "watch", "lock"):
                     history.record(
                         {
                             "process": process,
@@ -709,7 +735,9 @@ class Drill:
         ok_operations = self.report.counts.get("ok", 0)
         if config.workload == "counter":
             ok_operations = workload.tally.acknowledged
-        needed = int(config.min_ok_per_s * config.duration_s)
+        # A lock holder's turn (grant, queue, write, revoke) is several round trips.
+        per_s = 1.0 if config.workload == "lock" else config.min_ok_per_s
+        needed = int(per_s * config.duration_s)
         events = self.report.timeline
         ineffective = [e.name for e in events if not e.took_effect]
         mishandled = [e.name for e in events if e.disk_outcome_ok is False]

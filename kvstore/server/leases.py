@@ -74,6 +74,8 @@ class LeaseService:
             return ttl
         if lease_id not in self.driver.replica.state_machine.leases:
             raise NotFoundError(f"no such lease {lease_id}")
+        if self.keeper.expiring(lease_id):
+            raise NotFoundError(f"lease {lease_id} expired; its revocation is being applied")
         raise NoLeaderError("leadership moved during the keepalive; retry", retry_after_s=0.05)
 
     def remaining_ms(self, lease_id: int) -> int | None:

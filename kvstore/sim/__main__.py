@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--nodes", type=int, choices=(3, 5), help="force the cluster size")
     parser.add_argument("--no-liveness", action="store_true", help="skip the liveness phase")
     parser.add_argument("--trace", action="store_true", help="with --seed: print every event")
+    parser.add_argument(
+        "--coordination",
+        action="store_true",
+        help="add transactions, watchers and leases and their invariants (issue 14)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="a line per seed")
     return parser
 
@@ -46,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["nodes"] = args.nodes
     if args.no_liveness:
         overrides["liveness"] = False
+    if args.coordination:
+        overrides["coordination"] = True
     started = _cpu_seconds()
     if args.seed is not None:
         result = run_seed(args.seed, overrides, trace_to=print if args.trace else None)

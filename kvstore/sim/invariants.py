@@ -41,6 +41,10 @@ class Invariant(enum.Enum):
     COMMIT_MONOTONIC = "commit_monotonic"
     READ_FRESHNESS = "read_freshness"
     LINEARIZABILITY = "linearizability"
+    # Issue 14 (kvstore/sim/coordination.py).
+    TXN_ATOMICITY = "txn_atomicity"
+    WATCH_HISTORY = "watch_history"
+    LEASE_SAFETY = "lease_safety"
 
 
 @dataclass(frozen=True, slots=True)

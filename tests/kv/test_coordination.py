@@ -218,6 +218,7 @@ def test_keeper_gives_a_full_ttl_on_promotion_and_expires_only_past_it() -> None
     assert keeper.expired(6_499, 100) == []
     assert keeper.expired(6_500, 100) == [lease_id]
     assert keeper.expired(6_550, 100) == []  # its revocation is in flight
+    assert keeper.expiring(lease_id) and keeper.keepalive(lease_id, 6_560) is None
     assert keeper.expired(6_600, 100) == [lease_id]
     keeper.demote()
     assert keeper.keepalive(lease_id, 7_000) is None
