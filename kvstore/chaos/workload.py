@@ -356,25 +356,33 @@ class Workload:
         }
         targets = [rng.choice(self.endpoints) for _ in range(self.config.storm_copies)]
 
+        async def put(url: str) -> tuple[int, str | None, Any]:
+            # Redirects are followed here, one hop, not by aiohttp: it drops the
+            # Authorization header (a secure drill's token) on a redirect to another port.
+            async with raw.put(
+                url, data=value.encode(), headers=headers, allow_redirects=False
+            ) as answer:
+                body = await answer.json(content_type=None)
+                return answer.status, answer.headers.get("Location"), body
+
         async def duplicate(endpoint: str) -> None:
             url = f"{endpoint}/v1/kv/{key}"
             try:
                 async with asyncio.timeout(self.config.operation_timeout_s):
-                    async with raw.put(url, data=value.encode(), headers=headers) as answer:
-                        body = await answer.json(content_type=None)
-                        if answer.status == 307:
-                            return
-                        if answer.status in (429, 503) or answer.status >= 500:
-                            return  # not answered: says nothing either way
-                        self.tally.storm_duplicates_sent += 1
-                        same = answer.status == 200 and body.get("mod_revision") == (
-                            result.mod_revision
+                    status, location, body = await put(url)
+                    if status == 307 and location:
+                        status, location, body = await put(location)
+                    if status == 307:
+                        return
+                    if status in (429, 503) or status >= 500:
+                        return  # not answered: says nothing either way
+                    self.tally.storm_duplicates_sent += 1
+                    same = status == 200 and body.get("mod_revision") == result.mod_revision
+                    released = status == 409 and _error_code(body) == ("session_expired")
+                    if not (same or released):
+                        self.tally.storm_mismatches.append(
+                            f"{request_id} at {endpoint}: {status} {body}"
                         )
-                        released = answer.status == 409 and _error_code(body) == ("session_expired")
-                        if not (same or released):
-                            self.tally.storm_mismatches.append(
-                                f"{request_id} at {endpoint}: {answer.status} {body}"
-                            )
             except (TimeoutError, aiohttp.ClientError, ValueError):
                 return
 

@@ -128,6 +128,19 @@ class NodeMetrics:
             buckets=(1, 4, 16, 64, 256, 1024, 4096),
             registry=r,
         )
+        self.peer_handshakes_refused = Counter(
+            "kvstore_peer_handshakes_refused_total",
+            "Peer connections refused before their handshake completed (in: dialled to us; "
+            "out: our dials), e.g. a wrong secret or certificate",
+            ["direction"],
+            registry=r,
+        )
+        self.auth_denied = Counter(
+            "kvstore_auth_denied_total",
+            "Client requests refused by authentication (401) or authorization (403)",
+            ["code"],
+            registry=r,
+        )
         self.peer_dropped = Counter(
             "kvstore_peer_messages_dropped_total",
             "Messages dropped on full peer queues",

@@ -252,6 +252,7 @@ class PeerTransport:
         on_peer_down: Callable[[int], None],
         cluster_secret: bytes = b"",
         tls: TlsContexts | None = None,
+        on_handshake_refused: Callable[[str], None] | None = None,
         on_peer_url: Callable[[int, str], None] | None = None,
         on_snapshot_status: Callable[[int, bool], None] | None = None,
         queue_frames_max: int = 8192,
@@ -284,6 +285,8 @@ class PeerTransport:
         # Mutual TLS on this port (kvstore/server/tls.py): contexts read at each connection,
         # so a reload applies to the next one.
         self._tls = tls
+        # Told "in" or "out" for each connection refused before its handshake completed.
+        self._on_handshake_refused = on_handshake_refused
         self._on_message = on_message
         self._on_peer_down = on_peer_down
         self._on_peer_url = on_peer_url
@@ -418,6 +421,8 @@ class PeerTransport:
             except (OSError, ProtocolError, asyncio.IncompleteReadError, TimeoutError) as exc:
                 if isinstance(exc, ProtocolError | ssl.SSLError):
                     self.dials_rejected += 1
+                    if self._on_handshake_refused is not None:
+                        self._on_handshake_refused("out")
                     # The peer answered but did not authenticate (or refused us): a setting
                     # differs (secret, certificate, CA), or it is not our peer at all.
                     self._log.warning(
@@ -666,7 +671,7 @@ class PeerTransport:
         except (ProtocolError, ssl.SSLError) as exc:
             self.frames_rejected += 1
             if not peer_id:
-                self.handshakes_failed += 1
+                self._handshake_failed()
             self._log.warning(
                 "peer_rejected",
                 "event=peer_rejected remote=%s peer=%s reason=%r",
@@ -676,7 +681,7 @@ class PeerTransport:
             )
         except (asyncio.IncompleteReadError, ConnectionError, OSError, TimeoutError):
             if not peer_id:
-                self.handshakes_failed += 1
+                self._handshake_failed()
         except asyncio.CancelledError:
             # Closing the transport cancels this task; end it normally, because asyncio's
             # stream callback logs a cancelled connection handler as an error.
@@ -762,6 +767,11 @@ class PeerTransport:
                     self._on_message(message)
 
     # --- handshake ---------------------------------------------------------------------
+
+    def _handshake_failed(self) -> None:
+        self.handshakes_failed += 1
+        if self._on_handshake_refused is not None:
+            self._on_handshake_refused("in")
 
     async def _accept_handshake(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

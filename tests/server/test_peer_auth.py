@@ -461,6 +461,14 @@ async def test_the_issues_attacks_on_a_real_cluster_change_nothing(tmp_path: Pat
         assert code == 307
         assert headers["Location"].startswith(cluster.client_url(leader))
         assert headers["Kvstore-Leader"] == cluster.client_url(leader)
+        _, _, metrics = await asyncio.to_thread(
+            _request, "GET", cluster.client_url(follower) + "/metrics"
+        )
+        refused = [
+            line for line in metrics.decode().splitlines()
+            if line.startswith('kvstore_peer_handshakes_refused_total{direction="in"}')
+        ]  # fmt: skip
+        assert refused and float(refused[0].split()[-1]) >= 29  # 9 forged + 20 churn
         log = cluster.log_path(follower).read_text(errors="replace")
         assert "event=peer_rejected" in log and "did not prove the cluster secret" in log
     finally:
