@@ -206,7 +206,7 @@ class Watch:
             event = _event(raw_event)
             if event.revision >= self.next_revision:
                 items.append(event)
-        if line.get("progress") and self._progress and revision >= self.next_revision:
+        if line.get("progress") and self._progress:
             items.append(WatchProgress(revision))
         self.next_revision = max(self.next_revision, revision + 1)
         return items

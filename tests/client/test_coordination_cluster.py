@@ -199,3 +199,20 @@ async def test_a_watch_survives_killing_its_node_without_loss_or_repeat(cluster:
             await kv.compact(start)
             async for _ in kv.watch(prefix=prefix, start_revision=start):
                 pass
+
+
+async def test_a_caught_up_watch_reports_progress_at_the_current_revision(cluster: Any) -> None:
+    from kvstore.client import WatchProgress
+
+    key = unique("progress")
+    async with Client(cluster.client_urls) as kv:
+        revision = (await kv.put(key, b"v")).revision
+        async with kv.watch(key=key, start_revision=revision, progress=True,
+                            progress_interval_s=0.05) as watch:  # fmt: skip
+            seen: list[object] = []
+            async with asyncio.timeout(10):
+                async for item in watch:
+                    seen.append(item)
+                    if isinstance(item, WatchProgress) and item.revision >= revision:
+                        break
+    assert isinstance(seen[0], WatchEvent) and seen[0].revision == revision
