@@ -127,6 +127,10 @@ def make_systems(fault: str, base: Path, args: argparse.Namespace) -> list[Syste
     systems: list[System] = [
         KvstoreSystem(base / f"kvstore-{fault}", config, proxies=fault == "isolate")
     ]
+    if args.tls:
+        systems.append(
+            KvstoreSystem(base / f"kvstore-tls-{fault}", config, proxies=fault == "isolate", tls=True)
+        )
     if args.compare == "etcd" and fault != "isolate":
         heartbeat_ms, election_ms = kvstore_timing_ms()
         # etcd refuses an election timeout under 5 heartbeats: tuned is the closest it allows.
@@ -154,6 +158,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--trials", type=int, default=20, help="trials per fault and system")
     parser.add_argument("--faults", default="kill,term,pause", help=f"from {','.join(FAULTS)}")
     parser.add_argument("--compare", choices=["etcd"], help="also run three-node etcd")
+    parser.add_argument("--tls", action="store_true",
+                        help="also run kvstore with TLS on both ports (system kvstore-tls)")  # fmt: skip
     parser.add_argument("--writers", type=int, default=8, help="concurrent writers")
     parser.add_argument("--attempt-timeout-ms", type=float, default=None,
                         help="per-attempt timeout of both clients (default: the kvstore "
