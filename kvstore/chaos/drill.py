@@ -368,6 +368,8 @@ class Drill:
                 raise ValueError(f"the run folder {self.run_dir} is not empty")
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.started_at = clock()
+        # Set when the workload starts (now_s time); the fault window is measured from it.
+        self.workload_started_s = 0.0
         self._watched = _Watched()
         self.hard_states: dict[int, list[tuple[int, int]]] = {}
         self.report = DrillReport(config=config, run_dir=self.run_dir)
@@ -376,6 +378,12 @@ class Drill:
 
     def now_s(self) -> float:
         return self._clock() - self.started_at
+
+    def fault_window_end_s(self) -> float:
+        """When the last fault may start, in `now_s` time: the duration counts from the
+        workload's start, so a slow start (three processes on a loaded machine can take
+        seconds) does not eat the warm-up and leave a short drill without a single fault."""
+        return self.workload_started_s + self.config.duration_s - self.config.tail_s
 
     def observe_down(self, node: int) -> None:
         """Record the persisted (term, commit) of a stopped node, before it restarts."""
@@ -434,6 +442,7 @@ class Drill:
                     self._client_config(10.0),
                 )
                 await recorder.start()
+            self.workload_started_s = self.now_s()
             workload_task = asyncio.create_task(workload.run(), name="workload")
             nemesis = Nemesis(
                 self.cluster,
@@ -555,7 +564,7 @@ class Drill:
         config = self.config
         faults = expand_faults(config.faults)
         await asyncio.sleep(config.warmup_s)
-        end_s = config.duration_s - config.tail_s
+        end_s = self.fault_window_end_s()
         async with Client(self.cluster.client_urls, config=self._client_config(2.0)) as probe:
             while self.now_s() < end_s and not workload_task.done():
                 name = self.rng.choice(faults)

@@ -99,6 +99,7 @@ class LeaseService:
             result = await driver.write(command, request_id)
             if result.ok:
                 self.expired_count += 1
+                driver.metrics.leases_expired.inc()
                 logger.info("event=lease_expired id=%d keys_deleted=%d", lease_id, result.deleted)
         except (KVStoreError, TimeoutError) as exc:
             # Lost leadership or overloaded: the next leader, or the next check, retries.

@@ -162,6 +162,13 @@ class NodeMetrics:
             ["reason"],
             registry=r,
         )
+        # Issue 14: watches and leases (server/watch.py, server/leases.py).
+        self.watchers = Gauge("kvstore_watchers", "Watch streams this node serves", registry=r)
+        self.leases_expired = Counter(
+            "kvstore_leases_expired_total",
+            "Leases this node revoked as their leader because they expired",
+            registry=r,
+        )
         self.is_leader = Gauge("kvstore_is_leader", "1 when this node is the leader", registry=r)
         self.term = Gauge("kvstore_term", "Current Raft term", registry=r)
         self.node_info = Gauge("kvstore_node_info", "This node's id", ["id"], registry=r)

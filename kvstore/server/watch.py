@@ -117,6 +117,7 @@ class WatchApi:
         self._lag_max = config.watch_lag_revisions_max
         self._watchers_max = config.watchers_max
         http.add_routes({("/v1/watch", "GET"): self.watch})
+        http.metrics.watchers.set_function(lambda: hub.watchers)
 
     def _filter(self, query: dict[str, str]) -> tuple[str, bool]:
         """(key or prefix, is_prefix) from the query; exactly one of key= and prefix=."""

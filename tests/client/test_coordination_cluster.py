@@ -216,3 +216,21 @@ async def test_a_caught_up_watch_reports_progress_at_the_current_revision(cluste
                     if isinstance(item, WatchProgress) and item.revision >= revision:
                         break
     assert isinstance(seen[0], WatchEvent) and seen[0].revision == revision
+
+
+async def test_an_election_is_observed_as_its_leader_changes(cluster: Any) -> None:
+    name = unique("observe")
+    async with Client(cluster.client_urls) as kv:
+        first, second = Election(kv, name, ttl_s=5.0), Election(kv, name, ttl_s=5.0)
+        await first.campaign("a")
+        observed = first.observe()
+        assert (await anext(observed)).value == b"a"  # type: ignore[union-attr]
+        campaign = asyncio.ensure_future(second.campaign("b"))
+        await first.resign()
+        async with asyncio.timeout(10):
+            leader = await anext(observed)
+            while leader is None or leader.value != b"b":
+                leader = await anext(observed)
+        await campaign
+        await observed.aclose()
+        await second.resign()

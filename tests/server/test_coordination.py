@@ -261,6 +261,8 @@ async def test_a_lease_expires_its_keys_only_after_keepalives_stop(node: Node) -
     assert listing["leases"][0]["keys"] == ["svc/a"]
     await _until(lambda: node.driver.replica.state_machine.get("svc/a") is None, 3)
     assert lease_id not in node.driver.replica.state_machine.leases
+    metrics = await (await node.client.get("/metrics")).text()
+    assert "kvstore_leases_expired_total 1.0" in metrics and "kvstore_watchers 0.0" in metrics
     missing = await node.client.post("/v1/lease/keepalive", json={"id": lease_id})
     assert missing.status == 404
     bad = await node.client.put("/v1/kv/x?lease=12345", data=b"v")
