@@ -53,6 +53,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -115,9 +116,10 @@ async def run_fault(
 
 def client_config(args: argparse.Namespace) -> ClientConfig:
     """The client's defaults unless told otherwise: what an untuned application sees."""
+    config = ClientConfig(binary_stream=not args.http_only)
     if args.attempt_timeout_ms is None:
-        return ClientConfig()
-    return ClientConfig(attempt_timeout_s=args.attempt_timeout_ms / 1000)
+        return config
+    return replace(config, attempt_timeout_s=args.attempt_timeout_ms / 1000)
 
 
 def make_systems(fault: str, base: Path, args: argparse.Namespace) -> list[System]:
@@ -125,6 +127,10 @@ def make_systems(fault: str, base: Path, args: argparse.Namespace) -> list[Syste
     systems: list[System] = [
         KvstoreSystem(base / f"kvstore-{fault}", config, proxies=fault == "isolate")
     ]
+    if args.tls:
+        systems.append(
+            KvstoreSystem(base / f"kvstore-tls-{fault}", config, proxies=fault == "isolate", tls=True)
+        )
     if args.compare == "etcd" and fault != "isolate":
         heartbeat_ms, election_ms = kvstore_timing_ms()
         # etcd refuses an election timeout under 5 heartbeats: tuned is the closest it allows.
@@ -152,10 +158,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--trials", type=int, default=20, help="trials per fault and system")
     parser.add_argument("--faults", default="kill,term,pause", help=f"from {','.join(FAULTS)}")
     parser.add_argument("--compare", choices=["etcd"], help="also run three-node etcd")
+    parser.add_argument("--tls", action="store_true",
+                        help="also run kvstore with TLS on both ports (system kvstore-tls)")  # fmt: skip
     parser.add_argument("--writers", type=int, default=8, help="concurrent writers")
     parser.add_argument("--attempt-timeout-ms", type=float, default=None,
                         help="per-attempt timeout of both clients (default: the kvstore "
                              "client's default, ClientConfig.attempt_timeout_s)")  # fmt: skip
+    parser.add_argument("--http-only", action="store_true",
+                        help="kvstore writers over HTTP only (ClientConfig.binary_stream=False; "
+                             "default: the client's binary stream)")  # fmt: skip
     parser.add_argument("--pause-s", type=float, default=2.0, help="SIGSTOP/isolation length")
     parser.add_argument("--settle-s", type=float, default=0.5, help="load before each fault")
     parser.add_argument("--post-s", type=float, default=0.5,

@@ -165,7 +165,7 @@ def write_json(results: list[dict[str, Any]], args: argparse.Namespace, path: Pa
             "writers": args.writers,
             "attempt_timeout_ms": args.attempt_timeout_ms,
             # The ClientConfig every kvstore writer used (the defaults unless
-            # --attempt-timeout-ms); etcd's writers use its attempt timeout and deadline.
+            # --attempt-timeout-ms or --http-only); etcd uses its attempt timeout and deadline.
             "client_config": {
                 name: str(value) if isinstance(value, StrEnum) else value
                 for name, value in asdict(args.client_config).items()

@@ -13,7 +13,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -23,6 +23,7 @@ from etcdcluster import EtcdClient, EtcdCluster, etcd_status
 from kvstore.chaos.proxy import ProxyMesh
 from kvstore.client import Client
 from kvstore.client.config import ClientConfig
+from kvstore.client.transport import tls_context
 from kvstore.server.config import ServeConfig
 from kvstore.server.localcluster import LocalCluster, free_port
 
@@ -91,8 +92,12 @@ class _KvWriter:
 class KvstoreSystem:
     """A LocalCluster with kvstore's defaults; peer links go through proxies for `isolate`."""
 
-    def __init__(self, base_dir: Path, client_config: ClientConfig, *, proxies: bool) -> None:
-        self.label = "kvstore"
+    def __init__(
+        self, base_dir: Path, client_config: ClientConfig, *, proxies: bool, tls: bool = False
+    ) -> None:
+        # tls: TLS on both ports (mutual TLS between peers, https for the clients).
+        self.tls = tls
+        self.label = "kvstore-tls" if tls else "kvstore"
         self.ids = [1, 2, 3]
         self.base_dir = base_dir
         self.client_config = client_config
@@ -110,10 +115,18 @@ class KvstoreSystem:
             await self.mesh.start()
             addresses = self.mesh.dial_addresses()
         self.cluster = LocalCluster(
-            self.base_dir, len(self.ids), peer_ports=peer_ports, peer_addresses=addresses
+            self.base_dir,
+            len(self.ids),
+            peer_ports=peer_ports,
+            peer_addresses=addresses,
+            tls=self.tls,
         )
         self.cluster.start()
-        self._session = aiohttp.ClientSession(trust_env=False)
+        if self.tls:
+            self.client_config = replace(self.client_config, ca_file=self.cluster.ca_file)
+        self._session = aiohttp.ClientSession(
+            trust_env=False, connector=aiohttp.TCPConnector(ssl=tls_context(self.cluster.ca_file))
+        )
 
     async def stop(self) -> None:
         if self._session is not None:
@@ -175,7 +188,8 @@ class KvstoreSystem:
 
     async def read_prefix(self, prefix: str) -> dict[str, tuple[bytes, int]]:
         assert self.cluster is not None
-        async with Client(self.cluster.client_urls, timeout_s=30) as client:
+        config = replace(self.client_config, timeout_s=30)
+        async with Client(self.cluster.client_urls, config=config) as client:
             listing = await client.list(prefix, limit=KEYS_PER_BUCKET + 1)
         assert not listing.more, f"more than {KEYS_PER_BUCKET} keys under {prefix}"
         return {item.key: (item.value, item.version) for item in listing}

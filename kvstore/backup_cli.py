@@ -57,6 +57,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=_TIMEOUT_S,
         help="seconds to wait for each node's answer (default %(default)s)",
     )
+    save.add_argument(
+        "--token",
+        dest="auth_token",
+        default=os.environ.get("KVSTORE_TOKEN", ""),
+        help="bearer token for nodes with --auth: an admin's (default $KVSTORE_TOKEN)",
+    )
     for flag, variable, help_text in _TLS_FLAGS:
         save.add_argument(
             flag,
@@ -106,7 +112,7 @@ def _save(args: argparse.Namespace) -> int:
     failures: list[str] = []
     for url in urls:
         try:
-            headers = _download(opener, f"{url}/v1/snapshot", part, args.timeout)
+            headers = _download(opener, f"{url}/v1/snapshot", part, args.timeout, args.auth_token)
         except (OSError, urllib.error.URLError) as exc:
             failures.append(f"{url}: {_reason(exc)}")
             _remove(part)
@@ -142,10 +148,13 @@ def _opener(args: argparse.Namespace, urls: list[str]) -> urllib.request.OpenerD
 
 
 def _download(
-    opener: urllib.request.OpenerDirector, url: str, path: str, timeout_s: float
+    opener: urllib.request.OpenerDirector, url: str, path: str, timeout_s: float, token: str
 ) -> dict[str, str]:
     """GET `url` into `path`, fsynced; the response's headers."""
-    with opener.open(url, timeout=timeout_s) as response:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with opener.open(request, timeout=timeout_s) as response:
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "wb") as file:
             while chunk := response.read(_READ_BYTES):

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from kvstore.chaos.coordination import WatchRecorder
 from kvstore.chaos.nemesis import FaultEvent, Nemesis, expand_faults
 from kvstore.chaos.proxy import ProxyMesh
 from kvstore.chaos.workload import WORKLOADS, Workload, WorkloadConfig
@@ -367,6 +368,8 @@ class Drill:
                 raise ValueError(f"the run folder {self.run_dir} is not empty")
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.started_at = clock()
+        # Set when the workload starts (now_s time); the fault window is measured from it.
+        self.workload_started_s = 0.0
         self._watched = _Watched()
         self.hard_states: dict[int, list[tuple[int, int]]] = {}
         self.report = DrillReport(config=config, run_dir=self.run_dir)
@@ -375,6 +378,12 @@ class Drill:
 
     def now_s(self) -> float:
         return self._clock() - self.started_at
+
+    def fault_window_end_s(self) -> float:
+        """When the last fault may start, in `now_s` time: the duration counts from the
+        workload's start, so a slow start (three processes on a loaded machine can take
+        seconds) does not eat the warm-up and leave a short drill without a single fault."""
+        return self.workload_started_s + self.config.duration_s - self.config.tail_s
 
     def observe_down(self, node: int) -> None:
         """Record the persisted (term, commit) of a stopped node, before it restarts."""
@@ -425,6 +434,15 @@ class Drill:
                 random.Random(self.rng.getrandbits(64)),
             )
             self.workload = workload
+            recorder = None
+            if config.workload == "watch":
+                recorder = WatchRecorder(
+                    self.cluster.client_urls,
+                    random.Random(self.rng.getrandbits(64)),
+                    self._client_config(10.0),
+                )
+                await recorder.start()
+            self.workload_started_s = self.now_s()
             workload_task = asyncio.create_task(workload.run(), name="workload")
             nemesis = Nemesis(
                 self.cluster,
@@ -453,16 +471,33 @@ class Drill:
             converged = await self._converge()
             self._say(f"reading the final value of {len(workload.keys_used)} key(s)")
             final = await self._final_reads(workload)
+            coordination = await self._coordination_check(workload, recorder)
             await asyncio.to_thread(self.cluster.stop)
             self._say(
                 f"checking {len(workload.history.operations)} operation(s) and the nodes' "
                 "data directories"
             )
             self._check(workload, final, converged)
+            if coordination is not None:
+                self.report.checks.append(coordination)
         finally:
             await asyncio.to_thread(self.cluster.stop)
             await self.mesh.close()
         return self.report
+
+    async def _coordination_check(
+        self, workload: Workload, recorder: WatchRecorder | None
+    ) -> CheckOutcome | None:
+        """The watch workload's and the lock workload's own checks (chaos/coordination.py)."""
+        started = time.monotonic()
+        if recorder is not None:
+            self._say("letting the watchers catch up and reading the history")
+            ok, detail = await recorder.finish()
+            return CheckOutcome("watch", ok, detail, time.monotonic() - started)
+        if workload.lock is not None:
+            ok, detail = workload.lock.check()
+            return CheckOutcome("lock", ok, detail, time.monotonic() - started)
+        return None
 
     # --- progress: read-only, beside the fault schedule -------------------------------------
 
@@ -529,7 +564,7 @@ class Drill:
         config = self.config
         faults = expand_faults(config.faults)
         await asyncio.sleep(config.warmup_s)
-        end_s = config.duration_s - config.tail_s
+        end_s = self.fault_window_end_s()
         async with Client(self.cluster.client_urls, config=self._client_config(2.0)) as probe:
             while self.now_s() < end_s and not workload_task.done():
                 name = self.rng.choice(faults)
@@ -590,7 +625,7 @@ class Drill:
                     logger.warning("event=final_read_failed key=%s error=%s", key, exc)
                     continue
                 final[key] = value
-                if self.config.workload == "register":
+                if self.config.workload in ("register", "watch", "lock"):
                     history.record(
                         {
                             "process": process,
@@ -709,7 +744,9 @@ class Drill:
         ok_operations = self.report.counts.get("ok", 0)
         if config.workload == "counter":
             ok_operations = workload.tally.acknowledged
-        needed = int(config.min_ok_per_s * config.duration_s)
+        # A lock holder's turn (grant, queue, write, revoke) is several round trips.
+        per_s = 1.0 if config.workload == "lock" else config.min_ok_per_s
+        needed = int(per_s * config.duration_s)
         events = self.report.timeline
         ineffective = [e.name for e in events if not e.took_effect]
         mishandled = [e.name for e in events if e.disk_outcome_ok is False]

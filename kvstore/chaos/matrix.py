@@ -22,13 +22,15 @@ def _smoke() -> tuple[MatrixRun, ...]:
             for i, fault in enumerate(ALL_FAULTS)]  # fmt: skip
     runs.append(MatrixRun("counter-storm", "counter", "kill,pause,partition", 40.0, 200))
     runs.append(MatrixRun("append", "append", "kill,partition,disk", 40.0, 300))
+    runs.append(MatrixRun("watch", "watch", "kill,pause,partition", 40.0, 400))
+    runs.append(MatrixRun("lock", "lock", "kill,pause,partition", 40.0, 500))
     return tuple(runs)
 
 
 def _full() -> tuple[MatrixRun, ...]:
     runs: list[MatrixRun] = []
     families = [*FAMILIES, ",".join(FAMILIES)]
-    for w, workload in enumerate(("register", "counter", "append")):
+    for w, workload in enumerate(("register", "counter", "append", "watch", "lock")):
         for f, faults in enumerate(families):
             label = "all" if "," in faults else faults
             runs.append(MatrixRun(f"{workload}-{label}", workload, faults, 120.0, 1000 * w + f))

@@ -11,13 +11,17 @@ failure that did not take effect.
   names the write it saw. Reads go to a random node (followers answer through ReadIndex), so
   a node that answers from stale state is caught wherever it sits. A cas compares on the key's revision, which (values being unique)
   is the same as comparing on the value the process last read; it is recorded as a
-  value-compare `cas` for the checker.
+  value-compare `cas` for the checker. Half the cas go through a transaction
+  (`POST /v1/txn`: compare the revision, then put), so the checker covers transactions too.
 - `counter`: a retry storm: every increment is a cas read-modify-write with a request id, and
   each attempt is also fired again, concurrently, with the same request id at other nodes; the
   counter must end within [acknowledged, acknowledged + unknown], and every duplicate must get
   the first answer.
 - `append`: each operation appends a unique element to a key's list through a cas loop; the
   final lists must hold every acknowledged element exactly once.
+- `watch`: the register workload, with watchers beside it (kvstore/chaos/coordination.py).
+- `lock`: processes take a `Lock` in turns and act on a resource with their fencing token
+  (kvstore/chaos/coordination.py); the holders' writes go into the register history.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from typing import Any
 
 import aiohttp
 
-from kvstore.client import Client, ClientConfig, PutResult
+from kvstore.chaos.coordination import LockWorkload
+from kvstore.client import Client, ClientConfig, Compare, Op, PutResult
 from kvstore.client.transport import tls_context
 from kvstore.errors import (
     ClusterError,
@@ -48,7 +53,7 @@ from kvstore.errors import (
 
 logger = logging.getLogger("kvstore.chaos")
 
-WORKLOADS = ("register", "counter", "append")
+WORKLOADS = ("register", "counter", "append", "watch", "lock")
 
 
 @dataclass(slots=True)
@@ -129,15 +134,27 @@ class Workload:
         self._stop = asyncio.Event()
         self._started_ns = clock_ns()
         self.keys_used: set[str] = set()
+        self.lock: LockWorkload | None = None
 
     def stop(self) -> None:
         self._stop.set()
+        if self.lock is not None:
+            self.lock.stop()
 
     async def run(self) -> None:
         config = self.config
         client_config = ClientConfig(
             timeout_s=config.operation_timeout_s, ca_file=config.ca_file, token=config.token
         )
+        if config.kind == "lock":
+            self.keys_used.add("lock-owner")
+            self.lock = LockWorkload(
+                self.endpoints, config.processes, self._rng, self._record, client_config
+            )
+            if self._stop.is_set():
+                self.lock.stop()
+            await self.lock.run(self.history.new_process)
+            return
         async with contextlib.AsyncExitStack() as stack:
             client = await stack.enter_async_context(Client(self.endpoints, config=client_config))
             raw = await stack.enter_async_context(
@@ -162,7 +179,7 @@ class Workload:
         process = self.history.new_process()
         serial = itertools.count(1)
         while not self._stop.is_set():
-            if self.config.kind == "register":
+            if self.config.kind in ("register", "watch"):
                 known = await self._register_step(client, raw, process, slot, serial, rng)
             elif self.config.kind == "counter":
                 known = await self._counter_step(client, raw, process, rng)
@@ -243,7 +260,17 @@ class Workload:
             return True
         invoke = self._clock_ns()
         try:
-            await client.cas(key, value.encode(), mod_revision=revision)
+            if len(value) % 2:
+                # Half the compare-and-sets go through POST /v1/txn, so transactions are in
+                # the linearizability check too (issue 14).
+                result = await client.txn(
+                    compare=[Compare.mod_revision(key, "=", revision)],
+                    success=[Op.put(key, value.encode())],
+                )
+                if not result.succeeded:
+                    raise PreconditionFailedError("the transaction's comparison failed")
+            else:
+                await client.cas(key, value.encode(), mod_revision=revision)
         except PreconditionFailedError:
             self._record(
                 process, "cas", key, value, expected, invoke, self._clock_ns(), True, False
@@ -329,25 +356,33 @@ class Workload:
         }
         targets = [rng.choice(self.endpoints) for _ in range(self.config.storm_copies)]
 
+        async def put(url: str) -> tuple[int, str | None, Any]:
+            # Redirects are followed here, one hop, not by aiohttp: it drops the
+            # Authorization header (a secure drill's token) on a redirect to another port.
+            async with raw.put(
+                url, data=value.encode(), headers=headers, allow_redirects=False
+            ) as answer:
+                body = await answer.json(content_type=None)
+                return answer.status, answer.headers.get("Location"), body
+
         async def duplicate(endpoint: str) -> None:
             url = f"{endpoint}/v1/kv/{key}"
             try:
                 async with asyncio.timeout(self.config.operation_timeout_s):
-                    async with raw.put(url, data=value.encode(), headers=headers) as answer:
-                        body = await answer.json(content_type=None)
-                        if answer.status == 307:
-                            return
-                        if answer.status in (429, 503) or answer.status >= 500:
-                            return  # not answered: says nothing either way
-                        self.tally.storm_duplicates_sent += 1
-                        same = answer.status == 200 and body.get("mod_revision") == (
-                            result.mod_revision
+                    status, location, body = await put(url)
+                    if status == 307 and location:
+                        status, location, body = await put(location)
+                    if status == 307:
+                        return
+                    if status in (429, 503) or status >= 500:
+                        return  # not answered: says nothing either way
+                    self.tally.storm_duplicates_sent += 1
+                    same = status == 200 and body.get("mod_revision") == result.mod_revision
+                    released = status == 409 and _error_code(body) == ("session_expired")
+                    if not (same or released):
+                        self.tally.storm_mismatches.append(
+                            f"{request_id} at {endpoint}: {status} {body}"
                         )
-                        released = answer.status == 409 and _error_code(body) == ("session_expired")
-                        if not (same or released):
-                            self.tally.storm_mismatches.append(
-                                f"{request_id} at {endpoint}: {answer.status} {body}"
-                            )
             except (TimeoutError, aiohttp.ClientError, ValueError):
                 return
 

@@ -73,7 +73,13 @@ from kvstore.client.retry import (
     Verdict,
 )
 from kvstore.client.stream import StreamTransport
-from kvstore.client.transport import AiohttpTransport, HttpResponse, Transport, TransportError
+from kvstore.client.transport import (
+    AiohttpTransport,
+    HttpResponse,
+    Transport,
+    TransportError,
+    tls_context,
+)
 from kvstore.client.txn import Compare, Op, TxnResult, txn_body, txn_result_from_json
 from kvstore.client.watch import Watch
 from kvstore.errors import (
@@ -528,6 +534,10 @@ class Client:
             self.endpoints, key=key, prefix=prefix, start_revision=start_revision,
             prev_kv=prev_kv, progress=progress, progress_interval_s=progress_interval_s,
             connect_timeout_s=self.config.connect_timeout_s, rng=self._rng,
+            ssl_context=tls_context(self.config.ca_file, self.config.cert_file,
+                                    self.config.key_file),
+            headers={"Authorization": f"Bearer {self.config.token}"} if self.config.token
+            else None,
         )  # fmt: skip
 
     async def _post(

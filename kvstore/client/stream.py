@@ -15,13 +15,15 @@ Rules that hold here:
 - a connection that fails fails every request waiting on it with `TransportError
   (maybe_sent=True)`: the client retries them with their request ids, so each applies once;
 - a dial that is refused raises `TransportError(maybe_sent=False)`, as over HTTP;
-- each request waits at most its `timeout_s`; its late answer is dropped;
+- each request waits at most its `timeout_s`; its late answer is dropped; a dial waits at
+  most `_DIAL_TIMEOUT_MIN_S` (or twice the connect timeout), an open stream is pinged;
 - one writer and one reader task per connection, owned by it, cancelled when it closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import time
@@ -44,6 +46,11 @@ _BATCH_BYTES_MAX = 256 * 1024
 # Values larger than this go over HTTP (one message must hold one value with room to spare).
 _STREAM_VALUE_BYTES_MAX = 512 * 1024
 _KEY_PREFIX = "/v1/kv/"
+# The upgrade must complete within this (or twice the connect timeout, if longer).
+_DIAL_TIMEOUT_MIN_S = 1.0
+# Pings on an open stream: a connection whose node stopped answering them is closed (its
+# requests fail and are retried elsewhere) instead of holding new requests until they time out.
+_HEARTBEAT_S = 10.0
 # What a stream request carries; a key operation with any other header goes over HTTP.
 _STREAM_HEADERS = frozenset(
     {"Kvstore-Request-Id", "Kvstore-Acked-Below", "If-Match", "If-None-Match"}
@@ -168,6 +175,7 @@ class StreamTransport:
     def __init__(self, http: AiohttpTransport, *, connect_timeout_s: float = 0.5) -> None:
         self._http = http
         self._connect_timeout_s = connect_timeout_s
+        self._dial_timeout_s = max(_DIAL_TIMEOUT_MIN_S, 2 * connect_timeout_s)
         self._connections: dict[str, _Connection] = {}
         self._connecting: dict[str, asyncio.Future[_Connection | None]] = {}
         # Nodes that answered the upgrade with HTTP: until when to use HTTP only.
@@ -218,7 +226,7 @@ class StreamTransport:
         if pending is None:
             pending = asyncio.ensure_future(self._dial(endpoint))
             self._connecting[endpoint] = pending
-            pending.add_done_callback(lambda _: self._connecting.pop(endpoint, None))
+            pending.add_done_callback(functools.partial(self._dialled, endpoint))
         try:
             return await asyncio.wait_for(asyncio.shield(pending), timeout_s)
         except TimeoutError as exc:
@@ -227,16 +235,32 @@ class StreamTransport:
                 maybe_sent=False, timed_out=True,
             ) from exc  # fmt: skip
 
+    def _dialled(self, endpoint: str, dial: asyncio.Future[_Connection | None]) -> None:
+        """A dial ended: forget it, and take its error (its waiters may all have timed out,
+        and an error nobody took would be logged when the task is collected)."""
+        self._connecting.pop(endpoint, None)
+        if not dial.cancelled():
+            dial.exception()
+
     async def _dial(self, endpoint: str) -> _Connection | None:
         session = self._http._get_session()
         try:
-            ws = await session.ws_connect(
-                endpoint.rstrip("/") + "/v1/stream",
-                timeout=aiohttp.ClientWSTimeout(ws_close=1.0),
-                autoping=True,
-                max_msg_size=0,
-                compress=0,
-            )
+            # Bounded: a frozen node accepts the TCP connection and never answers the
+            # upgrade; without a bound the dial would wait for it forever.
+            async with asyncio.timeout(self._dial_timeout_s):
+                ws = await session.ws_connect(
+                    endpoint.rstrip("/") + "/v1/stream",
+                    timeout=aiohttp.ClientWSTimeout(ws_close=1.0),
+                    autoping=True,
+                    heartbeat=_HEARTBEAT_S,
+                    max_msg_size=0,
+                    compress=0,
+                )
+        except TimeoutError as exc:
+            raise TransportError(
+                f"{endpoint}: stream not open within {self._dial_timeout_s:.3f}s",
+                maybe_sent=False, timed_out=True,
+            ) from exc  # fmt: skip
         except aiohttp.WSServerHandshakeError:
             self._http_only_until[endpoint] = time.monotonic() + _HTTP_ONLY_S
             return None

@@ -29,6 +29,7 @@ import base64
 import json
 import logging
 import random
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,8 @@ class Watch:
         progress_interval_s: float = 1.0,
         connect_timeout_s: float = 0.5,
         rng: random.Random | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         if (key is None) == (prefix is None):
             raise ValueError("watch needs exactly one of key= or prefix=")
@@ -108,6 +111,9 @@ class Watch:
         self._progress_ms = max(10, int(progress_interval_s * 1000))
         self._connect_timeout_s = connect_timeout_s
         self._rng = rng or random.Random()
+        # https endpoints: the client's TLS context; a bearer token (nodes with --auth).
+        self._ssl = ssl_context
+        self._headers = headers
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self.reconnects = 0
@@ -163,7 +169,10 @@ class Watch:
         """One connection's events; returns when the node ends the stream."""
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
+                connector=aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                headers=self._headers,
             )
         # No line for three progress intervals: the node is gone or cut off.
         read_timeout = 3 * self._progress_ms / 1000 + 1.0
@@ -197,7 +206,7 @@ class Watch:
             event = _event(raw_event)
             if event.revision >= self.next_revision:
                 items.append(event)
-        if line.get("progress") and self._progress and revision >= self.next_revision:
+        if line.get("progress") and self._progress:
             items.append(WatchProgress(revision))
         self.next_revision = max(self.next_revision, revision + 1)
         return items

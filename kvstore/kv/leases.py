@@ -247,11 +247,18 @@ class LeaseKeeper:
         self._ttls.pop(lease_id, None)
         self._revoking.pop(lease_id, None)
 
+    def expiring(self, lease_id: int) -> bool:
+        """This leader has proposed the lease's revocation: it is expired, whether or not
+        the revocation has been applied yet."""
+        return lease_id in self._revoking
+
     def keepalive(self, lease_id: int, now_ms: int) -> int | None:
         """Renew the lease at `now_ms` (after leadership was confirmed); its TTL, or None if
-        this keeper does not know it (not leader, or no such lease)."""
+        this keeper does not know it (not leader, or no such lease) or has already proposed
+        its revocation (`expiring`): renewing it then would acknowledge a keepalive for a
+        lease whose expiry is about to commit (the simulator found that one)."""
         ttl = self._ttls.get(lease_id)
-        if not self.active or ttl is None:
+        if not self.active or ttl is None or lease_id in self._revoking:
             return None
         self._deadlines[lease_id] = max(self._deadlines[lease_id], now_ms + ttl)
         return ttl

@@ -88,8 +88,10 @@ class AuthGate:
         root_digest: str,
         protect_status: bool,
         protect_metrics: bool,
+        on_denied: Callable[[str], None] | None = None,
     ) -> None:
         self._table = table
+        self._on_denied = on_denied
         self._root_digest = root_digest
         self._open = set(_OPEN)
         if not protect_status:
@@ -114,6 +116,8 @@ class AuthGate:
                 )
         except (UnauthenticatedError, PermissionDeniedError) as exc:
             self.denied += 1
+            if self._on_denied is not None:
+                self._on_denied(exc.code)
             self._throttle.log(
                 "auth_denied",
                 logging.WARNING,

@@ -183,23 +183,20 @@ class ClientConnection(RequestHandler):
             return
         if self._phase is _Phase.IDLE and data:
             self._phase = _Phase.HEAD
-            self._server.idle_since_changed(self)
-            self._arm(self._server.limits.header_timeout_s)
+            self._server.head_started(self)
         super().data_received(data)
 
     # --- called by ClientServer around each request ---------------------------------------
 
     def request_started(self) -> None:
         self._phase = _Phase.BUSY
-        self._cancel_timer()
-        self._server.not_idle(self)
+        self._server.busy(self)
 
     def request_finished(self) -> None:
         if not self.counted:  # closed (evicted, timed out, or gone) while it was handled
             return
         self._phase = _Phase.IDLE
-        self._server.idle_since_changed(self)
-        self._arm(self._server.limits.idle_timeout_s)
+        self._server.idle(self)
 
     @property
     def source(self) -> str:
@@ -361,7 +358,8 @@ class ClientServer(web.Server):
     # --- timers (a timeout fires at most one sweep period late) ---------------------------
 
     def arm(self, connection: ClientConnection, delay_s: float) -> None:
-        self.disarm(connection)
+        if connection.timer_delay is not None:  # disarm, inline: this runs per request
+            self._timers[connection.timer_delay].pop(connection, None)
         queue = self._timers.get(delay_s)
         if queue is None:
             queue = self._timers[delay_s] = {}
@@ -440,15 +438,29 @@ class ClientServer(web.Server):
         else:
             self._per_source.pop(source, None)
 
-    def not_idle(self, connection: ClientConnection) -> None:
-        self._idle.pop(connection, None)
+    # The three steps of each request, one call each (they run for every request, so the
+    # bookkeeping is written out here rather than spread over small helpers).
 
-    def idle_since_changed(self, connection: ClientConnection) -> None:
-        """Move a connection to the end of the eviction order (it just became idle, or
-        started sending a head: either way it is the newest)."""
+    def head_started(self, connection: ClientConnection) -> None:
+        """A request head began to arrive: the head timeout runs, and the connection moves
+        to the end of the eviction order (the newest; it still counts as idle there, since
+        a crowd of half-sent heads must not lock out a client with a whole request)."""
         if connection.counted:
             self._idle.pop(connection, None)
             self._idle[connection] = None
+        self.arm(connection, self.limits.header_timeout_s)
+
+    def busy(self, connection: ClientConnection) -> None:
+        """A request is being handled: no deadline of ours, and never evicted."""
+        self.disarm(connection)
+        self._idle.pop(connection, None)
+
+    def idle(self, connection: ClientConnection) -> None:
+        """A request was answered: the idle timeout runs, and the connection is the newest
+        in the eviction order."""
+        self._idle.pop(connection, None)
+        self._idle[connection] = None
+        self.arm(connection, self.limits.idle_timeout_s)
 
     def _refused(self, reason: str) -> None:
         if self.metrics is not None:

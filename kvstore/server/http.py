@@ -399,8 +399,13 @@ class HttpApi:
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLargeError(f"value is over {limit} bytes")
         try:
-            async with asyncio.timeout(self._body_timeout_s):
+            if request.content.is_eof():
+                # The whole body has arrived (a small value comes with its head): reading it
+                # cannot wait, so no timer is armed for it.
                 body = await request.read()
+            else:
+                async with asyncio.timeout(self._body_timeout_s):
+                    body = await request.read()
         except (HttpProcessingError, web.RequestPayloadError) as exc:
             raise BadRequestError("the request body is malformed") from exc
         except TimeoutError as exc:

@@ -74,6 +74,8 @@ class LeaseService:
             return ttl
         if lease_id not in self.driver.replica.state_machine.leases:
             raise NotFoundError(f"no such lease {lease_id}")
+        if self.keeper.expiring(lease_id):
+            raise NotFoundError(f"lease {lease_id} expired; its revocation is being applied")
         raise NoLeaderError("leadership moved during the keepalive; retry", retry_after_s=0.05)
 
     def remaining_ms(self, lease_id: int) -> int | None:
@@ -97,6 +99,7 @@ class LeaseService:
             result = await driver.write(command, request_id)
             if result.ok:
                 self.expired_count += 1
+                driver.metrics.leases_expired.inc()
                 logger.info("event=lease_expired id=%d keys_deleted=%d", lease_id, result.deleted)
         except (KVStoreError, TimeoutError) as exc:
             # Lost leadership or overloaded: the next leader, or the next check, retries.

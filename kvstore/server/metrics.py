@@ -128,6 +128,19 @@ class NodeMetrics:
             buckets=(1, 4, 16, 64, 256, 1024, 4096),
             registry=r,
         )
+        self.peer_handshakes_refused = Counter(
+            "kvstore_peer_handshakes_refused_total",
+            "Peer connections refused before their handshake completed (in: dialled to us; "
+            "out: our dials), e.g. a wrong secret or certificate",
+            ["direction"],
+            registry=r,
+        )
+        self.auth_denied = Counter(
+            "kvstore_auth_denied_total",
+            "Client requests refused by authentication (401) or authorization (403)",
+            ["code"],
+            registry=r,
+        )
         self.peer_dropped = Counter(
             "kvstore_peer_messages_dropped_total",
             "Messages dropped on full peer queues",
@@ -147,6 +160,13 @@ class NodeMetrics:
             "Client connections the node closed: idle_timeout, header_timeout, "
             "body_timeout or evicted (the longest idle, to make room at the total bound)",
             ["reason"],
+            registry=r,
+        )
+        # Issue 14: watches and leases (server/watch.py, server/leases.py).
+        self.watchers = Gauge("kvstore_watchers", "Watch streams this node serves", registry=r)
+        self.leases_expired = Counter(
+            "kvstore_leases_expired_total",
+            "Leases this node revoked as their leader because they expired",
             registry=r,
         )
         self.is_leader = Gauge("kvstore_is_leader", "1 when this node is the leader", registry=r)

@@ -212,6 +212,9 @@ class Node:
             on_snapshot_status=self.driver.on_snapshot_status,
             queue_frames_max=config.peer_queue_frames,
             on_drop=lambda peer: self.metrics.peer_dropped.inc(),
+            on_handshake_refused=lambda direction: self.metrics.peer_handshakes_refused.labels(
+                direction=direction
+            ).inc(),
             handshake_timeout_s=config.peer_handshake_timeout_ms / 1000.0,
             frame_bytes_max=config.peer_frame_bytes_max,
             connections_max=config.peer_connections_max,
@@ -229,6 +232,7 @@ class Node:
                 root_digest=root_token_digest,
                 protect_status=config.auth_protect_status,
                 protect_metrics=config.auth_protect_metrics,
+                on_denied=lambda code: self.metrics.auth_denied.labels(code=code).inc(),
             )
         stream.install(self.http)
         self.leases = LeaseService(self.driver)

@@ -19,8 +19,8 @@ The answer is newline-delimited JSON (`application/x-ndjson`), one object per li
   (it reads too slowly), or the node is shutting down. The error's code says which; the
   client resumes from its next revision, here or elsewhere.
 
-Slow watchers are bounded: what a watch holds is one line being written (at most
-`_LINE_EVENTS_MAX` events, except a single revision with more), a write that does not finish
+Slow watchers are bounded: what a watch holds is one line being written (a line ends at the
+first revision boundary at or past `_LINE_EVENTS_MAX` events), a write that does not finish
 within `_WRITE_TIMEOUT_S` closes the connection, and a watch that lags too far is cancelled.
 None of it slows the driver: it only wakes the waiting watches.
 """
@@ -117,6 +117,7 @@ class WatchApi:
         self._lag_max = config.watch_lag_revisions_max
         self._watchers_max = config.watchers_max
         http.add_routes({("/v1/watch", "GET"): self.watch})
+        http.metrics.watchers.set_function(lambda: hub.watchers)
 
     def _filter(self, query: dict[str, str]) -> tuple[str, bool]:
         """(key or prefix, is_prefix) from the query; exactly one of key= and prefix=."""
@@ -239,8 +240,8 @@ def _collect(
     events: Any, text: str, is_prefix: bool, next_revision: int, current: int
 ) -> tuple[list[Event], int]:
     """The matching events from `events` (the history from `next_revision` on), whole
-    revisions only, at most `_LINE_EVENTS_MAX` unless one revision holds more; and the next
-    revision to send after them."""
+    revisions only, ending at the first revision boundary at or past `_LINE_EVENTS_MAX`
+    events; and the next revision to send after them."""
     matched: list[Event] = []
     scanned_to = next_revision - 1
     for event in events:

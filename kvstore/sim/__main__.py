@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
         "--no-membership", action="store_true", help="no membership changes nor lost disks"
     )
     parser.add_argument("--trace", action="store_true", help="with --seed: print every event")
+    parser.add_argument(
+        "--coordination",
+        action="store_true",
+        help="add transactions, watchers and leases and their invariants (issue 14)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="a line per seed")
     return parser
 
@@ -51,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["liveness"] = False
     if args.no_membership:
         overrides["membership"] = False
+    if args.coordination:
+        overrides["coordination"] = True
     started = _cpu_seconds()
     if args.seed is not None:
         result = run_seed(args.seed, overrides, trace_to=print if args.trace else None)

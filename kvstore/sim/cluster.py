@@ -28,6 +28,8 @@ from kvstore.kv.commands import Put, RequestId, decode_command, encode_command
 from kvstore.raft.config import RaftConfig
 from kvstore.raft.types import Entry, EntryType, Message, MessageType, ReadState, Ready, Role
 from kvstore.replica import SnapshotJob
+from kvstore.sim.coordination import CoordinationWorkload
+from kvstore.sim.coordination import kv_config as coordination_kv_config
 from kvstore.sim.faults import Nemesis
 from kvstore.sim.invariants import SafetyChecker
 from kvstore.sim.membership import Operator, stored_conf_state
@@ -68,6 +70,9 @@ class SimConfig:
     membership: bool = True
     # Nodes a run may ever create (the initial ones included): bounds the growth.
     nodes_max: int = 9
+    # Transactions, watchers and leases beside the register workload (kvstore/sim/
+    # coordination.py); off by default so that the seeds of other tests replay unchanged.
+    coordination: bool = False
 
     @staticmethod
     def draw(rng: random.Random, **overrides: object) -> SimConfig:
@@ -122,6 +127,15 @@ class Simulation:
         self.checker = SafetyChecker()
         self.workload = Workload(self.config.workload, ids, random.Random(self.rng.getrandbits(64)))
         self.nemesis = Nemesis(self, random.Random(self.rng.getrandbits(64)))
+        # Its own generator, not drawn from self.rng: enabling it leaves the rest of a
+        # seed's run as it was.
+        self.coordination: CoordinationWorkload | None = None
+        if self.config.coordination:
+            coordination_rng = random.Random(seed * 1_000_003 + 14)
+            self.coordination = CoordinationWorkload(ids, coordination_rng)
+            config = coordination_kv_config(coordination_rng)
+            for node in self.nodes.values():
+                node.kv_config = config
         self.healed = False
         self._persisted = False
         self.liveness_ok = False
@@ -170,6 +184,8 @@ class Simulation:
         only once the operator adds it as a learner."""
         node_id = max(self.nodes) + 1
         node = self._make_node(node_id, ())
+        # The state machine's configuration must be the same on every replica.
+        node.kv_config = self.nodes[min(self.nodes)].kv_config
         self.nodes[node_id] = node
         self.network.add_node(node_id)
         self.trace(f"new node n{node_id}")
@@ -306,6 +322,8 @@ class Simulation:
         workload = self.workload.next_time()
         if workload is not None:
             times.append(workload)
+        if self.coordination is not None and not self.healed:
+            times.append(self.coordination.next_time())
         if not self.healed:
             times.append(self.config.fault_time)
         return max(min(times), self.now) if times else None
@@ -322,10 +340,21 @@ class Simulation:
         for event in self.workload.act(self.now, self):
             self.trace(event)
         self.operator.act()
+        coordination = self.coordination
+        if coordination is not None and not self.healed:
+            for event in coordination.act(self.now, self.nodes, self.propose, self.read_index):
+                self.trace(event)
         if self.healed and self.config.liveness:
             self._drive_liveness()
         for node in self.nodes.values():
             self._process(node)
+        if coordination is not None:
+            for node in self.nodes.values():
+                coordination.on_role(node, self.now)
+            coordination.serve_keepalives(self.nodes, self.now)
+            coordination.pull_watchers(self.nodes)
+            self.checker.violations.extend(coordination.violations)
+            coordination.violations.clear()
         if self._persisted:
             self._persisted = False
             self.checker.check_electability(
@@ -347,6 +376,8 @@ class Simulation:
             self._after_crash(node)
             return
         self.workload.serve_reads(node.id, self.now, self)
+        if self.coordination is not None:
+            self.coordination.check_pairs(node, self.now)
 
     def _deliver(self) -> None:
         for message in self.network.deliver_due(self.now, self.is_up):
@@ -541,6 +572,8 @@ class Simulation:
         if entry.type is not EntryType.NORMAL:
             return  # a membership change: no client's write
         self.workload.on_applied(node.id, entry, self.now, self)
+        if self.coordination is not None:
+            self.coordination.on_applied(node, entry, self.now)
         if self._marker is not None and self.healed:
             decoded = self.decode_put(entry.data)
             if decoded is not None and decoded[0] == LIVENESS_KEY:
@@ -554,6 +587,8 @@ class Simulation:
     def on_read_states(self, node: SimNode, read_states: Sequence[ReadState]) -> None:
         for read_state in read_states:
             self.workload.on_read_state(node.id, read_state)
+        if self.coordination is not None:
+            self.coordination.on_read_states(node, read_states, self.now)
 
     def on_snapshot_taken(self, node: SimNode, index: int) -> None:
         self.counters["snapshots_taken"] += 1

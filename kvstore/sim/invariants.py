@@ -52,6 +52,10 @@ class Invariant(enum.Enum):
     MEMBERSHIP = "membership"
     READ_FRESHNESS = "read_freshness"
     LINEARIZABILITY = "linearizability"
+    # Issue 14 (kvstore/sim/coordination.py).
+    TXN_ATOMICITY = "txn_atomicity"
+    WATCH_HISTORY = "watch_history"
+    LEASE_SAFETY = "lease_safety"
 
 
 @dataclass(frozen=True, slots=True)

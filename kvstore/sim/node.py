@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from kvstore.errors import CompactedError, ResourceExhaustedError, UnavailableIndexError
-from kvstore.kv.state_machine import StateMachine
+from kvstore.kv.state_machine import KvConfig, StateMachine
 from kvstore.raft.config import RaftConfig
 from kvstore.raft.node import RawNode
 from kvstore.raft.types import Entry, Message, ReadState, Ready, Role
@@ -98,6 +98,8 @@ class SimNode:
         self.hung_ready: Ready | None = None
         # What the node last said about itself in a Ready (persisted or soft state).
         self.term = 0
+        # The state machine's configuration (the same on every node; None: the default).
+        self.kv_config: KvConfig | None = None
         self.role = Role.FOLLOWER
         self.leader_id = 0
         self.commit = 0
@@ -140,6 +142,7 @@ class SimNode:
             # often; pacing by size is a local policy with no part in safety.
             snapshot_log_ratio=0.0,
             defer_snapshots=True,
+            kv_config=self.kv_config,
         )
         self.incarnation += 1
         self.crash_stage = None

@@ -53,6 +53,8 @@ def final_checks(simulation: Simulation) -> SimResult:
         logs = {node.id: node.log for node in simulation.all_nodes()}
         violations.extend(check_log_matching(logs, now))
         violations.extend(_check_history(simulation, now))
+        if simulation.coordination is not None:
+            violations.extend(simulation.coordination.check_watchers(now))
     liveness_failure = None
     if simulation.config.liveness and not violations and not simulation.liveness_ok:
         leader = simulation.leader()

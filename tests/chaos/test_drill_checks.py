@@ -110,3 +110,66 @@ def test_invariants_fail_when_the_nodes_did_not_converge_or_a_node_is_unreadable
     assert "node 3 unreadable: CorruptionError: bad crc" in outcome.detail
     # Hard states accumulate across checks (a term or commit index going back is caught).
     assert drill.hard_states == {1: [(1, 3), (1, 3)], 2: [(1, 2), (1, 2)]}
+
+
+class _Nemesis:
+    """Records the faults the drill injects; each heals at once."""
+
+    def __init__(self) -> None:
+        self.injected: list[str] = []
+
+    async def inject(self, name: str) -> FaultEvent:
+        self.injected.append(name)
+        return FaultEvent(name, (1,), injected_at_s=0.0)
+
+    async def heal(self, event: FaultEvent) -> None:
+        return None
+
+
+class _Probe:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    async def __aenter__(self) -> _Probe:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def put(self, key: str, value: str) -> None:
+        return None
+
+
+def test_a_slow_start_does_not_leave_a_short_drill_without_faults(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The fault window counts from the workload's start: three nodes that took most of the
+    duration to start on a loaded machine still get their faults (a 10 s drill whose nodes
+    took 4 s to start injected none, and failed its activity check)."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    import kvstore.chaos.drill as drill_module
+
+    monkeypatch.setattr(drill_module, "Client", _Probe)
+    config = DrillConfig(
+        duration_s=1.0, warmup_s=0.05, tail_s=0.5, fault_s=(0.01, 0.01), calm_s=(0.01, 0.01),
+        faults="pause", base_dir=tmp_path / "run", plot=False,
+    )  # fmt: skip
+    origin = time.monotonic()
+    drill = Drill(config, clock=lambda: time.monotonic() - origin)
+    drill.started_at = -0.9  # the nodes took 0.9 s of the 1 s duration to start
+    drill.workload_started_s = drill.now_s()
+    drill.cluster = SimpleNamespace(client_urls=[], ca_file=None)  # type: ignore[assignment]
+    nemesis = _Nemesis()
+
+    async def run() -> None:
+        workload = asyncio.create_task(asyncio.sleep(30))
+        try:
+            await asyncio.wait_for(drill._fault_cycles(nemesis, workload), timeout=10)  # type: ignore[arg-type]
+        finally:
+            workload.cancel()
+
+    asyncio.run(run())
+    assert nemesis.injected, "no fault was injected"

@@ -31,8 +31,8 @@ def _run(config: DrillConfig) -> DrillReport:
 def test_the_smoke_set_covers_every_fault_and_workload() -> None:
     covered = {fault for run in SMOKE for fault in expand_faults(run.faults)}
     assert covered == set(ALL_FAULTS)
-    assert {run.workload for run in SMOKE} == {"register", "counter", "append"}
-    assert len(SMOKE) == 17
+    assert {run.workload for run in SMOKE} == {"register", "counter", "append", "watch", "lock"}
+    assert len(SMOKE) == 19
 
 
 @pytest.mark.parametrize("run", SMOKE, ids=[run.name for run in SMOKE])
@@ -47,8 +47,11 @@ def test_smoke_drill(run: MatrixRun) -> None:
     assert report.ok, summary
     # The faults really happened and the workload really ran.
     assert report.timeline and all(event.took_effect for event in report.timeline)
-    if run.workload != "counter":
+    if run.workload not in ("counter", "lock"):
         assert report.counts["ok"] >= 3 * run.duration_s
+    if run.workload in ("watch", "lock"):
+        check = report.check(run.workload)
+        assert check is not None and check.ok, summary
     shutil.rmtree(report.run_dir, ignore_errors=True)
 
 

@@ -199,3 +199,38 @@ async def test_a_watch_survives_killing_its_node_without_loss_or_repeat(cluster:
             await kv.compact(start)
             async for _ in kv.watch(prefix=prefix, start_revision=start):
                 pass
+
+
+async def test_a_caught_up_watch_reports_progress_at_the_current_revision(cluster: Any) -> None:
+    from kvstore.client import WatchProgress
+
+    key = unique("progress")
+    async with Client(cluster.client_urls) as kv:
+        revision = (await kv.put(key, b"v")).revision
+        async with kv.watch(key=key, start_revision=revision, progress=True,
+                            progress_interval_s=0.05) as watch:  # fmt: skip
+            seen: list[object] = []
+            async with asyncio.timeout(10):
+                async for item in watch:
+                    seen.append(item)
+                    if isinstance(item, WatchProgress) and item.revision >= revision:
+                        break
+    assert isinstance(seen[0], WatchEvent) and seen[0].revision == revision
+
+
+async def test_an_election_is_observed_as_its_leader_changes(cluster: Any) -> None:
+    name = unique("observe")
+    async with Client(cluster.client_urls) as kv:
+        first, second = Election(kv, name, ttl_s=5.0), Election(kv, name, ttl_s=5.0)
+        await first.campaign("a")
+        observed = first.observe()
+        assert (await anext(observed)).value == b"a"  # type: ignore[union-attr]
+        campaign = asyncio.ensure_future(second.campaign("b"))
+        await first.resign()
+        async with asyncio.timeout(10):
+            leader = await anext(observed)
+            while leader is None or leader.value != b"b":
+                leader = await anext(observed)
+        await campaign
+        await observed.aclose()
+        await second.resign()

@@ -218,6 +218,48 @@ def test_keeper_gives_a_full_ttl_on_promotion_and_expires_only_past_it() -> None
     assert keeper.expired(6_499, 100) == []
     assert keeper.expired(6_500, 100) == [lease_id]
     assert keeper.expired(6_550, 100) == []  # its revocation is in flight
+    assert keeper.expiring(lease_id) and keeper.keepalive(lease_id, 6_560) is None
     assert keeper.expired(6_600, 100) == [lease_id]
     keeper.demote()
     assert keeper.keepalive(lease_id, 7_000) is None
+
+
+def test_a_snapshot_of_format_1_restores_with_an_empty_history_from_its_revision() -> None:
+    import msgpack
+
+    machine = StateMachine()
+    put(machine, "a", b"1")
+    put(machine, "b", b"2")
+    flat: list[object] = []
+    for key in sorted(machine._data):
+        flat.extend((key, *machine._data[key]))
+    old = [machine.applied_index, machine.revision, machine.clock_ms, flat,
+           machine.sessions.to_obj()]  # fmt: skip
+    restored = StateMachine()
+    restored.restore(b"\x01" + msgpack.packb(old, use_bin_type=True), machine.applied_index)
+    assert restored.get("b").value == b"2"  # type: ignore[union-attr]
+    assert restored.history.oldest == 3 and len(restored.leases) == 0
+    with pytest.raises(RevisionCompactedError):
+        restored.get_at("a", 1)
+    restored.check_invariants()
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"history": [1, 99, []]},  # compacted beyond the store's revision
+        {"leases": [1, [[1, 0, []]]]},  # a TTL of 0
+        {"leases": [1, [[1, 10, ["missing"]]]]},  # a key the store does not hold
+        {"surprise": 1},
+    ],
+)
+def test_a_snapshot_with_bad_sections_is_refused(sections: dict[str, object]) -> None:
+    import msgpack
+
+    machine = StateMachine()
+    put(machine, "a", b"1")
+    data = machine.snapshot()
+    obj = msgpack.unpackb(data[1:], raw=False)
+    obj[5] = sections
+    with pytest.raises(ProtocolError):
+        StateMachine().restore(data[:1] + msgpack.packb(obj, use_bin_type=True), 1)

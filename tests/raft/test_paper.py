@@ -46,8 +46,9 @@ def drain(node: RawNode, storage: MemoryStorage) -> Ready:
     return ready
 
 
-def msg(mtype: MessageType, from_: int, to: int, term: int, **fields: object) -> Message:
-    return Message(mtype, to, from_, term, **fields)  # type: ignore[arg-type]
+def msg(mtype: MessageType, *, from_: int, to: int, term: int, **fields: object) -> Message:
+    """A message as a peer would send it; keyword-only, so that from_ and to cannot swap."""
+    return Message(mtype, to=to, from_=from_, term=term, **fields)  # type: ignore[arg-type]
 
 
 def make_leader(
@@ -56,7 +57,7 @@ def make_leader(
     node, storage = make_node(1, peers, **config)
     node.campaign()
     for peer in peers[1:]:
-        node.step(msg(MessageType.VOTE_RESPONSE, peer, 1, node.term))
+        node.step(msg(MessageType.VOTE_RESPONSE, from_=peer, to=1, term=node.term))
     assert node.role is Role.LEADER
     drain(node, storage)
     return node, storage
@@ -75,7 +76,7 @@ def test_any_role_adopts_a_newer_term_and_becomes_follower(role: str) -> None:
         node, _ = make_node()
         if role == "candidate":
             node.campaign()
-    node.step(msg(APPEND, 2, 1, node.term + 5))
+    node.step(msg(APPEND, from_=2, to=1, term=node.term + 5))
     assert node.role is Role.FOLLOWER
     assert node.term == node.status().term
     assert node.leader_id == 2
@@ -85,11 +86,11 @@ def test_stale_term_requests_are_rejected() -> None:
     """A server receiving a request with a stale term rejects it (answering so that the
     sender learns the current term). Reference: Raft §5.1"""
     node, storage = make_node(terms=(1, 2), hard_state=HardState(term=3), check_quorum=True)
-    node.step(msg(APPEND, 2, 1, 2, index=2, log_term=2, entries=(Entry(2, 3),)))
+    node.step(msg(APPEND, from_=2, to=1, term=2, index=2, log_term=2, entries=(Entry(2, 3),)))
     ready = drain(node, storage)
     assert node.raft_log.last_index() == 2
     assert [(m.type, m.term) for m in ready.messages] == [(MessageType.APPEND_RESPONSE, 3)]
-    node.step(msg(VOTE, 2, 1, 2, index=9, log_term=2))
+    node.step(msg(VOTE, from_=2, to=1, term=2, index=9, log_term=2))
     assert drain(node, storage).messages == ()
     assert node.vote == 0
 
@@ -152,9 +153,9 @@ def test_candidate_wins_with_a_majority_and_loses_without(
     node.campaign()
     voters = list(peers[1:])
     for peer in voters[:granted]:
-        node.step(msg(MessageType.VOTE_RESPONSE, peer, 1, node.term))
+        node.step(msg(MessageType.VOTE_RESPONSE, from_=peer, to=1, term=node.term))
     for peer in voters[granted : granted + rejected]:
-        node.step(msg(MessageType.VOTE_RESPONSE, peer, 1, node.term, reject=True))
+        node.step(msg(MessageType.VOTE_RESPONSE, from_=peer, to=1, term=node.term, reject=True))
     assert node.role is expected
 
 
@@ -162,14 +163,14 @@ def test_one_vote_per_term_first_come_first_served() -> None:
     """Each server votes for at most one candidate in a term, first-come-first-served, and
     persists the vote before answering. Reference: Raft §5.2"""
     node, storage = make_node(hard_state=HardState(term=1))
-    node.step(msg(VOTE, 2, 1, 2))
+    node.step(msg(VOTE, from_=2, to=1, term=2))
     ready = drain(node, storage)
     assert ready.hard_state == HardState(term=2, vote=2, commit=0)
     assert ready.must_sync
     assert [m.reject for m in ready.messages] == [False]
-    node.step(msg(VOTE, 3, 1, 2))
+    node.step(msg(VOTE, from_=3, to=1, term=2))
     assert [m.reject for m in drain(node, storage).messages] == [True]
-    node.step(msg(VOTE, 2, 1, 2))
+    node.step(msg(VOTE, from_=2, to=1, term=2))
     assert [m.reject for m in drain(node, storage).messages] == [False]
 
 
@@ -178,7 +179,7 @@ def test_candidate_returns_to_follower_on_append_from_leader_of_its_term() -> No
     recognizes the leader and returns to follower. Reference: Raft §5.2"""
     node, _ = make_node()
     node.campaign()
-    node.step(msg(APPEND, 2, 1, node.term))
+    node.step(msg(APPEND, from_=2, to=1, term=node.term))
     assert node.role is Role.FOLLOWER
     assert node.leader_id == 2
 
@@ -208,7 +209,7 @@ def test_leader_appends_proposal_and_replicates_it() -> None:
     previous entry's index and term. Reference: Raft §5.3"""
     node, storage = make_leader()
     for peer in (2, 3):
-        node.step(msg(MessageType.APPEND_RESPONSE, peer, 1, node.term, index=1))
+        node.step(msg(MessageType.APPEND_RESPONSE, from_=peer, to=1, term=node.term, index=1))
     drain(node, storage)
     node.propose(b"cmd")
     ready = drain(node, storage)
@@ -226,9 +227,9 @@ def test_leader_commits_once_a_majority_stores_the_entry() -> None:
     node, storage = make_leader(peers=(1, 2, 3, 4, 5))
     node.propose(b"cmd")
     drain(node, storage)
-    node.step(msg(MessageType.APPEND_RESPONSE, 2, 1, 1, index=2))
+    node.step(msg(MessageType.APPEND_RESPONSE, from_=2, to=1, term=1, index=2))
     assert node.raft_log.committed == 0
-    node.step(msg(MessageType.APPEND_RESPONSE, 3, 1, 1, index=2))
+    node.step(msg(MessageType.APPEND_RESPONSE, from_=3, to=1, term=1, index=2))
     assert node.raft_log.committed == 2
     ready = drain(node, storage)
     assert [e.data for e in ready.committed_entries] == [b"", b"cmd"]
@@ -240,10 +241,10 @@ def test_follower_learns_commit_and_applies() -> None:
     """Once a follower learns an entry is committed, it applies it in log order. Reference: Raft §5.3"""
     node, storage = make_node(2)
     entries = (Entry(1, 1, data=b"a"), Entry(1, 2, data=b"b"))
-    node.step(msg(APPEND, 1, 2, 1, index=0, log_term=0, entries=entries, commit=1))
+    node.step(msg(APPEND, from_=1, to=2, term=1, index=0, log_term=0, entries=entries, commit=1))
     ready = drain(node, storage)
     assert [e.data for e in ready.committed_entries] == [b"a"]
-    node.step(msg(MessageType.HEARTBEAT, 1, 2, 1, commit=2))
+    node.step(msg(MessageType.HEARTBEAT, from_=1, to=2, term=1, commit=2))
     assert [e.data for e in drain(node, storage).committed_entries] == [b"b"]
 
 
@@ -257,7 +258,7 @@ def test_follower_rejects_append_without_matching_previous_entry(
     """A follower refuses new entries unless its log holds an entry at the previous index with
     the previous term (consistency check). Reference: Raft §5.3"""
     node, storage = make_node(2, terms=(1, 2, 3), hard_state=HardState(term=3))
-    node.step(msg(APPEND, 1, 2, 3, index=index, log_term=log_term, entries=()))
+    node.step(msg(APPEND, from_=1, to=2, term=3, index=index, log_term=log_term, entries=()))
     (response,) = drain(node, storage).messages
     assert response.reject is (not accepted)
 
@@ -282,7 +283,7 @@ def test_follower_deletes_conflicting_entries_and_appends_new_ones(
     follower deletes it and all that follow, then appends the new entries. Reference: Raft §5.3"""
     node, storage = make_node(2, terms=(1, 2, 3), hard_state=HardState(term=4))
     new = tuple(Entry(term, i) for term, i in entries)
-    node.step(msg(APPEND, 1, 2, 4, index=index, log_term=log_term, entries=new))
+    node.step(msg(APPEND, from_=1, to=2, term=4, index=index, log_term=log_term, entries=new))
     drain(node, storage)
     log = node.raft_log
     assert tuple(log.term(i) for i in range(1, log.last_index() + 1)) == expected_terms
@@ -318,7 +319,7 @@ def test_leader_brings_every_figure_7_follower_in_line(case: str) -> None:
         cluster.start(node_id, applied=3 if terms else 0)
     cluster.isolate(3)
     cluster.nodes[1].campaign()
-    cluster.nodes[1].step(msg(MessageType.VOTE_RESPONSE, 3, 1, 8))
+    cluster.nodes[1].step(msg(MessageType.VOTE_RESPONSE, from_=3, to=1, term=8))
     assert cluster.nodes[1].role is Role.LEADER
     cluster.stabilize()
     cluster.propose(1, b"new")
@@ -346,7 +347,7 @@ def test_fast_backtracking_skips_a_term_per_round_trip() -> None:
         cluster.start(node_id, applied=1 if terms else 0)
     cluster.isolate(3)
     cluster.nodes[1].campaign()
-    cluster.nodes[1].step(msg(MessageType.VOTE_RESPONSE, 3, 1, 6))
+    cluster.nodes[1].step(msg(MessageType.VOTE_RESPONSE, from_=3, to=1, term=6))
     cluster.sent.clear()
     cluster.stabilize()
     rejections = [m for m in cluster.sent if m.type is MessageType.APPEND_RESPONSE and m.reject]
@@ -374,7 +375,7 @@ def test_vote_only_for_a_log_at_least_as_up_to_date(
     """A voter denies its vote if its own log is more up to date: compare last terms, then
     last indexes. Reference: Raft §5.4.1"""
     node, storage = make_node(2, terms=our_terms, hard_state=HardState(term=3))
-    node.step(msg(VOTE, 1, 2, 4, index=index, log_term=log_term))
+    node.step(msg(VOTE, from_=1, to=2, term=4, index=index, log_term=log_term))
     (response,) = drain(node, storage).messages
     assert response.reject is (not granted)
 
@@ -384,12 +385,12 @@ def test_leader_does_not_count_replicas_of_earlier_terms() -> None:
     only through a later entry of its own term. Reference: Raft §5.4.2"""
     node, storage = make_node(1, terms=(1, 2), hard_state=HardState(term=2, commit=1))
     node.campaign()
-    node.step(msg(MessageType.VOTE_RESPONSE, 2, 1, 3))
+    node.step(msg(MessageType.VOTE_RESPONSE, from_=2, to=1, term=3))
     assert node.role is Role.LEADER
     drain(node, storage)
-    node.step(msg(MessageType.APPEND_RESPONSE, 2, 1, 3, index=2))
+    node.step(msg(MessageType.APPEND_RESPONSE, from_=2, to=1, term=3, index=2))
     assert node.raft_log.committed == 1
-    node.step(msg(MessageType.APPEND_RESPONSE, 2, 1, 3, index=3))
+    node.step(msg(MessageType.APPEND_RESPONSE, from_=2, to=1, term=3, index=3))
     assert node.raft_log.committed == 3
 
 
@@ -398,7 +399,7 @@ def test_new_leader_appends_an_empty_entry_of_its_term() -> None:
     that earlier entries commit and ReadIndex can start. Reference: Raft §5.4.2"""
     node, storage = make_node(1, terms=(1, 1), hard_state=HardState(term=1))
     node.campaign()
-    node.step(msg(MessageType.VOTE_RESPONSE, 2, 1, 2))
+    node.step(msg(MessageType.VOTE_RESPONSE, from_=2, to=1, term=2))
     ready = drain(node, storage)
     assert [(e.term, e.index, e.data) for e in ready.entries] == [(2, 3, b"")]
 
@@ -411,7 +412,9 @@ def test_ready_carries_state_to_persist_with_the_messages_that_depend_on_it() ->
     RPCs: the Ready that holds an answer also holds that state, with must_sync set.
     Reference: Raft §5.1 (Figure 2)"""
     node, storage = make_node(2, hard_state=HardState(term=1))
-    node.step(msg(APPEND, 1, 2, 2, index=0, log_term=0, entries=(Entry(2, 1, data=b"x"),)))
+    node.step(
+        msg(APPEND, from_=1, to=2, term=2, index=0, log_term=0, entries=(Entry(2, 1, data=b"x"),))
+    )
     ready = node.ready()
     assert ready.must_sync
     assert ready.hard_state is not None and ready.hard_state.term == 2
@@ -420,7 +423,7 @@ def test_ready_carries_state_to_persist_with_the_messages_that_depend_on_it() ->
     storage.save(ready.hard_state, ready.entries, ready.snapshot)
     node.advance(ready)
     assert not node.has_ready()
-    node.step(msg(MessageType.HEARTBEAT, 1, 2, 2, commit=1))
+    node.step(msg(MessageType.HEARTBEAT, from_=1, to=2, term=2, commit=1))
     ready = node.ready()
     assert ready.hard_state == HardState(term=2, vote=0, commit=1)
     assert not ready.must_sync  # a commit index alone needs no fsync
@@ -461,11 +464,11 @@ def test_follower_in_lease_ignores_vote_requests_unless_forced() -> None:
     """A server that heard from a current leader within the minimum election timeout ignores
     RequestVote, except a campaign forced by a leadership transfer. Reference: Raft dissertation §4.2.3 and §3.10"""
     node, storage = make_node(2, check_quorum=True, hard_state=HardState(term=1))
-    node.step(msg(MessageType.HEARTBEAT, 1, 2, 1))
+    node.step(msg(MessageType.HEARTBEAT, from_=1, to=2, term=1))
     drain(node, storage)
-    node.step(msg(VOTE, 3, 2, 2, index=5, log_term=1))
+    node.step(msg(VOTE, from_=3, to=2, term=2, index=5, log_term=1))
     assert node.term == 1 and drain(node, storage).messages == ()
-    node.step(msg(VOTE, 3, 2, 2, index=5, log_term=1, context=CAMPAIGN_TRANSFER))
+    node.step(msg(VOTE, from_=3, to=2, term=2, index=5, log_term=1, context=CAMPAIGN_TRANSFER))
     assert node.term == 2 and node.vote == 3
 
 
@@ -476,7 +479,16 @@ def test_append_is_idempotent() -> None:
     """Raft RPCs are idempotent: a follower that receives the same AppendEntries twice (a
     retry after a crash or a duplicate) ignores what it already has. Reference: Raft §5.5"""
     node, storage = make_node(2)
-    append = msg(APPEND, 1, 2, 1, index=0, log_term=0, entries=(Entry(1, 1), Entry(1, 2)), commit=1)
+    append = msg(
+        APPEND,
+        from_=1,
+        to=2,
+        term=1,
+        index=0,
+        log_term=0,
+        entries=(Entry(1, 1), Entry(1, 2)),
+        commit=1,
+    )
     node.step(append)
     first = drain(node, storage)
     node.step(append)
@@ -492,9 +504,11 @@ def test_old_append_does_not_truncate_newer_entries() -> None:
     """A delayed AppendEntries carrying a prefix of what the follower already has must not
     truncate the entries after it. Reference: Raft §5.5"""
     node, storage = make_node(2)
-    node.step(msg(APPEND, 1, 2, 1, index=0, log_term=0, entries=(Entry(1, 1), Entry(1, 2))))
+    node.step(
+        msg(APPEND, from_=1, to=2, term=1, index=0, log_term=0, entries=(Entry(1, 1), Entry(1, 2)))
+    )
     drain(node, storage)
-    node.step(msg(APPEND, 1, 2, 1, index=0, log_term=0, entries=(Entry(1, 1),)))
+    node.step(msg(APPEND, from_=1, to=2, term=1, index=0, log_term=0, entries=(Entry(1, 1),)))
     drain(node, storage)
     assert node.raft_log.last_index() == 2
 

@@ -125,6 +125,12 @@ async def test_tokens_certificates_and_roles_on_every_node(tmp_path: Path) -> No
             with pytest.raises(UnauthenticatedError):
                 await client.get("app/x")
 
+        scraped = [
+            (await asyncio.to_thread(_request, cluster, node, "GET", "/metrics"))[2].decode()
+            for node in cluster.ids
+        ]
+        for code in ("unauthenticated", "permission_denied"):
+            assert all(f'kvstore_auth_denied_total{{code="{code}"}}' in text for text in scraped)
         logs = "".join(cluster.log_path(i).read_text(errors="replace") for i in cluster.ids)
         assert "event=auth_denied code=unauthenticated" in logs
         assert "event=auth_denied code=permission_denied" in logs

@@ -181,3 +181,40 @@ def test_the_endpoint_answers_json_errors_and_a_status_names_the_snapshot(
         assert status == 405 and "error" in json.loads(error)
     finally:
         cluster.stop()
+
+
+def test_save_sends_the_token_and_reports_a_refusal(tmp_path: Path) -> None:
+    """Under --auth the endpoint is an admin's: the CLI sends --token as a bearer token and
+    names the node's refusal (a stand-in node here, which refuses everyone)."""
+    import http.server
+    import threading
+
+    seen: list[str | None] = []
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            body = json.dumps({"error": {"code": "permission_denied", "message": "no"}})
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    thread = threading.Thread(target=server.handle_request, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        file = tmp_path / "x.snap"
+        result = _kvstore("snapshot", "save", str(file), "--endpoints", url, "--token", "t0k")
+    finally:
+        thread.join(10)
+        server.server_close()
+    assert seen == ["Bearer t0k"]
+    assert result.returncode == 1
+    assert "HTTP 403: no" in result.stderr
+    assert not file.exists()

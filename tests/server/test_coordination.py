@@ -261,6 +261,8 @@ async def test_a_lease_expires_its_keys_only_after_keepalives_stop(node: Node) -
     assert listing["leases"][0]["keys"] == ["svc/a"]
     await _until(lambda: node.driver.replica.state_machine.get("svc/a") is None, 3)
     assert lease_id not in node.driver.replica.state_machine.leases
+    metrics = await (await node.client.get("/metrics")).text()
+    assert "kvstore_leases_expired_total 1.0" in metrics and "kvstore_watchers 0.0" in metrics
     missing = await node.client.post("/v1/lease/keepalive", json={"id": lease_id})
     assert missing.status == 404
     bad = await node.client.put("/v1/kv/x?lease=12345", data=b"v")
@@ -286,3 +288,29 @@ def test_the_openapi_document_names_the_coordination_routes() -> None:
         assert route in paths, route
     assert "delete" in paths["/v1/kv"]
     assert any(p["name"] == "start" for p in paths["/v1/kv"]["get"]["parameters"])
+
+
+def test_a_watch_is_cancelled_when_compacted_past_or_too_slow_and_lines_hold_whole_revisions() -> (
+    None
+):
+    from kvstore.kv.commands import KeyValue
+    from kvstore.kv.history import Event
+    from kvstore.server.watch import _LINE_EVENTS_MAX, _collect
+
+    api = WatchApi.__new__(WatchApi)
+    api.hub = WatchHub.__new__(WatchHub)
+    api.hub.closed = False
+    api._lag_max = 10
+    compacted = api._cancel_reason(5, 50, 7, check_lag=False)
+    assert compacted is not None and compacted.code == "revision_compacted"
+    slow = api._cancel_reason(30, 50, 7, check_lag=True)
+    assert slow is not None and slow.code == "watch_canceled" and "too slow" in slow.message
+    assert api._cancel_reason(30, 50, 7, check_lag=False) is None  # still catching up
+    # A revision is never split across lines, even past the per-line bound.
+    events = [
+        Event("put", KeyValue(f"k{i}", b"", 1, 1 + i // 600, 1), None, 0) for i in range(1800)
+    ]
+    matched, following = _collect(iter(events), "k", True, 1, 3)
+    # Past the bound at the end of revision 2: the line stops there, whole revisions only.
+    assert len(matched) == 1200 > _LINE_EVENTS_MAX and following == 3
+    assert {event.revision for event in matched} == {1, 2}

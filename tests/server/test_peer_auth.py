@@ -391,7 +391,16 @@ async def test_the_issues_attacks_on_a_real_cluster_change_nothing(tmp_path: Pat
             _request, "PUT", cluster.client_url(leader) + "/v1/kv/real", b"acknowledged"
         )
         assert put[0] == 200, put
-        status = await asyncio.to_thread(_status, cluster, follower)
+        leader_term = (await asyncio.to_thread(_status, cluster, leader))["term"]
+
+        def caught_up() -> dict[str, Any] | None:
+            # Under load a follower may not have heard from the leader yet: wait until it has.
+            status = cluster.status(follower)
+            if status and (status["leader_id"], status["term"]) == (leader, leader_term):
+                return status
+            return None
+
+        status = await asyncio.to_thread(cluster.wait_until, caught_up, 10.0, "follower")
         assert status["cluster_id"] == "kvstore"
         term, last = status["term"], status["last_index"]
         evil = Put(key="real", value=b"forged", request=None, time_ms=0)
@@ -452,6 +461,14 @@ async def test_the_issues_attacks_on_a_real_cluster_change_nothing(tmp_path: Pat
         assert code == 307
         assert headers["Location"].startswith(cluster.client_url(leader))
         assert headers["Kvstore-Leader"] == cluster.client_url(leader)
+        _, _, metrics = await asyncio.to_thread(
+            _request, "GET", cluster.client_url(follower) + "/metrics"
+        )
+        refused = [
+            line for line in metrics.decode().splitlines()
+            if line.startswith('kvstore_peer_handshakes_refused_total{direction="in"}')
+        ]  # fmt: skip
+        assert refused and float(refused[0].split()[-1]) >= 29  # 9 forged + 20 churn
         log = cluster.log_path(follower).read_text(errors="replace")
         assert "event=peer_rejected" in log and "did not prove the cluster secret" in log
     finally:

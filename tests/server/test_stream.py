@@ -297,3 +297,35 @@ async def test_the_client_falls_back_to_http_where_no_stream_is_offered() -> Non
             assert kv._transport.streamed == 0  # type: ignore[attr-defined]
     finally:
         await runner.cleanup()
+
+
+async def test_a_node_that_accepts_but_never_upgrades_costs_a_bounded_wait() -> None:
+    """A frozen node's kernel still accepts connections: the stream's dial must not wait
+    for its upgrade forever (every later request to it would queue behind that dial)."""
+    from kvstore.client.stream import StreamTransport
+    from kvstore.client.transport import AiohttpTransport, TransportError
+
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    transport = StreamTransport(AiohttpTransport(), connect_timeout_s=0.05)
+    try:
+        with pytest.raises(TransportError) as failed:
+            await transport.request(
+                url, "PUT", "/v1/kv/k", headers={"Kvstore-Request-Id": "c:1"}, body=b"v",
+                timeout_s=0.1,
+            )  # fmt: skip
+        assert failed.value.timed_out and not failed.value.maybe_sent
+        async with asyncio.timeout(10):  # the dial itself ends at its own bound
+            while transport._connecting:
+                await asyncio.sleep(0.01)
+    finally:
+        await transport.close()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
