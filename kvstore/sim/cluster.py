@@ -67,6 +67,7 @@ class SimConfig:
     keepalive_limit_elections: float | None = 1.0
     # The nemesis also changes the membership: grows the cluster by a learner it then
     # promotes, removes members, and replaces nodes whose disk it wipes (kvstore.sim.membership).
+    # Not together with `coordination`, whose workload assumes the initial nodes.
     membership: bool = True
     # Nodes a run may ever create (the initial ones included): bounds the growth.
     nodes_max: int = 9

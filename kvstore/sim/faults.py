@@ -63,7 +63,9 @@ class Nemesis:
             (self._hang_disk, 1),
             (self._break_snapshot_streams, 1),
         ]
-        if simulation.config.membership:
+        # The coordination workload (issue 14) assumes the initial node set: with it, the
+        # membership stays fixed.
+        if simulation.config.membership and not simulation.config.coordination:
             self._actions += [(self._grow, 1), (self._shrink, 1), (self._wipe, 2)]
         # Until this time, snapshot streams break (`snapshot_stream_outcome`).
         self._streams_broken_until = -1

@@ -26,6 +26,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     try:
         local.start()
         local.wait_for_leader(timeout_s=15)
+        # Every node answers (a loaded machine starts the followers' listeners later).
+        wait_until(lambda: all(local.status(i) for i in local.ids), 15.0, "every node up")
         yield local
     finally:
         local.stop()
