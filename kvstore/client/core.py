@@ -657,6 +657,10 @@ class Client:
         # Endpoints that did not answer in this call: avoided, and their hints not followed.
         down: set[str] = set()
         distrusted: set[str] = set()
+        # The last error that says why a node could not be used (refused, a certificate
+        # that does not check out...): a timeout of an attempt that started with little
+        # time left says less, and the caller is told this one instead.
+        telling: KVStoreError | None = None
         while True:
             endpoint = call.pinned_endpoint or hint or self._choose_endpoint(avoid=down)
             attempt_timeout_s = budget.start_attempt(
@@ -668,6 +672,8 @@ class Client:
                 return outcome
             maybe_applied = maybe_applied or outcome.maybe_applied
             reached = reached or not _connect_failure(outcome.error)
+            if not (isinstance(outcome.error, TransportError) and outcome.error.timed_out):
+                telling = outcome.error
             failure = outcome.failure
             if failure.kind is FailureKind.NODE_DOWN:
                 down.add(endpoint)
@@ -682,9 +688,10 @@ class Client:
                     failure = Failure(FailureKind.TRANSIENT, "stale_hint", failure.retry_after_s)
             decision = budget.decide(failure)
             if not decision.retry:
-                error = self._give_up(
-                    call, budget, decision, outcome.error, maybe_applied, reached=reached
-                )
+                last = outcome.error
+                if not reached and telling is not None:
+                    last = telling
+                error = self._give_up(call, budget, decision, last, maybe_applied, reached=reached)
                 raise error from (None if error is outcome.error else outcome.error)
             hint = failure.leader_url if failure.kind is FailureKind.NOT_LEADER else None
             self._note_retry(call, endpoint, budget, failure, decision)

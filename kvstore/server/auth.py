@@ -18,7 +18,8 @@ What a route needs:
   `--auth-protect-status` / `--auth-protect-metrics` (then any authenticated user);
 - GET/HEAD /v1/kv/KEY: read on KEY; PUT/DELETE: write on KEY; GET /v1/kv?prefix=P: read on
   P; DELETE /v1/kv?prefix=P: write on P;
-- everything else (/v1/auth/*, transactions, leases, compaction, watches, membership): admin
+- GET /v1/watch?key=K or ?prefix=P: read on K or P (the events are what reads show);
+- everything else (/v1/auth/*, transactions, leases, compaction, membership): admin
   on the prefix "" (the whole key space), until those routes learn to name their keys.
 
 Audit: every denied request (rate-limited, with the count of lines left out) and every
@@ -166,6 +167,11 @@ class AuthGate:
         if route == "/v1/kv" and method in ("GET", "DELETE"):
             prefix = request.rel_url.query.get("prefix", "")
             return ("read" if method == "GET" else "write"), prefix
+        if route == "/v1/watch" and method == "GET":
+            # What a watch shows is what a read of its key or prefix shows. A malformed
+            # query (both or neither) is left to the route's 400; it needs read on "".
+            query = request.rel_url.query
+            return "read", query.get("key", query.get("prefix", ""))
         return "admin", ""
 
     def _allowed(self, user: str, access: str, resource: str) -> bool:

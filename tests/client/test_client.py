@@ -260,6 +260,30 @@ async def test_a_write_refused_everywhere_is_unavailable_and_did_not_apply() -> 
     assert clock.now - start <= 1.0
 
 
+async def test_unreachable_names_the_telling_error_not_a_last_short_timeout() -> None:
+    """A node whose certificate does not check out, then attempts that time out before a
+    connection opens (a loaded machine, the deadline's last milliseconds): the caller is
+    told about the certificate, not "not open within 0.001s"."""
+    calls = 0
+
+    def handler(request: SentRequest) -> HttpResponse:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise TransportError(
+                f"{request.endpoint}: TLS: certificate verify failed", maybe_sent=False
+            )
+        raise TransportError(
+            f"{request.endpoint}: stream not open within 0.001s", maybe_sent=False, timed_out=True
+        )
+
+    client, transport, _ = make_client(handler, timeout_s=1.0)
+    with pytest.raises(UnavailableError) as caught:
+        await client.put("k", b"v")
+    assert len(transport.sent) >= 2
+    assert "certificate verify failed" in str(caught.value)
+
+
 async def test_a_write_refused_by_some_and_timed_out_by_others_is_a_deadline() -> None:
     """One node reached (it may have applied): the deadline error, outcome unknown."""
 
