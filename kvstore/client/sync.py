@@ -230,6 +230,18 @@ class SyncClient:
     def leases(self, *, timeout_s: float | None = None) -> tuple[LeaseInfo, ...]:
         return self._run(self._client.leases(timeout_s=timeout_s))
 
+    def members(self, *, timeout_s: float | None = None) -> dict[str, object]:
+        return self._run(self._client.members(timeout_s=timeout_s))
+
+    def promote_member(self, member: int, *, timeout_s: float | None = None) -> dict[str, object]:
+        return self._run(self._client.promote_member(member, timeout_s=timeout_s))
+
+    def remove_member(self, member: int, *, timeout_s: float | None = None) -> dict[str, object]:
+        return self._run(self._client.remove_member(member, timeout_s=timeout_s))
+
+    def transfer_leader(self, to: int, *, timeout_s: float | None = None) -> int:
+        return self._run(self._client.transfer_leader(to, timeout_s=timeout_s))
+
     def watch(
         self,
         *,

@@ -73,6 +73,13 @@ def test_the_cli_lists_members_and_transfers_leadership(cluster: LocalCluster) -
     assert refused.returncode == 5 and "is not a learner" in refused.stderr
 
 
+def test_the_sync_client_lists_the_members(cluster: LocalCluster) -> None:
+    from kvstore.client import SyncClient
+
+    with SyncClient(cluster.client_urls) as kv:
+        assert kv.members()["voters"] == [1, 2, 3]
+
+
 def test_leadership_moves_to_the_member_asked_for(cluster: LocalCluster) -> None:
     leader = cluster.wait_for_leader()
     target = next(i for i in cluster.ids if i != leader)
