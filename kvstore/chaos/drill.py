@@ -72,6 +72,9 @@ logger = logging.getLogger("kvstore.chaos")
 # Node settings for drills: frequent snapshots and small segments, so compaction, snapshot
 # installation and segment rotation happen within a short run.
 DRILL_NODE_ARGS: tuple[str, ...] = ()
+# The history a watch drill's nodes keep (revisions): enough for the whole run, which the
+# checker compares every watcher with at the end.
+WATCH_DRILL_HISTORY_REVISIONS = 1_000_000
 
 
 # What each count of the report means, as the workloads record operations
@@ -394,12 +397,38 @@ class Drill:
     def _client_config(self, timeout_s: float) -> ClientConfig:
         return ClientConfig(timeout_s=timeout_s, ca_file=self.cluster.ca_file, token=self.token)
 
+    def node_args(self) -> list[str]:
+        """Arguments every node of the drill gets besides its address and data."""
+        extra = list(self.config.node_args)
+        if self.config.workload == "watch":
+            # The checker reads the whole history since the watchers started at the end: a
+            # 120 s drill writes more revisions than the default bound keeps.
+            extra += ["--history-revisions-max", str(WATCH_DRILL_HISTORY_REVISIONS)]
+        return extra
+
+    async def stop_workload(
+        self, workload: Workload, workload_task: asyncio.Task[None], timeout_s: float = 15.0
+    ) -> None:
+        """Ask the workload to stop; cancel it if it has not within `timeout_s`; raise what
+        it raised."""
+        workload.stop()
+        # Shielded: on a timeout wait_for would cancel the task itself, and a cancelled task
+        # has no exception() to ask for (it raises CancelledError).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(workload_task), timeout=timeout_s)
+        if not workload_task.done():
+            logger.warning("event=workload_not_stopped seconds=%g: cancelled", timeout_s)
+            workload_task.cancel()
+            await asyncio.gather(workload_task, return_exceptions=True)
+        elif workload_task.exception() is not None:
+            raise workload_task.exception()  # type: ignore[misc]
+
     async def run(self) -> DrillReport:
         config = self.config
         peer_ports = {node: free_port() for node in (1, 2, 3)}
         self.mesh = ProxyMesh({n: ("127.0.0.1", p) for n, p in peer_ports.items()}, self.rng)
         await self.mesh.start()
-        extra = list(config.node_args)
+        extra = self.node_args()
         if config.unsafe_local_reads:
             extra += ["--unsafe-local-reads", "true"]
         if config.secure:
@@ -459,13 +488,7 @@ class Drill:
                 watcher.cancel()
             self._observe(nemesis, workload, final=True)
             self._say("stopping the workload, healing everything")
-            workload.stop()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(workload_task, timeout=15.0)
-            if not workload_task.done():
-                workload_task.cancel()
-            elif workload_task.exception() is not None:
-                raise workload_task.exception()  # type: ignore[misc]
+            await self.stop_workload(workload, workload_task)
             self.report.timeline = nemesis.timeline
             self._say("waiting for every node to apply what the leader committed")
             converged = await self._converge()

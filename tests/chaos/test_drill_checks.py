@@ -173,3 +173,36 @@ def test_a_slow_start_does_not_leave_a_short_drill_without_faults(
 
     asyncio.run(run())
     assert nemesis.injected, "no fault was injected"
+
+
+class _StuckWorkload:
+    """A workload that does not stop when asked (a lock holder stuck behind a fault)."""
+
+    def stop(self) -> None:
+        return None
+
+
+def test_a_workload_that_does_not_stop_is_cancelled_and_the_drill_goes_on(
+    tmp_path: Path,
+) -> None:
+    """asyncio.wait_for cancelled the workload itself on its timeout, and asking a cancelled
+    task for its exception raised CancelledError: the drill aborted before its checks."""
+    import asyncio
+
+    drill = _drill(tmp_path)
+
+    async def run() -> bool:
+        task = asyncio.create_task(asyncio.sleep(30))
+        await drill.stop_workload(_StuckWorkload(), task, timeout_s=0.05)  # type: ignore[arg-type]
+        return task.cancelled()
+
+    assert asyncio.run(run())
+
+
+def test_a_watch_drill_keeps_the_whole_history_its_checker_reads(tmp_path: Path) -> None:
+    """A 120 s watch drill wrote more revisions than the default history keeps, and its
+    checker's final read of the history from the start got RevisionCompactedError."""
+    args = _drill(tmp_path, workload="watch").node_args()
+    kept = int(args[args.index("--history-revisions-max") + 1])
+    assert kept >= 1_000_000
+    assert "--history-revisions-max" not in _drill(tmp_path / "b", workload="register").node_args()
