@@ -40,7 +40,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from runinfo import RunInfo, ScratchDir, output_path
+from stats import median as nearest_rank_median
 
 HERE = Path(__file__).resolve().parent
 WRAPPER = """#!/bin/sh
@@ -221,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     first: float | None = None
     for tree in trees:
         results = rounds[str(tree)]
-        median = statistics.median(r["instructions_per_write_above_idle"] for r in results)
-        total = statistics.median(r["instructions_per_write"] for r in results)
-        idle = statistics.median(r["idle_instructions_per_s"] for r in results)
+        median = nearest_rank_median(r["instructions_per_write_above_idle"] for r in results)
+        total = nearest_rank_median(r["instructions_per_write"] for r in results)
+        idle = nearest_rank_median(r["idle_instructions_per_s"] for r in results)
         first = median if first is None else first
         summary.append(
             {
