@@ -29,7 +29,6 @@ key=value line.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
@@ -45,7 +44,6 @@ from aiohttp import web
 from kvstore.errors import (
     BadRequestError,
     PermissionDeniedError,
-    RequestTimeoutError,
     UnauthenticatedError,
 )
 from kvstore.kv.auth import ACCESS_LEVELS, TOKEN_ID_CHARS, AuthChange, AuthTable, check_name
@@ -216,7 +214,7 @@ class AuthApi:
 
     async def put_user(self, request: web.BaseRequest) -> web.Response:
         name = _name(request, "/v1/auth/users/", "user")
-        body = await _body(request, self.http.config.client_body_timeout_ms)
+        body = await self.http.json_body(request)
         roles = body.get("roles", [])
         if not isinstance(roles, list) or set(body) - {"roles"}:
             raise BadRequestError('the body is {"roles": [ROLE, ...]}')
@@ -230,7 +228,7 @@ class AuthApi:
 
     async def put_role(self, request: web.BaseRequest) -> web.Response:
         name = _name(request, "/v1/auth/roles/", "role")
-        body = await _body(request, self.http.config.client_body_timeout_ms)
+        body = await self.http.json_body(request)
         items = body.get("permissions", [])
         if not isinstance(items, list) or set(body) - {"permissions"}:
             raise BadRequestError('the body is {"permissions": [{"prefix": P, "access": A}, ...]}')
@@ -250,7 +248,7 @@ class AuthApi:
         return _json({"role": name, "deleted": True})
 
     async def new_token(self, request: web.BaseRequest) -> web.Response:
-        body = await _body(request, self.http.config.client_body_timeout_ms)
+        body = await self.http.json_body(request)
         user = body.get("user")
         if set(body) != {"user"}:
             raise BadRequestError('the body is {"user": NAME}')
@@ -310,21 +308,6 @@ def _name(request: web.BaseRequest, prefix: str, what: str) -> str:
         return check_name(name, what)
     except ValueError as exc:
         raise BadRequestError(str(exc)) from exc
-
-
-async def _body(request: web.BaseRequest, timeout_ms: int) -> dict[str, Any]:
-    try:
-        async with asyncio.timeout(timeout_ms / 1000):
-            raw = await request.read()
-    except TimeoutError as exc:
-        raise RequestTimeoutError("the body did not arrive in time") from exc
-    try:
-        body = json.loads(raw or b"{}")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequestError(f"the body is not JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise BadRequestError("the body must be a JSON object")
-    return body
 
 
 def _json(body: Any) -> web.Response:

@@ -17,17 +17,15 @@ operations at most `txn_ops_max`; anything else is a 400 naming the problem.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import json
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
 
-from kvstore.errors import BadRequestError, RequestTimeoutError
+from kvstore.errors import BadRequestError
 from kvstore.kv.commands import UINT64_MAX, Command, RequestId, WriteResult
 from kvstore.kv.history import Compact
 from kvstore.kv.leases import LEASE_ID_MAX, LEASE_TTL_MS_MAX, LeaseGrant, LeaseRevoke
@@ -74,21 +72,6 @@ class CoordinationApi:
 
     # --- plumbing --------------------------------------------------------------------------
 
-    async def _body(self, request: web.BaseRequest) -> dict[str, Any]:
-        """The JSON object body (aiohttp bounds it by max_body_bytes: 413 beyond)."""
-        try:
-            async with asyncio.timeout(self.config.client_body_timeout_ms / 1000):
-                raw = await request.read()
-        except TimeoutError as exc:
-            raise RequestTimeoutError("the body did not arrive in time") from exc
-        try:
-            body = json.loads(raw or b"{}")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequestError(f"the body is not JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise BadRequestError("the body must be a JSON object")
-        return body
-
     async def _propose(
         self, request: web.BaseRequest, build: Callable[[RequestId, int, int], Command]
     ) -> WriteResult:
@@ -111,7 +94,7 @@ class CoordinationApi:
     # --- transactions ----------------------------------------------------------------------
 
     async def txn(self, request: web.BaseRequest) -> web.Response:
-        body = await self._body(request)
+        body = await self.http.json_body(request)
         compares = _parse_list(body, "compare", self.config.txn_ops_max)
         success = _parse_list(body, "success", self.config.txn_ops_max)
         failure = _parse_list(body, "failure", self.config.txn_ops_max)
@@ -223,7 +206,7 @@ class CoordinationApi:
         return _json({"revision": result.revision, "deleted": result.txn.responses[0].deleted})
 
     async def compact(self, request: web.BaseRequest) -> web.Response:
-        body = await self._body(request)
+        body = await self.http.json_body(request)
         revision = _bounded_int(body.get("revision"), "revision", UINT64_MAX, 1)
         result = await self._propose(
             request, lambda rid, now, acked: Compact(revision, rid, now, acked)
@@ -234,7 +217,7 @@ class CoordinationApi:
     # --- leases ----------------------------------------------------------------------------
 
     async def lease_grant(self, request: web.BaseRequest) -> web.Response:
-        body = await self._body(request)
+        body = await self.http.json_body(request)
         ttl_ms = _bounded_int(body.get("ttl_ms"), "ttl_ms", LEASE_TTL_MS_MAX, 1)
         lease_id = _bounded_int(body.get("id", 0), "id", LEASE_ID_MAX)
         result = await self._propose(
@@ -243,13 +226,13 @@ class CoordinationApi:
         return _json({"id": result.lease_id, "ttl_ms": ttl_ms, "revision": result.revision})
 
     async def lease_keepalive(self, request: web.BaseRequest) -> web.Response:
-        body = await self._body(request)
+        body = await self.http.json_body(request)
         lease_id = _bounded_int(body.get("id"), "id", LEASE_ID_MAX, 1)
         ttl_ms = await self.leases.keepalive(lease_id)
         return _json({"id": lease_id, "ttl_ms": ttl_ms})
 
     async def lease_revoke(self, request: web.BaseRequest) -> web.Response:
-        body = await self._body(request)
+        body = await self.http.json_body(request)
         lease_id = _bounded_int(body.get("id"), "id", LEASE_ID_MAX, 1)
         result = await self._propose(
             request, lambda rid, now, acked: LeaseRevoke(lease_id, rid, now, acked)

@@ -394,10 +394,29 @@ class HttpApi:
             )
         return _uint(match.group(1) or match.group(2), "If-Match"), False
 
+    async def json_body(self, request: web.BaseRequest) -> dict[str, Any]:
+        """The JSON object body of an API request (aiohttp bounds its size by
+        max_body_bytes: 413 beyond), read as `_body` reads a value; an empty body is {}."""
+        raw = await self._read_body(request)
+        try:
+            body = json.loads(raw or b"{}")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequestError(f"the body is not JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise BadRequestError("the body must be a JSON object")
+        return body
+
     async def _body(self, request: web.BaseRequest) -> bytes:
         limit = self.config.max_value_bytes
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLargeError(f"value is over {limit} bytes")
+        body = await self._read_body(request)
+        if len(body) > limit:
+            raise PayloadTooLargeError(f"value is over {limit} bytes")
+        return body
+
+    async def _read_body(self, request: web.BaseRequest) -> bytes:
+        """The request's body, within the body timeout unless it has all arrived."""
         try:
             if request.content.is_eof():
                 # The whole body has arrived (a small value comes with its head): reading it
@@ -413,8 +432,6 @@ class HttpApi:
             raise RequestTimeoutError(
                 f"the body did not arrive within {self.config.client_body_timeout_ms} ms"
             ) from exc
-        if len(body) > limit:
-            raise PayloadTooLargeError(f"value is over {limit} bytes")
         return body
 
     # --- key-value ----------------------------------------------------------------------

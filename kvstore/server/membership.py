@@ -23,7 +23,6 @@ field is a member id in [1, 2^63).
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from aiohttp import web
@@ -32,7 +31,6 @@ from kvstore.errors import (
     BadRequestError,
     ConfChangeRefusedError,
     DeadlineExceededError,
-    RequestTimeoutError,
 )
 from kvstore.raft.confchange import NODE_ID_MAX, ConfChange, ConfChangeType
 from kvstore.raft.types import Role
@@ -64,15 +62,15 @@ class MembershipApi:
         return _json(self.members_document())
 
     async def promote(self, request: web.BaseRequest) -> web.Response:
-        member = _member_id(await self._body(request), "id")
+        member = _member_id(await self.http.json_body(request), "id")
         return await self._change(ConfChange(ConfChangeType.PROMOTE, member))
 
     async def remove(self, request: web.BaseRequest) -> web.Response:
-        member = _member_id(await self._body(request), "id")
+        member = _member_id(await self.http.json_body(request), "id")
         return await self._change(ConfChange(ConfChangeType.REMOVE, member))
 
     async def transfer(self, request: web.BaseRequest) -> web.Response:
-        target = _member_id(await self._body(request), "to")
+        target = _member_id(await self.http.json_body(request), "to")
         driver = self.driver
         status = driver.status()
         if status.role is not Role.LEADER:
@@ -148,20 +146,6 @@ class MembershipApi:
         for index, future in list(self._applied_waiters):
             if index <= applied and not future.done():
                 future.set_result(None)
-
-    async def _body(self, request: web.BaseRequest) -> dict[str, Any]:
-        try:
-            async with asyncio.timeout(self.config.client_body_timeout_ms / 1000):
-                raw = await request.read()
-        except TimeoutError as exc:
-            raise RequestTimeoutError("the body did not arrive in time") from exc
-        try:
-            body = json.loads(raw or b"{}")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequestError(f"the body is not JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise BadRequestError("the body must be a JSON object")
-        return body
 
 
 def _member_id(body: dict[str, Any], field: str) -> int:
