@@ -181,6 +181,24 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     )
 
 
+def put_document(key: str, result: WriteResult) -> dict[str, Any]:
+    """The answer to a put that succeeded, over HTTP and the binary stream alike."""
+    kv = result.key_value
+    assert kv is not None, "a put that succeeded carries the key's revisions"
+    return {
+        "key": key,
+        "revision": result.revision,
+        "create_revision": kv.create_revision,
+        "mod_revision": kv.mod_revision,
+        "version": kv.version,
+    }
+
+
+def delete_document(key: str, result: WriteResult) -> dict[str, Any]:
+    """The answer to a delete that succeeded, over HTTP and the binary stream alike."""
+    return {"key": key, "revision": result.revision, "deleted": True}
+
+
 def _command(factory: Any, **fields: Any) -> Any:
     """Build a Put or Delete; the command validates itself (ValueError -> 400)."""
     try:
@@ -462,17 +480,7 @@ class HttpApi:
             if server_made:
                 self.driver.release_request_id(request_id)
         self._raise_for_result(result)
-        kv = result.key_value
-        assert kv is not None, "a put that succeeded carries the key's revisions"
-        return _json(
-            {
-                "key": key,
-                "revision": result.revision,
-                "create_revision": kv.create_revision,
-                "mod_revision": kv.mod_revision,
-                "version": kv.version,
-            }
-        )
+        return _json(put_document(key, result))
 
     async def delete_key(self, request: web.BaseRequest) -> web.Response:
         key = self._key(request)
@@ -497,7 +505,7 @@ class HttpApi:
             if server_made:
                 self.driver.release_request_id(request_id)
         self._raise_for_result(result)
-        return _json({"key": key, "revision": result.revision, "deleted": True})
+        return _json(delete_document(key, result))
 
     @staticmethod
     def _raise_for_result(result: WriteResult) -> None:

@@ -56,7 +56,13 @@ from kvstore.errors import (
     http_status,
 )
 from kvstore.kv.commands import UINT64_MAX, Delete, Put, RequestId, WriteResult, parse_request_id
-from kvstore.server.http import HttpApi, check_key, raise_for_result
+from kvstore.server.http import (
+    HttpApi,
+    check_key,
+    delete_document,
+    put_document,
+    raise_for_result,
+)
 
 logger = logging.getLogger("kvstore.server.http")
 
@@ -241,7 +247,9 @@ class StreamSession:
             create_only=create_only,
             acked_below=acked_below,
         )
-        self._submit(answer_id, command, request_id, lambda result: _put_body(key, result))
+        self._submit(
+            answer_id, command, request_id, lambda result: _json_bytes(put_document(key, result))
+        )
 
     def _start_delete(self, answer_id: int, request: list[Any]) -> None:
         if len(request) != 6:
@@ -255,7 +263,9 @@ class StreamSession:
             if_revision=if_revision,
             acked_below=acked_below,
         )
-        self._submit(answer_id, command, request_id, lambda result: _delete_body(key, result))
+        self._submit(
+            answer_id, command, request_id, lambda result: _json_bytes(delete_document(key, result))
+        )
 
     def _submit(
         self,
@@ -434,24 +444,6 @@ class StreamSession:
 
 def _json_bytes(document: object) -> bytes:
     return json.dumps(document).encode()
-
-
-def _put_body(key: str, result: WriteResult) -> bytes:
-    kv = result.key_value
-    assert kv is not None, "a put that succeeded carries the key's revisions"
-    return _json_bytes(
-        {
-            "key": key,
-            "revision": result.revision,
-            "create_revision": kv.create_revision,
-            "mod_revision": kv.mod_revision,
-            "version": kv.version,
-        }
-    )
-
-
-def _delete_body(key: str, result: WriteResult) -> bytes:
-    return _json_bytes({"key": key, "revision": result.revision, "deleted": True})
 
 
 def install(api: HttpApi) -> None:
