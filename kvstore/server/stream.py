@@ -32,6 +32,11 @@ Bounds and checks (every one answers or closes, never grows without limit):
   answered 400 by id when it has one, and a message that does not parse at all closes the
   connection (1003 or 1007) after a last answer with id 0;
 - every request waits at most the request timeout (the driver's deadlines), then 504.
+
+Under `--auth` the upgrade request carries the credential (`Authorization: Bearer`, or the
+TLS client certificate) and is refused 401 without a good one, as any HTTP request; each
+operation is then checked as its HTTP request would be (read on a get's key, write on a put's
+or delete's) and a forbidden one is answered 403 by its id (kvstore/server/auth.py).
 """
 
 from __future__ import annotations
@@ -53,9 +58,11 @@ from kvstore.errors import (
     NotFoundError,
     NotLeaderError,
     PayloadTooLargeError,
+    UnauthenticatedError,
     http_status,
 )
 from kvstore.kv.commands import UINT64_MAX, Delete, Put, RequestId, WriteResult, parse_request_id
+from kvstore.server.auth import StreamAuthorizer
 from kvstore.server.http import (
     HttpApi,
     check_key,
@@ -100,8 +107,15 @@ def _str_field(value: object, name: str) -> str:
 class StreamSession:
     """One client's stream: reads batches of requests, answers each as it completes."""
 
-    def __init__(self, api: HttpApi, ws: web.WebSocketResponse) -> None:
+    def __init__(
+        self,
+        api: HttpApi,
+        ws: web.WebSocketResponse,
+        authorizer: StreamAuthorizer | None = None,
+    ) -> None:
         self._api = api
+        # Under --auth: what checks each operation (read or write on its key), as HTTP does.
+        self._authorizer = authorizer
         self._driver = api.driver
         self._config = api.config
         self._ws = ws
@@ -208,11 +222,15 @@ class StreamSession:
 
     # --- the operations -----------------------------------------------------------------
 
-    def _key(self, value: object) -> str:
+    def _key(self, value: object, op: str, access: str) -> str:
+        """The request's key, checked, once the stream's user may `access` it."""
         key = _str_field(value, "key")
         if not key:
             raise BadRequestError("the key is empty")
-        return check_key(key, self._config.max_key_bytes)
+        key = check_key(key, self._config.max_key_bytes)
+        if self._authorizer is not None:
+            self._authorizer.check(op, access, key)
+        return key
 
     def _write_fields(self, request: list[Any], first: int) -> tuple[RequestId, int, int | None]:
         request_id = parse_request_id(_str_field(request[first], "request_id"))
@@ -226,7 +244,7 @@ class StreamSession:
             raise BadRequestError(
                 "put is [id, op, key, value, request_id, acked_below, if_revision, create_only]"
             )
-        key = self._key(request[2])
+        key = self._key(request[2], "put", "write")
         value = request[3]
         if not isinstance(value, bytes):
             raise BadRequestError("value must be bytes (msgpack bin)")
@@ -254,7 +272,7 @@ class StreamSession:
     def _start_delete(self, answer_id: int, request: list[Any]) -> None:
         if len(request) != 6:
             raise BadRequestError("delete is [id, op, key, request_id, acked_below, if_revision]")
-        key = self._key(request[2])
+        key = self._key(request[2], "delete", "write")
         request_id, acked_below, if_revision = self._write_fields(request, 3)
         command = Delete(
             key=key,
@@ -347,7 +365,7 @@ class StreamSession:
     def _start_get(self, answer_id: int, request: list[Any]) -> None:
         if len(request) != 4:
             raise BadRequestError("get is [id, op, key, consistency]")
-        key = self._key(request[2])
+        key = self._key(request[2], "get", "read")
         consistency = request[3]
         if consistency == "stale" or (
             consistency == "linearizable" and self._config.unsafe_local_reads
@@ -415,6 +433,8 @@ class StreamSession:
         if isinstance(error, NotLeaderError) and error.leader_url:
             status = 307
             headers["location"] = error.leader_url.rstrip("/")
+        if isinstance(error, UnauthenticatedError):
+            headers["www-authenticate"] = 'Bearer realm="kvstore"'
         self._answer(answer_id, status, headers, _json_bytes(body))
 
     def _answer(self, answer_id: int, status: int, headers: dict[str, str], body: bytes) -> None:
@@ -457,8 +477,11 @@ def install(api: HttpApi) -> None:
         )
         if not ws.can_prepare(request).ok:
             raise BadRequestError("GET /v1/stream is a WebSocket: send Upgrade: websocket")
+        gate = api.auth_gate
+        # The upgrade itself passed the gate (HttpApi.handle): 401 without a good credential.
+        authorizer = gate.stream_authorizer(request) if gate is not None else None
         await ws.prepare(request)
-        await StreamSession(api, ws).run()
+        await StreamSession(api, ws, authorizer).run()
         return ws
 
     api.add_routes({("/v1/stream", "GET"): stream})

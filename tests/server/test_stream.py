@@ -16,9 +16,11 @@ import msgpack
 import pytest
 from aiohttp import web
 
+from kvstore.kv.auth import AuthTable
 from kvstore.raft.config import RaftConfig
 from kvstore.replica import Replica
 from kvstore.server import stream
+from kvstore.server.auth import AuthGate, token_digest
 from kvstore.server.config import ServeConfig
 from kvstore.server.driver import Driver
 from kvstore.server.http import HttpApi
@@ -27,11 +29,16 @@ from kvstore.storage.memory import MemoryStorage
 
 
 class Node:
-    def __init__(self, session: aiohttp.ClientSession, url: str, driver: Driver) -> None:
-        self.session, self.url, self.driver = session, url, driver
+    def __init__(
+        self, session: aiohttp.ClientSession, url: str, driver: Driver, api: HttpApi
+    ) -> None:
+        self.session, self.url, self.driver, self.api = session, url, driver, api
 
-    async def connect(self) -> aiohttp.ClientWebSocketResponse:
-        return await self.session.ws_connect(self.url + "/v1/stream", max_msg_size=0)
+    async def connect(self, token: str = "") -> aiohttp.ClientWebSocketResponse:
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        return await self.session.ws_connect(
+            self.url + "/v1/stream", max_msg_size=0, headers=headers
+        )
 
 
 @pytest.fixture
@@ -57,7 +64,7 @@ async def node(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[
         async with asyncio.timeout(10):
             while not driver.is_leader() or driver.applied_index() < 1:
                 await asyncio.sleep(0.002)
-        yield Node(session, url, driver)
+        yield Node(session, url, driver, api)
     finally:
         await session.close()
         await runner.cleanup()
@@ -329,3 +336,99 @@ async def test_a_node_that_accepts_but_never_upgrades_costs_a_bounded_wait() -> 
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+# --- under --auth: the upgrade carries the token, each operation is checked ------------------
+
+READER, WRITER = "reader-token-0123456789", "writer-token-0123456789"
+
+
+def _with_auth(node: Node) -> AuthTable:
+    """Turn on the node's auth gate: user bob reads app/, user alice writes app/."""
+    table = AuthTable()
+    table.roles["reader"] = (("app/", "read"),)
+    table.roles["writer"] = (("app/", "write"),)
+    table.users["bob"] = ("reader",)
+    table.users["alice"] = ("writer",)
+    table.tokens[token_digest(READER)] = "bob"
+    table.tokens[token_digest(WRITER)] = "alice"
+    node.api.auth_gate = AuthGate(
+        table=lambda: table, root_digest="", protect_status=False, protect_metrics=False
+    )
+    return table
+
+
+@pytest.mark.parametrize("token", ["", "not-a-known-token-0123", "Basic"])
+async def test_an_upgrade_without_a_good_token_is_refused_as_http_would(
+    node: Node, token: str
+) -> None:
+    _with_auth(node)
+    headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}  # fmt: skip
+    if token == "Basic":
+        headers["Authorization"] = "Basic YTpi"
+    elif token:
+        headers["Authorization"] = f"Bearer {token}"
+    session, url = node.session, node.url
+    async with (
+        session.get(url + "/v1/stream", headers=headers) as upgrade,
+        session.get(url + "/v1/kv/app/x", headers=headers) as plain,
+    ):
+        assert upgrade.status == plain.status == 401
+        assert (await upgrade.json())["error"]["code"] == "unauthenticated"
+        assert (await plain.json())["error"]["code"] == "unauthenticated"
+        assert upgrade.headers["WWW-Authenticate"] == plain.headers["WWW-Authenticate"]
+
+
+async def test_each_operation_on_a_stream_is_checked_for_its_user(node: Node) -> None:
+    _with_auth(node)
+    writer = await node.connect(WRITER)
+    allowed = await exchange(writer, [put(1, "app/x", b"1", "w:1"), put(2, "other", b"2", "w:2")])
+    assert allowed[1][1] == 200
+    assert allowed[2][1] == 403 and code(allowed[2]) == "permission_denied"
+    reader = await node.connect(READER)
+    answers = await exchange(
+        reader,
+        [
+            [1, "get", "app/x", "linearizable"],
+            put(2, "app/x", b"3", "r:1"),
+            [3, "delete", "app/x", "r:2", 0, None],
+            [4, "get", "other", "stale"],
+        ],
+    )
+    assert answers[1][1] == 200 and answers[1][3] == b"1"
+    assert [answers[i][1] for i in (2, 3, 4)] == [403, 403, 403]
+    assert {code(answers[i]) for i in (2, 3, 4)} == {"permission_denied"}
+    assert not reader.closed, "a forbidden operation is answered, the stream stays"
+    assert node.driver.replica.state_machine.get("app/x").value == b"1"  # type: ignore[union-attr]
+    assert node.driver.replica.state_machine.get("other") is None
+    await writer.close()
+    await reader.close()
+
+
+async def test_a_token_revoked_while_its_stream_is_open_stops_working(node: Node) -> None:
+    table = _with_auth(node)
+    ws = await node.connect(WRITER)
+    assert (await exchange(ws, [put(1, "app/y", b"1", "v:1")]))[1][1] == 200
+    del table.tokens[token_digest(WRITER)]
+    answer = (await exchange(ws, [put(2, "app/y", b"2", "v:2")]))[2]
+    assert answer[1] == 401 and code(answer) == "unauthenticated"
+    await ws.close()
+
+
+async def test_the_client_with_a_token_uses_the_stream(node: Node) -> None:
+    from kvstore.client import Client, ClientConfig
+    from kvstore.errors import PermissionDeniedError
+
+    _with_auth(node)
+    async with Client([node.url], config=ClientConfig(token=WRITER)) as kv:
+        assert (await kv.put("app/k", b"v")).version == 1
+        assert (await kv.get("app/k")).value == b"v"
+        with pytest.raises(PermissionDeniedError):
+            await kv.put("elsewhere", b"v")
+        assert kv._transport.streamed >= 3  # type: ignore[attr-defined]
+    async with Client([node.url], config=ClientConfig(token="wrong-token-0123456789")) as kv:
+        from kvstore.errors import UnauthenticatedError
+
+        with pytest.raises(UnauthenticatedError):
+            await kv.get("app/k")
