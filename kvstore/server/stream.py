@@ -25,8 +25,12 @@ Bounds and checks (every one answers or closes, never grows without limit):
   bounds their number per source and in all);
 - a message is at most `message_bytes_max` (aiohttp closes the connection with 1009 beyond),
   holds at most `BATCH_MAX` requests, and is read only while the connection has fewer than
-  `IN_FLIGHT_MAX` requests waiting for answers (the client is not read meanwhile: TCP pushes
-  back);
+  `IN_FLIGHT_MAX` requests not yet answered or whose answers are not yet sent, and fewer
+  than `OUTBOX_BYTES_MAX` bytes of answers not yet sent (the client is not read meanwhile:
+  TCP pushes back), so a client that does not read its answers stops being read;
+- answers go out in messages of about `ANSWER_MESSAGE_BYTES` (one answer may be larger);
+  a message the client does not take within the client body timeout (it reads nothing)
+  cuts the connection (aborted: a socket whose peer never reads would never finish closing);
 - a connection with nothing in flight and no message for the client idle timeout is closed;
 - every field is type- and range-checked before use; a request that does not parse is
   answered 400 by id when it has one, and a message that does not parse at all closes the
@@ -76,6 +80,13 @@ logger = logging.getLogger("kvstore.server.http")
 # Requests in one message, and waiting for answers on one connection.
 BATCH_MAX = 1024
 IN_FLIGHT_MAX = 4096
+# Bytes of answers waiting to be sent before the connection is no longer read, and the size
+# at which an answer message is cut (the answers of one batch of gets of large values would
+# otherwise make one message of up to BATCH_MAX values).
+OUTBOX_BYTES_MAX = 8 << 20
+ANSWER_MESSAGE_BYTES = 1 << 20
+# Beside an answer's body: its id, status and headers, roughly.
+_ANSWER_OVERHEAD_BYTES = 128
 # Room for a message's framing and fields beside one value at the limit.
 _MESSAGE_SLACK_BYTES = 64 * 1024
 _MESSAGE_BYTES_MIN = 1 << 20
@@ -112,8 +123,11 @@ class StreamSession:
         api: HttpApi,
         ws: web.WebSocketResponse,
         authorizer: StreamAuthorizer | None = None,
+        transport: asyncio.Transport | None = None,
     ) -> None:
         self._api = api
+        # The connection's transport: aborted when the client stops taking answers.
+        self._transport = transport
         # Under --auth: what checks each operation (read or write on its key), as HTTP does.
         self._authorizer = authorizer
         self._driver = api.driver
@@ -121,8 +135,10 @@ class StreamSession:
         self._ws = ws
         self._loop = asyncio.get_running_loop()
         self._outbox: list[Answer] = []
+        self._outbox_bytes = 0
         self._outbox_ready = asyncio.Event()
         self._in_flight = 0
+        self._send_timeout_s = self._config.client_body_timeout_ms / 1000
         # Requests waiting for a leader to be known (rare: an election is under way), each
         # a task owned here, cancelled when the connection ends.
         self._held: set[asyncio.Task[None]] = set()
@@ -147,8 +163,11 @@ class StreamSession:
     async def _read_requests(self) -> None:
         idle_s = self._config.client_idle_timeout_ms / 1000
         ws = self._ws
-        while not ws.closed:
-            if self._in_flight >= IN_FLIGHT_MAX:
+        while not ws.closed and not self._closed:
+            if (
+                self._in_flight + len(self._outbox) >= IN_FLIGHT_MAX
+                or self._outbox_bytes >= OUTBOX_BYTES_MAX
+            ):
                 await asyncio.sleep(_BACKPRESSURE_CHECK_S)
                 continue
             try:
@@ -442,6 +461,7 @@ class StreamSession:
         if self._closed:
             return
         self._outbox.append([answer_id, status, headers, body])
+        self._outbox_bytes += len(body) + _ANSWER_OVERHEAD_BYTES
         self._outbox_ready.set()
 
     async def _write_answers(self) -> None:
@@ -453,13 +473,41 @@ class StreamSession:
             await self._flush()
 
     async def _flush(self) -> None:
-        if not self._outbox or self._ws.closed:
-            return
-        answers, self._outbox = self._outbox, []
-        try:
-            await self._ws.send_bytes(msgpack.packb(answers, use_bin_type=True))
-        except ConnectionError:
-            self._closed = True
+        """Send every answer waiting, in messages of about ANSWER_MESSAGE_BYTES; cut the
+        connection if the client does not take one within the send timeout."""
+        while self._outbox and not self._ws.closed and not self._closed:
+            answers = self._take_answers()
+            try:
+                async with asyncio.timeout(self._send_timeout_s):
+                    await self._ws.send_bytes(msgpack.packb(answers, use_bin_type=True))
+            except TimeoutError:
+                self._stalled()
+                return
+            except ConnectionError:
+                self._closed = True
+                return
+
+    def _take_answers(self) -> list[Answer]:
+        outbox = self._outbox
+        if self._outbox_bytes <= ANSWER_MESSAGE_BYTES:
+            self._outbox, self._outbox_bytes = [], 0
+            return outbox
+        size = count = 0
+        while count < len(outbox) and (count == 0 or size < ANSWER_MESSAGE_BYTES):
+            size += len(outbox[count][3]) + _ANSWER_OVERHEAD_BYTES
+            count += 1
+        answers, self._outbox = outbox[:count], outbox[count:]
+        self._outbox_bytes -= size
+        return answers
+
+    def _stalled(self) -> None:
+        """The client took no answer for the send timeout: abort the connection (closing it
+        would wait for the unread bytes to drain, which never happens)."""
+        logger.debug("event=stream_stalled send_timeout_s=%s", self._send_timeout_s)
+        self._closed = True
+        self._outbox, self._outbox_bytes = [], 0
+        if self._transport is not None:
+            self._transport.abort()
 
 
 def _json_bytes(document: object) -> bytes:
@@ -481,7 +529,7 @@ def install(api: HttpApi) -> None:
         # The upgrade itself passed the gate (HttpApi.handle): 401 without a good credential.
         authorizer = gate.stream_authorizer(request) if gate is not None else None
         await ws.prepare(request)
-        await StreamSession(api, ws, authorizer).run()
+        await StreamSession(api, ws, authorizer, request.transport).run()
         return ws
 
     api.add_routes({("/v1/stream", "GET"): stream})

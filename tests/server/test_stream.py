@@ -5,8 +5,10 @@ id with the connection kept; undecodable, oversized or textual messages close it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from kvstore.replica import Replica
 from kvstore.server import stream
 from kvstore.server.auth import AuthGate, token_digest
 from kvstore.server.config import ServeConfig
+from kvstore.server.connections import ClientServer
 from kvstore.server.driver import Driver
 from kvstore.server.http import HttpApi
 from kvstore.server.metrics import NodeMetrics
@@ -30,9 +33,15 @@ from kvstore.storage.memory import MemoryStorage
 
 class Node:
     def __init__(
-        self, session: aiohttp.ClientSession, url: str, driver: Driver, api: HttpApi
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        driver: Driver,
+        api: HttpApi,
+        server: ClientServer,
     ) -> None:
         self.session, self.url, self.driver, self.api = session, url, driver, api
+        self.server = server
 
     async def connect(self, token: str = "") -> aiohttp.ClientWebSocketResponse:
         headers = {"Authorization": f"Bearer {token}"} if token else None
@@ -54,7 +63,8 @@ async def node(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[
     task = asyncio.get_running_loop().create_task(driver.run())
     api = HttpApi(driver, "test")
     stream.install(api)
-    runner = web.ServerRunner(api.build_server())
+    server = api.build_server()
+    runner = web.ServerRunner(server)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -64,7 +74,7 @@ async def node(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[
         async with asyncio.timeout(10):
             while not driver.is_leader() or driver.applied_index() < 1:
                 await asyncio.sleep(0.002)
-        yield Node(session, url, driver, api)
+        yield Node(session, url, driver, api, server)
     finally:
         await session.close()
         await runner.cleanup()
@@ -432,3 +442,91 @@ async def test_the_client_with_a_token_uses_the_stream(node: Node) -> None:
 
         with pytest.raises(UnauthenticatedError):
             await kv.get("app/k")
+
+
+# --- a client that never reads its answers -----------------------------------------------
+
+
+class _DeafClient:
+    """A WebSocket (as StreamSession sees it) whose client sends `messages` and then nothing,
+    and never reads: every send blocks."""
+
+    def __init__(self, messages: list[bytes]) -> None:
+        self.messages = list(messages)
+        self.received = 0
+        self.closed = False
+        self._never = asyncio.get_running_loop().create_future()
+
+    async def receive(self, timeout: float | None = None) -> aiohttp.WSMessage:
+        if not self.messages:
+            await self._never
+        self.received += 1
+        return aiohttp.WSMessage(aiohttp.WSMsgType.BINARY, self.messages.pop(0), None)
+
+    async def send_bytes(self, data: bytes) -> None:
+        await self._never
+
+    async def close(self, **kwargs: Any) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("value_bytes", [10, 64 * 1024])
+async def test_a_client_that_never_reads_stops_being_read(node: Node, value_bytes: int) -> None:
+    """Answers not yet sent count against the connection's bounds (requests, bytes): the
+    node stops reading a client that takes no answers instead of buffering without end."""
+    ws = await node.connect()
+    await exchange(ws, [put(1, "v", b"x" * value_bytes, "deaf:1")])
+    await ws.close()
+    batch = msgpack.packb([[i + 1, "get", "v", "stale"] for i in range(stream.BATCH_MAX)])
+    deaf = _DeafClient([batch] * 50)
+    session = stream.StreamSession(node.api, deaf)  # type: ignore[arg-type]
+    task = asyncio.ensure_future(session.run())
+    try:
+        for _ in range(500):  # step the loop: every answer here is synchronous
+            await asyncio.sleep(0)
+        by_count = stream.IN_FLIGHT_MAX // stream.BATCH_MAX
+        by_bytes = stream.OUTBOX_BYTES_MAX // (value_bytes * stream.BATCH_MAX) + 1
+        assert deaf.received <= min(by_count, by_bytes), deaf.received
+        assert deaf.messages, "the node read every message of a client that reads nothing"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.parametrize("node", [{"client_body_timeout_ms": 300}], indirect=True)
+async def test_a_client_that_takes_no_answers_is_cut_off(node: Node) -> None:
+    ws = await node.connect()
+    await exchange(ws, [put(1, "v", b"x" * (256 * 1024), "cut:1")])
+    await ws.close()
+    before = node.server.open_connections
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(node.url.rsplit(":", 1)[1]))
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    writer.write(
+        b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert b" 101 " in await reader.readuntil(b"\r\n\r\n")
+    batch = msgpack.packb([[i + 1, "get", "v", "stale"] for i in range(64)])
+    writer.write(_masked_frame(batch))
+    try:
+        async with asyncio.timeout(15):  # the node aborts the connection it cannot write to
+            while node.server.open_connections > before:
+                await asyncio.sleep(0.02)
+    finally:
+        writer.transport.abort()
+    async with node.session.get(node.url + "/v1/status") as response:
+        assert response.status == 200, "the node serves others"
+
+
+def _masked_frame(payload: bytes) -> bytes:
+    """One binary WebSocket frame from a client (masked with a zero mask)."""
+    size = len(payload)
+    if size < 126:
+        head = bytes([0x82, 0x80 | size])
+    elif size < 1 << 16:
+        head = bytes([0x82, 0x80 | 126]) + size.to_bytes(2, "big")
+    else:
+        head = bytes([0x82, 0x80 | 127]) + size.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload
