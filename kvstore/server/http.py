@@ -420,6 +420,8 @@ class HttpApi:
             body = json.loads(raw or b"{}")
         except (ValueError, UnicodeDecodeError) as exc:
             raise BadRequestError(f"the body is not JSON: {exc}") from exc
+        except RecursionError:
+            raise BadRequestError("the body's JSON is nested too deeply") from None
         if not isinstance(body, dict):
             raise BadRequestError("the body must be a JSON object")
         return body
