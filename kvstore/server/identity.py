@@ -221,7 +221,7 @@ async def _ask_peers(
     )
     await transport.start()
     loop = asyncio.get_running_loop()
-    seen_fresh: set[int] = set()
+    seen_fresh = transport.seen_fresh
     logged_at = loop.time()
     logger.info(
         "event=empty_data_dir id=%s action=asking_peers peers=%s",
@@ -232,9 +232,7 @@ async def _ask_peers(
         while True:
             members = []
             for peer, fresh in transport.peer_fresh.items():
-                if fresh:
-                    seen_fresh.add(peer)
-                elif peer not in seen_fresh:
+                if not fresh and peer not in seen_fresh:
                     members.append(peer)
             if members:
                 urls = [transport.peer_urls[m] for m in members if m in transport.peer_urls]

@@ -286,7 +286,10 @@ class PeerTransport:
         self.fresh = fresh
         # Peer id -> whether its last completed handshake said it was fresh; and the peers
         # that dialled us saying so (each has seen our answer, so it knows if we are fresh).
+        # Every peer that ever said so is in `seen_fresh` (kept at once: a redial can say
+        # otherwise a moment later).
         self.peer_fresh: dict[int, bool] = {}
+        self.seen_fresh: set[int] = set()
         self.fresh_dialers: set[int] = set()
         self.cluster_id = cluster_id
         self.client_url = client_url
@@ -872,6 +875,8 @@ class PeerTransport:
 
     def _learn_url(self, hello: Handshake) -> None:
         self.peer_fresh[hello.node_id] = hello.fresh
+        if hello.fresh:
+            self.seen_fresh.add(hello.node_id)
         if self.peer_urls.get(hello.node_id) != hello.client_url:
             self.peer_urls[hello.node_id] = hello.client_url
             if self._on_peer_url is not None:

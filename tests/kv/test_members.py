@@ -114,9 +114,7 @@ def test_heal_needs_positive_evidence() -> None:
     conf = ConfState(voters=(1, 2, 3), learners=(4,))
     assert members.heal_step(conf, {4: MemberInfo("x", "d:1")}, lambda _: True) is None
     joined = {4: MemberInfo("x", "d:1", promote=True)}
-    assert members.heal_step(conf, joined, lambda _: True) == ConfChange(
-        ConfChangeType.PROMOTE, 4
-    )
+    assert members.heal_step(conf, joined, lambda _: True) == ConfChange(ConfChangeType.PROMOTE, 4)
 
 
 def test_heal_removes_every_older_holder_of_the_name() -> None:
