@@ -899,7 +899,7 @@ def _default_transport(config: ClientConfig) -> Transport:
     )
     if not config.binary_stream:
         return http
-    return StreamTransport(http, connect_timeout_s=config.connect_timeout_s)
+    return StreamTransport(http, connect_timeout_s=config.connect_timeout_s, token=config.token)
 
 
 def _connect_failure(error: KVStoreError) -> bool:

@@ -230,6 +230,8 @@ class Node:
             snapshot_directory=str(config.data_dir),
             open_snapshot=snapshot_file_opener(str(config.data_dir)),
         )
+        # A received snapshot is decoded off the loop and its file kept (snapshot_stream.py).
+        self.transport.snapshots.receiver = replica
         self.http = HttpApi(self.driver, config.cluster_id)
         AuthApi(self.http)
         if config.auth:
