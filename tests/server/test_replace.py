@@ -8,8 +8,12 @@ with a deadline; processes are stopped by PID (LocalCluster)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +22,7 @@ from typing import Any
 import pytest
 
 from kvstore.server.identity import read_identity
-from kvstore.server.localcluster import LocalCluster
+from kvstore.server.localcluster import LocalCluster, free_port
 from tests.server.test_cluster import call, wait_until
 
 pytestmark = pytest.mark.slow
@@ -152,3 +156,64 @@ def test_a_node_whose_data_directory_was_lost_heals_by_itself(cluster: LocalClus
         assert listed is not None and sorted(listed["voters"]) == sorted(document["voters"]), (
             json.dumps(listed)
         )
+
+
+def test_serve_join_adds_a_learner_that_the_operator_promotes(cluster: LocalCluster) -> None:
+    """`kvstore serve --join URL --join-as-learner`: a new process joins a running cluster
+    under the next id, catches up, stays a learner (the healer promotes only members that
+    asked for it) until `member promote`; `member add`'s name and addresses are listed."""
+    port_client, port_peer = free_port(), free_port()
+    data_dir = cluster.base_dir / "joiner"
+    command = [
+        sys.executable, "-m", "kvstore", "serve", "--id", "9",
+        "--join", ",".join(cluster.client_urls),
+        "--join-as-learner", "true",
+        "--cluster-id", cluster.cluster_id,
+        "--cluster-secret-file", str(cluster.secret_path),
+        "--listen-client", f"127.0.0.1:{port_client}",
+        "--listen-peer", f"127.0.0.1:{port_peer}",
+        "--data-dir", str(data_dir),
+        *_ARGS,
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    with open(cluster.base_dir / "joiner.log", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        for index in range(50):
+            call(f"{cluster.client_urls[0]}/v1/kv/j{index}", "PUT", b"x")
+        leader = cluster.wait_for_leader()
+
+        def joined() -> dict[str, Any] | None:
+            document = members(cluster, leader)
+            if document is None or not document["learners"]:
+                return None
+            entry = document["members"][str(document["learners"][0])]
+            return document if entry.get("lag", 1 << 30) <= 5 else None
+
+        document = wait_until(joined, 30.0, "the joined learner caught up")
+        member = document["learners"][0]
+        assert member == 4 and document["members"]["4"]["name"] == "9"
+        assert document["members"]["4"]["peer_address"] == f"127.0.0.1:{port_peer}"
+        identity = read_identity(data_dir)
+        assert identity is not None and identity.member_id == 4 and identity.joined
+        # Caught up for longer than --promote-stable-ms, and still a learner.
+        time.sleep(0.6)  # the healer's period; the assertion is on state, not on timing
+        again = members(cluster, leader)
+        assert again is not None and again["learners"] == [4]
+        promoted = subprocess.run(
+            [sys.executable, "-m", "kvstore", "member", "promote", "4", "--endpoints",
+             ",".join(cluster.client_urls)],
+            capture_output=True, text=True, timeout=60, check=False, env=env,
+        )  # fmt: skip
+        assert promoted.returncode == 0, promoted.stderr
+        final = members(cluster, leader)
+        assert final is not None and final["voters"] == [1, 2, 3, 4]
+        status = call(f"http://127.0.0.1:{port_client}/v1/status").json()
+        assert status["id"] == 4 and status["voters"] == [1, 2, 3, 4]
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
