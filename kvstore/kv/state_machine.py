@@ -21,7 +21,9 @@ token hashes; the section "auth", present once there is any); all of it is in sn
 appends one map of these sections to version 1's array; version 1 still restores).
 
 Entries that carry no command (a new leader's empty entry, CONF_CHANGE) advance
-`applied_index` only. A committed entry whose bytes do not decode raises `ProtocolError`
+`applied_index` only, except that a CONF_CHANGE entry's member context goes into the member
+table (kv/members.py; the section "members" of snapshots, present once a member was added
+at runtime). A committed entry whose bytes do not decode raises `ProtocolError`
 and leaves the state untouched: it means a bug, a foreign leader or damage, and must stop
 the node loudly rather than be applied differently on different replicas.
 
@@ -60,6 +62,7 @@ from kvstore.kv.commands import (
 )
 from kvstore.kv.history import EVENT_DELETE, EVENT_PUT, Compact, Event, History, HistoryConfig
 from kvstore.kv.leases import LeaseGrant, LeaseRevoke, LeaseTable
+from kvstore.kv.members import MemberTable
 from kvstore.kv.sessions import (
     SessionConfig,
     SessionTable,
@@ -131,6 +134,9 @@ class StateMachine:
         self.history = History(self.config.history)
         self.leases = LeaseTable()
         self.auth = AuthTable()
+        # Contexts of the members added at runtime (kv/members.py): the address book's
+        # replicated part, in every snapshot.
+        self.members = MemberTable()
 
     # --- apply ---------------------------------------------------------------------------
 
@@ -146,6 +152,8 @@ class StateMachine:
             f"apply out of order: entry {entry.index} after applied {self.applied_index}"
         )
         if entry.type != EntryType.NORMAL or not entry.data:
+            if entry.type == EntryType.CONF_CHANGE:
+                self.members.apply(entry.data)
             self.applied_index = entry.index
             return None, None
         command = decode_command(entry.data)
@@ -503,6 +511,9 @@ class StateMachine:
         if self.auth.users or self.auth.roles:
             # Only when there is some: the snapshot of a store without auth is unchanged.
             sections["auth"] = self.auth.to_obj()
+        if self.members.contexts:
+            # Likewise only once a member was added at runtime.
+            sections["members"] = self.members.to_obj()
         return sections
 
     def freeze(self) -> FrozenState:
@@ -528,6 +539,7 @@ class StateMachine:
         self.applied_index, self.revision, self.clock_ms = state.header
         self._data, self._keys, self._sessions = state.data, state.keys, state.sessions
         self.history, self.leases, self.auth = state.history, state.leases, state.auth
+        self.members = state.members
 
     def digest(self) -> str:
         """sha256 (hex) of the canonical encoding: equal states give equal digests."""
@@ -609,6 +621,7 @@ class DecodedState:
     history: History
     leases: LeaseTable
     auth: AuthTable
+    members: MemberTable
 
 
 # Bytes the snapshot decoder reads at a time (see `decode_state`).
@@ -676,8 +689,11 @@ def _decode_state(
     auth = AuthTable()
     if isinstance(sections, dict) and "auth" in sections:
         auth.load_obj(sections["auth"])
+    members = MemberTable()
+    if isinstance(sections, dict) and "members" in sections:
+        members.load_obj(sections["members"])
     header = (applied_index, revision, clock_ms)
-    return DecodedState(header, data, SortedList(data), sessions, history, leases, auth)
+    return DecodedState(header, data, SortedList(data), sessions, history, leases, auth, members)
 
 
 def _data_from_items(unpacker: msgpack.Unpacker, revision: int) -> _Records:
@@ -720,7 +736,7 @@ def _sections_from_obj(
 ) -> tuple[History, LeaseTable]:
     """The history and leases of a snapshot's sections map (empty when absent: a version 1
     snapshot, whose history starts at its revision)."""
-    if not isinstance(sections, dict) or not set(sections) <= {"history", "leases", "auth"}:
+    if not isinstance(sections, dict) or not set(sections) <= {"history", "leases", "auth", "members"}:
         raise ProtocolError("state machine snapshot: sections must be a map of known names")
     history = History(config)
     if "history" in sections:

@@ -385,7 +385,9 @@ class LocalCluster:
             return None
 
     def leader(self, exclude: Iterable[int] = ()) -> int | None:
-        """The leader that a majority of the answering nodes agree on, or None."""
+        """The leader (its slot here: node<slot>) that a majority of the answering nodes
+        agree on, or None. A slot whose data directory was lost runs under a new member id
+        (docs/operations.md, Replacing a lost disk): the nodes name the leader by that id."""
         excluded = set(exclude)
         statuses = {i: self.status(i, timeout_s=0.5) for i in self.running()}
         answers = {i: s for i, s in statuses.items() if s is not None}
@@ -395,7 +397,7 @@ class LocalCluster:
             agreeing = sum(
                 1
                 for other in answers.values()
-                if other["leader_id"] == node_id and other["term"] == status["term"]
+                if other["leader_id"] == status["id"] and other["term"] == status["term"]
             )
             if agreeing * 2 > self.size:
                 return node_id

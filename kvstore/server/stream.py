@@ -69,11 +69,13 @@ from kvstore.kv.commands import UINT64_MAX, Delete, Put, RequestId, WriteResult,
 from kvstore.server.auth import StreamAuthorizer
 from kvstore.server.http import (
     HttpApi,
+    build_command,
     check_key,
     delete_document,
     put_document,
     raise_for_result,
 )
+from kvstore.server.logthrottle import clip
 
 logger = logging.getLogger("kvstore.server.http")
 
@@ -107,6 +109,19 @@ def _uint_field(value: object, name: str, *, optional: bool = False) -> int | No
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= UINT64_MAX:
         raise BadRequestError(f"{name} must be an integer in 0..{UINT64_MAX}")
     return value
+
+
+def _unpack_error(exc: Exception) -> str:
+    """What was wrong with a message msgpack refused (some of its errors have no text)."""
+    if isinstance(exc, msgpack.StackError):
+        return "nested too deep"
+    if isinstance(exc, msgpack.FormatError):
+        return "a byte that is no msgpack type"
+    return str(exc) or type(exc).__name__
+
+
+def _is_uint(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= UINT64_MAX
 
 
 def _str_field(value: object, name: str) -> str:
@@ -197,7 +212,7 @@ class StreamSession:
         try:
             batch = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
         except (ValueError, msgpack.UnpackException, TypeError) as exc:
-            return WSCloseCode.INVALID_TEXT, f"not msgpack: {exc}"
+            return WSCloseCode.INVALID_TEXT, f"not msgpack: {_unpack_error(exc)}"
         if not isinstance(batch, list) or not 1 <= len(batch) <= BATCH_MAX:
             return (
                 WSCloseCode.UNSUPPORTED_DATA,
@@ -216,17 +231,19 @@ class StreamSession:
         """A last answer (id 0, 400) naming the problem, then close."""
         self._answer_error(0, BadRequestError(message))
         await self._flush()
-        await self._ws.close(code=code, message=message[:120].encode())
+        # A close frame's reason is at most 123 bytes.
+        reason = message.encode()[:123].decode(errors="ignore").encode()
+        await self._ws.close(code=code, message=reason)
 
     def _start(self, request: object) -> None:
-        answer_id = request[0] if isinstance(request, list) and request else 0
-        if isinstance(answer_id, bool) or not isinstance(answer_id, int):
-            answer_id = 0
+        raw_id = request[0] if isinstance(request, list) and request else None
+        answer_id = raw_id if _is_uint(raw_id) else 0
+        assert isinstance(answer_id, int)
         self._in_flight += 1
         try:
             if not isinstance(request, list) or len(request) < 3:
                 raise BadRequestError("a request must be [id, op, key, ...]")
-            _uint_field(answer_id, "id")
+            _uint_field(raw_id, "id")
             op = request[1]
             if op == "put":
                 self._start_put(answer_id, request)
@@ -237,7 +254,16 @@ class StreamSession:
             else:
                 raise BadRequestError("op must be put, delete or get")
         except KVStoreError as exc:
-            self._answer_error(answer_id if 0 <= answer_id <= UINT64_MAX else 0, exc)
+            self._answer_error(answer_id, exc)
+        except Exception as exc:  # a bug of ours: a 500 by id keeps the stream's framing
+            self._api.throttle.log(
+                "stream_exception",
+                logging.ERROR,
+                "event=internal_error route=/v1/stream error=%s",
+                clip(exc),
+                exc_info=exc,
+            )
+            self._answer_error(answer_id, KVStoreError("internal error"))
 
     # --- the operations -----------------------------------------------------------------
 
@@ -275,7 +301,8 @@ class StreamSession:
             raise BadRequestError("create_only must be a boolean")
         if create_only and if_revision is not None:
             raise BadRequestError("use either if_revision or create_only, not both")
-        command = Put(
+        command = build_command(
+            Put,
             key=key,
             value=value,
             request=request_id,
@@ -293,7 +320,8 @@ class StreamSession:
             raise BadRequestError("delete is [id, op, key, request_id, acked_below, if_revision]")
         key = self._key(request[2], "delete", "write")
         request_id, acked_below, if_revision = self._write_fields(request, 3)
-        command = Delete(
+        command = build_command(
+            Delete,
             key=key,
             request=request_id,
             time_ms=int(time.time() * 1000),

@@ -159,6 +159,8 @@ async def test_conditions_and_their_errors(node: Node) -> None:
         (put(7, "k", b"v", "no-seq"), 400),
         (put(7, "k", b"v", 5), 400),
         ([7, "put", "k", b"v", "c:1", -1, None, False], 400),
+        ([7, "put", "k", b"v", "c:1", 2, None, False], 400),  # acked_below over its seq
+        ([7, "delete", "k", "c:1", stream.UINT64_MAX, None], 400),
         ([7, "put", "k", b"v", "c:1", 0, "3", False], 400),
         ([7, "put", "k", b"v", "c:1", 0, 3, True], 400),
         ([7, "put", "k", b"v", "c:1", 0, None, "yes"], 400),
@@ -181,6 +183,20 @@ async def test_a_malformed_request_is_answered_400_and_the_connection_stays(
     await ws.close()
 
 
+@pytest.mark.parametrize("answer_id", [1.5, "7", None, True, -1, [1]])
+async def test_a_request_whose_id_is_not_an_integer_is_refused_by_id_0(
+    node: Node, answer_id: Any
+) -> None:
+    ws = await node.connect()
+    answers = await exchange(ws, [[answer_id, "put", "k", b"v", "id:1", 0, None, False]])
+    assert answers[0][1] == 400 and "id must be an integer" in json.loads(answers[0][3])[
+        "error"
+    ]["message"]
+    assert node.driver.replica.state_machine.get("k") is None, "nothing was applied"
+    assert not ws.closed
+    await ws.close()
+
+
 async def test_a_value_over_the_limit_is_413(node: Node) -> None:
     ws = await node.connect()
     limit = node.driver.config.max_value_bytes
@@ -195,6 +211,8 @@ async def test_a_value_over_the_limit_is_413(node: Node) -> None:
         (b"\xc1\xc1 not msgpack", aiohttp.WSCloseCode.INVALID_TEXT),
         (msgpack.packb({"a": 1}), aiohttp.WSCloseCode.UNSUPPORTED_DATA),
         (msgpack.packb([]), aiohttp.WSCloseCode.UNSUPPORTED_DATA),
+        (b"\x91" * 100_000 + b"\xc0", aiohttp.WSCloseCode.INVALID_TEXT),  # nested too deep
+        (b"\xdd\xff\xff\xff\xff", aiohttp.WSCloseCode.INVALID_TEXT),  # a 4 G element array
         (
             msgpack.packb([[i, "get", "k", "stale"] for i in range(stream.BATCH_MAX + 1)]),
             aiohttp.WSCloseCode.UNSUPPORTED_DATA,
@@ -211,8 +229,10 @@ async def test_an_undecodable_message_gets_a_last_answer_and_closes(
         assert message.type is aiohttp.WSMsgType.BINARY
         [answer] = msgpack.unpackb(message.data, raw=False)
         assert answer[0] == 0 and answer[1] == 400
+        assert len(json.loads(answer[3])["error"]["message"]) > len("not msgpack: ")
         closing = await ws.receive()
     assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == close_code
+    assert closing.extra, "the close names the problem"
 
 
 async def test_a_text_message_closes_the_connection(node: Node) -> None:
