@@ -346,6 +346,11 @@ async def run_size(args: argparse.Namespace, keys: int, base: Path) -> SizeResul
             finally:
                 profiler.stop()
             catch_up_s = caught.result() - started
+            # An empty data directory for an existing cluster joins under a new member id
+            # (docs/operations.md): the leader's log names it by that id.
+            member_id = int(
+                (await status_of(session, cluster.client_url(EMPTY)) or {}).get("id", EMPTY)
+            )
             after = await load.run(url, None, args.load_seconds)
             status = await status_of(session, url)
             term_after = (status or {}).get("term")
@@ -353,7 +358,7 @@ async def run_size(args: argparse.Namespace, keys: int, base: Path) -> SizeResul
             leader_peak, _ = memory_mb(cluster.pid(leader))
     finally:
         cluster.stop()
-    wire_s, report_s, sends = _transfer_from_logs(cluster, leader)
+    wire_s, report_s, sends = _transfer_from_logs(cluster, leader, member_id)
     install_s, load_s, stall_s = _install_from_log(cluster.log_path(EMPTY))
     terms_moved = (
         term_after - term_before
@@ -389,19 +394,19 @@ async def run_size(args: argparse.Namespace, keys: int, base: Path) -> SizeResul
 
 
 def _transfer_from_logs(
-    cluster: LocalCluster, leader: int
+    cluster: LocalCluster, leader: int, member_id: int
 ) -> tuple[float | None, float | None, int]:
     """(wire seconds from node 3's log, BEGIN-to-ACK seconds and the number of snapshot
-    sends to node 3 from the leader's log)."""
+    sends to node 3 (member `member_id`) from the leader's log)."""
     ends = log_times(cluster.log_path(EMPTY), "event=snapshot_stream_end")
     wire_s = float(log_field(ends[0][1], "seconds") or 0) if ends else None
     leader_log = cluster.log_path(leader)
     begins = [t for t, line in log_times(leader_log, "event=snapshot_stream_begin")
-              if log_field(line, "peer") == str(EMPTY)]  # fmt: skip
+              if log_field(line, "peer") == str(member_id)]  # fmt: skip
     dones = [t for t, line in log_times(leader_log, "event=snapshot_stream_done")
-             if log_field(line, "peer") == str(EMPTY)]  # fmt: skip
+             if log_field(line, "peer") == str(member_id)]  # fmt: skip
     sends = len([line for _, line in log_times(leader_log, "event=snapshot_sending")
-                 if log_field(line, "to") == str(EMPTY)])  # fmt: skip
+                 if log_field(line, "to") == str(member_id)])  # fmt: skip
     report_s = round(dones[0] - begins[0], 3) if begins and dones else None
     return wire_s, report_s, sends
 
