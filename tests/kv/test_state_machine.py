@@ -22,7 +22,8 @@ from kvstore.kv.commands import (
     encode_command,
 )
 from kvstore.kv.state_machine import SNAPSHOT_FORMAT_VERSION, StateMachine
-from kvstore.raft.types import Entry, EntryType
+from kvstore.raft import confchange
+from kvstore.raft.types import ConfState, Entry, EntryType
 
 keys = st.text(alphabet="abc", min_size=1, max_size=3)
 prefixes = st.text(alphabet="abc", max_size=2)
@@ -197,9 +198,16 @@ TestStateMachineVsModel = StateMachineVsModel.TestCase
 
 
 def test_conf_change_entries_only_advance_the_applied_index() -> None:
+    """Without a member context (kv/members.py: those go to the member table)."""
     machine = StateMachine()
     before = machine.digest()
-    assert machine.apply(Entry(term=1, index=1, type=EntryType.CONF_CHANGE, data=b"xx")) is None
+    data = confchange.encode(
+        confchange.ConfChangeEntry(
+            confchange.ConfChange(confchange.ConfChangeType.ADD_LEARNER, 4),
+            ConfState(voters=(1, 2, 3), learners=(4,)),
+        )
+    )
+    assert machine.apply(Entry(term=1, index=1, type=EntryType.CONF_CHANGE, data=data)) is None
     assert machine.applied_index == 1
     machine.restore(machine.snapshot(), 1)
     after_empty = StateMachine()
