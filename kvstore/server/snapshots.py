@@ -45,7 +45,6 @@ import os
 import signal
 import sys
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, NoReturn
 
@@ -59,6 +58,8 @@ from kvstore.errors import (
 from kvstore.replica import EncodedSnapshot
 from kvstore.server.metrics import NodeMetrics
 from kvstore.server.storage_thread import StorageThread
+from kvstore.storage.fs import FileSystem
+from kvstore.storage.snapshot import load_snapshot
 
 if TYPE_CHECKING:
     from kvstore.replica import Replica, SnapshotJob
@@ -178,10 +179,7 @@ def _encode_in_child(replica: Replica, job: SnapshotJob, report_fd: int) -> NoRe
     try:
         gc.disable()  # a collection would only copy the parent's pages
         _detach_child(report_fd)
-        encoded = replica.encode_snapshot(job)
-        data = encoded.data
-        report = {"prepared": encoded.prepared, "bytes": len(data), "crc32": zlib.crc32(data)}
-        status = 0
+        report, status = {"prepared": replica.encode_snapshot(job).prepared}, 0
     except KVStoreError as exc:
         report = exc.to_json()
     except BaseException as exc:  # a bug: the parent raises it as an internal error
@@ -212,7 +210,9 @@ def _detach_child(report_fd: int) -> None:
 
 def _wait_for_child(pid: int, report_fd: int, index: int) -> EncodedSnapshot:
     """On the snapshot thread: the child's report, its exit, then the file it prepared, read
-    back and verified (one read and a checksum: the GIL is released for both). Raises the
+    back and verified (`load_snapshot` reads the state machine's bytes straight into one
+    bytes object and checksums them: the GIL is released for both; a load that copied
+    them twice more under the GIL stalled the loop 60-220 ms at a million keys). Raises the
     error the child reported; ResourceExhaustedError if it ended without a report (killed:
     the kernel's out-of-memory killer) so the snapshot is tried again later."""
     chunks: list[bytes] = []
@@ -235,23 +235,7 @@ def _wait_for_child(pid: int, report_fd: int, index: int) -> EncodedSnapshot:
         code = error.get("code") if isinstance(error, dict) else None
         cls = ERRORS.get(code, KVStoreError) if isinstance(code, str) else KVStoreError
         raise from_json(http_status(cls), body)
-    return EncodedSnapshot(_read_data(prepared, body.get("bytes"), body.get("crc32")), prepared)
-
-
-def _read_data(prepared: str, size: object, crc: object) -> bytes:
-    """The state machine's encoding in the child's file `prepared`: its last `size` bytes
-    (the file's body is msgpack [metadata, data], and a msgpack bin ends with its bytes),
-    read straight into the bytes object (os.pread, GIL released) and checked against the
-    child's `crc` (zlib releases the GIL too). Loading the file as a snapshot instead copied
-    the 128 MB of a million keys twice more while holding the GIL: 60-220 ms stalls."""
-    if not isinstance(size, int) or not isinstance(crc, int) or size < 0:
-        raise KVStoreError(f"the snapshot child's report of {prepared} is malformed")
-    fd = os.open(prepared, os.O_RDONLY)
-    try:
-        file_bytes = os.fstat(fd).st_size
-        data = os.pread(fd, size, file_bytes - size) if size <= file_bytes else b""
-    finally:
-        os.close(fd)
-    if len(data) != size or zlib.crc32(data) != crc:
-        raise KVStoreError(f"{prepared} does not hold the snapshot its child reported")
-    return data
+    snapshot = load_snapshot(FileSystem(), prepared)
+    if snapshot.metadata.index != index:
+        raise KVStoreError(f"{prepared} holds index {snapshot.metadata.index}, not {index}")
+    return EncodedSnapshot(snapshot.data, prepared)
