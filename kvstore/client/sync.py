@@ -233,6 +233,21 @@ class SyncClient:
     def members(self, *, timeout_s: float | None = None) -> dict[str, object]:
         return self._run(self._client.members(timeout_s=timeout_s))
 
+    def add_member(
+        self,
+        name: str,
+        peer_address: str,
+        *,
+        client_url: str = "",
+        promote: bool = False,
+        timeout_s: float | None = None,
+    ) -> dict[str, object]:
+        return self._run(
+            self._client.add_member(
+                name, peer_address, client_url=client_url, promote=promote, timeout_s=timeout_s
+            )
+        )
+
     def promote_member(self, member: int, *, timeout_s: float | None = None) -> dict[str, object]:
         return self._run(self._client.promote_member(member, timeout_s=timeout_s))
 

@@ -562,6 +562,11 @@ class RawNode:
         return conf
 
     @property
+    def promote_lag_entries_max(self) -> int:
+        """How far behind its leader's log a learner may be and still be promoted."""
+        return self._config.promote_lag_entries_max
+
+    @property
     def is_removed(self) -> bool:
         """This node was removed from the configuration (it takes no further part)."""
         return self.id in self._removed

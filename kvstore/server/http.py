@@ -199,7 +199,7 @@ def delete_document(key: str, result: WriteResult) -> dict[str, Any]:
     return {"key": key, "revision": result.revision, "deleted": True}
 
 
-def _command(factory: Any, **fields: Any) -> Any:
+def build_command(factory: Any, **fields: Any) -> Any:
     """Build a Put or Delete; the command validates itself (ValueError -> 400)."""
     try:
         return factory(**fields)
@@ -420,6 +420,8 @@ class HttpApi:
             body = json.loads(raw or b"{}")
         except (ValueError, UnicodeDecodeError) as exc:
             raise BadRequestError(f"the body is not JSON: {exc}") from exc
+        except RecursionError:
+            raise BadRequestError("the body's JSON is nested too deeply") from None
         if not isinstance(body, dict):
             raise BadRequestError("the body must be a JSON object")
         return body
@@ -464,7 +466,7 @@ class HttpApi:
         value = await self._body(request)
         request_id, acked_below, server_made = self._request_id(request)
         try:
-            command = _command(
+            command = build_command(
                 Put,
                 key=key,
                 value=value,
@@ -492,7 +494,7 @@ class HttpApi:
         self.driver.check_writable()
         request_id, acked_below, server_made = self._request_id(request)
         try:
-            command = _command(
+            command = build_command(
                 Delete,
                 key=key,
                 request=request_id,
