@@ -258,12 +258,7 @@ class Node:
             set_peers=self.transport.set_peers,
         )
         self.book.refresh()
-        self.healer = Healer(
-            self.driver,
-            self.book,
-            config.promote_stable_ms / 1000,
-            self.replica.node.promote_lag_entries_max,
-        )
+        self.healer = Healer(self.driver, self.book, config.promote_stable_ms / 1000)
         MembershipApi(self.http, self.book)
         WatchApi(self.http, self.watch_hub)
         SnapshotApi(self.http, self.driver)
