@@ -341,15 +341,17 @@ class Replica:
             exc,
         )
 
-    def begin_snapshot(self) -> SnapshotJob | None:
+    def begin_snapshot(self, *, copy: bool = True) -> SnapshotJob | None:
         """When a snapshot is due, freeze the state machine at its applied index and return
         the job (pass it to `encode_snapshot`, on any thread, then to `complete_snapshot`);
         else None. One job at a time. This is the only way a snapshot is taken: the server
-        encodes on a thread of its own, the simulator as a later event that crashes can
-        interleave with, `take_snapshot` all at once."""
+        encodes in a forked process (or on a thread of its own), the simulator as a later
+        event that crashes can interleave with, `take_snapshot` all at once. `copy=False`:
+        the job refers to the live key map instead of a copy (`StateMachine.freeze`), for an
+        encoding in a forked process only."""
         if not self._snapshot_wanted():
             return None
-        return self._freeze()
+        return self._freeze(copy=copy)
 
     def freeze_for_backup(self) -> SnapshotJob:
         """The state machine frozen at its applied index, with that index's term and
@@ -357,9 +359,9 @@ class Replica:
         to an operator, never stored here, nothing compacted)."""
         return self._freeze()
 
-    def _freeze(self) -> SnapshotJob:
+    def _freeze(self, *, copy: bool = True) -> SnapshotJob:
         term = self.storage.term(self.applied_index)
-        frozen = self.state_machine.freeze()
+        frozen = self.state_machine.freeze(copy=copy)
         # The membership as of the snapshot's index, not the one in force: a change appended
         # after it is not part of the state the snapshot stands for (dissertation §4.1).
         conf_state = self.node.conf_state_at(frozen.applied_index)

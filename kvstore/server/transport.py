@@ -36,7 +36,9 @@ Rules that hold here:
   logged (rate-limited) and the connection closed; nothing from it ever reaches the Raft
   core. A length prefix over the bound is refused before any of the body is read.
 - Memory a peer can make us hold is bounded: at most `connections_max` inbound connections
-  (`connections_per_source_max` from one address), each allowed `handshake_timeout_s` to
+  (`connections_per_source_max` from one address; at the total bound a new connection
+  evicts the oldest one still in its handshake, and is refused only if none is), each
+  allowed `handshake_timeout_s` to
   complete a handshake of at most HANDSHAKE_BYTES_MAX (a dial gives up after the shorter of
   that and `dead_after_s`), then frames of at most
   `frame_bytes_max`; a sender logs an error instead of sending a frame over it. A snapshot
@@ -346,6 +348,9 @@ class PeerTransport:
         # Inbound connections, in total and per source address (before and after handshake).
         self._inbound = 0
         self._inbound_by_source: dict[str, int] = {}
+        # Inbound connections whose handshake has not completed, oldest first (dicts keep
+        # order): at the total bound the oldest is evicted for a new one.
+        self._unauthenticated: dict[asyncio.StreamWriter, None] = {}
         self._log = _RateLimitedLog()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -695,9 +700,8 @@ class PeerTransport:
     ) -> None:
         remote = writer.get_extra_info("peername")
         source = str(remote[0]) if isinstance(remote, tuple) and remote else str(remote)
-        if (
-            self._inbound >= self._connections_max
-            or self._inbound_by_source.get(source, 0) >= self._connections_per_source_max
+        if self._inbound_by_source.get(source, 0) >= self._connections_per_source_max or (
+            self._inbound >= self._connections_max and not self._evict_unauthenticated()
         ):
             # Refused before reading anything: the connection costs a descriptor for a moment.
             self.frames_rejected += 1
@@ -715,9 +719,11 @@ class PeerTransport:
         self._tasks.add(asyncio.current_task())  # type: ignore[arg-type]
         peer_id = 0
         watchdog: asyncio.Task[None] | None = None
+        self._unauthenticated[writer] = None
         try:
             async with asyncio.timeout(self._handshake_timeout_s):
                 hello = await self._accept_handshake(reader, writer)
+            del self._unauthenticated[writer]
             peer_id = hello.node_id
             if peer_id not in self._peers:
                 # A fresh process that has had our answer (see `_check_handshake`).
@@ -763,6 +769,7 @@ class PeerTransport:
             silent = watchdog is not None and watchdog.done() and not watchdog.cancelled()
             if watchdog is not None:
                 watchdog.cancel()
+            self._unauthenticated.pop(writer, None)
             self._inbound -= 1
             left = self._inbound_by_source[source] - 1
             if left:
@@ -775,6 +782,25 @@ class PeerTransport:
                 self._tasks.discard(current)
             if peer_id and not silent:
                 self._connection_closed(peer_id, "in")
+
+    def _evict_unauthenticated(self) -> bool:
+        """At the total bound: abort the oldest inbound connection still in its handshake,
+        so that a crowd of half-open connections (from more addresses than the per-source
+        bound stops) cannot lock the members out; False if every one is authenticated. A
+        member's handshake takes a round trip, so it is evicted only if more connections
+        than the bound arrive during it."""
+        oldest = next(iter(self._unauthenticated), None)
+        if oldest is None:
+            return False
+        del self._unauthenticated[oldest]
+        self._log.warning(
+            "peer_connection_evicted",
+            "event=peer_connection_evicted remote=%s inbound=%d",
+            oldest.get_extra_info("peername"),
+            self._inbound,
+        )
+        oldest.transport.abort()
+        return True
 
     async def _watch_inbound(
         self, peer_id: int, writer: asyncio.StreamWriter, heard: list[float]

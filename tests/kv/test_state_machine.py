@@ -330,3 +330,18 @@ def test_the_store_map_stays_out_of_young_collections() -> None:
     machine.apply_command(Put("fresh", b"v", RequestId("c", 1_001), 1_001))
     store = machine._data
     assert not any(candidate is store for candidate in gc.get_objects(generation=0))
+
+
+def test_a_frozen_state_encodes_as_the_snapshot_of_its_moment_copied_or_not() -> None:
+    """`freeze()` copies and stays valid while the machine goes on; `freeze(copy=False)` (for
+    an encoding in a forked child) refers to the live state, sessions and history included,
+    and encodes the same bytes as long as nothing is applied meanwhile."""
+    machine = StateMachine()
+    for i in range(3000):
+        apply(machine, Put(f"k{i % 2100:05d}", bytes([i % 251]), RequestId("c", i + 1), i))
+    expected = machine.snapshot()
+    copied, live = machine.freeze(), machine.freeze(copy=False)
+    assert live.encode() == expected and live.applied_index == machine.applied_index
+    apply(machine, Put("later", b"x", RequestId("c", 9999), 9999))
+    assert copied.encode() == expected
+    assert live.encode() != expected  # only valid until the next apply
