@@ -22,7 +22,7 @@ from kvstore.server.localcluster import LocalCluster
 from kvstore.server.openapi import openapi_document
 
 # Query values that no route accepts as they are meant (or that are odd but harmless).
-_HOSTILE_VALUES = ("%ff%fe", "-1", "9" * 40, "1e3", "", "%00", "a" * 3000)
+_HOSTILE_VALUES = ("%ff%fe", "%ed%a0%80", "-1", "9" * 40, "1e3", "", "%00", "a" * 3000)
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +118,27 @@ def test_json_nested_too_deeply_is_400_on_every_json_route(node: LocalCluster) -
             )
             assert status == 400, (path, status, answer[:200])
             assert "nested too deeply" in json.loads(answer)["error"]["message"]
+    _assert_log_clean(node)
+
+
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("POST", "/v1/txn", b'{"success": [{"op": "put", "key": "\\ud800", "value": ""}]}'),
+        ("POST", "/v1/txn", b'{"success": [{"op": "range", "prefix": "a", "start": "\\udfff"}]}'),
+        ("PUT", "/v1/auth/roles/r", b'{"permissions": [{"prefix": "\\ud800", "access": "read"}]}'),
+        ("POST", "/v1/members/promote", b'{"\\ud800": 1}'),
+    ],
+)
+def test_a_lone_surrogate_in_json_is_400(
+    node: LocalCluster, method: str, path: str, body: bytes
+) -> None:
+    """JSON's \\ud800 parses into a str UTF-8 cannot encode: it failed deep inside (500)."""
+    status, answer = _exchange(
+        node.client_ports[1], _request(method, path, body, Content_Type="application/json")
+    )
+    assert status == 400, answer[:200]
+    assert "lone surrogate" in json.loads(answer)["error"]["message"]
     _assert_log_clean(node)
 
 
