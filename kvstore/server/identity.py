@@ -152,10 +152,26 @@ def write_identity(data_dir: Path, identity: Identity) -> None:
 
 
 def has_storage(data_dir: Path) -> bool:
-    """The data directory holds a write-ahead log or a snapshot (kvstore/storage/disk.py)."""
+    """The data directory holds Raft state: a term, a log entry or a snapshot. An empty
+    write-ahead log (a tool, or a node that stopped before it took part, opened the
+    directory) is no state: such a directory is as empty as a missing one. CorruptionError
+    when the storage is damaged."""
+    found = False
     with contextlib.suppress(FileNotFoundError), os.scandir(data_dir) as entries:
-        return any(entry.name.endswith((".wal", ".snap")) for entry in entries)
-    return False
+        found = any(entry.name.endswith((".wal", ".snap")) for entry in entries)
+    if not found:
+        return False
+    from kvstore.storage.disk import DiskStorage
+
+    storage = DiskStorage(data_dir)
+    try:
+        return (
+            storage.hard_state.term > 0
+            or storage.last_index() > 0
+            or not storage.snapshot().is_empty()
+        )
+    finally:
+        storage.close()
 
 
 async def resolve_identity(config: ServeConfig) -> Identity:
@@ -218,6 +234,7 @@ async def _ask_peers(
         handshake_timeout_s=config.peer_handshake_timeout_ms / 1000,
         snapshot_directory=None,  # and no snapshot is accepted
         fresh=True,
+        name_slot=config.id,
     )
     await transport.start()
     loop = asyncio.get_running_loop()

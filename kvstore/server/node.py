@@ -229,6 +229,7 @@ class Node:
             dead_after_s=config.peer_dead_after_heartbeats * config.heartbeat_interval_s,
             snapshot_directory=str(config.data_dir),
             open_snapshot=snapshot_file_opener(str(config.data_dir)),
+            name_slot=int(identity.name) if identity.name.isdigit() else 0,
         )
         # A received snapshot is decoded off the loop and its file kept (snapshot_stream.py).
         self.transport.snapshots.receiver = replica
@@ -246,8 +247,9 @@ class Node:
         self.leases = LeaseService(self.driver)
         self.watch_hub = WatchHub(self.driver)
         CoordinationApi(self.http, self.leases)
-        # The bootstrap book: --peers, and the one this node joined with.
-        bootstrap = {**config.peer_addresses, **identity.peers}
+        # The bootstrap book: the one this node joined with, and --peers (which wins: it
+        # says how this node reaches each slot).
+        bootstrap = {**identity.peers, **config.peer_addresses}
         self.book = MemberBook(
             self.driver,
             name=identity.name,
@@ -256,12 +258,7 @@ class Node:
             set_peers=self.transport.set_peers,
         )
         self.book.refresh()
-        self.healer = Healer(
-            self.driver,
-            self.book,
-            config.promote_stable_ms / 1000,
-            self.replica.node.promote_lag_entries_max,
-        )
+        self.healer = Healer(self.driver, self.book, config.promote_stable_ms / 1000)
         MembershipApi(self.http, self.book)
         WatchApi(self.http, self.watch_hub)
         SnapshotApi(self.http, self.driver)
