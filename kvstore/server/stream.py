@@ -37,6 +37,7 @@ Bounds and checks (every one answers or closes, never grows without limit):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -432,6 +433,13 @@ class StreamSession:
             self._outbox_ready.clear()
             await self._flush()
 
+    async def close(self) -> None:
+        """Send the answers ready so far, then close the connection (going away)."""
+        await self._flush()
+        self._closed = True
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self._ws.close(code=WSCloseCode.GOING_AWAY, message=b"node stopping")
+
     async def _flush(self) -> None:
         if not self._outbox or self._ws.closed:
             return
@@ -446,10 +454,27 @@ def _json_bytes(document: object) -> bytes:
     return json.dumps(document).encode()
 
 
-def install(api: HttpApi) -> None:
-    """Serve the stream at `GET /v1/stream` on `api`'s client port."""
+class StreamSessions:
+    """The node's open streams, so that a stopping node can end them (`close`)."""
+
+    def __init__(self) -> None:
+        self.open: set[StreamSession] = set()
+
+    async def close(self) -> None:
+        """End every open stream now (1001 going away), each after its answers ready so far.
+        A stopping node calls it once its listener is closed and its writes are answered:
+        aiohttp would otherwise hold the shutdown for its timeout while clients keep their
+        streams, and a client learns at once that it must go elsewhere (the requests still
+        waiting fail as a closed connection does: they are retried with their request ids)."""
+        sessions, self.open = list(self.open), set()
+        await asyncio.gather(*(session.close() for session in sessions))
+
+
+def install(api: HttpApi) -> StreamSessions:
+    """Serve the stream at `GET /v1/stream` on `api`'s client port; returns its sessions."""
     limit = message_bytes_max(api.config.max_value_bytes)
     heartbeat_s = max(1.0, api.config.client_idle_timeout_ms / 4000)
+    sessions = StreamSessions()
 
     async def stream(request: web.BaseRequest) -> web.StreamResponse:
         ws = web.WebSocketResponse(
@@ -458,7 +483,13 @@ def install(api: HttpApi) -> None:
         if not ws.can_prepare(request).ok:
             raise BadRequestError("GET /v1/stream is a WebSocket: send Upgrade: websocket")
         await ws.prepare(request)
-        await StreamSession(api, ws).run()
+        session = StreamSession(api, ws)
+        sessions.open.add(session)
+        try:
+            await session.run()
+        finally:
+            sessions.open.discard(session)
         return ws
 
     api.add_routes({("/v1/stream", "GET"): stream})
+    return sessions
