@@ -329,3 +329,48 @@ async def test_a_node_that_accepts_but_never_upgrades_costs_a_bounded_wait() -> 
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_standby_streams_open_to_the_other_nodes_and_come_back(node: Node) -> None:
+    """Once the client's first stream is open, it keeps one open to every other endpoint
+    (a failover then sends at once, without a dial); one that closes is dialled again, and
+    a node that refuses does not hold the others up."""
+    from kvstore.client import Client
+    from kvstore.client.stream import StreamTransport
+
+    # The same node on a second port stands for a second node; a closed port for a dead one.
+    api = HttpApi(node.driver, "test")
+    stream.install(api)
+    runner = web.ServerRunner(api.build_server())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    other = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    dead = f"http://127.0.0.1:{_closed_port()}"
+    try:
+        async with Client([node.url, other, dead]) as kv:
+            transport = kv._transport
+            assert isinstance(transport, StreamTransport)
+            await kv.put("k", b"v")
+            async with asyncio.timeout(10):
+                while not transport._open(other) or not transport._open(node.url):
+                    await asyncio.sleep(0.005)
+            first = transport._connections[other]
+            await first.ws.close()  # the stream to the other node goes away
+            async with asyncio.timeout(10):
+                while transport._connections[other] is first or not transport._open(other):
+                    await asyncio.sleep(0.005)
+            assert not transport._open(dead)
+            assert (await kv.get("k")).value == b"v"
+            keeper = transport._standby_task
+            assert keeper is not None and not keeper.done()
+        assert keeper.done()
+    finally:
+        await runner.cleanup()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
