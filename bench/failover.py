@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.attempt_timeout_ms is not None
         else "the client's default ClientConfig"
     )
+    if args.client_option:
+        attempt += " with " + ", ".join(f"{name}={value}" for name, value in args.client_option)
     print(
         f"failover benchmark: {run.describe()}; {args.writers} writers, {attempt}; "
         f"data and logs under {scratch.path}",
