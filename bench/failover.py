@@ -82,6 +82,7 @@ async def _run_trials(
     system: System, fault: str, args: argparse.Namespace, progress: Progress
 ) -> tuple[Load, list[dict[str, Any]], list[list[Call]]]:
     load = Load(system, args.writers, run=f"fo-{fault}-{os.getpid()}-{time.time_ns()}")
+    load.ab = bool(args.ab_option) and isinstance(system, KvstoreSystem)
     tasks = [asyncio.create_task(load.write(w), name=f"writer-{w}") for w in range(args.writers)]
     trials: list[dict[str, Any]] = []
     timelines: list[list[Call]] = []
@@ -151,8 +152,11 @@ def _client_option(text: str) -> tuple[str, object]:
 
 def make_systems(fault: str, base: Path, args: argparse.Namespace) -> list[System]:
     config: ClientConfig = args.client_config
+    variant = dict(args.ab_option)
     systems: list[System] = [
-        KvstoreSystem(base / f"kvstore-{fault}", config, proxies=fault == "isolate")
+        KvstoreSystem(
+            base / f"kvstore-{fault}", config, proxies=fault == "isolate", variant_options=variant
+        )
     ]
     if args.tls:
         systems.append(
@@ -201,6 +205,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         metavar="NAME=VALUE",
                         help="a ClientConfig field for the kvstore writers, e.g. "
                              "standby_streams=false (repeatable; default: the defaults)")  # fmt: skip
+    parser.add_argument("--ab-option", action="append", default=[], type=_client_option,
+                        metavar="NAME=VALUE",
+                        help="side by side in the same trials: the odd writers' clients "
+                             "change this ClientConfig field (b), the even ones do not (a); "
+                             "kvstore only (repeatable)")  # fmt: skip
     parser.add_argument("--pause-s", type=float, default=2.0, help="SIGSTOP/isolation length")
     parser.add_argument("--settle-s", type=float, default=0.5, help="load before each fault")
     parser.add_argument("--post-s", type=float, default=0.5,

@@ -97,7 +97,7 @@ class System(Protocol):
 
     async def stop(self) -> None: ...
 
-    def writer(self) -> Writer: ...
+    def writer(self, variant: bool = False) -> Writer: ...
 
     async def status(self, node: int, timeout_s: float) -> NodeView | None: ...
 
@@ -138,7 +138,13 @@ class KvstoreSystem:
     """A LocalCluster with kvstore's defaults; peer links go through proxies for `isolate`."""
 
     def __init__(
-        self, base_dir: Path, client_config: ClientConfig, *, proxies: bool, tls: bool = False
+        self,
+        base_dir: Path,
+        client_config: ClientConfig,
+        *,
+        proxies: bool,
+        tls: bool = False,
+        variant_options: dict[str, object] | None = None,
     ) -> None:
         # tls: TLS on both ports (mutual TLS between peers, https for the clients).
         self.tls = tls
@@ -146,6 +152,8 @@ class KvstoreSystem:
         self.ids = [1, 2, 3]
         self.base_dir = base_dir
         self.client_config = client_config
+        # --ab-option: the ClientConfig fields the variant writers change (odd writer ids).
+        self.variant_options = variant_options or {}
         self.proxies = proxies
         self.mesh: ProxyMesh | None = None
         self.cluster: LocalCluster | None = None
@@ -181,9 +189,12 @@ class KvstoreSystem:
         if self.mesh is not None:
             await self.mesh.close()
 
-    def writer(self) -> Writer:
+    def writer(self, variant: bool = False) -> Writer:
         assert self.cluster is not None
-        return _KvWriter(self.cluster.client_urls, self.client_config)
+        config = self.client_config
+        if variant:
+            config = replace(config, **self.variant_options)  # type: ignore[arg-type]
+        return _KvWriter(self.cluster.client_urls, config)
 
     async def status(self, node: int, timeout_s: float) -> NodeView | None:
         assert self.cluster is not None and self._session is not None
@@ -297,7 +308,7 @@ class EtcdSystem:
             await self._session.close()
         await asyncio.to_thread(self.cluster.stop)
 
-    def writer(self) -> Writer:
+    def writer(self, variant: bool = False) -> Writer:
         config = self.client_config
         return _EtcdWriter(self.cluster.client_urls, config.attempt_timeout_s, config.timeout_s)
 

@@ -47,6 +47,8 @@ class Load:
     unknown: set[str] = field(default_factory=set)
     last_ack: float = 0.0
     stopping: bool = False
+    # --ab-option: odd writers run the variant client configuration, even ones the base.
+    ab: bool = False
 
     @staticmethod
     def key(run: str, writer: int, seq: int) -> str:
@@ -58,7 +60,7 @@ class Load:
         return sorted(seen)
 
     async def write(self, writer_id: int) -> None:
-        writer = self.system.writer()
+        writer = self.system.writer(variant=self.ab and writer_id % 2 == 1)
         seq = 0
         try:
             while not self.stopping:
@@ -340,8 +342,14 @@ async def run_trial(
     worst_calls = [c for c in window if c.writer == worst_writer]
     phases["worst_writer_acked"] = ms(unavailability(worst_calls, fault_at, window_end)[1])
 
+    groups = {}
+    if load.ab:
+        for name, parity in (("a", 0), ("b", 1)):
+            own = [c for c in window if c.writer % 2 == parity]
+            groups[name] = round(writer_unavailability(own, fault_at, window_end)[0] * 1000, 3)
     trial = {
         "fault": fault,
+        "unavailability_ms_ab": groups or None,
         "old_leader": leader,
         "old_term": term,
         "timeline_ms": {
@@ -421,7 +429,24 @@ def summarize(trials: list[dict[str, Any]]) -> dict[str, Any]:
         "longest_call_ms": max((t["longest_call_ms"] for t in trials), default=math.nan),
         "disturbed": sum(1 for t in trials if t["disturbed"]),
         "phases_p50_ms": {phase: _phase_median(trials, phase) for phase in PHASES},
+        "ab": _ab_summary(trials),
     }
+
+
+def _ab_summary(trials: list[dict[str, Any]]) -> dict[str, dict[str, float]] | None:
+    """--ab-option: the worst writer's unavailability of each group (a: the base client
+    configuration, even writers; b: the variant, odd writers), over the same trials."""
+    if not trials or not trials[0].get("unavailability_ms_ab"):
+        return None
+    summary = {}
+    for group in ("a", "b"):
+        values = [t["unavailability_ms_ab"][group] for t in trials]
+        summary[group] = {
+            "p50_ms": percentile(values, 0.50),
+            "p90_ms": percentile(values, 0.90),
+            "p99_ms": percentile(values, 0.99),
+        }
+    return summary
 
 
 def _phase_median(trials: list[dict[str, Any]], phase: str) -> float | None:
