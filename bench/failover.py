@@ -161,7 +161,11 @@ def make_systems(fault: str, base: Path, args: argparse.Namespace) -> list[Syste
     if args.tls:
         systems.append(
             KvstoreSystem(
-                base / f"kvstore-tls-{fault}", config, proxies=fault == "isolate", tls=True
+                base / f"kvstore-tls-{fault}",
+                config,
+                proxies=fault == "isolate",
+                tls=True,
+                variant_options=variant,
             )
         )
     if args.compare == "etcd" and fault != "isolate":
