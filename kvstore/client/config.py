@@ -73,11 +73,6 @@ class ClientConfig:
     # many requests in flight (kvstore.client.stream); False for HTTP only. Either way a
     # node that does not offer the stream is used over HTTP, as are lists and status.
     binary_stream: bool = True
-    # With the stream on: once one stream is open, keep one open to every other endpoint
-    # too (standby, pinged every 10 s), so that a call moving to a new leader after a
-    # failover is sent at once instead of waiting for a dial (about 10 ms on a loaded
-    # machine). Costs one idle connection per other node.
-    standby_streams: bool = True
     # TLS (https:// endpoints): the CA that signs the nodes' certificates ("" = the system's
     # trust store), and a client certificate and its key to present ("" = none). Files (PEM).
     ca_file: str = ""

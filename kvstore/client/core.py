@@ -199,7 +199,7 @@ class Client:
         self._sleep: Sleep = sleep or asyncio.sleep
         self._rng = rng or random.Random()
         self._policy = RetryPolicy(config, clock=self._clock, rng=self._rng)
-        self._transport: Transport = transport or _default_transport(config, self.endpoints)
+        self._transport: Transport = transport or _default_transport(config)
         self._breakers: dict[str, CircuitBreaker] = {}
         self._round_robin = self._rng.randrange(len(self.endpoints))
         # Invariant: the URL the latest answer named as leader, or None while unknown.
@@ -868,7 +868,7 @@ class Client:
             log.debug("leader url=%s", url)
 
 
-def _default_transport(config: ClientConfig, endpoints: Sequence[str]) -> Transport:
+def _default_transport(config: ClientConfig) -> Transport:
     http = AiohttpTransport(
         connect_timeout_s=config.connect_timeout_s,
         max_connections=config.max_connections,
@@ -878,8 +878,7 @@ def _default_transport(config: ClientConfig, endpoints: Sequence[str]) -> Transp
     )
     if not config.binary_stream:
         return http
-    standby = endpoints if config.standby_streams else ()
-    return StreamTransport(http, connect_timeout_s=config.connect_timeout_s, standby=standby)
+    return StreamTransport(http, connect_timeout_s=config.connect_timeout_s)
 
 
 def _connect_failure(error: KVStoreError) -> bool:

@@ -17,14 +17,7 @@ Rules that hold here:
 - a dial that is refused raises `TransportError(maybe_sent=False)`, as over HTTP;
 - each request waits at most its `timeout_s`; its late answer is dropped; a dial waits at
   most `_DIAL_TIMEOUT_MIN_S` (or twice the connect timeout), an open stream is pinged;
-- one writer and one reader task per connection, owned by it, cancelled when it closes;
-- standby streams (`standby=` the client's endpoints): once the first stream is open, one
-  task owned by the transport keeps a stream open to every other node as well, so that a
-  request moving to a new leader after a failover is sent at once instead of waiting for a
-  dial (about 10 ms on a loaded machine, against about 1 ms for a request on an open
-  stream; bench/README.md). A standby that fails is dialled again at once, then after
-  `_STANDBY_RETRY_MIN_S` doubling to `_STANDBY_RETRY_MAX_S` while it keeps failing (a dead
-  node costs one refused dial per interval); nothing waits on a standby dial.
+- one writer and one reader task per connection, owned by it, cancelled when it closes.
 """
 
 from __future__ import annotations
@@ -32,10 +25,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import suppress
 from typing import Any
 from urllib.parse import unquote
@@ -44,8 +36,6 @@ import aiohttp
 import msgpack
 
 from kvstore.client.transport import AiohttpTransport, HttpResponse, TransportError
-
-log = logging.getLogger("kvstore.client")
 
 # A node that refused the upgrade is asked again after this long.
 _HTTP_ONLY_S = 30.0
@@ -61,10 +51,6 @@ _DIAL_TIMEOUT_MIN_S = 1.0
 # Pings on an open stream: a connection whose node stopped answering them is closed (its
 # requests fail and are retried elsewhere) instead of holding new requests until they time out.
 _HEARTBEAT_S = 10.0
-# A standby stream that could not be opened is dialled again after this long, doubling while
-# it keeps failing, up to the max.
-_STANDBY_RETRY_MIN_S = 0.5
-_STANDBY_RETRY_MAX_S = 30.0
 # What a stream request carries; a key operation with any other header goes over HTTP.
 _STREAM_HEADERS = frozenset(
     {"Kvstore-Request-Id", "Kvstore-Acked-Below", "If-Match", "If-None-Match"}
@@ -74,16 +60,9 @@ _STREAM_HEADERS = frozenset(
 class _Connection:
     """One WebSocket to one node and the requests waiting on it."""
 
-    def __init__(
-        self,
-        endpoint: str,
-        ws: aiohttp.ClientWebSocketResponse,
-        on_closed: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, endpoint: str, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.endpoint = endpoint
         self.ws = ws
-        # Told once, when the connection is gone (the standby keeper then looks again).
-        self._on_closed = on_closed
         self.ids = itertools.count(1)
         self.waiting: dict[int, asyncio.Future[HttpResponse]] = {}
         self.outbox: list[list[Any]] = []
@@ -168,14 +147,12 @@ class _Connection:
 
     def fail(self, reason: str) -> None:
         """The connection is gone: every request waiting on it may or may not have applied."""
-        was_closed, self.closed = self.closed, True
+        self.closed = True
         waiting, self.waiting = self.waiting, {}
         for future in waiting.values():
             if not future.done():
                 future.set_exception(TransportError(reason, maybe_sent=True))
         self.outbox_ready.set()
-        if not was_closed and self._on_closed is not None:
-            self._on_closed()
 
     async def close(self) -> None:
         self.fail(f"{self.endpoint}: stream closed by the client")
@@ -195,13 +172,7 @@ def _frame_size(frame: list[Any]) -> int:
 class StreamTransport:
     """`Transport` over one WebSocket per node for key operations, HTTP for the rest."""
 
-    def __init__(
-        self,
-        http: AiohttpTransport,
-        *,
-        connect_timeout_s: float = 0.5,
-        standby: Sequence[str] = (),
-    ) -> None:
+    def __init__(self, http: AiohttpTransport, *, connect_timeout_s: float = 0.5) -> None:
         self._http = http
         self._connect_timeout_s = connect_timeout_s
         self._dial_timeout_s = max(_DIAL_TIMEOUT_MIN_S, 2 * connect_timeout_s)
@@ -209,12 +180,6 @@ class StreamTransport:
         self._connecting: dict[str, asyncio.Future[_Connection | None]] = {}
         # Nodes that answered the upgrade with HTTP: until when to use HTTP only.
         self._http_only_until: dict[str, float] = {}
-        # Endpoints to keep a stream open to once one is open (see the module docstring),
-        # and the task that does it, started with the first open stream.
-        self._standby = tuple(standby)
-        self._standby_task: asyncio.Task[None] | None = None
-        self._standby_wake: asyncio.Event | None = None
-        self._closed = False
         self.streamed = 0
 
     async def request(
@@ -257,7 +222,11 @@ class StreamTransport:
     async def _connect(self, endpoint: str, timeout_s: float) -> _Connection | None:
         """The node's stream (dialled once for all the requests that wait for it), or None
         when the node answers the upgrade with HTTP (it is then used over HTTP)."""
-        pending = self._start_dial(endpoint)
+        pending = self._connecting.get(endpoint)
+        if pending is None:
+            pending = asyncio.ensure_future(self._dial(endpoint))
+            self._connecting[endpoint] = pending
+            pending.add_done_callback(functools.partial(self._dialled, endpoint))
         try:
             return await asyncio.wait_for(asyncio.shield(pending), timeout_s)
         except TimeoutError as exc:
@@ -265,15 +234,6 @@ class StreamTransport:
                 f"{endpoint}: stream not open within {timeout_s:.3f}s",
                 maybe_sent=False, timed_out=True,
             ) from exc  # fmt: skip
-
-    def _start_dial(self, endpoint: str) -> asyncio.Future[_Connection | None]:
-        """The dial under way to `endpoint`, or a new one (one at a time per endpoint)."""
-        pending = self._connecting.get(endpoint)
-        if pending is None:
-            pending = asyncio.ensure_future(self._dial(endpoint))
-            self._connecting[endpoint] = pending
-            pending.add_done_callback(functools.partial(self._dialled, endpoint))
-        return pending
 
     def _dialled(self, endpoint: str, dial: asyncio.Future[_Connection | None]) -> None:
         """A dial ended: forget it, and take its error (its waiters may all have timed out,
@@ -319,72 +279,14 @@ class StreamTransport:
             raise TransportError(
                 f"{endpoint}: {type(exc).__name__}: {exc}", maybe_sent=False
             ) from exc
-        if self._closed:
-            await ws.close()
-            raise TransportError(f"{endpoint}: the client is closed", maybe_sent=False)
         old = self._connections.get(endpoint)
-        connection = _Connection(endpoint, ws, self._wake_standby)
+        connection = _Connection(endpoint, ws)
         self._connections[endpoint] = connection
         if old is not None:
             await old.close()
-        self._wake_standby()
         return connection
 
-    # --- standby streams ------------------------------------------------------------------
-
-    def _wake_standby(self) -> None:
-        """A stream opened or closed: the keeper looks at every standby (started with the
-        first open stream)."""
-        if not self._standby or self._closed:
-            return
-        if self._standby_task is None:
-            self._standby_wake = asyncio.Event()
-            self._standby_task = asyncio.ensure_future(self._keep_standby())
-        assert self._standby_wake is not None
-        self._standby_wake.set()
-
-    def _open(self, endpoint: str) -> bool:
-        connection = self._connections.get(endpoint)
-        return connection is not None and not connection.closed
-
-    async def _keep_standby(self) -> None:
-        """Keep a stream open (or being dialled) to every standby endpoint; one that fails is
-        dialled again at once, then at growing intervals while it keeps failing."""
-        wake = self._standby_wake
-        assert wake is not None
-        retry_at: dict[str, float] = {}
-        delay_s: dict[str, float] = {}
-        while not self._closed:
-            wake.clear()
-            now = time.monotonic()
-            for endpoint in self._standby:
-                if self._open(endpoint):
-                    retry_at.pop(endpoint, None)
-                    delay_s.pop(endpoint, None)
-                    continue
-                busy = endpoint in self._connecting
-                if busy or self._http_only_until.get(endpoint, 0.0) > now:
-                    continue
-                if retry_at.get(endpoint, 0.0) <= now:
-                    log.debug("stream standby dial endpoint=%s", endpoint)
-                    self._start_dial(endpoint)
-                    # Should this dial fail, the next one waits; the wait doubles each time.
-                    delay = delay_s.get(endpoint, _STANDBY_RETRY_MIN_S)
-                    retry_at[endpoint] = now + delay
-                    delay_s[endpoint] = min(2 * delay, _STANDBY_RETRY_MAX_S)
-            waits = [at - now for at in retry_at.values() if at > now]
-            try:
-                async with asyncio.timeout(min(waits, default=_STANDBY_RETRY_MAX_S)):
-                    await wake.wait()
-            except TimeoutError:
-                pass
-
     async def close(self) -> None:
-        self._closed = True
-        if self._standby_task is not None:
-            self._standby_task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._standby_task
         connections, self._connections = list(self._connections.values()), {}
         for connection in connections:
             await connection.close()
