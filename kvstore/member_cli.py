@@ -1,4 +1,4 @@
-"""`kvstore member list|promote|remove` and `kvstore leader transfer`: the membership admin
+"""`kvstore member list|add|promote|remove` and `kvstore leader transfer`: the membership admin
 API (docs/api.md, "Membership") from the command line, through the client library.
 
 Exit statuses are the client CLI's (kvstore/client_cli.py): 0 done, 4 no node reachable,
@@ -21,6 +21,16 @@ def register(
     actions = member.add_subparsers(dest="member_command", metavar="ACTION", required=True)
     listing = actions.add_parser("list", parents=[common], help="voters, learners and lag")
     listing.set_defaults(handler=_handle(_list))
+    add = actions.add_parser(
+        "add",
+        parents=[common],
+        help="add a learner under a new id (start it with `kvstore serve --join`)",
+    )
+    add.add_argument("name", help="the member's name (a name held by a member: it replaces it)")
+    add.add_argument("peer_address", help="host:port of its peer port")
+    add.add_argument("--client-url", default="", help="its client URL")
+    add.add_argument("--promote", action="store_true", help="the leader promotes it once caught up")
+    add.set_defaults(handler=_handle(_add))
     promote = actions.add_parser("promote", parents=[common], help="promote a caught-up learner")
     promote.add_argument("id", type=int)
     promote.set_defaults(handler=_handle(_promote))
@@ -42,7 +52,7 @@ def _print_members(document: dict[str, object], as_json: bool) -> None:
         _print_json(document)
         return
     members = document.get("members")
-    rows = [("ID", "ROLE", "PEER", "LAG")]
+    rows = [("ID", "NAME", "ROLE", "PEER", "LAG")]
     if isinstance(members, dict):
         for member, info in sorted(members.items(), key=lambda item: int(item[0])):
             info = info if isinstance(info, dict) else {}
@@ -50,12 +60,13 @@ def _print_members(document: dict[str, object], as_json: bool) -> None:
             rows.append(
                 (
                     member,
+                    str(info.get("name", member)),
                     f"{info.get('role', '?')}{leader}",
                     str(info.get("peer_address", "-")),
                     str(info.get("lag", "-")),
                 )
             )
-    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    widths = [max(len(row[column]) for row in rows) for column in range(5)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     removed = document.get("removed")
@@ -65,6 +76,20 @@ def _print_members(document: dict[str, object], as_json: bool) -> None:
 
 async def _list(client: Client, args: argparse.Namespace) -> int:
     _print_members(await client.members(), args.json)
+    return EXIT_OK
+
+
+async def _add(client: Client, args: argparse.Namespace) -> int:
+    answer = await client.add_member(
+        args.name, args.peer_address, client_url=args.client_url, promote=args.promote
+    )
+    if args.json:
+        _print_json(answer)
+    else:
+        print(f"added member {answer.get('id')} (learner) as {args.name!r}")
+        members = answer.get("members")
+        if isinstance(members, dict):
+            _print_members(members, False)
     return EXIT_OK
 
 

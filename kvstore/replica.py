@@ -46,7 +46,13 @@ from dataclasses import dataclass
 
 from kvstore.errors import ResourceExhaustedError
 from kvstore.kv.commands import Command, WriteResult, encode_command
-from kvstore.kv.state_machine import FrozenState, KvConfig, StateMachine
+from kvstore.kv.state_machine import (
+    DecodedState,
+    FrozenState,
+    KvConfig,
+    StateMachine,
+    decode_state,
+)
 from kvstore.raft.config import RaftConfig
 from kvstore.raft.node import RawNode
 from kvstore.raft.types import (
@@ -119,6 +125,15 @@ class EncodedSnapshot:
     prepared: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class DecodedSnapshot:
+    """`Replica.decode_snapshot`'s result: a snapshot from the leader and its state, decoded
+    ahead of the Ready that restores it (`Replica.offer_decoded`)."""
+
+    snapshot: Snapshot
+    state: DecodedState
+
+
 class Replica:
     """RawNode + DurableStorage + StateMachine, driven one Ready at a time."""
 
@@ -182,6 +197,8 @@ class Replica:
         )
         # The Ready between prepare() and advance(); the core hands out one at a time.
         self._pending: Ready | None = None
+        # A leader's snapshot decoded ahead (`offer_decoded`), for the Ready that restores it.
+        self._decoded: DecodedSnapshot | None = None
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -324,15 +341,17 @@ class Replica:
             exc,
         )
 
-    def begin_snapshot(self) -> SnapshotJob | None:
+    def begin_snapshot(self, *, copy: bool = True) -> SnapshotJob | None:
         """When a snapshot is due, freeze the state machine at its applied index and return
         the job (pass it to `encode_snapshot`, on any thread, then to `complete_snapshot`);
         else None. One job at a time. This is the only way a snapshot is taken: the server
-        encodes on a thread of its own, the simulator as a later event that crashes can
-        interleave with, `take_snapshot` all at once."""
+        encodes in a forked process (or on a thread of its own), the simulator as a later
+        event that crashes can interleave with, `take_snapshot` all at once. `copy=False`:
+        the job refers to the live key map instead of a copy (`StateMachine.freeze`), for an
+        encoding in a forked process only."""
         if not self._snapshot_wanted():
             return None
-        return self._freeze()
+        return self._freeze(copy=copy)
 
     def freeze_for_backup(self) -> SnapshotJob:
         """The state machine frozen at its applied index, with that index's term and
@@ -340,9 +359,9 @@ class Replica:
         to an operator, never stored here, nothing compacted)."""
         return self._freeze()
 
-    def _freeze(self) -> SnapshotJob:
+    def _freeze(self, *, copy: bool = True) -> SnapshotJob:
         term = self.storage.term(self.applied_index)
-        frozen = self.state_machine.freeze()
+        frozen = self.state_machine.freeze(copy=copy)
         # The membership as of the snapshot's index, not the one in force: a change appended
         # after it is not part of the state the snapshot stands for (dissertation §4.1).
         conf_state = self.node.conf_state_at(frozen.applied_index)
@@ -440,11 +459,35 @@ class Replica:
             return
         self._compact_owed = 0
 
+    def decode_snapshot(self, snapshot: Snapshot, file: str | None = None) -> DecodedSnapshot:
+        """Decode a snapshot from the leader ahead of its Ready, and offer the storage its
+        verified, fsynced `file` (`DurableStorage.adopt_snapshot_file`). Touches neither the
+        core nor the live state machine, so it runs on another thread (the server's snapshot
+        stream: decoding a million keys took seconds, and on the loop no heartbeat was
+        answered meanwhile). ProtocolError if the state does not decode."""
+        state = decode_state(snapshot.data, snapshot.metadata.index, self.state_machine.config)
+        if file is not None:
+            self.storage.adopt_snapshot_file(snapshot, file)
+        return DecodedSnapshot(snapshot, state)
+
+    def offer_decoded(self, decoded: DecodedSnapshot) -> None:
+        """Keep `decoded` for the Ready that restores its snapshot (replacing any other
+        offered before): `apply` then installs it instead of decoding the bytes again."""
+        self._decoded = decoded
+
     def _restore_snapshot(self, ready: Ready) -> None:
         """A snapshot from the leader (Raft §7) replaces the whole state machine."""
         snapshot = ready.snapshot
         if snapshot is None or snapshot.is_empty():
             return
-        self.state_machine.restore(snapshot.data, snapshot.metadata.index)
+        decoded, self._decoded = self._decoded, None
+        if (
+            decoded is not None
+            and decoded.snapshot.metadata == snapshot.metadata
+            and decoded.snapshot.data is snapshot.data
+        ):
+            self.state_machine.install(decoded.state)
+        else:
+            self.state_machine.restore(snapshot.data, snapshot.metadata.index)
         self._snapshot_index = max(self._snapshot_index, snapshot.metadata.index)
         self._snapshot_bytes, self._applied_bytes = len(snapshot.data), 0

@@ -23,6 +23,7 @@ from kvstore.replica import Applied, Replica
 from kvstore.storage.base import DurableStorage
 from kvstore.storage.disk import DiskStorage
 from kvstore.storage.memory import MemoryStorage
+from kvstore.storage.snapshot import encode_snapshot_file
 from tests.storage.faults import FaultyFileSystem
 
 PEERS = (1, 2, 3)
@@ -620,3 +621,55 @@ def test_a_full_disk_during_compaction_keeps_the_snapshot_and_retries_later(
     finally:
         for each in storages.values():
             each.close()
+
+
+def test_a_snapshot_decoded_ahead_is_installed_and_its_file_taken_over(tmp_path: Path) -> None:
+    """The server's follower decodes a leader's snapshot on a worker thread and offers it
+    (`decode_snapshot`, `offer_decoded`) before the SNAPSHOT message is stepped: the Ready
+    then installs that state without decoding the bytes again, and the storage renames the
+    received file into place instead of encoding and writing it a second time."""
+    storages: dict[int, DurableStorage] = {i: DiskStorage(tmp_path / str(i)) for i in PEERS}
+    cluster = Cluster(snapshot_entries=5, catch_up=0, storages=storages)
+    try:
+        cluster.elect(1)
+        cluster.isolated.add(3)
+        for i in range(12):
+            cluster.write(1, Put(f"k{i % 4}", str(i).encode(), RequestId("c", i + 1), i))
+        cluster.isolated.clear()
+        follower = cluster.replicas[3]
+        inodes: list[int] = []
+
+        def receive(message: Message) -> Message:
+            assert message.snapshot is not None
+            received = tmp_path / "3" / "incoming-1-1.part"
+            received.write_bytes(encode_snapshot_file(message.snapshot))
+            inodes.append(received.stat().st_ino)
+            follower.offer_decoded(follower.decode_snapshot(message.snapshot, str(received)))
+            assert not received.exists()  # taken over by the storage
+            return message
+
+        def no_decoding(data: bytes, index: int) -> None:
+            raise AssertionError("the offered state was decoded again")
+
+        follower.state_machine.restore = no_decoding  # type: ignore[method-assign]
+        delivered = cluster.deliver
+
+        def deliver(keep: set[int] | None = None) -> bool:
+            cluster.in_flight = [
+                receive(m) if m.type is MessageType.SNAPSHOT and m.to == 3 else m
+                for m in cluster.in_flight
+            ]
+            return delivered(keep)
+
+        cluster.deliver = deliver  # type: ignore[method-assign]
+        cluster.tick(10)
+        assert cluster.snapshots_restored[3] and len(inodes) == 1
+        assert len(cluster.digests()) == 1
+        [installed] = (tmp_path / "3").glob("*.snap")
+        assert installed.stat().st_ino == inodes[0]
+        assert list((tmp_path / "3").glob("*.prepared")) == []
+        cluster.write(1, Put("after", b"install", RequestId("c", 13), 13))
+        assert len(cluster.digests()) == 1
+    finally:
+        for storage in storages.values():
+            storage.close()

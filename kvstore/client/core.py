@@ -486,6 +486,27 @@ class Client:
         call = _Call("members", "GET", "/v1/members")
         return _json_object((await self._run(call, timeout_s)).response)
 
+    async def add_member(
+        self,
+        name: str,
+        peer_address: str,
+        *,
+        client_url: str = "",
+        promote: bool = False,
+        timeout_s: float | None = None,
+    ) -> dict[str, object]:
+        """Add a learner under a new id (docs/api.md, Membership): `name` (a name held by a
+        member makes that member the one it replaces), its peer address and client URL;
+        `promote`: the leader promotes it once caught up. The answer: `id`, `replaces`,
+        `peers` (the address book to start it with) and `members`."""
+        body = json.dumps(
+            {"name": name, "peer_address": peer_address, "client_url": client_url,
+             "promote": promote}
+        ).encode()  # fmt: skip
+        answered = await self._post("member_add", "/v1/members/add", body, timeout_s,
+                                    is_write=True)  # fmt: skip
+        return _json_object(answered.response)
+
     async def promote_member(
         self, member: int, *, timeout_s: float | None = None
     ) -> dict[str, object]:
@@ -878,7 +899,7 @@ def _default_transport(config: ClientConfig) -> Transport:
     )
     if not config.binary_stream:
         return http
-    return StreamTransport(http, connect_timeout_s=config.connect_timeout_s)
+    return StreamTransport(http, connect_timeout_s=config.connect_timeout_s, token=config.token)
 
 
 def _connect_failure(error: KVStoreError) -> bool:

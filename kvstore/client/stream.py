@@ -10,8 +10,11 @@ loop, request ids and error classification of kvstore.client.core do not know wh
 call took.
 
 Rules that hold here:
-- a node that answers the upgrade with HTTP (an older node, or one that does not offer the
-  stream) is used over HTTP from then on, for `_HTTP_ONLY_S`, then asked again;
+- a node that answers the upgrade with HTTP (an older node, one that does not offer the
+  stream, or one that refuses the token: 401) is used over HTTP from then on, for
+  `_HTTP_ONLY_S`, then asked again;
+- the client's token goes on the upgrade request (`Authorization: Bearer`); the node checks
+  each operation on the stream against that token's user, as it checks HTTP requests;
 - a connection that fails fails every request waiting on it with `TransportError
   (maybe_sent=True)`: the client retries them with their request ids, so each applies once;
 - a dial that is refused raises `TransportError(maybe_sent=False)`, as over HTTP;
@@ -172,8 +175,13 @@ def _frame_size(frame: list[Any]) -> int:
 class StreamTransport:
     """`Transport` over one WebSocket per node for key operations, HTTP for the rest."""
 
-    def __init__(self, http: AiohttpTransport, *, connect_timeout_s: float = 0.5) -> None:
+    def __init__(
+        self, http: AiohttpTransport, *, connect_timeout_s: float = 0.5, token: str = ""
+    ) -> None:
         self._http = http
+        # Sent on the upgrade: the node checks each operation on the stream for its user. A
+        # request with another Authorization header than this goes over HTTP.
+        self._authorization = f"Bearer {token}" if token else None
         self._connect_timeout_s = connect_timeout_s
         self._dial_timeout_s = max(_DIAL_TIMEOUT_MIN_S, 2 * connect_timeout_s)
         self._connections: dict[str, _Connection] = {}
@@ -193,7 +201,7 @@ class StreamTransport:
         body: bytes | None = None,
         timeout_s: float,
     ) -> HttpResponse:
-        frame = _frame(method, path, query, headers, body)
+        frame = _frame(method, path, query, headers, body, self._authorization)
         if frame is None or self._http_only_until.get(endpoint, 0.0) > time.monotonic():
             return await self._http.request(
                 endpoint, method, path, query=query, headers=headers, body=body,
@@ -255,6 +263,9 @@ class StreamTransport:
                     heartbeat=_HEARTBEAT_S,
                     max_msg_size=0,
                     compress=0,
+                    headers=(
+                        {"Authorization": self._authorization} if self._authorization else None
+                    ),
                 )
         except TimeoutError as exc:
             raise TransportError(
@@ -301,12 +312,18 @@ def _frame(
     query: Mapping[str, str] | None,
     headers: Mapping[str, str] | None,
     body: bytes | None,
+    authorization: str | None = None,
 ) -> list[Any] | None:
-    """The stream request for an HTTP-shaped key operation, or None when it goes over HTTP."""
+    """The stream request for an HTTP-shaped key operation, or None when it goes over HTTP
+    (also when it carries an Authorization other than the stream's, `authorization`)."""
     if not path.startswith(_KEY_PREFIX) or len(path) == len(_KEY_PREFIX):
         return None
     key = unquote(path[len(_KEY_PREFIX) :], errors="strict")
     headers = headers or {}
+    if "Authorization" in headers:
+        if headers["Authorization"] != authorization:
+            return None
+        headers = {name: value for name, value in headers.items() if name != "Authorization"}
     if set(headers) - _STREAM_HEADERS:
         return None  # something the stream does not carry (a lease, ...): over HTTP
     if method == "GET":

@@ -21,7 +21,9 @@ token hashes; the section "auth", present once there is any); all of it is in sn
 appends one map of these sections to version 1's array; version 1 still restores).
 
 Entries that carry no command (a new leader's empty entry, CONF_CHANGE) advance
-`applied_index` only. A committed entry whose bytes do not decode raises `ProtocolError`
+`applied_index` only, except that a CONF_CHANGE entry's member context goes into the member
+table (kv/members.py; the section "members" of snapshots, present once a member was added
+at runtime). A committed entry whose bytes do not decode raises `ProtocolError`
 and leaves the state untouched: it means a bug, a foreign leader or damage, and must stop
 the node loudly rather than be applied differently on different replicas.
 
@@ -37,6 +39,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
+import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -55,10 +59,10 @@ from kvstore.kv.commands import (
     WriteError,
     WriteResult,
     decode_command,
-    unpack_versioned,
 )
 from kvstore.kv.history import EVENT_DELETE, EVENT_PUT, Compact, Event, History, HistoryConfig
 from kvstore.kv.leases import LeaseGrant, LeaseRevoke, LeaseTable
+from kvstore.kv.members import MemberTable
 from kvstore.kv.sessions import (
     SessionConfig,
     SessionTable,
@@ -130,6 +134,9 @@ class StateMachine:
         self.history = History(self.config.history)
         self.leases = LeaseTable()
         self.auth = AuthTable()
+        # Contexts of the members added at runtime (kv/members.py): the address book's
+        # replicated part, in every snapshot.
+        self.members = MemberTable()
 
     # --- apply ---------------------------------------------------------------------------
 
@@ -145,6 +152,8 @@ class StateMachine:
             f"apply out of order: entry {entry.index} after applied {self.applied_index}"
         )
         if entry.type != EntryType.NORMAL or not entry.data:
+            if entry.type == EntryType.CONF_CHANGE:
+                self.members.apply(entry.data)
             self.applied_index = entry.index
             return None, None
         command = decode_command(entry.data)
@@ -502,15 +511,28 @@ class StateMachine:
         if self.auth.users or self.auth.roles:
             # Only when there is some: the snapshot of a store without auth is unchanged.
             sections["auth"] = self.auth.to_obj()
+        if self.members.contexts:
+            # Likewise only once a member was added at runtime.
+            sections["members"] = self.members.to_obj()
         return sections
 
-    def freeze(self) -> FrozenState:
+    def freeze(self, *, copy: bool = True) -> FrozenState:
         """A copy of the state as of now that `FrozenState.encode` can encode on another
         thread while this machine goes on applying: the key order and the key map are copied
-        (references only: records are immutable tuples; tens of milliseconds for a million
-        keys), the session table as its encoded object."""
+        (references only: records are immutable tuples; 0.1 s or more for a million keys),
+        the session table and the sections as their encoded objects.
+
+        `copy=False` skips the copy of the keys and their map: the result then refers to the
+        live ones and is valid only until the next apply, for a driver that encodes it in a
+        forked process, whose memory is a copy-on-write image of this moment (the server's
+        kvstore/server/snapshots.py)."""
+        header = (self.applied_index, self.revision, self.clock_ms)
+        if not copy:
+            # Even the sessions' and sections' objects are left to the encoding (the
+            # history's alone took 25-35 ms at 10,000 revisions).
+            return FrozenState(header, self._keys, self._data, None, {}, live=self)
         return FrozenState(
-            (self.applied_index, self.revision, self.clock_ms),
+            header,
             list(self._keys),
             _Records(self._data),
             self._sessions.to_obj(),
@@ -520,35 +542,14 @@ class StateMachine:
     def restore(self, data: bytes, index: int) -> None:
         """Replace the whole state by a snapshot taken at applied `index`; ProtocolError if
         the bytes are malformed (the state is then unchanged)."""
-        version = data[:1]
-        if version == b"\x01":  # before issue 14: no sections
-            obj = unpack_versioned(data, 1, "state machine snapshot")
-            if isinstance(obj, list) and len(obj) == 5:
-                obj.append({})
-        else:
-            obj = unpack_versioned(data, SNAPSHOT_FORMAT_VERSION, "state machine snapshot")
-        if not isinstance(obj, list) or len(obj) != 6:
-            raise ProtocolError("state machine snapshot: expected an array of 6")
-        applied_index, revision, clock_ms, items, sessions_obj, sections = obj
-        for value, name in ((applied_index, "applied_index"), (revision, "revision")):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ProtocolError(f"state machine snapshot: bad {name} {value!r}")
-        if not isinstance(clock_ms, int) or isinstance(clock_ms, bool) or clock_ms < 0:
-            raise ProtocolError(f"state machine snapshot: bad clock {clock_ms!r}")
-        if applied_index != index:
-            raise ProtocolError(f"snapshot of index {applied_index} restored as {index}")
-        if not isinstance(items, list):
-            raise ProtocolError("state machine snapshot: items is not an array")
-        data_map = _data_from_items(items, revision)
-        sessions = SessionTable(self.config.sessions)
-        sessions.load_obj(sessions_obj)
-        history, leases = _sections_from_obj(sections, self.config.history, revision, data_map)
-        auth = AuthTable()
-        if isinstance(sections, dict) and "auth" in sections:
-            auth.load_obj(sections["auth"])
-        self.applied_index, self.revision, self.clock_ms = applied_index, revision, clock_ms
-        self._data, self._keys, self._sessions = data_map, SortedList(data_map), sessions
-        self.history, self.leases, self.auth = history, leases, auth
+        self.install(decode_state(data, index, self.config))
+
+    def install(self, state: DecodedState) -> None:
+        """Replace the whole state by one `decode_state` made (for this machine's config)."""
+        self.applied_index, self.revision, self.clock_ms = state.header
+        self._data, self._keys, self._sessions = state.data, state.keys, state.sessions
+        self.history, self.leases, self.auth = state.history, state.leases, state.auth
+        self.members = state.members
 
     def digest(self) -> str:
         """sha256 (hex) of the canonical encoding: equal states give equal digests."""
@@ -560,10 +561,12 @@ class FrozenState:
     """A state machine's state at one applied index, detached from the live machine."""
 
     header: tuple[int, int, int]  # applied_index, revision, clock_ms
-    keys: list[str]
-    data: dict[str, _Record]
+    keys: Iterable[str]  # sorted
+    data: Mapping[str, _Record]
     sessions: Any
     sections: dict[str, Any]
+    # freeze(copy=False): the live machine, whose sessions and sections `encode` reads.
+    live: StateMachine | None = None
 
     @property
     def applied_index(self) -> int:
@@ -571,7 +574,10 @@ class FrozenState:
 
     def encode(self) -> bytes:
         """The bytes `StateMachine.snapshot` gave at the moment of `freeze`."""
-        return _encode_snapshot(self.header, self.keys, self.data, self.sessions, self.sections)
+        sessions, sections = self.sessions, self.sections
+        if self.live is not None:
+            sessions, sections = self.live._sessions.to_obj(), self.live._sections()
+        return _encode_snapshot(self.header, self.keys, self.data, sessions, sections)
 
 
 def _encode_snapshot(
@@ -618,13 +624,105 @@ def _pack_elements(packer: msgpack.Packer, elements: list[Any]) -> bytes:
     return packed[len(packer.pack_array_header(len(elements))) :]
 
 
-def _data_from_items(flat: list[Any], revision: int) -> _Records:
-    """Decode and validate the flat key array of a snapshot (see `snapshot`)."""
-    if len(flat) % 5:
+@dataclass(frozen=True, slots=True)
+class DecodedState:
+    """A snapshot's state, decoded and checked but not yet in a machine (`decode_state`,
+    `StateMachine.install`)."""
+
+    header: tuple[int, int, int]  # applied_index, revision, clock_ms
+    data: _Records
+    keys: SortedList
+    sessions: SessionTable
+    history: History
+    leases: LeaseTable
+    auth: AuthTable
+    members: MemberTable
+
+
+# Bytes the snapshot decoder reads at a time (see `decode_state`).
+_DECODE_READ_BYTES: Final = 1 << 20
+_DECODE_ERRORS: Final = (ValueError, TypeError, msgpack.UnpackException, msgpack.StackError)
+
+
+def decode_state(data: bytes, index: int, config: KvConfig) -> DecodedState:
+    """Decode and check `StateMachine.snapshot()`'s bytes taken at applied `index`;
+    ProtocolError if they are malformed. Touches no machine, so it may run on any thread
+    (a follower installing a snapshot from its leader decodes on a worker thread while its
+    loop goes on answering heartbeats).
+
+    The key array is read one element at a time from a streaming unpacker rather than by
+    one unpackb of the whole: one C call over a million-key snapshot held the GIL for a
+    second or more, so another thread decoding it stopped the event loop just as decoding
+    on the loop did, and the whole array of objects was built before the key map (5 objects
+    per key more at the peak)."""
+    what = "state machine snapshot"
+    if not isinstance(data, bytes) or not data:
+        raise ProtocolError(f"{what}: empty payload")
+    if data[0] not in (1, SNAPSHOT_FORMAT_VERSION):
+        raise ProtocolError(f"{what}: unsupported format version {data[0]}")
+    source = io.BytesIO(data)  # shares `data`'s buffer: no copy
+    source.seek(1)
+    unpacker = msgpack.Unpacker(
+        source,
+        read_size=min(_DECODE_READ_BYTES, len(data)),
+        max_buffer_size=len(data),
+        raw=False,
+        strict_map_key=True,
+        use_list=True,
+    )
+    try:
+        return _decode_state(unpacker, data[0], index, config)
+    except _DECODE_ERRORS as exc:
+        raise ProtocolError(f"{what}: malformed msgpack: {exc}") from exc
+
+
+def _decode_state(
+    unpacker: msgpack.Unpacker, version: int, index: int, config: KvConfig
+) -> DecodedState:
+    if unpacker.read_array_header() != (5 if version == 1 else 6):
+        raise ProtocolError("state machine snapshot: expected an array of 6")
+    applied_index, revision, clock_ms = unpacker.unpack(), unpacker.unpack(), unpacker.unpack()
+    for value, name in ((applied_index, "applied_index"), (revision, "revision")):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ProtocolError(f"state machine snapshot: bad {name} {value!r}")
+    if not isinstance(clock_ms, int) or isinstance(clock_ms, bool) or clock_ms < 0:
+        raise ProtocolError(f"state machine snapshot: bad clock {clock_ms!r}")
+    if applied_index != index:
+        raise ProtocolError(f"snapshot of index {applied_index} restored as {index}")
+    data = _data_from_items(unpacker, revision)
+    sessions_obj = unpacker.unpack()
+    sections = {} if version == 1 else unpacker.unpack()
+    try:
+        unpacker.unpack()
+    except msgpack.OutOfData:
+        pass
+    else:
+        raise ProtocolError("state machine snapshot: data after its end")
+    sessions = SessionTable(config.sessions)
+    sessions.load_obj(sessions_obj)
+    history, leases = _sections_from_obj(sections, config.history, revision, data)
+    auth = AuthTable()
+    if isinstance(sections, dict) and "auth" in sections:
+        auth.load_obj(sections["auth"])
+    members = MemberTable()
+    if isinstance(sections, dict) and "members" in sections:
+        members.load_obj(sections["members"])
+    header = (applied_index, revision, clock_ms)
+    return DecodedState(header, data, SortedList(data), sessions, history, leases, auth, members)
+
+
+def _data_from_items(unpacker: msgpack.Unpacker, revision: int) -> _Records:
+    """Decode and validate the flat key array of a snapshot (see `snapshot`), read from
+    `unpacker` one element at a time (see `decode_state`)."""
+    try:
+        length = unpacker.read_array_header()
+    except ValueError as exc:
+        raise ProtocolError("state machine snapshot: items is not an array") from exc
+    if length % 5:
         raise ProtocolError("state machine snapshot: key array length not a multiple of 5")
     data = _Records()
     previous = ""
-    fields = iter(flat)
+    fields = itertools.islice(unpacker, length)
     for key, value, create_revision, mod_revision, version in zip(
         fields, fields, fields, fields, fields
     ):
@@ -643,6 +741,8 @@ def _data_from_items(flat: list[Any], revision: int) -> _Records:
             raise ProtocolError(f"state machine snapshot: bad revisions for {key!r}")
         data[key] = (value, create_revision, mod_revision, version)
         previous = key
+    if len(data) * 5 != length:
+        raise msgpack.OutOfData("the key array ends early")
     return data
 
 
@@ -651,7 +751,7 @@ def _sections_from_obj(
 ) -> tuple[History, LeaseTable]:
     """The history and leases of a snapshot's sections map (empty when absent: a version 1
     snapshot, whose history starts at its revision)."""
-    if not isinstance(sections, dict) or not set(sections) <= {"history", "leases", "auth"}:
+    if not isinstance(sections, dict) or not set(sections) <= {"history", "leases", "auth", "members"}:
         raise ProtocolError("state machine snapshot: sections must be a map of known names")
     history = History(config)
     if "history" in sections:

@@ -19,6 +19,9 @@ What a route needs:
 - GET/HEAD /v1/kv/KEY: read on KEY; PUT/DELETE: write on KEY; GET /v1/kv?prefix=P: read on
   P; DELETE /v1/kv?prefix=P: write on P;
 - GET /v1/watch?key=K or ?prefix=P: read on K or P (the events are what reads show);
+- GET /v1/stream (the binary stream): any authenticated user may open it, with the token on
+  the upgrade request; then each get on it needs read on its key and each put or delete
+  write, as the same request over HTTP would (StreamAuthorizer), answered 401/403 by id;
 - everything else (/v1/auth/*, transactions, leases, compaction, membership): admin
   on the prefix "" (the whole key space), until those routes learn to name their keys.
 
@@ -36,6 +39,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +61,7 @@ audit = logging.getLogger("kvstore.server.audit")
 ROOT = "root"
 _OPEN = frozenset({"/healthz", "/readyz", "/v1/openapi.json"})
 _KEY_ROUTE = "/v1/kv/{key}"
+_STREAM_ROUTE = "/v1/stream"
 _TOKEN_BYTES = 32
 
 
@@ -105,60 +110,93 @@ class AuthGate:
         if route in self._open:
             return None
         try:
-            user = self._identify(request)
+            user = self._user_of(self._credential(request))
             access, resource = self._needs(request, route, path)
-            if resource is not None and not self._allowed(user, access, resource):
-                raise PermissionDeniedError(
-                    f"user {user!r} may not {access} {resource!r}"
-                    if resource
-                    else f"user {user!r} has no {access} permission on the whole key space"
-                )
+            if resource is not None:
+                self._authorize(user, access, resource)
         except (UnauthenticatedError, PermissionDeniedError) as exc:
-            self.denied += 1
-            if self._on_denied is not None:
-                self._on_denied(exc.code)
-            self._throttle.log(
-                "auth_denied",
-                logging.WARNING,
-                "event=auth_denied code=%s method=%s route=%s path=%s remote=%s reason=%s",
-                exc.code,
-                clip(request.method, 20),
-                route,
-                clip(path),
-                request.remote,
-                clip(exc.message),
-            )
+            self._denied(exc, request.method, route, path, request.remote)
             raise
         return user
 
-    def _identify(self, request: web.BaseRequest) -> str:
+    def stream_authorizer(self, request: web.BaseRequest) -> StreamAuthorizer:
+        """What decides each operation of a binary stream opened by `request` (whose upgrade
+        `check` let through: its credential is known good)."""
+        return StreamAuthorizer(self, self._credential(request), request.remote)
+
+    def _authorize(self, user: str, access: str, resource: str) -> None:
+        if not self._allowed(user, access, resource):
+            raise PermissionDeniedError(
+                f"user {user!r} may not {access} {resource!r}"
+                if resource
+                else f"user {user!r} has no {access} permission on the whole key space"
+            )
+
+    def _denied(
+        self,
+        error: UnauthenticatedError | PermissionDeniedError,
+        method: str,
+        route: str,
+        path: str,
+        remote: str | None,
+    ) -> None:
+        """Count and audit one denied request (or stream operation)."""
+        self.denied += 1
+        if self._on_denied is not None:
+            self._on_denied(error.code)
+        self._throttle.log(
+            "auth_denied",
+            logging.WARNING,
+            "event=auth_denied code=%s method=%s route=%s path=%s remote=%s reason=%s",
+            error.code,
+            clip(method, 20),
+            route,
+            clip(path),
+            remote,
+            clip(error.message),
+        )
+
+    def _credential(self, request: web.BaseRequest) -> _Credential:
+        """The token's digest or the client certificate's name the request presents; 401
+        if it presents neither, or a malformed Authorization header."""
         header = request.headers.get("Authorization")
         if header is not None:
             scheme, _, token = header.strip().partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise UnauthenticatedError("Authorization must be 'Bearer <token>'")
-            digest = token_digest(token.strip())
+            return _Credential(token_digest=token_digest(token.strip()), common_name="")
+        certificate = request.transport.get_extra_info("peercert") if request.transport else None
+        if certificate:
+            return _Credential(token_digest="", common_name=_common_name(certificate))
+        raise UnauthenticatedError(
+            "this node requires a token (Authorization: Bearer) or a client certificate"
+        )
+
+    def _user_of(self, credential: _Credential) -> str:
+        """The user a credential names now (a token may have been revoked since); 401 if
+        none."""
+        digest = credential.token_digest
+        if digest:
             if self._root_digest and hmac.compare_digest(digest, self._root_digest):
                 return ROOT
             user = self._table().user_of_token(digest)
             if user is None:
                 raise UnauthenticatedError("the token is unknown or revoked")
             return user
-        certificate = request.transport.get_extra_info("peercert") if request.transport else None
-        if certificate:
-            name = _common_name(certificate)
-            if name and name in self._table().users:
-                return name
-            raise UnauthenticatedError(f"the client certificate of {name!r} names no user")
-        raise UnauthenticatedError(
-            "this node requires a token (Authorization: Bearer) or a client certificate"
-        )
+        name = credential.common_name
+        if name and name in self._table().users:
+            return name
+        raise UnauthenticatedError(f"the client certificate of {name!r} names no user")
 
     @staticmethod
     def _needs(request: web.BaseRequest, route: str, path: str) -> tuple[str, str | None]:
         """(access, resource): resource None means any authenticated user may."""
         method = request.method
         if route in ("/v1/status", "/metrics"):
+            return "read", None
+        if route == _STREAM_ROUTE:
+            # Any user may open the stream; each operation on it is then checked as its HTTP
+            # request would be (StreamAuthorizer).
             return "read", None
         if route == _KEY_ROUTE:
             return ("read" if method in ("GET", "HEAD") else "write"), path[len("/v1/kv/") :]
@@ -174,6 +212,35 @@ class AuthGate:
 
     def _allowed(self, user: str, access: str, resource: str) -> bool:
         return user == ROOT or self._table().allowed(user, access, resource)
+
+
+@dataclass(frozen=True, slots=True)
+class _Credential:
+    """What a request presents: a token (its SHA-256) or a client certificate's name."""
+
+    token_digest: str
+    common_name: str
+
+
+class StreamAuthorizer:
+    """The checks of one binary stream's operations (kvstore/server/stream.py): each get
+    needs read on its key and each put or delete write, as over HTTP, for the identity the
+    upgrade request presented. The identity is looked up again for every operation (a dict
+    lookup), so a token revoked while the stream is open stops working on it too."""
+
+    def __init__(self, gate: AuthGate, credential: _Credential, remote: str | None) -> None:
+        self._gate = gate
+        self._credential = credential
+        self._remote = remote
+
+    def check(self, op: str, access: str, key: str) -> None:
+        """Raise 401/403 (audited like HTTP's) unless the stream's user may `access` `key`."""
+        gate = self._gate
+        try:
+            gate._authorize(gate._user_of(self._credential), access, key)
+        except (UnauthenticatedError, PermissionDeniedError) as exc:
+            gate._denied(exc, f"stream {op}", _STREAM_ROUTE, key, self._remote)
+            raise
 
 
 def _common_name(certificate: dict[str, Any]) -> str:

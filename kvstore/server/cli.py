@@ -6,7 +6,8 @@ like a small supervisor (`_Supervisor`): client ports 7001-7003, peer ports 7101
 under ./data; it refuses to start when a port is taken, prints each node's PID and the leader once
 one is elected, restarts a node that crashes (with back-off), leaves down a node stopped on
 purpose or one a restart cannot fix, and stops all of them on Ctrl-C, SIGTERM or SIGHUP
-(closing the terminal), or when it is killed itself (the nodes die with their parent).
+(closing the terminal), or when it is killed itself (each node watches a pipe from its parent:
+kvstore/server/localcluster.py).
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ def register(subparsers: Any) -> None:
         "variable and a key of the --config TOML file.",
     )
     add_arguments(serve)
+    serve.add_argument(
+        "--parent-pipe-fd",
+        type=int,
+        metavar="FD",
+        help="stop (as on SIGINT) when this inherited pipe descriptor reaches end-of-file, "
+        "i.e. when the supervisor holding its write end dies (`kvstore cluster` and test "
+        "clusters pass it); not a configuration option",
+    )
     serve.set_defaults(handler=_serve)
 
     # The first node listens where a lone `kvstore serve` would (ServeConfig's defaults).
@@ -141,8 +150,12 @@ def _node_count(text: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from kvstore.server.localcluster import exit_when_pipe_closes
+
     try:
         config = load_config(args)
+        if args.parent_pipe_fd is not None:
+            exit_when_pipe_closes(args.parent_pipe_fd)
     except (ValueError, OSError) as exc:
         print(f"kvstore serve: bad configuration: {exc}", file=sys.stderr)
         return 2
@@ -172,7 +185,6 @@ def _cluster(args: argparse.Namespace) -> int:
         client_ports=client_ports,
         peer_ports=peer_ports,
         tls=args.tls,
-        die_with_parent=True,
     )
     if args.restore and not _restore_cluster(cluster, args.restore):
         return 2

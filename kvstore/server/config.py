@@ -29,6 +29,7 @@ from kvstore.server.peerauth import SECRET_BYTES_MIN
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _CLIENT_CERT_AUTH = ("none", "optional", "required")
+_INITIAL_CLUSTER_STATES = ("auto", "new", "existing")
 
 
 def parse_peers(text: str) -> dict[int, str]:
@@ -120,6 +121,15 @@ class ServeConfig:
     lease_check_interval_ms: int = 50
     # Chaos drills only: answer "linearizable" reads from local state without ReadIndex.
     unsafe_local_reads: bool = False
+    # Membership (kvstore/server/identity.py, membership.py). With an empty data directory:
+    # "auto" asks the peers whether a cluster exists (join it if so, bootstrap when every
+    # peer is fresh too), "new" bootstraps, "existing" joins. `join`: client URLs of members
+    # to join through (implies "existing").
+    initial_cluster_state: str = "auto"
+    join: str = ""
+    join_as_learner: bool = False
+    # The leader promotes a joined learner once it has been caught up this long.
+    promote_stable_ms: int = 1000
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -138,6 +148,11 @@ class ServeConfig:
         if self.log_level.lower() not in _LOG_LEVELS:
             raise ValueError(f"log_level must be one of {_LOG_LEVELS}, got {self.log_level!r}")
         self._check_positive()
+        if self.initial_cluster_state not in _INITIAL_CLUSTER_STATES:
+            raise ValueError(f"initial_cluster_state must be one of {_INITIAL_CLUSTER_STATES}")
+        for url in self.join_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"join: {url!r} is not an http:// or https:// URL")
         if self.heartbeat_ticks >= self.election_ticks:
             raise ValueError("heartbeat_ticks must be smaller than election_ticks")
         if self.advertise_client_url and not self.advertise_client_url.startswith(
@@ -219,6 +234,7 @@ class ServeConfig:
             "watch_lag_revisions_max",
             "watchers_max",
             "lease_check_interval_ms",
+            "promote_stable_ms",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -232,6 +248,10 @@ class ServeConfig:
     @property
     def peer_addresses(self) -> dict[int, str]:
         return dict(self.peers)
+
+    @property
+    def join_urls(self) -> list[str]:
+        return [url.strip() for url in self.join.split(",") if url.strip()]
 
     @property
     def heartbeat_interval_s(self) -> float:
@@ -360,6 +380,15 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("watchers_max", int, "watches one node serves at once"),
     ("lease_check_interval_ms", int, "how often the leader looks for expired leases"),
     ("unsafe_local_reads", _parse_bool, "UNSAFE, for chaos drills: skip ReadIndex on reads"),
+    (
+        "initial_cluster_state",
+        str,
+        "with an empty data directory: auto (ask the peers: join an existing cluster, "
+        "bootstrap a new one only when every peer is fresh too), new (bootstrap), existing (join)",
+    ),
+    ("join", str, "client URLs of members of the cluster to join (comma-separated)"),
+    ("join_as_learner", _parse_bool, "after joining, stay a learner until `member promote`"),
+    ("promote_stable_ms", int, "the leader promotes a joined learner caught up this long"),
 )
 
 

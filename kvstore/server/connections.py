@@ -257,8 +257,20 @@ class ClientConnection(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         """What the parser refused (400, 413, 431, ...) or what escaped a handler (500):
-        a JSON error, the connection closed, one short rate-limited log record."""
-        if status >= 500:
+        a JSON error, the connection closed, one short rate-limited log record. A client
+        that went away mid-request (its connection lost while its body was read) is no
+        error of ours: DEBUG, without a traceback."""
+        if isinstance(exc, ConnectionError):
+            self._server.throttle.log(
+                "client_gone",
+                logging.DEBUG,
+                "event=client_gone source=%s error=%s",
+                clip(self._source),
+                clip(exc),
+            )
+            error: KVStoreError = BadRequestError("the connection was lost during the request")
+            status = 400
+        elif status >= 500:
             self._server.throttle.log(
                 "handler_error",
                 logging.ERROR,
@@ -268,7 +280,7 @@ class ClientConnection(RequestHandler):
                 clip(exc),
                 exc_info=exc,
             )
-            error: KVStoreError = KVStoreError("internal error")
+            error = KVStoreError("internal error")
         else:
             self._server.throttle.log(
                 "parse_error",

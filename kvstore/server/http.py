@@ -153,6 +153,30 @@ def _query(request: web.BaseRequest) -> dict[str, str]:
     return query
 
 
+def _check_no_lone_surrogates(document: object) -> None:
+    """400 if a string of a parsed JSON document holds a lone surrogate: JSON's `\\ud800`
+    escape parses into a str that is no text (UTF-8 cannot encode it), which would fail
+    deep inside (a key, a role's prefix) instead of here. Iterative: the parser bounds the
+    depth, this does not recurse at all."""
+    stack = [document]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise BadRequestError(
+                        "the body's JSON has a string with a lone surrogate (\\ud800-\\udfff),"
+                        " which is no character"
+                    ) from None
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def check_key(key: str, max_key_bytes: int) -> str:
     """`key` (already percent-decoded) if it may name a key; BadRequestError otherwise. The
     HTTP API and the binary stream (kvstore/server/stream.py) check keys here."""
@@ -199,7 +223,7 @@ def delete_document(key: str, result: WriteResult) -> dict[str, Any]:
     return {"key": key, "revision": result.revision, "deleted": True}
 
 
-def _command(factory: Any, **fields: Any) -> Any:
+def build_command(factory: Any, **fields: Any) -> Any:
     """Build a Put or Delete; the command validates itself (ValueError -> 400)."""
     try:
         return factory(**fields)
@@ -420,8 +444,11 @@ class HttpApi:
             body = json.loads(raw or b"{}")
         except (ValueError, UnicodeDecodeError) as exc:
             raise BadRequestError(f"the body is not JSON: {exc}") from exc
+        except RecursionError:
+            raise BadRequestError("the body's JSON is nested too deeply") from None
         if not isinstance(body, dict):
             raise BadRequestError("the body must be a JSON object")
+        _check_no_lone_surrogates(body)
         return body
 
     async def _body(self, request: web.BaseRequest) -> bytes:
@@ -464,7 +491,7 @@ class HttpApi:
         value = await self._body(request)
         request_id, acked_below, server_made = self._request_id(request)
         try:
-            command = _command(
+            command = build_command(
                 Put,
                 key=key,
                 value=value,
@@ -492,7 +519,7 @@ class HttpApi:
         self.driver.check_writable()
         request_id, acked_below, server_made = self._request_id(request)
         try:
-            command = _command(
+            command = build_command(
                 Delete,
                 key=key,
                 request=request_id,

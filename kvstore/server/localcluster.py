@@ -16,15 +16,16 @@ Waiting is done by polling a condition with a deadline; nothing here sleeps to d
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import secrets
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -45,21 +46,38 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent(parent: int) -> None:
-    """In the child before exec: ask Linux for SIGTERM when the parent (pid `parent`) dies."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
+# A node started with `--parent-pipe-fd` stops (as on SIGINT) when it reads end-of-file on
+# that pipe, and is killed if it has not stopped this long after.
+_PARENT_GONE_KILL_S = 15.0
 
-    # Until exec this child still runs the parent's Python signal handlers, which only set a
-    # flag: a SIGTERM caught here would be lost, so the default action (exit) comes first.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    pr_set_pdeathsig = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-    # The parent may have died between fork and prctl: then nobody would ever signal us.
-    if os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGTERM)
+
+def exit_when_pipe_closes(fd: int) -> None:
+    """In a node: watch the read end `fd` of a pipe whose write end only the parent holds.
+    End-of-file means the parent process is gone (however it died: the kernel closes its
+    descriptors), so the node stops as on SIGINT, and is killed if it has not stopped within
+    _PARENT_GONE_KILL_S. A daemon thread, blocked in read(), so it costs nothing until then.
+
+    Why not PR_SET_PDEATHSIG: Linux sends that signal when the *thread* that forked the child
+    exits, so a node started from a thread pool (`asyncio.to_thread`) died whenever the pool
+    retired that worker, and one started without it outlived a killed test run.
+
+    ValueError if `fd` is not an open pipe (checked here, before the node starts)."""
+    try:
+        is_pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError as exc:
+        raise ValueError(f"parent pipe fd {fd}: {exc.strerror}") from None
+    if not is_pipe:
+        raise ValueError(f"parent pipe fd {fd} is not a pipe")
+
+    def watch() -> None:
+        with contextlib.suppress(OSError):
+            while os.read(fd, 4096):
+                pass
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(_PARENT_GONE_KILL_S)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="parent-pipe", daemon=True).start()
 
 
 def _peer_maps(
@@ -97,12 +115,12 @@ class LocalCluster:
         cluster_secret: str | None = None,
         tls: bool = False,
         python: str = sys.executable,
-        die_with_parent: bool = False,
+        die_with_parent: bool = True,
     ) -> None:
-        """`die_with_parent`: each node gets SIGTERM when this process dies, even by
-        SIGKILL (Linux's PR_SET_PDEATHSIG), so a supervisor that is killed leaves no node
-        behind holding ports and data locks. Only for a single-threaded parent (the signal
-        follows the thread that started the node); `kvstore cluster` uses it."""
+        """`die_with_parent` (the default): each node stops when this process dies, even by
+        SIGKILL, so a killed test run or supervisor leaves no node behind holding ports and
+        data locks. Each node inherits the read end of a pipe whose write end only this
+        process holds (`exit_when_pipe_closes`); it does not matter which thread starts it."""
         if size < 1:
             raise ValueError("size must be >= 1")
         self.base_dir = Path(base_dir)
@@ -130,6 +148,8 @@ class LocalCluster:
         self.client_urls = [self.client_url(i) for i in self.ids]
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
         self._logs: dict[int, Any] = {}
+        # The write end of each node's parent pipe (die_with_parent); closed once it is gone.
+        self._parent_pipes: dict[int, int] = {}
 
     # --- context manager ------------------------------------------------------------
 
@@ -247,17 +267,33 @@ class LocalCluster:
             old.close()
         log = open(self.log_path(node_id), "ab")  # noqa: SIM115 - closed in stop()/restart
         self._logs[node_id] = log
-        self._processes[node_id] = subprocess.Popen(
-            self.command(node_id),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            preexec_fn=(
-                functools.partial(_die_with_parent, os.getpid()) if self.die_with_parent else None
-            ),
-        )
+        self._close_parent_pipe(node_id)
+        command = self.command(node_id)
+        inherited: tuple[int, ...] = ()
+        if self.die_with_parent:
+            read_end, write_end = os.pipe()
+            self._parent_pipes[node_id] = write_end
+            command += ["--parent-pipe-fd", str(read_end)]
+            inherited = (read_end,)
+        try:
+            self._processes[node_id] = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                pass_fds=inherited,
+            )
+        finally:
+            for fd in inherited:
+                os.close(fd)
+
+    def _close_parent_pipe(self, node_id: int) -> None:
+        """Close the write end of a node's parent pipe (its process has exited)."""
+        write_end = self._parent_pipes.pop(node_id, None)
+        if write_end is not None:
+            os.close(write_end)
 
     def pid(self, node_id: int) -> int | None:
         process = self._processes.get(node_id)
@@ -280,6 +316,7 @@ class LocalCluster:
         process.send_signal(signal.SIGCONT)
         process.kill()
         process.wait()
+        self._close_parent_pipe(node_id)
 
     def terminate(self, node_id: int, timeout_s: float = 10.0) -> int:
         """SIGTERM (graceful: a leader hands over first), wait; SIGKILL after timeout_s."""
@@ -299,6 +336,7 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        self._close_parent_pipe(node_id)
         return int(process.returncode)
 
     def pause(self, node_id: int) -> None:
@@ -326,6 +364,8 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        for node_id in list(self._parent_pipes):
+            self._close_parent_pipe(node_id)
         for log in self._logs.values():
             log.close()
         self._logs.clear()
@@ -345,7 +385,9 @@ class LocalCluster:
             return None
 
     def leader(self, exclude: Iterable[int] = ()) -> int | None:
-        """The leader that a majority of the answering nodes agree on, or None."""
+        """The leader (its slot here: node<slot>) that a majority of the answering nodes
+        agree on, or None. A slot whose data directory was lost runs under a new member id
+        (docs/operations.md, Replacing a lost disk): the nodes name the leader by that id."""
         excluded = set(exclude)
         statuses = {i: self.status(i, timeout_s=0.5) for i in self.running()}
         answers = {i: s for i, s in statuses.items() if s is not None}
@@ -355,7 +397,7 @@ class LocalCluster:
             agreeing = sum(
                 1
                 for other in answers.values()
-                if other["leader_id"] == node_id and other["term"] == status["term"]
+                if other["leader_id"] == status["id"] and other["term"] == status["term"]
             )
             if agreeing * 2 > self.size:
                 return node_id

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import logging
@@ -49,8 +50,9 @@ from kvstore.server.coordination import CoordinationApi
 from kvstore.server.discovery import split_host_port
 from kvstore.server.driver import Driver
 from kvstore.server.http import HttpApi
+from kvstore.server.identity import Identity, JoinRefusedError, resolve_identity
 from kvstore.server.leases import LeaseService
-from kvstore.server.membership import MembershipApi
+from kvstore.server.membership import Healer, MemberBook, MembershipApi
 from kvstore.server.metrics import NodeMetrics, NodeState
 from kvstore.server.snapshot_stream import snapshot_file_opener
 from kvstore.server.tls import TlsContexts, contexts_from_config, install_sighup
@@ -115,8 +117,10 @@ def tune_gc(metrics: NodeMetrics | None = None) -> None:
 _SNAPSHOT_TIMEOUT_MS = 60_000
 
 
-def open_replica(config: ServeConfig) -> Any:
-    """Open (recover) the data directory and build the Replica; raises StorageError."""
+def open_replica(config: ServeConfig, *, joined: bool = False) -> Any:
+    """Open (recover) the data directory and build the Replica; raises StorageError.
+    `joined`: a member that joined a running cluster (identity.py) has no bootstrap
+    configuration: it learns the membership from the leader."""
     from kvstore.replica import Replica
     from kvstore.storage.disk import DiskStorage
 
@@ -124,7 +128,7 @@ def open_replica(config: ServeConfig) -> Any:
     storage = DiskStorage(config.data_dir)
     raft_config = RaftConfig(
         id=config.id,
-        peers=tuple(sorted(config.peer_addresses)),
+        peers=() if joined else tuple(sorted(config.peer_addresses)),
         election_ticks=config.election_ticks,
         heartbeat_ticks=config.heartbeat_ticks,
         # The transport reports every snapshot stream's outcome (snapshot_stream.py); the
@@ -193,8 +197,10 @@ class Node:
         replica: Any,
         tls: TlsContexts | None = None,
         root_token_digest: str = "",
+        identity: Identity | None = None,
     ) -> None:
         self.config = config
+        identity = identity or Identity(config.id, config.cluster_id, str(config.id))
         self.tls = tls
         self.replica = replica
         self.metrics = NodeMetrics(config.id)
@@ -206,7 +212,7 @@ class Node:
             cluster_id=config.cluster_id,
             client_url=config.client_url,
             listen=config.listen_peer,
-            peers=config.peer_addresses,
+            peers={},
             on_message=self.driver.on_message,
             on_peer_down=self.driver.on_peer_down,
             cluster_secret=config.cluster_secret.encode(),
@@ -225,7 +231,10 @@ class Node:
             dead_after_s=config.peer_dead_after_heartbeats * config.heartbeat_interval_s,
             snapshot_directory=str(config.data_dir),
             open_snapshot=snapshot_file_opener(str(config.data_dir)),
+            name_slot=int(identity.name) if identity.name.isdigit() else 0,
         )
+        # A received snapshot is decoded off the loop and its file kept (snapshot_stream.py).
+        self.transport.snapshots.receiver = replica
         self.http = HttpApi(self.driver, config.cluster_id)
         AuthApi(self.http)
         if config.auth:
@@ -240,7 +249,19 @@ class Node:
         self.leases = LeaseService(self.driver)
         self.watch_hub = WatchHub(self.driver)
         CoordinationApi(self.http, self.leases)
-        MembershipApi(self.http)
+        # The bootstrap book: the one this node joined with, and --peers (which wins: it
+        # says how this node reaches each slot).
+        bootstrap = {**identity.peers, **config.peer_addresses}
+        self.book = MemberBook(
+            self.driver,
+            name=identity.name,
+            bootstrap=bootstrap,
+            own_peer_address=config.peer_addresses.get(config.id, config.listen_peer),
+            set_peers=self.transport.set_peers,
+        )
+        self.book.refresh()
+        self.healer = Healer(self.driver, self.book, config.promote_stable_ms / 1000)
+        MembershipApi(self.http, self.book)
         WatchApi(self.http, self.watch_hub)
         SnapshotApi(self.http, self.driver)
         self.metrics.bind_node(
@@ -357,6 +378,7 @@ class Node:
             logger.warning("event=unsafe_local_reads read_index=skipped use=chaos_drills_only")
         driver_task = loop.create_task(self.driver.run(), name="driver")
         lease_task = loop.create_task(self.leases.run(), name="lease-expiry")
+        healer_task = loop.create_task(self.healer.run(), name="healer")
         stop_task = loop.create_task(self._stop.wait(), name="stop-signal")
         try:
             await asyncio.wait((driver_task, stop_task), return_when=asyncio.FIRST_COMPLETED)
@@ -366,6 +388,7 @@ class Node:
                 await self._shutdown(driver_task)
         finally:
             stop_task.cancel()
+            healer_task.cancel()
             lease_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await lease_task
@@ -397,7 +420,7 @@ class Node:
     async def _hand_over(self) -> None:
         """On the leader: transfer leadership to the follower with the highest match index."""
         driver = self.driver
-        if not driver.is_leader() or len(self.config.peers) < 2:
+        if not driver.is_leader() or len(driver.status().conf_state.voters) < 2:
             return
         status = driver.status()
         target = handover_target(status, self.config.id, self.transport.is_connected)
@@ -426,11 +449,15 @@ class Node:
 
 
 def handover_target(status: Status, node_id: int, connected: Callable[[int], bool]) -> int | None:
-    """Whom a stopping leader hands over to: the follower with the highest match index among
+    """Whom a stopping leader hands over to: the voter with the highest match index among
     those it is connected to (a follower that is down keeps its last match index, and a
-    transfer to it would time out, stopping the node without a handover); any follower if
-    none is connected; None without followers."""
-    followers = [(p.match_index, peer) for peer, p in status.progress.items() if peer != node_id]
+    transfer to it would time out, stopping the node without a handover); any voter if none
+    is connected; None without another voter (a learner never leads)."""
+    followers = [
+        (p.match_index, peer)
+        for peer, p in status.progress.items()
+        if peer != node_id and peer in status.conf_state.voters
+    ]
     reachable = [(match, peer) for match, peer in followers if connected(peer)]
     if not followers:
         return None
@@ -449,7 +476,19 @@ async def _main(config: ServeConfig) -> int:
         print(f"kvstore: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
     try:
-        replica = open_replica(config)
+        identity = await resolve_identity(config)
+        if identity.member_id != config.id:
+            # A member that joined under a new id: --id was its name (the slot).
+            peers = dict(config.peers)
+            peers.setdefault(identity.member_id, config.listen_peer)
+            config = dataclasses.replace(
+                config, id=identity.member_id, peers=tuple(sorted(peers.items()))
+            )
+        replica = open_replica(config, joined=identity.joined)
+    except JoinRefusedError as exc:
+        logger.critical("event=cannot_join error=%s", exc)
+        print(f"kvstore: cannot start: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
     except CorruptionError as exc:
         logger.critical(
             "event=corruption path=%s offset=%s reason=%s", exc.path, exc.offset, exc.reason
@@ -463,7 +502,7 @@ async def _main(config: ServeConfig) -> int:
     except StorageError as exc:
         print(f"kvstore: cannot open {config.data_dir}: {exc}", file=sys.stderr)
         return EXIT_STORAGE
-    node = Node(config, replica, tls, root_token_digest)
+    node = Node(config, replica, tls, root_token_digest, identity)
     tune_gc(node.metrics)
     try:
         await node.run()

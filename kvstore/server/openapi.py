@@ -290,6 +290,12 @@ def _membership_paths() -> dict[str, Any]:
                 "responses": {"200": {"description": "members"}},
             }
         },
+        "/v1/members/add": _json_post(
+            "Add a learner under a new id (name, peer_address, client_url, promote); the "
+            "answer holds its id and the address book it starts with",
+            ["name", "peer_address"],
+            **{"409": refused},
+        ),
         "/v1/members/promote": _json_post(
             "Promote a caught-up learner to voter", ["id"], **{"409": refused}
         ),

@@ -9,6 +9,8 @@ a connection costs no round trip more than before):
 
 1. dialer -> acceptor  HELLO  [magic, version, cluster id, node id, to, client url, nonce, b""]
 2. acceptor -> dialer  ANSWER [magic, version, cluster id, node id, to, client url, nonce, proof]
+   (either may end with a ninth element, `true`: the sender is fresh, see `Handshake.fresh`;
+   the proofs then cover both flags)
 3. dialer -> acceptor  PROOF  ["kvstore-peer-proof", proof]
 
 Each proof is HMAC-SHA256, keyed by the cluster secret, over the whole transcript: both
@@ -63,31 +65,39 @@ class Handshake:
     client_url: str
     nonce: bytes
     proof: bytes = b""
+    # The sender has an empty data directory and is finding out whether a cluster exists
+    # (kvstore/server/identity.py): it takes no part in Raft. A ninth element, sent only
+    # when true, so the handshake of a member is what it was before.
+    fresh: bool = False
 
 
-def new_hello(*, cluster_id: str, node_id: int, to: int, client_url: str) -> Handshake:
+def new_hello(
+    *, cluster_id: str, node_id: int, to: int, client_url: str, fresh: bool = False
+) -> Handshake:
     return Handshake(
         cluster_id=cluster_id,
         node_id=node_id,
         to=to,
         client_url=client_url,
         nonce=secrets.token_bytes(NONCE_BYTES),
+        fresh=fresh,
     )
 
 
 def encode_handshake(handshake: Handshake) -> bytes:
-    return pack(
-        [
-            MAGIC,
-            VERSION,
-            handshake.cluster_id,
-            handshake.node_id,
-            handshake.to,
-            handshake.client_url,
-            handshake.nonce,
-            handshake.proof,
-        ]
-    )
+    fields: list[object] = [
+        MAGIC,
+        VERSION,
+        handshake.cluster_id,
+        handshake.node_id,
+        handshake.to,
+        handshake.client_url,
+        handshake.nonce,
+        handshake.proof,
+    ]
+    if handshake.fresh:
+        fields.append(True)
+    return pack(fields)
 
 
 def decode_handshake(payload: bytes) -> Handshake:
@@ -95,9 +105,12 @@ def decode_handshake(payload: bytes) -> Handshake:
     obj = unpack(payload)
     if type(obj) is not list or len(obj) < 2 or obj[0] != MAGIC:
         raise ProtocolError("not a kvstore peer handshake")
-    if obj[1] != VERSION or len(obj) != 8:
+    if obj[1] != VERSION or len(obj) not in (8, 9):
         raise ProtocolError(f"peer handshake version {obj[1]!r:.20} is not {VERSION}")
-    _, _, cluster_id, node_id, to, client_url, nonce, proof = obj
+    _, _, cluster_id, node_id, to, client_url, nonce, proof = obj[:8]
+    fresh = obj[8] if len(obj) == 9 else False
+    if fresh is not True and fresh is not False:
+        raise ProtocolError("handshake: the fresh flag must be a boolean")
     if type(cluster_id) is not str or not 0 < len(cluster_id) <= CLUSTER_ID_CHARS_MAX:
         raise ProtocolError(f"handshake: cluster id must be 1..{CLUSTER_ID_CHARS_MAX} chars")
     if type(client_url) is not str or len(client_url) > CLIENT_URL_CHARS_MAX:
@@ -116,6 +129,7 @@ def decode_handshake(payload: bytes) -> Handshake:
         client_url=client_url,
         nonce=nonce,
         proof=proof,
+        fresh=fresh,
     )
 
 
@@ -138,23 +152,25 @@ def decode_proof(payload: bytes) -> bytes:
 
 def prove(secret: bytes, role: str, hello: Handshake, answer: Handshake) -> bytes:
     """The proof that the side in `role` knows `secret`, bound to this exchange."""
-    transcript = pack(
-        [
-            _TRANSCRIPT_MAGIC,
-            VERSION,
-            role,
-            hello.cluster_id,
-            answer.cluster_id,
-            hello.node_id,
-            hello.to,
-            hello.client_url,
-            hello.nonce,
-            answer.node_id,
-            answer.to,
-            answer.client_url,
-            answer.nonce,
-        ]
-    )
+    fields: list[object] = [
+        _TRANSCRIPT_MAGIC,
+        VERSION,
+        role,
+        hello.cluster_id,
+        answer.cluster_id,
+        hello.node_id,
+        hello.to,
+        hello.client_url,
+        hello.nonce,
+        answer.node_id,
+        answer.to,
+        answer.client_url,
+        answer.nonce,
+    ]
+    if hello.fresh or answer.fresh:
+        # Proven like the rest: a forged "fresh" could make a wiped node bootstrap.
+        fields.extend((hello.fresh, answer.fresh))
+    transcript = pack(fields)
     return hmac.new(secret, transcript, hashlib.sha256).digest()
 
 
@@ -170,10 +186,16 @@ def check_proof(
 
 
 def answer_to(
-    hello: Handshake, *, secret: bytes, cluster_id: str, node_id: int, client_url: str
+    hello: Handshake,
+    *,
+    secret: bytes,
+    cluster_id: str,
+    node_id: int,
+    client_url: str,
+    fresh: bool = False,
 ) -> Handshake:
     """The acceptor's ANSWER to `hello`, carrying the acceptor's proof."""
     answer = new_hello(
-        cluster_id=cluster_id, node_id=node_id, to=hello.node_id, client_url=client_url
+        cluster_id=cluster_id, node_id=node_id, to=hello.node_id, client_url=client_url, fresh=fresh
     )
     return replace(answer, proof=prove(secret, ACCEPTOR, hello, answer))

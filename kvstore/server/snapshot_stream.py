@@ -9,19 +9,27 @@ one outcome, `RawNode.report_snapshot(peer, ok)`. Between the two, this module m
     END    stream id, size                            ->  checks magic, length and the crc32
                                                           of the body (computed as it came)
     ACK    stream id, ok           <- (on the follower's own connection to the leader)
-                                                          fsyncs, loads and checks the file
-                                                          again (metadata equal to BEGIN's)
-                                                          and steps the SNAPSHOT message into
-                                                          its node
+                                                          on a worker thread: fsyncs, loads
+                                                          and checks the file again (metadata
+                                                          equal to BEGIN's), decodes the state
+                                                          and hands the file to the storage
+                                                          (`SnapshotReceiver`); then steps the
+                                                          SNAPSHOT message into its node
     report_snapshot(follower, ok)
 
 What is sent is the leader's snapshot file itself (`kvstore.storage.snapshot`), read ahead
 READ_AHEAD_BYTES at a time on a worker thread and sent `chunk_bytes` at a time; the follower
 writes each chunk to a temporary file as it arrives and reads it back only once the whole file
 is there. So the stream itself holds at most a read-ahead (leader) or a chunk (follower) in
-memory, beyond the state machine each holds anyway, and there is no size limit: a chunk is a frame of at most `chunk_bytes`, far under the transport's
-frame bound (a snapshot was one frame before, and a store of about 2 million 100-byte keys could
-no longer be sent).
+memory, beyond the state machine each holds anyway, and there is no size limit: a chunk is a
+frame of at most `chunk_bytes`, far under the transport's frame bound (a snapshot was one frame
+before, and a store of about 2 million 100-byte keys could no longer be sent).
+
+Installing is off the loop too: the worker thread that checks the file also decodes the state
+(`Replica.decode_snapshot`, a key at a time so the loop gets the GIL back every few
+milliseconds) and the storage takes the file over (`adopt_snapshot_file`: renamed into place,
+not written again); the node's Ready then only installs the decoded state. Decoding a million
+keys on the loop held a follower for 9 s without answering a heartbeat.
 
 Rules that hold here:
 - Flow control is TCP's: the sender writes the next chunk only when the connection has taken
@@ -33,7 +41,8 @@ Rules that hold here:
   way joins it (the core may time its pending snapshot out and send it again while a large one
   is still travelling); one for another snapshot replaces it, silently.
 - Every stream ends with exactly one report: ACK ok (verified, and stepped into the
-  follower's node right after), ACK failed (the follower found the file damaged or out of order), or failed because
+  follower's node once loaded), ACK failed (the follower found the file damaged or a chunk
+  out of place: its log names the partial file and the offset), or failed because
   the leader's connection to the follower closed before the ACK. A follower that sees its
   leader's connection close discards the partial file. A later SNAPSHOT starts over from the
   first byte (restartable, not resumable).
@@ -49,10 +58,11 @@ import io
 import logging
 import os
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from kvstore.codec import encode_message, message_from_obj, pack, unpack
 from kvstore.errors import CorruptionError, ProtocolError
@@ -65,6 +75,9 @@ from kvstore.storage.snapshot import (
     read_header,
     snapshot_name,
 )
+
+if TYPE_CHECKING:
+    from kvstore.replica import DecodedSnapshot
 
 logger = logging.getLogger("kvstore.server")
 
@@ -93,6 +106,16 @@ INCOMING_SUFFIX = ".part"
 
 OpenSnapshot = Callable[[int, int], "tuple[BinaryIO, int] | None"]
 """(index, term) -> the leader's snapshot file opened for reading and its size, or None."""
+
+
+class SnapshotReceiver(Protocol):
+    """What installs a received snapshot (the node's `Replica`): `decode_snapshot` runs on a
+    worker thread once the file is verified, `offer_decoded` on the loop just before the
+    SNAPSHOT message is stepped."""
+
+    def decode_snapshot(self, snapshot: Snapshot, file: str | None = None) -> DecodedSnapshot: ...
+
+    def offer_decoded(self, decoded: DecodedSnapshot) -> None: ...
 
 
 def snapshot_file_opener(directory: str) -> OpenSnapshot:
@@ -188,6 +211,9 @@ class SnapshotStreams:
         self._held: dict[int, list[Message]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._fs = FileSystem()
+        # Decodes a verified snapshot off the loop and takes its file over (the node sets
+        # it); without one the node decodes the bytes when it restores them.
+        self.receiver: SnapshotReceiver | None = None
         if directory is not None:
             _remove_leftovers(directory)
         # Counters, for tests and metrics.
@@ -375,7 +401,7 @@ class SnapshotStreams:
             return  # a stream we discarded (the frames still in flight after a failure)
         data = memoryview(payload)[_CHUNK_HEADER.size :]
         if offset != stream.received or stream.received + len(data) > stream.size:
-            self._refuse(peer_id, f"chunk at {offset}, expected {stream.received}")
+            self._refuse(peer_id, offset, f"chunk out of order (expected offset {stream.received})")
             return
         in_header = max(0, min(len(data), HEADER_BYTES - offset))
         if in_header:
@@ -387,7 +413,7 @@ class SnapshotStreams:
                 data = data[written:]
                 stream.received += written
         except OSError as exc:
-            self._refuse(peer_id, f"write failed: {exc}")
+            self._refuse(peer_id, stream.received, f"write failed: {exc}")
             return
         self.bytes_received += len(payload) - _CHUNK_HEADER.size
 
@@ -399,15 +425,19 @@ class SnapshotStreams:
         if stream is None or stream.stream_id != stream_id:
             return
         if size != stream.size or stream.received != stream.size:
-            self._refuse(peer_id, f"ended at {stream.received} of {stream.size} bytes")
+            self._refuse(
+                peer_id, stream.received, f"ended after {stream.received} of {stream.size} bytes"
+            )
             return
         try:
             crc, length = read_header(stream.path, stream.header)
         except CorruptionError as exc:
-            self._refuse(peer_id, str(exc))
+            self._refuse(peer_id, exc.offset, exc.reason)
             return
         if length != size - HEADER_BYTES or crc != stream.crc:
-            self._refuse(peer_id, "checksum or length of the snapshot does not match its header")
+            self._refuse(
+                peer_id, HEADER_BYTES, "checksum or length of the body does not match the header"
+            )
             return
         del self._incoming[peer_id]
         self._held.setdefault(peer_id, [])
@@ -419,9 +449,7 @@ class SnapshotStreams:
             size,
             loop.time() - stream.begun_at,
         )
-        task = loop.create_task(
-            self._install(peer_id, stream), name=f"snapshot-verify-{peer_id}"
-        )
+        task = loop.create_task(self._install(peer_id, stream), name=f"snapshot-verify-{peer_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -432,8 +460,9 @@ class SnapshotStreams:
         this process for seconds, and an ACK written only after it found the leader's
         connection closed as silent and the stream failed (1M keys, 128 MB)."""
         self._send_payload(peer_id, _ACK.pack(TAG_ACK, stream.stream_id, True))
+        started = time.perf_counter()
         try:
-            snapshot = await asyncio.get_running_loop().run_in_executor(
+            snapshot, decoded = await asyncio.get_running_loop().run_in_executor(
                 None, self._verify, stream
             )
         except (CorruptionError, OSError) as exc:
@@ -450,14 +479,19 @@ class SnapshotStreams:
             return
         finally:
             with contextlib.suppress(OSError):
-                os.unlink(stream.path)
+                os.unlink(stream.path)  # unless the storage took it over
+        if decoded is not None and self.receiver is not None:
+            self.receiver.offer_decoded(decoded)
         self._on_message(replace(stream.message, snapshot=snapshot))
         logger.info(
-            "event=snapshot_stream_received peer=%s stream=%d index=%d bytes=%d",
+            "event=snapshot_stream_received peer=%s stream=%d index=%d bytes=%d "
+            "load_seconds=%.3f decoded=%s",
             peer_id,
             stream.stream_id,
             snapshot.metadata.index,
             stream.size,
+            time.perf_counter() - started,
+            decoded is not None,
         )
         self._release_held(peer_id)
 
@@ -466,11 +500,18 @@ class SnapshotStreams:
         appends wait (up to _HELD_MAX, then they are dropped: Raft sends them again) and are
         stepped after it, in order: the leader, told the snapshot arrived, probes from after
         it, and the follower must not answer that probe with the log it had before the
-        snapshot (a rejection that would send the snapshot again). True if held."""
+        snapshot (a rejection that would send the snapshot again). True if held.
+
+        An append that follows on from the same entry as the last one held replaces it: the
+        leader resends its probe (up to a message's size of entries) every heartbeat interval
+        while the follower lags, and a million-key snapshot loads for seconds; kept, every
+        copy was held (hundreds of megabytes at 1M keys) and stepped after the snapshot."""
         held = self._held.get(peer_id)
         if held is None or message.type not in _HELD_TYPES:
             return False
-        if len(held) < _HELD_MAX:
+        if held and _resends(held[-1], message):
+            held[-1] = message
+        elif len(held) < _HELD_MAX:
             held.append(message)
         return True
 
@@ -478,8 +519,12 @@ class SnapshotStreams:
         for message in self._held.pop(peer_id, []):
             self._on_message(message)
 
-    def _verify(self, stream: _Incoming) -> Snapshot:
-        """fsync, then load and check the file (magic, length, crc32, metadata)."""
+    def _verify(self, stream: _Incoming) -> tuple[Snapshot, DecodedSnapshot | None]:
+        """fsync, then load and check the file (magic, length, crc32, metadata); then, with
+        a receiver, decode the state and hand it the file (on this worker thread: the loop
+        goes on answering heartbeats; the state is decoded a slice at a time, see
+        `kvstore.kv.state_machine.decode_state`). A state that does not decode is left to
+        the node, which stops on it as on any snapshot it cannot restore."""
         try:
             os.fsync(stream.fd)
         finally:
@@ -489,14 +534,26 @@ class SnapshotStreams:
         assert expected is not None
         if snapshot.metadata != expected.metadata:
             raise CorruptionError(stream.path, 0, "snapshot metadata differs from the stream's")
-        return snapshot
+        receiver = self.receiver
+        if receiver is None:
+            return snapshot, None
+        try:
+            return snapshot, receiver.decode_snapshot(snapshot, stream.path)
+        except ProtocolError as exc:
+            logger.error("event=snapshot_decode_failed path=%s error=%s", stream.path, exc)
+            return snapshot, None
 
-    def _refuse(self, peer_id: int, reason: str) -> None:
+    def _refuse(self, peer_id: int, offset: int, reason: str) -> None:
+        """Refuse the stream from `peer_id` (ACK failed): the message names the partial file
+        and the offset in it where the damage was found (for a checksum, the body's start:
+        the crc32 covers the whole body)."""
         stream = self._incoming[peer_id]
         logger.error(
-            "event=snapshot_stream_rejected peer=%s stream=%d reason=%s",
+            "event=snapshot_stream_rejected peer=%s stream=%d file=%s offset=%d reason=%s",
             peer_id,
             stream.stream_id,
+            stream.path,
+            offset,
             reason,
         )
         self.discard_incoming(peer_id)
@@ -523,6 +580,17 @@ class SnapshotStreams:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _resends(held: Message, message: Message) -> bool:
+    """Whether `message` is the same leader's append from the same previous entry as `held`
+    (a resent probe: its entries are those of `held` or more, so `held` adds nothing)."""
+    return (
+        held.type is message.type is MessageType.APPEND
+        and (held.term, held.index, held.log_term)
+        == (message.term, message.index, message.log_term)
+        and len(message.entries) >= len(held.entries)
+    )
 
 
 def _remove_leftovers(directory: str) -> None:

@@ -157,6 +157,10 @@ class StorageThread:
                 )
         return work.result()
 
+    def set_peer_ids(self, peer_ids: list[int]) -> None:
+        """The peers keepalives go to, after a membership change."""
+        self._peer_ids = list(peer_ids)
+
     def _send_keepalives(self) -> None:
         """A leader whose save is slow (a busy disk can take hundreds of milliseconds) still
         tells its followers it is alive, so a slow disk does not start elections. The

@@ -25,13 +25,22 @@ Bounds and checks (every one answers or closes, never grows without limit):
   bounds their number per source and in all);
 - a message is at most `message_bytes_max` (aiohttp closes the connection with 1009 beyond),
   holds at most `BATCH_MAX` requests, and is read only while the connection has fewer than
-  `IN_FLIGHT_MAX` requests waiting for answers (the client is not read meanwhile: TCP pushes
-  back);
+  `IN_FLIGHT_MAX` requests not yet answered or whose answers are not yet sent, and fewer
+  than `OUTBOX_BYTES_MAX` bytes of answers not yet sent (the client is not read meanwhile:
+  TCP pushes back), so a client that does not read its answers stops being read;
+- answers go out in messages of about `ANSWER_MESSAGE_BYTES` (one answer may be larger);
+  a message the client does not take within the client body timeout (it reads nothing)
+  cuts the connection (aborted: a socket whose peer never reads would never finish closing);
 - a connection with nothing in flight and no message for the client idle timeout is closed;
 - every field is type- and range-checked before use; a request that does not parse is
   answered 400 by id when it has one, and a message that does not parse at all closes the
   connection (1003 or 1007) after a last answer with id 0;
 - every request waits at most the request timeout (the driver's deadlines), then 504.
+
+Under `--auth` the upgrade request carries the credential (`Authorization: Bearer`, or the
+TLS client certificate) and is refused 401 without a good one, as any HTTP request; each
+operation is then checked as its HTTP request would be (read on a get's key, write on a put's
+or delete's) and a forbidden one is answered 403 by its id (kvstore/server/auth.py).
 """
 
 from __future__ import annotations
@@ -54,22 +63,33 @@ from kvstore.errors import (
     NotFoundError,
     NotLeaderError,
     PayloadTooLargeError,
+    UnauthenticatedError,
     http_status,
 )
 from kvstore.kv.commands import UINT64_MAX, Delete, Put, RequestId, WriteResult, parse_request_id
+from kvstore.server.auth import StreamAuthorizer
 from kvstore.server.http import (
     HttpApi,
+    build_command,
     check_key,
     delete_document,
     put_document,
     raise_for_result,
 )
+from kvstore.server.logthrottle import clip
 
 logger = logging.getLogger("kvstore.server.http")
 
 # Requests in one message, and waiting for answers on one connection.
 BATCH_MAX = 1024
 IN_FLIGHT_MAX = 4096
+# Bytes of answers waiting to be sent before the connection is no longer read, and the size
+# at which an answer message is cut (the answers of one batch of gets of large values would
+# otherwise make one message of up to BATCH_MAX values).
+OUTBOX_BYTES_MAX = 8 << 20
+ANSWER_MESSAGE_BYTES = 1 << 20
+# Beside an answer's body: its id, status and headers, roughly.
+_ANSWER_OVERHEAD_BYTES = 128
 # Room for a message's framing and fields beside one value at the limit.
 _MESSAGE_SLACK_BYTES = 64 * 1024
 _MESSAGE_BYTES_MIN = 1 << 20
@@ -92,6 +112,19 @@ def _uint_field(value: object, name: str, *, optional: bool = False) -> int | No
     return value
 
 
+def _unpack_error(exc: Exception) -> str:
+    """What was wrong with a message msgpack refused (some of its errors have no text)."""
+    if isinstance(exc, msgpack.StackError):
+        return "nested too deep"
+    if isinstance(exc, msgpack.FormatError):
+        return "a byte that is no msgpack type"
+    return str(exc) or type(exc).__name__
+
+
+def _is_uint(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= UINT64_MAX
+
+
 def _str_field(value: object, name: str) -> str:
     if not isinstance(value, str):
         raise BadRequestError(f"{name} must be a string")
@@ -101,15 +134,27 @@ def _str_field(value: object, name: str) -> str:
 class StreamSession:
     """One client's stream: reads batches of requests, answers each as it completes."""
 
-    def __init__(self, api: HttpApi, ws: web.WebSocketResponse) -> None:
+    def __init__(
+        self,
+        api: HttpApi,
+        ws: web.WebSocketResponse,
+        authorizer: StreamAuthorizer | None = None,
+        transport: asyncio.Transport | None = None,
+    ) -> None:
         self._api = api
+        # The connection's transport: aborted when the client stops taking answers.
+        self._transport = transport
+        # Under --auth: what checks each operation (read or write on its key), as HTTP does.
+        self._authorizer = authorizer
         self._driver = api.driver
         self._config = api.config
         self._ws = ws
         self._loop = asyncio.get_running_loop()
         self._outbox: list[Answer] = []
+        self._outbox_bytes = 0
         self._outbox_ready = asyncio.Event()
         self._in_flight = 0
+        self._send_timeout_s = self._config.client_body_timeout_ms / 1000
         # Requests waiting for a leader to be known (rare: an election is under way), each
         # a task owned here, cancelled when the connection ends.
         self._held: set[asyncio.Task[None]] = set()
@@ -134,8 +179,11 @@ class StreamSession:
     async def _read_requests(self) -> None:
         idle_s = self._config.client_idle_timeout_ms / 1000
         ws = self._ws
-        while not ws.closed:
-            if self._in_flight >= IN_FLIGHT_MAX:
+        while not ws.closed and not self._closed:
+            if (
+                self._in_flight + len(self._outbox) >= IN_FLIGHT_MAX
+                or self._outbox_bytes >= OUTBOX_BYTES_MAX
+            ):
                 await asyncio.sleep(_BACKPRESSURE_CHECK_S)
                 continue
             try:
@@ -165,7 +213,7 @@ class StreamSession:
         try:
             batch = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
         except (ValueError, msgpack.UnpackException, TypeError) as exc:
-            return WSCloseCode.INVALID_TEXT, f"not msgpack: {exc}"
+            return WSCloseCode.INVALID_TEXT, f"not msgpack: {_unpack_error(exc)}"
         if not isinstance(batch, list) or not 1 <= len(batch) <= BATCH_MAX:
             return (
                 WSCloseCode.UNSUPPORTED_DATA,
@@ -184,17 +232,19 @@ class StreamSession:
         """A last answer (id 0, 400) naming the problem, then close."""
         self._answer_error(0, BadRequestError(message))
         await self._flush()
-        await self._ws.close(code=code, message=message[:120].encode())
+        # A close frame's reason is at most 123 bytes.
+        reason = message.encode()[:123].decode(errors="ignore").encode()
+        await self._ws.close(code=code, message=reason)
 
     def _start(self, request: object) -> None:
-        answer_id = request[0] if isinstance(request, list) and request else 0
-        if isinstance(answer_id, bool) or not isinstance(answer_id, int):
-            answer_id = 0
+        raw_id = request[0] if isinstance(request, list) and request else None
+        answer_id = raw_id if _is_uint(raw_id) else 0
+        assert isinstance(answer_id, int)
         self._in_flight += 1
         try:
             if not isinstance(request, list) or len(request) < 3:
                 raise BadRequestError("a request must be [id, op, key, ...]")
-            _uint_field(answer_id, "id")
+            _uint_field(raw_id, "id")
             op = request[1]
             if op == "put":
                 self._start_put(answer_id, request)
@@ -205,15 +255,28 @@ class StreamSession:
             else:
                 raise BadRequestError("op must be put, delete or get")
         except KVStoreError as exc:
-            self._answer_error(answer_id if 0 <= answer_id <= UINT64_MAX else 0, exc)
+            self._answer_error(answer_id, exc)
+        except Exception as exc:  # a bug of ours: a 500 by id keeps the stream's framing
+            self._api.throttle.log(
+                "stream_exception",
+                logging.ERROR,
+                "event=internal_error route=/v1/stream error=%s",
+                clip(exc),
+                exc_info=exc,
+            )
+            self._answer_error(answer_id, KVStoreError("internal error"))
 
     # --- the operations -----------------------------------------------------------------
 
-    def _key(self, value: object) -> str:
+    def _key(self, value: object, op: str, access: str) -> str:
+        """The request's key, checked, once the stream's user may `access` it."""
         key = _str_field(value, "key")
         if not key:
             raise BadRequestError("the key is empty")
-        return check_key(key, self._config.max_key_bytes)
+        key = check_key(key, self._config.max_key_bytes)
+        if self._authorizer is not None:
+            self._authorizer.check(op, access, key)
+        return key
 
     def _write_fields(self, request: list[Any], first: int) -> tuple[RequestId, int, int | None]:
         request_id = parse_request_id(_str_field(request[first], "request_id"))
@@ -227,7 +290,7 @@ class StreamSession:
             raise BadRequestError(
                 "put is [id, op, key, value, request_id, acked_below, if_revision, create_only]"
             )
-        key = self._key(request[2])
+        key = self._key(request[2], "put", "write")
         value = request[3]
         if not isinstance(value, bytes):
             raise BadRequestError("value must be bytes (msgpack bin)")
@@ -239,7 +302,8 @@ class StreamSession:
             raise BadRequestError("create_only must be a boolean")
         if create_only and if_revision is not None:
             raise BadRequestError("use either if_revision or create_only, not both")
-        command = Put(
+        command = build_command(
+            Put,
             key=key,
             value=value,
             request=request_id,
@@ -255,9 +319,10 @@ class StreamSession:
     def _start_delete(self, answer_id: int, request: list[Any]) -> None:
         if len(request) != 6:
             raise BadRequestError("delete is [id, op, key, request_id, acked_below, if_revision]")
-        key = self._key(request[2])
+        key = self._key(request[2], "delete", "write")
         request_id, acked_below, if_revision = self._write_fields(request, 3)
-        command = Delete(
+        command = build_command(
+            Delete,
             key=key,
             request=request_id,
             time_ms=int(time.time() * 1000),
@@ -348,7 +413,7 @@ class StreamSession:
     def _start_get(self, answer_id: int, request: list[Any]) -> None:
         if len(request) != 4:
             raise BadRequestError("get is [id, op, key, consistency]")
-        key = self._key(request[2])
+        key = self._key(request[2], "get", "read")
         consistency = request[3]
         if consistency == "stale" or (
             consistency == "linearizable" and self._config.unsafe_local_reads
@@ -416,6 +481,8 @@ class StreamSession:
         if isinstance(error, NotLeaderError) and error.leader_url:
             status = 307
             headers["location"] = error.leader_url.rstrip("/")
+        if isinstance(error, UnauthenticatedError):
+            headers["www-authenticate"] = 'Bearer realm="kvstore"'
         self._answer(answer_id, status, headers, _json_bytes(body))
 
     def _answer(self, answer_id: int, status: int, headers: dict[str, str], body: bytes) -> None:
@@ -423,6 +490,7 @@ class StreamSession:
         if self._closed:
             return
         self._outbox.append([answer_id, status, headers, body])
+        self._outbox_bytes += len(body) + _ANSWER_OVERHEAD_BYTES
         self._outbox_ready.set()
 
     async def _write_answers(self) -> None:
@@ -441,13 +509,41 @@ class StreamSession:
             await self._ws.close(code=WSCloseCode.GOING_AWAY, message=b"node stopping")
 
     async def _flush(self) -> None:
-        if not self._outbox or self._ws.closed:
-            return
-        answers, self._outbox = self._outbox, []
-        try:
-            await self._ws.send_bytes(msgpack.packb(answers, use_bin_type=True))
-        except ConnectionError:
-            self._closed = True
+        """Send every answer waiting, in messages of about ANSWER_MESSAGE_BYTES; cut the
+        connection if the client does not take one within the send timeout."""
+        while self._outbox and not self._ws.closed and not self._closed:
+            answers = self._take_answers()
+            try:
+                async with asyncio.timeout(self._send_timeout_s):
+                    await self._ws.send_bytes(msgpack.packb(answers, use_bin_type=True))
+            except TimeoutError:
+                self._stalled()
+                return
+            except ConnectionError:
+                self._closed = True
+                return
+
+    def _take_answers(self) -> list[Answer]:
+        outbox = self._outbox
+        if self._outbox_bytes <= ANSWER_MESSAGE_BYTES:
+            self._outbox, self._outbox_bytes = [], 0
+            return outbox
+        size = count = 0
+        while count < len(outbox) and (count == 0 or size < ANSWER_MESSAGE_BYTES):
+            size += len(outbox[count][3]) + _ANSWER_OVERHEAD_BYTES
+            count += 1
+        answers, self._outbox = outbox[:count], outbox[count:]
+        self._outbox_bytes -= size
+        return answers
+
+    def _stalled(self) -> None:
+        """The client took no answer for the send timeout: abort the connection (closing it
+        would wait for the unread bytes to drain, which never happens)."""
+        logger.debug("event=stream_stalled send_timeout_s=%s", self._send_timeout_s)
+        self._closed = True
+        self._outbox, self._outbox_bytes = [], 0
+        if self._transport is not None:
+            self._transport.abort()
 
 
 def _json_bytes(document: object) -> bytes:
@@ -482,8 +578,11 @@ def install(api: HttpApi) -> StreamSessions:
         )
         if not ws.can_prepare(request).ok:
             raise BadRequestError("GET /v1/stream is a WebSocket: send Upgrade: websocket")
+        gate = api.auth_gate
+        # The upgrade itself passed the gate (HttpApi.handle): 401 without a good credential.
+        authorizer = gate.stream_authorizer(request) if gate is not None else None
         await ws.prepare(request)
-        session = StreamSession(api, ws)
+        session = StreamSession(api, ws, authorizer, request.transport)
         sessions.open.add(session)
         try:
             await session.run()

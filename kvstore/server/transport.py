@@ -22,6 +22,10 @@ uvloop 0.23 on the server side), then each end checks that the other's certifica
 member it claims to be before answering, and the handshake above runs inside TLS.
 
 Rules that hold here:
+- The address book (peer id -> address) is the node's bootstrap `--peers` plus the members
+  added at runtime (kvstore/kv/members.py); `set_peers` replaces it whenever the membership
+  changes. Only ids in it are dialled or accepted: once a member is removed, its connection
+  in is closed at its next frame and its handshakes are refused.
 - Nothing from a connection counts before its handshake has completed, the peer's proof of
   the cluster secret included: no Raft frame is read from it, no client URL is learnt from
   it (the leader URL that a follower's 307 gives out comes only from an authenticated
@@ -32,7 +36,9 @@ Rules that hold here:
   logged (rate-limited) and the connection closed; nothing from it ever reaches the Raft
   core. A length prefix over the bound is refused before any of the body is read.
 - Memory a peer can make us hold is bounded: at most `connections_max` inbound connections
-  (`connections_per_source_max` from one address), each allowed `handshake_timeout_s` to
+  (`connections_per_source_max` from one address; at the total bound a new connection
+  evicts the oldest one still in its handshake, and is refused only if none is), each
+  allowed `handshake_timeout_s` to
   complete a handshake of at most HANDSHAKE_BYTES_MAX (a dial gives up after the shorter of
   that and `dead_after_s`), then frames of at most
   `frame_bytes_max`; a sender logs an error instead of sending a frame over it. A snapshot
@@ -235,6 +241,9 @@ class _Peer:
         self.probe: asyncio.TimerHandle | None = None
         # Reported down and no handshake with it completed since.
         self.reported_down = False
+        # Its outbound task, and whether it left the address book (`set_peers`).
+        self.task: asyncio.Task[None] | None = None
+        self.removed = False
 
 
 class PeerTransport:
@@ -270,8 +279,24 @@ class PeerTransport:
         snapshot_directory: str | None = None,
         open_snapshot: OpenSnapshot | None = None,
         snapshot_chunk_bytes: int = CHUNK_BYTES_DEFAULT,
+        fresh: bool = False,
+        name_slot: int = 0,
     ) -> None:
+        """`fresh`: this process has an empty data directory and only finds out whether a
+        cluster exists (kvstore/server/identity.py): its handshakes say so, and what each
+        peer said of itself is kept in `peer_fresh`."""
         self.node_id = node_id
+        self.fresh = fresh
+        # The bootstrap slot this node holds (its --id), which may differ from its member id
+        # after it replaced a lost disk; 0: none.
+        self.name_slot = name_slot
+        # Peer id -> whether its last completed handshake said it was fresh; and the peers
+        # that dialled us saying so (each has seen our answer, so it knows if we are fresh).
+        # Every peer that ever said so is in `seen_fresh` (kept at once: a redial can say
+        # otherwise a moment later).
+        self.peer_fresh: dict[int, bool] = {}
+        self.seen_fresh: set[int] = set()
+        self.fresh_dialers: set[int] = set()
         self.cluster_id = cluster_id
         self.client_url = client_url
         self.listen = listen
@@ -280,6 +305,8 @@ class PeerTransport:
             for peer_id, address in peers.items()
             if peer_id != node_id
         }
+        self._queue_frames_max = queue_frames_max
+        self._started = False
         # The key of the handshake's proofs (kvstore/server/peerauth.py); b"" proves nothing.
         self._secret = cluster_secret
         # Mutual TLS on this port (kvstore/server/tls.py): contexts read at each connection,
@@ -321,6 +348,9 @@ class PeerTransport:
         # Inbound connections, in total and per source address (before and after handshake).
         self._inbound = 0
         self._inbound_by_source: dict[str, int] = {}
+        # Inbound connections whose handshake has not completed, oldest first (dicts keep
+        # order): at the total bound the oldest is evicted for a new one.
+        self._unauthenticated: dict[asyncio.StreamWriter, None] = {}
         self._log = _RateLimitedLog()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -348,8 +378,42 @@ class PeerTransport:
             ssl_handshake_timeout=self._handshake_timeout_s if listener else None,
         )
         self.bound_port = self._server.sockets[0].getsockname()[1]
+        self._started = True
         for peer in self._peers.values():
-            self._spawn(self._run_outbound(peer), f"peer-out-{peer.id}")
+            peer.task = self._spawn(self._run_outbound(peer), f"peer-out-{peer.id}")
+
+    def peers(self) -> dict[int, str]:
+        """The address book in use: peer id -> the address dialled."""
+        return {peer.id: peer.address for peer in self._peers.values()}
+
+    def set_peers(self, book: dict[int, str]) -> None:
+        """Make `book` (peer id -> address; this node's own id is ignored) the address book,
+        when the membership changed: a new member is dialled, a member whose address changed
+        is redialled there, and a member that left is forgotten: its outbound connection
+        closes, and its connections in (and any new handshake from it) are refused, so
+        nothing from a removed id reaches the core any more."""
+        book = {peer: address for peer, address in book.items() if peer != self.node_id}
+        for peer_id in [p for p in self._peers if p not in book]:
+            peer = self._peers.pop(peer_id)
+            peer.removed = True
+            logger.info("event=peer_removed peer=%s", peer_id)
+            if peer.probe is not None:
+                peer.probe.cancel()
+                peer.probe = None
+            if peer.task is not None:
+                peer.task.cancel()
+            self.peer_urls.pop(peer_id, None)
+        for peer_id, address in book.items():
+            known = self._peers.get(peer_id)
+            if known is None:
+                added = self._peers[peer_id] = _Peer(peer_id, address, self._queue_frames_max)
+                logger.info("event=peer_added peer=%s address=%s", peer_id, address)
+                if self._started and not self._closing:
+                    added.task = self._spawn(self._run_outbound(added), f"peer-out-{peer_id}")
+            elif known.address != address:
+                logger.info("event=peer_address_changed peer=%s address=%s", peer_id, address)
+                known.address = address
+                self._redial(peer_id, "address_changed")
 
     async def close(self) -> None:
         self._closing = True
@@ -369,10 +433,11 @@ class PeerTransport:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # --- sending -----------------------------------------------------------------------
 
@@ -415,7 +480,7 @@ class PeerTransport:
 
     async def _run_outbound(self, peer: _Peer) -> None:
         backoff = self._backoff_initial_s
-        while not self._closing:
+        while not self._closing and not peer.removed:
             try:
                 reader, writer = await self._dial(peer)
             except (OSError, ProtocolError, asyncio.IncompleteReadError, TimeoutError) as exc:
@@ -478,12 +543,17 @@ class PeerTransport:
                     node_id=self.node_id,
                     to=peer.id,
                     client_url=self.client_url,
+                    fresh=self.fresh,
                 )
                 writer.write(encode_frame(peerauth.encode_handshake(hello)))
                 answer = peerauth.decode_handshake(
                     await _read_frame(reader, HANDSHAKE_BYTES_MAX)
                 )
-                self._check_handshake(answer, expected_id=peer.id)
+                # A fresh process asks whoever holds the slot now (a new id, after a lost
+                # disk): any member of the cluster may answer.
+                self._check_handshake(
+                    answer, expected_id=None if self.fresh else peer.id, dialing=True
+                )
                 peerauth.check_proof(self._secret, peerauth.ACCEPTOR, hello, answer, answer.proof)
                 proof = peerauth.prove(self._secret, peerauth.DIALER, hello, answer)
                 writer.write(encode_frame(peerauth.encode_proof(proof)))
@@ -592,7 +662,7 @@ class PeerTransport:
         """A connection to `peer_id` closed: probe the peer unless a probe already runs or it
         is reported down already (see the module docstring)."""
         peer = self._peers.get(peer_id)
-        if peer is None or self._closing:
+        if peer is None or self._closing or peer.removed:
             return
         logger.info("event=peer_disconnected peer=%s direction=%s", peer_id, direction)
         if peer.reported_down or peer.probe is not None:
@@ -630,9 +700,8 @@ class PeerTransport:
     ) -> None:
         remote = writer.get_extra_info("peername")
         source = str(remote[0]) if isinstance(remote, tuple) and remote else str(remote)
-        if (
-            self._inbound >= self._connections_max
-            or self._inbound_by_source.get(source, 0) >= self._connections_per_source_max
+        if self._inbound_by_source.get(source, 0) >= self._connections_per_source_max or (
+            self._inbound >= self._connections_max and not self._evict_unauthenticated()
         ):
             # Refused before reading anything: the connection costs a descriptor for a moment.
             self.frames_rejected += 1
@@ -650,10 +719,16 @@ class PeerTransport:
         self._tasks.add(asyncio.current_task())  # type: ignore[arg-type]
         peer_id = 0
         watchdog: asyncio.Task[None] | None = None
+        self._unauthenticated[writer] = None
         try:
             async with asyncio.timeout(self._handshake_timeout_s):
                 hello = await self._accept_handshake(reader, writer)
+            del self._unauthenticated[writer]
             peer_id = hello.node_id
+            if peer_id not in self._peers:
+                # A fresh process that has had our answer (see `_check_handshake`).
+                logger.info("event=fresh_peer_answered peer=%s", peer_id)
+                return
             peer = self._peers[peer_id]
             peer.redial.set()
             self._peer_alive(peer)
@@ -664,6 +739,8 @@ class PeerTransport:
                 # or two nodes would keep redialling each other.
                 self._redial(peer_id, "peer_redialled")
             self._learn_url(hello)
+            if hello.fresh:
+                self.fresh_dialers.add(peer_id)
             logger.info("event=peer_connected peer=%s direction=in", peer_id)
             heard = [loop.time()]
             watchdog = loop.create_task(self._watch_inbound(peer_id, writer, heard))
@@ -692,6 +769,7 @@ class PeerTransport:
             silent = watchdog is not None and watchdog.done() and not watchdog.cancelled()
             if watchdog is not None:
                 watchdog.cancel()
+            self._unauthenticated.pop(writer, None)
             self._inbound -= 1
             left = self._inbound_by_source[source] - 1
             if left:
@@ -704,6 +782,25 @@ class PeerTransport:
                 self._tasks.discard(current)
             if peer_id and not silent:
                 self._connection_closed(peer_id, "in")
+
+    def _evict_unauthenticated(self) -> bool:
+        """At the total bound: abort the oldest inbound connection still in its handshake,
+        so that a crowd of half-open connections (from more addresses than the per-source
+        bound stops) cannot lock the members out; False if every one is authenticated. A
+        member's handshake takes a round trip, so it is evicted only if more connections
+        than the bound arrive during it."""
+        oldest = next(iter(self._unauthenticated), None)
+        if oldest is None:
+            return False
+        del self._unauthenticated[oldest]
+        self._log.warning(
+            "peer_connection_evicted",
+            "event=peer_connection_evicted remote=%s inbound=%d",
+            oldest.get_extra_info("peername"),
+            self._inbound,
+        )
+        oldest.transport.abort()
+        return True
 
     async def _watch_inbound(
         self, peer_id: int, writer: asyncio.StreamWriter, heard: list[float]
@@ -725,7 +822,9 @@ class PeerTransport:
                 logger.warning(
                     "event=peer_silent peer=%s silent_ms=%d", peer_id, (now - heard[0]) * 1000
                 )
-                self._peer_gone(self._peers[peer_id], "silent")
+                peer = self._peers.get(peer_id)
+                if peer is not None:
+                    self._peer_gone(peer, "silent")
                 writer.transport.abort()
                 self._redial(peer_id, "peer_silent")
                 return
@@ -754,6 +853,8 @@ class PeerTransport:
             if not data:
                 return
             heard[0] = loop.time()
+            if peer_id not in self._peers:
+                raise ProtocolError(f"node {peer_id} is no longer a member")
             for payload in frames.feed(data):
                 if is_stream_payload(payload):
                     self.snapshots.receive(peer_id, payload)
@@ -781,8 +882,11 @@ class PeerTransport:
         hello = peerauth.decode_handshake(await _read_frame(reader, HANDSHAKE_BYTES_MAX))
         self._check_handshake(hello, expected_id=None)
         if self._tls is not None:
+            known = self._peers.get(hello.node_id)
             check_peer_identity(
-                writer.get_extra_info("peercert"), hello.node_id, self._peers[hello.node_id].address
+                writer.get_extra_info("peercert"),
+                hello.node_id,
+                known.address if known is not None else "",
             )
         answer = peerauth.answer_to(
             hello,
@@ -790,6 +894,7 @@ class PeerTransport:
             cluster_id=self.cluster_id,
             node_id=self.node_id,
             client_url=self.client_url,
+            fresh=self.fresh,
         )
         _tune_socket(writer, self._user_timeout_ms)
         writer.write(encode_frame(peerauth.encode_handshake(answer)))
@@ -797,19 +902,31 @@ class PeerTransport:
         peerauth.check_proof(self._secret, peerauth.DIALER, hello, answer, proof)
         return hello
 
-    def _check_handshake(self, hello: Handshake, *, expected_id: int | None) -> None:
+    def _check_handshake(
+        self, hello: Handshake, *, expected_id: int | None, dialing: bool = False
+    ) -> None:
+        """Refuse a handshake from another cluster, for another node, or from an id that is
+        not a peer. Two exceptions, for a fresh process finding out whether a cluster exists
+        (identity.py): its hello may come from any id (a removed one: the id its slot held)
+        and be meant for the slot this node holds (`name_slot`), and it accepts an answer
+        from any member. Such a connection carries nothing after the handshake: an inbound
+        one from a non-peer is closed as soon as the handshake completes."""
         if hello.cluster_id != self.cluster_id:
             raise ProtocolError(
                 f"cluster id {hello.cluster_id!r} does not match ours ({self.cluster_id!r})"
             )
         if expected_id is not None and hello.node_id != expected_id:
             raise ProtocolError(f"expected node {expected_id}, reached node {hello.node_id}")
-        if hello.to != self.node_id:
+        slot_ok = hello.fresh and self.name_slot and hello.to == self.name_slot
+        if hello.to != self.node_id and not slot_ok:
             raise ProtocolError(f"node {hello.node_id} meant to reach node {hello.to}")
-        if hello.node_id not in self._peers:
+        if hello.node_id not in self._peers and not hello.fresh and not (dialing and self.fresh):
             raise ProtocolError(f"node {hello.node_id} is not a peer of node {self.node_id}")
 
     def _learn_url(self, hello: Handshake) -> None:
+        self.peer_fresh[hello.node_id] = hello.fresh
+        if hello.fresh:
+            self.seen_fresh.add(hello.node_id)
         if self.peer_urls.get(hello.node_id) != hello.client_url:
             self.peer_urls[hello.node_id] = hello.client_url
             if self._on_peer_url is not None:

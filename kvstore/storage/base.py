@@ -47,6 +47,14 @@ class DurableStorage(Storage, Protocol):
         """Remove a prepared snapshot that will not be recorded (overtaken)."""
         ...
 
+    def adopt_snapshot_file(self, snapshot: Snapshot, path: str) -> None:
+        """`path` (in the storage's directory) holds `snapshot`'s file exactly as this
+        storage writes it, verified and fsynced (a snapshot streamed from the leader): the
+        `save` that installs `snapshot` may take the file over instead of writing it again.
+        Callable from another thread, like `prepare_snapshot`. A storage that does not keep
+        files ignores it (the caller removes what is left at `path`)."""
+        ...
+
     def compact(self, index: int) -> None:
         """Discard log entries up to and including `index` (which a durable snapshot covers)."""
         ...

@@ -124,6 +124,9 @@ class DiskStorage:
         self.compact_after_entries = compact_after_entries
         self.compact_after_bytes = compact_after_bytes
         self.trailing_entries = trailing_entries
+        # Snapshot files streamed from a leader, renamed to their prepared name, by (index,
+        # term): the save that installs one renames it into place (`adopt_snapshot_file`).
+        self._adopted: dict[tuple[int, int], str] = {}
         try:
             self.fs.make_directories(self.directory)
         except OSError as exc:
@@ -332,7 +335,11 @@ class DiskStorage:
         entries = [entry for entry in entries if entry.index > metadata.index]
         if entries and entries[0].index != metadata.index + 1:
             raise UnavailableIndexError(f"entries after snapshot {metadata.index} have a gap")
-        self._write_snapshot_file(snapshot)
+        # Swapped, not iterated in place: `adopt_snapshot_file` runs on another thread.
+        adopted, self._adopted = self._adopted, {}
+        self._write_snapshot_file(snapshot, adopted.pop((metadata.index, metadata.term), None))
+        for leftover in adopted.values():
+            self.discard_prepared(leftover)
         conf_state = metadata.conf_state if metadata.conf_state.voters else self._conf_state
         new_hard_state = hard_state or self._hard_state
         self._wal.rewrite(
@@ -356,6 +363,24 @@ class DiskStorage:
         except FatalDiskError as exc:
             self._wal.poison(str(exc))
             raise
+
+    def adopt_snapshot_file(self, snapshot: Snapshot, path: str) -> None:
+        """See DurableStorage.adopt_snapshot_file: the file is renamed to `<snapshot
+        name>.prepared` now (recovery removes it if no save names it) and only renamed into
+        place by the install: a 128 MB snapshot is not encoded and written a second time."""
+        metadata = snapshot.metadata
+        prepared = (
+            os.path.join(
+                self.directory, snapshot_files.snapshot_name(metadata.index, metadata.term)
+            )
+            + snapshot_files.PREPARED_SUFFIX
+        )
+        try:
+            self.fs.rename(path, prepared)
+        except OSError as exc:
+            logger.warning("event=adopt_failed path=%s error=%s", path, exc)
+            return
+        self._adopted[(metadata.index, metadata.term)] = prepared
 
     def discard_prepared(self, prepared: str) -> None:
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import BinaryIO
 
 from kvstore.errors import DiskFullError, ResourceExhaustedError
 
@@ -70,6 +71,9 @@ class FileSystem:
 
     def exists(self, path: str) -> bool:
         return os.path.lexists(path)
+
+    def open_for_reading(self, path: str) -> BinaryIO:
+        return open(path, "rb")
 
     def read_file(self, path: str) -> bytes:
         with open(path, "rb") as file:

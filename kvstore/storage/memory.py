@@ -161,6 +161,9 @@ class MemoryStorage:
     def discard_prepared(self, prepared: str) -> None:
         pass
 
+    def adopt_snapshot_file(self, snapshot: Snapshot, path: str) -> None:
+        pass  # no files: `save` keeps the bytes
+
     def create_snapshot(
         self, index: int, conf_state: ConfState, data: bytes, prepared: str | None = None
     ) -> Snapshot:

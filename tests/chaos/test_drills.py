@@ -32,7 +32,7 @@ def test_the_smoke_set_covers_every_fault_and_workload() -> None:
     covered = {fault for run in SMOKE for fault in expand_faults(run.faults)}
     assert covered == set(ALL_FAULTS)
     assert {run.workload for run in SMOKE} == {"register", "counter", "append", "watch", "lock"}
-    assert len(SMOKE) == 19
+    assert len(SMOKE) == 20
 
 
 @pytest.mark.parametrize("run", SMOKE, ids=[run.name for run in SMOKE])

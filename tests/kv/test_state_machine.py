@@ -22,7 +22,8 @@ from kvstore.kv.commands import (
     encode_command,
 )
 from kvstore.kv.state_machine import SNAPSHOT_FORMAT_VERSION, StateMachine
-from kvstore.raft.types import Entry, EntryType
+from kvstore.raft import confchange
+from kvstore.raft.types import ConfState, Entry, EntryType
 
 keys = st.text(alphabet="abc", min_size=1, max_size=3)
 prefixes = st.text(alphabet="abc", max_size=2)
@@ -197,9 +198,16 @@ TestStateMachineVsModel = StateMachineVsModel.TestCase
 
 
 def test_conf_change_entries_only_advance_the_applied_index() -> None:
+    """Without a member context (kv/members.py: those go to the member table)."""
     machine = StateMachine()
     before = machine.digest()
-    assert machine.apply(Entry(term=1, index=1, type=EntryType.CONF_CHANGE, data=b"xx")) is None
+    data = confchange.encode(
+        confchange.ConfChangeEntry(
+            confchange.ConfChange(confchange.ConfChangeType.ADD_LEARNER, 4),
+            ConfState(voters=(1, 2, 3), learners=(4,)),
+        )
+    )
+    assert machine.apply(Entry(term=1, index=1, type=EntryType.CONF_CHANGE, data=data)) is None
     assert machine.applied_index == 1
     machine.restore(machine.snapshot(), 1)
     after_empty = StateMachine()
@@ -322,3 +330,18 @@ def test_the_store_map_stays_out_of_young_collections() -> None:
     machine.apply_command(Put("fresh", b"v", RequestId("c", 1_001), 1_001))
     store = machine._data
     assert not any(candidate is store for candidate in gc.get_objects(generation=0))
+
+
+def test_a_frozen_state_encodes_as_the_snapshot_of_its_moment_copied_or_not() -> None:
+    """`freeze()` copies and stays valid while the machine goes on; `freeze(copy=False)` (for
+    an encoding in a forked child) refers to the live state, sessions and history included,
+    and encodes the same bytes as long as nothing is applied meanwhile."""
+    machine = StateMachine()
+    for i in range(3000):
+        apply(machine, Put(f"k{i % 2100:05d}", bytes([i % 251]), RequestId("c", i + 1), i))
+    expected = machine.snapshot()
+    copied, live = machine.freeze(), machine.freeze(copy=False)
+    assert live.encode() == expected and live.applied_index == machine.applied_index
+    apply(machine, Put("later", b"x", RequestId("c", 9999), 9999))
+    assert copied.encode() == expected
+    assert live.encode() != expected  # only valid until the next apply

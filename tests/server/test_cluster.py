@@ -363,7 +363,7 @@ def test_the_handover_target_is_a_connected_follower() -> None:
     and stop the leader without a handover (seen: 2 of 5 SIGTERMs soon after a restart)."""
     from kvstore.raft.node import ProgressStatus, Status
     from kvstore.raft.progress import ProgressState
-    from kvstore.raft.types import Role
+    from kvstore.raft.types import ConfState, Role
     from kvstore.server.node import handover_target
 
     def progress(match: int) -> ProgressStatus:
@@ -372,14 +372,16 @@ def test_the_handover_target_is_a_connected_follower() -> None:
     status = Status(
         id=1, term=3, vote=1, role=Role.LEADER, leader_id=1, commit_index=90,
         applied_index=90, last_index=100, lead_transferee=0,
-        progress={1: progress(100), 2: progress(90), 3: progress(100)},
+        progress={1: progress(100), 2: progress(90), 3: progress(100), 4: progress(100)},
+        conf_state=ConfState(voters=(1, 2, 3), learners=(4,)),
     )  # fmt: skip
-    assert handover_target(status, 1, lambda peer: peer != 3) == 2
+    assert handover_target(status, 1, lambda peer: peer != 3) == 2  # never the learner 4
     assert handover_target(status, 1, lambda peer: True) == 3
     assert handover_target(status, 1, lambda peer: False) == 3  # none connected: the best
     alone = Status(
         id=1, term=3, vote=1, role=Role.LEADER, leader_id=1, commit_index=1, applied_index=1,
-        last_index=1, lead_transferee=0, progress={1: progress(1)},
+        last_index=1, lead_transferee=0, progress={1: progress(1), 2: progress(1)},
+        conf_state=ConfState(voters=(1,), learners=(2,)),
     )  # fmt: skip
     assert handover_target(alone, 1, lambda peer: True) is None
 

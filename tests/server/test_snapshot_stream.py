@@ -10,14 +10,32 @@ import asyncio
 import io
 import os
 import socket
+import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kvstore.raft.types import ConfState, Message, MessageType, Snapshot, SnapshotMetadata
-from kvstore.server.snapshot_stream import INCOMING_SUFFIX
+import pytest
+
+from kvstore.codec import encode_message, pack
+from kvstore.raft.types import (
+    ConfState,
+    Entry,
+    Message,
+    MessageType,
+    Snapshot,
+    SnapshotMetadata,
+)
+from kvstore.server.snapshot_stream import (
+    INCOMING_SUFFIX,
+    TAG_ACK,
+    TAG_BEGIN,
+    TAG_CHUNK,
+    SnapshotStreams,
+)
 from kvstore.server.transport import PeerTransport
-from kvstore.storage.snapshot import encode_snapshot_file
+from kvstore.storage.snapshot import HEADER_BYTES, encode_snapshot_file
 
 FRAME_BYTES_MAX = 64 << 10
 CHUNK_BYTES = 16 << 10
@@ -204,7 +222,9 @@ async def test_a_dropped_connection_fails_the_stream_and_the_next_starts_over(
         assert pair.leader.snapshots.streams_started == 2
 
 
-async def test_a_damaged_stream_is_refused_and_reported_failed(tmp_path: Path) -> None:
+async def test_a_damaged_stream_is_refused_and_reported_failed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     snapshot = _snapshot(200 << 10)
     content = bytearray(encode_snapshot_file(snapshot))
     content[len(content) // 2] ^= 0xFF  # one bit flips on the leader's disk
@@ -213,6 +233,97 @@ async def test_a_damaged_stream_is_refused_and_reported_failed(tmp_path: Path) -
         await _wait_for(lambda: pair.statuses)
         assert pair.statuses == [(2, False)]
         assert pair.snapshots() == []
+        assert pair.partial_files() == []
+    # The refusal names the file and the offset (the body's: its crc32 covers all of it).
+    [refusal] = [r.getMessage() for r in caplog.records if "snapshot_stream_rejected" in r.msg]
+    assert f"file={tmp_path / 'incoming-1-1'}{INCOMING_SUFFIX}" in refusal
+    assert f"offset={HEADER_BYTES} " in refusal and "checksum" in refusal
+
+
+class _Payloads:
+    """The follower's end alone (`SnapshotStreams` without a transport): frames go in by
+    `receive`, and what it would send back is kept."""
+
+    def __init__(self, directory: Path) -> None:
+        self.sent: list[bytes] = []
+        self.received: list[Message] = []
+        self.streams = SnapshotStreams(
+            directory=str(directory),
+            open_snapshot=None,
+            on_message=self.received.append,
+            on_snapshot_status=None,
+            send_payload=lambda peer, payload: self.sent.append(payload),
+            wake=lambda peer: None,
+        )
+
+    def begin(self, snapshot: Snapshot, size: int) -> None:
+        header = encode_message(_message(Snapshot(metadata=snapshot.metadata)))
+        self.streams.receive(1, bytes((TAG_BEGIN,)) + pack([1, size, header]))
+
+    def chunk(self, offset: int, data: bytes) -> None:
+        self.streams.receive(1, struct.pack(">BQQ", TAG_CHUNK, 1, offset) + data)
+
+    def acks(self) -> list[bool]:
+        return [payload[-1] == 1 for payload in self.sent if payload[0] == TAG_ACK]
+
+
+async def test_a_chunk_out_of_place_is_refused_naming_the_file_and_offset(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chunk that does not follow on (lost or repeated on the way) is refused at once,
+    not after the rest of the snapshot: the message names the partial file and the chunk's
+    offset, the partial file is removed, and the leader hears ACK failed."""
+    snapshot = _snapshot(200 << 10)
+    content = encode_snapshot_file(snapshot)
+    follower = _Payloads(tmp_path)
+    follower.begin(snapshot, len(content))
+    follower.chunk(0, content[:CHUNK_BYTES])
+    follower.chunk(2 * CHUNK_BYTES, content[2 * CHUNK_BYTES : 3 * CHUNK_BYTES])  # one lost
+    assert follower.acks() == [False]
+    [refusal] = [r.getMessage() for r in caplog.records if "snapshot_stream_rejected" in r.msg]
+    assert f"file={tmp_path / 'incoming-1-1'}{INCOMING_SUFFIX}" in refusal
+    assert f"offset={2 * CHUNK_BYTES} " in refusal and f"expected offset {CHUNK_BYTES}" in refusal
+    assert os.listdir(tmp_path) == []
+    # Frames of the refused stream still in flight are ignored; a new stream starts over.
+    follower.chunk(CHUNK_BYTES, content[CHUNK_BYTES : 2 * CHUNK_BYTES])
+    assert follower.acks() == [False] and follower.received == []
+
+
+class _Receiver:
+    """A `SnapshotReceiver` that records where and when it was called."""
+
+    def __init__(self) -> None:
+        self.decoded_on: list[int] = []
+        self.file_present: list[bool] = []
+        self.offered: list[Any] = []
+
+    def decode_snapshot(self, snapshot: Snapshot, file: str | None = None) -> Any:
+        self.decoded_on.append(threading.get_ident())
+        self.file_present.append(file is not None and os.path.exists(file))
+        return ("decoded", snapshot.metadata.index)
+
+    def offer_decoded(self, decoded: Any) -> None:
+        self.offered.append(decoded)
+
+
+async def test_a_received_snapshot_is_decoded_off_the_loop_before_it_is_stepped(
+    tmp_path: Path,
+) -> None:
+    snapshot = _snapshot(256 << 10)
+    async with _Pair(tmp_path) as pair:
+        receiver = _Receiver()
+        pair.follower.snapshots.receiver = receiver
+        offered_when_stepped: list[int] = []
+        pair.follower.snapshots._on_message = lambda message: (
+            offered_when_stepped.append(len(receiver.offered)),
+            pair.received.append(message),
+        )
+        pair.leader.send(_message(snapshot))
+        await _wait_for(pair.snapshots)
+        assert receiver.decoded_on and receiver.decoded_on[0] != threading.get_ident()
+        assert receiver.file_present == [True]  # verified and fsynced, not yet removed
+        assert receiver.offered == [("decoded", snapshot.metadata.index)]
+        assert offered_when_stepped == [1]
         assert pair.partial_files() == []
 
 
@@ -261,3 +372,40 @@ async def test_appends_wait_for_the_snapshot_that_was_acked_before_it_loaded(
             MessageType.SNAPSHOT,
             MessageType.APPEND,
         ]
+
+
+async def test_a_probe_resent_while_the_snapshot_loads_is_held_once(tmp_path: Path) -> None:
+    """The leader resends its probe every heartbeat interval while the follower lags; a
+    large snapshot loads for seconds, and every copy (up to a message's size each) was held
+    and stepped after it. Now a resend of the held probe replaces it: one is stepped, the
+    newest (the most entries, the latest commit)."""
+    snapshot = _snapshot(256 << 10)
+    async with _Pair(tmp_path) as pair:
+        streams = pair.follower.snapshots
+        verify = streams._verify
+        loading = threading.Event()
+
+        def slow_verify(stream: Any) -> Any:
+            loading.wait(10)  # the test says when the load is over
+            return verify(stream)
+
+        streams._verify = slow_verify  # type: ignore[method-assign]
+        pair.leader.send(_message(snapshot))
+        await _wait_for(lambda: pair.statuses)
+        entries = tuple(Entry(term=2, index=8 + i, data=b"x" * 1000) for i in range(30))
+        for count in range(1, 21):
+            probe = Message(
+                MessageType.APPEND, 2, 1, 2, index=7, log_term=2, commit=count,
+                entries=entries[: 10 + count // 2],
+            )  # fmt: skip
+            pair.leader.send(probe)
+        pair.leader.send(_heartbeat())
+        await _wait_for(lambda: len(pair.received) == 1)  # the heartbeat, not held
+        loading.set()
+        await _wait_for(pair.snapshots)  # the held messages are stepped right after it
+        assert [m.type for m in pair.received] == [
+            MessageType.HEARTBEAT,
+            MessageType.SNAPSHOT,
+            MessageType.APPEND,
+        ]
+        assert pair.received[-1].commit == 20 and len(pair.received[-1].entries) == 20

@@ -5,8 +5,10 @@ id with the connection kept; undecodable, oversized or textual messages close it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,13 @@ import msgpack
 import pytest
 from aiohttp import web
 
+from kvstore.kv.auth import AuthTable
 from kvstore.raft.config import RaftConfig
 from kvstore.replica import Replica
 from kvstore.server import stream
+from kvstore.server.auth import AuthGate, token_digest
 from kvstore.server.config import ServeConfig
+from kvstore.server.connections import ClientServer
 from kvstore.server.driver import Driver
 from kvstore.server.http import HttpApi
 from kvstore.server.metrics import NodeMetrics
@@ -27,11 +32,22 @@ from kvstore.storage.memory import MemoryStorage
 
 
 class Node:
-    def __init__(self, session: aiohttp.ClientSession, url: str, driver: Driver) -> None:
-        self.session, self.url, self.driver = session, url, driver
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        driver: Driver,
+        api: HttpApi,
+        server: ClientServer,
+    ) -> None:
+        self.session, self.url, self.driver, self.api = session, url, driver, api
+        self.server = server
 
-    async def connect(self) -> aiohttp.ClientWebSocketResponse:
-        return await self.session.ws_connect(self.url + "/v1/stream", max_msg_size=0)
+    async def connect(self, token: str = "") -> aiohttp.ClientWebSocketResponse:
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        return await self.session.ws_connect(
+            self.url + "/v1/stream", max_msg_size=0, headers=headers
+        )
 
 
 @pytest.fixture
@@ -47,7 +63,8 @@ async def node(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[
     task = asyncio.get_running_loop().create_task(driver.run())
     api = HttpApi(driver, "test")
     stream.install(api)
-    runner = web.ServerRunner(api.build_server())
+    server = api.build_server()
+    runner = web.ServerRunner(server)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -57,7 +74,7 @@ async def node(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[
         async with asyncio.timeout(10):
             while not driver.is_leader() or driver.applied_index() < 1:
                 await asyncio.sleep(0.002)
-        yield Node(session, url, driver)
+        yield Node(session, url, driver, api, server)
     finally:
         await session.close()
         await runner.cleanup()
@@ -142,6 +159,8 @@ async def test_conditions_and_their_errors(node: Node) -> None:
         (put(7, "k", b"v", "no-seq"), 400),
         (put(7, "k", b"v", 5), 400),
         ([7, "put", "k", b"v", "c:1", -1, None, False], 400),
+        ([7, "put", "k", b"v", "c:1", 2, None, False], 400),  # acked_below over its seq
+        ([7, "delete", "k", "c:1", stream.UINT64_MAX, None], 400),
         ([7, "put", "k", b"v", "c:1", 0, "3", False], 400),
         ([7, "put", "k", b"v", "c:1", 0, 3, True], 400),
         ([7, "put", "k", b"v", "c:1", 0, None, "yes"], 400),
@@ -164,6 +183,20 @@ async def test_a_malformed_request_is_answered_400_and_the_connection_stays(
     await ws.close()
 
 
+@pytest.mark.parametrize("answer_id", [1.5, "7", None, True, -1, [1]])
+async def test_a_request_whose_id_is_not_an_integer_is_refused_by_id_0(
+    node: Node, answer_id: Any
+) -> None:
+    ws = await node.connect()
+    answers = await exchange(ws, [[answer_id, "put", "k", b"v", "id:1", 0, None, False]])
+    assert answers[0][1] == 400 and "id must be an integer" in json.loads(answers[0][3])[
+        "error"
+    ]["message"]
+    assert node.driver.replica.state_machine.get("k") is None, "nothing was applied"
+    assert not ws.closed
+    await ws.close()
+
+
 async def test_a_value_over_the_limit_is_413(node: Node) -> None:
     ws = await node.connect()
     limit = node.driver.config.max_value_bytes
@@ -178,6 +211,8 @@ async def test_a_value_over_the_limit_is_413(node: Node) -> None:
         (b"\xc1\xc1 not msgpack", aiohttp.WSCloseCode.INVALID_TEXT),
         (msgpack.packb({"a": 1}), aiohttp.WSCloseCode.UNSUPPORTED_DATA),
         (msgpack.packb([]), aiohttp.WSCloseCode.UNSUPPORTED_DATA),
+        (b"\x91" * 100_000 + b"\xc0", aiohttp.WSCloseCode.INVALID_TEXT),  # nested too deep
+        (b"\xdd\xff\xff\xff\xff", aiohttp.WSCloseCode.INVALID_TEXT),  # a 4 G element array
         (
             msgpack.packb([[i, "get", "k", "stale"] for i in range(stream.BATCH_MAX + 1)]),
             aiohttp.WSCloseCode.UNSUPPORTED_DATA,
@@ -194,8 +229,10 @@ async def test_an_undecodable_message_gets_a_last_answer_and_closes(
         assert message.type is aiohttp.WSMsgType.BINARY
         [answer] = msgpack.unpackb(message.data, raw=False)
         assert answer[0] == 0 and answer[1] == 400
+        assert len(json.loads(answer[3])["error"]["message"]) > len("not msgpack: ")
         closing = await ws.receive()
     assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == close_code
+    assert closing.extra, "the close names the problem"
 
 
 async def test_a_text_message_closes_the_connection(node: Node) -> None:
@@ -329,3 +366,187 @@ async def test_a_node_that_accepts_but_never_upgrades_costs_a_bounded_wait() -> 
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+# --- under --auth: the upgrade carries the token, each operation is checked ------------------
+
+READER, WRITER = "reader-token-0123456789", "writer-token-0123456789"
+
+
+def _with_auth(node: Node) -> AuthTable:
+    """Turn on the node's auth gate: user bob reads app/, user alice writes app/."""
+    table = AuthTable()
+    table.roles["reader"] = (("app/", "read"),)
+    table.roles["writer"] = (("app/", "write"),)
+    table.users["bob"] = ("reader",)
+    table.users["alice"] = ("writer",)
+    table.tokens[token_digest(READER)] = "bob"
+    table.tokens[token_digest(WRITER)] = "alice"
+    node.api.auth_gate = AuthGate(
+        table=lambda: table, root_digest="", protect_status=False, protect_metrics=False
+    )
+    return table
+
+
+@pytest.mark.parametrize("token", ["", "not-a-known-token-0123", "Basic"])
+async def test_an_upgrade_without_a_good_token_is_refused_as_http_would(
+    node: Node, token: str
+) -> None:
+    _with_auth(node)
+    headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}  # fmt: skip
+    if token == "Basic":
+        headers["Authorization"] = "Basic YTpi"
+    elif token:
+        headers["Authorization"] = f"Bearer {token}"
+    session, url = node.session, node.url
+    async with (
+        session.get(url + "/v1/stream", headers=headers) as upgrade,
+        session.get(url + "/v1/kv/app/x", headers=headers) as plain,
+    ):
+        assert upgrade.status == plain.status == 401
+        assert (await upgrade.json())["error"]["code"] == "unauthenticated"
+        assert (await plain.json())["error"]["code"] == "unauthenticated"
+        assert upgrade.headers["WWW-Authenticate"] == plain.headers["WWW-Authenticate"]
+
+
+async def test_each_operation_on_a_stream_is_checked_for_its_user(node: Node) -> None:
+    _with_auth(node)
+    writer = await node.connect(WRITER)
+    allowed = await exchange(writer, [put(1, "app/x", b"1", "w:1"), put(2, "other", b"2", "w:2")])
+    assert allowed[1][1] == 200
+    assert allowed[2][1] == 403 and code(allowed[2]) == "permission_denied"
+    reader = await node.connect(READER)
+    answers = await exchange(
+        reader,
+        [
+            [1, "get", "app/x", "linearizable"],
+            put(2, "app/x", b"3", "r:1"),
+            [3, "delete", "app/x", "r:2", 0, None],
+            [4, "get", "other", "stale"],
+        ],
+    )
+    assert answers[1][1] == 200 and answers[1][3] == b"1"
+    assert [answers[i][1] for i in (2, 3, 4)] == [403, 403, 403]
+    assert {code(answers[i]) for i in (2, 3, 4)} == {"permission_denied"}
+    assert not reader.closed, "a forbidden operation is answered, the stream stays"
+    assert node.driver.replica.state_machine.get("app/x").value == b"1"  # type: ignore[union-attr]
+    assert node.driver.replica.state_machine.get("other") is None
+    await writer.close()
+    await reader.close()
+
+
+async def test_a_token_revoked_while_its_stream_is_open_stops_working(node: Node) -> None:
+    table = _with_auth(node)
+    ws = await node.connect(WRITER)
+    assert (await exchange(ws, [put(1, "app/y", b"1", "v:1")]))[1][1] == 200
+    del table.tokens[token_digest(WRITER)]
+    answer = (await exchange(ws, [put(2, "app/y", b"2", "v:2")]))[2]
+    assert answer[1] == 401 and code(answer) == "unauthenticated"
+    await ws.close()
+
+
+async def test_the_client_with_a_token_uses_the_stream(node: Node) -> None:
+    from kvstore.client import Client, ClientConfig
+    from kvstore.errors import PermissionDeniedError
+
+    _with_auth(node)
+    async with Client([node.url], config=ClientConfig(token=WRITER)) as kv:
+        assert (await kv.put("app/k", b"v")).version == 1
+        assert (await kv.get("app/k")).value == b"v"
+        with pytest.raises(PermissionDeniedError):
+            await kv.put("elsewhere", b"v")
+        assert kv._transport.streamed >= 3  # type: ignore[attr-defined]
+    async with Client([node.url], config=ClientConfig(token="wrong-token-0123456789")) as kv:
+        from kvstore.errors import UnauthenticatedError
+
+        with pytest.raises(UnauthenticatedError):
+            await kv.get("app/k")
+
+
+# --- a client that never reads its answers -----------------------------------------------
+
+
+class _DeafClient:
+    """A WebSocket (as StreamSession sees it) whose client sends `messages` and then nothing,
+    and never reads: every send blocks."""
+
+    def __init__(self, messages: list[bytes]) -> None:
+        self.messages = list(messages)
+        self.received = 0
+        self.closed = False
+        self._never = asyncio.get_running_loop().create_future()
+
+    async def receive(self, timeout: float | None = None) -> aiohttp.WSMessage:
+        if not self.messages:
+            await self._never
+        self.received += 1
+        return aiohttp.WSMessage(aiohttp.WSMsgType.BINARY, self.messages.pop(0), None)
+
+    async def send_bytes(self, data: bytes) -> None:
+        await self._never
+
+    async def close(self, **kwargs: Any) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("value_bytes", [10, 64 * 1024])
+async def test_a_client_that_never_reads_stops_being_read(node: Node, value_bytes: int) -> None:
+    """Answers not yet sent count against the connection's bounds (requests, bytes): the
+    node stops reading a client that takes no answers instead of buffering without end."""
+    ws = await node.connect()
+    await exchange(ws, [put(1, "v", b"x" * value_bytes, "deaf:1")])
+    await ws.close()
+    batch = msgpack.packb([[i + 1, "get", "v", "stale"] for i in range(stream.BATCH_MAX)])
+    deaf = _DeafClient([batch] * 50)
+    session = stream.StreamSession(node.api, deaf)  # type: ignore[arg-type]
+    task = asyncio.ensure_future(session.run())
+    try:
+        for _ in range(500):  # step the loop: every answer here is synchronous
+            await asyncio.sleep(0)
+        by_count = stream.IN_FLIGHT_MAX // stream.BATCH_MAX
+        by_bytes = stream.OUTBOX_BYTES_MAX // (value_bytes * stream.BATCH_MAX) + 1
+        assert deaf.received <= min(by_count, by_bytes), deaf.received
+        assert deaf.messages, "the node read every message of a client that reads nothing"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.parametrize("node", [{"client_body_timeout_ms": 300}], indirect=True)
+async def test_a_client_that_takes_no_answers_is_cut_off(node: Node) -> None:
+    ws = await node.connect()
+    await exchange(ws, [put(1, "v", b"x" * (256 * 1024), "cut:1")])
+    await ws.close()
+    before = node.server.open_connections
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(node.url.rsplit(":", 1)[1]))
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    writer.write(
+        b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert b" 101 " in await reader.readuntil(b"\r\n\r\n")
+    batch = msgpack.packb([[i + 1, "get", "v", "stale"] for i in range(64)])
+    writer.write(_masked_frame(batch))
+    try:
+        async with asyncio.timeout(15):  # the node aborts the connection it cannot write to
+            while node.server.open_connections > before:
+                await asyncio.sleep(0.02)
+    finally:
+        writer.transport.abort()
+    async with node.session.get(node.url + "/v1/status") as response:
+        assert response.status == 200, "the node serves others"
+
+
+def _masked_frame(payload: bytes) -> bytes:
+    """One binary WebSocket frame from a client (masked with a zero mask)."""
+    size = len(payload)
+    if size < 126:
+        head = bytes([0x82, 0x80 | size])
+    elif size < 1 << 16:
+        head = bytes([0x82, 0x80 | 126]) + size.to_bytes(2, "big")
+    else:
+        head = bytes([0x82, 0x80 | 127]) + size.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload

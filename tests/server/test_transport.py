@@ -352,27 +352,53 @@ async def test_inbound_connections_are_capped_per_source_and_in_total() -> None:
     opened: list[asyncio.StreamWriter] = []
     try:
         # Two from 127.0.0.1 are held (waiting for a handshake); the third is closed at once.
-        for _ in range(2):
-            opened.append((await asyncio.open_connection(host, int(port)))[1])
+        first_reader, first = await asyncio.open_connection(host, int(port))
+        opened.append(first)
+        opened.append((await asyncio.open_connection(host, int(port)))[1])
         await _wait_for(lambda: a.transport._inbound == 2)
         reader, writer = await asyncio.open_connection(host, int(port))
         opened.append(writer)
         assert await _closed_by_peer(reader)
         assert a.transport._inbound == 2 and a.transport.frames_rejected == 1
         # Another source address (127.0.0.2 is loopback too) gets one more: the total cap.
-        for refused in (False, True):
-            reader, writer = await asyncio.open_connection(
-                host, int(port), local_addr=("127.0.0.2", 0)
-            )
-            opened.append(writer)
-            if refused:
-                assert await _closed_by_peer(reader)
-            else:
-                await _wait_for(lambda: a.transport._inbound == 3)
-        assert a.transport.frames_rejected == 2
+        reader, writer = await asyncio.open_connection(host, int(port), local_addr=("127.0.0.2", 0))
+        opened.append(writer)
+        await _wait_for(lambda: a.transport._inbound == 3)
+        # At the total cap a new connection evicts the oldest one still in its handshake
+        # (the first from 127.0.0.1) instead of being refused.
+        reader, writer = await asyncio.open_connection(host, int(port), local_addr=("127.0.0.3", 0))
+        opened.append(writer)
+        assert await _closed_by_peer(first_reader)
+        await _wait_for(lambda: a.transport._inbound == 3)
+        assert a.transport.frames_rejected == 1
     finally:
         for writer in opened:
             writer.close()
+        await a.transport.close()
+
+
+async def test_half_open_connections_from_many_addresses_do_not_lock_out_a_member() -> None:
+    """A crowd of connections that never handshake, from more addresses than the per-source
+    bound stops, used to hold every inbound slot (each for the handshake timeout, then
+    opened anew): a member's dial was refused for as long as the crowd kept coming."""
+    peers = _peers()
+    a = _Node(1, peers, handshake_timeout_s=30.0, connections_max=4, connections_per_source_max=2)
+    b = _Node(2, peers)
+    await a.transport.start()
+    host, port = peers[1].split(":")
+    crowd: list[asyncio.StreamWriter] = []
+    try:
+        for source in ("127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"):
+            crowd.append((await asyncio.open_connection(host, int(port), local_addr=(source, 0)))[1])
+        await _wait_for(lambda: a.transport._inbound == 4)
+        await b.transport.start()
+        await _wait_for(lambda: b.transport.is_connected(1))
+        b.transport.send(Message(MessageType.HEARTBEAT, to=1, from_=2, term=1))
+        await _wait_for(lambda: len(a.received) == 1)
+    finally:
+        for writer in crowd:
+            writer.close()
+        await b.transport.close()
         await a.transport.close()
 
 
