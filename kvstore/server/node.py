@@ -31,6 +31,7 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -39,6 +40,7 @@ from kvstore.errors import CorruptionError, FatalDiskError, StorageError
 from kvstore.kv.history import HistoryConfig
 from kvstore.kv.state_machine import KvConfig
 from kvstore.raft.config import RaftConfig
+from kvstore.raft.node import Status
 from kvstore.server import stream
 from kvstore.server.auth import AuthApi, AuthGate, read_root_token
 from kvstore.server.backup import SnapshotApi
@@ -244,7 +246,7 @@ class Node:
                 protect_metrics=config.auth_protect_metrics,
                 on_denied=lambda code: self.metrics.auth_denied.labels(code=code).inc(),
             )
-        stream.install(self.http)
+        self.streams = stream.install(self.http)
         self.leases = LeaseService(self.driver)
         self.watch_hub = WatchHub(self.driver)
         CoordinationApi(self.http, self.leases)
@@ -405,6 +407,11 @@ class Node:
         await self._drain_writes(self.config.shutdown_transfer_ms / 1000)
         self.watch_hub.close()  # watches end now rather than hold the cleanup below
         if self._runner is not None:
+            # No new connections, then the open streams end (clients go elsewhere at once)
+            # rather than hold the cleanup below for its timeout.
+            for site in list(self._runner.sites):
+                await site.stop()
+            await self.streams.close()
             await self._runner.cleanup()
             self._runner = None
         self.driver.stop()
@@ -417,14 +424,9 @@ class Node:
         if not driver.is_leader() or len(driver.status().conf_state.voters) < 2:
             return
         status = driver.status()
-        followers = [
-            (p.match_index, peer)
-            for peer, p in status.progress.items()
-            if peer != self.config.id and peer in status.conf_state.voters
-        ]
-        if not followers:
+        target = handover_target(status, self.config.id, self.transport.is_connected)
+        if target is None:
             return
-        _, target = max(followers)
         logger.info("event=transfer_leadership to=%s", target)
         if await driver.hand_over(target, self.config.shutdown_transfer_ms / 1000):
             logger.info("event=transfer_done leader=%s", driver.leader_id)
@@ -445,6 +447,22 @@ class Node:
         with contextlib.suppress(Exception):
             self.replica.storage.close()
         logger.info("event=stopped id=%s", self.config.id)
+
+
+def handover_target(status: Status, node_id: int, connected: Callable[[int], bool]) -> int | None:
+    """Whom a stopping leader hands over to: the voter with the highest match index among
+    those it is connected to (a follower that is down keeps its last match index, and a
+    transfer to it would time out, stopping the node without a handover); any voter if none
+    is connected; None without another voter (a learner never leads)."""
+    followers = [
+        (p.match_index, peer)
+        for peer, p in status.progress.items()
+        if peer != node_id and peer in status.conf_state.voters
+    ]
+    reachable = [(match, peer) for match, peer in followers if connected(peer)]
+    if not followers:
+        return None
+    return max(reachable or followers)[1]
 
 
 async def _main(config: ServeConfig) -> int:

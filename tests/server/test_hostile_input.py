@@ -27,7 +27,11 @@ _HOSTILE_VALUES = ("%ff%fe", "%ed%a0%80", "-1", "9" * 40, "1e3", "", "%00", "a" 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(tmp_path_factory.mktemp("hostile"), 1)
+    # A short body timeout: how long a client may take to send a body, or to take an answer
+    # that is streamed (a snapshot), before it is cut.
+    cluster = LocalCluster(
+        tmp_path_factory.mktemp("hostile"), 1, extra_args=["--client-body-timeout-ms", "1000"]
+    )
     cluster.start()
     try:
         cluster.wait_for_leader(30.0)
@@ -161,6 +165,32 @@ def test_a_client_that_hangs_up_mid_body_is_no_error_of_the_node(node: LocalClus
             break
         assert time.monotonic() < deadline, "the node kept the connections"
         time.sleep(0.05)
+    _assert_log_clean(node)
+
+
+def test_a_snapshot_client_that_never_reads_does_not_hold_the_save_for_ever(
+    node: LocalCluster,
+) -> None:
+    """One snapshot save runs at a time per node: a client that never read its file held
+    it (and a store-sized buffer) for as long as it stayed connected; every other save got
+    429 meanwhile."""
+    port = node.client_ports[1]
+    value = b"x" * 100_000
+    for i in range(80):  # 8 MB: more than the socket buffers between the two ends hold
+        assert _exchange(port, _request("PUT", f"/v1/kv/snap/{i}", value))[0] == 200
+    with socket.socket() as deaf:
+        deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        deaf.connect(("127.0.0.1", port))
+        deaf.sendall(_request("GET", "/v1/snapshot"))
+        deadline = time.monotonic() + 20
+        while True:
+            status, body = _exchange(port, _request("GET", "/v1/snapshot"))
+            if status == 200:
+                assert body.startswith(b"KVSNAP01")
+                break
+            assert status == 429, body[:200]
+            assert time.monotonic() < deadline, "the save stayed held by a client not reading"
+            time.sleep(0.1)
     _assert_log_clean(node)
 
 
