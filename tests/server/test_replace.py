@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from kvstore.server.identity import read_identity
-from kvstore.server.localcluster import LocalCluster, free_port
+from kvstore.server.localcluster import LocalCluster, free_port, popen_serve
 from tests.server.test_cluster import call, wait_until
 
 pytestmark = pytest.mark.slow
@@ -199,7 +199,8 @@ def test_serve_join_adds_a_learner_that_the_operator_promotes(cluster: LocalClus
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     with open(cluster.base_dir / "joiner.log", "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # It stops when this test process dies, even by SIGKILL (popen_serve's pipe).
+        process, parent_pipe = popen_serve(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         for index in range(50):
             call(f"{cluster.client_urls[0]}/v1/kv/j{index}", "PUT", b"x")
@@ -239,3 +240,5 @@ def test_serve_join_adds_a_learner_that_the_operator_promotes(cluster: LocalClus
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        if parent_pipe is not None:
+            os.close(parent_pipe)
