@@ -156,6 +156,8 @@ def test_a_node_whose_data_directory_was_lost_heals_by_itself(cluster: LocalClus
         return status is not None and status["id"] == new_id and status["applied_index"] >= commit
 
     wait_until(caught_up, 20.0, "the new member applied the leader's commit index")
+    new_status = cluster.status(victim)
+    assert new_status is not None and new_status["name"] == str(victim)
     new_url = cluster.client_url(victim)
     missing = []
     for key, value in writer.acked.items():
