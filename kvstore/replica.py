@@ -78,8 +78,9 @@ logger = logging.getLogger("kvstore.replica")
 
 @dataclass(frozen=True, slots=True)
 class Applied:
-    """One committed entry as applied: `command` is None for empty and CONF_CHANGE entries,
-    `result` the answer to give the client that proposed it (the same on every replica)."""
+    """One committed command as applied: `command` is None for empty and CONF_CHANGE entries,
+    `result` the answer to give the client that proposed it (the same on every replica). A
+    batch entry gives one per command, all with the entry's index."""
 
     index: int
     command: Command | None
@@ -288,9 +289,12 @@ class Replica:
             if entry.index <= self.state_machine.applied_index:
                 # Covered by a snapshot restored in this same Ready.
                 continue
-            command, result = self.state_machine.apply_entry(entry)
+            commands = self.state_machine.apply_entry(entry)
             self._applied_bytes += len(entry.data)
-            applied.append(Applied(entry.index, command, result))
+            if not commands:
+                applied.append(Applied(entry.index, None, None))
+            for command, result in commands:
+                applied.append(Applied(entry.index, command, result))
         return tuple(applied)
 
     def advance(self, ready: Ready) -> int:

@@ -306,6 +306,15 @@ class RawNode:
         self._broadcast_pending = True
         return entry.index
 
+    def learner_caught_up(self, learner: int) -> bool:
+        """On the leader: whether PROMOTE of `learner` would pass the test below now (the
+        server's healer and the simulator's operator ask before proposing)."""
+        try:
+            self._check_caught_up(learner)
+        except ConfChangeRefusedError:
+            return False
+        return True
+
     def _check_caught_up(self, learner: int) -> None:
         """Dissertation §4.2.1 (etcd's "learner in sync", Consul's "stable and at most 250
         entries behind"): promote only a learner that is alive and close to our log."""
@@ -560,11 +569,6 @@ class RawNode:
                 break
             conf = conf_entry.conf_state
         return conf
-
-    @property
-    def promote_lag_entries_max(self) -> int:
-        """How far behind its leader's log a learner may be and still be promoted."""
-        return self._config.promote_lag_entries_max
 
     @property
     def is_removed(self) -> bool:
