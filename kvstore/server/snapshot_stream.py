@@ -502,15 +502,17 @@ class SnapshotStreams:
         it, and the follower must not answer that probe with the log it had before the
         snapshot (a rejection that would send the snapshot again). True if held.
 
-        An append that follows on from the same entry as the last one held replaces it: the
-        leader resends its probe (up to a message's size of entries) every heartbeat interval
-        while the follower lags, and a million-key snapshot loads for seconds; kept, every
-        copy was held (hundreds of megabytes at 1M keys) and stepped after the snapshot."""
+        An append that follows on from the same entry as the last one held is the leader's
+        probe again (resent every heartbeat interval while the follower lags, and a
+        million-key snapshot loads for seconds): only the one with more entries is kept (the
+        newer on a tie). Kept, every copy was held (hundreds of megabytes at 1M keys) and
+        stepped after the snapshot."""
         held = self._held.get(peer_id)
         if held is None or message.type not in _HELD_TYPES:
             return False
-        if held and _resends(held[-1], message):
-            held[-1] = message
+        if held and _same_probe(held[-1], message):
+            if len(message.entries) >= len(held[-1].entries):
+                held[-1] = message
         elif len(held) < _HELD_MAX:
             held.append(message)
         return True
@@ -582,15 +584,15 @@ class SnapshotStreams:
                 await task
 
 
-def _resends(held: Message, message: Message) -> bool:
+def _same_probe(held: Message, message: Message) -> bool:
     """Whether `message` is the same leader's append from the same previous entry as `held`
-    (a resent probe: its entries are those of `held` or more, so `held` adds nothing)."""
-    return (
-        held.type is message.type is MessageType.APPEND
-        and (held.term, held.index, held.log_term)
-        == (message.term, message.index, message.log_term)
-        and len(message.entries) >= len(held.entries)
-    )
+    (the leader's log only grows in its term, so the one with more entries holds the
+    other's)."""
+    return held.type is message.type is MessageType.APPEND and (
+        held.term,
+        held.index,
+        held.log_term,
+    ) == (message.term, message.index, message.log_term)
 
 
 def _remove_leftovers(directory: str) -> None:
