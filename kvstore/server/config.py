@@ -462,9 +462,10 @@ def _apply_statefulset(values: dict[str, Any], env: Mapping[str, str]) -> None:
     identity = statefulset_identity_from_environ(env)
     if identity is None:
         return
-    node_id, peers = identity
-    values["id"] = node_id
-    values.setdefault("peers", peers)
+    values["id"] = identity.node_id
+    values.setdefault("peers", identity.peers)
+    if identity.joins:  # a pod beyond the bootstrap set never bootstraps: it joins
+        values.setdefault("initial_cluster_state", "existing")
 
 
 def _build(values: dict[str, Any]) -> ServeConfig:

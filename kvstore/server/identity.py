@@ -49,6 +49,7 @@ import aiohttp
 from kvstore.errors import ConfChangeRefusedError, CorruptionError, FatalDiskError
 from kvstore.raft.confchange import NODE_ID_MAX
 from kvstore.server.config import ServeConfig
+from kvstore.server.discovery import OverrideResolver
 
 logger = logging.getLogger("kvstore.server")
 
@@ -304,7 +305,9 @@ async def _join(config: ServeConfig, urls: list[str]) -> Identity:
     that a retry cannot fix."""
     body = {
         "name": str(config.id),
-        "peer_address": config.listen_peer,
+        # Where the members dial us: our slot's entry of --peers (in a StatefulSet the
+        # pod's DNS name), not the listen address (0.0.0.0:7101 there).
+        "peer_address": config.peer_addresses.get(config.id, config.listen_peer),
         "client_url": config.client_url,
         "promote": not config.join_as_learner,
     }
@@ -314,7 +317,9 @@ async def _join(config: ServeConfig, urls: list[str]) -> Identity:
     loop = asyncio.get_running_loop()
     logged_at = loop.time() - _LOG_INTERVAL_S
     timeout = aiohttp.ClientTimeout(total=config.request_timeout_ms / 1000 + 2)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    # The members' client URLs are names (a pod's DNS name): KVSTORE_RESOLVE applies to them.
+    connector = aiohttp.TCPConnector(resolver=OverrideResolver())
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         while True:
             for url in urls:
                 try:

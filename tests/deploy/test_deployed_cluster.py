@@ -8,8 +8,9 @@ instance id, and the example environment file). Only what cannot be the same on 
 changed: the listen addresses (free 127.0.0.1 ports instead of 0.0.0.0:7001/7101), the data
 directory, the cluster secret file (a local file for the Secret or file a deployment mounts),
 and KVSTORE_RESOLVE, which maps each node's peer address (kvstore-N.kvstore-peer:7101,
-kvstore-N:7101, kvN.example.internal:7101) to its 127.0.0.1 peer port, the way DNS maps it to
-the pod's or host's IP.
+kvstore-N:7101, kvN.example.internal:7101) to its 127.0.0.1 peer port, and the host:port of
+the client URL it advertises to its client port, the way DNS maps them to the pod's or host's
+IP.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -84,7 +86,7 @@ def statefulset_layout(tmp_path: Path) -> list[Launch]:
     launches = []
     for ordinal in range(replicas):
         env = pod_environment(ordinal)
-        node_id, peers = derive_statefulset_identity(
+        node_id, peers, _ = derive_statefulset_identity(
             env["KVSTORE_HOSTNAME"],
             int(env["KVSTORE_STATEFULSET_REPLICAS"]),
             env["KVSTORE_PEER_SERVICE"],
@@ -155,7 +157,13 @@ def _free_ports(count: int) -> list[int]:
 
 
 def process_environment(node: Node, nodes: list[Node], data_dir: Path) -> dict[str, str]:
-    resolve = ",".join(f"{n.launch.peer_address}=127.0.0.1:{n.peer_port}" for n in nodes)
+    # As DNS names each pod (or host): its peer address, and the host of the client URL it
+    # advertises (which a node that joins calls, and a follower redirects to).
+    resolve = ",".join(
+        f"{n.launch.peer_address}=127.0.0.1:{n.peer_port},"
+        f"{_host_port(n.launch.advertised_url)}=127.0.0.1:{n.client_port}"
+        for n in nodes
+    )
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
     return {
         **inherited,
@@ -165,6 +173,11 @@ def process_environment(node: Node, nodes: list[Node], data_dir: Path) -> dict[s
         "KVSTORE_DATA_DIR": str(data_dir),
         "KVSTORE_RESOLVE": resolve,
     }
+
+
+def _host_port(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 
 
 def _get_json(url: str) -> dict[str, Any] | None:
@@ -417,11 +430,12 @@ def test_rolling_restart_keeps_the_cluster_writable(cluster: list[Node], tmp_pat
 
 @pytest.mark.parametrize(
     ("hostname", "message"),
-    [("kvstore-3", "outside a set of 3"), ("kvstore", "<statefulset>-<ordinal>")],
+    [("kvstore-10000", "above 9999"), ("kvstore", "<statefulset>-<ordinal>")],
 )
 def test_pod_outside_the_set_refuses_to_start(tmp_path: Path, hostname: str, message: str) -> None:
-    """A pod whose name gives no valid id (scaled up, or renamed) must not join under a
-    guessed id: `kvstore serve` exits with status 2 and says why."""
+    """A pod whose name gives no valid id (renamed, an absurd ordinal) must not join under a
+    guessed id: `kvstore serve` exits with status 2 and says why. (A pod of a set scaled up
+    joins: tests/deploy/test_statefulset_membership.py.)"""
     if not _serve_available():
         pytest.skip("`python -m kvstore serve` (with DiskStorage) is not available yet")
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
