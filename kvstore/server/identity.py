@@ -29,7 +29,10 @@ A data directory with neither an identity file nor storage (`resolve_identity`):
   (membership.py) promotes it once it has caught up, after removing the member it replaces.
 
 A data directory from before identity files (storage, no identity file) is the member
-`--id`: its identity file is written then.
+`--id`: its identity file is written then. An identity file without Raft state (no term, no
+entry, no snapshot: the log was lost, or the node stopped before its first save) is not
+trusted: whether that member ever voted cannot be told, so the directory counts as empty
+and the node joins (or bootstraps) as above.
 """
 
 from __future__ import annotations
@@ -192,8 +195,17 @@ async def resolve_identity(config: ServeConfig) -> Identity:
                 f"the data directory belongs to cluster {identity.cluster_id!r}, "
                 f"not {config.cluster_id!r}",
             )
-        return identity
-    if has_storage(config.data_dir):
+        if has_storage(config.data_dir):
+            return identity
+        # An identity without Raft state: the log was lost (or the node stopped before its
+        # first save). Whether it ever voted cannot be told, so the id is not used again:
+        # the directory counts as empty.
+        logger.warning(
+            "event=identity_without_state member_id=%s file=%s action=treated_as_empty",
+            identity.member_id,
+            identity_path(config.data_dir),
+        )
+    elif has_storage(config.data_dir):
         identity = Identity(config.id, config.cluster_id, name)
         write_identity(config.data_dir, identity)
         return identity
