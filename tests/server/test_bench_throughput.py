@@ -43,3 +43,29 @@ def test_throughput_benchmark_runs(tmp_path: Path) -> None:
     ]  # fmt: skip
     assert all(r["writes"] > 0 and not r["errors"] for r in document["results"])
     assert all(r["followers_cpu_ms_per_write"] is not None for r in document["results"])
+
+
+@pytest.mark.slow
+def test_the_soak_follows_its_level_on_the_same_cluster(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "throughput.py"),
+            "--concurrency", "4",
+            "--duration", "0.5",
+            "--warmup", "0.2",
+            "--soak", "1",
+            "--json", str(out),
+            "--base-dir", str(tmp_path / "cluster"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "soak of 1 s:" in completed.stdout
+    level, soak = json.loads(out.read_text())["results"]
+    assert soak["soak_of_level"] == 0 and soak["duration_s"] == 1
+    assert soak["rate_of_level"] == soak["ops_per_s"] / level["ops_per_s"]
+    assert soak["term"] >= soak["term_before"] >= level["term"]
