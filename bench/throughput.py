@@ -437,7 +437,7 @@ def _print_soak(level: dict[str, Any], soak: dict[str, Any]) -> None:
         + f" of the {level['duration_s']:.0f}-s level's {level['ops_per_s']:,.0f}; "
         f"leader changes {soak['term'] - soak['term_before']} (term {soak['term_before']} -> "
         f"{soak['term']}); p99 {soak['p99_ms']:.0f} ms; longest {soak['max_ms']:.0f} ms; "
-        f"errors {sum(soak['errors'].values())}",
+        f"errors {sum(n for n in soak['errors'].values() if isinstance(n, int))}",
         flush=True,
     )
 

@@ -69,3 +69,15 @@ def test_the_soak_follows_its_level_on_the_same_cluster(tmp_path: Path) -> None:
     assert soak["soak_of_level"] == 0 and soak["duration_s"] == 1
     assert soak["rate_of_level"] == soak["ops_per_s"] / level["ops_per_s"]
     assert soak["term"] >= soak["term_before"] >= level["term"]
+
+
+def test_the_soak_line_counts_errors_beside_their_first_answers() -> None:
+    """The errors map holds counts and each status's first answer (a string): the 10-minute
+    soak's summary line failed on the strings after the run, losing its JSON."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench.throughput import _print_soak
+
+    level = {"duration_s": 5.0, "ops_per_s": 100.0}
+    soak = {"duration_s": 600.0, "ops_per_s": 80.0, "rate_of_level": 0.8, "term_before": 2,
+            "term": 2, "p99_ms": 10.0, "max_ms": 20.0, "errors": {"503": 3, "first_503": "{}"}}  # fmt: skip
+    _print_soak(level, soak)
