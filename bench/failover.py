@@ -53,7 +53,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from etcdcluster import etcd_binary
 from failover_report import draw_png, print_table, write_json
 from failover_systems import FAULTS, EtcdSystem, KvstoreSystem, System, kvstore_timing_ms
-from failover_trial import Call, Load, check_writes, run_trial, summarize, wait_healthy
+from failover_trial import (
+    LEADER_NEWS,
+    Call,
+    Load,
+    check_writes,
+    run_trial,
+    summarize,
+    wait_healthy,
+)
 from runinfo import Progress, RunInfo, ScratchDir, output_path
 
 from kvstore.client.config import ClientConfig
@@ -74,6 +82,7 @@ async def _run_trials(
     system: System, fault: str, args: argparse.Namespace, progress: Progress
 ) -> tuple[Load, list[dict[str, Any]], list[list[Call]]]:
     load = Load(system, args.writers, run=f"fo-{fault}-{os.getpid()}-{time.time_ns()}")
+    load.ab = bool(args.ab_option) and isinstance(system, KvstoreSystem)
     tasks = [asyncio.create_task(load.write(w), name=f"writer-{w}") for w in range(args.writers)]
     trials: list[dict[str, Any]] = []
     timelines: list[list[Call]] = []
@@ -112,24 +121,52 @@ async def run_fault(
         "timelines": timelines,
     }
 
+
 # --- running the comparison -----------------------------------------------------------------
+
 
 def client_config(args: argparse.Namespace) -> ClientConfig:
     """The client's defaults unless told otherwise: what an untuned application sees."""
     config = ClientConfig(binary_stream=not args.http_only)
-    if args.attempt_timeout_ms is None:
-        return config
-    return replace(config, attempt_timeout_s=args.attempt_timeout_ms / 1000)
+    if args.attempt_timeout_ms is not None:
+        config = replace(config, attempt_timeout_s=args.attempt_timeout_ms / 1000)
+    return replace(config, **dict(args.client_option))
+
+
+def _client_option(text: str) -> tuple[str, object]:
+    """NAME=VALUE of a ClientConfig field, the value parsed as that field's type."""
+    name, _, raw = text.partition("=")
+    defaults = {f.name: f.default for f in fields(ClientConfig)}
+    if name not in defaults or not raw:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE of a ClientConfig field: {text!r}")
+    default = defaults[name]
+    if isinstance(default, bool):
+        if raw.lower() not in ("true", "false"):
+            raise argparse.ArgumentTypeError(f"{name} is true or false, got {raw!r}")
+        return name, raw.lower() == "true"
+    try:
+        return name, type(default)(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{name}: {exc}") from exc
 
 
 def make_systems(fault: str, base: Path, args: argparse.Namespace) -> list[System]:
     config: ClientConfig = args.client_config
+    variant = dict(args.ab_option)
     systems: list[System] = [
-        KvstoreSystem(base / f"kvstore-{fault}", config, proxies=fault == "isolate")
+        KvstoreSystem(
+            base / f"kvstore-{fault}", config, proxies=fault == "isolate", variant_options=variant
+        )
     ]
     if args.tls:
         systems.append(
-            KvstoreSystem(base / f"kvstore-tls-{fault}", config, proxies=fault == "isolate", tls=True)
+            KvstoreSystem(
+                base / f"kvstore-tls-{fault}",
+                config,
+                proxies=fault == "isolate",
+                tls=True,
+                variant_options=variant,
+            )
         )
     if args.compare == "etcd" and fault != "isolate":
         heartbeat_ms, election_ms = kvstore_timing_ms()
@@ -151,6 +188,7 @@ async def run_all(args: argparse.Namespace, base: Path) -> list[dict[str, Any]]:
             results.append(await run_fault(system, fault, args, progress))
     return results
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -167,6 +205,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--http-only", action="store_true",
                         help="kvstore writers over HTTP only (ClientConfig.binary_stream=False; "
                              "default: the client's binary stream)")  # fmt: skip
+    parser.add_argument("--client-option", action="append", default=[], type=_client_option,
+                        metavar="NAME=VALUE",
+                        help="a ClientConfig field for the kvstore writers, e.g. "
+                             "standby_streams=false (repeatable; default: the defaults)")  # fmt: skip
+    parser.add_argument("--ab-option", action="append", default=[], type=_client_option,
+                        metavar="NAME=VALUE",
+                        help="side by side in the same trials: the odd writers' clients "
+                             "change this ClientConfig field (b), the even ones do not (a); "
+                             "kvstore only (repeatable)")  # fmt: skip
     parser.add_argument("--pause-s", type=float, default=2.0, help="SIGSTOP/isolation length")
     parser.add_argument("--settle-s", type=float, default=0.5, help="load before each fault")
     parser.add_argument("--post-s", type=float, default=0.5,
@@ -238,11 +285,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.attempt_timeout_ms is not None
         else "the client's default ClientConfig"
     )
+    if args.client_option:
+        attempt += " with " + ", ".join(f"{name}={value}" for name, value in args.client_option)
     print(
         f"failover benchmark: {run.describe()}; {args.writers} writers, {attempt}; "
         f"data and logs under {scratch.path}",
         flush=True,
     )
+    LEADER_NEWS.install()
     try:
         with scratch as base:
             try:
@@ -254,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the clusters were stopped", file=sys.stderr)
         return 130
+    finally:
+        LEADER_NEWS.remove()
     print_table(results)
     load = os.getloadavg()
     print(f"load average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")

@@ -14,7 +14,7 @@ from typing import Any
 
 from etcdcluster import etcd_binary
 from failover_systems import kvstore_timing_ms
-from failover_trial import Call
+from failover_trial import PHASES, Call
 from stats import percentile
 
 
@@ -52,12 +52,48 @@ def print_table(results: list[dict[str, Any]]) -> None:
             f"{_fmt(s['max_ms']):>8}{_fmt(s['cluster_p50_ms']):>9}  {s['client_errors']:>6}{_fmt(s['longest_call_ms']):>9}"
             f"  {w['lost']:>4}{w['applied_twice']:>6}  {ratio}"
         )
+    print_ab(results)
+    print_phases(results)
     disturbed = [r for r in results if r["summary"]["disturbed"]]
     for result in disturbed:
         print(
             f"note: {result['system']} {result['fault']}: the returning old leader disturbed "
             f"the new one in {result['summary']['disturbed']} trial(s)"
         )
+
+
+def print_ab(results: list[dict[str, Any]]) -> None:
+    """--ab-option: each group's worst writer over the same trials (a: base, b: variant)."""
+    shown = [r for r in results if r["summary"].get("ab")]
+    if not shown:
+        return
+    print()
+    print("A/B in the same trials (a: even writers, base config; b: odd writers, --ab-option):")
+    for result in shown:
+        a, b = result["summary"]["ab"]["a"], result["summary"]["ab"]["b"]
+        print(
+            f"  {result['fault']:<8} a p50/p90/p99 {_fmt(a['p50_ms'])}/{_fmt(a['p90_ms'])}/"
+            f"{_fmt(a['p99_ms'])} ms   b {_fmt(b['p50_ms'])}/{_fmt(b['p90_ms'])}/"
+            f"{_fmt(b['p99_ms'])} ms"
+        )
+
+
+def print_phases(results: list[dict[str, Any]]) -> None:
+    """The timeline: each phase's median over the trials, ms after the fault (node logs for
+    the cluster's steps, the client library's log for when writers learned the new leader)."""
+    shown = [
+        r for r in results if any(v is not None for v in r["summary"]["phases_p50_ms"].values())
+    ]
+    if not shown:
+        return
+    print()
+    print("Timeline (median ms after the fault; '-' = did not happen or not logged):")
+    names = [phase for phase in PHASES]
+    for result in shown:
+        phases = result["summary"]["phases_p50_ms"]
+        print(f"  {result['fault']} {result['system']}:")
+        for name in names:
+            print(f"    {name:<26}{_fmt(phases.get(name)):>8}")
 
 
 def _median_trial(result: dict[str, Any]) -> int:
@@ -170,6 +206,8 @@ def write_json(results: list[dict[str, Any]], args: argparse.Namespace, path: Pa
                 name: str(value) if isinstance(value, StrEnum) else value
                 for name, value in asdict(args.client_config).items()
             },
+            # --ab-option: what the odd writers' ClientConfig changed (summary "ab": b).
+            "ab_option": dict(args.ab_option),
             "pause_s": args.pause_s,
             "settle_s": args.settle_s,
             "post_s": args.post_s,

@@ -8,8 +8,10 @@ trial logic (bench/failover_trial.py) knows only this Protocol.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import random
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -40,6 +42,45 @@ class NodeView:
     leader_id: int
 
 
+@dataclass(frozen=True, slots=True)
+class NodeEvent:
+    """One line of a node's log that marks a step of a failover (`NODE_EVENTS`)."""
+
+    at_unix: float
+    node: int
+    event: str
+    fields: dict[str, str]
+
+
+# The log events a failover timeline is built from (bench/failover_trial.py: phases).
+NODE_EVENTS = frozenset(
+    {
+        "shutdown_started", "transfer_started", "transfer_done", "became_follower",
+        "became_pre_candidate", "became_candidate", "became_leader", "timeout_now",
+        "leader_reported_down", "peer_down", "peer_silent", "peer_disconnected",
+        "leader_changed", "stopped",
+    }
+)  # fmt: skip
+_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \S+ \S+ event=(\w+)(.*)$")
+_FIELD = re.compile(r"(\w+)=(\S+)")
+
+
+def parse_node_log(text: str, node: int, since_unix: float, until_unix: float) -> list[NodeEvent]:
+    """The NODE_EVENTS lines of one node's log between two wall-clock times (the log's
+    timestamps are local time with milliseconds, so events are placed to about 1 ms)."""
+    events = []
+    for line in text.splitlines():
+        match = _LOG_LINE.match(line)
+        if match is None or match.group(3) not in NODE_EVENTS:
+            continue
+        stamp = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")
+        at = stamp.timestamp() + int(match.group(2)) / 1000
+        if since_unix - 0.001 <= at <= until_unix:
+            fields_ = dict(_FIELD.findall(match.group(4)))
+            events.append(NodeEvent(at, node, match.group(3), fields_))
+    return events
+
+
 class Writer(Protocol):
     async def put(self, key: str, value: str) -> int: ...
 
@@ -56,7 +97,7 @@ class System(Protocol):
 
     async def stop(self) -> None: ...
 
-    def writer(self) -> Writer: ...
+    def writer(self, variant: bool = False) -> Writer: ...
 
     async def status(self, node: int, timeout_s: float) -> NodeView | None: ...
 
@@ -67,6 +108,10 @@ class System(Protocol):
     async def recover(self, fault: str, node: int) -> None: ...
 
     async def read_prefix(self, prefix: str) -> dict[str, tuple[bytes, int]]: ...
+
+    def node_events(self, since_unix: float, until_unix: float) -> list[NodeEvent]: ...
+
+    def client_url(self, node: int) -> str: ...
 
 
 async def _wait_exit(running: Callable[[], bool], timeout_s: float) -> bool:
@@ -93,7 +138,13 @@ class KvstoreSystem:
     """A LocalCluster with kvstore's defaults; peer links go through proxies for `isolate`."""
 
     def __init__(
-        self, base_dir: Path, client_config: ClientConfig, *, proxies: bool, tls: bool = False
+        self,
+        base_dir: Path,
+        client_config: ClientConfig,
+        *,
+        proxies: bool,
+        tls: bool = False,
+        variant_options: dict[str, object] | None = None,
     ) -> None:
         # tls: TLS on both ports (mutual TLS between peers, https for the clients).
         self.tls = tls
@@ -101,6 +152,8 @@ class KvstoreSystem:
         self.ids = [1, 2, 3]
         self.base_dir = base_dir
         self.client_config = client_config
+        # --ab-option: the ClientConfig fields the variant writers change (odd writer ids).
+        self.variant_options = variant_options or {}
         self.proxies = proxies
         self.mesh: ProxyMesh | None = None
         self.cluster: LocalCluster | None = None
@@ -136,9 +189,12 @@ class KvstoreSystem:
         if self.mesh is not None:
             await self.mesh.close()
 
-    def writer(self) -> Writer:
+    def writer(self, variant: bool = False) -> Writer:
         assert self.cluster is not None
-        return _KvWriter(self.cluster.client_urls, self.client_config)
+        config = self.client_config
+        if variant:
+            config = replace(config, **self.variant_options)  # type: ignore[arg-type]
+        return _KvWriter(self.cluster.client_urls, config)
 
     async def status(self, node: int, timeout_s: float) -> NodeView | None:
         assert self.cluster is not None and self._session is not None
@@ -194,6 +250,21 @@ class KvstoreSystem:
         assert not listing.more, f"more than {KEYS_PER_BUCKET} keys under {prefix}"
         return {item.key: (item.value, item.version) for item in listing}
 
+    def client_url(self, node: int) -> str:
+        assert self.cluster is not None
+        return self.cluster.client_url(node)
+
+    def node_events(self, since_unix: float, until_unix: float) -> list[NodeEvent]:
+        """What the nodes logged between the two times (their logs, read back)."""
+        assert self.cluster is not None
+        events: list[NodeEvent] = []
+        for node in self.ids:
+            path = self.cluster.log_path(node)
+            if path.exists():
+                text = path.read_text(errors="replace")
+                events.extend(parse_node_log(text, node, since_unix, until_unix))
+        return sorted(events, key=lambda event: event.at_unix)
+
 
 class _EtcdWriter:
     def __init__(self, urls: list[str], attempt_timeout_s: float, timeout_s: float) -> None:
@@ -237,7 +308,7 @@ class EtcdSystem:
             await self._session.close()
         await asyncio.to_thread(self.cluster.stop)
 
-    def writer(self) -> Writer:
+    def writer(self, variant: bool = False) -> Writer:
         config = self.client_config
         return _EtcdWriter(self.cluster.client_urls, config.attempt_timeout_s, config.timeout_s)
 
@@ -277,6 +348,11 @@ class EtcdSystem:
         finally:
             await client.close()
 
+    def client_url(self, node: int) -> str:
+        return self.cluster.client_url(node)
+
+    def node_events(self, since_unix: float, until_unix: float) -> list[NodeEvent]:
+        return []  # etcd's logs are not parsed: its timeline comes from polling only
 
 
 def kvstore_timing_ms() -> tuple[int, int]:

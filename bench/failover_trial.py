@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import logging
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from failover_systems import KEYS_PER_BUCKET, NodeView, System
+from failover_systems import KEYS_PER_BUCKET, NodeEvent, NodeView, System
 from stats import percentile
 
 from kvstore.errors import KVStoreError
@@ -46,6 +47,8 @@ class Load:
     unknown: set[str] = field(default_factory=set)
     last_ack: float = 0.0
     stopping: bool = False
+    # --ab-option: odd writers run the variant client configuration, even ones the base.
+    ab: bool = False
 
     @staticmethod
     def key(run: str, writer: int, seq: int) -> str:
@@ -57,7 +60,7 @@ class Load:
         return sorted(seen)
 
     async def write(self, writer_id: int) -> None:
-        writer = self.system.writer()
+        writer = self.system.writer(variant=self.ab and writer_id % 2 == 1)
         seq = 0
         try:
             while not self.stopping:
@@ -77,6 +80,92 @@ class Load:
                 self.last_ack = max(self.last_ack, now)
         finally:
             await writer.close()
+
+
+class LeaderNews(logging.Handler):
+    """When the writers' clients learned a leader: the client library logs `leader url=`
+    at DEBUG whenever a Client starts to believe in another leader (kvstore.client.core).
+    Installed on the `kvstore.client` logger for the run; keeps (wall time, url)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.learned: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args
+        if record.msg == "leader url=%s" and isinstance(args, tuple) and args:
+            self.learned.append((record.created, str(args[0])))
+
+    def install(self) -> None:
+        client_log = logging.getLogger("kvstore.client")
+        client_log.addHandler(self)
+        client_log.setLevel(logging.DEBUG)
+
+    def remove(self) -> None:
+        logging.getLogger("kvstore.client").removeHandler(self)
+
+
+LEADER_NEWS = LeaderNews()
+
+# The phases of a failover, each the first matching node log event (ms after the fault); the
+# survivors are the nodes other than the old leader. See bench/README.md for what each means.
+PHASES = (
+    "old_leader_handing_over", "old_leader_stepped_down", "survivor_noticed",
+    "campaign_started", "election_won", "old_leader_learned_new", "client_learned_first",
+    "client_learned_last", "first_write_acked", "worst_writer_acked",
+)  # fmt: skip
+
+
+def _first(events: list[NodeEvent], fault_unix: float, match: Any) -> float | None:
+    for event in events:
+        if match(event):
+            return round((event.at_unix - fault_unix) * 1000, 1)
+    return None
+
+
+def node_phases(events: list[NodeEvent], old: int, fault_unix: float) -> dict[str, float | None]:
+    """The survivors' and the old leader's steps from their logs, ms after the fault."""
+    old_id = str(old)
+
+    def survivor(event: NodeEvent, *names: str) -> bool:
+        return event.node != old and event.event in names
+
+    def noticed(event: NodeEvent) -> bool:
+        about_old = event.fields.get("peer", event.fields.get("leader")) == old_id
+        return survivor(event, "timeout_now", "became_pre_candidate", "became_candidate") or (
+            survivor(event, "leader_reported_down", "peer_down", "peer_silent") and about_old
+        )
+
+    def learned(event: NodeEvent) -> bool:
+        named = event.fields.get("leader", "0")
+        return event.node == old and event.event == "leader_changed" and named not in ("0", old_id)
+
+    return {
+        "old_leader_handing_over": _first(
+            events, fault_unix, lambda e: e.node == old and e.event == "transfer_started"
+        ),
+        "old_leader_stepped_down": _first(
+            events, fault_unix, lambda e: e.node == old and e.event == "became_follower"
+        ),
+        "survivor_noticed": _first(events, fault_unix, noticed),
+        "campaign_started": _first(
+            events,
+            fault_unix,
+            lambda e: survivor(e, "became_pre_candidate", "became_candidate", "timeout_now"),
+        ),
+        "election_won": _first(events, fault_unix, lambda e: survivor(e, "became_leader")),
+        "old_leader_learned_new": _first(events, fault_unix, learned),
+    }
+
+
+def client_phases(
+    news: list[tuple[float, str]], url: str | None, fault_unix: float, writers: int
+) -> dict[str, float | None]:
+    """When the first and the last writer's client began to use the new leader `url`."""
+    times = sorted(at for at, named in news if named == url and at >= fault_unix)
+    first = round((times[0] - fault_unix) * 1000, 1) if times else None
+    last = round((times[writers - 1] - fault_unix) * 1000, 1) if len(times) >= writers else None
+    return {"client_learned_first": first, "client_learned_last": last}
 
 
 # --- one trial ----------------------------------------------------------------------------
@@ -205,7 +294,9 @@ async def run_trial(
     await asyncio.sleep(args.settle_s)  # steady load before the fault (not a correctness wait)
     seen = Observed()
     calls_from = len(load.calls)
+    news_from = len(LEADER_NEWS.learned)
     fault_at = time.perf_counter()
+    fault_unix = time.time()
     system.inject(fault, leader)
     watcher = asyncio.create_task(
         _watch(system, leader, term, args.poll_ms / 1000, seen), name="failover-watch"
@@ -242,8 +333,23 @@ async def run_trial(
     def ms(at: float | None) -> float | None:
         return None if at is None else round((at - fault_at) * 1000, 3)
 
+    window_unix = fault_unix + (window_end - fault_at)
+    phases = node_phases(system.node_events(fault_unix, window_unix), leader, fault_unix)
+    new_url = system.client_url(seen.new_leader) if seen.new_leader else None
+    news = LEADER_NEWS.learned[news_from:]
+    phases.update(client_phases(news, new_url, fault_unix, load.writers))
+    phases["first_write_acked"] = ms(naive_end)
+    worst_calls = [c for c in window if c.writer == worst_writer]
+    phases["worst_writer_acked"] = ms(unavailability(worst_calls, fault_at, window_end)[1])
+
+    groups = {}
+    if load.ab:
+        for name, parity in (("a", 0), ("b", 1)):
+            own = [c for c in window if c.writer % 2 == parity]
+            groups[name] = round(writer_unavailability(own, fault_at, window_end)[0] * 1000, 3)
     trial = {
         "fault": fault,
+        "unavailability_ms_ab": groups or None,
         "old_leader": leader,
         "old_term": term,
         "timeline_ms": {
@@ -253,6 +359,7 @@ async def run_trial(
             "first_write_acked": ms(gap_end),
             "fault_ended": ms(recovered_at) if timed else None,
         },
+        "phases_ms": phases,
         "new_leader": seen.new_leader or None,
         "new_term": seen.new_term or None,
         "unavailability_ms": round(writer_gap * 1000, 3),
@@ -321,4 +428,27 @@ def summarize(trials: list[dict[str, Any]]) -> dict[str, Any]:
         "client_errors": sum(t["client_errors"] for t in trials),
         "longest_call_ms": max((t["longest_call_ms"] for t in trials), default=math.nan),
         "disturbed": sum(1 for t in trials if t["disturbed"]),
+        "phases_p50_ms": {phase: _phase_median(trials, phase) for phase in PHASES},
+        "ab": _ab_summary(trials),
     }
+
+
+def _ab_summary(trials: list[dict[str, Any]]) -> dict[str, dict[str, float]] | None:
+    """--ab-option: the worst writer's unavailability of each group (a: the base client
+    configuration, even writers; b: the variant, odd writers), over the same trials."""
+    if not trials or not trials[0].get("unavailability_ms_ab"):
+        return None
+    summary = {}
+    for group in ("a", "b"):
+        values = [t["unavailability_ms_ab"][group] for t in trials]
+        summary[group] = {
+            "p50_ms": percentile(values, 0.50),
+            "p90_ms": percentile(values, 0.90),
+            "p99_ms": percentile(values, 0.99),
+        }
+    return summary
+
+
+def _phase_median(trials: list[dict[str, Any]], phase: str) -> float | None:
+    seen = [t["phases_ms"][phase] for t in trials if t["phases_ms"].get(phase) is not None]
+    return percentile(seen, 0.50) if seen else None

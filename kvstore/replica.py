@@ -22,6 +22,10 @@ before replies):
 
 `process_ready(send)` is the three steps in one call (simple synchronous drivers and tests).
 
+A snapshot from the leader may be decoded ahead, off the driver (`decode_snapshot`, on any
+thread, which also hands the storage its received file) and offered (`offer_decoded`): the
+Ready that restores it then installs the decoded state instead of decoding the bytes.
+
 Errors: a committed entry or a snapshot that does not decode raises `ProtocolError` out of
 `apply` (the entries before it are applied, the node is not advanced); the process must stop,
 as for a corrupt disk: every replica would meet the same bytes.
@@ -74,8 +78,9 @@ logger = logging.getLogger("kvstore.replica")
 
 @dataclass(frozen=True, slots=True)
 class Applied:
-    """One committed entry as applied: `command` is None for empty and CONF_CHANGE entries,
-    `result` the answer to give the client that proposed it (the same on every replica)."""
+    """One committed command as applied: `command` is None for empty and CONF_CHANGE entries,
+    `result` the answer to give the client that proposed it (the same on every replica). A
+    batch entry gives one per command, all with the entry's index."""
 
     index: int
     command: Command | None
@@ -284,9 +289,12 @@ class Replica:
             if entry.index <= self.state_machine.applied_index:
                 # Covered by a snapshot restored in this same Ready.
                 continue
-            command, result = self.state_machine.apply_entry(entry)
+            commands = self.state_machine.apply_entry(entry)
             self._applied_bytes += len(entry.data)
-            applied.append(Applied(entry.index, command, result))
+            if not commands:
+                applied.append(Applied(entry.index, None, None))
+            for command, result in commands:
+                applied.append(Applied(entry.index, command, result))
         return tuple(applied)
 
     def advance(self, ready: Ready) -> int:

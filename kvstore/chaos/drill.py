@@ -51,7 +51,7 @@ from kvstore.chaos.proxy import ProxyMesh
 from kvstore.chaos.workload import WORKLOADS, Workload, WorkloadConfig
 from kvstore.client import Client, ClientConfig
 from kvstore.errors import CorruptionError, KVStoreError, NotFoundError, StorageError
-from kvstore.kv.commands import decode_command
+from kvstore.kv.commands import Command, decode_commands
 from kvstore.kv.state_machine import StateMachine
 from kvstore.raft.types import EntryType
 from kvstore.server.localcluster import LocalCluster, free_port
@@ -294,16 +294,20 @@ def read_node_state(data_dir: Path, digest_index: int | None = None) -> NodeStat
             digests[start] = machine.digest()
         for entry in entries:
             committed.append((entry.index, entry.term, hashlib.sha256(entry.data).hexdigest()))
-            command = None
+            commands: tuple[Command, ...] = ()
             if entry.type == EntryType.NORMAL and entry.data:
-                command = decode_command(entry.data)
-            request = None if command is None else command.request
-            # A request the session table answers is a retry and applies nothing; one that
-            # is new to it and succeeds took effect. Twice for one request id is the bug.
-            fresh = request is not None and machine.duplicate_result(request) is None
-            result = machine.apply(entry)
-            if fresh and result is not None and result.ok:
-                applied.append(str(request))
+                commands = decode_commands(entry.data)
+            # A request the session table answers is a retry and applies nothing (so is the
+            # second copy of a request id in one batch entry); one that is new to it and
+            # succeeds took effect. Twice for one request id is the bug.
+            fresh: list[str | None] = []
+            for command in commands:
+                request = command.request
+                new = request is not None and machine.duplicate_result(request) is None
+                fresh.append(str(request) if new and str(request) not in fresh else None)
+            for request_text, (_, result) in zip(fresh, machine.apply_entry(entry), strict=True):
+                if request_text is not None and result.ok:
+                    applied.append(request_text)
             if entry.index == digest_index:
                 digests[entry.index] = machine.digest()
         digests[machine.applied_index] = machine.digest()

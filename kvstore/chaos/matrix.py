@@ -1,4 +1,4 @@
-"""The named sets of drills: `smoke` (CI: 17 short runs covering every fault) and `full`
+"""The named sets of drills: `smoke` (CI: 20 short runs covering every fault and workload) and `full`
 (by hand, `make chaos`: every workload against every fault family, longer runs)."""
 
 from __future__ import annotations

@@ -14,6 +14,12 @@ directory: a torn tail and an unsynced tail (garbage after the last record) must
 restart; a flipped bit in the middle must make the node refuse to start, with a message naming
 the file and offset, while the other two keep serving. After the check the damaged files are
 put back from a copy taken before the damage, so the run can go on.
+
+A wipe (`wipe-random`) kills a node, deletes its whole data directory and starts it again
+at the heal, as a lost disk would: the node must join under a new id and the cluster heal
+back to three voters by itself. A wipe is injected only into a whole cluster (three voters,
+no learner): a second disk lost while the first is being replaced leaves no quorum to add
+the replacement, which is not something any automation can survive (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -55,6 +61,9 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "disk": ("disk-torn-tail", "disk-unsynced-tail", "disk-bitflip"),
     # Forged peers attacking the followers' peer ports (kvstore/chaos/impostor.py).
     "impostor": ("impostor-leader",),
+    # A lost disk: the node's data directory deleted, the node started again with the same
+    # command line; it must heal into its slot under a new id (docs/operations.md).
+    "wipe": ("wipe-random",),
 }
 ALL_FAULTS: tuple[str, ...] = tuple(name for names in FAMILIES.values() for name in names)
 
@@ -172,6 +181,8 @@ class Nemesis:
             return await self._disk(name)
         if name == "impostor-leader":
             return await self._impostor(name, nodes)
+        if name == "wipe-random":
+            return await self._wipe(name, nodes)
         return await self._network(name, nodes)
 
     async def _impostor(self, name: str, nodes: list[int]) -> FaultEvent:
@@ -183,6 +194,18 @@ class Nemesis:
         while self._clock() < deadline and self._impostor_attacks.refused == 0:
             await asyncio.sleep(0.05)
         event.took_effect = self._impostor_attacks.refused > 0
+        return event
+
+    async def _wipe(self, name: str, nodes: list[int]) -> FaultEvent:
+        whole = await asyncio.to_thread(_wait_whole, self.cluster, 30.0)
+        victim = self._rng.choice(nodes)
+        await asyncio.to_thread(self.cluster.kill, victim)
+        data_dir = self.cluster.data_dir(victim)
+        await asyncio.to_thread(shutil.rmtree, data_dir, True)
+        self._down.add(victim)
+        event = self._event(name, (victim,))
+        event.took_effect = whole and self.cluster.pid(victim) is None and not data_dir.exists()
+        event.note = f"{data_dir} deleted" if whole else "the cluster was not whole within 30 s"
         return event
 
     async def _kill(self, name: str, targets: tuple[int, ...]) -> FaultEvent:
@@ -377,3 +400,23 @@ def _tail(path: Path, size: int = 8192) -> str:
             return file.read().decode(errors="replace").lower()
     except OSError:
         return ""
+
+
+def _wait_whole(cluster: LocalCluster, timeout_s: float) -> bool:
+    """Wait until the leader counts every node as a voter and has no learner (a replaced
+    node has healed into its slot); False after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        leader = cluster.leader()
+        status = cluster.status(leader) if leader is not None else None
+        if (
+            status is not None
+            and len(status["voters"]) == cluster.size
+            and not status["learners"]
+            and len(cluster.running()) == cluster.size
+        ):
+            answers = [cluster.status(node) for node in cluster.ids]
+            if all(a is not None and a["id"] in status["voters"] for a in answers):
+                return True
+        time.sleep(0.05)
+    return False

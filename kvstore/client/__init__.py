@@ -5,7 +5,8 @@
         item = await kv.get("greeting")         # KeyValue(value=b"hello", mod_revision=...)
 
 Modules: `core` (Client and its retry loop), `txn` (transactions), `watch` (watches that
-survive failover), `lease` (leases kept alive in the background), `recipes` (Lock, Election), `sync` (SyncClient), `config` (ClientConfig),
+survive failover), `lease` (leases kept alive in the background), `recipes` (Lock, Election), `sync` (SyncClient and
+SyncLease, SyncLock, SyncElection), `config` (ClientConfig),
 `retry` (the pure retry policy and circuit breaker), `transport` (the HTTP exchange behind a
 Protocol), `responses` (HTTP answers back into typed errors), `results` (typed results).
 """
@@ -26,7 +27,7 @@ from kvstore.client.results import (
     PeerStatus,
     PutResult,
 )
-from kvstore.client.sync import SyncClient
+from kvstore.client.sync import SyncClient, SyncElection, SyncLease, SyncLock
 from kvstore.client.txn import Compare, Op, OpResult, TxnResult
 from kvstore.client.watch import Watch, WatchEvent, WatchProgress
 
@@ -49,6 +50,9 @@ __all__ = [
     "PeerStatus",
     "PutResult",
     "SyncClient",
+    "SyncElection",
+    "SyncLease",
+    "SyncLock",
     "TxnResult",
     "Watch",
     "WatchEvent",

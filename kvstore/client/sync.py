@@ -7,6 +7,14 @@ threads at once (all calls funnel into the one loop, which owns the Client and i
 session), and even from inside another event loop's thread (it blocks that loop, as any
 synchronous call would). `close()` closes the session, stops the loop and joins the thread;
 `with SyncClient([...]) as kv:` does it for you.
+
+`SyncLease`, `SyncLock` and `SyncElection` are `Lease`, `Lock` and `Election`
+(kvstore/client/lease.py, recipes.py) for the same code: the async object lives on the
+SyncClient's loop (its keepalives run there, in the background, while the calling thread
+does something else), and each method runs the async one there and blocks until it is done.
+The waits that may be long (`acquire`, `campaign`, `wait_lost`) take a `timeout_s`; a wait
+that times out or is interrupted (Ctrl-C) is cancelled on the loop too, so a candidate that
+gave up leaves the queue instead of taking the lock later behind the caller's back.
 """
 
 from __future__ import annotations
@@ -15,11 +23,13 @@ import asyncio
 import itertools
 import threading
 import weakref
-from collections.abc import Coroutine, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, Coroutine, Iterator, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 from kvstore.client.config import ClientConfig, Consistency
 from kvstore.client.core import Client
+from kvstore.client.lease import Lease, OnLost
+from kvstore.client.recipes import Election, Lock
 from kvstore.client.results import (
     ClientStats,
     DeleteResult,
@@ -85,7 +95,19 @@ class SyncClient:
         if self._loop.is_closed():
             coroutine.close()
             raise RuntimeError("this SyncClient is closed")
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            # The caller stopped waiting (KeyboardInterrupt): stop the work on the loop too.
+            future.cancel()
+            raise
+
+    def _run_within(self, coroutine: Coroutine[Any, Any, T], timeout_s: float | None) -> T:
+        """`_run`, cancelled on the loop after `timeout_s` (TimeoutError); None: no bound."""
+        if timeout_s is None:
+            return self._run(coroutine)
+        return self._run(asyncio.wait_for(coroutine, timeout_s))
 
     def __enter__(self) -> SyncClient:
         return self
@@ -227,6 +249,11 @@ class SyncClient:
     def lease_revoke(self, lease_id: int, *, timeout_s: float | None = None) -> int:
         return self._run(self._client.lease_revoke(lease_id, timeout_s=timeout_s))
 
+    def lease(self, ttl_s: float, *, on_lost: OnLost | None = None) -> SyncLease:
+        """A lease kept alive in the background: `with kv.lease(5) as lease:` (SyncLease).
+        `on_lost(reason)` runs on this client's loop thread: it must not call the client."""
+        return SyncLease(self, self._client.lease(ttl_s, on_lost=on_lost))
+
     def leases(self, *, timeout_s: float | None = None) -> tuple[LeaseInfo, ...]:
         return self._run(self._client.leases(timeout_s=timeout_s))
 
@@ -290,3 +317,143 @@ class SyncClient:
 
     def cluster_status(self, *, timeout_s: float = 1.0) -> dict[str, NodeStatus | None]:
         return self._run(self._client.cluster_status(timeout_s=timeout_s))
+
+
+class SyncLease:
+    """`Lease` for synchronous code (see the module docstring): `with kv.lease(5) as lease:`
+    grants it, keeps it alive on the client's loop every `ttl_s / 3`, and revokes it at the
+    end. `lost` (a bool here), `wait_lost()`, `remaining_s()` and `check()` mean what they
+    mean on `Lease`."""
+
+    def __init__(self, client: SyncClient, lease: Lease) -> None:
+        self._client = client
+        self._lease = lease
+
+    @property
+    def id(self) -> int:
+        return self._lease.id
+
+    @property
+    def ttl_s(self) -> float:
+        return self._lease.ttl_s
+
+    @property
+    def lost(self) -> bool:
+        """True once the lease is lost or was revoked (no longer certainly held)."""
+        return self._lease.lost.is_set()
+
+    @property
+    def lost_reason(self) -> str:
+        return self._lease.lost_reason
+
+    @property
+    def keepalives(self) -> int:
+        """Keepalives acknowledged so far."""
+        return self._lease.keepalives
+
+    def grant(self) -> None:
+        """Grant the lease and start the keepalives (`with` does it)."""
+        self._client._run(self._lease.grant())
+
+    def close(self) -> None:
+        """Stop the keepalives and revoke the lease (best effort; `with` does it)."""
+        self._client._run(self._lease.close())
+
+    def remaining_s(self) -> float:
+        """How long the lease is certainly still held, by the client's clock (0: lost)."""
+        return self._lease.remaining_s()
+
+    def check(self) -> None:
+        """Raise LeaseLostError unless the lease is certainly still held."""
+
+        async def check() -> None:
+            self._lease.check()
+
+        self._client._run(check())
+
+    def wait_lost(self, timeout_s: float | None = None) -> bool:
+        """Block until the lease is lost (True) or `timeout_s` passes (False)."""
+        try:
+            self._client._run_within(self._lease.lost.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def __enter__(self) -> SyncLease:
+        self.grant()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class SyncLock:
+    """`Lock` for synchronous code: `with SyncLock(kv, "jobs/cleanup") as token: ...`.
+
+    `acquire(timeout_s=None)` blocks until the lock is held and returns the fencing token
+    (TimeoutError after `timeout_s`, having left the queue); `release()`; `lease` is the
+    SyncLease that holds it (`lock.lease.check()` before acting on the resource)."""
+
+    def __init__(self, client: SyncClient, name: str, *, ttl_s: float = 10.0) -> None:
+        self._client = client
+        self._lock = Lock(client.client, name, ttl_s=ttl_s)
+
+    @property
+    def token(self) -> int:
+        """The fencing token while held (0 when not)."""
+        return self._lock.token
+
+    @property
+    def lease(self) -> SyncLease:
+        return SyncLease(self._client, self._lock.lease)
+
+    def acquire(self, *, timeout_s: float | None = None) -> int:
+        return self._client._run_within(self._lock.acquire(), timeout_s)
+
+    def release(self) -> None:
+        self._client._run(self._lock.release())
+
+    def __enter__(self) -> int:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+class SyncElection:
+    """`Election` for synchronous code: `campaign(value, timeout_s=None)` blocks until this
+    candidate leads and returns the term's fencing token (TimeoutError after `timeout_s`,
+    having left the queue), `resign()`, `leader()`, and `observe()`, a blocking iterator of
+    the leader each time it changes (close it, or leave the loop, to stop)."""
+
+    def __init__(self, client: SyncClient, name: str, *, ttl_s: float = 10.0) -> None:
+        self._client = client
+        self._election = Election(client.client, name, ttl_s=ttl_s)
+
+    @property
+    def lease(self) -> SyncLease:
+        return SyncLease(self._client, self._election.lease)
+
+    def campaign(self, value: bytes | str, *, timeout_s: float | None = None) -> int:
+        return self._client._run_within(self._election.campaign(value), timeout_s)
+
+    def resign(self) -> None:
+        self._client._run(self._election.resign())
+
+    def leader(self) -> KeyValue | None:
+        return self._client._run(self._election.leader())
+
+    def observe(self) -> Iterator[KeyValue | None]:
+        observed = cast(AsyncGenerator[KeyValue | None, None], self._election.observe())
+
+        async def step() -> tuple[KeyValue | None] | None:
+            try:
+                return (await anext(observed),)
+            except StopAsyncIteration:
+                return None
+
+        try:
+            while (item := self._client._run(step())) is not None:
+                yield item[0]
+        finally:
+            self._client._run(observed.aclose())

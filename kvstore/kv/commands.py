@@ -11,6 +11,15 @@ element is the `CommandKind`. Decoding is strict and raises `ProtocolError` on a
 malformed, because these bytes come from the replicated log: a leader running other code, a
 damaged disk or a bug must be loud, never silently applied as something else.
 
+A batch (`CommandKind.BATCH`, `encode_batch`) is one log entry holding several puts and
+deletes, each encoded as above with its own request id: a leader under load proposes the
+writes of one turn as one entry, so the per-entry work (an entry, a write-ahead log record,
+a slot in every replication message, a decode) is paid once for all of them. Its commands
+are applied in order, each exactly as if it had an entry of its own, each deduplicated by
+its own request id (a request id twice in one batch is applied once and both copies get its
+answer). Only puts and deletes may be batched: a lease grant takes its id from the entry's
+index, which the commands of one batch share.
+
 Rules that hold here:
 - Values are frozen, slotted dataclasses and validate themselves in `__post_init__`
   (`ValueError` for a caller's mistake); the decoder turns such failures into `ProtocolError`.
@@ -22,6 +31,7 @@ Rules that hold here:
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -42,6 +52,9 @@ if TYPE_CHECKING:
 COMMAND_FORMAT_VERSION = 1
 """The first byte of every encoded command. Bump it when the array layout changes."""
 
+BATCH_COMMANDS_MAX = 1024
+"""Commands in one batch entry (`encode_batch`); a decoder refuses more."""
+
 UINT64_MAX = (1 << 64) - 1
 """The largest integer msgpack encodes: revisions and times must fit (seqs too:
 `kvstore.request_id.SEQ_MAX`)."""
@@ -58,6 +71,8 @@ class CommandKind(enum.IntEnum):
     LEASE_REVOKE = 12
     COMPACT = 13  # kvstore.kv.history
     AUTH = 20  # kvstore.kv.auth: users, roles, tokens (issue 16)
+    # Several puts and deletes in one log entry (`encode_batch`, `decode_commands`).
+    BATCH = 30
 
 
 class WriteError(enum.StrEnum):
@@ -206,11 +221,49 @@ def encode_command(command: Command) -> bytes:
     return bytes((COMMAND_FORMAT_VERSION,)) + body
 
 
-def decode_command(data: bytes) -> Command:
-    """Decode bytes made by `encode_command`; ProtocolError on anything else."""
+def encode_batch(commands: Sequence[bytes]) -> bytes:
+    """One entry's payload for several puts and deletes, each made by `encode_command`
+    (the caller checks the kinds: `decode_commands` refuses any other)."""
+    assert 1 <= len(commands) <= BATCH_COMMANDS_MAX, f"a batch of {len(commands)} commands"
+    body: bytes = msgpack.packb([int(CommandKind.BATCH), list(commands)], use_bin_type=True)
+    return bytes((COMMAND_FORMAT_VERSION,)) + body
+
+
+def decode_commands(data: bytes) -> tuple[Command, ...]:
+    """The commands of one entry's payload: one made by `encode_command`, or those of a
+    batch made by `encode_batch`, in order; ProtocolError on anything else (nothing of a
+    batch is returned when any part of it is malformed)."""
     obj = unpack_versioned(data, COMMAND_FORMAT_VERSION, "command")
     if not isinstance(obj, list) or not obj:
         raise ProtocolError("command: expected a non-empty array")
+    if obj[0] != CommandKind.BATCH or not _is_int(obj[0]):
+        return (_command_from_obj(obj),)
+    if len(obj) != 2 or not isinstance(obj[1], list):
+        raise ProtocolError("batch: expected [kind, [command, ...]]")
+    parts = obj[1]
+    if not 1 <= len(parts) <= BATCH_COMMANDS_MAX:
+        raise ProtocolError(f"batch: 1..{BATCH_COMMANDS_MAX} commands, not {len(parts)}")
+    commands = []
+    for part in parts:
+        if not isinstance(part, bytes):
+            raise ProtocolError("batch: every command must be bytes")
+        command = decode_command(part)
+        if not isinstance(command, (Put, Delete)):
+            raise ProtocolError(f"batch: only puts and deletes, not {type(command).__name__}")
+        commands.append(command)
+    return tuple(commands)
+
+
+def decode_command(data: bytes) -> Command:
+    """Decode bytes made by `encode_command`; ProtocolError on anything else (a batch too:
+    `decode_commands` reads those)."""
+    obj = unpack_versioned(data, COMMAND_FORMAT_VERSION, "command")
+    if not isinstance(obj, list) or not obj:
+        raise ProtocolError("command: expected a non-empty array")
+    return _command_from_obj(obj)
+
+
+def _command_from_obj(obj: list[Any]) -> Command:
     kind = obj[0]
     try:
         if kind == CommandKind.PUT and _is_int(kind):

@@ -172,21 +172,30 @@ def address_book(
     self_id: int,
     self_name: str,
 ) -> dict[int, str]:
-    """Peer id -> peer address for every member of `conf` but this node: a runtime member's
-    context, else its bootstrap address (`--peers`). The bootstrap entry of this node's own
-    name is its own address (it holds that slot now), and is left out. Before this node has
-    any configuration (a learner waiting for its first message), every bootstrap peer."""
+    """Peer id -> peer address for every member of `conf` but this node. A member whose
+    name is a slot of this node's bootstrap `--peers` (a bootstrap member, or one that took
+    a slot over after a lost disk) is reached at that entry: `--peers` stays the one place
+    that says how this node reaches each slot (through a proxy, a NAT); any other runtime
+    member at the address of its context. The bootstrap entry of this node's own name is
+    its own address (it holds that slot now), and is left out. Before this node has any
+    configuration (a learner waiting for its first message), every bootstrap peer."""
     members: Iterable[int] = (*conf.voters, *conf.learners) if conf.voters else bootstrap
     book: dict[int, str] = {}
     for member in members:
         if member == self_id:
             continue
         info = infos.get(member)
-        if info is not None:
+        slot = _slot(info.name) if info is not None else member
+        if slot in bootstrap and str(slot) != self_name:
+            book[member] = bootstrap[slot]
+        elif info is not None:
             book[member] = info.peer_address
-        elif member in bootstrap and str(member) != self_name:
-            book[member] = bootstrap[member]
     return book
+
+
+def _slot(name: str) -> int:
+    """The bootstrap slot a name stands for (its id in `--peers`), 0 for none."""
+    return int(name) if name.isdigit() and len(name) < 19 else 0
 
 
 def holder_of(name: str, conf: ConfState, infos: Mapping[int, MemberInfo]) -> int:

@@ -23,7 +23,9 @@ appends one map of these sections to version 1's array; version 1 still restores
 Entries that carry no command (a new leader's empty entry, CONF_CHANGE) advance
 `applied_index` only, except that a CONF_CHANGE entry's member context goes into the member
 table (kv/members.py; the section "members" of snapshots, present once a member was added
-at runtime). A committed entry whose bytes do not decode raises `ProtocolError`
+at runtime); a batch entry (kvstore.kv.commands: several puts and deletes) applies its
+commands in order, each as an entry of its own would, and advances it by one. A committed
+entry whose bytes do not decode raises `ProtocolError`
 and leaves the state untouched: it means a bug, a foreign leader or damage, and must stop
 the node loudly rather than be applied differently on different replicas.
 
@@ -58,7 +60,7 @@ from kvstore.kv.commands import (
     RequestId,
     WriteError,
     WriteResult,
-    decode_command,
+    decode_commands,
 )
 from kvstore.kv.history import EVENT_DELETE, EVENT_PUT, Compact, Event, History, HistoryConfig
 from kvstore.kv.leases import LeaseGrant, LeaseRevoke, LeaseTable
@@ -141,13 +143,16 @@ class StateMachine:
     # --- apply ---------------------------------------------------------------------------
 
     def apply(self, entry: Entry) -> WriteResult | None:
-        """Apply the committed entry `applied_index + 1`; None when it carries no command."""
-        return self.apply_entry(entry)[1]
+        """Apply the committed entry `applied_index + 1`; None when it carries no command
+        (for a batch: the result of its last command)."""
+        applied = self.apply_entry(entry)
+        return applied[-1][1] if applied else None
 
-    def apply_entry(self, entry: Entry) -> tuple[Command | None, WriteResult | None]:
-        """`apply`, also returning the decoded command (None for empty and CONF_CHANGE
-        entries), so a driver can match results to its pending proposals without decoding
-        the entry a second time."""
+    def apply_entry(self, entry: Entry) -> tuple[tuple[Command, WriteResult], ...]:
+        """`apply`, returning every command of the entry with its result, in order (none
+        for empty and CONF_CHANGE entries; several for a batch), so a driver can match
+        results to its pending proposals without decoding the entry a second time. The
+        whole entry decodes before anything is applied."""
         assert entry.index == self.applied_index + 1, (
             f"apply out of order: entry {entry.index} after applied {self.applied_index}"
         )
@@ -155,11 +160,11 @@ class StateMachine:
             if entry.type == EntryType.CONF_CHANGE:
                 self.members.apply(entry.data)
             self.applied_index = entry.index
-            return None, None
-        command = decode_command(entry.data)
-        result = self.apply_command(command)
+            return ()
+        commands = decode_commands(entry.data)
+        applied = tuple((command, self.apply_command(command)) for command in commands)
         self.applied_index = entry.index
-        return command, result
+        return applied
 
     def apply_command(self, command: Command) -> WriteResult:
         """Apply one decoded command (the body of `apply`; public for tests and tools)."""

@@ -306,6 +306,15 @@ class RawNode:
         self._broadcast_pending = True
         return entry.index
 
+    def learner_caught_up(self, learner: int) -> bool:
+        """On the leader: whether PROMOTE of `learner` would pass the test below now (the
+        server's healer and the simulator's operator ask before proposing)."""
+        try:
+            self._check_caught_up(learner)
+        except ConfChangeRefusedError:
+            return False
+        return True
+
     def _check_caught_up(self, learner: int) -> None:
         """Dissertation §4.2.1 (etcd's "learner in sync", Consul's "stable and at most 250
         entries behind"): promote only a learner that is alive and close to our log."""
@@ -560,11 +569,6 @@ class RawNode:
                 break
             conf = conf_entry.conf_state
         return conf
-
-    @property
-    def promote_lag_entries_max(self) -> int:
-        """How far behind its leader's log a learner may be and still be promoted."""
-        return self._config.promote_lag_entries_max
 
     @property
     def is_removed(self) -> bool:
@@ -1153,14 +1157,20 @@ class RawNode:
             # Whatever went to the follower last went a heartbeat interval ago and it still
             # lags: that append may be lost without the transport noticing. Send once more
             # (etcd-io/raft resumes a paused probe on a heartbeat response the same way).
+            # A probe goes again without its entries: its answer says where the follower
+            # stands, and the entries follow it. With them, a follower that answers
+            # heartbeats but not appends for a while (loading a large snapshot) was sent the
+            # same megabyte every heartbeat interval, which both sides encoded and decoded.
+            with_entries = True
             if progress.state is ProgressState.PROBE:
                 progress.probe_sent = False
+                with_entries = False
             elif progress.inflights.full():
                 # Free one slot so that the next append goes out; if the follower lacks the
                 # entries before it, it rejects and we fall back to probing from its real
                 # match index.
                 progress.inflights.free_first_one()
-            self._send_append(m.from_, progress)
+            self._send_append(m.from_, progress, with_entries=with_entries)
         self._heartbeat_read_ack(m)
 
     def _heartbeat_read_ack(self, m: Message) -> None:
@@ -1205,8 +1215,12 @@ class RawNode:
             if peer != self.id:
                 self._send_append(peer, progress)
 
-    def _send_append(self, to: int, progress: Progress, send_if_empty: bool = True) -> bool:
-        """Send the next append to `to` when its progress allows; True if one was sent."""
+    def _send_append(
+        self, to: int, progress: Progress, send_if_empty: bool = True, with_entries: bool = True
+    ) -> bool:
+        """Send the next append to `to` when its progress allows; True if one was sent.
+        `with_entries=False`: an empty append (a probe resent: see
+        `_handle_heartbeat_response`)."""
         log = self._log
         if not send_if_empty and progress.next_index > log.last_index():
             return False  # nothing new to send: the common case after every ack
@@ -1215,7 +1229,11 @@ class RawNode:
         previous_index = progress.next_index - 1
         try:
             previous_term = log.term(previous_index)
-            entries = log.entries(progress.next_index, self._config.max_size_per_message_bytes)
+            entries = (
+                log.entries(progress.next_index, self._config.max_size_per_message_bytes)
+                if with_entries
+                else []
+            )
         except CompactedError:
             return self._send_snapshot(to, progress)
         except UnavailableIndexError:

@@ -8,8 +8,9 @@ before the request arrived), the driver freezes the state machine at its applied
 copy of references, as for a local snapshot), and a worker thread encodes it while the node
 goes on serving. The file's name-independent header carries its own checksum; the response
 also names its index and term (`Kvstore-Snapshot-Index`, `Kvstore-Snapshot-Term`). One save
-runs at a time per node (a second gets 503 and retries): the encoding is as large as the
-store.
+runs at a time per node (a second gets 429 and retries): the encoding is as large as the
+store. A client that takes no chunk of the file for the client body timeout is cut, so a
+client that never reads cannot hold the node's one save (and its memory) for ever.
 
 `restore_data_dir(snapshot_file, data_dir)` verifies a saved file and makes it the whole
 content of a new node's data directory: the snapshot installed as if a leader had sent it,
@@ -80,16 +81,35 @@ class SnapshotApi:
                 }
             )
             await response.prepare(request)
-            view = memoryview(content)
-            for offset in range(0, len(content), _WRITE_BYTES):
-                await response.write(view[offset : offset + _WRITE_BYTES])
-            await response.write_eof()
+            if not await self._send(request, response, content):
+                return response
             logger.info(
                 "event=snapshot_saved index=%d term=%d bytes=%d", job.index, job.term, len(content)
             )
             return response
         finally:
             self._busy = False
+
+
+    async def _send(
+        self, request: web.BaseRequest, response: web.StreamResponse, content: bytes
+    ) -> bool:
+        """Write the file a chunk at a time; False if the client took no chunk within the
+        client body timeout: its connection is then cut (closing would wait for unread
+        bytes forever), which frees this node's one save for others."""
+        timeout_s = self._driver.config.client_body_timeout_ms / 1000
+        view = memoryview(content)
+        try:
+            for offset in range(0, len(content), _WRITE_BYTES):
+                async with asyncio.timeout(timeout_s):
+                    await response.write(view[offset : offset + _WRITE_BYTES])
+            await response.write_eof()
+        except TimeoutError:
+            logger.warning("event=snapshot_client_stalled timeout_s=%s", timeout_s)
+            if request.transport is not None:
+                request.transport.abort()
+            return False
+        return True
 
 
 def _encode(job: SnapshotJob) -> bytes:

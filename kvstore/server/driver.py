@@ -4,7 +4,9 @@ and its Ready loop.
 Everything that touches Raft state happens on this task, in this order, turn after turn:
 
 1. take up to `inbox_batch_max` items from the inbox (peer messages, proposals, reads,
-   control requests) and step them into the core; all reads of one turn share one ReadIndex;
+   control requests) and step them into the core; all reads of one turn share one ReadIndex,
+   and all puts and deletes of one turn share one entry (a batch, kvstore/kv/commands.py,
+   within `BATCH_COMMANDS_MAX` commands and `_BATCH_BYTES_MAX` bytes);
 2. tick the core when the tick timer has fired;
 3. while the core has a Ready: persist it (storage_thread.py: inline while saves are fast,
    otherwise on the storage thread so heartbeats and HTTP stay on time while the disk
@@ -51,7 +53,16 @@ from kvstore.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from kvstore.kv.commands import Command, RequestId, WriteResult, encode_command
+from kvstore.kv.commands import (
+    BATCH_COMMANDS_MAX,
+    Command,
+    Delete,
+    Put,
+    RequestId,
+    WriteResult,
+    encode_batch,
+    encode_command,
+)
 from kvstore.raft.node import Status
 from kvstore.raft.types import NONE, Message, MessageType, Ready, Role
 from kvstore.server.config import ServeConfig
@@ -72,6 +83,9 @@ _RETRY_AFTER_S = 0.05
 _DEADLINE_SWEEP_S = 0.01
 # A tick this late is logged: it is how elections under load are explained.
 _SLOW_TICK_S = 0.1
+# A batch entry's commands stop growing at this many bytes (a larger write goes alone): far
+# below every bound on a replication message, and enough for hundreds of small writes.
+_BATCH_BYTES_MAX = 64 * 1024
 # Leader messages that may be sent before the leader's own save of the same Ready.
 _EARLY_TYPES = frozenset({MessageType.APPEND, MessageType.HEARTBEAT})
 
@@ -82,11 +96,12 @@ _EARLY_TYPES = frozenset({MessageType.APPEND, MessageType.HEARTBEAT})
 @dataclass(slots=True)
 class _Proposal:
     """A write to propose; `key` is str(RequestId): how the applied result finds its
-    futures."""
+    futures. `batchable`: a put or a delete, which may share an entry with others."""
 
     key: str
     data: bytes
     future: asyncio.Future[WriteResult]
+    batchable: bool
 
 
 @dataclass(slots=True)
@@ -302,7 +317,8 @@ class Driver:
         key = str(request)
         future = self.pending.add_write(key)
         future.add_done_callback(functools.partial(self._write_done, key))
-        self._put(_Proposal(key, encode_command(command), future))
+        batchable = isinstance(command, (Put, Delete))
+        self._put(_Proposal(key, encode_command(command), future, batchable))
         return future
 
     def _write_done(self, key: str, future: asyncio.Future[WriteResult]) -> None:
@@ -377,6 +393,7 @@ class Driver:
     def _drain_inbox(self) -> None:
         node = self.node
         reads: list[asyncio.Future[None]] = []
+        batch: list[_Proposal] = []
         inbox = self._inbox
         count = min(len(inbox), self.config.inbox_batch_max)
         if count:
@@ -389,7 +406,12 @@ class Driver:
                     except KVStoreError as exc:
                         logger.debug("event=step_rejected from=%s error=%r", message.from_, exc)
                 case _Proposal() as proposal:
-                    self._propose(proposal)
+                    if proposal.future.done():
+                        pass  # its deadline passed while it waited: nothing to propose
+                    elif proposal.batchable:
+                        batch.append(proposal)
+                    else:
+                        self._propose([proposal])
                 case _Read(future=future):
                     if not future.done():
                         reads.append(future)
@@ -398,32 +420,59 @@ class Driver:
                 case _SnapshotStatus(peer=peer, ok=ok):
                     node.report_snapshot(peer, ok)
                 case _Call(function=function):
+                    if batch:
+                        # Proposed before, as they came: a leadership transfer, say, would
+                        # otherwise refuse writes that arrived before it was asked for.
+                        self._propose_batches(batch)
+                        batch = []
                     function()
+        if batch:
+            self._propose_batches(batch)
         if reads:
             self._start_read_index(reads)
 
-    def _propose(self, proposal: _Proposal) -> None:
-        if proposal.future.done():
-            return
+    def _propose_batches(self, proposals: list[_Proposal]) -> None:
+        """Propose the puts and deletes of one turn in as few entries as the bounds allow
+        (`BATCH_COMMANDS_MAX` commands, `_BATCH_BYTES_MAX` bytes): under load one entry, one
+        log record and one slot per replication message carry many writes."""
+        batch: list[_Proposal] = []
+        size = 0
+        for proposal in proposals:
+            if batch and (
+                len(batch) == BATCH_COMMANDS_MAX
+                or size + len(proposal.data) > _BATCH_BYTES_MAX
+            ):
+                self._propose(batch)
+                batch, size = [], 0
+            batch.append(proposal)
+            size += len(proposal.data)
+        self._propose(batch)
+
+    def _propose(self, proposals: list[_Proposal]) -> None:
+        """Propose one entry: one command alone (the bytes are its own), or a batch."""
+        if len(proposals) == 1:
+            data = proposals[0].data
+        else:
+            data = encode_batch([proposal.data for proposal in proposals])
         try:
-            self.node.propose(proposal.data)
+            self.node.propose(data)
         except ProposalDroppedError:
-            self.metrics.proposals_failed.labels(reason="dropped").inc()
-            status = self.node.status()
-            if status.role is Role.LEADER and status.lead_transferee:
-                # A leadership transfer is under way: the new leader is milliseconds away.
-                error: KVStoreError = UnavailableError(
-                    "leadership is being transferred; retry", retry_after_s=0.01
-                )
-            elif status.role is Role.LEADER:
-                error = OverloadedError(
-                    "the leader refused the proposal", retry_after_s=_RETRY_AFTER_S
-                )
-            else:
-                error = self._not_leader_error()
-            proposal.future.set_exception(error)
+            self.metrics.proposals_failed.labels(reason="dropped").inc(len(proposals))
+            error = self._dropped_error()
+            for proposal in proposals:
+                proposal.future.set_exception(error)
             return
-        self.metrics.proposals.inc()
+        self.metrics.proposals.inc(len(proposals))
+
+    def _dropped_error(self) -> KVStoreError:
+        """What a write the core refused to propose is told."""
+        status = self.node.status()
+        if status.role is Role.LEADER and status.lead_transferee:
+            # A leadership transfer is under way: the new leader is milliseconds away.
+            return UnavailableError("leadership is being transferred; retry", retry_after_s=0.01)
+        if status.role is Role.LEADER:
+            return OverloadedError("the leader refused the proposal", retry_after_s=_RETRY_AFTER_S)
+        return self._not_leader_error()
 
     def _start_read_index(self, futures: list[asyncio.Future[None]]) -> None:
         try:

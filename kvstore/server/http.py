@@ -153,6 +153,30 @@ def _query(request: web.BaseRequest) -> dict[str, str]:
     return query
 
 
+def _check_no_lone_surrogates(document: object) -> None:
+    """400 if a string of a parsed JSON document holds a lone surrogate: JSON's `\\ud800`
+    escape parses into a str that is no text (UTF-8 cannot encode it), which would fail
+    deep inside (a key, a role's prefix) instead of here. Iterative: the parser bounds the
+    depth, this does not recurse at all."""
+    stack = [document]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise BadRequestError(
+                        "the body's JSON has a string with a lone surrogate (\\ud800-\\udfff),"
+                        " which is no character"
+                    ) from None
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def check_key(key: str, max_key_bytes: int) -> str:
     """`key` (already percent-decoded) if it may name a key; BadRequestError otherwise. The
     HTTP API and the binary stream (kvstore/server/stream.py) check keys here."""
@@ -214,6 +238,8 @@ class HttpApi:
         self.driver = driver
         self.config = driver.config
         self.cluster_id = cluster_id
+        # The slot this node was started as (`--id`); its member id after a lost disk differs.
+        self.member_name = str(self.config.id)
         self.metrics = driver.metrics
         self.throttle = LogThrottle(logger)
         self._body_timeout_s = self.config.client_body_timeout_ms / 1000
@@ -424,6 +450,7 @@ class HttpApi:
             raise BadRequestError("the body's JSON is nested too deeply") from None
         if not isinstance(body, dict):
             raise BadRequestError("the body must be a JSON object")
+        _check_no_lone_surrogates(body)
         return body
 
     async def _body(self, request: web.BaseRequest) -> bytes:
@@ -606,6 +633,7 @@ class HttpApi:
         status = self.driver.status()
         document: dict[str, Any] = {
             "id": self.config.id,
+            "name": self.member_name,
             "cluster_id": self.cluster_id,
             "role": status.role.value,
             "term": status.term,

@@ -26,8 +26,9 @@ itself removed says so in its log (the core already keeps it from taking part).
 
 `Healer` (a task on every node, acting only while it leads): every `promote_stable_ms / 4`
 it asks `kv.members.heal_step` for the next change, counting a learner caught up once the
-core would promote it (heard from lately, replicating, at most `promote_lag_entries_max`
-entries behind, dissertation §4.2.1) continuously for `promote_stable_ms`. It acts only on
+core would promote it (`RawNode.learner_caught_up`: heard from lately, replicating, at most
+`promote_lag_entries_max` entries behind, dissertation §4.2.1) continuously for
+`promote_stable_ms`. It acts only on
 positive evidence (a learner that asked for promotion, and a member whose name it took),
 never because a member was silent; a change the core refuses is tried again later.
 
@@ -54,7 +55,6 @@ from kvstore.kv import members as kv_members
 from kvstore.kv.members import MemberInfo
 from kvstore.raft import confchange
 from kvstore.raft.confchange import NODE_ID_MAX, ConfChange, ConfChangeType
-from kvstore.raft.progress import ProgressState
 from kvstore.raft.types import ConfState, Role
 from kvstore.server.discovery import split_host_port
 from kvstore.server.driver import Driver
@@ -125,12 +125,10 @@ class MemberBook:
 class Healer:
     """Self-healing on the leader (see the module docstring)."""
 
-    def __init__(self, driver: Driver, book: MemberBook, stable_s: float, lag_max: int) -> None:
+    def __init__(self, driver: Driver, book: MemberBook, stable_s: float) -> None:
         self.driver = driver
         self.book = book
         self.stable_s = stable_s
-        # RaftConfig.promote_lag_entries_max: the core's own bound for PROMOTE.
-        self.lag_max = lag_max
         # Learner -> since when (loop time) it has been caught up without a break.
         self._caught_up_since: dict[int, float] = {}
 
@@ -166,19 +164,12 @@ class Healer:
         conf = status.conf_state
         if status.conf_index > status.commit_index:
             return None  # one change in flight
-        lag_max = self.lag_max
         since = self._caught_up_since
         for learner in list(since):
             if learner not in conf.learners:
                 del since[learner]
         for learner in conf.learners:
-            progress = status.progress.get(learner)
-            if (
-                progress is not None
-                and progress.recent_active
-                and progress.state is ProgressState.REPLICATE
-                and status.last_index - progress.match_index <= lag_max
-            ):
+            if self.driver.node.learner_caught_up(learner):
                 since.setdefault(learner, now)
             else:
                 since.pop(learner, None)

@@ -31,6 +31,7 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -39,6 +40,7 @@ from kvstore.errors import CorruptionError, FatalDiskError, StorageError
 from kvstore.kv.history import HistoryConfig
 from kvstore.kv.state_machine import KvConfig
 from kvstore.raft.config import RaftConfig
+from kvstore.raft.node import Status
 from kvstore.server import stream
 from kvstore.server.auth import AuthApi, AuthGate, read_root_token
 from kvstore.server.backup import SnapshotApi
@@ -48,7 +50,7 @@ from kvstore.server.coordination import CoordinationApi
 from kvstore.server.discovery import split_host_port
 from kvstore.server.driver import Driver
 from kvstore.server.http import HttpApi
-from kvstore.server.identity import Identity, JoinRefusedError, resolve_identity
+from kvstore.server.identity import Identity, StartRefusedError, resolve_identity
 from kvstore.server.leases import LeaseService
 from kvstore.server.membership import Healer, MemberBook, MembershipApi
 from kvstore.server.metrics import NodeMetrics, NodeState
@@ -235,10 +237,12 @@ class Node:
             dead_after_s=config.peer_dead_after_heartbeats * config.heartbeat_interval_s,
             snapshot_directory=str(config.data_dir),
             open_snapshot=snapshot_file_opener(str(config.data_dir)),
+            name_slot=int(identity.name) if identity.name.isdigit() else 0,
         )
         # A received snapshot is decoded off the loop and its file kept (snapshot_stream.py).
         self.transport.snapshots.receiver = replica
         self.http = HttpApi(self.driver, config.cluster_id)
+        self.http.member_name = identity.name
         AuthApi(self.http)
         if config.auth:
             self.http.auth_gate = AuthGate(
@@ -248,12 +252,13 @@ class Node:
                 protect_metrics=config.auth_protect_metrics,
                 on_denied=lambda code: self.metrics.auth_denied.labels(code=code).inc(),
             )
-        stream.install(self.http)
+        self.streams = stream.install(self.http)
         self.leases = LeaseService(self.driver)
         self.watch_hub = WatchHub(self.driver)
         CoordinationApi(self.http, self.leases)
-        # The bootstrap book: --peers, and the one this node joined with.
-        bootstrap = {**config.peer_addresses, **identity.peers}
+        # The bootstrap book: the one this node joined with, and --peers (which wins: it
+        # says how this node reaches each slot).
+        bootstrap = {**identity.peers, **config.peer_addresses}
         self.book = MemberBook(
             self.driver,
             name=identity.name,
@@ -262,12 +267,7 @@ class Node:
             set_peers=self.transport.set_peers,
         )
         self.book.refresh()
-        self.healer = Healer(
-            self.driver,
-            self.book,
-            config.promote_stable_ms / 1000,
-            self.replica.node.promote_lag_entries_max,
-        )
+        self.healer = Healer(self.driver, self.book, config.promote_stable_ms / 1000)
         MembershipApi(self.http, self.book)
         WatchApi(self.http, self.watch_hub)
         SnapshotApi(self.http, self.driver)
@@ -413,6 +413,11 @@ class Node:
         await self._drain_writes(self.config.shutdown_transfer_ms / 1000)
         self.watch_hub.close()  # watches end now rather than hold the cleanup below
         if self._runner is not None:
+            # No new connections, then the open streams end (clients go elsewhere at once)
+            # rather than hold the cleanup below for its timeout.
+            for site in list(self._runner.sites):
+                await site.stop()
+            await self.streams.close()
             await self._runner.cleanup()
             self._runner = None
         self.driver.stop()
@@ -425,14 +430,9 @@ class Node:
         if not driver.is_leader() or len(driver.status().conf_state.voters) < 2:
             return
         status = driver.status()
-        followers = [
-            (p.match_index, peer)
-            for peer, p in status.progress.items()
-            if peer != self.config.id and peer in status.conf_state.voters
-        ]
-        if not followers:
+        target = handover_target(status, self.config.id, self.transport.is_connected)
+        if target is None:
             return
-        _, target = max(followers)
         logger.info("event=transfer_leadership to=%s", target)
         if await driver.hand_over(target, self.config.shutdown_transfer_ms / 1000):
             logger.info("event=transfer_done leader=%s", driver.leader_id)
@@ -453,6 +453,22 @@ class Node:
         with contextlib.suppress(Exception):
             self.replica.storage.close()
         logger.info("event=stopped id=%s", self.config.id)
+
+
+def handover_target(status: Status, node_id: int, connected: Callable[[int], bool]) -> int | None:
+    """Whom a stopping leader hands over to: the voter with the highest match index among
+    those it is connected to (a follower that is down keeps its last match index, and a
+    transfer to it would time out, stopping the node without a handover); any voter if none
+    is connected; None without another voter (a learner never leads)."""
+    followers = [
+        (p.match_index, peer)
+        for peer, p in status.progress.items()
+        if peer != node_id and peer in status.conf_state.voters
+    ]
+    reachable = [(match, peer) for match, peer in followers if connected(peer)]
+    if not followers:
+        return None
+    return max(reachable or followers)[1]
 
 
 async def _main(config: ServeConfig) -> int:
@@ -476,7 +492,7 @@ async def _main(config: ServeConfig) -> int:
                 config, id=identity.member_id, peers=tuple(sorted(peers.items()))
             )
         replica = open_replica(config, joined=identity.joined)
-    except JoinRefusedError as exc:
+    except StartRefusedError as exc:
         logger.critical("event=cannot_join error=%s", exc)
         print(f"kvstore: cannot start: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START

@@ -9,19 +9,27 @@ one outcome, `RawNode.report_snapshot(peer, ok)`. Between the two, this module m
     END    stream id, size                            ->  checks magic, length and the crc32
                                                           of the body (computed as it came)
     ACK    stream id, ok           <- (on the follower's own connection to the leader)
-                                                          fsyncs, loads and checks the file
-                                                          again (metadata equal to BEGIN's)
-                                                          and steps the SNAPSHOT message into
-                                                          its node
+                                                          on a worker thread: fsyncs, loads
+                                                          and checks the file again (metadata
+                                                          equal to BEGIN's), decodes the state
+                                                          and hands the file to the storage
+                                                          (`SnapshotReceiver`); then steps the
+                                                          SNAPSHOT message into its node
     report_snapshot(follower, ok)
 
 What is sent is the leader's snapshot file itself (`kvstore.storage.snapshot`), read ahead
 READ_AHEAD_BYTES at a time on a worker thread and sent `chunk_bytes` at a time; the follower
 writes each chunk to a temporary file as it arrives and reads it back only once the whole file
 is there. So the stream itself holds at most a read-ahead (leader) or a chunk (follower) in
-memory, beyond the state machine each holds anyway, and there is no size limit: a chunk is a frame of at most `chunk_bytes`, far under the transport's
-frame bound (a snapshot was one frame before, and a store of about 2 million 100-byte keys could
-no longer be sent).
+memory, beyond the state machine each holds anyway, and there is no size limit: a chunk is a
+frame of at most `chunk_bytes`, far under the transport's frame bound (a snapshot was one frame
+before, and a store of about 2 million 100-byte keys could no longer be sent).
+
+Installing is off the loop too: the worker thread that checks the file also decodes the state
+(`Replica.decode_snapshot`, a key at a time so the loop gets the GIL back every few
+milliseconds) and the storage takes the file over (`adopt_snapshot_file`: renamed into place,
+not written again); the node's Ready then only installs the decoded state. Decoding a million
+keys on the loop held a follower for 9 s without answering a heartbeat.
 
 Rules that hold here:
 - Flow control is TCP's: the sender writes the next chunk only when the connection has taken
@@ -33,7 +41,8 @@ Rules that hold here:
   way joins it (the core may time its pending snapshot out and send it again while a large one
   is still travelling); one for another snapshot replaces it, silently.
 - Every stream ends with exactly one report: ACK ok (verified, and stepped into the
-  follower's node right after), ACK failed (the follower found the file damaged or out of order), or failed because
+  follower's node once loaded), ACK failed (the follower found the file damaged or a chunk
+  out of place: its log names the partial file and the offset), or failed because
   the leader's connection to the follower closed before the ACK. A follower that sees its
   leader's connection close discards the partial file. A later SNAPSHOT starts over from the
   first byte (restartable, not resumable).
@@ -491,11 +500,20 @@ class SnapshotStreams:
         appends wait (up to _HELD_MAX, then they are dropped: Raft sends them again) and are
         stepped after it, in order: the leader, told the snapshot arrived, probes from after
         it, and the follower must not answer that probe with the log it had before the
-        snapshot (a rejection that would send the snapshot again). True if held."""
+        snapshot (a rejection that would send the snapshot again). True if held.
+
+        An append that follows on from the same entry as the last one held is the leader's
+        probe again (resent every heartbeat interval while the follower lags, and a
+        million-key snapshot loads for seconds): only the one with more entries is kept (the
+        newer on a tie). Kept, every copy was held (hundreds of megabytes at 1M keys) and
+        stepped after the snapshot."""
         held = self._held.get(peer_id)
         if held is None or message.type not in _HELD_TYPES:
             return False
-        if len(held) < _HELD_MAX:
+        if held and _same_probe(held[-1], message):
+            if len(message.entries) >= len(held[-1].entries):
+                held[-1] = message
+        elif len(held) < _HELD_MAX:
             held.append(message)
         return True
 
@@ -564,6 +582,17 @@ class SnapshotStreams:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _same_probe(held: Message, message: Message) -> bool:
+    """Whether `message` is the same leader's append from the same previous entry as `held`
+    (the leader's log only grows in its term, so the one with more entries holds the
+    other's)."""
+    return held.type is message.type is MessageType.APPEND and (
+        held.term,
+        held.index,
+        held.log_term,
+    ) == (message.term, message.index, message.log_term)
 
 
 def _remove_leftovers(directory: str) -> None:

@@ -46,6 +46,7 @@ or delete's) and a forbidden one is answered 403 by its id (kvstore/server/auth.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -500,6 +501,13 @@ class StreamSession:
             self._outbox_ready.clear()
             await self._flush()
 
+    async def close(self) -> None:
+        """Send the answers ready so far, then close the connection (going away)."""
+        await self._flush()
+        self._closed = True
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self._ws.close(code=WSCloseCode.GOING_AWAY, message=b"node stopping")
+
     async def _flush(self) -> None:
         """Send every answer waiting, in messages of about ANSWER_MESSAGE_BYTES; cut the
         connection if the client does not take one within the send timeout."""
@@ -542,22 +550,49 @@ def _json_bytes(document: object) -> bytes:
     return json.dumps(document).encode()
 
 
-def install(api: HttpApi) -> None:
-    """Serve the stream at `GET /v1/stream` on `api`'s client port."""
+class StreamSessions:
+    """The node's open streams, so that a stopping node can end them (`close`)."""
+
+    def __init__(self) -> None:
+        self.open: set[StreamSession] = set()
+
+    async def close(self) -> None:
+        """End every open stream now (1001 going away), each after its answers ready so far.
+        A stopping node calls it once its listener is closed and its writes are answered:
+        aiohttp would otherwise hold the shutdown for its timeout while clients keep their
+        streams, and a client learns at once that it must go elsewhere (the requests still
+        waiting fail as a closed connection does: they are retried with their request ids)."""
+        sessions, self.open = list(self.open), set()
+        await asyncio.gather(*(session.close() for session in sessions))
+
+
+def install(api: HttpApi) -> StreamSessions:
+    """Serve the stream at `GET /v1/stream` on `api`'s client port; returns its sessions."""
     limit = message_bytes_max(api.config.max_value_bytes)
     heartbeat_s = max(1.0, api.config.client_idle_timeout_ms / 4000)
+    sessions = StreamSessions()
 
     async def stream(request: web.BaseRequest) -> web.StreamResponse:
         ws = web.WebSocketResponse(
             max_msg_size=limit, heartbeat=heartbeat_s, autoping=True, compress=False
         )
         if not ws.can_prepare(request).ok:
-            raise BadRequestError("GET /v1/stream is a WebSocket: send Upgrade: websocket")
+            raise BadRequestError(
+                "GET /v1/stream is a WebSocket upgrade: it needs Upgrade: websocket, "
+                "Connection: Upgrade, Sec-WebSocket-Version: 13 and a Sec-WebSocket-Key of 16 "
+                "bytes in base64"
+            )
         gate = api.auth_gate
         # The upgrade itself passed the gate (HttpApi.handle): 401 without a good credential.
         authorizer = gate.stream_authorizer(request) if gate is not None else None
         await ws.prepare(request)
-        await StreamSession(api, ws, authorizer, request.transport).run()
+        session = StreamSession(api, ws, authorizer, request.transport)
+        sessions.open.add(session)
+        try:
+            await session.run()
+        finally:
+            sessions.open.discard(session)
         return ws
 
     api.add_routes({("/v1/stream", "GET"): stream})
+    return sessions

@@ -282,12 +282,16 @@ class PeerTransport:
         open_snapshot: OpenSnapshot | None = None,
         snapshot_chunk_bytes: int = CHUNK_BYTES_DEFAULT,
         fresh: bool = False,
+        name_slot: int = 0,
     ) -> None:
         """`fresh`: this process has an empty data directory and only finds out whether a
         cluster exists (kvstore/server/identity.py): its handshakes say so, and what each
         peer said of itself is kept in `peer_fresh`."""
         self.node_id = node_id
         self.fresh = fresh
+        # The bootstrap slot this node holds (its --id), which may differ from its member id
+        # after it replaced a lost disk; 0: none.
+        self.name_slot = name_slot
         # Peer id -> whether its last completed handshake said it was fresh; and the peers
         # that dialled us saying so (each has seen our answer, so it knows if we are fresh).
         # Every peer that ever said so is in `seen_fresh` (kept at once: a redial can say
@@ -547,7 +551,11 @@ class PeerTransport:
                 answer = peerauth.decode_handshake(
                     await _read_frame(reader, HANDSHAKE_BYTES_MAX)
                 )
-                self._check_handshake(answer, expected_id=peer.id)
+                # A fresh process asks whoever holds the slot now (a new id, after a lost
+                # disk): any member of the cluster may answer.
+                self._check_handshake(
+                    answer, expected_id=None if self.fresh else peer.id, dialing=True
+                )
                 peerauth.check_proof(self._secret, peerauth.ACCEPTOR, hello, answer, answer.proof)
                 proof = peerauth.prove(self._secret, peerauth.DIALER, hello, answer)
                 writer.write(encode_frame(peerauth.encode_proof(proof)))
@@ -737,6 +745,10 @@ class PeerTransport:
                 hello = await self._accept_handshake(reader, writer)
             del self._unauthenticated[writer]
             peer_id = hello.node_id
+            if peer_id not in self._peers:
+                # A fresh process that has had our answer (see `_check_handshake`).
+                logger.info("event=fresh_peer_answered peer=%s", peer_id)
+                return
             peer = self._peers[peer_id]
             peer.redial.set()
             self._peer_alive(peer)
@@ -890,8 +902,11 @@ class PeerTransport:
         hello = peerauth.decode_handshake(await _read_frame(reader, HANDSHAKE_BYTES_MAX))
         self._check_handshake(hello, expected_id=None)
         if self._tls is not None:
+            known = self._peers.get(hello.node_id)
             check_peer_identity(
-                writer.get_extra_info("peercert"), hello.node_id, self._peers[hello.node_id].address
+                writer.get_extra_info("peercert"),
+                hello.node_id,
+                known.address if known is not None else "",
             )
         answer = peerauth.answer_to(
             hello,
@@ -907,16 +922,25 @@ class PeerTransport:
         peerauth.check_proof(self._secret, peerauth.DIALER, hello, answer, proof)
         return hello
 
-    def _check_handshake(self, hello: Handshake, *, expected_id: int | None) -> None:
+    def _check_handshake(
+        self, hello: Handshake, *, expected_id: int | None, dialing: bool = False
+    ) -> None:
+        """Refuse a handshake from another cluster, for another node, or from an id that is
+        not a peer. Two exceptions, for a fresh process finding out whether a cluster exists
+        (identity.py): its hello may come from any id (a removed one: the id its slot held)
+        and be meant for the slot this node holds (`name_slot`), and it accepts an answer
+        from any member. Such a connection carries nothing after the handshake: an inbound
+        one from a non-peer is closed as soon as the handshake completes."""
         if hello.cluster_id != self.cluster_id:
             raise ProtocolError(
                 f"cluster id {hello.cluster_id!r} does not match ours ({self.cluster_id!r})"
             )
         if expected_id is not None and hello.node_id != expected_id:
             raise ProtocolError(f"expected node {expected_id}, reached node {hello.node_id}")
-        if hello.to != self.node_id:
+        slot_ok = hello.fresh and self.name_slot and hello.to == self.name_slot
+        if hello.to != self.node_id and not slot_ok:
             raise ProtocolError(f"node {hello.node_id} meant to reach node {hello.to}")
-        if hello.node_id not in self._peers:
+        if hello.node_id not in self._peers and not hello.fresh and not (dialing and self.fresh):
             raise ProtocolError(f"node {hello.node_id} is not a peer of node {self.node_id}")
 
     def _learn_url(self, hello: Handshake) -> None:

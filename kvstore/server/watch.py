@@ -20,7 +20,8 @@ The answer is newline-delimited JSON (`application/x-ndjson`), one object per li
   client resumes from its next revision, here or elsewhere.
 
 Slow watchers are bounded: what a watch holds is one line being written (a line ends at the
-first revision boundary at or past `_LINE_EVENTS_MAX` events), a write that does not finish
+first revision boundary at or past `_LINE_EVENTS_MAX` events or `_LINE_VALUE_BYTES_MAX`
+bytes of values), a write that does not finish
 within `_WRITE_TIMEOUT_S` closes the connection, and a watch that lags too far is cancelled.
 None of it slows the driver: it only wakes the waiting watches.
 """
@@ -52,6 +53,9 @@ from kvstore.server.http import _CONTROL, HttpApi, _query, _uint
 logger = logging.getLogger("kvstore.server")
 
 _LINE_EVENTS_MAX = 1000
+# Values (and prev values) in one line: without it, a line of 1000 events of 1 MiB values
+# would be over a GB of JSON, built by every watcher catching up on them.
+_LINE_VALUE_BYTES_MAX = 1 << 20
 _WRITE_TIMEOUT_S = 10.0
 _PROGRESS_MS_MIN = 10
 _PROGRESS_MS_MAX = 600_000
@@ -241,15 +245,20 @@ def _collect(
 ) -> tuple[list[Event], int]:
     """The matching events from `events` (the history from `next_revision` on), whole
     revisions only, ending at the first revision boundary at or past `_LINE_EVENTS_MAX`
-    events; and the next revision to send after them."""
+    events or `_LINE_VALUE_BYTES_MAX` bytes of values (prev values included); and the next
+    revision to send after them."""
     matched: list[Event] = []
+    size = 0
     scanned_to = next_revision - 1
     for event in events:
         revision = event.revision
-        if revision != scanned_to and len(matched) >= _LINE_EVENTS_MAX:
+        if revision != scanned_to and (
+            len(matched) >= _LINE_EVENTS_MAX or size >= _LINE_VALUE_BYTES_MAX
+        ):
             return matched, revision
         scanned_to = revision
         key = event.kv.key
         if key == text or (is_prefix and key.startswith(text)):
             matched.append(event)
+            size += len(event.kv.value) + (len(event.prev.value) if event.prev else 0)
     return matched, max(next_revision, current + 1)

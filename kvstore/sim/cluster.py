@@ -6,8 +6,10 @@ network's decisions, the faults and the clients. Time is virtual and jumps from 
 the next (a node's tick, a message delivery, a fault, a client action), so a run does no
 waiting and replays exactly; every event goes into a sha256 trace hash.
 
-One step: deliver due messages, tick due nodes, run due faults and client actions, then
-process every node's Ready (persist, send, apply, advance) and feed what happened to the
+One step: deliver due messages, tick due nodes, run due faults and client actions (the
+writes proposed on one node between two of its ticks go in one batch entry, as the server's
+driver proposes the writes of one turn; now and then one of them twice, as a client's retry racing
+its first attempt would), then process every node's Ready (persist, send, apply, advance) and feed what happened to the
 `SafetyChecker`. The run has a fault period followed, in liveness mode, by a healed period
 in which a leader must appear and a newly proposed write must commit within a bound.
 """
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from kvstore.codec import decode_message, encode_message
 from kvstore.errors import RaftError
 from kvstore.keepalive import KeepalivePolicy
-from kvstore.kv.commands import Put, RequestId, decode_command, encode_command
+from kvstore.kv.commands import Put, RequestId, decode_commands, encode_batch, encode_command
 from kvstore.raft.config import RaftConfig
 from kvstore.raft.types import Entry, EntryType, Message, MessageType, ReadState, Ready, Role
 from kvstore.replica import SnapshotJob
@@ -38,6 +40,8 @@ from kvstore.sim.node import CrashStage, SimNode
 from kvstore.sim.workload import Workload, WorkloadConfig
 
 LIVENESS_KEY = "__liveness__"
+# Every this many batches of writes, one write goes into its batch twice.
+_DUPLICATE_EVERY = 5
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,6 +118,8 @@ class Simulation:
         self.ticks = 0
         self.events = 0
         self.counters: Counter[str] = Counter()
+        # The workload's writes of the current step, by node (`propose_write`).
+        self._write_batches: dict[int, list[bytes]] = {}
         self._trace = hashlib.sha256()
         self._queue: list[tuple[int, int, str, Callable[[], None]]] = []
         self._sequence = 0
@@ -417,6 +423,7 @@ class Simulation:
         for node in self.nodes.values():
             if node.up and not node.stalled and node.next_tick <= self.now:
                 assert node.raw is not None
+                self._propose_writes(node.id)
                 node.raw.tick()
                 node.next_tick = self.now + node.tick_period
                 self.ticks += 1
@@ -575,10 +582,12 @@ class Simulation:
         self.workload.on_applied(node.id, entry, self.now, self)
         if self.coordination is not None:
             self.coordination.on_applied(node, entry, self.now)
-        if self._marker is not None and self.healed:
-            decoded = self.decode_put(entry.data)
-            if decoded is not None and decoded[0] == LIVENESS_KEY:
-                self.liveness_ok = True
+        if (
+            self._marker is not None
+            and self.healed
+            and any(key == LIVENESS_KEY for key, _ in self.decode_puts(entry.data))
+        ):
+            self.liveness_ok = True
 
     def on_state(self, node: SimNode) -> None:
         machine = node.machine
@@ -639,6 +648,35 @@ class Simulation:
             return False
         return True
 
+    def propose_write(self, node: int, data: bytes) -> bool:
+        """Propose a workload's put on `node`, batched with the others proposed on it until
+        its next tick (`_propose_writes`), as the server's driver batches the writes of one
+        turn; False when the node refused at once (down, or not the leader). A batch the
+        core refuses later (it lost the leadership meanwhile) leaves its writes to time out."""
+        sim_node = self.nodes[node]
+        raw = sim_node.raw
+        if raw is None or sim_node.stalled:
+            return self.propose(node, data)
+        if raw.status().role is not Role.LEADER:
+            return False
+        self._write_batches.setdefault(node, []).append(data)
+        return True
+
+    def _propose_writes(self, node: int) -> None:
+        """Propose the writes waiting on `node` as one entry (one alone as itself)."""
+        writes = self._write_batches.pop(node, None)
+        raw = self.nodes[node].raw
+        if writes and raw is not None:
+            if len(writes) > 1:
+                self.counters["write_batches"] += 1
+                if self.counters["write_batches"] % _DUPLICATE_EVERY == 0:
+                    writes.insert(1, writes[0])  # a retry in the same batch: applied once
+                    self.counters["write_batch_duplicates"] += 1
+            try:
+                raw.propose(writes[0] if len(writes) == 1 else encode_batch(writes))
+            except RaftError:
+                self.trace(f"write batch refused n{node} {len(writes)}")
+
     def read_index(self, node: int) -> bytes | None:
         """The core's context for a new read on `node` (as the server's driver gets it), or
         None when it refused. A paused node's core is asked at once too (its context is
@@ -668,13 +706,14 @@ class Simulation:
         request = RequestId(f"c{client}", seq) if client else None
         return encode_command(Put(key, value.encode(), request, time_ms=self.now))
 
-    def decode_put(self, data: bytes) -> tuple[str, str] | None:
+    def decode_puts(self, data: bytes) -> list[tuple[str, str]]:
         if not data:
-            return None
-        command = decode_command(data)
-        if not isinstance(command, Put):
-            return None
-        return command.key, command.value.decode()
+            return []
+        return [
+            (command.key, command.value.decode())
+            for command in decode_commands(data)
+            if isinstance(command, Put)
+        ]
 
     def live_nodes(self) -> list[SimNode]:
         return [node for node in self.nodes.values() if node.up]

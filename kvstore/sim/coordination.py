@@ -39,7 +39,7 @@ from kvstore.kv.commands import (
     KeyValue,
     Put,
     RequestId,
-    decode_command,
+    decode_commands,
     encode_command,
 )
 from kvstore.kv.history import HistoryConfig
@@ -279,7 +279,10 @@ class CoordinationWorkload:
         self.applied.setdefault(entry.index, entry)
         if entry.type != EntryType.NORMAL or not entry.data:
             return
-        command = decode_command(entry.data)
+        commands = decode_commands(entry.data)
+        if len(commands) != 1:
+            return  # a batch: puts and deletes only, nothing of a lease
+        command = commands[0]
         keeper = self.keepers[node.id]
         machine = node.machine
         if isinstance(command, LeaseGrant) and command.request is not None:

@@ -32,8 +32,9 @@ class Target(Protocol):
         """The leader `node` knows of (0 when none, or when `node` is down)."""
         ...
 
-    def propose(self, node: int, data: bytes) -> bool:
-        """Propose on `node`; False when the node refused it (not the leader, down)."""
+    def propose_write(self, node: int, data: bytes) -> bool:
+        """Propose a write on `node` (the cluster may put it in one entry with others);
+        False when the node refused it (not the leader, down)."""
         ...
 
     def read_index(self, node: int) -> bytes | None:
@@ -49,8 +50,9 @@ class Target(Protocol):
 
     def encode_put(self, client: int, seq: int, key: str, value: str) -> bytes: ...
 
-    def decode_put(self, data: bytes) -> tuple[str, str] | None:
-        """(key, value) of a write entry; None for anything else."""
+    def decode_puts(self, data: bytes) -> list[tuple[str, str]]:
+        """(key, value) of each put of an entry (several for a batch; none for anything
+        else)."""
         ...
 
 
@@ -168,7 +170,7 @@ class Workload:
         value = f"c{client.number}-{client.seq}"
         pending = _Pending(client.process, OpKind.PUT, key, value, node, now, deadline)
         self._write_key[value] = key
-        if not target.propose(node, target.encode_put(client.number, client.seq, key, value)):
+        if not target.propose_write(node, target.encode_put(client.number, client.seq, key, value)):
             self._refused(client, pending, now, target)
             return f"write refused {client.process} n{node}"
         self._writes[value] = pending
@@ -233,15 +235,15 @@ class Workload:
     # --- what the cluster reports ----------------------------------------------------------
 
     def on_applied(self, node: int, entry: Entry, now: int, target: Target) -> None:
-        decoded = target.decode_put(entry.data)
-        if decoded is None:
-            return
-        _, value = decoded
-        first = self._write_index.setdefault(value, entry.index)
-        if first != entry.index:
-            # Each value is proposed once, so applying it at two indexes means the core
-            # duplicated a proposal.
-            self.duplicate_applies.append((value, first, entry.index))
+        for _, value in target.decode_puts(entry.data):
+            self._on_write_applied(node, entry.index, value, now)
+
+    def _on_write_applied(self, node: int, index: int, value: str, now: int) -> None:
+        first = self._write_index.setdefault(value, index)
+        if first != index:
+            # Each value is proposed once (or twice in one batch entry, as a retry), so
+            # applying it at two indexes means the core duplicated a proposal.
+            self.duplicate_applies.append((value, first, index))
         pending = self._writes.get(value)
         if pending is not None and pending.node == node:
             del self._writes[value]

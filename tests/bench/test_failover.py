@@ -9,11 +9,15 @@ end. No etcd is needed.
 
 from __future__ import annotations
 
+import datetime
+import importlib
 import importlib.util
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -88,5 +92,61 @@ def test_failover_benchmark_runs(tmp_path: Path) -> None:
             assert trial["client_errors"] >= 0
             if result["fault"] == "pause":
                 assert trial["disturbed"] is not None
+            # The nodes' logs and the client's name the steps of the failover.
+            assert trial["phases_ms"]["election_won"] is not None, trial["phases_ms"]
+            assert trial["phases_ms"]["client_learned_first"] is not None, trial["phases_ms"]
     if importlib.util.find_spec("matplotlib") is not None:
         assert png.stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def failover_modules() -> Iterator[tuple[ModuleType, ModuleType]]:
+    """bench/failover_systems.py and failover_trial.py, imported the way the script does."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        yield importlib.import_module("failover_systems"), importlib.import_module("failover_trial")
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def _at(clock: str) -> float:
+    return datetime.datetime.strptime(clock, "%Y-%m-%d %H:%M:%S.%f").timestamp()
+
+
+def test_phases_come_from_the_first_matching_log_line_of_each_step(
+    failover_modules: tuple[ModuleType, ModuleType],
+) -> None:
+    systems, trial = failover_modules
+    fault = _at("2026-12-02 11:55:45.880")
+    survivor_log = "\n".join(
+        [
+            "2026-12-02 11:55:45,870 INFO kvstore.raft event=became_candidate node=3 term=1",
+            "2026-12-02 11:55:45,891 INFO kvstore.server event=peer_disconnected peer=1 direction=in",
+            "2026-12-02 11:55:45,893 INFO kvstore.server event=peer_down peer=2 reason=silent",
+            "2026-12-02 11:55:45,895 INFO kvstore.server event=peer_down peer=1 reason=redial_refused",
+            "2026-12-02 11:55:45,896 INFO kvstore.raft event=became_pre_candidate node=3 term=1 attempt=1",
+            "garbage line",
+            "2026-12-02 11:55:45,912 INFO kvstore.raft event=became_leader node=3 term=2",
+        ]
+    )
+    old_log = "2026-12-02 11:55:45,950 INFO kvstore.server event=leader_changed node=1 leader=3 role=follower"
+    events = sorted(
+        systems.parse_node_log(survivor_log, 3, fault, fault + 1)
+        + systems.parse_node_log(old_log, 1, fault, fault + 1),
+        key=lambda event: event.at_unix,
+    )
+    # The line before the fault is left out; the other peer's silence is not about the leader.
+    assert events[0].event == "peer_disconnected"
+    phases = trial.node_phases(events, 1, fault)
+    assert phases["survivor_noticed"] == pytest.approx(15, abs=0.5)
+    assert phases["campaign_started"] == pytest.approx(16, abs=0.5)
+    assert phases["election_won"] == pytest.approx(32, abs=0.5)
+    assert phases["old_leader_learned_new"] == pytest.approx(70, abs=0.5)
+    assert phases["old_leader_handing_over"] is None
+    news = [(fault + 0.040, "http://b"), (fault + 0.030, "http://a"), (fault + 0.050, "http://a")]
+    assert trial.client_phases(news, "http://a", fault, 2) == {
+        "client_learned_first": pytest.approx(30, abs=0.5),
+        "client_learned_last": pytest.approx(50, abs=0.5),
+    }
+    # Not every writer learned it: no last.
+    assert trial.client_phases(news, "http://a", fault, 3)["client_learned_last"] is None

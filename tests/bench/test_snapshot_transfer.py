@@ -2,7 +2,8 @@
 
 The figures are not checked (benchmarks are not tests; the machine may be loaded); what is
 checked is that the empty node caught up through exactly one streamed snapshot, that every
-phase's load wrote something, and that the document has the fields bench/README.md shows.
+phase's load wrote something, and that the document has the fields bench/README.md shows
+(the receiving node's install time, loop stall and peak RSS among them).
 """
 
 from __future__ import annotations
@@ -47,3 +48,9 @@ def test_snapshot_transfer_benchmark_runs(tmp_path: Path) -> None:
     assert result["wire_transfer_s"] is not None and result["loopback_mb_per_s"] > 0
     for phase in ("before", "during", "after"):
         assert result[phase]["writes"] > 0, phase
+    # The receiving node's side: install time, its loop, its memory, the leader's term.
+    assert result["install_s"] is not None and result["load_s"] is not None
+    assert result["receiver_longest_stall_s"] >= 0
+    assert result["receiver_peak_rss_mb"] > 0 and result["leader_peak_rss_mb"] > 0
+    assert isinstance(result["terms_moved"], int)
+    assert result["writes_during_to_after"] > 0

@@ -9,6 +9,8 @@ import json
 import secrets
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,8 @@ from typing import Any
 import pytest
 
 from kvstore import Client, SyncClient
-from kvstore.client import Compare, Election, Lock, Op, WatchEvent
-from kvstore.errors import LeaseLostError, RevisionCompactedError
+from kvstore.client import Compare, Election, Lock, Op, SyncElection, SyncLock, WatchEvent
+from kvstore.errors import LeaseLostError, NotFoundError, RevisionCompactedError
 
 localcluster = pytest.importorskip("kvstore.server.localcluster")
 
@@ -234,3 +236,94 @@ async def test_an_election_is_observed_as_its_leader_changes(cluster: Any) -> No
         await campaign
         await observed.aclose()
         await second.resign()
+
+
+# --- Lease, Lock and Election from synchronous code (SyncLease, SyncLock, SyncElection) -----
+
+
+def _wait(condition: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def test_a_sync_lease_is_kept_alive_past_its_ttl_and_revoked_at_the_end(cluster: Any) -> None:
+    key = unique("sync-lease")
+    with SyncClient(cluster.client_urls) as kv:
+        with kv.lease(ttl_s=0.6) as lease:
+            kv.put(key, b"mine", lease=lease.id)
+            # Four acknowledged keepalives, every ttl/3: the lease has outlived its TTL.
+            _wait(lambda: lease.keepalives >= 4)
+            assert kv.get(key).value == b"mine"
+            assert not lease.lost and lease.remaining_s() > 0
+            lease.check()
+            assert not lease.wait_lost(timeout_s=0.01)
+        assert lease.lost and lease.wait_lost(timeout_s=1.0)
+        with pytest.raises(NotFoundError):
+            kv.get(key)
+
+
+def test_a_sync_lock_serialises_threads_and_a_timed_out_acquire_leaves_the_queue(
+    cluster: Any,
+) -> None:
+    name = unique("sync-lock")
+    order: list[tuple[str, int]] = []
+    guard = threading.Lock()
+    with SyncClient(cluster.client_urls) as kv:
+
+        def worker(label: str) -> None:
+            with SyncLock(kv, name, ttl_s=2.0) as token:
+                with guard:
+                    order.append((label + "-in", token))
+                with guard:
+                    order.append((label + "-out", token))
+
+        threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        tokens = [token for label, token in order if label.endswith("-in")]
+        assert len(order) == 6 and tokens == sorted(tokens) and len(set(tokens)) == 3
+        for i in range(0, 6, 2):  # never two holders at once
+            assert order[i][0].endswith("-in") and order[i + 1][0].endswith("-out")
+        holder = SyncLock(kv, name, ttl_s=5.0)
+        holder.acquire()
+        holder.lease.check()
+        waiter = SyncLock(kv, name, ttl_s=5.0)
+        with pytest.raises(TimeoutError):
+            waiter.acquire(timeout_s=0.3)
+        # The waiter left the queue: only the holder's key is under the name.
+        assert [item.key for item in kv.list(name + "/")] == [
+            f"{name}/{holder.lease.id:016x}"
+        ]
+        holder.release()
+        assert holder.token == 0
+        assert kv.list(name + "/").items == ()
+
+
+def test_a_sync_election_campaigns_resigns_and_is_observed(cluster: Any) -> None:
+    name = unique("sync-election")
+    with SyncClient(cluster.client_urls) as kv:
+        first, second = SyncElection(kv, name, ttl_s=5.0), SyncElection(kv, name, ttl_s=5.0)
+        token = first.campaign("a")
+        leader = first.leader()
+        assert leader is not None and leader.value == b"a"
+        assert leader.create_revision == token
+        observed = first.observe()
+        assert next(observed).value == b"a"  # type: ignore[union-attr]
+        with pytest.raises(TimeoutError):
+            second.campaign("b", timeout_s=0.3)
+        campaign = threading.Thread(target=second.campaign, args=("b",))
+        campaign.start()
+        _wait(lambda: len(kv.list(name + "/").items) == 2)
+        first.resign()
+        seen = next(observed)
+        while seen is None or seen.value != b"b":
+            seen = next(observed)
+        observed.close()
+        campaign.join(10)
+        assert not campaign.is_alive()
+        second.resign()
+        assert first.leader() is None

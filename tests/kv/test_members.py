@@ -83,15 +83,29 @@ def test_a_malformed_members_section_is_refused() -> None:
 def test_address_book() -> None:
     bootstrap = {1: "a:1", 2: "b:1", 3: "c:1"}
     conf = ConfState(voters=(1, 2, 3), learners=(4,))
-    infos = {4: MemberInfo("3", "c:1")}
-    # Node 1 sees everyone but itself, member 4 at the address of its context.
-    assert members.address_book(bootstrap, infos, conf, 1, "1") == {2: "b:1", 3: "c:1", 4: "c:1"}
+    infos = {4: MemberInfo("3", "c:2"), 5: MemberInfo("extra", "e:1")}
+    conf = ConfState(voters=(1, 2, 3), learners=(4, 5))
+    # Node 1 sees everyone but itself; member 4 took slot "3" over: node 1 reaches it at its
+    # own --peers entry for that slot; member 5 (no slot) at its context's address.
+    assert members.address_book(bootstrap, infos, conf, 1, "1") == {
+        2: "b:1",
+        3: "c:1",
+        4: "c:1",
+        5: "e:1",
+    }
     # Node 4 holds slot "3": the bootstrap entry of its own name is itself, left out.
-    assert members.address_book(bootstrap, infos, conf, 4, "3") == {1: "a:1", 2: "b:1"}
+    assert members.address_book(bootstrap, infos, conf, 4, "3") == {1: "a:1", 2: "b:1", 5: "e:1"}
+    # A newer member of the same name is not this node: the address of its context.
+    newer = {6: MemberInfo("3", "f:1")}
+    assert members.address_book(bootstrap, newer, ConfState(voters=(1, 2, 4, 6)), 4, "3") == {
+        1: "a:1",
+        2: "b:1",
+        6: "f:1",
+    }
     # Before a joining node has a configuration: every bootstrap peer.
     assert members.address_book(bootstrap, {}, ConfState(), 4, "3") == {1: "a:1", 2: "b:1"}
     # A removed member leaves the book.
-    removed = ConfState(voters=(1, 2, 4), removed=(3,))
+    removed = ConfState(voters=(1, 2, 4), removed=(3, 5))
     assert members.address_book(bootstrap, infos, removed, 1, "1") == {2: "b:1", 4: "c:1"}
 
 

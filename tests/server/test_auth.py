@@ -45,6 +45,22 @@ def _request(
         return error.code, dict(error.headers), json.loads(body) if body else None
 
 
+def _all_applied(cluster: LocalCluster, timeout_s: float = 15.0) -> None:
+    """Wait until every node has applied what the leader had committed when called: a
+    change of users, roles or tokens applies on each node once that node has applied it
+    (docs/security.md), and the checks below ask each node."""
+    leader = cluster.wait_for_leader(timeout_s)
+    status = cluster.status(leader)
+    assert status is not None
+    commit = status["commit_index"]
+
+    def applied() -> bool:
+        statuses = [cluster.status(node) for node in cluster.ids]
+        return all(s is not None and s["applied_index"] >= commit for s in statuses)
+
+    cluster.wait_until(applied, timeout_s, "every node applied the auth changes")
+
+
 async def test_tokens_certificates_and_roles_on_every_node(tmp_path: Path) -> None:
     root_file = tmp_path / "root.token"
     root_file.write_text(ROOT_TOKEN + "\n")
@@ -91,6 +107,7 @@ async def test_tokens_certificates_and_roles_on_every_node(tmp_path: Path) -> No
                 await client.get("app/x")
 
         # Every node enforces the same rules, on raw requests too; refusals change nothing.
+        await asyncio.to_thread(_all_applied, cluster)
         for node in cluster.ids:
             code, headers, body = await asyncio.to_thread(
                 _request, cluster, node, "PUT", "/v1/kv/app/x", "", b"evil"
@@ -121,6 +138,7 @@ async def test_tokens_certificates_and_roles_on_every_node(tmp_path: Path) -> No
         async with Client(cluster.client_urls, config=with_cert) as client:
             await client.put("anything", b"ok")
             await client.auth_delete_token(bob_id)
+        await asyncio.to_thread(_all_applied, cluster)
         async with Client(cluster.client_urls, config=bob) as client:
             with pytest.raises(UnauthenticatedError):
                 await client.get("app/x")

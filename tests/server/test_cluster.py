@@ -338,6 +338,54 @@ def test_sigterm_of_the_leader_hands_leadership_over(cluster: LocalCluster) -> N
     all_running(cluster)
 
 
+def test_a_stopping_leader_ends_its_streams_and_exits_at_once(cluster: LocalCluster) -> None:
+    """A client's open binary stream must not hold a SIGTERMed node for the HTTP server's
+    shutdown timeout (5 s, then more: the node lingered 10 s after its handover): its streams
+    are closed once its writes are answered, and the client carries on at the new leader."""
+    from kvstore.client import SyncClient
+
+    all_running(cluster)
+    old = cluster.wait_for_leader()
+    with SyncClient(cluster.client_urls) as kv:
+        kv.put("streamed/before", b"1")  # over the stream, to the leader
+        started = time.monotonic()
+        assert cluster.terminate(old, timeout_s=10) == 0
+        elapsed = time.monotonic() - started
+        kv.put("streamed/after", b"2")
+    assert b"event=transfer_done" in cluster.log_path(old).read_bytes()
+    assert elapsed < 4, f"the node took {elapsed:.1f} s to stop"
+    cluster.start_node(old)
+    all_running(cluster)
+
+
+def test_the_handover_target_is_a_connected_follower() -> None:
+    """A follower that is down keeps its last match index; handing over to it would time out
+    and stop the leader without a handover (seen: 2 of 5 SIGTERMs soon after a restart)."""
+    from kvstore.raft.node import ProgressStatus, Status
+    from kvstore.raft.progress import ProgressState
+    from kvstore.raft.types import ConfState, Role
+    from kvstore.server.node import handover_target
+
+    def progress(match: int) -> ProgressStatus:
+        return ProgressStatus(match, match + 1, ProgressState.REPLICATE, True)
+
+    status = Status(
+        id=1, term=3, vote=1, role=Role.LEADER, leader_id=1, commit_index=90,
+        applied_index=90, last_index=100, lead_transferee=0,
+        progress={1: progress(100), 2: progress(90), 3: progress(100), 4: progress(100)},
+        conf_state=ConfState(voters=(1, 2, 3), learners=(4,)),
+    )  # fmt: skip
+    assert handover_target(status, 1, lambda peer: peer != 3) == 2  # never the learner 4
+    assert handover_target(status, 1, lambda peer: True) == 3
+    assert handover_target(status, 1, lambda peer: False) == 3  # none connected: the best
+    alone = Status(
+        id=1, term=3, vote=1, role=Role.LEADER, leader_id=1, commit_index=1, applied_index=1,
+        last_index=1, lead_transferee=0, progress={1: progress(1), 2: progress(1)},
+        conf_state=ConfState(voters=(1,), learners=(2,)),
+    )  # fmt: skip
+    assert handover_target(alone, 1, lambda peer: True) is None
+
+
 def test_sigint_stops_a_leader_without_handing_over(cluster: LocalCluster) -> None:
     """SIGINT (Ctrl-C; `kvstore cluster` stopping every node) skips the handover that SIGTERM
     makes: when the whole cluster stops, waiting to hand over to followers that are stopping

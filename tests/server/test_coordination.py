@@ -314,3 +314,20 @@ def test_a_watch_is_cancelled_when_compacted_past_or_too_slow_and_lines_hold_who
     # Past the bound at the end of revision 2: the line stops there, whole revisions only.
     assert len(matched) == 1200 > _LINE_EVENTS_MAX and following == 3
     assert {event.revision for event in matched} == {1, 2}
+
+
+def test_a_watch_line_is_bounded_in_bytes_of_values_too() -> None:
+    """A line of 1000 events of large values was one JSON line of up to a GB per watcher."""
+    from kvstore.kv.commands import KeyValue
+    from kvstore.kv.history import Event
+    from kvstore.server.watch import _LINE_VALUE_BYTES_MAX, _collect
+
+    value = b"v" * (300 << 10)
+    events = [
+        Event("put", KeyValue("k", value, 1, revision, revision), None, 0)
+        for revision in range(1, 101)
+    ]
+    matched, following = _collect(iter(events), "k", False, 1, 100)
+    size = sum(len(event.kv.value) for event in matched)
+    assert _LINE_VALUE_BYTES_MAX <= size < _LINE_VALUE_BYTES_MAX + len(value)
+    assert following == len(matched) + 1, "the next line starts where this one stopped"

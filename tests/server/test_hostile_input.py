@@ -1,10 +1,11 @@
-"""Hostile input on the client port of one real node (`kvstore serve`): every route of the
+"""Hostile input on both ports of one real node (`kvstore serve`): every route of the
 OpenAPI document with abusive query parameters, every JSON route with a body nested too
 deeply, a client that hangs up in the middle of its body. Each gets a 4xx JSON answer (or
 none, for the one that left), the node logs no error and no traceback, and keeps serving.
 
-The stream's own hostile input is in tests/server/test_stream.py, the peer port's in
-tests/server/test_transport.py and test_peer_auth.py.
+The peer port of the same node gets junk and a crowd of half-open connections (after a
+valid handshake, in tests/server/test_transport.py and test_peer_auth.py); the stream's
+own hostile input is in tests/server/test_stream.py.
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ from kvstore.server.localcluster import LocalCluster
 from kvstore.server.openapi import openapi_document
 
 # Query values that no route accepts as they are meant (or that are odd but harmless).
-_HOSTILE_VALUES = ("%ff%fe", "-1", "9" * 40, "1e3", "", "%00", "a" * 3000)
+_HOSTILE_VALUES = ("%ff%fe", "%ed%a0%80", "-1", "9" * 40, "1e3", "", "%00", "a" * 3000)
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(tmp_path_factory.mktemp("hostile"), 1)
+    # A short body timeout: how long a client may take to send a body, or to take an answer
+    # that is streamed (a snapshot), before it is cut.
+    cluster = LocalCluster(
+        tmp_path_factory.mktemp("hostile"), 1, extra_args=["--client-body-timeout-ms", "1000"]
+    )
     cluster.start()
     try:
         cluster.wait_for_leader(30.0)
@@ -121,6 +126,27 @@ def test_json_nested_too_deeply_is_400_on_every_json_route(node: LocalCluster) -
     _assert_log_clean(node)
 
 
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("POST", "/v1/txn", b'{"success": [{"op": "put", "key": "\\ud800", "value": ""}]}'),
+        ("POST", "/v1/txn", b'{"success": [{"op": "range", "prefix": "a", "start": "\\udfff"}]}'),
+        ("PUT", "/v1/auth/roles/r", b'{"permissions": [{"prefix": "\\ud800", "access": "read"}]}'),
+        ("POST", "/v1/members/promote", b'{"\\ud800": 1}'),
+    ],
+)
+def test_a_lone_surrogate_in_json_is_400(
+    node: LocalCluster, method: str, path: str, body: bytes
+) -> None:
+    """JSON's \\ud800 parses into a str UTF-8 cannot encode: it failed deep inside (500)."""
+    status, answer = _exchange(
+        node.client_ports[1], _request(method, path, body, Content_Type="application/json")
+    )
+    assert status == 400, answer[:200]
+    assert "lone surrogate" in json.loads(answer)["error"]["message"]
+    _assert_log_clean(node)
+
+
 def test_a_client_that_hangs_up_mid_body_is_no_error_of_the_node(node: LocalCluster) -> None:
     port = node.client_ports[1]
     for data in (
@@ -140,6 +166,74 @@ def test_a_client_that_hangs_up_mid_body_is_no_error_of_the_node(node: LocalClus
             break
         assert time.monotonic() < deadline, "the node kept the connections"
         time.sleep(0.05)
+    _assert_log_clean(node)
+
+
+def test_a_snapshot_client_that_never_reads_does_not_hold_the_save_for_ever(
+    node: LocalCluster,
+) -> None:
+    """One snapshot save runs at a time per node: a client that never read its file held
+    it (and a store-sized buffer) for as long as it stayed connected; every other save got
+    429 meanwhile."""
+    port = node.client_ports[1]
+    value = b"x" * 100_000
+    for i in range(80):  # 8 MB: more than the socket buffers between the two ends hold
+        assert _exchange(port, _request("PUT", f"/v1/kv/snap/{i}", value))[0] == 200
+    with socket.socket() as deaf:
+        deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        deaf.connect(("127.0.0.1", port))
+        deaf.sendall(_request("GET", "/v1/snapshot"))
+        deadline = time.monotonic() + 20
+        while True:
+            status, body = _exchange(port, _request("GET", "/v1/snapshot"))
+            if status == 200:
+                assert body.startswith(b"KVSNAP01")
+                break
+            assert status == 429, body[:200]
+            assert time.monotonic() < deadline, "the save stayed held by a client not reading"
+            time.sleep(0.1)
+    _assert_log_clean(node)
+
+
+def _dropped(sock: socket.socket, timeout_s: float = 10.0) -> bool:
+    """True once the node has closed (or reset) the connection; what it sent is ignored."""
+    sock.settimeout(timeout_s)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionError:
+        pass
+    return True
+
+
+def test_hostile_bytes_on_the_peer_port_are_dropped(node: LocalCluster) -> None:
+    """Before any handshake: junk, an HTTP request, a length prefix of 4 GiB and one just
+    over the handshake bound, a frame whose checksum is wrong, and a crowd of connections
+    that send nothing. Each is dropped (the crowd after the handshake timeout, or evicted),
+    nothing reaches the node's state, and clients are served throughout."""
+    address = ("127.0.0.1", node.peer_ports[1])
+    before = node.status(1)
+    assert before is not None
+    for payload in (
+        bytes(range(256)) * 8,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"\xff\xff\xff\xff\x00\x00\x00\x00",
+        (4097).to_bytes(4, "big") + b"\x00" * 4 + b"x" * 64,
+        (5).to_bytes(4, "big") + b"\x00\x00\x00\x00" + b"hello",
+    ):
+        with socket.create_connection(address, timeout=10) as sock:
+            sock.sendall(payload)
+            assert _dropped(sock)
+    crowd = [socket.create_connection(address, timeout=10) for _ in range(100)]
+    try:
+        status, _ = _exchange(node.client_ports[1], _request("PUT", "/v1/kv/peer-probe", b"ok"))
+        assert status == 200
+        assert all(_dropped(sock) for sock in crowd)
+    finally:
+        for sock in crowd:
+            sock.close()
+    after = node.status(1)
+    assert after is not None and after["term"] == before["term"] and after["role"] == "leader"
     _assert_log_clean(node)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from kvstore.server.identity import read_identity
-from kvstore.server.localcluster import LocalCluster, free_port
+from kvstore.server.localcluster import LocalCluster, free_port, popen_serve
 from tests.server.test_cluster import call, wait_until
 
 pytestmark = pytest.mark.slow
@@ -89,6 +89,38 @@ def members(cluster: LocalCluster, node: int) -> dict[str, Any] | None:
     return document
 
 
+def _identity_id(cluster: LocalCluster, slot: int) -> int:
+    identity = read_identity(cluster.data_dir(slot))
+    assert identity is not None
+    return identity.member_id
+
+
+def wipe_and_heal(
+    cluster: LocalCluster, writer: Writer, victim: int, lost_id: int
+) -> dict[str, Any]:
+    """SIGKILL slot `victim` (member `lost_id`), delete its data directory, start it again
+    with the same command line, and wait until the leader has three voters without
+    `lost_id` and no learner, and writes went on; the leader's member list then."""
+    cluster.kill(victim)
+    shutil.rmtree(cluster.data_dir(victim))
+    written_while_down = len(writer.acked)
+    cluster.start_node(victim)  # the same command line
+
+    def healed() -> dict[str, Any] | None:
+        for node in cluster.running():
+            document = members(cluster, node)
+            if document is None or document["leader_id"] != document["id"]:
+                continue
+            voters = document["voters"]
+            if len(voters) == 3 and lost_id not in voters and not document["learners"]:
+                return document
+        return None
+
+    document: dict[str, Any] = wait_until(healed, 40.0, f"three voters again, {lost_id} replaced")
+    wait_until(lambda: len(writer.acked) >= written_while_down + 50, 20.0, "writes go on")
+    return document
+
+
 def test_a_node_whose_data_directory_was_lost_heals_by_itself(cluster: LocalCluster) -> None:
     writer = Writer(cluster)
     writer.start()
@@ -96,23 +128,11 @@ def test_a_node_whose_data_directory_was_lost_heals_by_itself(cluster: LocalClus
         wait_until(lambda: len(writer.acked) >= 150, 30.0, "150 writes before the loss")
         leader = cluster.wait_for_leader()
         victim = next(i for i in cluster.ids if i != leader)
-        cluster.kill(victim)
-        shutil.rmtree(cluster.data_dir(victim))
-        written_while_down = len(writer.acked)
-        cluster.start_node(victim)  # the same command line
-
-        def healed() -> dict[str, Any] | None:
-            for node in cluster.running():
-                document = members(cluster, node)
-                if document is None or document["leader_id"] != document["id"]:
-                    continue
-                voters = document["voters"]
-                if len(voters) == 3 and victim not in voters and not document["learners"]:
-                    return document
-            return None
-
-        document = wait_until(healed, 40.0, "three voters again, the lost id replaced")
-        wait_until(lambda: len(writer.acked) >= written_while_down + 50, 20.0, "writes go on")
+        document = wipe_and_heal(cluster, writer, victim, lost_id=victim)
+        first_id = _identity_id(cluster, victim)
+        # The same slot loses its disk again: the member it became (a new id, not in
+        # anyone's --peers) is replaced the same way.
+        document = wipe_and_heal(cluster, writer, victim, lost_id=first_id)
     finally:
         writer.stopping.set()
         writer.join(10)
@@ -120,10 +140,10 @@ def test_a_node_whose_data_directory_was_lost_heals_by_itself(cluster: LocalClus
     identity = read_identity(cluster.data_dir(victim))
     assert identity is not None and identity.joined and identity.name == str(victim)
     new_id = identity.member_id
-    assert new_id > 3 and new_id in document["voters"]
-    assert victim in document["removed"]
+    assert new_id > first_id > 3 and new_id in document["voters"]
+    assert {victim, first_id} <= set(document["removed"])
     entry = document["members"][str(new_id)]
-    assert entry["name"] == str(victim) and entry["replaces"] == victim
+    assert entry["name"] == str(victim) and entry["replaces"] == first_id
     assert entry["peer_address"] == cluster.peer_listen[victim]
 
     # The new member answers as itself and has applied everything the leader committed.
@@ -136,6 +156,8 @@ def test_a_node_whose_data_directory_was_lost_heals_by_itself(cluster: LocalClus
         return status is not None and status["id"] == new_id and status["applied_index"] >= commit
 
     wait_until(caught_up, 20.0, "the new member applied the leader's commit index")
+    new_status = cluster.status(victim)
+    assert new_status is not None and new_status["name"] == str(victim)
     new_url = cluster.client_url(victim)
     missing = []
     for key, value in writer.acked.items():
@@ -177,7 +199,8 @@ def test_serve_join_adds_a_learner_that_the_operator_promotes(cluster: LocalClus
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     with open(cluster.base_dir / "joiner.log", "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # It stops when this test process dies, even by SIGKILL (popen_serve's pipe).
+        process, parent_pipe = popen_serve(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         for index in range(50):
             call(f"{cluster.client_urls[0]}/v1/kv/j{index}", "PUT", b"x")
@@ -217,3 +240,5 @@ def test_serve_join_adds_a_learner_that_the_operator_promotes(cluster: LocalClus
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        if parent_pipe is not None:
+            os.close(parent_pipe)

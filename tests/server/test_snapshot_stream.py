@@ -19,7 +19,14 @@ from typing import Any, BinaryIO
 import pytest
 
 from kvstore.codec import encode_message, pack
-from kvstore.raft.types import ConfState, Message, MessageType, Snapshot, SnapshotMetadata
+from kvstore.raft.types import (
+    ConfState,
+    Entry,
+    Message,
+    MessageType,
+    Snapshot,
+    SnapshotMetadata,
+)
 from kvstore.server.snapshot_stream import (
     INCOMING_SUFFIX,
     TAG_ACK,
@@ -365,3 +372,41 @@ async def test_appends_wait_for_the_snapshot_that_was_acked_before_it_loaded(
             MessageType.SNAPSHOT,
             MessageType.APPEND,
         ]
+
+
+async def test_a_probe_resent_while_the_snapshot_loads_is_held_once(tmp_path: Path) -> None:
+    """The leader resends its probe every heartbeat interval while the follower lags; a
+    large snapshot loads for seconds, and every copy (up to a message's size each) was held
+    and stepped after it. Now one is stepped: the one with the most entries."""
+    snapshot = _snapshot(256 << 10)
+    async with _Pair(tmp_path) as pair:
+        streams = pair.follower.snapshots
+        verify = streams._verify
+        loading = threading.Event()
+
+        def slow_verify(stream: Any) -> Any:
+            loading.wait(10)  # the test says when the load is over
+            return verify(stream)
+
+        streams._verify = slow_verify  # type: ignore[method-assign]
+        pair.leader.send(_message(snapshot))
+        await _wait_for(lambda: pair.statuses)
+        entries = tuple(Entry(term=2, index=8 + i, data=b"x" * 1000) for i in range(30))
+        for count in range(1, 21):
+            probe = Message(
+                MessageType.APPEND, 2, 1, 2, index=7, log_term=2, commit=count,
+                entries=entries[: 10 + count // 2],
+            )  # fmt: skip
+            pair.leader.send(probe)
+        # A resend without entries (as the leader's core resends a probe) adds nothing.
+        pair.leader.send(Message(MessageType.APPEND, 2, 1, 2, index=7, log_term=2, commit=21))
+        pair.leader.send(_heartbeat())
+        await _wait_for(lambda: len(pair.received) == 1)  # the heartbeat, not held
+        loading.set()
+        await _wait_for(pair.snapshots)  # the held messages are stepped right after it
+        assert [m.type for m in pair.received] == [
+            MessageType.HEARTBEAT,
+            MessageType.SNAPSHOT,
+            MessageType.APPEND,
+        ]
+        assert pair.received[-1].commit == 20 and len(pair.received[-1].entries) == 20

@@ -137,6 +137,25 @@ async def test_a_retried_request_id_applies_once(node: Node) -> None:
     await ws.close()
 
 
+async def test_the_writes_of_one_turn_share_one_entry_and_each_applies_once(
+    node: Node,
+) -> None:
+    """The driver proposes the puts of one turn as one batch entry: one message of 40
+    writes (one request id twice) takes a few entries, not 41, and the repeated request id
+    applies once, both copies answered alike."""
+    ws = await node.connect()
+    machine = node.driver.replica.state_machine
+    index, revision = machine.applied_index, machine.revision
+    requests = [put(i, f"b{i}", b"v", f"batch:{i}") for i in range(1, 41)]
+    requests.append(put(41, "b1", b"v", "batch:1"))
+    answers = await exchange(ws, requests)
+    assert all(answers[i][1] == 200 for i in range(1, 42))
+    assert answers[41][3] == answers[1][3]
+    assert machine.revision == revision + 40
+    assert machine.applied_index - index <= 4, "one entry per turn, not one per write"
+    await ws.close()
+
+
 async def test_conditions_and_their_errors(node: Node) -> None:
     ws = await node.connect()
     created = await exchange(ws, [[1, "put", "cas", b"1", "k:1", 0, None, True]])

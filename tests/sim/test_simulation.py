@@ -15,7 +15,7 @@ from kvstore.raft.node import RawNode
 from kvstore.raft.types import Entry, HardState, Message, MessageType, Snapshot
 from kvstore.sim.__main__ import main
 from kvstore.sim.cluster import Simulation
-from kvstore.sim.runner import SimResult, describe_failure, run_seed, run_seeds
+from kvstore.sim.runner import SimResult, describe_failure, final_checks, run_seed, run_seeds
 from kvstore.storage.memory import MemoryStorage
 
 CI_SEEDS = 300
@@ -55,6 +55,21 @@ def test_a_run_commits_entries_and_passes_the_liveness_phase() -> None:
     result = run_seed(5)
     assert result.ok, describe_failure(result)
     assert result.committed > 10
+
+
+def test_runs_propose_batch_entries_with_repeated_request_ids_and_stay_safe() -> None:
+    """The workload's writes on one node between two ticks go in one batch entry, now and
+    then one of them twice: each applies once (the checker would see a value applied at two
+    indexes, or diverging states), and the runs stay clean."""
+    batches = duplicates = 0
+    for seed in range(1, 7):
+        simulation = Simulation(seed)
+        simulation.run()
+        result = final_checks(simulation)
+        assert result.ok, describe_failure(result)
+        batches += simulation.counters["write_batches"]
+        duplicates += simulation.counters["write_batch_duplicates"]
+    assert batches >= 5 and duplicates >= 1
 
 
 def test_five_node_clusters_run_too() -> None:

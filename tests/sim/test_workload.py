@@ -18,9 +18,8 @@ class FakeMachine:
     def apply(self, entry: Entry) -> None:
         assert entry.index == self.applied_index + 1
         self.applied_index = entry.index
-        decoded = decode_put(entry.data)
-        if decoded is not None:
-            self.values[decoded[0]] = decoded[1]
+        for key, value in decode_puts(entry.data):
+            self.values[key] = value
 
     def get(self, key: str) -> str | None:
         return self.values.get(key)
@@ -30,9 +29,10 @@ def encode_put(key: str, value: str) -> bytes:
     return f"{key}={value}".encode()
 
 
-def decode_put(data: bytes) -> tuple[str, str] | None:
-    key, sep, value = data.decode().partition("=")
-    return (key, value) if sep else None
+def decode_puts(data: bytes) -> list[tuple[str, str]]:
+    """`k=v`, or several joined by `;` (a batch)."""
+    puts = [part.partition("=") for part in data.decode().split(";")]
+    return [(key, value) for key, sep, value in puts if sep]
 
 
 class FakeCluster:
@@ -49,7 +49,7 @@ class FakeCluster:
     def leader_of(self, node: int) -> int:
         return 1
 
-    def propose(self, node: int, data: bytes) -> bool:
+    def propose_write(self, node: int, data: bytes) -> bool:
         if node != 1:
             return False
         self.proposed.append((node, data))
@@ -71,8 +71,8 @@ class FakeCluster:
     def encode_put(self, client: int, seq: int, key: str, value: str) -> bytes:
         return encode_put(key, value)
 
-    def decode_put(self, data: bytes) -> tuple[str, str] | None:
-        return decode_put(data)
+    def decode_puts(self, data: bytes) -> list[tuple[str, str]]:
+        return decode_puts(data)
 
 
 def make(read_fraction: float, **kw: int) -> Workload:
@@ -130,3 +130,16 @@ def test_a_timed_out_read_is_a_definite_failure() -> None:
     workload.act(start + 10, cluster)
     assert workload.history[0].op is OpKind.GET
     assert workload.history[0].return_ == start + 10 and not workload.history[0].ok
+
+
+def test_every_write_of_a_batch_entry_is_acknowledged() -> None:
+    cluster = FakeCluster()
+    workload = Workload(WorkloadConfig(clients=2, keys=2, read_fraction=0.0), [1], random.Random(4))
+    workload.act(10_000, cluster)
+    assert len(cluster.proposed) == 2
+    batch = b";".join(data for _, data in cluster.proposed)
+    entry = Entry(term=1, index=1, data=batch)
+    cluster.machine.apply(entry)
+    workload.on_applied(1, entry, 10_050, cluster)
+    assert workload.stats.writes_acked == 2
+    assert all(op.ok and op.return_ == 10_050 for op in workload.history)
