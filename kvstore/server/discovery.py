@@ -15,13 +15,10 @@ bootstrap: its peers are the bootstrap set and itself, and it must join the exis
 under a new id that the leader promotes once it has caught up (kvstore/server/identity.py).
 
 `KVSTORE_RESOLVE` ("name:port=host:port,...") maps such names to other addresses, the way
-`curl --resolve` does, for the peer port and for the HTTP requests a node makes by name
-(`OverrideResolver`: joining through a member's client URL); tests use it to run
-StatefulSet-configured nodes on 127.0.0.1.
+`curl --resolve` does; tests use it to run StatefulSet-configured nodes on 127.0.0.1.
 
-Rules that hold here: nothing in this module opens a socket (the transport dials the address
-`resolve_address()` returns; `OverrideResolver` gives aiohttp the overridden address and hands
-any other name to aiohttp's own resolver); every mistake in the configuration
+Rules that hold here: nothing in this module opens a socket or resolves a name (the transport
+does that with the address `resolve_address()` returns); every mistake in the configuration
 (a hostname without an ordinal, an absurd ordinal, a malformed address) raises
 ValueError naming the offending value, so the node refuses to start instead of joining the
 wrong cluster under the wrong id.
@@ -29,15 +26,11 @@ wrong cluster under the wrong id.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import socket
 from collections.abc import Mapping
 from typing import NamedTuple
-
-import aiohttp
-import aiohttp.abc
 
 ID_ENV = "KVSTORE_ID"
 REPLICAS_ENV = "KVSTORE_STATEFULSET_REPLICAS"
@@ -162,41 +155,3 @@ def resolve_address(address: str, environ: Mapping[str, str] | None = None) -> t
     overrides = parse_resolve_overrides(env.get(RESOLVE_ENV, ""))
     return overrides.get(_address_key(host, port), (host, port))
 
-
-class OverrideResolver(aiohttp.abc.AbstractResolver):
-    """An aiohttp resolver that applies `KVSTORE_RESOLVE` to the HTTP requests a node makes
-    by name (joining through a member's client URL, following its redirect to the leader),
-    as the transport applies it to peer addresses. The URL keeps its name (TLS checks the
-    certificate against it, as with `curl --resolve`); a name without an override goes to
-    aiohttp's default resolver."""
-
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
-        self._overrides = parse_resolve_overrides(env.get(RESOLVE_ENV, ""))
-        self._default = aiohttp.DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[aiohttp.abc.ResolveResult]:
-        target = self._overrides.get(_address_key(host, port))
-        if target is None:
-            return await self._default.resolve(host, port, family)
-        address, target_port = target
-        try:
-            numeric = ipaddress.ip_address(address)
-        except ValueError:  # the override names another host: resolve that one
-            return await self._default.resolve(address, target_port, family)
-        kind = socket.AF_INET6 if numeric.version == 6 else socket.AF_INET
-        return [
-            {
-                "hostname": host,
-                "host": address,
-                "port": target_port,
-                "family": kind,
-                "proto": 0,
-                "flags": socket.AI_NUMERICHOST,
-            }
-        ]
-
-    async def close(self) -> None:
-        await self._default.close()

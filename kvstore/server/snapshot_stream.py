@@ -525,8 +525,9 @@ class SnapshotStreams:
         """fsync, then load and check the file (magic, length, crc32, metadata); then, with
         a receiver, decode the state and hand it the file (on this worker thread: the loop
         goes on answering heartbeats; the state is decoded a slice at a time, see
-        `kvstore.kv.state_machine.decode_state`). A state that does not decode is left to
-        the node, which stops on it as on any snapshot it cannot restore."""
+        `kvstore.kv.state_machine.decode_state`). A state that does not decode (or any other
+        failure of the receiver) is left to the node, which stops on it as on any snapshot it
+        cannot restore."""
         try:
             os.fsync(stream.fd)
         finally:
@@ -541,8 +542,11 @@ class SnapshotStreams:
             return snapshot, None
         try:
             return snapshot, receiver.decode_snapshot(snapshot, stream.path)
-        except ProtocolError as exc:
-            logger.error("event=snapshot_decode_failed path=%s error=%s", stream.path, exc)
+        except Exception as exc:
+            # Whatever went wrong here (ProtocolError: a state that does not decode), the
+            # snapshot is still stepped and the held appends released after it; the node
+            # then decodes it itself and stops on it if it cannot.
+            logger.error("event=snapshot_decode_failed path=%s error=%r", stream.path, exc)
             return snapshot, None
 
     def _refuse(self, peer_id: int, offset: int, reason: str) -> None:

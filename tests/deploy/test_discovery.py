@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
-from typing import Any
 
 import pytest
 
 from kvstore.server.discovery import (
-    OverrideResolver,
     derive_statefulset_identity,
     parse_resolve_overrides,
     resolve_address,
@@ -208,23 +205,3 @@ def test_bad_addresses_are_rejected(address: str) -> None:
     with pytest.raises(ValueError):
         split_host_port(address)
 
-
-def test_override_resolver_maps_a_name_and_keeps_it() -> None:
-    """The join's HTTP requests go where KVSTORE_RESOLVE says, under the URL's own name (TLS
-    checks the certificate against it); other names go to the default resolver."""
-    env = {"KVSTORE_RESOLVE": "kvstore-0.kvstore-peer.default.svc:7001=127.0.0.1:40001"}
-
-    async def lookup() -> tuple[list[Any], list[Any]]:
-        resolver = OverrideResolver(env)
-        try:
-            mapped = await resolver.resolve("KVSTORE-0.kvstore-peer.default.svc", 7001)
-            plain = await resolver.resolve("127.0.0.1", 7002)
-            return mapped, plain
-        finally:
-            await resolver.close()
-
-    mapped, plain = asyncio.run(lookup())
-    assert [(r["hostname"], r["host"], r["port"]) for r in mapped] == [
-        ("KVSTORE-0.kvstore-peer.default.svc", "127.0.0.1", 40001)
-    ]
-    assert [(r["host"], r["port"]) for r in plain] == [("127.0.0.1", 7002)]

@@ -444,3 +444,26 @@ async def test_a_connection_dropped_while_the_snapshot_loads_does_not_lose_it(
         assert receiver.file_present == [True] and len(receiver.offered) == 1
         assert pair.statuses == [(2, True)]
         assert pair.partial_files() == []
+
+
+async def test_a_receiver_that_fails_leaves_the_snapshot_to_the_node(tmp_path: Path) -> None:
+    """Decoding ahead is an optimisation: if the receiver fails for any reason, the snapshot
+    is still stepped (the node decodes it itself, and stops if it cannot) and the appends
+    held behind it are released. Before, anything but a ProtocolError ended the install
+    task: the snapshot was never stepped and every later append from that leader was held."""
+    snapshot = _snapshot(128 << 10)
+    async with _Pair(tmp_path) as pair:
+        receiver = _Receiver()
+
+        def failing_decode(snapshot: Snapshot, file: str | None = None) -> Any:
+            raise MemoryError("no memory for the decoded state")
+
+        receiver.decode_snapshot = failing_decode  # type: ignore[method-assign]
+        pair.follower.snapshots.receiver = receiver
+        pair.leader.send(_message(snapshot))
+        await _wait_for(lambda: pair.statuses)
+        pair.leader.send(Message(MessageType.APPEND, 2, 1, 2, index=7, log_term=2))
+        await _wait_for(lambda: len(pair.received) == 2)
+        assert [m.type for m in pair.received] == [MessageType.SNAPSHOT, MessageType.APPEND]
+        assert pair.snapshots()[0].snapshot == snapshot and receiver.offered == []
+        assert pair.partial_files() == []
