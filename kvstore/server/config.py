@@ -6,7 +6,8 @@ same name in all three places: flag `--tick-interval-ms`, variable `KVSTORE_TICK
 TOML key `tick-interval-ms` (or `tick_interval_ms`).
 
 StatefulSet mode: when no id is given and `KVSTORE_STATEFULSET_REPLICAS` is set, the id and
-the peers are derived from the hostname by `kvstore.server.discovery`.
+the peers are derived from the hostname by `kvstore.server.discovery`; a pod beyond the
+bootstrap set joins (`initial_cluster_state` defaults to "existing" for it).
 
 Rules: `ServeConfig` validates itself in `__post_init__` and raises `ValueError` naming the
 field, so a bad value stops the node at start with a clear message, never later.
