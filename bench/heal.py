@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +42,18 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.runinfo import RunInfo, ScratchDir, output_path
 from bench.snapshot_transfer import (
     IDS,
     Load,
     LoadPhase,
+    add_arguments,
     build_snapshot,
     log_field,
     log_times,
     memory_mb,
+    print_phases,
     ratio,
+    run_sizes,
     status_of,
     wait_for_leader,
 )
@@ -198,46 +199,17 @@ def _print(result: HealResult) -> None:
         f"{result.installed_s} s, wire {result.wire_s} s; peak RSS "
         f"{result.new_member_peak_rss_mb} MB); leader's term moved {result.terms_moved}"
     )
-    print("  leader writes      phase    seconds  writes/s   p50 ms   p99 ms  failed")
-    for name in ("before", "during", "after"):
-        phase: LoadPhase = getattr(result, name)
-        print(
-            f"                     {name:<7} {phase.seconds:8.2f} {phase.writes_per_s:9.1f} "
-            f"{phase.p50_ms!s:>8} {phase.p99_ms!s:>8} {phase.failed:7d}"
-        )
-    print(
-        f"  during / after: writes/s x{result.writes_during_to_after}, "
-        f"p99 x{result.p99_during_to_after}"
-    )
+    print_phases(result.before, result.during, result.after)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--keys", default="100000", help="store sizes, comma-separated")
-    parser.add_argument("--value-bytes", type=int, default=100)
-    parser.add_argument("--writers", type=int, default=16, help="concurrent writers")
-    parser.add_argument("--load-seconds", type=float, default=5.0)
-    parser.add_argument("--deadline-s", type=float, default=900.0, help="per store size")
-    parser.add_argument("--json", help="write the results here (default bench/results/)")
-    parser.add_argument("--base-dir", help="where the clusters' data and logs go")
-    parser.add_argument("--keep", action="store_true", help="keep data and logs")
-    args = parser.parse_args(argv)
-    sizes = [int(part) for part in args.keys.split(",")]
-    run = RunInfo(argv)
-    print(run.describe())
-    print("Time to restore full redundancy after a node's disk is lost (its empty restart to "
-          "its replacement's promotion), leader writes before / during / after")  # fmt: skip
-    results = []
-    with ScratchDir(args.base_dir, keep=args.keep, prefix="kvstore-heal-bench-") as base:
-        for keys in sizes:
-            result = asyncio.run(run_size(args, keys, base))
-            _print(result)
-            results.append(asdict(result))
-    path = output_path(args.json, "heal.json")
-    document = {"benchmark": "heal", "run": run.finish(), "results": results}
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {path}")
-    return 0
+    add_arguments(parser, deadline_s=900.0)
+    title = (
+        "Time to restore full redundancy after a node's disk is lost (its empty restart to "
+        "its replacement's promotion), leader writes before / during / after"
+    )
+    return run_sizes(parser.parse_args(argv), argv, "heal", title, run_size, _print)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,11 @@ callgrind runs some 50 times slower and must still lead. Then, in each round:
   for `--seconds`;
 - an idle window of the same length: nothing is sent;
 
-and the leader's instructions (callgrind's Ir, zeroed and dumped around each window) give
+With `--burst K`, each of those writes is K writes sent at once, each on a connection of its
+own (K=16 at 1 a second: a leader proposes the puts of one turn as one batch entry, so this
+measures the per-write cost with batching).
+
+The leader's instructions (callgrind's Ir, zeroed and dumped around each window) give
 the instructions per write above idle: (Ir of the load window - idle Ir per second x its
 length) / writes. The idle rate (ticks, heartbeats, pings, timers) is reported too.
 
@@ -27,6 +31,7 @@ over the rounds, with each tree's ratio to the first one.
 
     python bench/instructions.py                                   # this checkout, 2 rounds
     python bench/instructions.py --tree /tmp/old --tree . --rounds 3 --json out.json
+    python bench/instructions.py --tree /tmp/old --tree . --rate 1 --burst 16
 
 Needs valgrind (Debian: apt-get install valgrind).
 """
@@ -76,34 +81,48 @@ def _dumped_instructions(out: Path, pid: int) -> int:
     return int(found.group(1))
 
 
-async def _write_for(url: str, seconds: float, first_seq: int, rate: float) -> tuple[int, int]:
-    """PUT one value at a time for `seconds`, starting one every 1/`rate` s (or as soon as
-    the previous one is answered, when that is later); (writes, last seq)."""
+async def _write_for(
+    url: str, seconds: float, first_seq: int, rate: float, burst: int = 1
+) -> tuple[int, int]:
+    """PUT `burst` values at once (each on a connection of its own), a burst every 1/`rate`
+    s (or as soon as the previous one is answered, when that is later), for `seconds`;
+    (writes, last seq). A burst's writes reach the leader together, so it may propose them
+    as one batch entry."""
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=60)
-    writes, seq = 0, first_seq
+
+    async def put(session: aiohttp.ClientSession, seq: int, acked_below: int) -> None:
+        headers = {
+            "Kvstore-Request-Id": f"instructions:{seq}",
+            "Kvstore-Acked-Below": str(acked_below),
+        }
+        async with session.put(
+            f"{url}/v1/kv/key{seq % 1000:05d}", data=b"x" * 100, headers=headers
+        ) as response:
+            body = await response.read()
+            if response.status != 200:
+                raise RuntimeError(f"PUT answered {response.status}: {body[:200]!r}")
+
+    bursts, writes, seq = 0, 0, first_seq
     async with aiohttp.ClientSession(trust_env=False, timeout=timeout) as session:
         started = time.perf_counter()
         stop_at = started + seconds
         while (now := time.perf_counter()) < stop_at:
-            due = started + writes / rate
+            due = started + bursts / rate
             if due > now:
                 await asyncio.sleep(min(due, stop_at) - now)
                 continue
-            seq += 1
-            headers = {"Kvstore-Request-Id": f"instructions:{seq}", "Kvstore-Acked-Below": str(seq)}
-            async with session.put(
-                f"{url}/v1/kv/key{seq % 1000:05d}", data=b"x" * 100, headers=headers
-            ) as response:
-                body = await response.read()
-                if response.status != 200:
-                    raise RuntimeError(f"PUT answered {response.status}: {body[:200]!r}")
-            writes += 1
+            # Every seq below the burst's first was answered: that is what acked_below says.
+            first = seq + 1
+            await asyncio.gather(*(put(session, first + i, first) for i in range(burst)))
+            seq += burst
+            writes += burst
+            bursts += 1
     return writes, seq
 
 
-def measure(scratch: Path, seconds: float, rate: float) -> dict[str, Any]:
+def measure(scratch: Path, seconds: float, rate: float, burst: int) -> dict[str, Any]:
     """One round in the kvstore found first on the path: the child side of `--tree`."""
     from kvstore.server.localcluster import LocalCluster
 
@@ -127,7 +146,7 @@ def measure(scratch: Path, seconds: float, rate: float) -> dict[str, Any]:
             started = time.perf_counter()
             writes = 0
             if window == "load":
-                writes, seq = asyncio.run(_write_for(url, seconds, seq, rate))
+                writes, seq = asyncio.run(_write_for(url, seconds, seq, rate, burst))
             else:
                 time.sleep(seconds)
             elapsed = time.perf_counter() - started
@@ -155,7 +174,9 @@ def _tree_commit(tree: Path) -> str | None:
     return completed.stdout.strip() or None
 
 
-def _round_in(tree: Path, scratch: Path, seconds: float, rate: float) -> dict[str, Any]:
+def _round_in(
+    tree: Path, scratch: Path, seconds: float, rate: float, burst: int
+) -> dict[str, Any]:
     """Run `measure` in a child process that imports the kvstore of `tree`."""
     env = dict(os.environ, PYTHONPATH=str(tree))
     child = subprocess.run(
@@ -166,6 +187,7 @@ def _round_in(tree: Path, scratch: Path, seconds: float, rate: float) -> dict[st
             str(scratch),
             str(seconds),
             str(rate),
+            str(burst),
         ],
         env=env,
         cwd=tree,
@@ -191,11 +213,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rate", type=float, default=4.0, help="writes started per second (default 4)"
     )
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--burst",
+        type=int,
+        default=1,
+        help="writes sent at once each time (default 1: one at a time; more: a leader's batch)",
+    )
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        scratch, seconds, rate = args.child
-        print(json.dumps(measure(Path(scratch), float(seconds), float(rate))))
+        scratch, seconds, rate, burst = args.child
+        print(json.dumps(measure(Path(scratch), float(seconds), float(rate), int(burst))))
         return 0
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("needs valgrind (apt-get install valgrind)", file=sys.stderr)
@@ -208,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         for number in range(args.rounds):
             for index, tree in enumerate(trees):
                 scratch = Path(base) / f"round{number}-tree{index}"
-                result = _round_in(tree, scratch, args.seconds, args.rate)
+                result = _round_in(tree, scratch, args.seconds, args.rate, args.burst)
                 rounds[str(tree)].append(result)
                 print(
                     f"{tree.name:>12} round {number + 1}: {result['writes']} writes, "

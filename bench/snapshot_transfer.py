@@ -49,6 +49,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -427,6 +428,32 @@ def _install_from_log(path: Path) -> tuple[float | None, float | None, float]:
     return install_s, float(load) if load else None, max(stalls, default=0.0)
 
 
+def print_phases(before: LoadPhase, during: LoadPhase, after: LoadPhase) -> None:
+    """The leader's writes in the three phases, and during / after."""
+    print("  leader writes      phase    seconds  writes/s   p50 ms   p99 ms  failed")
+    for name, phase in (("before", before), ("during", during), ("after", after)):
+        print(
+            f"                     {name:<7} {phase.seconds:8.2f} {phase.writes_per_s:9.1f} "
+            f"{phase.p50_ms!s:>8} {phase.p99_ms!s:>8} {phase.failed:7d}"
+        )
+    print(
+        f"  during / after: writes/s x{ratio(during.writes_per_s, after.writes_per_s)}, "
+        f"p99 x{ratio(during.p99_ms, after.p99_ms)}"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser, deadline_s: float) -> None:
+    """The options every store-size benchmark of this kind takes."""
+    parser.add_argument("--keys", default="100000", help="store sizes, comma-separated")
+    parser.add_argument("--value-bytes", type=int, default=100)
+    parser.add_argument("--writers", type=int, default=16, help="concurrent writers")
+    parser.add_argument("--load-seconds", type=float, default=5.0)
+    parser.add_argument("--deadline-s", type=float, default=deadline_s, help="per store size")
+    parser.add_argument("--json", help="write the results here (default bench/results/)")
+    parser.add_argument("--base-dir", help="where the clusters' data and logs go")
+    parser.add_argument("--keep", action="store_true", help="keep data and logs")
+
+
 def _print(result: SizeResult) -> None:
     print(
         f"  {result.keys} keys ({result.snapshot_bytes / 1e6:.1f} MB): caught up in "
@@ -442,46 +469,44 @@ def _print(result: SizeResult) -> None:
         f"leader's peak {result.leader_peak_rss_mb} MB); leader's term moved "
         f"{result.terms_moved}"
     )
-    print("  leader writes      phase    seconds  writes/s   p50 ms   p99 ms  failed")
-    for name in ("before", "during", "after"):
-        phase: LoadPhase = getattr(result, name)
-        print(
-            f"                     {name:<7} {phase.seconds:8.2f} {phase.writes_per_s:9.1f} "
-            f"{phase.p50_ms!s:>8} {phase.p99_ms!s:>8} {phase.failed:7d}"
-        )
-    print(
-        f"  during / after: writes/s x{result.writes_during_to_after}, "
-        f"p99 x{result.p99_during_to_after}"
-    )
+    print_phases(result.before, result.during, result.after)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--keys", default="100000", help="store sizes, comma-separated")
-    parser.add_argument("--value-bytes", type=int, default=100)
-    parser.add_argument("--writers", type=int, default=16, help="concurrent writers")
-    parser.add_argument("--load-seconds", type=float, default=5.0)
-    parser.add_argument("--deadline-s", type=float, default=600.0, help="per store size")
-    parser.add_argument("--json", help="write the results here (default bench/results/)")
-    parser.add_argument("--base-dir", help="where the clusters' data and logs go")
-    parser.add_argument("--keep", action="store_true", help="keep data and logs")
+    add_arguments(parser, deadline_s=600.0)
     parser.add_argument(
         "--profile-follower", metavar="DIR", help="sample node 3 with py-spy into DIR"
     )
-    args = parser.parse_args(argv)
-    sizes = [int(part) for part in args.keys.split(",")]
+    title = (
+        "Time for an empty node to catch up through a streamed snapshot, transfer rate vs "
+        "loopback, leader writes before / during / after"
+    )
+    return run_sizes(parser.parse_args(argv), argv, "snapshot_transfer", title, run_size, _print)
+
+
+def run_sizes(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    benchmark: str,
+    title: str,
+    run_size: Callable[[argparse.Namespace, int, Path], Coroutine[Any, Any, Any]],
+    show: Callable[[Any], None],
+) -> int:
+    """Run `run_size` for each store size of `--keys` in one scratch directory, print each
+    result with `show`, and write the JSON document of `benchmark`."""
     run = RunInfo(argv)
     print(run.describe())
-    print("Time for an empty node to catch up through a streamed snapshot, transfer rate vs "
-          "loopback, leader writes before / during / after")  # fmt: skip
+    print(title)
     results = []
-    with ScratchDir(args.base_dir, keep=args.keep, prefix="kvstore-snapshot-bench-") as base:
-        for keys in sizes:
+    prefix = f"kvstore-{benchmark}-bench-"
+    with ScratchDir(args.base_dir, keep=args.keep, prefix=prefix) as base:
+        for keys in (int(part) for part in args.keys.split(",")):
             result = asyncio.run(run_size(args, keys, base))
-            _print(result)
+            show(result)
             results.append(asdict(result))
-    path = output_path(args.json, "snapshot_transfer.json")
-    document = {"benchmark": "snapshot_transfer", "run": run.finish(), "results": results}
+    path = output_path(args.json, f"{benchmark}.json")
+    document = {"benchmark": benchmark, "run": run.finish(), "results": results}
     path.write_text(json.dumps(document, indent=2) + "\n")
     print(f"wrote {path}")
     return 0

@@ -22,6 +22,10 @@ before replies):
 
 `process_ready(send)` is the three steps in one call (simple synchronous drivers and tests).
 
+A snapshot from the leader may be decoded ahead, off the driver (`decode_snapshot`, on any
+thread, which also hands the storage its received file) and offered (`offer_decoded`): the
+Ready that restores it then installs the decoded state instead of decoding the bytes.
+
 Errors: a committed entry or a snapshot that does not decode raises `ProtocolError` out of
 `apply` (the entries before it are applied, the node is not advanced); the process must stop,
 as for a corrupt disk: every replica would meet the same bytes.

@@ -49,7 +49,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the report(s) as JSON")
     parser.add_argument(
         "--matrix", choices=sorted(MATRICES), default=None,
-        help="run a named set of drills instead (smoke: 17 short runs; full: the long matrix)",
+        help="run a named set of drills instead (smoke: 20 short runs; full: the long matrix)",
     )  # fmt: skip
     parser.add_argument(
         "--unsafe-local-reads", action="store_true",

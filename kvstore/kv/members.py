@@ -185,7 +185,7 @@ def address_book(
         if member == self_id:
             continue
         info = infos.get(member)
-        slot = _slot(info.name) if info is not None else member
+        slot = member_slot(member, info)
         if slot in bootstrap and str(slot) != self_name:
             book[member] = bootstrap[slot]
         elif info is not None:
@@ -193,8 +193,10 @@ def address_book(
     return book
 
 
-def _slot(name: str) -> int:
-    """The bootstrap slot a name stands for (its id in `--peers`), 0 for none."""
+def member_slot(member: int, info: MemberInfo | None) -> int:
+    """The bootstrap slot (an id of `--peers`) a member holds: its id for a bootstrap
+    member, the slot its name stands for otherwise, 0 for none."""
+    name = member_name(member, info)
     return int(name) if name.isdigit() and len(name) < 19 else 0
 
 

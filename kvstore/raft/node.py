@@ -1166,14 +1166,20 @@ class RawNode:
             # Whatever went to the follower last went a heartbeat interval ago and it still
             # lags: that append may be lost without the transport noticing. Send once more
             # (etcd-io/raft resumes a paused probe on a heartbeat response the same way).
+            # A probe goes again without its entries: its answer says where the follower
+            # stands, and the entries follow it. With them, a follower that answers
+            # heartbeats but not appends for a while (loading a large snapshot) was sent the
+            # same megabyte every heartbeat interval, which both sides encoded and decoded.
+            with_entries = True
             if progress.state is ProgressState.PROBE:
                 progress.probe_sent = False
+                with_entries = False
             elif progress.inflights.full():
                 # Free one slot so that the next append goes out; if the follower lacks the
                 # entries before it, it rejects and we fall back to probing from its real
                 # match index.
                 progress.inflights.free_first_one()
-            self._send_append(m.from_, progress)
+            self._send_append(m.from_, progress, with_entries=with_entries)
         self._heartbeat_read_ack(m)
 
     def _heartbeat_read_ack(self, m: Message) -> None:
@@ -1218,8 +1224,12 @@ class RawNode:
             if peer != self.id:
                 self._send_append(peer, progress)
 
-    def _send_append(self, to: int, progress: Progress, send_if_empty: bool = True) -> bool:
-        """Send the next append to `to` when its progress allows; True if one was sent."""
+    def _send_append(
+        self, to: int, progress: Progress, send_if_empty: bool = True, with_entries: bool = True
+    ) -> bool:
+        """Send the next append to `to` when its progress allows; True if one was sent.
+        `with_entries=False`: an empty append (a probe resent: see
+        `_handle_heartbeat_response`)."""
         log = self._log
         if not send_if_empty and progress.next_index > log.last_index():
             return False  # nothing new to send: the common case after every ack
@@ -1228,7 +1238,11 @@ class RawNode:
         previous_index = progress.next_index - 1
         try:
             previous_term = log.term(previous_index)
-            entries = log.entries(progress.next_index, self._config.max_size_per_message_bytes)
+            entries = (
+                log.entries(progress.next_index, self._config.max_size_per_message_bytes)
+                if with_entries
+                else []
+            )
         except CompactedError:
             return self._send_snapshot(to, progress)
         except UnavailableIndexError:

@@ -460,7 +460,8 @@ class Driver:
             self.metrics.proposals_failed.labels(reason="dropped").inc(len(proposals))
             error = self._dropped_error()
             for proposal in proposals:
-                proposal.future.set_exception(error)
+                if not proposal.future.done():
+                    proposal.future.set_exception(error)
             return
         self.metrics.proposals.inc(len(proposals))
 

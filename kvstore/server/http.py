@@ -238,6 +238,8 @@ class HttpApi:
         self.driver = driver
         self.config = driver.config
         self.cluster_id = cluster_id
+        # The slot this node was started as (`--id`); its member id after a lost disk differs.
+        self.member_name = str(self.config.id)
         self.metrics = driver.metrics
         self.throttle = LogThrottle(logger)
         self._body_timeout_s = self.config.client_body_timeout_ms / 1000
@@ -631,6 +633,7 @@ class HttpApi:
         status = self.driver.status()
         document: dict[str, Any] = {
             "id": self.config.id,
+            "name": self.member_name,
             "cluster_id": self.cluster_id,
             "role": status.role.value,
             "term": status.term,

@@ -46,7 +46,7 @@ from typing import Any
 
 import aiohttp
 
-from kvstore.errors import ConfChangeRefusedError, CorruptionError
+from kvstore.errors import ConfChangeRefusedError, CorruptionError, FatalDiskError
 from kvstore.raft.confchange import NODE_ID_MAX
 from kvstore.server.config import ServeConfig
 
@@ -73,8 +73,10 @@ class Identity:
     peers: dict[int, str] = field(default_factory=dict)
 
 
-class JoinRefusedError(Exception):
-    """The cluster refused the join for a reason a retry cannot fix (the message says)."""
+class StartRefusedError(Exception):
+    """The node cannot start until a person acts (the message says why): the cluster
+    refused the join for a reason a retry cannot fix, there is no cluster to join, or the
+    peer port cannot be listened on."""
 
 
 def identity_path(data_dir: Path) -> Path:
@@ -126,7 +128,6 @@ def _identity_from_obj(obj: Any) -> Identity:
 def write_identity(data_dir: Path, identity: Identity) -> None:
     """Write the identity file atomically and durably (see the module docstring)."""
     directory = Path(data_dir)
-    directory.mkdir(parents=True, exist_ok=True)
     path = identity_path(directory)
     temporary = path.with_suffix(".tmp")
     document = {
@@ -137,18 +138,22 @@ def write_identity(data_dir: Path, identity: Identity) -> None:
         "joined": identity.joined,
         "peers": {str(peer): address for peer, address in sorted(identity.peers.items())},
     }
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(descriptor, (json.dumps(document, indent=1) + "\n").encode())
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    os.replace(temporary, path)
-    directory_descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(directory_descriptor)
-    finally:
-        os.close(directory_descriptor)
+        directory.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(descriptor, (json.dumps(document, indent=1) + "\n").encode())
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, path)
+        directory_descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(directory_descriptor)
+        finally:
+            os.close(directory_descriptor)
+    except OSError as exc:
+        raise FatalDiskError(f"cannot write {path}: {exc}") from exc
 
 
 def has_storage(data_dir: Path) -> bool:
@@ -176,7 +181,7 @@ def has_storage(data_dir: Path) -> bool:
 
 async def resolve_identity(config: ServeConfig) -> Identity:
     """Who this process is; bootstraps or joins first when the data directory is empty (see
-    the module docstring). Raises JoinRefusedError or CorruptionError when it cannot start."""
+    the module docstring). Raises StartRefusedError or CorruptionError when it cannot start."""
     identity = read_identity(config.data_dir)
     name = str(config.id)
     if identity is not None:
@@ -236,7 +241,12 @@ async def _ask_peers(
         fresh=True,
         name_slot=config.id,
     )
-    await transport.start()
+    try:
+        await transport.start()
+    except OSError as exc:
+        raise StartRefusedError(
+            f"cannot listen on {config.listen_peer} (peer port): {exc.strerror or exc}"
+        ) from exc
     loop = asyncio.get_running_loop()
     seen_fresh = transport.seen_fresh
     logged_at = loop.time()
@@ -269,7 +279,7 @@ async def _ask_peers(
             if settled == set(peers):
                 if bootstrap_allowed:
                     return []
-                raise JoinRefusedError(
+                raise StartRefusedError(
                     "every peer is fresh: there is no cluster to join (use "
                     "--initial-cluster-state new to bootstrap one)"
                 )
@@ -290,7 +300,7 @@ async def _ask_peers(
 
 async def _join(config: ServeConfig, urls: list[str]) -> Identity:
     """Ask the cluster (through `urls`, following redirects to the leader) to add this
-    process as a learner; retries until a member answers. JoinRefusedError on a refusal
+    process as a learner; retries until a member answers. StartRefusedError on a refusal
     that a retry cannot fix."""
     body = {
         "name": str(config.id),
@@ -348,7 +358,7 @@ async def _post_add(
             if response.status == 409:
                 raise ConfChangeRefusedError(text)
             if 400 <= response.status < 500 and response.status != 429:
-                raise JoinRefusedError(f"the cluster refused the join: {text}")
+                raise StartRefusedError(f"the cluster refused the join: {text}")
             raise ValueError(text)
     raise ValueError(f"more than {_REDIRECTS_MAX} redirects from {url}")
 

@@ -80,6 +80,30 @@ def exit_when_pipe_closes(fd: int) -> None:
     threading.Thread(target=watch, name="parent-pipe", daemon=True).start()
 
 
+def popen_serve(
+    command: Sequence[str], *, die_with_parent: bool = True, **popen_kwargs: Any
+) -> tuple[subprocess.Popen[bytes], int | None]:
+    """Start `command`, a `kvstore serve` command line (subprocess.Popen's keyword arguments
+    pass through). With `die_with_parent` the node gets `--parent-pipe-fd` and the read end
+    of a pipe whose write end only this process holds: the node stops when this process
+    dies, however (exit_when_pipe_closes), or when the write end is closed. Returns the
+    process and that write end (None without), which the caller closes once the process
+    has exited."""
+    if not die_with_parent:
+        return subprocess.Popen(list(command), **popen_kwargs), None
+    read_end, write_end = os.pipe()
+    try:
+        process = subprocess.Popen(
+            [*command, "--parent-pipe-fd", str(read_end)], pass_fds=(read_end,), **popen_kwargs
+        )
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    return process, write_end
+
+
 def _peer_maps(
     ids: Sequence[int],
     listen: Mapping[int, str],
@@ -268,26 +292,18 @@ class LocalCluster:
         log = open(self.log_path(node_id), "ab")  # noqa: SIM115 - closed in stop()/restart
         self._logs[node_id] = log
         self._close_parent_pipe(node_id)
-        command = self.command(node_id)
-        inherited: tuple[int, ...] = ()
-        if self.die_with_parent:
-            read_end, write_end = os.pipe()
+        process, write_end = popen_serve(
+            self.command(node_id),
+            die_with_parent=self.die_with_parent,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        self._processes[node_id] = process
+        if write_end is not None:
             self._parent_pipes[node_id] = write_end
-            command += ["--parent-pipe-fd", str(read_end)]
-            inherited = (read_end,)
-        try:
-            self._processes[node_id] = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                pass_fds=inherited,
-            )
-        finally:
-            for fd in inherited:
-                os.close(fd)
 
     def _close_parent_pipe(self, node_id: int) -> None:
         """Close the write end of a node's parent pipe (its process has exited)."""

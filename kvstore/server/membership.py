@@ -73,7 +73,7 @@ class MemberBook:
         name: str,
         bootstrap: dict[int, str],
         own_peer_address: str,
-        set_peers: Callable[[dict[int, str]], None],
+        set_peers: Callable[[dict[int, str], dict[int, int]], None],
     ) -> None:
         self.driver = driver
         self.name = name
@@ -110,7 +110,8 @@ class MemberBook:
             return
         self._seen = seen
         book = self.current()
-        self._set_peers(book)
+        infos = self.infos()
+        self._set_peers(book, {m: kv_members.member_slot(m, infos.get(m)) for m in book})
         self.driver.storage.set_peer_ids(sorted(book))
         if self.driver.node.is_removed and not self._said_removed:
             self._said_removed = True

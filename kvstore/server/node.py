@@ -50,7 +50,7 @@ from kvstore.server.coordination import CoordinationApi
 from kvstore.server.discovery import split_host_port
 from kvstore.server.driver import Driver
 from kvstore.server.http import HttpApi
-from kvstore.server.identity import Identity, JoinRefusedError, resolve_identity
+from kvstore.server.identity import Identity, StartRefusedError, resolve_identity
 from kvstore.server.leases import LeaseService
 from kvstore.server.membership import Healer, MemberBook, MembershipApi
 from kvstore.server.metrics import NodeMetrics, NodeState
@@ -236,6 +236,7 @@ class Node:
         # A received snapshot is decoded off the loop and its file kept (snapshot_stream.py).
         self.transport.snapshots.receiver = replica
         self.http = HttpApi(self.driver, config.cluster_id)
+        self.http.member_name = identity.name
         AuthApi(self.http)
         if config.auth:
             self.http.auth_gate = AuthGate(
@@ -485,7 +486,7 @@ async def _main(config: ServeConfig) -> int:
                 config, id=identity.member_id, peers=tuple(sorted(peers.items()))
             )
         replica = open_replica(config, joined=identity.joined)
-    except JoinRefusedError as exc:
+    except StartRefusedError as exc:
         logger.critical("event=cannot_join error=%s", exc)
         print(f"kvstore: cannot start: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START

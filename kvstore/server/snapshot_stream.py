@@ -502,15 +502,17 @@ class SnapshotStreams:
         it, and the follower must not answer that probe with the log it had before the
         snapshot (a rejection that would send the snapshot again). True if held.
 
-        An append that follows on from the same entry as the last one held replaces it: the
-        leader resends its probe (up to a message's size of entries) every heartbeat interval
-        while the follower lags, and a million-key snapshot loads for seconds; kept, every
-        copy was held (hundreds of megabytes at 1M keys) and stepped after the snapshot."""
+        An append that follows on from the same entry as the last one held is the leader's
+        probe again (resent every heartbeat interval while the follower lags, and a
+        million-key snapshot loads for seconds): only the one with more entries is kept (the
+        newer on a tie). Kept, every copy was held (hundreds of megabytes at 1M keys) and
+        stepped after the snapshot."""
         held = self._held.get(peer_id)
         if held is None or message.type not in _HELD_TYPES:
             return False
-        if held and _resends(held[-1], message):
-            held[-1] = message
+        if held and _same_probe(held[-1], message):
+            if len(message.entries) >= len(held[-1].entries):
+                held[-1] = message
         elif len(held) < _HELD_MAX:
             held.append(message)
         return True
@@ -523,8 +525,9 @@ class SnapshotStreams:
         """fsync, then load and check the file (magic, length, crc32, metadata); then, with
         a receiver, decode the state and hand it the file (on this worker thread: the loop
         goes on answering heartbeats; the state is decoded a slice at a time, see
-        `kvstore.kv.state_machine.decode_state`). A state that does not decode is left to
-        the node, which stops on it as on any snapshot it cannot restore."""
+        `kvstore.kv.state_machine.decode_state`). A state that does not decode (or any other
+        failure of the receiver) is left to the node, which stops on it as on any snapshot it
+        cannot restore."""
         try:
             os.fsync(stream.fd)
         finally:
@@ -539,8 +542,11 @@ class SnapshotStreams:
             return snapshot, None
         try:
             return snapshot, receiver.decode_snapshot(snapshot, stream.path)
-        except ProtocolError as exc:
-            logger.error("event=snapshot_decode_failed path=%s error=%s", stream.path, exc)
+        except Exception as exc:
+            # Whatever went wrong here (ProtocolError: a state that does not decode), the
+            # snapshot is still stepped and the held appends released after it; the node
+            # then decodes it itself and stops on it if it cannot.
+            logger.error("event=snapshot_decode_failed path=%s error=%r", stream.path, exc)
             return snapshot, None
 
     def _refuse(self, peer_id: int, offset: int, reason: str) -> None:
@@ -582,15 +588,15 @@ class SnapshotStreams:
                 await task
 
 
-def _resends(held: Message, message: Message) -> bool:
+def _same_probe(held: Message, message: Message) -> bool:
     """Whether `message` is the same leader's append from the same previous entry as `held`
-    (a resent probe: its entries are those of `held` or more, so `held` adds nothing)."""
-    return (
-        held.type is message.type is MessageType.APPEND
-        and (held.term, held.index, held.log_term)
-        == (message.term, message.index, message.log_term)
-        and len(message.entries) >= len(held.entries)
-    )
+    (the leader's log only grows in its term, so the one with more entries holds the
+    other's)."""
+    return held.type is message.type is MessageType.APPEND and (
+        held.term,
+        held.index,
+        held.log_term,
+    ) == (message.term, message.index, message.log_term)
 
 
 def _remove_leftovers(directory: str) -> None:

@@ -577,7 +577,11 @@ def install(api: HttpApi) -> StreamSessions:
             max_msg_size=limit, heartbeat=heartbeat_s, autoping=True, compress=False
         )
         if not ws.can_prepare(request).ok:
-            raise BadRequestError("GET /v1/stream is a WebSocket: send Upgrade: websocket")
+            raise BadRequestError(
+                "GET /v1/stream is a WebSocket upgrade: it needs Upgrade: websocket, "
+                "Connection: Upgrade, Sec-WebSocket-Version: 13 and a Sec-WebSocket-Key of 16 "
+                "bytes in base64"
+            )
         gate = api.auth_gate
         # The upgrade itself passed the gate (HttpApi.handle): 401 without a good credential.
         authorizer = gate.stream_authorizer(request) if gate is not None else None

@@ -110,18 +110,25 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
-def check_peer_identity(certificate: dict[str, object] | None, node_id: int, address: str) -> None:
+def check_peer_identity(
+    certificate: dict[str, object] | None, node_id: int, address: str, slot: int = 0
+) -> None:
     """Raise ProtocolError unless `certificate` (ssl's getpeercert()) names member `node_id`,
-    whose configured peer address is `address` (see the module docstring)."""
+    whose configured peer address is `address` (see the module docstring). `slot`: the
+    bootstrap slot the member holds (its name, kvstore/kv/members.py), which its certificate
+    may name instead: a member that replaced a lost disk runs under a new id on the slot's
+    machine, with the slot's certificate."""
     if not certificate:
         raise ProtocolError(f"node {node_id} presented no certificate")
     uris = [uri for uri in _names(certificate, "URI") if uri.startswith(NODE_URI_PREFIX)]
     if uris:
-        if f"{NODE_URI_PREFIX}{node_id}" in uris:
+        if f"{NODE_URI_PREFIX}{node_id}" in uris or (slot and f"{NODE_URI_PREFIX}{slot}" in uris):
             return
         raise ProtocolError(
             f"a certificate of {', '.join(uris)[:200]} claimed to be node {node_id}"
         )
+    if not address:
+        raise ProtocolError(f"node {node_id} is not a member: no address to check it against")
     host, _ = split_host_port(address)
     wanted_ip = _ip(host)
     if wanted_ip is not None:

@@ -244,6 +244,8 @@ class _Peer:
         # Its outbound task, and whether it left the address book (`set_peers`).
         self.task: asyncio.Task[None] | None = None
         self.removed = False
+        # The bootstrap slot it holds, which its TLS certificate may name (0: its id).
+        self.slot = 0
 
 
 class PeerTransport:
@@ -386,12 +388,13 @@ class PeerTransport:
         """The address book in use: peer id -> the address dialled."""
         return {peer.id: peer.address for peer in self._peers.values()}
 
-    def set_peers(self, book: dict[int, str]) -> None:
+    def set_peers(self, book: dict[int, str], slots: dict[int, int] | None = None) -> None:
         """Make `book` (peer id -> address; this node's own id is ignored) the address book,
         when the membership changed: a new member is dialled, a member whose address changed
         is redialled there, and a member that left is forgotten: its outbound connection
         closes, and its connections in (and any new handshake from it) are refused, so
-        nothing from a removed id reaches the core any more."""
+        nothing from a removed id reaches the core any more. `slots`: peer id -> the
+        bootstrap slot it holds, for the TLS identity check."""
         book = {peer: address for peer, address in book.items() if peer != self.node_id}
         for peer_id in [p for p in self._peers if p not in book]:
             peer = self._peers.pop(peer_id)
@@ -404,9 +407,13 @@ class PeerTransport:
                 peer.task.cancel()
             self.peer_urls.pop(peer_id, None)
         for peer_id, address in book.items():
+            slot = (slots or {}).get(peer_id, 0)
             known = self._peers.get(peer_id)
+            if known is not None:
+                known.slot = slot
             if known is None:
                 added = self._peers[peer_id] = _Peer(peer_id, address, self._queue_frames_max)
+                added.slot = slot
                 logger.info("event=peer_added peer=%s address=%s", peer_id, address)
                 if self._started and not self._closing:
                     added.task = self._spawn(self._run_outbound(added), f"peer-out-{peer_id}")
@@ -537,7 +544,9 @@ class PeerTransport:
             try:
                 _tune_socket(writer, self._user_timeout_ms)
                 if context is not None:
-                    check_peer_identity(writer.get_extra_info("peercert"), peer.id, peer.address)
+                    check_peer_identity(
+                        writer.get_extra_info("peercert"), peer.id, peer.address, peer.slot
+                    )
                 hello = peerauth.new_hello(
                     cluster_id=self.cluster_id,
                     node_id=self.node_id,
@@ -887,6 +896,7 @@ class PeerTransport:
                 writer.get_extra_info("peercert"),
                 hello.node_id,
                 known.address if known is not None else "",
+                known.slot if known is not None else 0,
             )
         answer = peerauth.answer_to(
             hello,

@@ -33,6 +33,7 @@ import random
 from typing import TYPE_CHECKING
 
 from kvstore.errors import RaftError
+from kvstore.kv import members
 from kvstore.sim.membership import Goal, Step
 from kvstore.sim.node import CrashStage, SimNode
 
@@ -223,6 +224,10 @@ class Nemesis:
         if voters is None or not self._room():
             return
         lost = self._sim.nodes[self._rng.choice(voters)]
+        leader = self._sim.leader()
+        table = None if leader is None else leader.machine
+        infos = {} if table is None else table.members.infos()
+        name = members.member_name(lost.id, infos.get(lost.id))
         self._sim.wipe_node(lost)
         node = self._sim.add_node()
         delay = self._rng.randint(10, 300)
@@ -232,8 +237,12 @@ class Nemesis:
                 self._sim.start_node(node)
 
         self._sim.schedule(delay, f"start n{node.id}", start)
+        # The same slot back under a new id, as `kvstore serve` joins after a lost disk.
+        context = members.encode_context(
+            members.MemberInfo(name, f"sim-n{node.id}:0", replaces=lost.id, promote=True)
+        )
         self._sim.operator.plan(
-            Goal(Step.ADD, node.id), Goal(Step.REMOVE, lost.id), Goal(Step.PROMOTE, node.id)
+            Goal(Step.ADD, node.id, context=context), Goal(Step.HEAL, node.id, replaces=lost.id)
         )
     def _break_snapshot_streams(self) -> None:
         duration = self._rng.randint(50, 600)

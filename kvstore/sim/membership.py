@@ -8,10 +8,13 @@ or be deposed before it commits, and its successor may not hold it), a learner p
 only once the core finds it caught up.
 
 A node whose disk is lost never comes back under its id: a new node (a new id, never used
-before) starts with empty storage and no configuration, is added as a learner, catches up
-from a snapshot and the log, the lost member is removed, and then the learner is promoted:
-remove before promote, so that with three voters the majority never grows to three of four
-while one of them is dead (docs/architecture.md section 11).
+before) starts with empty storage and no configuration, is added as a learner whose member
+context (kvstore/kv/members.py) names the lost member's slot and asks for promotion, and
+then the operator heals as the server's healer does, through the same rule
+(`kv.members.heal_step`, asked with the member table of the leader's state machine and the
+core's `learner_caught_up`): once the learner has caught up, the lost member is removed,
+then the learner promoted: remove before promote, so that with three voters the majority
+never grows to three of four while one of them is dead (docs/architecture.md section 11).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvstore.errors import RaftError
+from kvstore.kv import members
 from kvstore.raft import confchange
 from kvstore.raft.confchange import ConfChange, ConfChangeType
 from kvstore.raft.types import ConfState, EntryType, Role
@@ -38,6 +42,8 @@ class Step(enum.Enum):
     ADD = "add"
     PROMOTE = "promote"
     REMOVE = "remove"
+    # The self-healing rule: remove what the learner replaces, then promote it.
+    HEAL = "heal"
 
 
 _CHANGE_TYPE = {
@@ -51,17 +57,22 @@ _CHANGE_TYPE = {
 class Goal:
     step: Step
     node: int
+    # ADD: the member context; HEAL: the member the learner replaces.
+    context: bytes = b""
+    replaces: int = 0
 
     def reached(self, conf: ConfState) -> bool:
         if self.step is Step.ADD:
             return self.node in conf.learners or self.node in conf.voters
         if self.step is Step.PROMOTE:
             return self.node in conf.voters
+        if self.step is Step.HEAL:
+            return self.node in conf.voters and self.replaces in conf.removed
         return self.node in conf.removed
 
     def moot(self, conf: ConfState) -> bool:
         """The goal can no longer be reached (a learner to promote was removed meanwhile)."""
-        if self.step is Step.PROMOTE:
+        if self.step in (Step.PROMOTE, Step.HEAL):
             return self.node not in conf.learners and self.node not in conf.voters
         if self.step is Step.ADD:
             return self.node in conf.removed
@@ -109,12 +120,25 @@ class Operator:
         self._next_try = sim.now + RETRY_DELAY
         if goal.reached(conf):
             return  # proposed, not yet committed
+        if goal.step is Step.HEAL:
+            if not committed or leader.machine is None:
+                return
+            change = members.heal_step(
+                conf, leader.machine.members.infos(), raw.learner_caught_up
+            )
+            if change is None:
+                return  # not caught up yet
+        else:
+            change = ConfChange(_CHANGE_TYPE[goal.step], goal.node, goal.context)
         try:
-            raw.propose_conf_change(ConfChange(_CHANGE_TYPE[goal.step], goal.node))
+            raw.propose_conf_change(change)
         except RaftError as exc:
             sim.trace(f"membership {goal.step.value} n{goal.node} refused: {exc.code}")
             return
-        sim.trace(f"membership {goal.step.value} n{goal.node} proposed at n{leader.id}")
+        sim.trace(
+            f"membership {goal.step.value} n{goal.node} proposed "
+            f"{change.type.name.lower()} n{change.node_id} at n{leader.id}"
+        )
 
 
 def stored_conf_state(storage: MemoryStorage, peers: tuple[int, ...]) -> ConfState:

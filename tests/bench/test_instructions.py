@@ -24,6 +24,7 @@ def test_instructions_benchmark_runs(tmp_path: Path) -> None:
             str(ROOT / "bench" / "instructions.py"),
             "--rounds", "1",
             "--seconds", "2",
+            "--burst", "2",
             "--json", str(out),
         ],
         capture_output=True,
@@ -35,5 +36,6 @@ def test_instructions_benchmark_runs(tmp_path: Path) -> None:
     [result] = document["results"]
     assert result["ratio_to_first"] == 1.0
     [round_] = result["rounds"]
-    assert round_["writes"] > 0 and round_["instructions_per_write"] > 0
+    assert round_["writes"] > 0 and round_["writes"] % 2 == 0  # bursts of 2
+    assert round_["instructions_per_write"] > 0
     assert document["run"]["command"]

@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 
 from kvstore.server.discovery import derive_statefulset_identity
+from kvstore.server.localcluster import popen_serve
 from tests.deploy.deployfiles import (
     DEPLOY,
     REPO,
@@ -68,6 +69,9 @@ class Node:
     peer_port: int
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    # The write end of the pipe the node watches (LocalCluster's popen_serve): it stops when
+    # this is closed or the test process dies, so a killed run leaves no node behind.
+    parent_pipe: int | None = None
 
     @property
     def client_url(self) -> str:
@@ -216,8 +220,9 @@ def _start(node: Node, nodes: list[Node], workdir: Path) -> None:
     data_dir = workdir / f"data-{node.launch.name}"
     env = process_environment(node, nodes, data_dir)
     node.log_path = workdir / f"{node.launch.name}.log"
+    _close_parent_pipe(node)
     with node.log_path.open("ab") as log:
-        node.process = subprocess.Popen(
+        node.process, node.parent_pipe = popen_serve(
             [sys.executable, "-m", "kvstore", "serve", *node.launch.serve_args],
             cwd=workdir,
             env=env,
@@ -225,6 +230,12 @@ def _start(node: Node, nodes: list[Node], workdir: Path) -> None:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
+
+
+def _close_parent_pipe(node: Node) -> None:
+    if node.parent_pipe is not None:
+        os.close(node.parent_pipe)
+        node.parent_pipe = None
 
 
 @pytest.fixture(params=sorted(LAYOUTS))
@@ -250,6 +261,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list[Nod
             if node.process is not None and node.process.poll() is None:
                 os.kill(node.process.pid, signal.SIGKILL)
                 node.process.wait(timeout=10)
+            _close_parent_pipe(node)
 
 
 def _agreed(nodes: list[Node], statuses: dict[int, dict[str, Any] | None]) -> bool:

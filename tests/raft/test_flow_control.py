@@ -57,6 +57,20 @@ def test_burst_of_heartbeat_responses_sends_at_most_one_probe() -> None:
     assert cluster.nodes[3].raft_log.last_index() == cluster.nodes[1].raft_log.last_index()
 
 
+def test_a_probe_resent_on_a_heartbeat_response_carries_no_entries() -> None:
+    """A follower that answers heartbeats but not appends for a while (it loads a large
+    snapshot) was sent the same probe, up to a message's size of entries, every heartbeat
+    interval. The resend is empty; the follower's answer to it brings the entries."""
+    cluster = Cluster()
+    _lagging_follower(cluster, entries=50)
+    cluster.tick(cluster.make_config(1).heartbeat_ticks, ids=[1])
+    cluster.heal()
+    [probe] = [m for m in _burst_of_heartbeat_responses(cluster, 1, 3)]
+    assert probe.type is MessageType.APPEND and probe.entries == ()
+    cluster.tick(2 * cluster.make_config(1).heartbeat_ticks)
+    assert cluster.nodes[3].raft_log.last_index() == cluster.nodes[1].raft_log.last_index()
+
+
 def test_probe_just_sent_is_not_resent_by_heartbeat_responses() -> None:
     """A probe sent in this heartbeat interval is in flight: heartbeat responses that arrive
     meanwhile (ReadIndex rounds) must not send another one."""

@@ -1,10 +1,11 @@
-"""Hostile input on the client port of one real node (`kvstore serve`): every route of the
+"""Hostile input on both ports of one real node (`kvstore serve`): every route of the
 OpenAPI document with abusive query parameters, every JSON route with a body nested too
 deeply, a client that hangs up in the middle of its body. Each gets a 4xx JSON answer (or
 none, for the one that left), the node logs no error and no traceback, and keeps serving.
 
-The stream's own hostile input is in tests/server/test_stream.py, the peer port's in
-tests/server/test_transport.py and test_peer_auth.py.
+The peer port of the same node gets junk and a crowd of half-open connections (after a
+valid handshake, in tests/server/test_transport.py and test_peer_auth.py); the stream's
+own hostile input is in tests/server/test_stream.py.
 """
 
 from __future__ import annotations
@@ -191,6 +192,48 @@ def test_a_snapshot_client_that_never_reads_does_not_hold_the_save_for_ever(
             assert status == 429, body[:200]
             assert time.monotonic() < deadline, "the save stayed held by a client not reading"
             time.sleep(0.1)
+    _assert_log_clean(node)
+
+
+def _dropped(sock: socket.socket, timeout_s: float = 10.0) -> bool:
+    """True once the node has closed (or reset) the connection; what it sent is ignored."""
+    sock.settimeout(timeout_s)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionError:
+        pass
+    return True
+
+
+def test_hostile_bytes_on_the_peer_port_are_dropped(node: LocalCluster) -> None:
+    """Before any handshake: junk, an HTTP request, a length prefix of 4 GiB and one just
+    over the handshake bound, a frame whose checksum is wrong, and a crowd of connections
+    that send nothing. Each is dropped (the crowd after the handshake timeout, or evicted),
+    nothing reaches the node's state, and clients are served throughout."""
+    address = ("127.0.0.1", node.peer_ports[1])
+    before = node.status(1)
+    assert before is not None
+    for payload in (
+        bytes(range(256)) * 8,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"\xff\xff\xff\xff\x00\x00\x00\x00",
+        (4097).to_bytes(4, "big") + b"\x00" * 4 + b"x" * 64,
+        (5).to_bytes(4, "big") + b"\x00\x00\x00\x00" + b"hello",
+    ):
+        with socket.create_connection(address, timeout=10) as sock:
+            sock.sendall(payload)
+            assert _dropped(sock)
+    crowd = [socket.create_connection(address, timeout=10) for _ in range(100)]
+    try:
+        status, _ = _exchange(node.client_ports[1], _request("PUT", "/v1/kv/peer-probe", b"ok"))
+        assert status == 200
+        assert all(_dropped(sock) for sock in crowd)
+    finally:
+        for sock in crowd:
+            sock.close()
+    after = node.status(1)
+    assert after is not None and after["term"] == before["term"] and after["role"] == "leader"
     _assert_log_clean(node)
 
 

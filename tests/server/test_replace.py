@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from kvstore.server.identity import read_identity
-from kvstore.server.localcluster import LocalCluster, free_port
+from kvstore.server.localcluster import LocalCluster, free_port, popen_serve
 from tests.server.test_cluster import call, wait_until
 
 pytestmark = pytest.mark.slow
@@ -156,6 +156,8 @@ def test_a_node_whose_data_directory_was_lost_heals_by_itself(cluster: LocalClus
         return status is not None and status["id"] == new_id and status["applied_index"] >= commit
 
     wait_until(caught_up, 20.0, "the new member applied the leader's commit index")
+    new_status = cluster.status(victim)
+    assert new_status is not None and new_status["name"] == str(victim)
     new_url = cluster.client_url(victim)
     missing = []
     for key, value in writer.acked.items():
@@ -197,7 +199,8 @@ def test_serve_join_adds_a_learner_that_the_operator_promotes(cluster: LocalClus
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     with open(cluster.base_dir / "joiner.log", "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # It stops when this test process dies, even by SIGKILL (popen_serve's pipe).
+        process, parent_pipe = popen_serve(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         for index in range(50):
             call(f"{cluster.client_urls[0]}/v1/kv/j{index}", "PUT", b"x")
@@ -237,3 +240,35 @@ def test_serve_join_adds_a_learner_that_the_operator_promotes(cluster: LocalClus
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        if parent_pipe is not None:
+            os.close(parent_pipe)
+
+
+def test_a_lost_disk_heals_with_peer_tls_too(tmp_path: Path) -> None:
+    """With mutual TLS between peers the certificates name the slots
+    (urn:kvstore:node:<slot>, `kvstore certs init`); the member that replaces slot 3 under
+    a new id presents slot 3's certificate, which the others accept for the member holding
+    that slot."""
+    cluster = LocalCluster(tmp_path, 3, tls=True, extra_args=_ARGS)
+    try:
+        cluster.start()
+        leader = cluster.wait_for_leader(timeout_s=20)
+        victim = next(i for i in cluster.ids if i != leader)
+        cluster.kill(victim)
+        shutil.rmtree(cluster.data_dir(victim))
+        cluster.start_node(victim)
+
+        def healed() -> bool:
+            status = cluster.status(leader)
+            mine = cluster.status(victim)
+            return (
+                status is not None
+                and mine is not None
+                and mine["id"] != victim
+                and sorted(status["voters"]) == sorted({*cluster.ids, mine["id"]} - {victim})
+                and not status["learners"]
+            )
+
+        cluster.wait_until(healed, 40.0, "the slot healed under a new id with peer TLS")
+    finally:
+        cluster.stop()

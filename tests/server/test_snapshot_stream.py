@@ -377,8 +377,7 @@ async def test_appends_wait_for_the_snapshot_that_was_acked_before_it_loaded(
 async def test_a_probe_resent_while_the_snapshot_loads_is_held_once(tmp_path: Path) -> None:
     """The leader resends its probe every heartbeat interval while the follower lags; a
     large snapshot loads for seconds, and every copy (up to a message's size each) was held
-    and stepped after it. Now a resend of the held probe replaces it: one is stepped, the
-    newest (the most entries, the latest commit)."""
+    and stepped after it. Now one is stepped: the one with the most entries."""
     snapshot = _snapshot(256 << 10)
     async with _Pair(tmp_path) as pair:
         streams = pair.follower.snapshots
@@ -399,6 +398,8 @@ async def test_a_probe_resent_while_the_snapshot_loads_is_held_once(tmp_path: Pa
                 entries=entries[: 10 + count // 2],
             )  # fmt: skip
             pair.leader.send(probe)
+        # A resend without entries (as the leader's core resends a probe) adds nothing.
+        pair.leader.send(Message(MessageType.APPEND, 2, 1, 2, index=7, log_term=2, commit=21))
         pair.leader.send(_heartbeat())
         await _wait_for(lambda: len(pair.received) == 1)  # the heartbeat, not held
         loading.set()
@@ -409,3 +410,60 @@ async def test_a_probe_resent_while_the_snapshot_loads_is_held_once(tmp_path: Pa
             MessageType.APPEND,
         ]
         assert pair.received[-1].commit == 20 and len(pair.received[-1].entries) == 20
+
+
+async def test_a_connection_dropped_while_the_snapshot_loads_does_not_lose_it(
+    tmp_path: Path,
+) -> None:
+    """Once ACKed, the snapshot is the follower's: a connection that drops while it is
+    loaded and decoded (on the worker thread) neither discards the file nor the held
+    appends, and the leader's report stays the ACK's."""
+    snapshot = _snapshot(256 << 10)
+    async with _Pair(tmp_path) as pair:
+        streams = pair.follower.snapshots
+        receiver = _Receiver()
+        streams.receiver = receiver
+        verify = streams._verify
+        loading = threading.Event()
+
+        def slow_verify(stream: Any) -> Any:
+            loading.wait(10)
+            return verify(stream)
+
+        streams._verify = slow_verify  # type: ignore[method-assign]
+        pair.leader.send(_message(snapshot))
+        await _wait_for(lambda: pair.statuses)
+        pair.leader.send(Message(MessageType.APPEND, 2, 1, 2, index=7, log_term=2))
+        await _wait_for(lambda: 1 in streams._held and len(streams._held[1]) == 1)
+        pair.leader._redial(2, "test")  # the connection drops mid-load
+        pair.follower._redial(1, "test")
+        loading.set()
+        await _wait_for(pair.snapshots)
+        assert [m.type for m in pair.received] == [MessageType.SNAPSHOT, MessageType.APPEND]
+        assert pair.snapshots()[0].snapshot == snapshot
+        assert receiver.file_present == [True] and len(receiver.offered) == 1
+        assert pair.statuses == [(2, True)]
+        assert pair.partial_files() == []
+
+
+async def test_a_receiver_that_fails_leaves_the_snapshot_to_the_node(tmp_path: Path) -> None:
+    """Decoding ahead is an optimisation: if the receiver fails for any reason, the snapshot
+    is still stepped (the node decodes it itself, and stops if it cannot) and the appends
+    held behind it are released. Before, anything but a ProtocolError ended the install
+    task: the snapshot was never stepped and every later append from that leader was held."""
+    snapshot = _snapshot(128 << 10)
+    async with _Pair(tmp_path) as pair:
+        receiver = _Receiver()
+
+        def failing_decode(snapshot: Snapshot, file: str | None = None) -> Any:
+            raise MemoryError("no memory for the decoded state")
+
+        receiver.decode_snapshot = failing_decode  # type: ignore[method-assign]
+        pair.follower.snapshots.receiver = receiver
+        pair.leader.send(_message(snapshot))
+        await _wait_for(lambda: pair.statuses)
+        pair.leader.send(Message(MessageType.APPEND, 2, 1, 2, index=7, log_term=2))
+        await _wait_for(lambda: len(pair.received) == 2)
+        assert [m.type for m in pair.received] == [MessageType.SNAPSHOT, MessageType.APPEND]
+        assert pair.snapshots()[0].snapshot == snapshot and receiver.offered == []
+        assert pair.partial_files() == []

@@ -156,6 +156,24 @@ async def test_the_writes_of_one_turn_share_one_entry_and_each_applies_once(
     await ws.close()
 
 
+async def test_every_write_of_a_batch_the_core_refuses_gets_the_refusal(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch entry the core refuses to propose fails each of its writes at once (none
+    waits for its deadline), each with the leader's refusal."""
+    from kvstore.errors import ProposalDroppedError
+
+    def refuse(data: bytes) -> None:
+        raise ProposalDroppedError("too many uncommitted bytes")
+
+    ws = await node.connect()
+    monkeypatch.setattr(node.driver.node, "propose", refuse)
+    answers = await exchange(ws, [put(i, f"r{i}", b"v", f"refused:{i}") for i in range(1, 9)])
+    assert {answer[1] for answer in answers.values()} == {429}
+    assert {code(answer) for answer in answers.values()} == {"overloaded"}
+    await ws.close()
+
+
 async def test_conditions_and_their_errors(node: Node) -> None:
     ws = await node.connect()
     created = await exchange(ws, [[1, "put", "cas", b"1", "k:1", 0, None, True]])

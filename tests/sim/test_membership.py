@@ -110,5 +110,11 @@ def test_seeds_exercise_every_membership_change_and_stay_safe() -> None:
     summary = run_seeds(range(1, 13))
     assert summary.ok, summary.line()
     counters = summary.counters
-    for name in ("disks_lost", "membership_add", "membership_promote", "membership_remove"):
+    for name in (
+        "disks_lost",
+        "membership_add",
+        "membership_promote",
+        "membership_remove",
+        "membership_heal",
+    ):
         assert counters[name] > 0, name

@@ -17,7 +17,9 @@ everything the Raft core can read back:
   `entries(lo, hi, size_bytes_max)` over whole and partial ranges with small and large byte
   limits, `snapshot()`.
 
-The writes are the ones the core can produce: entries start at the tail or at an index where
+Entries carry what a log holds: plain payloads, CONF_CHANGE records and batch entries
+(several puts in one entry, as a leader under load proposes them). The writes are the ones
+the core can produce: entries start at the tail or at an index where
 the stored term differs (Raft §5.3), or resend a matching front that runs past the tail. One
 input outside that set, a stale resend that ends inside the log, is a known difference and is
 pinned by `test_a_stale_resend_inside_the_log_keeps_the_tail` (xfail) below.
@@ -38,6 +40,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvstore.errors import KVStoreError
+from kvstore.kv.commands import Put, RequestId, encode_batch, encode_command
 from kvstore.raft import confchange
 from kvstore.raft.types import (
     ConfState,
@@ -127,6 +130,14 @@ class SideBySide(RuleBasedStateMachine):
                 entries.append(Entry(self.term, index, EntryType.CONF_CHANGE, data))
                 continue
             data = b"" if size == 0 else bytes([self.serial % 256]) * size
+            if self.serial % 7 == 0:
+                # A batch entry, as a leader under load writes them (kvstore/kv/commands.py).
+                data = encode_batch(
+                    [
+                        encode_command(Put(f"k{n}", data, RequestId("d", self.serial + n), 0))
+                        for n in range(1 + size % 3)
+                    ]
+                )
             entries.append(Entry(self.term, index, EntryType.NORMAL, data))
         return entries
 
