@@ -35,6 +35,13 @@ plain one, and prints TLS / plain ratios.
     python bench/throughput.py --workloads write,read90,stale90 --value-sizes 100,10000,100000 \
         --compare etcd
     python bench/throughput.py --tls                 # and on a TLS cluster: the cost of TLS
+    python bench/throughput.py --concurrency 256 --duration 5 --soak 600   # the soak, below
+
+`--soak SECONDS`: after each level, the same workload and N again for SECONDS on the same
+cluster, and a summary line: its rate as a fraction of the level's (the short run's rate
+measured in the same session), the leader changes during it (term increase), its p99 and
+its longest operation. Leader changes without a fault, pauses and slow drift show up here
+and not in a 5-second level.
     python bench/throughput.py --endpoint http://127.0.0.1:7001   # an already running cluster
 """
 
@@ -317,6 +324,7 @@ async def run_level(
         **_latency_figures(latencies, duration_s),
         "errors": errors,
         "leader_changed": before != after,
+        "term_before": before[1],
         "term": after[1],
         **_cpu_figures(cpu, after[0], client_cpu_s, latencies),
     }
@@ -409,7 +417,29 @@ async def _bench(
         result = await run_level(target, workload, concurrency, args.duration, args.warmup, pids)
         _print(result)
         results.append(result)
+        if args.soak:
+            soak = await run_level(target, workload, concurrency, args.soak, 0.0, pids)
+            soak["soak_of_level"] = len(results) - 1
+            soak["rate_of_level"] = (
+                soak["ops_per_s"] / result["ops_per_s"] if result["ops_per_s"] else None
+            )
+            _print(soak)
+            _print_soak(result, soak)
+            results.append(soak)
     return results
+
+
+def _print_soak(level: dict[str, Any], soak: dict[str, Any]) -> None:
+    ratio = soak["rate_of_level"]
+    print(
+        f"soak of {soak['duration_s']:.0f} s: {soak['ops_per_s']:,.0f} ops/s = "
+        + (f"{ratio:.0%}" if ratio is not None else "n/a")
+        + f" of the {level['duration_s']:.0f}-s level's {level['ops_per_s']:,.0f}; "
+        f"leader changes {soak['term'] - soak['term_before']} (term {soak['term_before']} -> "
+        f"{soak['term']}); p99 {soak['p99_ms']:.0f} ms; longest {soak['max_ms']:.0f} ms; "
+        f"errors {sum(n for n in soak['errors'].values() if isinstance(n, int))}",
+        flush=True,
+    )
 
 
 def raw_fsync_ms(directory: Path, count: int = 100) -> tuple[float, float]:
@@ -572,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_path", help="write the results as JSON here")
     parser.add_argument("--endpoint", help="use this running node (the leader) instead")
     parser.add_argument("--base-dir", help="directory for the cluster's data and logs")
+    parser.add_argument("--soak", type=float, default=0.0,
+                        help="after each level, the same again for this many seconds")  # fmt: skip
     parser.add_argument("--keep", action="store_true",
                         help="keep the clusters' data and logs (removed at the end otherwise)")  # fmt: skip
     parser.add_argument("--node-args", default="", help="extra flags for every node")
@@ -626,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
                 "concurrency": args.concurrency,
                 "duration_s": args.duration,
                 "warmup_s": args.warmup,
+                "soak_s": args.soak,
                 "workloads": args.workloads,
                 "value_sizes": args.value_sizes,
                 "sweep_concurrency": args.sweep_concurrency,

@@ -66,7 +66,9 @@ Rules that hold here:
     on the same host or LAN), reported as soon as the refusal arrives;
   - a connection closed, and no handshake with the peer completes (either way) within
     `probe_window_s` (0.6 heartbeat intervals by default, 30 ms): a timeout, an unreachable
-    host or a frozen process that still accepts TCP; reported after that window.
+    host or a frozen process that still accepts TCP; reported after that window. A window
+    that our own stalled loop let pass more than twice over is not evidence: one more window
+    follows it (within `dead_after_s` of the close), as for silence.
   A handshake completed within the window (ours or the peer's redial) is a blip: nothing is
   reported, and the leader's heartbeats flow again on the new connection. The outbound
   writer is the probe: it redials at once when its own connection closes, and is woken from
@@ -676,12 +678,30 @@ class PeerTransport:
         logger.info("event=peer_disconnected peer=%s direction=%s", peer_id, direction)
         if peer.reported_down or peer.probe is not None:
             return
-        peer.probe = asyncio.get_running_loop().call_later(
-            self._probe_window_s, self._peer_gone, peer, "no_answer"
+        loop = asyncio.get_running_loop()
+        peer.probe = loop.call_later(
+            self._probe_window_s, self._probe_ended, peer, loop.time(), loop.time()
         )
         # The outbound task redials at once after its own connection closed; if it is backing
         # off from a failed dial instead, it dials now.
         peer.redial.set()
+
+    def _probe_ended(self, peer: _Peer, closed_at: float, window_from: float) -> None:
+        """The probe window passed without a handshake with `peer`: it is gone, unless the
+        window ended more than twice over, which means our own loop was stalled (a garbage
+        collection, a starved CPU) and the answer to our redial may be sitting unread: then
+        one more window, from now, as the inbound watchdog does for silence, for at most
+        `dead_after_s` since the close. A follower stalled for 0.3 s reported its live
+        leader down this way (the 10-minute soak of bench/README.md)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        late = now - window_from > 2 * self._probe_window_s
+        if late and now - closed_at < self._dead_after_s and not self._closing:
+            peer.probe = loop.call_later(
+                self._probe_window_s, self._probe_ended, peer, closed_at, now
+            )
+            return
+        self._peer_gone(peer, "no_answer")
 
     def _peer_alive(self, peer: _Peer) -> None:
         """A handshake with `peer` completed (either way): it is up."""
