@@ -22,14 +22,18 @@ A data directory with neither an identity file nor storage (`resolve_identity`):
   meanwhile: it did so after seeing us fresh), so two nodes of the same first start never
   take each other for members. Until every peer has answered (and none is a member) the
   node waits and says which peers it waits for; it never starts under its old id.
-- Joining is `POST /v1/members/add` on a member (following the redirect to the leader),
+- Joining is `POST /v1/members/add` on a member (following the redirect to the leader; its
+  host is mapped by KVSTORE_RESOLVE like a peer address, kvstore/server/discovery.py),
   which adds this process as a learner under a new id (ids are never reused), with the
   name's former holder as `replaces`; the answer's id is written to the identity file, and
   the node starts as that learner with empty storage. The leader's healer
   (membership.py) promotes it once it has caught up, after removing the member it replaces.
 
 A data directory from before identity files (storage, no identity file) is the member
-`--id`: its identity file is written then.
+`--id`: its identity file is written then. An identity file without Raft state (no term, no
+entry, no snapshot: the log was lost, or the node stopped before its first save) is not
+trusted: whether that member ever voted cannot be told, so the directory counts as empty
+and the node joins (or bootstraps) as above.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import json
 import logging
 import os
 import ssl
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +54,7 @@ import aiohttp
 from kvstore.errors import ConfChangeRefusedError, CorruptionError, FatalDiskError
 from kvstore.raft.confchange import NODE_ID_MAX
 from kvstore.server.config import ServeConfig
+from kvstore.server.discovery import resolve_address
 
 logger = logging.getLogger("kvstore.server")
 
@@ -192,8 +198,17 @@ async def resolve_identity(config: ServeConfig) -> Identity:
                 f"the data directory belongs to cluster {identity.cluster_id!r}, "
                 f"not {config.cluster_id!r}",
             )
-        return identity
-    if has_storage(config.data_dir):
+        if has_storage(config.data_dir):
+            return identity
+        # An identity without Raft state: the log was lost (or the node stopped before its
+        # first save). Whether it ever voted cannot be told, so the id is not used again:
+        # the directory counts as empty.
+        logger.warning(
+            "event=identity_without_state member_id=%s file=%s action=treated_as_empty",
+            identity.member_id,
+            identity_path(config.data_dir),
+        )
+    elif has_storage(config.data_dir):
         identity = Identity(config.id, config.cluster_id, name)
         write_identity(config.data_dir, identity)
         return identity
@@ -304,7 +319,9 @@ async def _join(config: ServeConfig, urls: list[str]) -> Identity:
     that a retry cannot fix."""
     body = {
         "name": str(config.id),
-        "peer_address": config.listen_peer,
+        # Where the members dial us: our slot's entry of --peers (in a StatefulSet the
+        # pod's DNS name), not the listen address (0.0.0.0:7101 there).
+        "peer_address": config.peer_addresses.get(config.id, config.listen_peer),
         "client_url": config.client_url,
         "promote": not config.join_as_learner,
     }
@@ -344,8 +361,13 @@ async def _post_add(
 ) -> dict[str, Any]:
     target = url.rstrip("/") + "/v1/members/add"
     for _ in range(_REDIRECTS_MAX):
+        dialled, server_hostname = _resolved(target)
         async with session.post(
-            target, json=body, allow_redirects=False, ssl=ssl_context or True
+            dialled,
+            json=body,
+            allow_redirects=False,
+            ssl=ssl_context or True,
+            server_hostname=server_hostname,
         ) as response:
             if response.status in (307, 308) and response.headers.get("Location"):
                 target = response.headers["Location"]
@@ -361,6 +383,20 @@ async def _post_add(
                 raise StartRefusedError(f"the cluster refused the join: {text}")
             raise ValueError(text)
     raise ValueError(f"more than {_REDIRECTS_MAX} redirects from {url}")
+
+
+def _resolved(url: str) -> tuple[str, str | None]:
+    """`url` with its host and port mapped by KVSTORE_RESOLVE (discovery.py: the same
+    mapping as the peer addresses), and the name TLS must verify when it was mapped."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname is None:
+        return url, None
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host, mapped_port = resolve_address(f"{parts.hostname}:{port}")
+    if (host, mapped_port) == (parts.hostname, port):
+        return url, None
+    netloc = f"[{host}]:{mapped_port}" if ":" in host else f"{host}:{mapped_port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), parts.hostname
 
 
 def _identity_from_answer(config: ServeConfig, answer: dict[str, Any]) -> Identity:

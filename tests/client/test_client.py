@@ -151,6 +151,36 @@ async def test_acked_below_is_the_lowest_seq_still_waiting() -> None:
     ]
 
 
+async def test_acked_below_follows_writes_that_finish_out_of_order() -> None:
+    """The lowest seq still waiting, whichever order the answers come in."""
+    releases = {seq: asyncio.Event() for seq in range(1, 7)}
+    sent: list[tuple[int, int]] = []
+
+    class Held(ScriptedTransport):
+        async def request(
+            self, endpoint: str, method: str, path: str, **kwargs: Any
+        ) -> HttpResponse:
+            headers = kwargs["headers"]
+            seq = int(headers["Kvstore-Request-Id"].rpartition(":")[2])
+            sent.append((seq, int(headers["Kvstore-Acked-Below"])))
+            if seq in releases:
+                await releases[seq].wait()
+            return put_ok("k", 1)
+
+    client = Client([A], transport=Held(lambda request: put_ok("k", 1)), client_id="c")
+    tasks = [asyncio.create_task(client.put(f"k{seq}", b"v")) for seq in range(1, 7)]
+    await asyncio.sleep(0)
+    for seq in (2, 5, 1, 6, 3):  # 4 still waits: the bound stops there
+        releases[seq].set()
+        await tasks[seq - 1]
+    await client.put("k7", b"v")
+    releases[4].set()
+    await tasks[3]
+    await client.put("k8", b"v")
+    assert sent[6:] == [(7, 4), (8, 8)]
+    assert all(acked == 1 for _, acked in sent[:6])
+
+
 async def test_reads_carry_no_request_id() -> None:
     client, transport, _ = make_client(lambda request: HttpResponse(200, {}, b"x"))
     await client.get("k")

@@ -18,12 +18,14 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -84,7 +86,7 @@ def statefulset_layout(tmp_path: Path) -> list[Launch]:
     launches = []
     for ordinal in range(replicas):
         env = pod_environment(ordinal)
-        node_id, peers = derive_statefulset_identity(
+        node_id, peers, _ = derive_statefulset_identity(
             env["KVSTORE_HOSTNAME"],
             int(env["KVSTORE_STATEFULSET_REPLICAS"]),
             env["KVSTORE_PEER_SERVICE"],
@@ -155,7 +157,11 @@ def _free_ports(count: int) -> list[int]:
 
 
 def process_environment(node: Node, nodes: list[Node], data_dir: Path) -> dict[str, str]:
-    resolve = ",".join(f"{n.launch.peer_address}=127.0.0.1:{n.peer_port}" for n in nodes)
+    resolve = ",".join(
+        [f"{n.launch.peer_address}=127.0.0.1:{n.peer_port}" for n in nodes]
+        # The advertised client URLs too: a node that lost its volume joins through them.
+        + [f"{_host_port(n.launch.advertised_url)}=127.0.0.1:{n.client_port}" for n in nodes]
+    )
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
     return {
         **inherited,
@@ -165,6 +171,11 @@ def process_environment(node: Node, nodes: list[Node], data_dir: Path) -> dict[s
         "KVSTORE_DATA_DIR": str(data_dir),
         "KVSTORE_RESOLVE": resolve,
     }
+
+
+def _host_port(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 
 
 def _get_json(url: str) -> dict[str, Any] | None:
@@ -415,13 +426,52 @@ def test_rolling_restart_keeps_the_cluster_writable(cluster: list[Node], tmp_pat
         assert [_get_value(node, f"during-{s}") for s in (1, 2, 3)] == [b"1", b"2", b"3"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("cluster", ["statefulset"], indirect=True)
+def test_a_pod_that_lost_its_volume_heals(cluster: list[Node], tmp_path: Path) -> None:
+    """deploy/README.md: a pod whose PersistentVolume is lost (a new, empty volume) comes
+    back with the same configuration; it joins under a new member id, catches up, the lost
+    id is removed and the new one promoted: three voters again, and the data is there."""
+    deadline = time.monotonic() + STARTUP_DEADLINE_S
+    statuses = _wait_for_agreed_leader(cluster, deadline)
+    leader_id = statuses[1]["leader_id"]
+    _put(cluster, "before", b"0", deadline)
+    victim = next(n for n in cluster if n.launch.node_id != leader_id)
+    assert victim.process is not None
+    os.kill(victim.process.pid, signal.SIGKILL)
+    victim.process.wait(timeout=10)
+    shutil.rmtree(tmp_path / f"data-{victim.launch.name}")
+    _start(victim, cluster, tmp_path)
+    leader = next(n for n in cluster if n.launch.node_id == leader_id)
+    lost = victim.launch.node_id
+    while True:
+        members = _get_json(leader.client_url + "/v1/members") or {}
+        mine = _get_json(victim.client_url + "/v1/status") or {}
+        voters = members.get("voters", [])
+        if (
+            len(voters) == 3
+            and lost not in voters
+            and not members.get("learners")
+            and mine.get("id") in voters
+        ):
+            break
+        assert time.monotonic() < deadline + 30, f"not healed: {members}\n{_logs(cluster)}"
+        time.sleep(0.1)
+    assert mine["name"] == str(lost) and lost in members["removed"]
+    stale = victim.client_url + "/v1/kv/before?consistency=stale"
+    while _http_status(stale) != 200:
+        assert time.monotonic() < deadline + 30, "the new member never served the key"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize(
     ("hostname", "message"),
-    [("kvstore-3", "outside a set of 3"), ("kvstore", "<statefulset>-<ordinal>")],
+    [("kvstore-10000", "above 9999"), ("kvstore", "<statefulset>-<ordinal>")],
 )
 def test_pod_outside_the_set_refuses_to_start(tmp_path: Path, hostname: str, message: str) -> None:
-    """A pod whose name gives no valid id (scaled up, or renamed) must not join under a
-    guessed id: `kvstore serve` exits with status 2 and says why."""
+    """A pod whose name gives no valid id (renamed, an absurd ordinal) must not join under a
+    guessed id: `kvstore serve` exits with status 2 and says why. (A pod of a set scaled up
+    joins: tests/deploy/test_statefulset_membership.py.)"""
     if not _serve_available():
         pytest.skip("`python -m kvstore serve` (with DiskStorage) is not available yet")
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}

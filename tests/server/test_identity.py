@@ -67,6 +67,9 @@ def test_a_lone_node_bootstraps_and_keeps_its_identity(tmp_path: Path) -> None:
     config = load_config(None, {"KVSTORE_ID": "2", "KVSTORE_DATA_DIR": str(tmp_path)})
     identity = asyncio.run(resolve_identity(config))
     assert identity == Identity(2, "kvstore", "2")
+    storage = DiskStorage(tmp_path)  # the node takes part: its first save
+    storage.save(HardState(term=1, vote=2, commit=0), [], None)
+    storage.close()
     # The file decides from now on, whatever --id says.
     other = load_config(None, {"KVSTORE_ID": "7", "KVSTORE_DATA_DIR": str(tmp_path)})
     assert asyncio.run(resolve_identity(other)) == identity
@@ -114,3 +117,21 @@ def test_the_fresh_flag_is_optional_on_the_wire_and_proven() -> None:
     bad = pack([*unpack(peerauth.encode_handshake(fresh))[:8], 1])
     with pytest.raises(ProtocolError):
         peerauth.decode_handshake(bad)
+
+
+def test_an_identity_without_raft_state_is_not_trusted(tmp_path: Path) -> None:
+    """member.json survived, the log did not: whether member 4 voted cannot be told, so the
+    directory counts as empty (here, forced to bootstrap, it does so as --id, not as 4)."""
+    write_identity(tmp_path, Identity(4, "kvstore", "2", True, {1: "a:1"}))
+    DiskStorage(tmp_path).close()  # an empty log
+    config = load_config(
+        None,
+        {
+            "KVSTORE_ID": "2",
+            "KVSTORE_DATA_DIR": str(tmp_path),
+            "KVSTORE_PEERS": "1=127.0.0.1:1,2=127.0.0.1:2",
+            "KVSTORE_INITIAL_CLUSTER_STATE": "new",
+        },
+    )
+    assert asyncio.run(resolve_identity(config)) == Identity(2, "kvstore", "2")
+    assert read_identity(tmp_path) == Identity(2, "kvstore", "2")
