@@ -6,7 +6,8 @@ same name in all three places: flag `--tick-interval-ms`, variable `KVSTORE_TICK
 TOML key `tick-interval-ms` (or `tick_interval_ms`).
 
 StatefulSet mode: when no id is given and `KVSTORE_STATEFULSET_REPLICAS` is set, the id and
-the peers are derived from the hostname by `kvstore.server.discovery`.
+the peers are derived from the hostname by `kvstore.server.discovery`; a pod beyond the
+bootstrap set joins (`initial_cluster_state` defaults to "existing" for it).
 
 Rules: `ServeConfig` validates itself in `__post_init__` and raises `ValueError` naming the
 field, so a bad value stops the node at start with a clear message, never later.
@@ -462,9 +463,10 @@ def _apply_statefulset(values: dict[str, Any], env: Mapping[str, str]) -> None:
     identity = statefulset_identity_from_environ(env)
     if identity is None:
         return
-    node_id, peers = identity
-    values["id"] = node_id
-    values.setdefault("peers", peers)
+    values["id"] = identity.node_id
+    values.setdefault("peers", identity.peers)
+    if identity.joins:  # a pod beyond the bootstrap set never bootstraps: it joins
+        values.setdefault("initial_cluster_state", "existing")
 
 
 def _build(values: dict[str, Any]) -> ServeConfig:

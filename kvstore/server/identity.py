@@ -319,7 +319,9 @@ async def _join(config: ServeConfig, urls: list[str]) -> Identity:
     that a retry cannot fix."""
     body = {
         "name": str(config.id),
-        "peer_address": config.listen_peer,
+        # Where the members dial us: our slot's entry of --peers (in a StatefulSet the
+        # pod's DNS name), not the listen address (0.0.0.0:7101 there).
+        "peer_address": config.peer_addresses.get(config.id, config.listen_peer),
         "client_url": config.client_url,
         "promote": not config.join_as_learner,
     }

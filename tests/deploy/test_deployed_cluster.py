@@ -86,7 +86,7 @@ def statefulset_layout(tmp_path: Path) -> list[Launch]:
     launches = []
     for ordinal in range(replicas):
         env = pod_environment(ordinal)
-        node_id, peers = derive_statefulset_identity(
+        node_id, peers, _ = derive_statefulset_identity(
             env["KVSTORE_HOSTNAME"],
             int(env["KVSTORE_STATEFULSET_REPLICAS"]),
             env["KVSTORE_PEER_SERVICE"],
@@ -466,11 +466,12 @@ def test_a_pod_that_lost_its_volume_heals(cluster: list[Node], tmp_path: Path) -
 
 @pytest.mark.parametrize(
     ("hostname", "message"),
-    [("kvstore-3", "outside a set of 3"), ("kvstore", "<statefulset>-<ordinal>")],
+    [("kvstore-10000", "above 9999"), ("kvstore", "<statefulset>-<ordinal>")],
 )
 def test_pod_outside_the_set_refuses_to_start(tmp_path: Path, hostname: str, message: str) -> None:
-    """A pod whose name gives no valid id (scaled up, or renamed) must not join under a
-    guessed id: `kvstore serve` exits with status 2 and says why."""
+    """A pod whose name gives no valid id (renamed, an absurd ordinal) must not join under a
+    guessed id: `kvstore serve` exits with status 2 and says why. (A pod of a set scaled up
+    joins: tests/deploy/test_statefulset_membership.py.)"""
     if not _serve_available():
         pytest.skip("`python -m kvstore serve` (with DiskStorage) is not available yet")
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}

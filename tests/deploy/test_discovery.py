@@ -17,8 +17,11 @@ from kvstore.server.discovery import (
 
 @pytest.mark.parametrize("ordinal", [0, 1, 2])
 def test_ordinal_gives_id_and_all_peers(ordinal: int) -> None:
-    node_id, peers = derive_statefulset_identity(f"kvstore-{ordinal}", 3, "kvstore-peer", 7101)
+    node_id, peers, joins = derive_statefulset_identity(
+        f"kvstore-{ordinal}", 3, "kvstore-peer", 7101
+    )
     assert node_id == ordinal + 1
+    assert not joins  # the bootstrap set: these three form the cluster at its first start
     assert peers == {
         1: "kvstore-0.kvstore-peer:7101",
         2: "kvstore-1.kvstore-peer:7101",
@@ -34,13 +37,13 @@ def test_every_pod_derives_the_same_peer_map() -> None:
 
 def test_fully_qualified_hostname_uses_first_label() -> None:
     fqdn = "kvstore-2.kvstore-peer.prod.svc.cluster.local."
-    node_id, peers = derive_statefulset_identity(fqdn, 3, "kvstore-peer", 7101)
+    node_id, peers, _ = derive_statefulset_identity(fqdn, 3, "kvstore-peer", 7101)
     assert node_id == 3
     assert peers[1] == "kvstore-0.kvstore-peer:7101"
 
 
 def test_set_name_with_dashes_and_digits() -> None:
-    node_id, peers = derive_statefulset_identity("my-db-2-10", 11, "svc", 7101)
+    node_id, peers, _ = derive_statefulset_identity("my-db-2-10", 11, "svc", 7101)
     assert node_id == 11
     assert peers[1] == "my-db-2-0.svc:7101"
 
@@ -49,13 +52,14 @@ def test_hostname_case_is_ignored() -> None:
     assert derive_statefulset_identity("KVStore-1", 3, "Peer", 7101) == (
         2,
         {1: "kvstore-0.peer:7101", 2: "kvstore-1.peer:7101", 3: "kvstore-2.peer:7101"},
+        False,
     )
 
 
 def test_qualified_service_and_empty_service() -> None:
-    _, peers = derive_statefulset_identity("kv-0", 1, "kv-peer.prod.svc", 7101)
+    _, peers, _ = derive_statefulset_identity("kv-0", 1, "kv-peer.prod.svc", 7101)
     assert peers == {1: "kv-0.kv-peer.prod.svc:7101"}
-    _, bare = derive_statefulset_identity("kv-0", 2, "", 7101)
+    _, bare, _ = derive_statefulset_identity("kv-0", 2, "", 7101)
     assert bare == {1: "kv-0:7101", 2: "kv-1:7101"}
 
 
@@ -78,9 +82,25 @@ def test_bad_hostnames_are_rejected(hostname: str) -> None:
         derive_statefulset_identity(hostname, 3, "kvstore-peer", 7101)
 
 
-def test_ordinal_outside_the_set_is_rejected() -> None:
-    with pytest.raises(ValueError, match="outside a set of 3"):
-        derive_statefulset_identity("kvstore-3", 3, "kvstore-peer", 7101)
+@pytest.mark.parametrize("ordinal", [3, 4, 9])
+def test_pod_beyond_the_bootstrap_set_joins(ordinal: int) -> None:
+    """The set scaled up: the new pod's peers are the bootstrap set (whom it asks to join)
+    and itself (its slot's address, which it gives the cluster); it never bootstraps."""
+    node_id, peers, joins = derive_statefulset_identity(
+        f"kvstore-{ordinal}", 3, "kvstore-peer", 7101
+    )
+    assert (node_id, joins) == (ordinal + 1, True)
+    assert peers == {
+        1: "kvstore-0.kvstore-peer:7101",
+        2: "kvstore-1.kvstore-peer:7101",
+        3: "kvstore-2.kvstore-peer:7101",
+        ordinal + 1: f"kvstore-{ordinal}.kvstore-peer:7101",
+    }
+
+
+def test_absurd_ordinal_is_rejected() -> None:
+    with pytest.raises(ValueError, match="above 9999"):
+        derive_statefulset_identity("kvstore-10000", 3, "kvstore-peer", 7101)
 
 
 @pytest.mark.parametrize(
@@ -113,7 +133,7 @@ def test_environ_statefulset_mode() -> None:
         "KVSTORE_PEER_PORT": "7201",
         "KVSTORE_HOSTNAME": "kvstore-1",
     }
-    node_id, peers = statefulset_identity_from_environ(env) or (0, {})
+    node_id, peers, _ = statefulset_identity_from_environ(env) or (0, {}, False)
     assert node_id == 2
     assert peers[3] == "kvstore-2.kvstore-peer:7201"
 
@@ -184,3 +204,4 @@ def test_bad_resolve_overrides_are_rejected(text: str) -> None:
 def test_bad_addresses_are_rejected(address: str) -> None:
     with pytest.raises(ValueError):
         split_host_port(address)
+

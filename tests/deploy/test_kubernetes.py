@@ -198,3 +198,16 @@ def test_kvstore_serve_derives_identity_from_the_pod(ordinal: int) -> None:
     assert config.client_url == f"http://kvstore-{ordinal}.kvstore-peer.default.svc:7001"
     assert str(config.data_dir) == "/var/lib/kvstore/data"
     assert config.listen_client == "0.0.0.0:7001"
+    assert config.initial_cluster_state == "auto"  # bootstraps only with every peer fresh
+
+
+@pytest.mark.parametrize("ordinal", [3, 4])
+def test_a_pod_added_by_scaling_up_joins(ordinal: int) -> None:
+    """`kubectl scale --replicas=5` starts kvstore-3 and kvstore-4 with the same template:
+    they must join the cluster (as learners the leader promotes), never bootstrap one."""
+    config = load_serve_config(pod_environment(ordinal))
+    assert config.id == ordinal + 1
+    assert config.initial_cluster_state == "existing"
+    own = f"kvstore-{ordinal}.kvstore-peer:7101"
+    bootstrap = {i + 1: f"kvstore-{i}.kvstore-peer:7101" for i in range(3)}
+    assert config.peer_addresses == {**bootstrap, ordinal + 1: own}
