@@ -2,9 +2,9 @@
 a large store, with the snapshot encoded in a forked child (the server's default) and on a
 thread (the way before), side by side in one run.
 
-For each store size (`--keys`, values of `--value-bytes`) a snapshot file is built once (a
-StateMachine filled and encoded as a node does) and, for every round, restored into a fresh
-data directory. A one-node Replica is opened over it as `kvstore serve` opens one (DiskStorage,
+For each store size (`--keys`, values of `--value-bytes`) a snapshot file is built once
+(snapshot_transfer.py's: a StateMachine filled and encoded as a node does) and, for every
+round, restored into a fresh data directory as a one-voter cluster. A one-node Replica is opened over it as `kvstore serve` opens one (DiskStorage,
 deferred snapshots, the same garbage-collector setting: `gc.freeze()` after loading), elected,
 and given one write so that a snapshot is due; then the server's own SnapshotTender is driven
 (`tend()` every millisecond, as the driver does after each turn) until the snapshot is stored,
@@ -48,35 +48,20 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.runinfo import RunInfo
+from bench.snapshot_transfer import build_snapshot
 from bench.stats import median, percentile
 from kvstore.kv.commands import Put, RequestId
-from kvstore.kv.state_machine import StateMachine
 from kvstore.raft.config import RaftConfig
-from kvstore.raft.types import ConfState, Snapshot, SnapshotMetadata
 from kvstore.replica import Replica
 from kvstore.server.backup import restore_data_dir
 from kvstore.server.metrics import NodeMetrics
 from kvstore.server.snapshots import SnapshotTender
 from kvstore.server.storage_thread import StorageThread
 from kvstore.storage.disk import DiskStorage
-from kvstore.storage.snapshot import encode_snapshot_file
 
 MODES = ("thread", "fork")
 _PROBE_S = 0.001
 _IDLE_S = 0.5
-
-
-def build_snapshot(path: Path, keys: int, value_bytes: int) -> int:
-    """A snapshot file of `keys` keys (one voter, node 1) as a node writes it; its size."""
-    machine = StateMachine()
-    value = b"v" * value_bytes
-    for i in range(keys):
-        machine.apply_command(Put(key=f"key/{i:09d}", value=value, request=None, time_ms=0))
-    machine.applied_index = keys
-    metadata = SnapshotMetadata(index=keys, term=1, conf_state=ConfState(voters=(1,)))
-    content = encode_snapshot_file(Snapshot(metadata=metadata, data=machine.freeze().encode()))
-    path.write_bytes(content)
-    return len(content)
 
 
 def _step(replica: Replica, until: Callable[[], bool], deadline: float) -> None:

@@ -25,7 +25,11 @@ Rules that hold here:
 - The address book (peer id -> address) is the node's bootstrap `--peers` plus the members
   added at runtime (kvstore/kv/members.py); `set_peers` replaces it whenever the membership
   changes. Only ids in it are dialled or accepted: once a member is removed, its connection
-  in is closed at its next frame and its handshakes are refused.
+  in is closed at its next frame and its handshakes are refused. One exception: a process
+  with an empty data directory asking whether a cluster exists (kvstore/server/identity.py)
+  says so in its handshake ("fresh", proven like the rest); it is answered whatever id it
+  has (the removed id of its slot, typically), and its connection is closed as soon as the
+  handshake completes, before any frame is read.
 - Nothing from a connection counts before its handshake has completed, the peer's proof of
   the cluster secret included: no Raft frame is read from it, no client URL is learnt from
   it (the leader URL that a follower's 307 gives out comes only from an authenticated
