@@ -35,7 +35,12 @@ def register(
     promote.add_argument("id", type=int)
     promote.set_defaults(handler=_handle(_promote))
     remove = actions.add_parser("remove", parents=[common], help="remove a member for good")
-    remove.add_argument("id", type=int)
+    remove.add_argument("id", type=int, nargs="?", help="the member's id")
+    remove.add_argument(
+        "--name",
+        help="the member that goes by this name (its slot: a pod's ordinal + 1), instead of "
+        "an id; refused while two members share it (a replacement in progress)",
+    )
     remove.set_defaults(handler=_handle(_remove))
 
     leader = subparsers.add_parser("leader", help="leadership")
@@ -99,8 +104,30 @@ async def _promote(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _remove(client: Client, args: argparse.Namespace) -> int:
-    _print_members(await client.remove_member(args.id), args.json)
+    if (args.id is None) == (args.name is None):
+        raise ValueError("member remove needs an id or --name NAME (not both)")
+    member = args.id if args.name is None else _member_named(await client.members(), args.name)
+    _print_members(await client.remove_member(member), args.json)
     return EXIT_OK
+
+
+def _member_named(document: dict[str, object], name: str) -> int:
+    """The id of the one member (voter or learner) named `name`; ValueError if there is
+    none, or several (a replacement in progress: the operator must choose by id)."""
+    members = document.get("members")
+    found = sorted(
+        int(member)
+        for member, info in (members.items() if isinstance(members, dict) else ())
+        if isinstance(info, dict) and str(info.get("name", member)) == name
+    )
+    if not found:
+        raise ValueError(f"no member is named {name!r} (`kvstore member list` shows the names)")
+    if len(found) > 1:
+        raise ValueError(
+            f"members {', '.join(map(str, found))} are all named {name!r} (a replacement in "
+            "progress): remove one by its id"
+        )
+    return found[0]
 
 
 async def _transfer(client: Client, args: argparse.Namespace) -> int:

@@ -165,3 +165,25 @@ def test_bash_completion_offers_subcommands_and_their_options(
     assert complete("kvstore", "sta") == ["status"]
     assert complete("kvstore", "put", "--if") == ["--if-revision"]
     assert "--nodes" in complete("kvstore", "cluster", "--")
+
+
+def test_member_remove_by_name_needs_exactly_one_member_of_that_name() -> None:
+    """`kvstore member remove --name N` (deploy/README.md's scale-down): the id of the one
+    member named N; none, or two (the old and new holder during a replacement), refused."""
+    from kvstore.member_cli import _member_named
+
+    document = {
+        "members": {
+            "1": {"name": "1"},
+            "4": {"name": "2"},  # took slot 2 over after a lost disk
+            "5": {"name": "4"},
+            "6": {"name": "5"},
+            "7": {"name": "5"},  # slot 5 being replaced
+        }
+    }
+    assert _member_named(document, "2") == 4
+    assert _member_named(document, "4") == 5
+    with pytest.raises(ValueError, match="no member is named '3'"):
+        _member_named(document, "3")
+    with pytest.raises(ValueError, match="members 6, 7 are all named '5'"):
+        _member_named(document, "5")

@@ -170,14 +170,14 @@ def test_scaling_the_statefulset_up_and_down(pods: list[Node], tmp_path: Path) -
         assert "event=joined" in log and "event=bootstrap" not in log
     _assert_every_write_on(pods, keys)
 
-    # Scaling down to 3 (deploy/README.md): first `kvstore member remove` for every member
-    # whose slot is above the new size, highest first, then `kubectl scale --replicas=3`.
+    # Scaling down to 3 (deploy/README.md): first `kvstore member remove --name` for every
+    # slot above the new size, highest first, then `kubectl scale --replicas=3`.
     for name in ("5", "4"):
         found = _leader_members(pods)
         assert found is not None
         leader = found[0]
         endpoints = [leader.client_url] + [n.client_url for n in _running(pods) if n is not leader]
-        remove = ["member", "remove", str(by_name[name]), "--endpoints", ",".join(endpoints)]
+        remove = ["member", "remove", "--name", name, "--endpoints", ",".join(endpoints)]
         done = subprocess.run(
             [sys.executable, "-m", "kvstore", *remove],
             capture_output=True,
