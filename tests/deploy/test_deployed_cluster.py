@@ -82,18 +82,20 @@ class Node:
 def statefulset_layout(tmp_path: Path) -> list[Launch]:
     replicas = kubernetes_object("StatefulSet")["spec"]["replicas"]
     assert replicas == REPLICAS
-    launches = []
-    for ordinal in range(replicas):
-        env = pod_environment(ordinal)
-        node_id, peers, _ = derive_statefulset_identity(
-            env["KVSTORE_HOSTNAME"],
-            int(env["KVSTORE_STATEFULSET_REPLICAS"]),
-            env["KVSTORE_PEER_SERVICE"],
-            int(env["KVSTORE_PEER_PORT"]),
-        )
-        url = env["KVSTORE_ADVERTISE_CLIENT_URL"]
-        launches.append(Launch(env["KVSTORE_HOSTNAME"], node_id, peers[node_id], url, env))
-    return launches
+    return [pod_launch(ordinal) for ordinal in range(replicas)]
+
+
+def pod_launch(ordinal: int) -> Launch:
+    """Pod kvstore-<ordinal> of the StatefulSet (one of a set scaled up, too)."""
+    env = pod_environment(ordinal)
+    node_id, peers, _ = derive_statefulset_identity(
+        env["KVSTORE_HOSTNAME"],
+        int(env["KVSTORE_STATEFULSET_REPLICAS"]),
+        env["KVSTORE_PEER_SERVICE"],
+        int(env["KVSTORE_PEER_PORT"]),
+    )
+    url = env["KVSTORE_ADVERTISE_CLIENT_URL"]
+    return Launch(env["KVSTORE_HOSTNAME"], node_id, peers[node_id], url, env)
 
 
 def compose_layout(tmp_path: Path) -> list[Launch]:
@@ -248,6 +250,22 @@ def _close_parent_pipe(node: Node) -> None:
         node.parent_pipe = None
 
 
+def stop_all(nodes: list[Node]) -> None:
+    """Stop every node that runs, whatever happened before: nothing may outlive the test."""
+    for node in nodes:  # SIGTERM to all first: they shut down in parallel
+        if node.process is not None and node.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(node.process.pid, signal.SIGTERM)
+    for node in nodes:
+        with contextlib.suppress(Exception):
+            _wait_stopped(node)
+    for node in nodes:  # nothing may outlive the test, whatever happened above
+        if node.process is not None and node.process.poll() is None:
+            os.kill(node.process.pid, signal.SIGKILL)
+            node.process.wait(timeout=10)
+        _close_parent_pipe(node)
+
+
 @pytest.fixture(params=sorted(LAYOUTS))
 def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list[Node]]:
     if not _serve_available():
@@ -260,18 +278,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list[Nod
             _start(node, nodes, tmp_path)
         yield nodes
     finally:
-        for node in nodes:  # SIGTERM to all first: they shut down in parallel
-            if node.process is not None and node.process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(node.process.pid, signal.SIGTERM)
-        for node in nodes:
-            with contextlib.suppress(Exception):
-                _wait_stopped(node)
-        for node in nodes:  # nothing may outlive the test, whatever happened above
-            if node.process is not None and node.process.poll() is None:
-                os.kill(node.process.pid, signal.SIGKILL)
-                node.process.wait(timeout=10)
-            _close_parent_pipe(node)
+        stop_all(nodes)
 
 
 def _agreed(nodes: list[Node], statuses: dict[int, dict[str, Any] | None]) -> bool:

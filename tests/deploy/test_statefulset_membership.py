@@ -16,10 +16,7 @@ deadlines.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -29,13 +26,10 @@ from typing import Any
 
 import pytest
 
-from kvstore.server.discovery import derive_statefulset_identity
-from tests.deploy.deployfiles import kubernetes_object, pod_environment
+from tests.deploy.deployfiles import kubernetes_object
 from tests.deploy.test_deployed_cluster import (
     STARTUP_DEADLINE_S,
-    Launch,
     Node,
-    _close_parent_pipe,
     _free_ports,
     _get_json,
     _get_value,
@@ -44,23 +38,12 @@ from tests.deploy.test_deployed_cluster import (
     _serve_available,
     _start,
     _stop,
-    _wait_stopped,
+    pod_launch,
+    stop_all,
 )
 
 SCALED_REPLICAS = 5
 HEAL_DEADLINE_S = 45.0
-
-
-def _pod_launch(ordinal: int) -> Launch:
-    env = pod_environment(ordinal)
-    node_id, peers, _ = derive_statefulset_identity(
-        env["KVSTORE_HOSTNAME"],
-        int(env["KVSTORE_STATEFULSET_REPLICAS"]),
-        env["KVSTORE_PEER_SERVICE"],
-        int(env["KVSTORE_PEER_PORT"]),
-    )
-    url = env["KVSTORE_ADVERTISE_CLIENT_URL"]
-    return Launch(env["KVSTORE_HOSTNAME"], node_id, peers[node_id], url, env)
 
 
 @pytest.fixture
@@ -71,7 +54,7 @@ def pods(tmp_path: Path) -> Iterator[list[Node]]:
     replicas = kubernetes_object("StatefulSet")["spec"]["replicas"]
     ports = _free_ports(2 * SCALED_REPLICAS)
     nodes = [
-        Node(_pod_launch(ordinal), ports[2 * ordinal], ports[2 * ordinal + 1])
+        Node(pod_launch(ordinal), ports[2 * ordinal], ports[2 * ordinal + 1])
         for ordinal in range(SCALED_REPLICAS)
     ]
     try:
@@ -79,18 +62,7 @@ def pods(tmp_path: Path) -> Iterator[list[Node]]:
             _start(node, nodes, tmp_path)
         yield nodes
     finally:
-        for node in nodes:
-            if node.process is not None and node.process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(node.process.pid, signal.SIGTERM)
-        for node in nodes:
-            with contextlib.suppress(Exception):
-                _wait_stopped(node)
-        for node in nodes:
-            if node.process is not None and node.process.poll() is None:
-                os.kill(node.process.pid, signal.SIGKILL)
-                node.process.wait(timeout=10)
-            _close_parent_pipe(node)
+        stop_all(nodes)
 
 
 def _running(nodes: list[Node]) -> list[Node]:
