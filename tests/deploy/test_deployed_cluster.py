@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -431,44 +430,6 @@ def test_rolling_restart_keeps_the_cluster_writable(cluster: list[Node], tmp_pat
     for node in cluster:
         assert _get_value(node, "before") == b"0"
         assert [_get_value(node, f"during-{s}") for s in (1, 2, 3)] == [b"1", b"2", b"3"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("cluster", ["statefulset"], indirect=True)
-def test_a_pod_that_lost_its_volume_heals(cluster: list[Node], tmp_path: Path) -> None:
-    """deploy/README.md: a pod whose PersistentVolume is lost (a new, empty volume) comes
-    back with the same configuration; it joins under a new member id, catches up, the lost
-    id is removed and the new one promoted: three voters again, and the data is there."""
-    deadline = time.monotonic() + STARTUP_DEADLINE_S
-    statuses = _wait_for_agreed_leader(cluster, deadline)
-    leader_id = statuses[1]["leader_id"]
-    _put(cluster, "before", b"0", deadline)
-    victim = next(n for n in cluster if n.launch.node_id != leader_id)
-    assert victim.process is not None
-    os.kill(victim.process.pid, signal.SIGKILL)
-    victim.process.wait(timeout=10)
-    shutil.rmtree(tmp_path / f"data-{victim.launch.name}")
-    _start(victim, cluster, tmp_path)
-    leader = next(n for n in cluster if n.launch.node_id == leader_id)
-    lost = victim.launch.node_id
-    while True:
-        members = _get_json(leader.client_url + "/v1/members") or {}
-        mine = _get_json(victim.client_url + "/v1/status") or {}
-        voters = members.get("voters", [])
-        if (
-            len(voters) == 3
-            and lost not in voters
-            and not members.get("learners")
-            and mine.get("id") in voters
-        ):
-            break
-        assert time.monotonic() < deadline + 30, f"not healed: {members}\n{_logs(cluster)}"
-        time.sleep(0.1)
-    assert mine["name"] == str(lost) and lost in members["removed"]
-    stale = victim.client_url + "/v1/kv/before?consistency=stale"
-    while _http_status(stale) != 200:
-        assert time.monotonic() < deadline + 30, "the new member never served the key"
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize(
