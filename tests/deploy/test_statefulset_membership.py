@@ -6,8 +6,9 @@
   line: it joins as a learner under a new id, the leader removes the id its slot held and
   promotes it, and every acknowledged write is on it.
 - Scaling up 3 -> 5 starts kvstore-3 and kvstore-4 with the same template: they join (never
-  bootstrap) and are promoted while writes go on. Scaling down 5 -> 3 is the documented
-  operator step, `kvstore member remove` for the slots above the new size, then the pods go.
+  bootstrap) and are promoted while writes go on; one of them loses its volume and heals into
+  its slot as well. Scaling down 5 -> 3 is the documented operator step, `kvstore member
+  remove --name` for the slots above the new size, then the pods go.
 
 Every pod that may exist (kvstore-0..4) gets its 127.0.0.1 ports and its KVSTORE_RESOLVE entry
 up front, as the headless Service's DNS names a pod once it exists. Waits are conditions with
@@ -123,6 +124,21 @@ def _assert_every_write_on(nodes: list[Node], keys: list[str]) -> None:
         assert not missing, f"{node.launch.name} lacks acknowledged writes {missing[:5]}"
 
 
+def _lose_volume(
+    lost: Node, pods: list[Node], tmp_path: Path, keys: list[str], deadline: float
+) -> None:
+    """The pod dies with its volume; the others acknowledge writes meanwhile; the
+    StatefulSet's new pod starts with the same command line and an empty volume."""
+    assert lost.process is not None
+    lost.process.kill()
+    lost.process.wait(timeout=10)
+    shutil.rmtree(tmp_path / f"data-{lost.launch.name}")
+    for _ in range(5):
+        keys.append(f"gone-{len(keys)}")
+        _put(_running(pods), keys[-1], keys[-1].encode(), deadline)
+    _start(lost, pods, tmp_path)
+
+
 def test_a_pod_that_lost_its_volume_heals_into_its_slot(pods: list[Node], tmp_path: Path) -> None:
     deadline = time.monotonic() + STARTUP_DEADLINE_S
     bootstrap = pods[:3]
@@ -131,14 +147,7 @@ def test_a_pod_that_lost_its_volume_heals_into_its_slot(pods: list[Node], tmp_pa
     for key in keys:
         _put(bootstrap, key, key.encode(), deadline)
     lost = pods[1]  # kvstore-1 (slot 2), whatever its role
-    assert lost.process is not None
-    lost.process.kill()  # the node dies with its volume
-    lost.process.wait(timeout=10)
-    shutil.rmtree(tmp_path / f"data-{lost.launch.name}")
-    for i in range(5):  # two of three keep acknowledging writes meanwhile
-        _put(bootstrap, f"gone-{i}", f"gone-{i}".encode(), deadline)
-        keys.append(f"gone-{i}")
-    _start(lost, pods, tmp_path)  # the StatefulSet's new pod: same command, empty volume
+    _lose_volume(lost, pods, tmp_path, keys, deadline)
     heal_deadline = time.monotonic() + HEAL_DEADLINE_S
     members = _wait_for_voters(bootstrap, {"1", "2", "3"}, heal_deadline, keys, gone=2)
     new_id = _voters_by_name(members)["2"]
@@ -169,6 +178,13 @@ def test_scaling_the_statefulset_up_and_down(pods: list[Node], tmp_path: Path) -
         log = (tmp_path / f"{node.launch.name}.log").read_text(errors="replace")
         assert "event=joined" in log and "event=bootstrap" not in log
     _assert_every_write_on(pods, keys)
+
+    # A pod of the scaled-up part loses its volume: it heals into its slot (name 5) too.
+    _lose_volume(pods[4], pods, tmp_path, keys, deadline)
+    old = by_name["5"]
+    members = _wait_for_voters(pods, {"1", "2", "3", "4", "5"}, deadline, keys, gone=old)
+    by_name = _voters_by_name(members)
+    assert old in members["removed"] and by_name["5"] != old
 
     # Scaling down to 3 (deploy/README.md): first `kvstore member remove --name` for every
     # slot above the new size, highest first, then `kubectl scale --replicas=3`.
