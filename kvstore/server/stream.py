@@ -154,6 +154,9 @@ class StreamSession:
         self._outbox_bytes = 0
         self._outbox_ready = asyncio.Event()
         self._in_flight = 0
+        # Answers (count, bytes) of the message being sent now.
+        self._sending = 0
+        self._sending_bytes = 0
         self._send_timeout_s = self._config.client_body_timeout_ms / 1000
         # Requests waiting for a leader to be known (rare: an election is under way), each
         # a task owned here, cancelled when the connection ends.
@@ -181,8 +184,8 @@ class StreamSession:
         ws = self._ws
         while not ws.closed and not self._closed:
             if (
-                self._in_flight + len(self._outbox) >= IN_FLIGHT_MAX
-                or self._outbox_bytes >= OUTBOX_BYTES_MAX
+                self._in_flight + len(self._outbox) + self._sending >= IN_FLIGHT_MAX
+                or self._outbox_bytes + self._sending_bytes >= OUTBOX_BYTES_MAX
             ):
                 await asyncio.sleep(_BACKPRESSURE_CHECK_S)
                 continue
@@ -512,7 +515,10 @@ class StreamSession:
         """Send every answer waiting, in messages of about ANSWER_MESSAGE_BYTES; cut the
         connection if the client does not take one within the send timeout."""
         while self._outbox and not self._ws.closed and not self._closed:
-            answers = self._take_answers()
+            answers, size = self._take_answers()
+            # Answers being sent still count against the bounds until the send is done: a
+            # client that takes nothing would otherwise have one more message's worth read.
+            self._sending, self._sending_bytes = len(answers), size
             try:
                 async with asyncio.timeout(self._send_timeout_s):
                     await self._ws.send_bytes(msgpack.packb(answers, use_bin_type=True))
@@ -522,19 +528,23 @@ class StreamSession:
             except ConnectionError:
                 self._closed = True
                 return
+            finally:
+                self._sending = self._sending_bytes = 0
 
-    def _take_answers(self) -> list[Answer]:
+    def _take_answers(self) -> tuple[list[Answer], int]:
+        """The next message's answers and their bytes, taken from the outbox."""
         outbox = self._outbox
         if self._outbox_bytes <= ANSWER_MESSAGE_BYTES:
+            size = self._outbox_bytes
             self._outbox, self._outbox_bytes = [], 0
-            return outbox
+            return outbox, size
         size = count = 0
         while count < len(outbox) and (count == 0 or size < ANSWER_MESSAGE_BYTES):
             size += len(outbox[count][3]) + _ANSWER_OVERHEAD_BYTES
             count += 1
         answers, self._outbox = outbox[:count], outbox[count:]
         self._outbox_bytes -= size
-        return answers
+        return answers, size
 
     def _stalled(self) -> None:
         """The client took no answer for the send timeout: abort the connection (closing it

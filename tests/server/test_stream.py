@@ -528,9 +528,15 @@ class _DeafClient:
 
 
 @pytest.mark.parametrize("value_bytes", [10, 64 * 1024])
-async def test_a_client_that_never_reads_stops_being_read(node: Node, value_bytes: int) -> None:
+async def test_a_client_that_never_reads_stops_being_read(
+    node: Node, value_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Answers not yet sent count against the connection's bounds (requests, bytes): the
-    node stops reading a client that takes no answers instead of buffering without end."""
+    node stops reading a client that takes no answers instead of buffering without end.
+    The answers of the message being sent count too: with the reader checking its bounds
+    at every turn of the loop (as a slow machine makes it, whose back-off sleeps are over
+    at once), it read a second bound's worth while the first sat in a send that never ended."""
+    monkeypatch.setattr(stream, "_BACKPRESSURE_CHECK_S", 0)
     ws = await node.connect()
     await exchange(ws, [put(1, "v", b"x" * value_bytes, "deaf:1")])
     await ws.close()
