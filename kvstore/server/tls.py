@@ -12,7 +12,10 @@ Rules that hold here:
   claims to be (`check_peer_identity`): a URI SAN `urn:kvstore:node:<id>` when the certificate
   has any such URI (`kvstore certs init` writes one), else a DNS or IP SAN matching the host
   of that member's configured peer address (one shared wildcard certificate, as cert-manager
-  issues for a StatefulSet, then proves membership but not which member).
+  issues for a StatefulSet, then proves membership but not which member). A fresh process
+  (an empty data directory asking whether a cluster exists) under an id no member knows yet
+  has no address to match: a certificate without node URIs is taken on the CA's word
+  (`check_fresh_peer_identity`); that connection carries nothing after the handshake.
 - Reload: `TlsContexts.reload()` reads every file again and builds new contexts; if any file
   is missing or bad it logs an error and keeps the old ones (a half-written rotation never
   takes a node down). A server context handed to a listener once is switched per connection
@@ -137,6 +140,18 @@ def check_peer_identity(
     elif any(_dns_matches(value, host) for value in _names(certificate, "DNS")):
         return
     raise ProtocolError(f"the certificate of node {node_id} does not name {host!r}")
+
+
+def check_fresh_peer_identity(certificate: dict[str, object] | None, node_id: int) -> None:
+    """The check of a fresh process's certificate when its id is no member's (a pod of a set
+    scaled up asking whether a cluster exists): a certificate that names members must name
+    `node_id`; one that names none (a cluster-wide certificate) proves only that the CA
+    issued it to the cluster, which is all this handshake needs (see the module docstring)."""
+    if not certificate:
+        raise ProtocolError(f"node {node_id} presented no certificate")
+    uris = [uri for uri in _names(certificate, "URI") if uri.startswith(NODE_URI_PREFIX)]
+    if uris and f"{NODE_URI_PREFIX}{node_id}" not in uris:
+        raise ProtocolError(f"a certificate of {', '.join(uris)[:200]} claimed to be node {node_id}")
 
 
 def _stamp(paths: tuple[str, ...]) -> tuple[tuple[int, int, int], ...]:

@@ -107,7 +107,7 @@ from kvstore.server.snapshot_stream import (
     SnapshotStreams,
     is_stream_payload,
 )
-from kvstore.server.tls import TlsContexts, check_peer_identity
+from kvstore.server.tls import TlsContexts, check_fresh_peer_identity, check_peer_identity
 
 logger = logging.getLogger("kvstore.server")
 
@@ -916,12 +916,15 @@ class PeerTransport:
         self._check_handshake(hello, expected_id=None)
         if self._tls is not None:
             known = self._peers.get(hello.node_id)
-            check_peer_identity(
-                writer.get_extra_info("peercert"),
-                hello.node_id,
-                known.address if known is not None else "",
-                known.slot if known is not None else 0,
-            )
+            if known is None and hello.fresh:  # asks, then is closed: see tls.py
+                check_fresh_peer_identity(writer.get_extra_info("peercert"), hello.node_id)
+            else:
+                check_peer_identity(
+                    writer.get_extra_info("peercert"),
+                    hello.node_id,
+                    known.address if known is not None else "",
+                    known.slot if known is not None else 0,
+                )
         answer = peerauth.answer_to(
             hello,
             secret=self._secret,

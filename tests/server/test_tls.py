@@ -356,3 +356,60 @@ async def test_the_client_listener_switches_to_reloaded_certificates(
         assert await greeting(pki) == "CERTIFICATE_VERIFY_FAILED"
     finally:
         server.close()
+
+
+def _cluster_wide_certificate(directory: Path, stem: str, ca_directory: Path) -> TlsContexts:
+    """One certificate for every member naming hosts, not members (no node URI): what the
+    Kubernetes example's cert-manager Certificate (`*.kvstore-peer...`) is."""
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from kvstore.server.certs import _alt_names, _issue, _load_or_make_ca
+
+    ca = _load_or_make_ca(ca_directory, 1)
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    _issue(directory, stem, "kvstore", ca, alt_names=_alt_names(None, ()), usages=usages, days=1)
+    files = TlsFiles(
+        cert=str(directory / f"{stem}.pem"),
+        key=str(directory / f"{stem}-key.pem"),
+        ca=str(ca_directory / "ca.pem"),
+    )
+    return TlsContexts(client_files=None, peer_files=files)
+
+
+@pytest.mark.parametrize("certificate", ["cluster-wide", "another member's node URI"])
+async def test_a_fresh_process_under_an_unknown_id_may_ask_with_a_cluster_wide_certificate(
+    tmp_path: Path, pki: Path, certificate: str
+) -> None:
+    """A pod of a StatefulSet scaled up (id 4, which no member knows yet) asks member 1
+    whether a cluster exists. With a cluster-wide certificate (the CA's word that it is one
+    of the cluster) it is answered; a certificate that names another member is refused as
+    before. (Without this a scaled-up pod under the Kubernetes TLS example waited forever.)"""
+    shared = _cluster_wide_certificate(tmp_path, "members", pki)
+    member_peers = {1: f"127.0.0.1:{_free_port()}"}
+    member = _Node(1, member_peers, shared)
+    asker_tls = shared if certificate == "cluster-wide" else _contexts(pki, 3)
+    asker = PeerTransport(
+        node_id=4,
+        cluster_id="c1",
+        client_url="https://client-4",
+        listen=f"127.0.0.1:{_free_port()}",
+        peers=dict(member_peers),
+        on_message=lambda message: None,
+        on_peer_down=lambda peer: None,
+        tls=asker_tls,
+        fresh=True,
+        name_slot=4,
+    )
+    await member.transport.start()
+    await asker.start()
+    try:
+        if certificate == "cluster-wide":
+            await _wait_for(lambda: asker.peer_fresh.get(1) is False)
+            assert asker.peer_urls[1] == "https://client-1"
+        else:
+            await _wait_for(lambda: member.transport.handshakes_failed >= 2)
+            assert 1 not in asker.peer_fresh
+        assert member.received == []
+    finally:
+        await asker.close()
+        await member.transport.close()
