@@ -176,6 +176,9 @@ class RawNode:
         # The configuration before the first entry of `_conf_entries`: the snapshot's, or one
         # folded in from an applied conf entry (`_fold_applied_conf`).
         self._conf_base = conf_state
+        # The index of the conf entry last folded into `_conf_base` (0 when the base came
+        # from storage or a snapshot, whose metadata does not say): for `status()` only.
+        self._conf_base_index = 0
         # Invariant: the CONF_CHANGE entries of the log after `_conf_base`, in index order;
         # the last one (else the base) is the configuration in force (dissertation §4.1).
         self._conf_entries: list[ConfEntry] = self._read_conf_entries(storage)
@@ -549,7 +552,7 @@ class RawNode:
             lead_transferee=self.lead_transferee,
             progress=progress,
             conf_state=self.conf_state,
-            conf_index=self._last_conf_index(),
+            conf_index=self._last_conf_index() or self._conf_base_index,
         )
 
     @property
@@ -641,6 +644,7 @@ class RawNode:
             folded += 1
         if folded:
             self._conf_base = conf_entries[folded - 1].conf_state
+            self._conf_base_index = conf_entries[folded - 1].index
             del conf_entries[:folded]
 
     def _set_conf(self, conf: ConfState) -> None:
@@ -1065,6 +1069,7 @@ class RawNode:
         """A snapshot replaced the whole log: its configuration is the one in force."""
         if conf_state.voters:
             self._conf_base = conf_state
+            self._conf_base_index = 0
             self._conf_entries.clear()
             self._set_conf(conf_state)
 

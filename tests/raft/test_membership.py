@@ -127,6 +127,17 @@ def test_configuration_takes_effect_on_append_not_commit() -> None:
     assert leader.status().conf_index == index
 
 
+def test_status_names_the_last_change_once_it_is_applied_too() -> None:
+    """`status().conf_index` is the index of the last membership change, also after the
+    change is applied and folded into the base configuration (it read 0 then)."""
+    cluster = started()
+    cluster.add_node(4)
+    index = change(cluster, 1, ADD, 4)
+    for node in (1, 2, 3):
+        assert cluster.nodes[node].raft_log.applied >= index
+        assert cluster.nodes[node].status().conf_index == index
+
+
 def test_truncated_configuration_entry_takes_its_configuration_with_it() -> None:
     """Dissertation §4.1: when a conflicting leader truncates an uncommitted conf entry, the
     follower goes back to the configuration before it."""
