@@ -125,6 +125,26 @@ class Cluster:
                 replica.node.report_peer_down(leader_id)
         self.replicas[node_id].node.campaign()
         self.stabilize()
+        # The first in rank of the nodes told campaigns at once too (report_peer_down), so
+        # the vote may split or go to it: let an election settle, then hand leadership over.
+        for _ in range(100):
+            if self.replicas[node_id].node.status().role == Role.LEADER:
+                break
+            current = next(
+                (
+                    replica
+                    for other, replica in self.replicas.items()
+                    if other not in self.isolated and replica.node.status().role == Role.LEADER
+                ),
+                None,
+            )
+            if current is not None and current.node.term >= max(
+                replica.node.term for replica in self.replicas.values()
+            ):
+                current.node.transfer_leadership(node_id)
+                self.stabilize()
+            else:
+                self.tick(1)
         leader = self.replicas[node_id]
         assert leader.node.status().role == Role.LEADER
         return leader
