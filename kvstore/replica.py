@@ -75,6 +75,11 @@ SendFunction = Callable[[Sequence[Message]], None]
 
 logger = logging.getLogger("kvstore.replica")
 
+SNAPSHOT_LOG_BYTES = 64 << 20
+"""Bytes of entries applied since the last snapshot that count as `snapshot_entries` reached
+(see `Replica.__init__`): the log between two snapshots stays near this size or the
+snapshot's (`snapshot_log_ratio`), whichever is larger, however many writes an entry holds."""
+
 
 @dataclass(frozen=True, slots=True)
 class Applied:
@@ -151,6 +156,7 @@ class Replica:
         snapshot_entries: int = 10_000,
         snapshot_catch_up_entries: int = 1_000,
         snapshot_log_ratio: float = 1.0,
+        snapshot_log_bytes: int = SNAPSHOT_LOG_BYTES,
         defer_snapshots: bool = False,
         kv_config: KvConfig | None = None,
     ) -> None:
@@ -165,14 +171,20 @@ class Replica:
         `defer_snapshots`: `advance` takes no snapshot; the driver calls `begin_snapshot`,
         encodes the frozen state on a thread of its own while the replica goes on, then
         `complete_snapshot` (the server). `kv_config` must be the same on every replica."""
-        if snapshot_entries < 1 or snapshot_catch_up_entries < 0 or snapshot_log_ratio < 0:
+        if (
+            snapshot_entries < 1
+            or snapshot_log_bytes < 1
+            or snapshot_catch_up_entries < 0
+            or snapshot_log_ratio < 0
+        ):
             raise ValueError(
-                "snapshot_entries must be >= 1, snapshot_catch_up_entries and "
-                "snapshot_log_ratio >= 0"
+                "snapshot_entries and snapshot_log_bytes must be >= 1, "
+                "snapshot_catch_up_entries and snapshot_log_ratio >= 0"
             )
         self.storage = storage
         self.snapshot_entries = snapshot_entries
         self.snapshot_log_ratio = snapshot_log_ratio
+        self.snapshot_log_bytes = snapshot_log_bytes
         self.defer_snapshots = defer_snapshots
         # Every replica applies the same entries, so with equal thresholds all of them
         # snapshot at the same moment; on a shared machine three nodes encoding at once
@@ -314,7 +326,10 @@ class Replica:
     def _snapshot_wanted(self) -> bool:
         stagger = self._stagger
         return (
-            self.applied_index - self._snapshot_index >= self.snapshot_entries * stagger
+            (
+                self.applied_index - self._snapshot_index >= self.snapshot_entries * stagger
+                or self._applied_bytes >= self.snapshot_log_bytes * stagger
+            )
             and self.applied_index >= self._snapshot_retry_index
             and self._applied_bytes >= self.snapshot_log_ratio * stagger * self._snapshot_bytes
         )

@@ -39,6 +39,7 @@ class Cluster:
         snapshot_entries: int = 10_000,
         catch_up: int = 0,
         log_ratio: float = 0.0,
+        log_bytes: int = 64 << 20,
         defer: bool = False,
         storages: dict[int, DurableStorage] | None = None,
     ) -> None:
@@ -46,6 +47,7 @@ class Cluster:
         self.snapshot_entries = snapshot_entries
         self.catch_up = catch_up
         self.log_ratio = log_ratio
+        self.log_bytes = log_bytes
         self.defer = defer
         self.storages: dict[int, DurableStorage] = storages or {i: MemoryStorage() for i in PEERS}
         self.starts = 0
@@ -67,6 +69,7 @@ class Cluster:
             snapshot_entries=self.snapshot_entries,
             snapshot_catch_up_entries=self.catch_up,
             snapshot_log_ratio=self.log_ratio,
+            snapshot_log_bytes=self.log_bytes,
             defer_snapshots=self.defer,
         )
 
@@ -280,6 +283,19 @@ def test_snapshots_are_paced_by_the_size_of_the_last_one() -> None:
     for i in range(2, 13):
         by_count.write(1, Put("small", b"s", RequestId("w", i), i))
     assert by_count.replicas[1].snapshot_index >= 10
+
+
+def test_a_log_of_few_large_entries_is_snapshotted_by_its_bytes() -> None:
+    """A batch entry carries up to 1,024 writes: counting entries alone, a log of a few
+    large entries never reached snapshot_entries and grew without a snapshot. Once the
+    entries applied since the last snapshot carry snapshot_log_bytes, one is taken."""
+    cluster = Cluster(snapshot_entries=10_000, catch_up=0, log_ratio=1.0, log_bytes=20_000)
+    cluster.elect(1)
+    leader = cluster.replicas[1]
+    for seq in range(1, 6):  # 5 entries of about 5 kB: far fewer than 10,000
+        cluster.write(1, Put(f"k{seq}", b"x" * 5_000, RequestId("w", seq), seq))
+    assert leader.snapshot_index > 0
+    assert leader.snapshot_index <= leader.applied_index < 10
 
 
 def test_a_deferred_snapshot_is_encoded_while_the_replica_goes_on() -> None:
