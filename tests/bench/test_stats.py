@@ -124,6 +124,7 @@ def test_failover_summary_uses_it(bench_modules: None) -> None:
             "client_errors": 1,
             "longest_call_ms": value,
             "disturbed": None,
+            "phases_ms": {"election_won": value / 4},
         }
         for value in (40.0, 10.0, 30.0, 20.0)
     ]
@@ -131,3 +132,4 @@ def test_failover_summary_uses_it(bench_modules: None) -> None:
     assert (summary["min_ms"], summary["p50_ms"], summary["p90_ms"]) == (10.0, 20.0, 40.0)
     assert (summary["p99_ms"], summary["max_ms"], summary["cluster_p50_ms"]) == (40.0, 40.0, 10.0)
     assert summary["trials"] == 4 and summary["client_errors"] == 4
+    assert summary["phases_p50_ms"]["election_won"] == 5.0  # nearest-rank median of 2.5..10
