@@ -54,6 +54,7 @@ from kvstore.errors import CorruptionError, KVStoreError, NotFoundError, Storage
 from kvstore.kv.commands import Command, decode_commands
 from kvstore.kv.state_machine import StateMachine
 from kvstore.raft.types import EntryType
+from kvstore.server.identity import read_identity
 from kvstore.server.localcluster import LocalCluster, free_port
 from kvstore.storage.disk import DiskStorage
 from kvstore.verify import (
@@ -271,6 +272,8 @@ class NodeState:
     committed: list[tuple[int, int, str]]
     applied_requests: list[object]
     digest_at: dict[int, str]
+    # The member id its identity file names (None without one): see `member_key`.
+    member_id: int | None = None
 
 
 def read_node_state(data_dir: Path, digest_index: int | None = None) -> NodeState:
@@ -318,13 +321,17 @@ def read_node_state(data_dir: Path, digest_index: int | None = None) -> NodeStat
             committed=committed,
             applied_requests=applied,
             digest_at=digests,
+            member_id=member_key(data_dir, 0) or None,
         )
     finally:
         storage.close()
 
 
 def read_hard_state(data_dir: Path) -> tuple[int, int] | None:
-    """(term, commit) persisted in a stopped node's directory; None if it cannot be opened."""
+    """(term, commit) persisted in a stopped node's directory; None if it cannot be opened
+    or is gone (a wiped node's: opening storage there would create an empty log in it)."""
+    if not data_dir.is_dir():
+        return None
     try:
         storage = DiskStorage(data_dir)
     except (CorruptionError, StorageError, OSError) as exc:
@@ -334,6 +341,17 @@ def read_hard_state(data_dir: Path) -> tuple[int, int] | None:
         return storage.hard_state.term, storage.hard_state.commit
     finally:
         storage.close()
+
+
+def member_key(data_dir: Path, slot: int) -> int:
+    """Whose observations a node's (term, commit) belong to: the member id its data directory
+    holds (a wiped slot comes back as a new member, whose term and commit start afresh), or
+    the slot when it holds none."""
+    try:
+        identity = read_identity(data_dir)
+    except CorruptionError:
+        return slot
+    return identity.member_id if identity is not None else slot
 
 
 # --- the drill -------------------------------------------------------------------------------
@@ -378,6 +396,7 @@ class Drill:
         # Set when the workload starts (now_s time); the fault window is measured from it.
         self.workload_started_s = 0.0
         self._watched = _Watched()
+        # (term, commit) seen of each member, by member id (`member_key`), in order.
         self.hard_states: dict[int, list[tuple[int, int]]] = {}
         self.report = DrillReport(config=config, run_dir=self.run_dir)
         # The root token of a secure drill ("" otherwise): every client of the drill uses it.
@@ -394,9 +413,10 @@ class Drill:
 
     def observe_down(self, node: int) -> None:
         """Record the persisted (term, commit) of a stopped node, before it restarts."""
-        observed = read_hard_state(self.cluster.data_dir(node))
+        data_dir = self.cluster.data_dir(node)
+        observed = read_hard_state(data_dir)
         if observed is not None:
-            self.hard_states.setdefault(node, []).append(observed)
+            self.hard_states.setdefault(member_key(data_dir, node), []).append(observed)
 
     def _client_config(self, timeout_s: float) -> ClientConfig:
         return ClientConfig(timeout_s=timeout_s, ca_file=self.cluster.ca_file, token=self.token)
@@ -744,7 +764,8 @@ class Drill:
         """The cluster invariants over every node's log, digests and hard states so far; the
         nodes must also have converged and every data directory be readable."""
         for node, state in node_states.items():
-            self.hard_states.setdefault(node, []).append((state.term, state.commit))
+            key = state.member_id or node
+            self.hard_states.setdefault(key, []).append((state.term, state.commit))
         common = min((s.commit for s in node_states.values()), default=0)
         digests = {
             node: [(index, digest) for index, digest in state.digest_at.items()]

@@ -206,3 +206,22 @@ def test_a_watch_drill_keeps_the_whole_history_its_checker_reads(tmp_path: Path)
     kept = int(args[args.index("--history-revisions-max") + 1])
     assert kept >= 1_000_000
     assert "--history-revisions-max" not in _drill(tmp_path / "b", workload="register").node_args()
+
+
+def test_a_wiped_node_starts_a_history_of_its_own(tmp_path: Path) -> None:
+    """A wiped slot comes back as a new member: reading its gone directory records nothing
+    (it recorded (0, 0), and created an empty log there, so a slot killed and later wiped
+    failed "term went back" and "commit went back" in a run with kill and wipe faults), and
+    the new member's (term, commit) are kept under its own member id."""
+    from kvstore.chaos.drill import member_key, read_hard_state
+    from kvstore.server.identity import Identity, write_identity
+    from kvstore.storage.disk import DiskStorage
+
+    wiped = tmp_path / "node3"
+    assert read_hard_state(wiped) is None
+    assert not wiped.exists()
+    assert member_key(wiped, 3) == 3
+    DiskStorage(wiped).close()
+    write_identity(wiped, Identity(member_id=4, cluster_id="kvstore", name="3", joined=True))
+    assert read_hard_state(wiped) == (0, 0)
+    assert member_key(wiped, 3) == 4
