@@ -386,24 +386,15 @@ class RawNode:
             logger.info("event=leader_reported_down node=%d leader=%d", self.id, peer)
             self.leader_id = NONE
             self._election_elapsed = 0
-            delay = self._peer_down_delay_ticks(peer)
-            self._randomized_election_timeout = delay
-            if delay == 0 and self._promotable():
-                # The first in rank campaigns at once rather than at the next tick (up to a
-                # tick later, more on a loaded machine); its pre-vote round still decides.
-                self._hup(transfer=False)
+            self._randomized_election_timeout = self._peer_down_delay_ticks(peer)
 
     def _peer_down_delay_ticks(self, leader: int) -> int:
         """When to campaign after the leader's connection closed: staggered by our rank among
-        the other voters: the first at once (0), the next _PEER_DOWN_STAGGER_TICKS later plus
-        0..1 tick of jitter, and so on. All survivors notice within a millisecond; staggering
-        lets the first one win while the others, asked for their vote, stand down, instead
-        of splitting the vote. Should the first one's pre-vote be refused (another survivor
-        had not noticed yet), the next in rank campaigns a stagger later."""
+        the other voters (_PEER_DOWN_STAGGER_TICKS apart, plus 0..1 tick of jitter). All
+        survivors notice within a millisecond; staggering lets the first one win while the
+        others, asked for their vote, stand down, instead of splitting the vote."""
         others = [voter for voter in self._voters if voter != leader]
         rank = others.index(self.id) if self.id in others else len(others)
-        if rank == 0:
-            return 0
         delay = rank * _PEER_DOWN_STAGGER_TICKS + self._rng.randint(0, 1)
         return min(delay, self._config.election_ticks - 1)
 

@@ -158,24 +158,6 @@ def test_report_peer_down_on_follower_fails_over_fast() -> None:
     assert len(cluster.leaders()) == 1
 
 
-def test_report_peer_down_first_in_rank_campaigns_without_waiting_for_a_tick() -> None:
-    """The lowest-ranked survivor sends its pre-vote from report_peer_down itself (a tick is
-    10 ms, more on a loaded machine); the next waits its stagger, so the vote is not split."""
-    cluster = Cluster()
-    cluster.elect(1)
-    term = cluster.nodes[1].term
-    cluster.crash(1)
-    cluster.sent.clear()
-    for node_id in (2, 3):
-        cluster.nodes[node_id].report_peer_down(1)
-    assert cluster.nodes[2].role is Role.PRE_CANDIDATE
-    assert cluster.nodes[3].role is Role.FOLLOWER
-    cluster.stabilize()  # no tick
-    assert cluster.leaders() == [2]
-    assert not any(m.from_ == 3 and m.type is MessageType.PRE_VOTE for m in cluster.sent)
-    assert cluster.nodes[2].term == term + 1
-
-
 def test_report_peer_down_blip_does_not_depose_live_leader() -> None:
     cluster = Cluster()
     cluster.elect(1)
