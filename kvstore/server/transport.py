@@ -731,6 +731,13 @@ class PeerTransport:
     async def _serve_inbound(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        if self._closing:
+            # Accepted as the transport closed, its handler started after `close` cancelled
+            # the handlers it knew: left to run, it would read a peer's messages for a
+            # transport that is gone (the empty-directory check's, whose messages are dropped),
+            # a link silent one way while both ends think it up.
+            writer.transport.abort()
+            return
         remote = writer.get_extra_info("peername")
         source = str(remote[0]) if isinstance(remote, tuple) and remote else str(remote)
         if self._inbound_by_source.get(source, 0) >= self._connections_per_source_max or (

@@ -678,3 +678,47 @@ async def test_a_blip_at_a_live_leaders_network_does_not_depose_it(tmp_path: Pat
     finally:
         await asyncio.to_thread(cluster.stop)
         await mesh.close()
+
+
+async def test_a_connection_whose_handler_starts_after_close_is_aborted() -> None:
+    """A connection accepted as the transport closes gets a handler that may run only after
+    `close` cancelled the handlers it knew. It must not live on reading for the closed
+    transport: with the empty-directory check's transport (which drops every message) that
+    left a link silent one way while both ends thought it up, and two live nodes of three
+    elected no one after the third died."""
+    peers = _peers()
+    node = _Node(1, peers)
+    await node.transport.start()
+    await node.transport.close()
+
+    class _Writer:
+        aborted = False
+
+        def __init__(self) -> None:
+            self.transport = self
+
+        def abort(self) -> None:
+            self.aborted = True
+
+        def get_extra_info(self, name: str) -> Any:
+            return ("127.0.0.1", 1) if name == "peername" else None
+
+        def is_closing(self) -> bool:
+            return self.aborted
+
+        def close(self) -> None:
+            self.aborted = True
+
+    reader = asyncio.StreamReader()
+    sent = encode_frame(b"\x00" * 16)  # whatever the peer sent: it must not be read
+    reader.feed_data(sent)
+    reader.feed_eof()
+    writer = _Writer()
+    task = asyncio.ensure_future(node.transport._serve_inbound(reader, writer))  # type: ignore[arg-type]
+    try:
+        async with asyncio.timeout(5):
+            await task
+    finally:
+        task.cancel()
+    assert writer.aborted
+    assert await reader.read() == sent, "the closed transport read the connection"
