@@ -148,6 +148,7 @@ class Driver:
         metrics: NodeMetrics,
         send: Callable[[Message], None],
         peer_url: Callable[[int], str | None],
+        flush: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         # Snapshots are taken by `snapshots.tend`, never inside `advance` on the loop.
@@ -156,6 +157,9 @@ class Driver:
         self.node = replica.node
         self.metrics = metrics
         self._send = send
+        # Writes queued messages to the sockets now (the transport's `flush`): see
+        # `_process_ready`.
+        self._flush = flush
         self._peer_url = peer_url
         self._inbox: collections.deque[_InboxItem] = collections.deque()
         self._loop = asyncio.get_running_loop()
@@ -500,6 +504,11 @@ class Driver:
             # must_sync: entries, a snapshot or a new term/vote; a Ready that changes only
             # the commit index is not saved (the module docstring says why).
             if ready.must_sync:
+                if early and self._flush is not None:
+                    # An inline save blocks the loop for its fsync: without this the appends
+                    # would wait for it in the queue, and the followers' fsyncs would follow
+                    # the leader's instead of running beside it.
+                    self._flush()
                 await self.storage.persist(ready)
             if ready.hard_state is not None:
                 self.storage.durable_term_vote = (ready.hard_state.term, ready.hard_state.vote)

@@ -212,7 +212,9 @@ class Node:
         self.metrics = NodeMetrics(config.id)
         self.metrics.watch_storage(replica.storage)
         self.transport: PeerTransport
-        self.driver = Driver(config, replica, self.metrics, self._send, self._peer_url)
+        self.driver = Driver(
+            config, replica, self.metrics, self._send, self._peer_url, self._flush
+        )
         self.transport = PeerTransport(
             node_id=config.id,
             cluster_id=config.cluster_id,
@@ -311,6 +313,9 @@ class Node:
 
     def _send(self, message: Any) -> None:
         self.transport.send(message)
+
+    def _flush(self) -> None:
+        self.transport.flush()
 
     def _peer_url(self, peer: int) -> str | None:
         return self.transport.peer_urls.get(peer)

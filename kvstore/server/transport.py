@@ -470,6 +470,27 @@ class PeerTransport:
         peer.queue.append(message)
         _resolve_wait(peer.waiter)
 
+    def flush(self) -> None:
+        """Write every idle peer's queued messages to its socket now, without waiting for its
+        pump task's turn. The driver calls this before it blocks the loop on an inline save:
+        a leader's appends then reach the followers while its own fsync runs (dissertation
+        §10.2.1) instead of after it. Only a pump that waits for work is bypassed (it is
+        then between frames), and only while the kernel has taken everything written so far
+        (nothing buffered): otherwise the pump's back-pressure and snapshot chunks keep
+        their order and the pump sends the queue itself."""
+        for peer in self._peers.values():
+            writer = peer.writer
+            if (
+                not peer.queue
+                or peer.waiter is None
+                or writer is None
+                or writer.is_closing()
+                or writer.transport.get_write_buffer_size() > 0
+            ):
+                continue
+            batch, peer.queue = peer.queue, []
+            writer.writelines(self._frames(peer.id, batch))
+
     def _wake(self, peer_id: int) -> None:
         peer = self._peers.get(peer_id)
         if peer is not None:

@@ -722,3 +722,50 @@ async def test_a_connection_whose_handler_starts_after_close_is_aborted() -> Non
         task.cancel()
     assert writer.aborted
     assert await reader.read() == sent, "the closed transport read the connection"
+
+
+async def test_flush_puts_queued_messages_on_the_wire_before_the_loop_turns() -> None:
+    # The driver flushes a leader's appends before an inline save blocks the loop for its
+    # fsync: the followers must get them while the leader's loop is blocked, not after.
+    # The receiver runs on a loop of its own (a thread), so it reads while this loop blocks.
+    import threading
+
+    peers = _peers()
+    loop_b = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop_b.run_forever, daemon=True)
+    thread.start()
+
+    async def start_b() -> _Node:
+        node = _Node(2, peers)
+        await node.transport.start()
+        return node
+
+    b = asyncio.run_coroutine_threadsafe(start_b(), loop_b).result(10)
+    a = _Node(1, peers)
+    await a.transport.start()
+    try:
+        a.transport.send(_append(2, 1, 0))
+        await _wait_for(lambda: len(b.received) == 1)
+        # Its pump idle again, waiting for work (the state `flush` bypasses).
+        await _wait_for(lambda: a.transport._peers[2].waiter is not None)
+        a.transport.send(_append(2, 1, 1))
+        a.transport.flush()
+        deadline = time.monotonic() + 5
+        while len(b.received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)  # blocks this loop, as an inline fsync does
+        assert [m.index for m in b.received] == [0, 1]
+        # Order holds between flushed messages and the pump's own.
+        for i in range(2, 400):
+            a.transport.send(_append(2, 1, i))
+            if i % 3 == 0:
+                a.transport.flush()
+            if i % 7 == 0:
+                await asyncio.sleep(0)
+        await _wait_for(lambda: len(b.received) == 400)
+        assert [m.index for m in b.received] == list(range(400))
+    finally:
+        await a.transport.close()
+        asyncio.run_coroutine_threadsafe(b.transport.close(), loop_b).result(10)
+        loop_b.call_soon_threadsafe(loop_b.stop)
+        thread.join(10)
+        loop_b.close()
