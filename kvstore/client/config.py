@@ -73,6 +73,11 @@ class ClientConfig:
     # many requests in flight (kvstore.client.stream); False for HTTP only. Either way a
     # node that does not offer the stream is used over HTTP, as are lists and status.
     binary_stream: bool = True
+    # With the binary stream: keep a stream open to every endpoint, not only to the nodes
+    # used, so that after a leader change the new leader's stream is already open (its dial,
+    # an HTTP upgrade, would otherwise add several milliseconds to the failover). Costs one
+    # idle WebSocket per client on each node; False dials a node's stream on its first use.
+    standby_streams: bool = True
     # TLS (https:// endpoints): the CA that signs the nodes' certificates ("" = the system's
     # trust store), and a client certificate and its key to present ("" = none). Files (PEM).
     ca_file: str = ""

@@ -199,7 +199,7 @@ class Client:
         self._sleep: Sleep = sleep or asyncio.sleep
         self._rng = rng or random.Random()
         self._policy = RetryPolicy(config, clock=self._clock, rng=self._rng)
-        self._transport: Transport = transport or _default_transport(config)
+        self._transport: Transport = transport or _default_transport(config, self.endpoints)
         self._breakers: dict[str, CircuitBreaker] = {}
         self._round_robin = self._rng.randrange(len(self.endpoints))
         # Invariant: the URL the latest answer named as leader, or None while unknown.
@@ -902,7 +902,7 @@ class Client:
             log.debug("leader url=%s", url)
 
 
-def _default_transport(config: ClientConfig) -> Transport:
+def _default_transport(config: ClientConfig, endpoints: Sequence[str]) -> Transport:
     http = AiohttpTransport(
         connect_timeout_s=config.connect_timeout_s,
         max_connections=config.max_connections,
@@ -912,7 +912,12 @@ def _default_transport(config: ClientConfig) -> Transport:
     )
     if not config.binary_stream:
         return http
-    return StreamTransport(http, connect_timeout_s=config.connect_timeout_s, token=config.token)
+    return StreamTransport(
+        http,
+        connect_timeout_s=config.connect_timeout_s,
+        token=config.token,
+        standby=endpoints if config.standby_streams and len(endpoints) > 1 else (),
+    )
 
 
 def _connect_failure(error: KVStoreError) -> bool:

@@ -30,7 +30,7 @@ import functools
 import itertools
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from typing import Any
 from urllib.parse import unquote
@@ -54,6 +54,9 @@ _DIAL_TIMEOUT_MIN_S = 1.0
 # Pings on an open stream: a connection whose node stopped answering them is closed (its
 # requests fail and are retried elsewhere) instead of holding new requests until they time out.
 _HEARTBEAT_S = 10.0
+# Standby streams: how often, at most, the endpoints without an open stream are dialled again
+# (in the background, on the next request after this long).
+_STANDBY_CHECK_S = 1.0
 # What a stream request carries; a key operation with any other header goes over HTTP.
 _STREAM_HEADERS = frozenset(
     {"Kvstore-Request-Id", "Kvstore-Acked-Below", "If-Match", "If-None-Match"}
@@ -176,9 +179,21 @@ class StreamTransport:
     """`Transport` over one WebSocket per node for key operations, HTTP for the rest."""
 
     def __init__(
-        self, http: AiohttpTransport, *, connect_timeout_s: float = 0.5, token: str = ""
+        self,
+        http: AiohttpTransport,
+        *,
+        connect_timeout_s: float = 0.5,
+        token: str = "",
+        standby: Sequence[str] = (),
     ) -> None:
         self._http = http
+        # Endpoints whose streams are kept open while the client is in use, whichever node
+        # it talks to: when the leader changes, the new leader's stream is already open
+        # (a dial costs an upgrade exchange, several milliseconds on a busy node, on the
+        # failover's critical path). Dialled in the background, at most every
+        # `_STANDBY_CHECK_S` per endpoint, from `request`.
+        self._standby = tuple(standby)
+        self._standby_due = 0.0
         # Sent on the upgrade: the node checks each operation on the stream for its user. A
         # request with another Authorization header than this goes over HTTP.
         self._authorization = f"Bearer {token}" if token else None
@@ -201,6 +216,8 @@ class StreamTransport:
         body: bytes | None = None,
         timeout_s: float,
     ) -> HttpResponse:
+        if self._standby and time.monotonic() >= self._standby_due:
+            self._tend_standby()
         frame = _frame(method, path, query, headers, body, self._authorization)
         if frame is None or self._http_only_until.get(endpoint, 0.0) > time.monotonic():
             return await self._http.request(
@@ -227,14 +244,35 @@ class StreamTransport:
             if not future.done() or future.cancelled():
                 connection.forget(future)
 
+    def _tend_standby(self) -> None:
+        """Dial, in the background, every standby endpoint without an open stream, a dial
+        under way, or a refusal of the stream (it is used over HTTP). A dial that fails is
+        tried again at the next check; a request that needs the stream meanwhile waits for
+        the dial under way, as it would for its own."""
+        now = time.monotonic()
+        self._standby_due = now + _STANDBY_CHECK_S
+        for endpoint in self._standby:
+            connection = self._connections.get(endpoint)
+            if (
+                (connection is not None and not connection.closed)
+                or endpoint in self._connecting
+                or self._http_only_until.get(endpoint, 0.0) > now
+            ):
+                continue
+            self._start_dial(endpoint)
+
+    def _start_dial(self, endpoint: str) -> asyncio.Future[_Connection | None]:
+        pending = asyncio.ensure_future(self._dial(endpoint))
+        self._connecting[endpoint] = pending
+        pending.add_done_callback(functools.partial(self._dialled, endpoint))
+        return pending
+
     async def _connect(self, endpoint: str, timeout_s: float) -> _Connection | None:
         """The node's stream (dialled once for all the requests that wait for it), or None
         when the node answers the upgrade with HTTP (it is then used over HTTP)."""
         pending = self._connecting.get(endpoint)
         if pending is None:
-            pending = asyncio.ensure_future(self._dial(endpoint))
-            self._connecting[endpoint] = pending
-            pending.add_done_callback(functools.partial(self._dialled, endpoint))
+            pending = self._start_dial(endpoint)
         try:
             return await asyncio.wait_for(asyncio.shield(pending), timeout_s)
         except TimeoutError as exc:

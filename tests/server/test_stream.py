@@ -593,3 +593,121 @@ def _masked_frame(payload: bytes) -> bytes:
     else:
         head = bytes([0x82, 0x80 | 127]) + size.to_bytes(8, "big")
     return head + b"\0\0\0\0" + payload
+
+
+class _UpgradeCounter:
+    """A stand-in node that accepts stream upgrades, counts them and holds them open."""
+
+    def __init__(self) -> None:
+        self.upgrades = 0
+        self.runner: web.AppRunner | None = None
+
+    async def start(self, port: int = 0) -> str:
+        async def upgrade(request: web.Request) -> web.WebSocketResponse:
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            self.upgrades += 1
+            async for _ in ws:
+                pass
+            return ws
+
+        app = web.Application()
+        app.router.add_get("/v1/stream", upgrade)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", port)
+        await site.start()
+        return f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+def _stream_transport(standby: list[str]) -> Any:
+    from kvstore.client.stream import StreamTransport
+    from kvstore.client.transport import AiohttpTransport
+
+    return StreamTransport(AiohttpTransport(), standby=standby)
+
+
+_standby_seq = iter(range(1, 1_000_000))
+
+
+async def _put_over(transport: Any, url: str, key: str) -> int:
+    request_id = f"standby:{next(_standby_seq)}"
+    response = await transport.request(
+        url, "PUT", f"/v1/kv/{key}", headers={"Kvstore-Request-Id": request_id},
+        body=b"v", timeout_s=5.0,
+    )  # fmt: skip
+    return int(response.status)
+
+
+async def test_standby_streams_are_opened_to_the_endpoints_not_used(node: Node) -> None:
+    # A client in use keeps a stream open to every endpoint, so that after a leader change
+    # the new leader's stream is already there: the dial is off the failover's path.
+    other = _UpgradeCounter()
+    other_url = await other.start()
+    transport = _stream_transport([node.url, other_url])
+    try:
+        assert await _put_over(transport, node.url, "a") == 200
+        async with asyncio.timeout(5):
+            while other.upgrades < 1:
+                await asyncio.sleep(0.005)
+        for i in range(20):
+            assert await _put_over(transport, node.url, f"b{i}") == 200
+        assert other.upgrades == 1  # one stream, kept, not one per request
+    finally:
+        await transport.close()
+        await other.stop()
+
+
+async def test_a_standby_endpoint_that_was_down_is_dialled_again(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvstore.client import stream as client_stream
+
+    monkeypatch.setattr(client_stream, "_STANDBY_CHECK_S", 0.01)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    transport = _stream_transport([node.url, f"http://127.0.0.1:{port}"])
+    other = _UpgradeCounter()
+    try:
+        # The standby endpoint refuses: the requests to the leader go on untouched.
+        for i in range(5):
+            assert await _put_over(transport, node.url, f"c{i}") == 200
+        await other.start(port)
+        async with asyncio.timeout(5):
+            i = 0
+            while other.upgrades < 1:
+                i += 1
+                assert await _put_over(transport, node.url, f"d{i}") == 200
+                await asyncio.sleep(0.005)
+    finally:
+        await transport.close()
+        await other.stop()
+
+
+async def test_without_standby_only_the_nodes_used_get_a_stream(node: Node) -> None:
+    from kvstore.client import Client, ClientConfig
+
+    other = _UpgradeCounter()
+    other_url = await other.start()
+    try:
+        config = ClientConfig(standby_streams=False)
+        async with Client([node.url, other_url], config=config) as kv:
+            transport = kv._transport
+            for i in range(10):
+                await transport.request(  # type: ignore[attr-defined]
+                    node.url, "GET", f"/v1/kv/e{i}", query={"consistency": "stale"},
+                    timeout_s=5.0,
+                )  # fmt: skip
+            assert set(transport._connections) == {node.url}  # type: ignore[attr-defined]
+            assert not transport._connecting  # type: ignore[attr-defined]
+        async with Client([node.url, other_url]) as kv:
+            assert kv._transport._standby == (node.url, other_url)  # type: ignore[attr-defined]
+        async with Client([node.url]) as kv:
+            assert kv._transport._standby == ()  # type: ignore[attr-defined]
+    finally:
+        await other.stop()
