@@ -2,7 +2,8 @@
 dissertation §6.3), and its text form `<client_id>:<seq>`, the `Kvstore-Request-Id` header.
 
 It sits below both sides of the client API, so the format is written in one place: the
-client makes its ids here (`RequestId(...)`, `str()`), the server reads the header with
+client checks its id here (`check_client_id`) and writes each request's with
+`request_id_text`, the server reads the header with
 `parse_request_id`, and the state machine keys its session table by `RequestId`
 (`kvstore.kv` re-exports both names).
 
@@ -19,6 +20,7 @@ import re
 from dataclasses import dataclass
 
 from kvstore.errors import BadRequestError
+from kvstore.frozen import quick_init
 
 SEQ_MAX = (1 << 64) - 1
 """The largest seq: the largest integer msgpack encodes."""
@@ -30,6 +32,7 @@ CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _SEQ_DIGITS_MAX = 20
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class RequestId:
     """Identifies one client request for exactly-once application (dissertation §6.3)."""
@@ -46,7 +49,14 @@ class RequestId:
 
     def __str__(self) -> str:
         """The header's text form, `<client_id>:<seq>` (`parse_request_id` reads it back)."""
-        return f"{self.client_id}:{self.seq}"
+        return request_id_text(self.client_id, self.seq)
+
+
+def request_id_text(client_id: str, seq: int) -> str:
+    """`str(RequestId(client_id, seq))` without building and checking one: for a caller that
+    checked `client_id` once (`check_client_id`) and counts seqs up from 1 (the client, once
+    per write)."""
+    return f"{client_id}:{seq}"
 
 
 def parse_request_id(text: str) -> RequestId:

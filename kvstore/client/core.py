@@ -90,7 +90,7 @@ from kvstore.errors import (
     ProtocolError,
     UnavailableError,
 )
-from kvstore.request_id import RequestId, check_client_id
+from kvstore.request_id import check_client_id, request_id_text
 
 log = logging.getLogger("kvstore.client")
 
@@ -323,7 +323,7 @@ class Client:
             create_revision=_int_field(answer, "create_revision"),
             mod_revision=_int_field(answer, "mod_revision"),
             version=_int_field(answer, "version"),
-            request_id=str(RequestId(self.client_id, answered.seq)),
+            request_id=self._request_id(answered.seq),
         )
 
     async def cas(
@@ -355,7 +355,7 @@ class Client:
         return DeleteResult(
             key=str(answer.get("key", key)),
             revision=_int_field(answer, "revision"),
-            request_id=str(RequestId(self.client_id, answered.seq)),
+            request_id=self._request_id(answered.seq),
         )
 
     async def list(
@@ -662,7 +662,7 @@ class Client:
             self._inflight.add(seq)
         try:
             answer = await self._attempts(call, seq, self._policy.begin(timeout_s))
-            return replace(answer, seq=seq) if seq else answer
+            return answer
         except KVStoreError as exc:
             self._counters.failures += 1
             if isinstance(exc, DeadlineExceededError):
@@ -750,7 +750,7 @@ class Client:
         breaker.record_success()
         self._learn_leader(response)
         if response.status < 300:
-            return _Answer(endpoint, response)
+            return _Answer(endpoint, response, seq)
         failed = classify_failure(endpoint, response)
         if not call.is_write:
             failed = replace(failed, maybe_applied=False)
@@ -799,9 +799,14 @@ class Client:
         if not call.is_write:
             return base
         headers = dict(base or {})
-        headers["Kvstore-Request-Id"] = str(RequestId(self.client_id, seq))
+        headers["Kvstore-Request-Id"] = self._request_id(seq)
         headers["Kvstore-Acked-Below"] = str(self._acked_below())
         return headers
+
+    def _request_id(self, seq: int) -> str:
+        """The text of `RequestId(self.client_id, seq)`, without building one per write: the
+        client id was checked when the client was made, and seqs count up from 1."""
+        return request_id_text(self.client_id, seq)
 
     def _acked_below(self) -> int:
         """min(_inflight), or the next seq when none waits: every seq below it has its answer.

@@ -711,3 +711,32 @@ async def test_without_standby_only_the_nodes_used_get_a_stream(node: Node) -> N
             assert kv._transport._standby == ()  # type: ignore[attr-defined]
     finally:
         await other.stop()
+
+
+async def test_a_request_on_an_open_stream_that_gets_no_answer_times_out() -> None:
+    from kvstore.client.transport import TransportError
+
+    silent = _UpgradeCounter()  # takes the stream and never answers
+    url = await silent.start()
+    transport = _stream_transport([])
+    try:
+        with pytest.raises(TransportError) as failed:
+            await _put_over_with_timeout(transport, url, "t", 0.05)
+        assert failed.value.timed_out and failed.value.maybe_sent
+        connection = transport._connections[url]
+        assert not connection.waiting  # forgotten: a late answer is dropped
+        # The stream stays usable for the next request (which times out the same way).
+        with pytest.raises(TransportError):
+            await _put_over_with_timeout(transport, url, "u", 0.05)
+        assert silent.upgrades == 1
+    finally:
+        await transport.close()
+        await silent.stop()
+
+
+async def _put_over_with_timeout(transport: Any, url: str, key: str, timeout_s: float) -> int:
+    response = await transport.request(
+        url, "PUT", f"/v1/kv/{key}", headers={"Kvstore-Request-Id": f"t:{next(_standby_seq)}"},
+        body=b"v", timeout_s=timeout_s,
+    )  # fmt: skip
+    return int(response.status)
