@@ -49,6 +49,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvstore.errors import ResourceExhaustedError
+from kvstore.frozen import quick_init
 from kvstore.kv.commands import Command, WriteResult, encode_command
 from kvstore.kv.state_machine import (
     DecodedState,
@@ -81,6 +82,7 @@ SNAPSHOT_LOG_BYTES = 64 << 20
 snapshot's (`snapshot_log_ratio`), whichever is larger, however many writes an entry holds."""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Applied:
     """One committed command as applied: `command` is None for empty and CONF_CHANGE entries,

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import msgpack
 
 from kvstore.errors import ProtocolError
+from kvstore.frozen import quick_init
 
 # Re-exported: the state machine's callers name them from here.
 from kvstore.request_id import RequestId as RequestId
@@ -96,6 +97,7 @@ class WriteError(enum.StrEnum):
     AUTH_NOT_FOUND = "auth_not_found"
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Put:
     """Set `key` to `value`. `if_revision`: only if the key's mod_revision equals it (0 =
@@ -123,6 +125,7 @@ class Put:
             raise ValueError("create_only and if_revision are exclusive (create_only = 0)")
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Delete:
     """Delete `key`; `if_revision` and `acked_below` as for `Put`."""
@@ -141,6 +144,7 @@ class Delete:
 Command: TypeAlias = "Put | Delete | Txn | LeaseGrant | LeaseRevoke | Compact | AuthChange"
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class KeyValue:
     """A key and its revisions, etcd style: `create_revision` is the store revision that
@@ -154,6 +158,7 @@ class KeyValue:
     version: int
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class WriteResult:
     """The answer to one write, identical on every replica and for every retry of it.

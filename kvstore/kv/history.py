@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvstore.errors import ProtocolError
+from kvstore.frozen import quick_init
 from kvstore.kv.commands import (
     UINT64_MAX,
     CommandKind,
@@ -70,6 +71,7 @@ class HistoryConfig:
             raise ValueError(f"history age_ms must be an integer >= 0, got {self.age_ms!r}")
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Event:
     """One change of one key. `kv` is the key after the change (for a delete: the key with

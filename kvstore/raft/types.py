@@ -16,6 +16,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from kvstore.frozen import quick_init
+
 NONE = 0
 """The node id meaning "nobody": no vote cast, no leader known."""
 
@@ -62,6 +64,7 @@ ENTRY_OVERHEAD_BYTES = 16
 and uncommitted bytes, batches of appends, WAL records. One number, used everywhere."""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Entry:
     term: int
@@ -119,6 +122,7 @@ class Snapshot:
 EMPTY_SNAPSHOT = Snapshot()
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Message:
     type: MessageType
