@@ -18,6 +18,7 @@ raises TypeError when the class is defined, so a later change cannot silently lo
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, TypeVar
 
 _Class = TypeVar("_Class", bound=type)
@@ -31,15 +32,18 @@ def quick_init(cls: _Class) -> _Class:
     namespace: dict[str, Any] = {}
     parameters: list[str] = []
     body: list[str] = []
-    for field in dataclasses.fields(cls):
+    fields = dataclasses.fields(cls)
+    # The generated __init__ must take exactly the fields, in order, as plain parameters:
+    # anything else (init=False, kw_only, InitVar) would be lost by the replacement.
+    generated = list(inspect.signature(cls.__dict__["__init__"]).parameters.values())[1:]
+    if [p.name for p in generated] != [f.name for f in fields] or any(
+        p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in generated
+    ):
+        raise TypeError(f"{cls.__name__}: quick_init supports plain fields only")
+    for field in fields:
         name = field.name
-        if (
-            not field.init
-            or field.kw_only
-            or field.default_factory is not dataclasses.MISSING
-            or field._field_type is not dataclasses._FIELD  # type: ignore[attr-defined]
-        ):
-            raise TypeError(f"{cls.__name__}.{name}: quick_init supports plain fields only")
+        if field.default_factory is not dataclasses.MISSING:
+            raise TypeError(f"{cls.__name__}.{name}: quick_init supports plain defaults only")
         namespace[f"_set_{name}"] = cls.__dict__[name].__set__
         if field.default is dataclasses.MISSING:
             parameters.append(name)

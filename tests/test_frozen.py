@@ -71,6 +71,25 @@ def test_what_it_does_not_support_is_refused_when_the_class_is_made() -> None:
         class KeywordOnly:
             x: int
 
+    with pytest.raises(TypeError):
+
+        @quick_init
+        @dataclasses.dataclass(frozen=True, slots=True)
+        class NotInInit:
+            x: int
+            y: int = dataclasses.field(default=0, init=False)
+
+    with pytest.raises(TypeError):
+
+        @quick_init
+        @dataclasses.dataclass(frozen=True, slots=True)
+        class WithInitVar:
+            x: int
+            scale: dataclasses.InitVar[int]
+
+            def __post_init__(self, scale: int) -> None:
+                pass
+
 
 def test_the_hot_values_keep_their_checks_and_defaults() -> None:
     with pytest.raises(ValueError):
